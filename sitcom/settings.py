@@ -1,0 +1,43 @@
+"""Decoding settings for one scene, with the ranges every frontend validates against."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+# (low, high) inclusive; the Discord frontend turns these into app_commands.Range.
+RANGES: dict[str, tuple[float, float]] = {
+    "max_new_tokens": (16, 400),
+    "repetition_penalty": (1.0, 2.0),
+    "temperature": (0.1, 2.0),
+    "top_p": (0.05, 1.0),
+    "top_k": (0, 200),
+}
+
+
+@dataclass(frozen=True)
+class SceneSettings:
+    max_new_tokens: int = 200
+    repetition_penalty: float = 1.15
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 50
+
+    def validated(self) -> SceneSettings:
+        """Raise ValueError naming the first field outside its range."""
+        for f in fields(self):
+            lo, hi = RANGES[f.name]
+            value = getattr(self, f.name)
+            if not lo <= value <= hi:
+                raise ValueError(f"{f.name} must be between {lo:g} and {hi:g} (got {value:g})")
+        return self
+
+    def with_changes(self, **changes: float) -> SceneSettings:
+        types = {f.name: type(getattr(self, f.name)) for f in fields(self)}
+        unknown = set(changes) - set(types)
+        if unknown:
+            raise ValueError(f"unknown setting: {', '.join(sorted(unknown))}")
+        cast = {k: types[k](v) for k, v in changes.items()}
+        return replace(self, **cast).validated()
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
