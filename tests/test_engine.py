@@ -1,0 +1,216 @@
+"""sitcom.engine on tiny models: queueing, batching, timeouts, hot swap, shutdown, loop lag.
+
+The worker is held still where a test needs a job "in flight": the loader wraps the real
+load_model and adds a forward pre-hook that waits on a threading.Event (a gate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import pytest_asyncio
+from conftest import save_tiny_model_dir
+
+from sitcom.engine import (
+    BadPrompt,
+    EngineError,
+    GenerationTimeout,
+    QueueFull,
+    SceneEngine,
+    TooManyPending,
+)
+from sitcom.models import ModelLoadError, load_model
+from sitcom.settings import SceneSettings
+
+pytestmark = pytest.mark.asyncio
+SHORT = SceneSettings(max_new_tokens=16)
+
+
+class Gate:
+    """Loader whose models block in forward() until the gate opens; `slow` adds a delay."""
+
+    def __init__(self, slow: float = 0.0):
+        self.open = threading.Event()
+        self.slow = slow
+
+    def __call__(self, name: str):
+        model, tokenizer = load_model(name)
+
+        def hold(module, args):
+            assert self.open.wait(20), "test forgot to open the gate"
+            time.sleep(self.slow)
+
+        model.register_forward_pre_hook(hold)
+        return model, tokenizer
+
+
+async def running(engine: SceneEngine) -> None:
+    """Wait until the worker has taken everything queued."""
+    for _ in range(500):
+        if engine.queued == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("worker never took the job")
+
+
+@pytest_asyncio.fixture
+async def engine(tiny_model_dir):
+    engine = SceneEngine(tiny_model_dir, per_user_limit=8)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+async def test_scene_result(engine):
+    job = await engine.submit("elaine: Jerry! George! You guys, listen!", SHORT, user_id="1")
+    assert job.position == 1
+    scene = await job.result()
+    assert scene.lines[0] == "ELAINE: Jerry! George! You guys, listen!"
+    assert scene.text.splitlines() == scene.lines
+    assert 0 < scene.new_tokens <= 16 and scene.seconds > 0
+    assert scene.model_name == engine.model_name
+
+
+@pytest.mark.parametrize(
+    "prompt", ["", "   \n\t", "\x00\x07\x1b", "JERRY: " + "a" * 1000],
+    ids=["empty", "blank", "control", "too-long"],
+)
+async def test_bad_prompts(engine, prompt):
+    with pytest.raises(BadPrompt):
+        await engine.submit(prompt, SHORT)
+
+
+async def test_control_characters_are_stripped(engine):
+    job = await engine.submit("Jerry:\x07 Hello,\x00 Newman.", SHORT)
+    assert (await job.result()).lines[0] == "JERRY: Hello, Newman."
+
+
+async def test_bad_settings_are_a_bad_prompt(engine):
+    with pytest.raises(BadPrompt, match="temperature"):
+        await engine.submit("JERRY: Hi.", SceneSettings(temperature=9.0))
+
+
+async def test_dynamic_batching_queue_full_and_per_user_limit(tiny_model_dir):
+    gate = Gate()
+    engine = SceneEngine(tiny_model_dir, max_queue=5, per_user_limit=2, max_batch=8, loader=gate)
+    await engine.start()
+    first = await engine.submit("JERRY: One.", SHORT, user_id="a")
+    await running(engine)  # held at the gate
+    queued = [await engine.submit(f"JERRY: Two {i}.", SHORT, user_id=f"u{i}") for i in range(4)]
+    queued.append(await engine.submit("JERRY: Three.", SHORT, user_id="a"))
+    assert [j.position for j in queued] == [1, 2, 3, 4, 5]
+    with pytest.raises(TooManyPending):  # "a" has one running and one queued
+        await engine.submit("JERRY: Again.", SHORT, user_id="a")
+    with pytest.raises(QueueFull, match="full"):
+        await engine.submit("JERRY: Too many.", SHORT, user_id="late")
+    gate.open.set()
+    scenes = [await j.result() for j in [first, *queued]]
+    assert [s.lines[0] for s in scenes] == [
+        "JERRY: One.", *[f"JERRY: Two {i}." for i in range(4)], "JERRY: Three.",
+    ]
+    assert list(engine.batch_sizes) == [1, 5]  # the queued jobs ran as one batch
+    # Finished jobs no longer count against the user.
+    assert (await (await engine.submit("JERRY: Later.", SHORT, user_id="a")).result()).lines
+    await engine.close()
+
+
+async def test_timeout_stops_generation(tiny_model_dir):
+    gate = Gate(slow=0.02)
+    gate.open.set()
+    engine = SceneEngine(tiny_model_dir, timeout_s=0.3, loader=gate)
+    await engine.start()
+    job = await engine.submit("JERRY: Hi.", SceneSettings(max_new_tokens=400))
+    with pytest.raises(GenerationTimeout) as caught:
+        await job.result()
+    assert caught.value.partial is not None and caught.value.partial.new_tokens < 400
+    gate.slow = 0.0  # the worker is free again for the next job
+    assert (await (await engine.submit("JERRY: Hi.", SHORT)).result()).lines
+    await engine.close()
+
+
+async def test_hot_swap_keeps_jobs_and_survives_a_bad_model(tiny_model_dir, tmp_path):
+    other_dir = save_tiny_model_dir(tmp_path / "other", seed=1)
+    gate = Gate()
+    engine = SceneEngine(tiny_model_dir, loader=gate)
+    await engine.start()
+    in_flight = await engine.submit("JERRY: Old model.", SHORT, user_id="1")
+    await running(engine)
+    queued = await engine.submit("JERRY: Queued before the swap.", SHORT, user_id="2")
+    swap = asyncio.create_task(engine.swap(other_dir))
+    await asyncio.sleep(0)  # the swap loads in another thread while the worker is busy
+    assert await swap == str(other_dir)
+    after = await engine.submit("JERRY: After the swap.", SHORT, user_id="3")
+    with pytest.raises(ModelLoadError):
+        await engine.swap(tmp_path / "no-such-model")
+    assert engine.model_name == str(other_dir)
+    gate.open.set()
+    assert (await in_flight.result()).model_name == str(tiny_model_dir)
+    assert (await queued.result()).model_name == str(other_dir)
+    assert (await after.result()).model_name == str(other_dir)
+    await engine.close()
+
+
+async def test_close_cancels_queued_and_finishes_running(tiny_model_dir):
+    gate = Gate()
+    engine = SceneEngine(tiny_model_dir, loader=gate)
+    await engine.start()
+    in_flight = await engine.submit("JERRY: Running.", SHORT, user_id="1")
+    await running(engine)
+    queued = await engine.submit("JERRY: Waiting.", SHORT, user_id="2")
+    closing = asyncio.create_task(engine.close())
+    with pytest.raises(EngineError, match="shutting down"):
+        await queued.result()
+    with pytest.raises(EngineError, match="shutting down"):
+        await engine.submit("JERRY: Too late.", SHORT)
+    gate.open.set()
+    await closing
+    assert (await in_flight.result()).lines[0] == "JERRY: Running."
+
+
+async def test_cancelled_job(tiny_model_dir):
+    gate = Gate()
+    engine = SceneEngine(tiny_model_dir, loader=gate)
+    await engine.start()
+    job = await engine.submit("JERRY: Never mind.", SceneSettings(max_new_tokens=400))
+    await running(engine)
+    job.cancel()
+    gate.open.set()
+    with pytest.raises(EngineError, match="cancelled"):
+        await job.result()
+    await engine.close()
+
+
+async def test_stream_then_result(engine):
+    job = await engine.submit("JERRY: Hello, Newman.", SceneSettings(max_new_tokens=200))
+    partials = [p async for p in job.stream()]
+    scene = await job.result()
+    for partial in partials:  # each snapshot is the final scene's beginning
+        assert scene.lines[: len(partial.lines)] == partial.lines
+
+
+async def test_event_loop_is_not_blocked(engine):
+    lags: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker():
+        while not done.is_set():
+            before = time.monotonic()
+            await asyncio.sleep(0.01)
+            lags.append(time.monotonic() - before - 0.01)
+
+    tick = asyncio.create_task(ticker())
+    jobs = [
+        await engine.submit(f"JERRY: Scene {i}.", SceneSettings(max_new_tokens=400), user_id=str(i))
+        for i in range(4)
+    ]
+    started = time.monotonic()
+    for job in jobs:
+        await job.result()
+    generating = time.monotonic() - started
+    done.set()
+    await tick
+    assert len(lags) > 5, f"the ticker barely ran during {generating:.2f} s of generation"
+    assert max(lags) < 0.5

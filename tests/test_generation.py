@@ -1,0 +1,254 @@
+"""sitcom.generation on tiny models: batching, the format guards, stopping, cleaning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from transformers import RepetitionPenaltyLogitsProcessor
+
+from sitcom.generation import (
+    LineStreamer,
+    LoopGuard,
+    PerRowSampling,
+    ScriptRepetitionPenalty,
+    _RowText,
+    _vocab_info,
+    autocast_dtype,
+    clean_lines,
+    generate_scenes,
+    line_key,
+    speaker_token_ids,
+    stop_token_ids,
+    write_scenes,
+)
+from sitcom.script import END_OF_TEXT
+from sitcom.settings import SceneSettings
+
+GREEDY = dict(do_sample=False, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_tokenizer):
+    return build_tiny_model(tiny_tokenizer)
+
+
+def scripted_model(tokenizer, text: str):
+    """A tiny Llama that, greedily, cycles through `text` forever: each step its logits get
+    a large bonus on the token that follows the current one in `text`; its second choice
+    is always to start `text` over."""
+    model = build_tiny_model(tokenizer)
+    ids = tokenizer.encode(text)
+    assert len(set(ids)) == len(ids), "script tokens must be unique to define a cycle"
+    vocab = model.config.vocab_size
+    bonus = torch.zeros(vocab, vocab)
+    bonus[:, ids[0]] = 50.0
+    for here, there in zip(ids, ids[1:] + ids[:1], strict=True):
+        bonus[here, there] = 100.0
+
+    def hook(module, args, kwargs, output):
+        last = kwargs["input_ids"][:, -1]
+        output.logits[:, -1, :] += bonus[last]
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
+    return model
+
+
+def teleprompter_model(tokenizer, text: str):
+    """A tiny Llama that, greedily, writes `text` token by token (then starts over)."""
+    model = build_tiny_model(tokenizer)
+    ids = tokenizer.encode(text)
+    step = 0
+
+    def hook(module, args, kwargs, output):
+        nonlocal step
+        step = 0 if kwargs["input_ids"].shape[1] > 1 else step + 1  # prefill starts over
+        output.logits[:, -1, ids[step % len(ids)]] += 100.0
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
+    return model
+
+
+def test_batched_greedy_equals_unbatched(tiny_model, tiny_tokenizer):
+    prompts = [
+        "Elaine: Jerry! George! You guys, listen!",
+        "JERRY: Hello, Newman.\nNEWMAN: Hello, Jerry.\nKRAMER: Giddyup! I'm out there, Jerry!",
+        "george: Serenity now!",
+    ]
+    for penalty in (1.0, 1.5):  # 1.5 checks that left padding is not penalised
+        s = SceneSettings(max_new_tokens=40, repetition_penalty=penalty)
+        batched = generate_scenes(tiny_model, tiny_tokenizer, prompts, s, **GREEDY)
+        for prompt, together in zip(prompts, batched, strict=True):
+            alone = generate_scenes(tiny_model, tiny_tokenizer, [prompt], s, **GREEDY)[0]
+            assert alone.raw == together.raw
+            assert alone.lines == together.lines
+            assert alone.new_tokens == together.new_tokens
+
+
+def test_prompt_lines_come_back_normalised(tiny_model, tiny_tokenizer):
+    (lines,) = write_scenes(
+        tiny_model, tiny_tokenizer, ["  Elaine:  Jerry! George!\n\nkramer: Giddyup!"],
+        SceneSettings(max_new_tokens=16), seed=0,
+    )
+    assert lines[:2] == ["ELAINE: Jerry! George!", "KRAMER: Giddyup!"]
+
+
+def test_per_row_settings_and_seed(tiny_model, tiny_tokenizer):
+    prompts = ["JERRY: Hello, Newman.", "ELAINE: Get out!"]
+    settings = [SceneSettings(max_new_tokens=16), SceneSettings(max_new_tokens=48, temperature=1.5)]
+    first = generate_scenes(tiny_model, tiny_tokenizer, prompts, settings, seed=7)
+    again = generate_scenes(tiny_model, tiny_tokenizer, prompts, settings, seed=7)
+    assert [s.raw for s in first] == [s.raw for s in again]
+    assert first[0].new_tokens <= 16  # each row keeps its own budget in a shared batch
+    assert 0 < first[1].new_tokens <= 48
+
+
+def test_per_row_sampling_uses_each_rows_warpers():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 50)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    plain = SceneSettings(top_k=0, top_p=1.0, temperature=2.0)
+    warp = PerRowSampling([SceneSettings(top_k=1), plain])
+    out = warp(ids, scores.clone())
+    assert torch.isfinite(out[0]).sum() == 1 and out[0].argmax() == scores[0].argmax()
+    torch.testing.assert_close(out[1], scores[1] / 2.0)
+
+
+def test_repetition_penalty_matches_transformers_without_exemptions():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 30)
+    ids = torch.tensor([[3, 4, 5, 4], [7, 8, 9, 10]])
+    ours = ScriptRepetitionPenalty([1.7, 1.7], set(), torch.zeros(2, dtype=torch.long))
+    theirs = RepetitionPenaltyLogitsProcessor(1.7)
+    torch.testing.assert_close(ours(ids, scores.clone()), theirs(ids, scores.clone()))
+
+
+def test_repetition_penalty_spares_format_tokens_and_padding(tiny_tokenizer):
+    info = _vocab_info(tiny_tokenizer)
+    newline = tiny_tokenizer.encode("\n")[0]
+    colon = tiny_tokenizer.encode(":")[0]
+    assert newline in info.format_ids.tolist() and colon in info.format_ids.tolist()
+    speaker = tiny_tokenizer.encode("JERRY")
+    word = tiny_tokenizer.encode(" soup")[-1]
+    pad = tiny_tokenizer.pad_token_id
+    exempt = set(info.format_ids.tolist()) | speaker_token_ids(tiny_tokenizer, ["JERRY"])
+    row = [pad, pad, *speaker, colon, word, newline]
+    ids = torch.tensor([row, row])
+    vocab = len(tiny_tokenizer)
+    scores = torch.full((2, vocab), 2.0)
+    scores[:, word] = -2.0
+    out = ScriptRepetitionPenalty([2.0, 1.0], exempt, torch.tensor([2, 0]))(ids, scores.clone())
+    for token in [newline, colon, *speaker]:
+        assert out[0, token] == scores[0, token]
+    assert out[0, word] == -4.0  # a plain word is penalised
+    assert out[0, pad] == 2.0  # left padding is not "seen"
+    assert torch.equal(out[1], scores[1])  # penalty 1.0 leaves the row alone
+
+
+def _guard_for(tokenizer, text: str):
+    prompt, generated = text.split("|")
+    prompt_ids = tokenizer.encode(prompt)
+    ids = torch.tensor([prompt_ids + tokenizer.encode(generated)])
+    stop_ids = stop_token_ids(tokenizer)
+    ban = torch.cat([_vocab_info(tokenizer).newline_ids, torch.tensor(stop_ids)])
+    rows = _RowText(tokenizer, len(prompt_ids), stop_ids)
+    return LoopGuard([prompt], rows, ban), ids, ban
+
+
+def test_loop_guard_bans_ending_a_repeated_line(tiny_tokenizer):
+    vocab = len(tiny_tokenizer)
+    guard, ids, ban = _guard_for(
+        tiny_tokenizer, "JERRY: (to Elaine) I'm sorry.\n|ELAINE: (to Jerry) I'm sorry"
+    )
+    out = guard(ids, torch.zeros(1, vocab))
+    assert torch.isinf(out[0, ban]).all()
+    assert torch.isfinite(out[0]).sum() == vocab - len(set(ban.tolist()))
+    # A new line may end normally.
+    guard, ids, _ = _guard_for(tiny_tokenizer, "JERRY: I'm sorry.\n|ELAINE: No soup for you")
+    assert torch.isfinite(guard(ids, torch.zeros(1, vocab))).all()
+
+
+def test_loop_guard_stops_a_model_that_loops(tiny_tokenizer):
+    model = scripted_model(tiny_tokenizer, "JERRY: I'm sorry.\n")
+    prompt = "JERRY: I'm sorry."
+    # Without the guard the model repeats the line verbatim...
+    enc = tiny_tokenizer(prompt + "\n", return_tensors="pt")
+    plain = model.generate(**enc, do_sample=False, max_new_tokens=30)
+    assert tiny_tokenizer.decode(plain[0, enc["input_ids"].shape[1]:]).count("I'm sorry.\n") >= 3
+    # ... with it, no finished line repeats an earlier one.
+    (scene,) = generate_scenes(model, tiny_tokenizer, [prompt], SceneSettings(max_new_tokens=80),
+                               **GREEDY)
+    finished = [prompt, *scene.raw.split("\n")[:-1]]
+    keys = [line_key(line) for line in finished]
+    assert len(finished) >= 3 and len(keys) == len(set(keys))
+
+
+def test_stops_at_scene_heading(tiny_tokenizer):
+    model = teleprompter_model(tiny_tokenizer, "ELAINE: Get out!\n[Scene: Jerry's apartment]\n")
+    (scene,) = generate_scenes(model, tiny_tokenizer, ["JERRY: Hello, Newman."],
+                               SceneSettings(max_new_tokens=200), **GREEDY)
+    assert scene.finished and scene.new_tokens < 40
+    assert scene.lines == ["JERRY: Hello, Newman.", "ELAINE: Get out!"]
+
+
+def test_stops_at_end_of_text(tiny_tokenizer):
+    model = teleprompter_model(tiny_tokenizer, "GEORGE: Serenity now!" + END_OF_TEXT)
+    (scene,) = generate_scenes(model, tiny_tokenizer, ["JERRY: Hello, Newman."],
+                               SceneSettings(max_new_tokens=200), **GREEDY)
+    assert scene.finished
+    assert scene.new_tokens == len(tiny_tokenizer.encode("GEORGE: Serenity now!" + END_OF_TEXT))
+    assert scene.lines == ["JERRY: Hello, Newman.", "GEORGE: Serenity now!"]
+
+
+def test_streamer_reports_lines_as_they_finish(tiny_tokenizer):
+    model = teleprompter_model(tiny_tokenizer, "ELAINE: Get out!\nGEORGE: What?\n")
+    seen: list[list[str]] = []
+    prompts = ["JERRY: Hello, Newman."]
+    streamer = LineStreamer(tiny_tokenizer, prompts, lambda row, lines: seen.append(lines))
+    (scene,) = generate_scenes(model, tiny_tokenizer, prompts, SceneSettings(max_new_tokens=60),
+                               streamer=streamer, **GREEDY)
+    assert seen[0] == ["JERRY: Hello, Newman.", "ELAINE: Get out!"]
+    assert seen[1] == ["JERRY: Hello, Newman.", "ELAINE: Get out!", "GEORGE: What?"]
+    assert seen[-1] == scene.lines
+
+
+def test_clean_lines():
+    prompt = "JERRY: Hello, Newman.\n"
+    generated = (
+        "NEWMAN:   Hello,\tJerry.\n"
+        "\n"
+        "newman: (to Jerry) Hello, Jerry!\n"  # a duplicate, apart from speaker/parenthetical
+        "(Kramer bursts in)\n"
+        "kramer: Giddyup!\n"
+        "and then it was all prose without a speaker\n"
+        "#$%^ \ufffd\x07 @@\n"
+        "ELAINE: I was cut off mid"
+    )
+    assert clean_lines(prompt, generated, complete=False) == [
+        "JERRY: Hello, Newman.", "NEWMAN: Hello, Jerry.", "(Kramer bursts in)", "KRAMER: Giddyup!",
+    ]
+    assert clean_lines(prompt, "ELAINE: Done.", complete=True)[-1] == "ELAINE: Done."
+    assert clean_lines(prompt, "ELAINE: Done.\n[Scene: Monk's]\nGEORGE: Hi.\n", True) == [
+        "JERRY: Hello, Newman.", "ELAINE: Done.",
+    ]
+    # No well-formed line at all: keep the readable prose rather than nothing.
+    assert clean_lines(prompt, "it was a dark night\n", False)[-1] == "it was a dark night"
+
+
+def test_precision_choice(tiny_model, tiny_tokenizer, monkeypatch):
+    assert autocast_dtype(tiny_model, "fp32") is None
+    assert autocast_dtype(tiny_model, "bf16") is torch.bfloat16
+    monkeypatch.setenv("SITCOM_PRECISION", "fp32")
+    assert autocast_dtype(tiny_model) is None
+    (lines,) = write_scenes(tiny_model, tiny_tokenizer, ["JERRY: Hi."], SceneSettings(16),
+                            precision="bf16", seed=0)
+    assert lines[0] == "JERRY: Hi."
+
+
+def test_too_long_prompt_is_a_value_error(tiny_model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="too long"):
+        write_scenes(tiny_model, tiny_tokenizer, ["JERRY: " + "soup " * 1000],
+                     SceneSettings(max_new_tokens=16))
+

@@ -1,0 +1,206 @@
+"""training/: packing, BPB, an end-to-end fine-tune (full and LoRA) and evaluate, in-process."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_TEXT
+
+from sitcom.script import END_OF_TEXT
+from training.__main__ import main
+from training.corpus import load_corpus, pack_eval, pack_train, token_stream, utf8_bytes
+from training.metrics import block_nats
+
+EPISODE = TINY_TEXT.strip()
+
+
+def write_corpus(path: Path, train: list[str], val: list[str], manifest: dict | None = None) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    sep = f"\n{END_OF_TEXT}\n"
+    (path / "train.txt").write_text(sep.join(train) + "\n")
+    (path / "val.txt").write_text(sep.join(val) + "\n")
+    (path / "manifest.json").write_text(json.dumps(manifest or {"main_cast": ["JERRY"]}))
+    return path
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    return write_corpus(tmp_path / "corpus", [EPISODE] * 12, [EPISODE] * 2)
+
+
+def test_packing_keeps_eos_between_episodes_and_never_pads(tiny_tokenizer):
+    episodes = ["JERRY: Hello, Newman.", "NEWMAN: Hello, Jerry.\nJERRY: Serenity now!"]
+    eos = tiny_tokenizer.eos_token_id
+    stream = token_stream(episodes, tiny_tokenizer)
+    assert stream.count(eos) == 3 and stream[0] == eos and stream[-1] == eos
+    first = tiny_tokenizer(episodes[0], add_special_tokens=False)["input_ids"]
+    assert stream[1 : 1 + len(first)] == first and stream[1 + len(first)] == eos
+
+    train = pack_train(stream, 8)
+    assert len(train) == len(stream) // 8
+    flat = [t for i in range(len(train)) for t in train[i]["input_ids"]]
+    assert flat == stream[: len(flat)]  # contiguous: no padding, nothing dropped but the tail
+    for i in range(len(train)):
+        item = train[i]
+        assert len(item["input_ids"]) == 8 and item["labels"] == item["input_ids"]
+        assert all(item["attention_mask"])  # EOS included: nothing masked
+
+    val = pack_eval(stream, 8)
+    predicted = sum(len(val[i]["input_ids"]) - 1 for i in range(len(val)))
+    assert predicted == len(stream) - 1  # every token after the first is predicted exactly once
+
+
+def test_block_nats_matches_log_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[1, 3:] = -100  # padding of a short block
+    rows = block_nats(logits, labels)
+    logp = torch.log_softmax(logits, -1)
+    want0 = -sum(logp[0, t, labels[0, t + 1]] for t in range(4))
+    want1 = -sum(logp[1, t, labels[1, t + 1]] for t in range(2))
+    assert torch.allclose(rows[:, 0], torch.stack([want0, want1]), atol=1e-5)
+    assert rows[:, 1].tolist() == [4.0, 2.0]
+    uniform = block_nats(torch.zeros(1, 4, 11), torch.zeros(1, 4, dtype=torch.long))
+    assert uniform[0, 0].item() == pytest.approx(3 * math.log(11))
+
+
+@pytest.mark.parametrize("block_size", [1024, 40])
+def test_bpb_matches_direct_computation(tiny_model_dir, block_size):
+    from sitcom.models import load_model
+    from training.evaluate import val_metrics
+
+    model, tok = load_model(tiny_model_dir)
+    episodes = [EPISODE[:700], "JERRY: Hello, Newman. Ünïcode costs bytes: ☕"]
+    got = val_metrics(model, tok, episodes, block_size=block_size, batch_size=3)
+
+    stream = token_stream(episodes, tok)
+    nats = 0.0
+    with torch.no_grad():  # the same blocks, one at a time, through the model's own loss
+        for start in range(0, len(stream) - 1, block_size - 1):
+            ids = torch.tensor([stream[start : start + block_size]])
+            nats += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+    n_bytes = sum(len(e.encode()) for e in episodes)
+    assert got["bytes"] == n_bytes == utf8_bytes(episodes)
+    assert got["tokens"] == len(stream) - 1
+    assert got["loss"] == pytest.approx(nats / (len(stream) - 1), rel=1e-4)
+    assert got["bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-4)
+    assert got["ppl"] == pytest.approx(math.exp(got["loss"]), rel=1e-6)
+
+
+def finetune_args(corpus: Path, out: Path, base: Path, *extra: str) -> list[str]:
+    return [
+        "finetune", "--data", str(corpus), "--out", str(out), "--base", str(base),
+        "--block-size", "64", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "40",
+        "--eval-steps", "10", "--save-steps", "10", "--lr", "3e-3", "--warmup-steps", "2",
+        "--precision", "fp32", "--log-steps", "2", *extra,
+    ]
+
+
+def test_finetune_end_to_end_then_evaluate(tmp_path, corpus_dir, tiny_model_dir, capsys):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from training.evaluate import evaluate
+
+    out = tmp_path / "ck"
+    before = evaluate(str(tiny_model_dir), corpus_dir, samples=0)["val"]
+    assert main(finetune_args(corpus_dir, out, tiny_model_dir)) == 0
+    assert "saved" in capsys.readouterr().out
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
+                 "checkpoint.json", "metrics.jsonl", "loss.png"):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "ck.work").exists()  # removed after a successful export
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+    card = json.loads((out / "checkpoint.json").read_text())
+    manifest_sha = __import__("hashlib").sha256((corpus_dir / "manifest.json").read_bytes())
+    assert card["corpus_manifest_sha256"] == manifest_sha.hexdigest()
+    assert card["steps"] == 40 and card["tokens_seen"] == 40 * 4 * 64
+    assert card["precision"] == "fp32" and card["base_model"] == str(tiny_model_dir)
+    assert card["val_bpb"] < before["bpb"] * 0.8  # a repetitive corpus is learned fast
+    assert card["created"].endswith("+00:00")
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r["loss"] for r in records if "loss" in r]
+    evals = [r for r in records if "eval_bpb" in r]
+    assert train[-1] < train[0] - 1.0
+    assert [r["step"] for r in evals] == [10, 20, 30, 40]
+    assert all(r["tokens_per_second"] > 0 for r in records if "loss" in r and r["step"] > 1)
+    best = min(evals, key=lambda r: r["eval_bpb"])
+    assert card["best_step"] == best["step"] and card["val_bpb"] == best["eval_bpb"]
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no sitcom code
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    gen = GenerationConfig.from_pretrained(out)
+    assert gen.do_sample and gen.temperature == 0.8 and gen.repetition_penalty == 1.15
+
+    result = evaluate(str(out), corpus_dir, samples=3, max_new_tokens=16, eval_tokens=0)
+    assert result["val"]["loss"] == pytest.approx(card["val_loss"], rel=1e-4)  # the best exported
+    assert result["card"]["steps"] == 40
+    assert set(result["quality"]) == {"lines", "well_formed", "known_speaker", "repeated",
+                                      "distinct_2"}
+    assert len(result["samples"]) == 3
+    assert result["samples"][0]["lines"][0] == "ELAINE: Jerry! George! You guys, listen!"
+
+
+def test_lora_merges_into_a_plain_checkpoint(tmp_path, corpus_dir, tiny_model_dir):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    args = finetune_args(corpus_dir, out, tiny_model_dir, "--lora", "--lr", "1e-2")
+    args[args.index("--max-steps") + 1] = "10"
+    assert main(args) == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("lora" in k or "base_layer" in k for k in keys)
+    assert not (out / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[w], base.state_dict()[w])  # the adapter is in
+    assert json.loads((out / "checkpoint.json").read_text())["lora"] is True
+
+
+def test_disk_full_during_export_leaves_no_output(tmp_path, corpus_dir, tiny_model_dir,
+                                                  monkeypatch, capsys):
+    import training.card
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(training.card.shutil, "copyfile", full)  # the library call, not ours
+    out = tmp_path / "ck"
+    args = finetune_args(corpus_dir, out, tiny_model_dir)
+    args[args.index("--max-steps") + 1] = "2"
+    assert main(args) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # above it: progress bars
+    assert last.startswith("error: disk full while writing") and "Traceback" not in last
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ck")] == []
+    # the work dir survives, so the run can be resumed once space is free
+    assert (tmp_path / "ck.work" / "checkpoint-2").is_dir()
+
+
+def test_corpus_manifest_speakers_and_errors(tmp_path):
+    from training.corpus import CorpusError
+
+    c = write_corpus(tmp_path / "c", [EPISODE], [EPISODE],
+                     {"main_cast": ["JERRY"], "top_speakers": {"Jerry": 5, "BANIA": 2}})
+    assert load_corpus(c).speakers == ("JERRY", "BANIA")
+    (c / "manifest.json").write_text("{not json")
+    assert "KRAMER" in load_corpus(c).speakers  # fallback: the default cast
+    (c / "val.txt").write_text(f"\n{END_OF_TEXT}\n  \n")
+    with pytest.raises(CorpusError, match="val.txt holds no episodes"):
+        load_corpus(c)
+    shutil.rmtree(c)
+    with pytest.raises(CorpusError, match="does not exist"):
+        load_corpus(c)

@@ -1,0 +1,108 @@
+"""python -m training finetune|evaluate ... (see --help). Errors are one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ft = sub.add_parser("finetune", help="fine-tune a base model on a corpus directory")
+    ft.add_argument("--data", type=Path, required=True, help="corpus dir (train.txt, val.txt)")
+    ft.add_argument("--out", type=Path, required=True, help="checkpoint dir to write")
+    ft.add_argument("--base", default="smollm2", help="smollm2 (packaged), a hub id, or a dir")
+    ft.add_argument("--block-size", type=int, default=512)
+    ft.add_argument("--batch-size", type=int, default=4)
+    ft.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation steps")
+    ft.add_argument("--lr", type=float, default=None, help="default 1e-4 full, 5e-4 LoRA")
+    ft.add_argument("--warmup-steps", type=int, default=10)
+    ft.add_argument("--epochs", type=float, default=1.0)
+    ft.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
+    ft.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                    help="stop, evaluate, save and export after this many minutes")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--eval-steps", type=int, default=50)
+    ft.add_argument("--save-steps", type=int, default=50, help="a multiple of --eval-steps")
+    ft.add_argument("--save-limit", type=int, default=2, help="Trainer checkpoints kept")
+    ft.add_argument("--eval-tokens", type=int, default=16384,
+                    help="val text used for evals during training (whole episodes); 0 = all")
+    ft.add_argument("--log-steps", type=int, default=5)
+    ft.add_argument("--lora", action="store_true", help="train a LoRA adapter, merged on export")
+    ft.add_argument("--lora-r", type=int, default=16)
+    ft.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    ft.add_argument("--gradient-checkpointing", action="store_true")
+    ft.add_argument("--resume", action="store_true", help="continue from the last save in OUT.work")
+    ft.add_argument("--overwrite", action="store_true", help="replace OUT and discard OUT.work")
+    ft.add_argument("--keep-work", action="store_true", help="keep OUT.work after export")
+
+    ev = sub.add_parser("evaluate", help="val loss/ppl/BPB and sampled-scene quality")
+    ev.add_argument("checkpoint", help="checkpoint dir, smollm2, or a hub id")
+    ev.add_argument("--data", type=Path, required=True, help="corpus dir (val.txt)")
+    ev.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ev.add_argument("--samples", type=int, default=8, help="scenes to sample (0 = none)")
+    ev.add_argument("--max-new-tokens", type=int, default=120)
+    ev.add_argument("--block-size", type=int, default=None,
+                    help="default: the block size the checkpoint was trained with, else 512")
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--eval-tokens", type=int, default=0, help="val text used; 0 = all")
+    ev.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imports here keep `--help` and argument errors fast (torch takes seconds to import).
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if args.command == "finetune":
+        from training.finetune import FinetuneConfig, finetune
+
+        options = {k: v for k, v in vars(args).items() if k != "command"}
+        if options["lr"] is None:
+            options["lr"] = 5e-4 if args.lora else 1e-4
+        card = finetune(FinetuneConfig(**options))
+        print(
+            f"saved {args.out}: {card['steps']} steps, {card['tokens_seen']} tokens, best val "
+            f"loss {card['val_loss']:.4f} bpb {card['val_bpb']:.4f} (step {card['best_step']})"
+        )
+    else:
+        from training.evaluate import evaluate_cli
+
+        evaluate_cli(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from sitcom.models import ModelLoadError
+    from training.corpus import CorpusError
+
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ModelLoadError, CorpusError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: disk full while writing {e.filename or 'output'}", file=sys.stderr)
+        else:
+            print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
+                  file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

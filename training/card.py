@@ -1,0 +1,73 @@
+"""Export a finished model: a plain HF directory plus checkpoint.json, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from transformers import GenerationConfig
+
+from sitcom.settings import SceneSettings
+
+CARD_NAME = "checkpoint.json"
+
+
+def scene_generation_config(model_config, tokenizer) -> GenerationConfig:
+    """Sampling defaults that match the bot's SceneSettings, so plain `generate` behaves alike."""
+    s = SceneSettings()
+    return GenerationConfig(
+        do_sample=True,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        repetition_penalty=s.repetition_penalty,
+        max_new_tokens=s.max_new_tokens,
+        bos_token_id=getattr(model_config, "bos_token_id", None),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+    )
+
+
+def make_card(**fields) -> dict:
+    return {**fields, "created": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def export_checkpoint(
+    model, tokenizer, out: Path, card: dict, extra_files: dict[str, Path]
+) -> Path:
+    """Write everything to a temp dir beside `out`, then swap it into place.
+
+    An existing `out` is moved aside first and removed only after the new one is in place,
+    so a crash never leaves a half-written checkpoint under the final name.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        scene_generation_config(model.config, tokenizer).save_pretrained(tmp)
+        for name, src in extra_files.items():
+            if Path(src).exists():
+                shutil.copyfile(src, tmp / name)
+        (tmp / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+        # mkdtemp (and safetensors) make things private; a checkpoint is meant to be shared.
+        os.chmod(tmp, 0o755)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

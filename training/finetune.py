@@ -1,0 +1,291 @@
+"""Fine-tune a causal LM on the corpus with transformers' Trainer and export a checkpoint.
+
+Layout: the finished checkpoint goes to OUT (written to a temp dir, then renamed into
+place); Trainer's intermediate checkpoints, metrics.jsonl and loss.png live in the sibling
+work dir `OUT.work`, which `--resume` reads and which is removed after a successful export
+(unless --keep-work).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from sitcom.models import load_model
+from training.callbacks import CompactProgressCallback, FinalEvalCallback, MetricsLogCallback
+from training.card import export_checkpoint, make_card
+from training.corpus import (
+    BlockDataset,
+    load_corpus,
+    pack_eval,
+    pack_train,
+    token_stream,
+    utf8_bytes,
+)
+from training.metrics import compute_metrics_for, preprocess_logits_for_metrics
+from training.plot import plot_loss_curve
+
+
+class FinetuneError(ValueError):
+    """A bad option or state; the message is user-facing."""
+
+
+@dataclass
+class FinetuneConfig:
+    data: Path
+    out: Path
+    base: str = "smollm2"
+    block_size: int = 512
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    epochs: float = 1.0
+    max_steps: int = -1
+    time_budget: float | None = None  # minutes
+    seed: int = 0
+    eval_steps: int = 50
+    save_steps: int = 50
+    save_limit: int = 2
+    eval_tokens: int = 16384  # val episodes used during training; 0 = all
+    log_steps: int = 5
+    lora: bool = False
+    lora_r: int = 16
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    keep_work: bool = False
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def choose_precision(requested: str) -> str:
+    """bf16 autocast where the hardware does it natively (CUDA, AVX-512 BF16 CPUs), else fp32."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.with_name(out.name + ".work")
+
+
+def first_episodes(episodes: list[str], tokenizer, max_tokens: int) -> list[str]:
+    """Whole episodes from the start until about max_tokens (BPB needs whole texts' bytes)."""
+    if max_tokens <= 0:
+        return episodes
+    kept, total = [], 0
+    for episode in episodes:
+        kept.append(episode)
+        total += len(tokenizer(episode, add_special_tokens=False)["input_ids"])
+        if total >= max_tokens:
+            break
+    return kept
+
+
+def right_padding_collator(tokenizer) -> DataCollatorForSeq2Seq:
+    """Pads only short eval blocks: inputs with pad, labels with -100; training blocks are full.
+
+    Right padding keeps position ids of real tokens unchanged (a copy, so the saved tokenizer
+    keeps whatever padding side the generation code wants).
+    """
+    tok = copy.copy(tokenizer)
+    tok.padding_side = "right"
+    return DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding="longest")
+
+
+def last_complete_checkpoint(work: Path) -> str | None:
+    """The newest Trainer checkpoint that finished saving; half-saved newer ones are deleted.
+
+    Trainer writes a checkpoint dir in place, trainer_state.json last, so a run killed
+    mid-save leaves a dir without a readable state (get_last_checkpoint would pick it).
+    """
+    if not work.is_dir():
+        return None
+    found = sorted(
+        (p for p in work.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]), reverse=True,
+    )
+    for path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def prepare_work_dir(cfg: FinetuneConfig) -> tuple[Path, str | None]:
+    work = work_dir_for(cfg.out)
+    last = last_complete_checkpoint(work)
+    if cfg.overwrite and work.exists():
+        shutil.rmtree(work)
+        last = None
+    elif last and not cfg.resume:
+        raise FinetuneError(
+            f"{work} holds checkpoints of an unfinished run: pass --resume to continue it "
+            "or --overwrite to start over"
+        )
+    if cfg.resume and last is None:
+        print(f"no checkpoint in {work} to resume from; starting from the base model")
+    if cfg.out.exists() and not cfg.overwrite and not cfg.resume:
+        raise FinetuneError(f"{cfg.out} already exists: pass --overwrite to replace it")
+    work.mkdir(parents=True, exist_ok=True)
+    if last is None:
+        (work / "metrics.jsonl").unlink(missing_ok=True)
+    return work, last
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    if cfg.block_size < 16:
+        raise FinetuneError("--block-size must be at least 16")
+    for name in ("batch_size", "grad_accum", "eval_steps", "save_steps", "save_limit", "log_steps"):
+        if getattr(cfg, name) < 1:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.save_steps % cfg.eval_steps:
+        raise FinetuneError("--save-steps must be a multiple of --eval-steps (best-model tracking)")
+    if not 0 < cfg.lr < 1:
+        raise FinetuneError("--lr must be between 0 and 1")
+    if cfg.time_budget is not None and cfg.time_budget <= 0:
+        raise FinetuneError("--time-budget must be a positive number of minutes")
+    if cfg.max_steps == 0 or cfg.epochs <= 0:
+        raise FinetuneError("nothing to train: --max-steps and --epochs must be positive")
+
+
+def build_model(cfg: FinetuneConfig):
+    model, tokenizer = load_model(cfg.base)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and cfg.block_size > limit:
+        raise FinetuneError(f"--block-size {cfg.block_size} exceeds the model's context of {limit}")
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings would cut the graph
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.05,
+            target_modules="all-linear", task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model, tokenizer
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Train, keep the best checkpoint by val BPB, export to cfg.out; returns the card."""
+    validate(cfg)
+    corpus = load_corpus(cfg.data)
+    work, last = prepare_work_dir(cfg)
+    precision = choose_precision(cfg.precision)
+    model, tokenizer = build_model(cfg)
+
+    train_set = pack_train(token_stream(corpus.train, tokenizer), cfg.block_size)
+    val_episodes = first_episodes(corpus.val, tokenizer, cfg.eval_tokens)
+    val_set: BlockDataset = pack_eval(token_stream(val_episodes, tokenizer), cfg.block_size)
+    print(
+        f"train: {len(corpus.train)} episodes, {len(train_set)} blocks of {cfg.block_size} | "
+        f"val: {len(val_episodes)}/{len(corpus.val)} episodes, {len(val_set)} blocks | "
+        f"precision {precision}{' | LoRA' if cfg.lora else ''}"
+    )
+
+    args = TrainingArguments(
+        output_dir=str(work),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.log_steps,
+        logging_first_step=True,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model="bpb",
+        greater_is_better=False,
+        bf16=precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=cfg.gradient_checkpointing,
+        include_num_input_tokens_seen=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=False,  # else it follows the transformers log level, which the CLI quiets
+    )
+    final_eval = FinalEvalCallback(cfg.time_budget)
+    metrics_path = work / "metrics.jsonl"
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=right_padding_collator(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics_for(utf8_bytes(val_episodes)),
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        callbacks=[final_eval, MetricsLogCallback(metrics_path)],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgressCallback())
+
+    started = time.monotonic()
+    trainer.train(resume_from_checkpoint=last)
+    seconds = time.monotonic() - started
+    plot_loss_curve(metrics_path, work / "loss.png")
+
+    best = best_eval(trainer.state.log_history)
+    model = trainer.model
+    if cfg.lora:
+        model = model.merge_and_unload()  # a plain checkpoint: the bot needs no peft
+    card = make_card(
+        base_model=cfg.base,
+        corpus=str(cfg.data),
+        corpus_manifest_sha256=corpus.manifest_sha256,
+        steps=trainer.state.global_step,
+        best_step=best.get("step"),
+        tokens_seen=int(trainer.state.num_input_tokens_seen),
+        val_episodes=len(val_episodes),
+        val_loss=best.get("eval_nll"),
+        val_ppl=best.get("eval_ppl"),
+        val_bpb=best.get("eval_bpb"),
+        precision=precision,
+        lora=cfg.lora,
+        time_budget_hit=final_eval.budget_hit,
+        train_seconds_this_run=round(seconds, 1),
+        settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+    )
+    model.config.use_cache = True
+    export_checkpoint(
+        model, tokenizer, cfg.out, card,
+        {"metrics.jsonl": metrics_path, "loss.png": work / "loss.png"},
+    )
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return card
+
+
+def best_eval(log_history: list[dict]) -> dict:
+    evals = [r for r in log_history if "eval_bpb" in r]
+    return min(evals, key=lambda r: r["eval_bpb"]) if evals else {}
