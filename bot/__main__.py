@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+import aiohttp
 import discord
 
 from .config import Config, ConfigError
@@ -37,6 +38,9 @@ async def run_discord(config: Config) -> int:
             return 1
         except (ModelLoadError, DatabaseError, EngineError) as e:
             print(f"error: {e}", file=sys.stderr)
+            return 1
+        except (aiohttp.ClientError, OSError) as e:
+            print(f"error: cannot reach Discord ({type(e).__name__}: {e})", file=sys.stderr)
             return 1
     return 0
 

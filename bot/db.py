@@ -66,10 +66,15 @@ class Database:
     @classmethod
     async def open(cls, path: str | Path, timeout: float = 5.0) -> Database:
         path = Path(path)
+        if path.is_dir():
+            raise DatabaseError(f"cannot open the database {path}: it is a directory")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = await aiosqlite.connect(path, timeout=timeout, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
+            # aiosqlite stops its worker thread without awaiting it; give it a moment so
+            # it doesn't report to an event loop that is already gone.
+            await asyncio.sleep(0.1)
             raise DatabaseError(f"cannot open the database {path}: {e}") from e
         db = cls(path, conn)
         try:

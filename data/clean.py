@@ -171,16 +171,26 @@ def _join_open_brackets(lines: list[tuple[str, bool]]) -> list[tuple[str, bool]]
     return out
 
 
+def _looks_like_place(text: str) -> bool:
+    """`Jerry's Apartment`, `Monk's`, `Yankee Stadium`: short, and no verb like `enters`."""
+    words = text.rstrip(" .").split()
+    if not words or len(words) > 6 or words[0][0].islower():
+        return False
+    # Third-person verbs (`enters`, `walks`) mark an action; possessives (`Jerry's`) do not.
+    return not any(w.islower() and w.endswith("s") and not w.endswith("'s") for w in words[1:])
+
+
 def classify(line: str) -> tuple[str, str, str]:
     """(kind, speaker, text) for one line; kind is turn/name/heading/direction/junk/plain."""
     if line[0] == "[" and line.endswith("]") and line.count("[") == 1:
         inner = line[1:-1].strip()
         if not inner or is_junk(inner):
             return "junk", "", ""
-        # A short lowercase bracket (`[pause]`) is an action; the rest describe the scene.
-        if inner[0].islower() and len(inner.split()) <= 4 and not _SCENE_PREFIX_RE.match(inner):
-            return "direction", "", inner
-        return "heading", "", _place(inner)
+        if _SCENE_PREFIX_RE.match(inner) or _looks_like_place(inner):
+            return "heading", "", _place(inner)
+        # `[pause]`, `[Kramer enters with his golf clubs]`: an action, not a new scene,
+        # so generation does not stop at it as a scene break.
+        return "direction", "", inner
     if line[0] == "(" and line.endswith(")") and _balanced(line):
         inner = line[1:-1].strip()
         if not inner or is_junk(inner):

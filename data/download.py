@@ -96,6 +96,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -216,6 +216,7 @@ def write_outputs(out_dir: Path, result: Result) -> None:
             temps[name] = tmp
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
                 fh.write(text)
+            os.chmod(tmp, 0o644)  # mkstemp makes files private; the corpus is shared
         for name, tmp in temps.items():
             os.replace(tmp, out_dir / name)
     finally:

@@ -90,3 +90,10 @@ async def test_unopenable_path_is_a_database_error(tmp_path):
     (tmp_path / "dir.db").mkdir()
     with pytest.raises(DatabaseError, match="cannot"):
         await Database.open(tmp_path / "dir.db")
+
+
+@pytest.mark.asyncio
+async def test_unreadable_file_is_a_database_error(tmp_path):
+    (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(DatabaseError, match="cannot"):
+        await Database.open(tmp_path / "junk.db")

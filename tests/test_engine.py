@@ -13,6 +13,7 @@ import time
 import pytest
 import pytest_asyncio
 from conftest import save_tiny_model_dir
+from test_generation import teleprompter_model
 
 from sitcom.engine import (
     BadPrompt,
@@ -183,12 +184,21 @@ async def test_cancelled_job(tiny_model_dir):
     await engine.close()
 
 
-async def test_stream_then_result(engine):
-    job = await engine.submit("JERRY: Hello, Newman.", SceneSettings(max_new_tokens=200))
-    partials = [p async for p in job.stream()]
+async def test_stream_then_result(tiny_model_dir, tiny_tokenizer):
+    def loader(name: str):
+        script = "ELAINE: Get out!\nGEORGE: What?\n"
+        return teleprompter_model(tiny_tokenizer, script), tiny_tokenizer
+
+    engine = SceneEngine(tiny_model_dir, loader=loader)
+    await engine.start()
+    job = await engine.submit("JERRY: Hello, Newman.", SceneSettings(max_new_tokens=60))
+    partials = [p.lines async for p in job.stream()]
     scene = await job.result()
-    for partial in partials:  # each snapshot is the final scene's beginning
-        assert scene.lines[: len(partial.lines)] == partial.lines
+    assert partials[0] == ["JERRY: Hello, Newman.", "ELAINE: Get out!"]
+    assert len(partials) >= 2
+    for lines in partials:  # each snapshot is the final scene's beginning
+        assert scene.lines[: len(lines)] == lines
+    await engine.close()
 
 
 async def test_event_loop_is_not_blocked(engine):

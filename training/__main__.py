@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imports here keep `--help` and argument errors fast (torch takes seconds to import).
+    # Cheap checks first; torch and transformers take seconds to import.
+    from training.corpus import load_corpus
+
+    load_corpus(args.data, splits=("train", "val") if args.command == "finetune" else ("val",))
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -81,6 +84,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def close_progress_bars() -> None:
+    """Close bars left open by an interrupt now; tqdm would redraw them after our message."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -90,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except KeyboardInterrupt:
+        close_progress_bars()
         print("interrupted; resume with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ModelLoadError, CorpusError, ValueError) as e:

@@ -13,8 +13,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from sitcom.script import END_OF_TEXT, KNOWN_SPEAKERS
 
 
@@ -96,8 +94,12 @@ def utf8_bytes(episodes: list[str]) -> int:
     return sum(len(e.encode("utf-8")) for e in episodes)
 
 
-class BlockDataset(torch.utils.data.Dataset):
-    """Fixed blocks of a token stream as {input_ids, attention_mask, labels}."""
+class BlockDataset:
+    """Fixed blocks of a token stream as {input_ids, attention_mask, labels}.
+
+    A plain sequence (DataLoader takes any) keeps this module free of torch, so the CLI can
+    reject a bad corpus before paying for the torch import.
+    """
 
     def __init__(self, blocks: list[list[int]]):
         self.blocks = blocks
