@@ -25,6 +25,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from sitcom import generation
 from sitcom.generation import (
     GeneratedScene,
     LoopGuard,
@@ -39,7 +40,13 @@ from sitcom.generation import (
     speaker_token_ids,
     stop_token_ids,
 )
-from sitcom.models import ModelLoadError, load_tokenizer, packaged_gguf, resolve_model
+from sitcom.models import (
+    ModelLoadError,
+    load_model,
+    load_tokenizer,
+    packaged_gguf,
+    resolve_model,
+)
 from sitcom.script import END_OF_TEXT, KNOWN_SPEAKERS, normalize_prompt, speaker_of
 from sitcom.settings import SceneSettings
 
@@ -106,8 +113,11 @@ class LlamaCppModel:
         cparams.n_ctx = n_ctx_per_seq * max_batch
         cparams.n_batch = cparams.n_ubatch = 512
         cparams.kv_unified = kv_unified
-        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
@@ -171,16 +181,39 @@ class LlamaCppModel:
         return out
 
 
-def load_llamacpp(model: str | os.PathLike | None, *, max_batch: int = 8,
-                  n_threads: int | None = None) -> tuple[LlamaCppModel, object]:
-    """(LlamaCppModel, HF tokenizer) for a model that has a GGUF; ModelLoadError otherwise."""
-    gguf = find_gguf(model)
-    if gguf is None:
+def load_llamacpp(
+    model: str | os.PathLike | None,
+    *,
+    gguf: str | os.PathLike | None = None,
+    max_batch: int = 8,
+    n_threads: int | None = None,
+) -> tuple[LlamaCppModel, object]:
+    """(LlamaCppModel, HF tokenizer) for `model` served from `gguf` (default: find_gguf);
+    ModelLoadError when there is no GGUF."""
+    path = Path(gguf) if gguf else find_gguf(model)
+    if path is None:
         raise ModelLoadError(f"{model} has no {GGUF_NAME} (python -m training.gguf_export {model})")
     # The tokenizer comes from the HF side: the guards decode text with it.
     is_default = model is None or str(model).lower() in _DEFAULT_ALIASES
-    tokenizer = load_tokenizer(resolve_model("smollm2") if is_default else gguf.parent)
-    return LlamaCppModel(gguf, max_batch=max_batch, n_threads=n_threads), tokenizer
+    source = resolve_model("smollm2") if is_default else Path(model)
+    tokenizer = load_tokenizer(source.parent if str(source).endswith(".gguf") else source)
+    return LlamaCppModel(path, max_batch=max_batch, n_threads=n_threads), tokenizer
+
+
+def load_serving_model(name: str | os.PathLike | None, max_batch: int = 8) -> tuple[object, object]:
+    """The engine's loader: llama.cpp when the model has a GGUF (SITCOM_BACKEND=torch
+    forces transformers), else sitcom.models.load_model."""
+    if os.environ.get("SITCOM_BACKEND", "auto").lower() != "torch" and find_gguf(name):
+        return load_llamacpp(name, max_batch=max_batch)
+    return load_model(name)
+
+
+def generate_scenes_any(model, tokenizer, prompts, settings, **kwargs) -> list[GeneratedScene]:
+    """generate_scenes for whichever backend loaded `model` (same arguments)."""
+    if isinstance(model, LlamaCppModel):
+        kwargs.pop("precision", None)  # llama.cpp's precision is the GGUF's
+        return generate_scenes(model, tokenizer, prompts, settings, **kwargs)
+    return generation.generate_scenes(model, tokenizer, prompts, settings, **kwargs)
 
 
 def generate_scenes(
@@ -200,7 +233,9 @@ def generate_scenes(
     if not prompts:
         return []
     if len(prompts) > model.max_batch:
-        raise ValueError(f"{len(prompts)} prompts but the llama.cpp context holds {model.max_batch}")
+        raise ValueError(
+            f"{len(prompts)} prompts but the llama.cpp context holds {model.max_batch}"
+        )
     if isinstance(settings, SceneSettings):
         settings = [settings] * len(prompts)
     if len(settings) != len(prompts):
@@ -212,32 +247,44 @@ def generate_scenes(
     # Same framing as sitcom.generation: a prompt after END_OF_TEXT reads as a scene start.
     has_eot = tokenizer.convert_tokens_to_ids(END_OF_TEXT) in stop_ids
     prefix = END_OF_TEXT + "\n" if has_eot else ""
-    rows_ids = [tokenizer(prefix + p, add_special_tokens=not has_eot)["input_ids"] for p in prompt_texts]
+    rows_ids = [
+        tokenizer(prefix + p, add_special_tokens=not has_eot)["input_ids"] for p in prompt_texts
+    ]
     budget = max(s.max_new_tokens for s in settings)
     prompt_len = max(len(ids) for ids in rows_ids)
     limit = min(model.n_ctx_per_seq, model.n_ctx_train)
     if prompt_len + budget > limit:
-        raise ValueError(f"prompt too long: {prompt_len} tokens + {budget} new exceed the model's {limit}")
+        raise ValueError(
+            f"prompt too long: {prompt_len} tokens + {budget} new exceed the model's {limit}"
+        )
 
     # The guards read a left-padded [batch, length] tensor, as under generate().
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     input_ids = torch.full((len(rows_ids), prompt_len), pad_id, dtype=torch.long)
     for row, ids in enumerate(rows_ids):
-        input_ids[row, prompt_len - len(ids):] = torch.tensor(ids)
+        input_ids[row, prompt_len - len(ids) :] = torch.tensor(ids)
     pad_lengths = torch.tensor([prompt_len - len(ids) for ids in rows_ids])
 
     info = _vocab_info(tokenizer)
     rows = _RowText(tokenizer, prompt_len, stop_ids)
     prompt_speakers = {speaker_of(x) for p in prompt_texts for x in p.splitlines()} - {None}
-    exempt = set(info.format_ids.tolist()) | speaker_token_ids(tokenizer, [*speakers, *prompt_speakers])
+    exempt = set(info.format_ids.tolist()) | speaker_token_ids(
+        tokenizer, [*speakers, *prompt_speakers]
+    )
     ban = torch.cat([info.newline_ids, torch.tensor(stop_ids, dtype=torch.long)])
-    processors = LogitsProcessorList([
-        ScriptRepetitionPenalty([s.repetition_penalty for s in settings], exempt, pad_lengths, tokenizer, rows),
-        LoopGuard(prompt_texts, rows, ban),
-    ])
+    processors = LogitsProcessorList(
+        [
+            ScriptRepetitionPenalty(
+                [s.repetition_penalty for s in settings], exempt, pad_lengths, tokenizer, rows
+            ),
+            LoopGuard(prompt_texts, rows, ban),
+        ]
+    )
     if do_sample:
         processors.append(PerRowSampling(settings))
-    recording = _RecordingStop(rows, [SceneStop(rows, [s.max_new_tokens for s in settings]), *stopping_criteria])
+    recording = _RecordingStop(
+        rows, [SceneStop(rows, [s.max_new_tokens for s in settings]), *stopping_criteria]
+    )
     stops = StoppingCriteriaList([recording])
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     stop_tensor = torch.tensor(stop_ids, dtype=torch.long)
@@ -251,8 +298,10 @@ def generate_scenes(
         for step in range(budget):
             scores = processors(input_ids, torch.from_numpy(logits))
             if do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                # argmax(p / Exp(1) noise) draws from p like torch.multinomial, which takes
+                # ~1 ms a row over a 49k vocabulary on this CPU (half a decode step).
+                noise = torch.empty_like(scores).exponential_(generator=generator)
+                tokens = (torch.softmax(scores, dim=-1) / noise).argmax(dim=-1)
             else:
                 tokens = scores.argmax(dim=-1)
             tokens = torch.where(unfinished, tokens, pad_id)
@@ -264,9 +313,9 @@ def generate_scenes(
             active = unfinished.nonzero().flatten().tolist()
             if not active:
                 break
-            step_logits = model.decode([
-                (row, [int(tokens[row])], len(rows_ids[row]) + step) for row in active
-            ])
+            step_logits = model.decode(
+                [(row, [int(tokens[row])], len(rows_ids[row]) + step) for row in active]
+            )
             logits = np.zeros_like(logits)
             logits[active] = step_logits
         if streamer is not None:
@@ -278,11 +327,14 @@ def generate_scenes(
         end = next((i for i, t in enumerate(ids) if t in ends), len(ids))
         text = tokenizer.decode(ids[:end])
         at_eos = row not in recording.cut and end < len(ids) and ids[end] in stop_ids
-        results.append(GeneratedScene(
-            lines=clean_lines(prompt_texts[row], text, complete=at_eos),
-            new_tokens=end + (1 if at_eos else 0),
-            finished=at_eos or _has_heading(text),
-        ))
+        results.append(
+            GeneratedScene(
+                lines=clean_lines(prompt_texts[row], text, complete=at_eos),
+                new_tokens=end + (1 if at_eos else 0),
+                finished=at_eos or _has_heading(text),
+                raw=text,
+            )
+        )
     return results
 
 
@@ -297,8 +349,7 @@ def write_scenes(
     do_sample: bool = True,
 ) -> list[list[str]]:
     """Clean script lines (prompt lines first) for each prompt, generated as one batch."""
-    scenes = generate_scenes(model, tokenizer, prompts, settings, seed=seed, streamer=streamer,
-                             do_sample=do_sample)
+    scenes = generate_scenes(
+        model, tokenizer, prompts, settings, seed=seed, streamer=streamer, do_sample=do_sample
+    )
     return [s.lines for s in scenes]
-
-

@@ -65,13 +65,17 @@ def default_model_dir() -> Path:
             except AttributeError:
                 pass
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), strict=False)
+    plain.load_state_dict(loaded.state_dict(), strict=True)  # a renamed key must fail loudly
     plain.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # mkdtemp and safetensors create private files; the cache may be shared.
+        os.chmod(tmp, 0o755)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

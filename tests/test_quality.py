@@ -49,5 +49,6 @@ def test_distinct_2_and_summary():
     a = SceneScore(2, 1.0, 1.0, 0.0, 1.0)
     b = SceneScore(4, 0.5, 0.0, 0.5, 0.5)
     assert summarize([a, b]) == {
-        "lines": 3.0, "well_formed": 0.75, "known_speaker": 0.5, "repeated": 0.25, "distinct_2": 0.75
+        "lines": 3.0, "well_formed": 0.75, "known_speaker": 0.5, "repeated": 0.25,
+        "distinct_2": 0.75,
     }

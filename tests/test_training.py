@@ -20,7 +20,9 @@ from training.metrics import block_nats
 EPISODE = TINY_TEXT.strip()
 
 
-def write_corpus(path: Path, train: list[str], val: list[str], manifest: dict | None = None) -> Path:
+def write_corpus(
+    path: Path, train: list[str], val: list[str], manifest: dict | None = None
+) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     sep = f"\n{END_OF_TEXT}\n"
     (path / "train.txt").write_text(sep.join(train) + "\n")

@@ -29,8 +29,11 @@ class ExportError(ValueError):
     """A checkpoint this exporter cannot write; the message is user-facing."""
 
 
-def export_gguf(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike | None = None,
-                qtype: str = "q8_0") -> Path:
+def export_gguf(
+    checkpoint_dir: str | os.PathLike,
+    out_path: str | os.PathLike | None = None,
+    qtype: str = "q8_0",
+) -> Path:
     """Write the checkpoint as GGUF (atomically) and return the path written."""
     import gguf
 
@@ -41,10 +44,14 @@ def export_gguf(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
     model, tokenizer = load_model(checkpoint_dir)
     config = model.config
     if config.model_type != "llama":
-        raise ExportError(f"only Llama-architecture models export to GGUF (got {config.model_type})")
+        raise ExportError(
+            f"only Llama-architecture models export to GGUF (got {config.model_type})"
+        )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ExportError(f"rope scaling {rope.get('rope_type')!r} is not supported by this exporter")
+        raise ExportError(
+            f"rope scaling {rope.get('rope_type')!r} is not supported by this exporter"
+        )
     rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
 
     out = Path(out_path) if out_path else Path(checkpoint_dir) / "model.gguf"
@@ -84,8 +91,10 @@ def _add_model_metadata(writer, config, rope_theta: float, qtype: str) -> None:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     file_type = {
-        "f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
     }[qtype]
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -109,7 +118,9 @@ def _add_tokenizer(writer, tokenizer, config) -> None:
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE":
-        raise ExportError(f"only byte-level BPE tokenizers are supported (got {spec['model']['type']})")
+        raise ExportError(
+            f"only byte-level BPE tokenizers are supported (got {spec['model']['type']})"
+        )
     vocab = tokenizer.get_vocab()
     by_id = {i: t for t, i in vocab.items()}
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
@@ -121,7 +132,9 @@ def _add_tokenizer(writer, tokenizer, config) -> None:
             types.append(gguf.TokenType.UNUSED)
         elif i in added:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if added[i]["special"] else gguf.TokenType.USER_DEFINED)
+            types.append(
+                gguf.TokenType.CONTROL if added[i]["special"] else gguf.TokenType.USER_DEFINED
+            )
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
@@ -146,8 +159,11 @@ def _add_tokenizer(writer, tokenizer, config) -> None:
 def _permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
     """HF stores q/k rows as [first halves | second halves] per head; GGML interleaves pairs."""
     rows = weight.shape[0]
-    return (weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def _add_tensors(writer, model, config, qtype: str) -> None:
@@ -156,8 +172,10 @@ def _add_tensors(writer, model, config, qtype: str) -> None:
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     wanted = {
-        "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
-        "f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "q4_1": gguf.GGMLQuantizationType.Q4_1,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "f32": gguf.GGMLQuantizationType.F32,
     }[qtype]
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in model.state_dict().items():
@@ -178,7 +196,9 @@ def _add_tensors(writer, model, config, qtype: str) -> None:
         if data.ndim == 1:
             qt = gguf.GGMLQuantizationType.F32  # norms stay exact, as llama.cpp's converter does
         elif qt == gguf.GGMLQuantizationType.Q4_1 and name == "token_embd.weight":
-            qt = gguf.GGMLQuantizationType.Q8_0  # as in the packaged Q4_1 file: embeddings are touchy
+            qt = (
+                gguf.GGMLQuantizationType.Q8_0
+            )  # as in the packaged Q4_1 file: embeddings are touchy
         block = gguf.GGML_QUANT_SIZES[qt][0]
         if data.shape[-1] % block:
             qt = gguf.GGMLQuantizationType.F16  # rows must be whole quant blocks
@@ -191,7 +211,9 @@ def _add_tensors(writer, model, config, qtype: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.gguf_export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m training.gguf_export", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("checkpoint", help="checkpoint directory (HF model) or 'smollm2'")
     parser.add_argument("--qtype", choices=QTYPES, default="q8_0")
     parser.add_argument("--out", help="output file (default: CHECKPOINT/model.gguf)")

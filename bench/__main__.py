@@ -1,0 +1,286 @@
+"""Speed benchmark: every way we can serve a scene, measured in one run on the same model.
+
+    python -m bench [--checkpoint DIR] [--tokens 200] [--out bench_results] [--quick]
+
+Single stream (greedy, one 200-token scene): plain transformers generate() fp32 is the
+baseline; the engine's torch path (sitcom.generation, bf16 autocast where the CPU has it);
+llama.cpp through llama-cpp-python on the packaged Q4_1 GGUF and on our exported Q8_0,
+raw and through sitcom.llamacpp with all guards. Then 1, 4 and 8 concurrent requests through
+the real SceneEngine queue on both backends. Each measurement runs in its own process so
+load time and peak RSS belong to one engine. The machine is shared: compare ratios from the
+same run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TARGETS = {  # issue #4
+    "single_vs_llamacpp": 1.0,
+    "single_vs_hf_fp32": 3.0,
+    "agg8_vs_single": 3.0,
+    "lag_p95_ms": 100.0,
+    "first_line_s": 1.0,
+    "ready_s": 5.0,
+}
+
+
+def run_worker(spec: dict, timeout: float = 300) -> dict:
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.workers", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail[:200]}
+    return json.loads(lines[-1])
+
+
+def export_q8(model: str, out: Path) -> Path:
+    from training.gguf_export import export_gguf
+
+    return export_gguf(model, out, "q8_0")
+
+
+def measure_model(label: str, model: str, q4: Path | None, q8: Path, args) -> dict:
+    from sitcom.models import resolve_model
+
+    hf_dir = resolve_model(model)
+    n = args.tokens
+    single: dict[str, dict] = {}
+    plan = [("HF fp32 generate (baseline)", dict(kind="hf_generate", model=hf_dir))]
+    if not args.quick:
+        plan.append(("engine today: HF scenes", dict(kind="hf_scenes", model=hf_dir)))
+    if q4:
+        plan.append(("llama.cpp Q4_1 raw", dict(kind="llama_raw", model=hf_dir, gguf=str(q4))))
+    plan += [
+        ("llama.cpp Q8_0 raw", dict(kind="llama_raw", model=hf_dir, gguf=str(q8))),
+        ("llama.cpp Q8_0 scenes", dict(kind="llama_scenes", model=model, gguf=str(q8))),
+    ]
+    if q4:
+        plan.append(("llama.cpp Q4_1 scenes", dict(kind="llama_scenes", model=model, gguf=str(q4))))
+    for name, spec in plan:
+        print(f"  [{label}] {name} ...", flush=True)
+        single[name] = run_worker({**spec, "tokens": n})
+    concurrency = {}
+    levels = [1, 4, 8]
+    engines = [("llama.cpp engine (Q8_0)", dict(backend="llama", gguf=str(q8)))]
+    if not args.quick:
+        engines.append(("HF engine", dict(backend="hf")))
+    for name, spec in engines:
+        print(f"  [{label}] {name} at {levels} concurrent ...", flush=True)
+        concurrency[name] = run_worker(
+            {"kind": "engine", "model": model, "tokens": n, "concurrency": levels, **spec},
+            timeout=400,
+        )
+    return {"single": single, "concurrency": concurrency}
+
+
+def verdicts(result: dict) -> list[tuple[str, str, bool | None]]:
+    s = result["single"]
+    tps = {k: v.get("tok_s") for k, v in s.items()}
+    ours = tps.get("llama.cpp Q8_0 scenes")
+    base = tps.get("HF fp32 generate (baseline)")
+    ref = tps.get("llama.cpp Q4_1 raw") or tps.get("llama.cpp Q8_0 raw")
+    eng = result["concurrency"].get("llama.cpp engine (Q8_0)", {})
+    conc = eng.get("concurrency", {})
+    out = []
+
+    def add(name, value, ok):
+        out.append((name, value, ok))
+
+    if ours and ref:
+        add(
+            "single stream vs llama.cpp raw ≥ 1.0×",
+            f"{ours / ref:.2f}×",
+            ours / ref >= TARGETS["single_vs_llamacpp"],
+        )
+    if ours and base:
+        add(
+            "single stream vs HF fp32 ≥ 3×",
+            f"{ours / base:.1f}×",
+            ours / base >= TARGETS["single_vs_hf_fp32"],
+        )
+    if "8" in conc and "1" in conc:
+        r = conc["8"]["agg_tok_s"] / conc["1"]["agg_tok_s"]
+        add("8 concurrent aggregate vs 1 ≥ 3×", f"{r:.2f}×", r >= TARGETS["agg8_vs_single"])
+        lag = conc["8"]["lag_p95_ms"]
+        add("event-loop lag p95 at 8 < 100 ms", f"{lag:.1f} ms", lag < TARGETS["lag_p95_ms"])
+    first = s.get("llama.cpp Q8_0 scenes", {}).get("first_line_s")
+    if first is not None:
+        add("time to first line < 1 s", f"{first:.2f} s", first < TARGETS["first_line_s"])
+    if "load_s" in eng:
+        add(
+            "engine ready < 5 s (cached model)",
+            f"{eng['load_s']:.1f} s",
+            eng["load_s"] < TARGETS["ready_s"],
+        )
+    return out
+
+
+def render(results: dict, meta: dict) -> str:
+    lines = [
+        f"# Benchmark ({meta['date']}, {meta['threads']} threads, {meta['tokens']} tokens)",
+        "",
+    ]
+    lines.append("Shared 2-core machine: compare ratios within this run only.")
+    for label, result in results.items():
+        s = result["single"]
+        base = s.get("HF fp32 generate (baseline)", {}).get("tok_s")
+        lines += [
+            "",
+            f"## {label}: single stream (greedy)",
+            "",
+            "| engine | tok/s | × HF fp32 | first line s | ready s | peak RSS MB | tokens |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in s.items():
+            if "error" in r:
+                lines.append(f"| {name} | error: {r['error']} | | | | | |")
+                continue
+            ratio = f"{r['tok_s'] / base:.2f}" if base else "-"
+            first = f"{r['first_line_s']:.2f}" if r.get("first_line_s") is not None else "-"
+            lines.append(
+                f"| {name} | {r['tok_s']:.1f} | {ratio} | {first} | {r['load_s']:.1f} | "
+                f"{r['rss_mb']:.0f} | {r['tokens']} |"
+            )
+        lines += [
+            "",
+            f"## {label}: concurrent requests through SceneEngine",
+            "",
+            "| engine | n | p50 s | p95 s | agg tok/s | × n=1 | first line p50 s | "
+            "loop lag p95 / max ms | batches |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for name, r in result["concurrency"].items():
+            if "error" in r:
+                lines.append(f"| {name} | error: {r['error']} | | | | | | | |")
+                continue
+            one = r["concurrency"].get("1", {}).get("agg_tok_s")
+            for n, c in r["concurrency"].items():
+                first = f"{c['first_line_p50_s']:.2f}" if c.get("first_line_p50_s") else "-"
+                lines.append(
+                    f"| {name} | {n} | {c['p50_s']:.1f} | {c['p95_s']:.1f} | "
+                    f"{c['agg_tok_s']:.1f} | "
+                    f"{c['agg_tok_s'] / one:.2f} | {first} | {c['lag_p95_ms']:.1f} / "
+                    f"{c['lag_max_ms']:.1f} | {c['batches']} |"
+                )
+            lines.append(
+                f"| {name} ready in {r['load_s']:.1f} s, peak RSS {r['rss_mb']:.0f} MB |" + " |" * 8
+            )
+        lines += ["", f"## {label}: targets", "", "| target | measured | met |", "|---|---:|---|"]
+        for name, value, ok in verdicts(result):
+            lines.append(f"| {name} | {value} | {'yes' if ok else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4 * len(results)), squeeze=False)
+    for row, (label, result) in enumerate(results.items()):
+        names = [k for k, v in result["single"].items() if "tok_s" in v]
+        axes[row][0].barh(names, [result["single"][k]["tok_s"] for k in names], color="tab:blue")
+        axes[row][0].set_xlabel("tokens/s, one scene")
+        axes[row][0].set_title(f"{label}: single stream")
+        for name, r in result["concurrency"].items():
+            if "concurrency" in r:
+                ns = [int(n) for n in r["concurrency"]]
+                axes[row][1].plot(
+                    ns, [r["concurrency"][str(n)]["agg_tok_s"] for n in ns], "o-", label=name
+                )
+        axes[row][1].set_xlabel("concurrent requests")
+        axes[row][1].set_ylabel("aggregate tokens/s")
+        axes[row][1].set_title(f"{label}: through SceneEngine")
+        axes[row][1].legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", help="a fine-tuned checkpoint directory to measure too")
+    parser.add_argument("--tokens", type=int, default=200, help="new tokens per scene (16-400)")
+    parser.add_argument("--out", default="bench_results", help="output directory")
+    parser.add_argument("--quick", action="store_true", help="skip the slow torch engine runs")
+    args = parser.parse_args(argv)
+    if not 16 <= args.tokens <= 400:
+        print("error: --tokens must be between 16 and 400", file=sys.stderr)
+        return 2
+    if args.checkpoint and not (Path(args.checkpoint) / "config.json").is_file():
+        print(
+            f"error: {args.checkpoint} is not a checkpoint directory (no config.json)",
+            file=sys.stderr,
+        )
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from sitcom.models import ModelLoadError, packaged_gguf
+
+    start = time.time()
+    try:
+        models = [
+            ("SmolLM2-135M (packaged)", "smollm2", packaged_gguf(), out / "smollm2-q8_0.gguf")
+        ]
+        if args.checkpoint:
+            models.append(
+                (
+                    f"checkpoint {Path(args.checkpoint).name}",
+                    args.checkpoint,
+                    None,
+                    out / f"{Path(args.checkpoint).name}-q8_0.gguf",
+                )
+            )
+        results = {}
+        for label, model, q4, q8 in models:
+            print(f"{label}: exporting Q8_0 GGUF ...", flush=True)
+            export_q8(model, q8)
+            results[label] = measure_model(label, model, q4, q8, args)
+    except (ModelLoadError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    meta = dict(
+        date=time.strftime("%Y-%m-%d %H:%M"),
+        threads=len(os.sched_getaffinity(0)),
+        tokens=args.tokens,
+        seconds=round(time.time() - start),
+    )
+    report = render(results, meta)
+    write_atomic(out / "bench.md", report)
+    write_atomic(out / "bench.json", json.dumps({"meta": meta, "results": results}, indent=1))
+    plot(results, out / "bench.png")
+    print(report)
+    print(f"wrote {out / 'bench.md'}, bench.json, bench.png in {meta['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

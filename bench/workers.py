@@ -1,0 +1,279 @@
+"""One measurement per process, so each engine's load time and peak RSS stand alone.
+
+    python -m bench.workers '{"kind": "hf_generate", "model": "...", "tokens": 200}'
+
+Prints one JSON line. Kinds:
+  hf_generate   plain transformers generate(), fp32, greedy (the baseline)
+  hf_scenes     sitcom.generation.generate_scenes (the engine's torch path), greedy
+  llama_raw     llama-cpp-python's Llama.generate on a GGUF, greedy, no guards
+  llama_scenes  sitcom.llamacpp.generate_scenes on a GGUF, greedy, all guards
+  engine        the real SceneEngine queue: 1/4/8 concurrent requests (backend hf|llama)
+"""
+
+from __future__ import annotations
+
+import time
+
+T0 = time.perf_counter()  # before the heavy imports: "load" is start -> ready
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+
+PROMPT = "Elaine: Jerry! George! You guys, listen!"
+THREADS = len(os.sched_getaffinity(0))
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prompt_ids(tokenizer) -> list[int]:
+    """The token ids the scene path feeds the model, so every engine decodes the same text."""
+    from sitcom.script import END_OF_TEXT, normalize_prompt
+
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    prefix = END_OF_TEXT + "\n" if eot != tokenizer.unk_token_id else ""
+    return tokenizer(prefix + normalize_prompt(PROMPT), add_special_tokens=False)["input_ids"]
+
+
+class _FirstLine:
+    """Records when the first generated newline arrives (time to first line)."""
+
+    def __init__(self, newline_ids: set[int]):
+        self.newline_ids = newline_ids
+        self.start = 0.0
+        self.at: float | None = None
+
+    def see(self, token: int) -> None:
+        if self.at is None and token in self.newline_ids:
+            self.at = time.perf_counter() - self.start
+
+
+def _newline_ids(tokenizer) -> set[int]:
+    from sitcom.generation import _vocab_info
+
+    return set(_vocab_info(tokenizer).newline_ids.tolist())
+
+
+def hf_generate(spec: dict) -> dict:
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    from sitcom.models import load_model
+
+    torch.set_num_threads(THREADS)
+    model, tok = load_model(spec["model"])
+    load_s = time.perf_counter() - T0
+    ids = torch.tensor([_prompt_ids(tok)])
+    first = _FirstLine(_newline_ids(tok))
+
+    class Streamer(BaseStreamer):
+        def __init__(self):
+            self.prompt = True
+
+        def put(self, value):
+            if self.prompt:
+                self.prompt = False
+            else:
+                first.see(int(value.reshape(-1)[-1]))
+
+        def end(self):
+            pass
+
+    n = spec["tokens"]
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=8, do_sample=False)  # warm-up
+        first.start = time.perf_counter()
+        out = model.generate(
+            ids,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            streamer=Streamer(),
+            pad_token_id=tok.pad_token_id,
+        )
+        seconds = time.perf_counter() - first.start
+    new = out.shape[1] - ids.shape[1]
+    return dict(
+        load_s=load_s,
+        tokens=new,
+        seconds=seconds,
+        tok_s=new / seconds,
+        first_line_s=first.at,
+        rss_mb=_rss_mb(),
+    )
+
+
+def _scenes(spec: dict, model, tok, generate) -> dict:
+    from sitcom.generation import LineStreamer
+    from sitcom.settings import SceneSettings
+
+    load_s = time.perf_counter() - T0
+    settings = SceneSettings(max_new_tokens=spec["tokens"])
+    generate(model, tok, [PROMPT], settings.with_changes(max_new_tokens=16), do_sample=False)
+    start = time.perf_counter()
+    first: list[float] = []
+    streamer = LineStreamer(tok, [PROMPT], lambda row, lines: first.append(time.perf_counter()))
+    (scene,) = generate(model, tok, [PROMPT], settings, do_sample=False, streamer=streamer)
+    seconds = time.perf_counter() - start
+    return dict(
+        load_s=load_s,
+        tokens=scene.new_tokens,
+        seconds=seconds,
+        tok_s=scene.new_tokens / seconds,
+        first_line_s=(first[0] - start) if first else None,
+        rss_mb=_rss_mb(),
+        lines=scene.lines,
+    )
+
+
+def hf_scenes(spec: dict) -> dict:
+    import torch
+
+    from sitcom.generation import generate_scenes
+    from sitcom.models import load_model
+
+    torch.set_num_threads(THREADS)
+    model, tok = load_model(spec["model"])
+    return _scenes(spec, model, tok, generate_scenes)
+
+
+def llama_scenes(spec: dict) -> dict:
+    import torch
+
+    from sitcom.llamacpp import generate_scenes, load_llamacpp
+
+    torch.set_num_threads(THREADS)
+    model, tok = load_llamacpp(spec["model"], gguf=spec["gguf"])
+    return _scenes(spec, model, tok, generate_scenes)
+
+
+def llama_raw(spec: dict) -> dict:
+    import llama_cpp
+
+    from sitcom.models import load_tokenizer
+
+    llm = llama_cpp.Llama(
+        spec["gguf"],
+        n_ctx=1024,
+        n_threads=THREADS,
+        n_threads_batch=THREADS,
+        use_mmap=False,
+        verbose=False,
+    )
+    tok = load_tokenizer(spec["model"])
+    load_s = time.perf_counter() - T0
+    ids = _prompt_ids(tok)
+    first = _FirstLine(_newline_ids(tok))
+    n = spec["tokens"]
+    for runs, budget in enumerate((8, n)):
+        got = 0
+        first.start = time.perf_counter()
+        for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            got += 1
+            if runs:
+                first.see(token)
+            if got == budget:
+                break
+        seconds = time.perf_counter() - first.start
+    return dict(
+        load_s=load_s,
+        tokens=n,
+        seconds=seconds,
+        tok_s=n / seconds,
+        first_line_s=first.at,
+        rss_mb=_rss_mb(),
+    )
+
+
+def engine(spec: dict) -> dict:
+    import torch
+
+    import sitcom.engine as engine_mod
+    from sitcom import llamacpp
+    from sitcom.settings import SceneSettings
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    if spec["backend"] == "llama":
+        # Until the engine dispatches by backend itself, route its generate call here.
+        engine_mod.generate_scenes = llamacpp.generate_scenes_any
+
+        def loader(name):
+            return llamacpp.load_llamacpp(name, gguf=spec["gguf"])
+    else:
+        loader = engine_mod.load_model
+
+    async def main() -> dict:
+        eng = engine_mod.SceneEngine(spec["model"], loader=loader, per_user_limit=8, timeout_s=600)
+        await eng.start()
+        load_s = time.perf_counter() - T0
+        settings = SceneSettings(max_new_tokens=spec["tokens"])
+        warm = await eng.submit(PROMPT, settings.with_changes(max_new_tokens=16), user_id="w")
+        await warm.result()
+        results = {str(n): await _under_load(eng, n, settings) for n in spec["concurrency"]}
+        await eng.close()
+        return dict(load_s=load_s, rss_mb=_rss_mb(), concurrency=results)
+
+    return asyncio.run(main())
+
+
+async def _under_load(eng, n: int, settings) -> dict:
+    """n requests at once through the engine's queue, with a 10 ms ticker on the event
+    loop: its overshoot is the lag a Discord heartbeat would see."""
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker():
+        while not stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append(time.perf_counter() - t - 0.01)
+
+    async def one(i: int):
+        job = await eng.submit(PROMPT, settings, user_id=str(i))
+        first = None
+        async for _partial in job.stream():
+            first = first or time.perf_counter() - start
+        scene = await job.result()
+        return time.perf_counter() - start, first, scene.new_tokens
+
+    tick = asyncio.create_task(ticker())
+    start = time.perf_counter()
+    done = await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.perf_counter() - start
+    stop.set()
+    await tick
+    lat = sorted(d[0] for d in done)
+    firsts = [d[1] for d in done if d[1] is not None]
+    lags.sort()
+    return dict(
+        p50_s=statistics.median(lat),
+        p95_s=lat[min(n - 1, int(0.95 * n))],
+        tokens=sum(d[2] for d in done),
+        agg_tok_s=sum(d[2] for d in done) / wall,
+        first_line_p50_s=statistics.median(firsts) if firsts else None,
+        lag_max_ms=lags[-1] * 1000,
+        lag_p95_ms=lags[int(0.95 * (len(lags) - 1))] * 1000,
+        batches=list(eng.batch_sizes)[-3:],
+    )
+
+
+KINDS = dict(
+    hf_generate=hf_generate,
+    hf_scenes=hf_scenes,
+    llama_raw=llama_raw,
+    llama_scenes=llama_scenes,
+    engine=engine,
+)
+
+if __name__ == "__main__":
+    import logging
+
+    logging.disable(logging.WARNING)
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(KINDS[spec["kind"]](spec)))

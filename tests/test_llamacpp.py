@@ -1,0 +1,152 @@
+"""sitcom.llamacpp on tiny GGUF models: budgets, end-of-text, the loop guard, batching, and
+the same scenes as the transformers path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_model, build_tiny_tokenizer
+
+from sitcom import generation, llamacpp
+from sitcom.generation import line_key
+from sitcom.script import END_OF_TEXT
+from sitcom.settings import SceneSettings
+from training.gguf_export import export_gguf
+
+pytest.importorskip("llama_cpp")
+
+PROMPT = "JERRY: Hello, Newman."
+
+
+def bigram_model_dir(path, text: str):
+    """A tiny Llama that greedily cycles through `text`: its blocks add nothing to the
+    residual stream, each token of `text` embeds as its own unit vector, and the LM head maps
+    that vector to the next token of `text`. Plain weights, so the same model runs in
+    transformers and (exported) in llama.cpp; tokens outside `text` get flat logits."""
+    tokenizer = build_tiny_tokenizer()
+    ids = tokenizer.encode(text)
+    assert len(set(ids)) == len(ids), "script tokens must be unique to define a cycle"
+    model = build_tiny_model(tokenizer)
+    model.config.tie_word_embeddings = False
+    hidden = model.config.hidden_size
+    assert len(ids) <= hidden
+    with torch.no_grad():
+        emb = torch.zeros_like(model.model.embed_tokens.weight)
+        head = torch.zeros(model.config.vocab_size, hidden)
+        for slot, (here, there) in enumerate(zip(ids, ids[1:] + ids[:1], strict=True)):
+            emb[here, slot] = 1.0
+            head[there, slot] = 10.0
+        model.model.embed_tokens.weight = torch.nn.Parameter(emb)
+        model.lm_head.weight = torch.nn.Parameter(head)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    export_gguf(path, qtype="f32")
+    return path
+
+
+@pytest.fixture(scope="module")
+def looping_dir(tmp_path_factory):
+    # The prompt line itself, forever: what a model does when the loop guard is off.
+    return bigram_model_dir(tmp_path_factory.mktemp("loop") / "m", "\n" + PROMPT)
+
+
+@pytest.fixture(scope="module")
+def ending_dir(tmp_path_factory):
+    return bigram_model_dir(
+        tmp_path_factory.mktemp("end") / "m", "\nGEORGE: Serenity now!" + END_OF_TEXT
+    )
+
+
+def _load(path):
+    model, tokenizer = llamacpp.load_llamacpp(path, max_batch=4, n_threads=1)
+    return model, tokenizer
+
+
+def test_find_gguf(tiny_model_dir, looping_dir):
+    assert llamacpp.find_gguf(tiny_model_dir) is None  # no export yet: serve with torch
+    assert llamacpp.find_gguf(looping_dir) == looping_dir / "model.gguf"
+    assert llamacpp.find_gguf("smollm2").suffix == ".gguf"
+
+
+def test_stops_at_end_of_text(ending_dir):
+    model, tok = _load(ending_dir)
+    (scene,) = llamacpp.generate_scenes(
+        model, tok, [PROMPT], SceneSettings(max_new_tokens=200), do_sample=False
+    )
+    assert scene.finished
+    assert scene.lines == [PROMPT, "GEORGE: Serenity now!"]
+    # The prompt ends with its newline, so the model starts at GEORGE.
+    assert scene.new_tokens == len(tok.encode("GEORGE: Serenity now!" + END_OF_TEXT))
+
+
+def test_loop_guard_and_token_budget(looping_dir):
+    model, tok = _load(looping_dir)
+    from transformers import AutoModelForCausalLM
+
+    # Without the guard the model repeats the prompt line verbatim...
+    hf = AutoModelForCausalLM.from_pretrained(looping_dir).eval()
+    enc = tok(PROMPT, return_tensors="pt")
+    plain = hf.generate(**enc, do_sample=False, max_new_tokens=30)
+    assert tok.decode(plain[0, enc["input_ids"].shape[1] :]).count(PROMPT + "\n") >= 2
+    # ... through llama.cpp with the guard, no finished line repeats an earlier one,
+    for budget in (16, 40):
+        (scene,) = llamacpp.generate_scenes(
+            model, tok, [PROMPT], SceneSettings(max_new_tokens=budget), do_sample=False
+        )
+        finished = [PROMPT, *scene.raw.split("\n")[:-1]]
+        keys = [line_key(line) for line in finished]
+        assert len(keys) == len(set(keys))
+        # ... and it never ends, so it runs to exactly its token budget.
+        assert not scene.finished and scene.new_tokens == budget
+        assert len(tok.encode(scene.raw)) == budget
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+def test_same_scenes_as_transformers(ending_dir, looping_dir, penalty):
+    """Greedy: llama.cpp and transformers see the same logits, so every guard must act the
+    same way, batched (rows of different lengths and budgets) and alone."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = [PROMPT, "GEORGE: Serenity now!\nJERRY: Hello, Newman.", "elaine: Get out!"]
+    settings = [SceneSettings(max_new_tokens=n, repetition_penalty=penalty) for n in (30, 50, 20)]
+    for path in (ending_dir, looping_dir):
+        model, tok = _load(path)
+        hf = AutoModelForCausalLM.from_pretrained(path).eval()
+        want = generation.generate_scenes(
+            hf, tok, prompts, settings, do_sample=False, precision="fp32"
+        )
+        got = llamacpp.generate_scenes(model, tok, prompts, settings, do_sample=False)
+        assert [(s.lines, s.new_tokens, s.finished) for s in got] == [
+            (s.lines, s.new_tokens, s.finished) for s in want
+        ]
+        alone = llamacpp.generate_scenes(model, tok, prompts[1:2], settings[1:2], do_sample=False)
+        assert alone[0].raw == got[1].raw
+
+
+def test_sampling_is_seeded(tiny_model_dir, tmp_path):
+    import shutil
+
+    path = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    export_gguf(path, qtype="f32")
+    model, tok = _load(path)
+    s = SceneSettings(max_new_tokens=24, temperature=1.5, top_k=0, top_p=1.0)
+    a = llamacpp.generate_scenes(model, tok, [PROMPT, PROMPT], s, seed=7)
+    b = llamacpp.generate_scenes(model, tok, [PROMPT, PROMPT], s, seed=7)
+    c = llamacpp.generate_scenes(model, tok, [PROMPT, PROMPT], s, seed=8)
+    assert [x.raw for x in a] == [x.raw for x in b]
+    assert a[0].raw != a[1].raw  # rows draw separately
+    assert [x.raw for x in a] != [x.raw for x in c]
+
+
+def test_bad_requests_are_value_errors(looping_dir):
+    model, tok = _load(looping_dir)
+    with pytest.raises(ValueError, match="prompts"):
+        llamacpp.generate_scenes(model, tok, [PROMPT] * 5, SceneSettings())
+    with pytest.raises(ValueError, match="too long"):
+        llamacpp.generate_scenes(model, tok, [PROMPT * 200], SceneSettings(max_new_tokens=400))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        llamacpp.generate_scenes(model, tok, [PROMPT], SceneSettings(max_new_tokens=5))

@@ -1,0 +1,84 @@
+"""sitcom.models: the packaged default, local directories, hub ids, and what fails how."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sitcom.models import DEFAULT_MODEL, ModelLoadError, load_model, load_tokenizer, resolve_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_local_dir_loads_in_eval_mode(tiny_model_dir, tiny_tokenizer):
+    model, tok = load_model(tiny_model_dir)
+    assert not model.training and model.dtype == torch.float32
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token is not None
+    ids = tok("JERRY: Hello, Newman.", return_tensors="pt").input_ids
+    assert ids.tolist() == [tiny_tokenizer("JERRY: Hello, Newman.").input_ids]
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
+    assert resolve_model(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert load_model(tiny_model_dir, dtype=torch.bfloat16)[0].dtype == torch.bfloat16
+
+
+def test_missing_and_non_model_paths(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_model(tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_tokenizer("./no/such/dir")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="not a model directory"):
+        load_model(tmp_path / "file.txt")
+    with pytest.raises(ModelLoadError, match="not a model directory"):
+        load_model(tmp_path)  # a directory without config.json
+
+
+def test_corrupt_weights_are_a_model_load_error(tmp_path, tiny_model_dir):
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        load_model(broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        load_model(broken)
+
+
+def test_unknown_hub_id_offline_is_one_clear_error():
+    # huggingface_hub reads HF_HUB_OFFLINE at import, so this needs a fresh interpreter.
+    code = (
+        "from sitcom.models import load_model, ModelLoadError\n"
+        "try:\n    load_model('no-such-org/no-such-model')\n"
+        "except ModelLoadError as e:\n    print(e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith("unknown model 'no-such-org/no-such-model'")
+
+
+@pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="converts the 135M GGUF; RUN_SLOW=1")
+def test_packaged_default_converts_once_then_loads_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SITCOM_CACHE", str(tmp_path))
+    t0 = time.monotonic()
+    model, tok = load_model(DEFAULT_MODEL)
+    first = time.monotonic() - t0
+    t0 = time.monotonic()
+    again, _ = load_model("smollm2")
+    cached = time.monotonic() - t0
+    print(f"first load {first:.1f} s, cached {cached:.1f} s")
+    assert (tmp_path / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    assert sum(p.numel() for p in model.parameters()) > 100_000_000
+    ids = tok("JERRY: Hello, Newman.\nNEWMAN:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = model(ids).logits, again(ids).logits
+    assert torch.allclose(a, b)
+    text = tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0])
+    assert text.startswith("JERRY: Hello, Newman.\nNEWMAN:") and len(text) > 32  # real words
