@@ -24,6 +24,7 @@ import sys  # noqa: E402
 
 PROMPT = "Elaine: Jerry! George! You guys, listen!"
 THREADS = len(os.sched_getaffinity(0))
+REPEAT = 2  # best of two timed runs: the machine is shared, slow runs are others' load
 
 
 def _rss_mb() -> float:
@@ -90,25 +91,28 @@ def hf_generate(spec: dict) -> dict:
             pass
 
     n = spec["tokens"]
+    seconds = float("inf")
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=8, do_sample=False)  # warm-up
-        first.start = time.perf_counter()
-        out = model.generate(
-            ids,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            streamer=Streamer(),
-            pad_token_id=tok.pad_token_id,
-        )
-        seconds = time.perf_counter() - first.start
+        for _ in range(REPEAT):
+            first.start, first.at = time.perf_counter(), None
+            out = model.generate(
+                ids,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                streamer=Streamer(),
+                pad_token_id=tok.pad_token_id,
+            )
+            if time.perf_counter() - first.start < seconds:
+                seconds, first_line = time.perf_counter() - first.start, first.at
     new = out.shape[1] - ids.shape[1]
     return dict(
         load_s=load_s,
         tokens=new,
         seconds=seconds,
         tok_s=new / seconds,
-        first_line_s=first.at,
+        first_line_s=first_line,
         rss_mb=_rss_mb(),
     )
 
@@ -120,17 +124,23 @@ def _scenes(spec: dict, model, tok, generate) -> dict:
     load_s = time.perf_counter() - T0
     settings = SceneSettings(max_new_tokens=spec["tokens"])
     generate(model, tok, [PROMPT], settings.with_changes(max_new_tokens=16), do_sample=False)
-    start = time.perf_counter()
-    first: list[float] = []
-    streamer = LineStreamer(tok, [PROMPT], lambda row, lines: first.append(time.perf_counter()))
-    (scene,) = generate(model, tok, [PROMPT], settings, do_sample=False, streamer=streamer)
-    seconds = time.perf_counter() - start
+    seconds, first_line = float("inf"), None
+    for _ in range(REPEAT):
+        start = time.perf_counter()
+        first: list[float] = []
+        streamer = LineStreamer(
+            tok, [PROMPT], lambda row, lines, first=first: first.append(time.perf_counter())
+        )
+        (scene,) = generate(model, tok, [PROMPT], settings, do_sample=False, streamer=streamer)
+        if time.perf_counter() - start < seconds:
+            seconds = time.perf_counter() - start
+            first_line = (first[0] - start) if first else None
     return dict(
         load_s=load_s,
         tokens=scene.new_tokens,
         seconds=seconds,
         tok_s=scene.new_tokens / seconds,
-        first_line_s=(first[0] - start) if first else None,
+        first_line_s=first_line,
         rss_mb=_rss_mb(),
         lines=scene.lines,
     )
@@ -175,22 +185,23 @@ def llama_raw(spec: dict) -> dict:
     ids = _prompt_ids(tok)
     first = _FirstLine(_newline_ids(tok))
     n = spec["tokens"]
-    for runs, budget in enumerate((8, n)):
+    seconds, first_line = float("inf"), None
+    for run, budget in enumerate((8, *[n] * REPEAT)):
         got = 0
-        first.start = time.perf_counter()
+        first.start, first.at = time.perf_counter(), None
         for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
             got += 1
-            if runs:
-                first.see(token)
+            first.see(token)
             if got == budget:
                 break
-        seconds = time.perf_counter() - first.start
+        if run and time.perf_counter() - first.start < seconds:
+            seconds, first_line = time.perf_counter() - first.start, first.at
     return dict(
         load_s=load_s,
         tokens=n,
         seconds=seconds,
         tok_s=n / seconds,
-        first_line_s=first.at,
+        first_line_s=first_line,
         rss_mb=_rss_mb(),
     )
 
