@@ -89,7 +89,15 @@ def measure_model(label: str, model: str, q4: Path | None, q8: Path, args) -> di
             {"kind": "engine", "model": model, "tokens": n, "concurrency": levels, **spec},
             timeout=400,
         )
-    return {"single": single, "concurrency": concurrency}
+    quality = {}
+    if args.val:
+        print(f"  [{label}] bits per byte on {args.val} ...", flush=True)
+        base = dict(kind="bpb", model=hf_dir, text=args.val, max_tokens=args.val_tokens)
+        quality["HF fp32"] = run_worker(base)
+        for name, path in (("llama.cpp Q8_0", q8), ("llama.cpp Q4_1", q4)):
+            if path:
+                quality[name] = run_worker({**base, "gguf": str(path)})
+    return {"single": single, "concurrency": concurrency, "quality": quality}
 
 
 def verdicts(result: dict) -> list[tuple[str, str, bool | None]]:
@@ -125,6 +133,10 @@ def verdicts(result: dict) -> list[tuple[str, str, bool | None]]:
     first = s.get("llama.cpp Q8_0 scenes", {}).get("first_line_s")
     if first is not None:
         add("time to first line < 1 s", f"{first:.2f} s", first < TARGETS["first_line_s"])
+    q = result.get("quality", {})
+    if "bpb" in q.get("HF fp32", {}) and "bpb" in q.get("llama.cpp Q8_0", {}):
+        d = q["llama.cpp Q8_0"]["bpb"] / q["HF fp32"]["bpb"] - 1
+        add("Q8_0 val BPB within 2 % of fp32", f"{100 * d:+.2f} %", abs(d) <= 0.02)
     if "load_s" in eng:
         add(
             "engine ready < 5 s (cached model)",
@@ -184,6 +196,19 @@ def render(results: dict, meta: dict) -> str:
             lines.append(
                 f"| {name} ready in {r['load_s']:.1f} s, peak RSS {r['rss_mb']:.0f} MB |" + " |" * 8
             )
+        if result.get("quality"):
+            lines += [
+                "",
+                f"## {label}: quality (val bits per byte, same tokens)",
+                "",
+                "| engine | BPB | tokens |",
+                "|---|---:|---:|",
+            ]
+            for name, r in result["quality"].items():
+                value = (
+                    f"{r['bpb']:.4f} | {r['tokens']}" if "bpb" in r else f"error: {r['error']} |"
+                )
+                lines.append(f"| {name} | {value} |")
         lines += ["", f"## {label}: targets", "", "| target | measured | met |", "|---|---:|---|"]
         for name, value, ok in verdicts(result):
             lines.append(f"| {name} | {value} | {'yes' if ok else 'NO'} |")
@@ -229,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="a fine-tuned checkpoint directory to measure too")
     parser.add_argument("--tokens", type=int, default=200, help="new tokens per scene (16-400)")
     parser.add_argument("--out", default="bench_results", help="output directory")
+    parser.add_argument(
+        "--val",
+        default="corpus/val.txt" if Path("corpus/val.txt").is_file() else None,
+        help="text for the bits-per-byte check (default corpus/val.txt)",
+    )
+    parser.add_argument("--val-tokens", type=int, default=4096)
     parser.add_argument("--quick", action="store_true", help="skip the slow torch engine runs")
     args = parser.parse_args(argv)
     if not 16 <= args.tokens <= 400:

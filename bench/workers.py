@@ -279,7 +279,48 @@ async def _under_load(eng, n: int, settings) -> dict:
     )
 
 
+def bpb(spec: dict) -> dict:
+    """Bits per byte of the first `max_tokens` tokens of a text file, in 512-token windows,
+    under transformers fp32 (gguf=None) or llama.cpp on a GGUF: the quantization's cost."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from sitcom.models import load_model, load_tokenizer
+
+    torch.set_num_threads(THREADS)
+    text = open(spec["text"], encoding="utf-8").read()[: spec["max_tokens"] * 8]
+    tok = load_tokenizer(spec["model"])
+    ids = tok(text, add_special_tokens=False)["input_ids"][: spec["max_tokens"]]
+    windows = [ids[i : i + 512] for i in range(0, len(ids) - 1, 512)]
+    windows = [w for w in windows if len(w) > 1]
+    nll = 0.0
+    if spec.get("gguf"):
+        import llama_cpp
+
+        llm = llama_cpp.Llama(
+            spec["gguf"], n_ctx=512, n_batch=512, n_threads=THREADS, logits_all=True, verbose=False
+        )
+        for w in windows:
+            llm.reset()
+            llm.eval(w)
+            logits = torch.from_numpy(np.array(llm.scores[: len(w) - 1]))
+            nll += torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum")
+    else:
+        model, _ = load_model(spec["model"])
+        with torch.inference_mode():
+            for w in windows:
+                x = torch.tensor([w])
+                nll += model(x, labels=x).loss.item() * (len(w) - 1)
+    scored_bytes = sum(len(tok.decode(w[1:]).encode()) for w in windows)
+    return dict(
+        bpb=float(nll) / math.log(2) / scored_bytes, tokens=sum(len(w) - 1 for w in windows)
+    )
+
+
 KINDS = dict(
+    bpb=bpb,
     hf_generate=hf_generate,
     hf_scenes=hf_scenes,
     llama_raw=llama_raw,
