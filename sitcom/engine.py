@@ -21,8 +21,11 @@ API CONTRACT (frontends code against this; the implementation may change):
                                               # finish the running batch, join the thread
 
 One worker thread runs every generation; it takes up to `max_batch` queued jobs at a time
-and writes them as one batch (sitcom.generation.generate_scenes), so concurrent requests
-share the model's forward passes. Models load in other threads, never on the event loop.
+and writes them as one batch, so concurrent requests share the model's forward passes.
+A model with a GGUF (the packaged default, or a checkpoint holding model.gguf) is served by
+llama.cpp (sitcom.llamacpp), anything else by transformers (sitcom.generation); both run
+the same guards. SITCOM_BACKEND=torch forces transformers. Models load in other threads,
+never on the event loop.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sitcom.generation import DeadlineStop, LineStreamer, generate_scenes
-from sitcom.models import DEFAULT_MODEL, ModelLoadError, load_model
+from sitcom.generation import DeadlineStop, LineStreamer
+from sitcom.llamacpp import generate_scenes_any, load_serving_model
+from sitcom.models import DEFAULT_MODEL, ModelLoadError
 from sitcom.settings import SceneSettings
 
 log = logging.getLogger(__name__)
@@ -173,10 +177,10 @@ class SceneEngine:
         max_batch: int = 8,
         max_prompt_chars: int = 1000,
         precision: str | None = None,
-        loader: Callable[[str], tuple[object, object]] = load_model,
+        loader: Callable[[str], tuple[object, object]] = load_serving_model,
     ):
         self._requested = str(model)
-        self._loader = loader  # name -> (model, tokenizer); tests wrap the real load_model
+        self._loader = loader  # name -> (model, tokenizer); tests wrap the real loader
         self.max_queue = max_queue
         self.per_user_limit = per_user_limit
         self.timeout_s = timeout_s
@@ -307,7 +311,7 @@ class SceneEngine:
             self._call(batch[row]._publish, partial)
 
         try:
-            scenes = generate_scenes(
+            scenes = generate_scenes_any(
                 loaded.model, loaded.tokenizer, [j.prompt for j in batch],
                 [j.settings for j in batch],
                 streamer=LineStreamer(loaded.tokenizer, [j.prompt for j in batch], on_lines),

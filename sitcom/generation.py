@@ -416,6 +416,103 @@ def _cpu_has_bf16() -> bool:
 # --------------------------------------------------------------------------- entry points
 
 
+@dataclass
+class DecodePlan:
+    """Everything one batch needs besides the forward pass; shared by both backends
+    (transformers' generate() here, llama.cpp in sitcom.llamacpp)."""
+
+    prompt_texts: list[str]
+    row_ids: list[list[int]]  # each prompt's token ids, unpadded
+    input_ids: torch.Tensor  # left-padded [batch, prompt_len]
+    attention_mask: torch.Tensor
+    stop_ids: list[int]
+    pad_id: int
+    budget: int  # the largest max_new_tokens of the batch
+    processors: LogitsProcessorList
+    stops: _RecordingStop
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def scenes(self, tokenizer, ids: torch.Tensor) -> list[GeneratedScene]:
+        """Token ids [batch, prompt_len + new] -> clean scenes."""
+        results = []
+        ends = set(self.stop_ids) | {self.pad_id}  # rows cut off by a stop are padded
+        for row, new in enumerate(ids[:, self.prompt_len:].tolist()):
+            end = next((i for i, t in enumerate(new) if t in ends), len(new))
+            text = tokenizer.decode(new[:end])
+            at_eos = row not in self.stops.cut and end < len(new) and new[end] in self.stop_ids
+            results.append(GeneratedScene(
+                lines=clean_lines(self.prompt_texts[row], text, complete=at_eos),
+                new_tokens=end + (1 if at_eos else 0),
+                finished=at_eos or _has_heading(text),
+                raw=text,
+            ))
+        return results
+
+
+def plan_batch(
+    tokenizer,
+    prompts: Sequence[str],
+    settings: SceneSettings | Sequence[SceneSettings],
+    *,
+    do_sample: bool = True,
+    stopping_criteria: Sequence[StoppingCriteria] = (),
+    speakers: Sequence[str] = KNOWN_SPEAKERS,
+    context_limit: int | None = None,
+) -> DecodePlan:
+    """Tokenize and left-pad the prompts and build the guards, sampling and stops."""
+    if isinstance(settings, SceneSettings):
+        settings = [settings] * len(prompts)
+    if len(settings) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(settings)} settings")
+    settings = [s.validated() for s in settings]
+
+    prompt_texts = [normalize_prompt(p) for p in prompts]
+    stop_ids = stop_token_ids(tokenizer)
+    # Episodes in the corpus follow END_OF_TEXT, so a prompt after it reads as a scene start.
+    has_eot = tokenizer.convert_tokens_to_ids(END_OF_TEXT) in stop_ids
+    prefix = END_OF_TEXT + "\n" if has_eot else ""
+    row_ids = [
+        tokenizer(prefix + p, add_special_tokens=not has_eot)["input_ids"] for p in prompt_texts
+    ]
+    prompt_len = max(len(ids) for ids in row_ids)
+    budget = max(s.max_new_tokens for s in settings)
+    if context_limit and prompt_len + budget > context_limit:
+        raise ValueError(
+            f"prompt too long: {prompt_len} tokens + {budget} new exceed the model's "
+            f"{context_limit}"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    input_ids = torch.full((len(row_ids), prompt_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(row_ids):
+        input_ids[row, prompt_len - len(ids):] = torch.tensor(ids)
+        attention_mask[row, prompt_len - len(ids):] = 1
+    pad_lengths = (attention_mask == 0).sum(dim=1)
+
+    info = _vocab_info(tokenizer)
+    rows = _RowText(tokenizer, prompt_len, stop_ids)
+    prompt_speakers = {speaker_of(x) for p in prompt_texts for x in p.splitlines()} - {None}
+    exempt = set(info.format_ids.tolist())
+    exempt |= speaker_token_ids(tokenizer, [*speakers, *prompt_speakers])
+    ban = torch.cat([info.newline_ids, torch.tensor(stop_ids, dtype=torch.long)])
+    processors = LogitsProcessorList([
+        ScriptRepetitionPenalty(
+            [s.repetition_penalty for s in settings], exempt, pad_lengths, tokenizer, rows
+        ),
+        LoopGuard(prompt_texts, rows, ban),
+    ])
+    if do_sample:
+        processors.append(PerRowSampling(settings))
+    scene_stop = SceneStop(rows, [s.max_new_tokens for s in settings])
+    return DecodePlan(
+        prompt_texts, row_ids, input_ids, attention_mask, stop_ids, pad_id, budget,
+        processors, _RecordingStop(rows, [scene_stop, *stopping_criteria]),
+    )
+
+
 def generate_scenes(
     model,
     tokenizer,
@@ -432,80 +529,30 @@ def generate_scenes(
     """One batched generate() for all prompts; settings may differ per prompt."""
     if not prompts:
         return []
-    if isinstance(settings, SceneSettings):
-        settings = [settings] * len(prompts)
-    if len(settings) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(settings)} settings")
-    settings = [s.validated() for s in settings]
-
-    prompt_texts = [normalize_prompt(p) for p in prompts]
-    stop_ids = stop_token_ids(tokenizer)
-    # Episodes in the corpus follow END_OF_TEXT, so a prompt after it reads as a scene start.
-    has_eot = tokenizer.convert_tokens_to_ids(END_OF_TEXT) in stop_ids
-    prefix = END_OF_TEXT + "\n" if has_eot else ""
-    enc = tokenizer(
-        [prefix + p for p in prompt_texts], return_tensors="pt", padding=True,
-        padding_side="left", add_special_tokens=not has_eot,
-    ).to(model.device)
-    prompt_len = enc["input_ids"].shape[1]
-    budget = max(s.max_new_tokens for s in settings)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and prompt_len + budget > limit:
-        raise ValueError(
-            f"prompt too long: {prompt_len} tokens + {budget} new exceed the model's {limit}"
-        )
-
-    info = _vocab_info(tokenizer)
-    rows = _RowText(tokenizer, prompt_len, stop_ids)
-    prompt_speakers = {speaker_of(x) for p in prompt_texts for x in p.splitlines()} - {None}
-    exempt = set(info.format_ids.tolist())
-    exempt |= speaker_token_ids(tokenizer, [*speakers, *prompt_speakers])
-    pad_lengths = (enc["attention_mask"] == 0).sum(dim=1)
-    ban = torch.cat([info.newline_ids, torch.tensor(stop_ids, dtype=torch.long)])
-    processors = LogitsProcessorList([
-        ScriptRepetitionPenalty(
-            [s.repetition_penalty for s in settings], exempt, pad_lengths, tokenizer, rows
-        ),
-        LoopGuard(prompt_texts, rows, ban),
-    ])
-    if do_sample:
-        processors.append(PerRowSampling(settings))
-    scene_stop = SceneStop(rows, [s.max_new_tokens for s in settings])
-    recording = _RecordingStop(rows, [scene_stop, *stopping_criteria])
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    plan = plan_batch(
+        tokenizer, prompts, settings, do_sample=do_sample, stopping_criteria=stopping_criteria,
+        speakers=speakers, context_limit=getattr(model.config, "max_position_embeddings", None),
+    )
     if seed is not None:
         torch.manual_seed(seed)
     dtype = autocast_dtype(model, precision)
     autocast = torch.autocast(model.device.type, dtype=dtype) if dtype else nullcontext()
     with torch.inference_mode(), autocast:
         out = model.generate(
-            **enc,
+            input_ids=plan.input_ids.to(model.device),
+            attention_mask=plan.attention_mask.to(model.device),
             do_sample=do_sample,
-            max_new_tokens=budget,
+            max_new_tokens=plan.budget,
             repetition_penalty=1.0,  # ours replaces it; a checkpoint's default must not stack
             # Sampling is done by PerRowSampling; switch generate()'s own warpers off.
             **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {}),
-            eos_token_id=stop_ids,
-            pad_token_id=pad_id,
-            logits_processor=processors,
-            stopping_criteria=StoppingCriteriaList([recording]),
+            eos_token_id=plan.stop_ids,
+            pad_token_id=plan.pad_id,
+            logits_processor=plan.processors,
+            stopping_criteria=StoppingCriteriaList([plan.stops]),
             streamer=streamer,
         )
-
-    results = []
-    ends = set(stop_ids) | {pad_id}  # rows cut off by a criterion are filled with padding
-    for row, ids in enumerate(out[:, prompt_len:].tolist()):
-        end = next((i for i, t in enumerate(ids) if t in ends), len(ids))
-        text = tokenizer.decode(ids[:end])
-        at_eos = row not in recording.cut and end < len(ids) and ids[end] in stop_ids
-        results.append(GeneratedScene(
-            lines=clean_lines(prompt_texts[row], text, complete=at_eos),
-            new_tokens=end + (1 if at_eos else 0),
-            finished=at_eos or _has_heading(text),
-            raw=text,
-        ))
-    return results
+    return plan.scenes(tokenizer, out.cpu())
 
 
 def write_scenes(

@@ -22,23 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from sitcom import generation
 from sitcom.generation import (
     GeneratedScene,
-    LoopGuard,
-    PerRowSampling,
-    SceneStop,
-    ScriptRepetitionPenalty,
-    _has_heading,
-    _RecordingStop,
-    _RowText,
-    _vocab_info,
-    clean_lines,
-    speaker_token_ids,
-    stop_token_ids,
 )
 from sitcom.models import (
     ModelLoadError,
@@ -47,7 +36,7 @@ from sitcom.models import (
     packaged_gguf,
     resolve_model,
 )
-from sitcom.script import END_OF_TEXT, KNOWN_SPEAKERS, normalize_prompt, speaker_of
+from sitcom.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
 
 GGUF_NAME = "model.gguf"
@@ -236,58 +225,14 @@ def generate_scenes(
         raise ValueError(
             f"{len(prompts)} prompts but the llama.cpp context holds {model.max_batch}"
         )
-    if isinstance(settings, SceneSettings):
-        settings = [settings] * len(prompts)
-    if len(settings) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(settings)} settings")
-    settings = [s.validated() for s in settings]
-
-    prompt_texts = [normalize_prompt(p) for p in prompts]
-    stop_ids = stop_token_ids(tokenizer)
-    # Same framing as sitcom.generation: a prompt after END_OF_TEXT reads as a scene start.
-    has_eot = tokenizer.convert_tokens_to_ids(END_OF_TEXT) in stop_ids
-    prefix = END_OF_TEXT + "\n" if has_eot else ""
-    rows_ids = [
-        tokenizer(prefix + p, add_special_tokens=not has_eot)["input_ids"] for p in prompt_texts
-    ]
-    budget = max(s.max_new_tokens for s in settings)
-    prompt_len = max(len(ids) for ids in rows_ids)
-    limit = min(model.n_ctx_per_seq, model.n_ctx_train)
-    if prompt_len + budget > limit:
-        raise ValueError(
-            f"prompt too long: {prompt_len} tokens + {budget} new exceed the model's {limit}"
-        )
-
-    # The guards read a left-padded [batch, length] tensor, as under generate().
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    input_ids = torch.full((len(rows_ids), prompt_len), pad_id, dtype=torch.long)
-    for row, ids in enumerate(rows_ids):
-        input_ids[row, prompt_len - len(ids) :] = torch.tensor(ids)
-    pad_lengths = torch.tensor([prompt_len - len(ids) for ids in rows_ids])
-
-    info = _vocab_info(tokenizer)
-    rows = _RowText(tokenizer, prompt_len, stop_ids)
-    prompt_speakers = {speaker_of(x) for p in prompt_texts for x in p.splitlines()} - {None}
-    exempt = set(info.format_ids.tolist()) | speaker_token_ids(
-        tokenizer, [*speakers, *prompt_speakers]
+    plan = generation.plan_batch(
+        tokenizer, prompts, settings, do_sample=do_sample, stopping_criteria=stopping_criteria,
+        speakers=speakers, context_limit=min(model.n_ctx_per_seq, model.n_ctx_train),
     )
-    ban = torch.cat([info.newline_ids, torch.tensor(stop_ids, dtype=torch.long)])
-    processors = LogitsProcessorList(
-        [
-            ScriptRepetitionPenalty(
-                [s.repetition_penalty for s in settings], exempt, pad_lengths, tokenizer, rows
-            ),
-            LoopGuard(prompt_texts, rows, ban),
-        ]
-    )
-    if do_sample:
-        processors.append(PerRowSampling(settings))
-    recording = _RecordingStop(
-        rows, [SceneStop(rows, [s.max_new_tokens for s in settings]), *stopping_criteria]
-    )
-    stops = StoppingCriteriaList([recording])
+    rows_ids, input_ids, pad_id = plan.row_ids, plan.input_ids, plan.pad_id
+    processors, stops = plan.processors, StoppingCriteriaList([plan.stops])
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    stop_tensor = torch.tensor(stop_ids, dtype=torch.long)
+    stop_tensor = torch.tensor(plan.stop_ids, dtype=torch.long)
 
     with model.lock:
         model.reset()
@@ -295,7 +240,7 @@ def generate_scenes(
         if streamer is not None:
             streamer.put(input_ids)
         unfinished = torch.ones(len(rows_ids), dtype=torch.bool)
-        for step in range(budget):
+        for step in range(plan.budget):
             scores = processors(input_ids, torch.from_numpy(logits))
             if do_sample:
                 # argmax(p / Exp(1) noise) draws from p like torch.multinomial, which takes
@@ -320,22 +265,7 @@ def generate_scenes(
             logits[active] = step_logits
         if streamer is not None:
             streamer.end()
-
-    results = []
-    ends = set(stop_ids) | {pad_id}  # rows cut off by a criterion are filled with padding
-    for row, ids in enumerate(input_ids[:, prompt_len:].tolist()):
-        end = next((i for i, t in enumerate(ids) if t in ends), len(ids))
-        text = tokenizer.decode(ids[:end])
-        at_eos = row not in recording.cut and end < len(ids) and ids[end] in stop_ids
-        results.append(
-            GeneratedScene(
-                lines=clean_lines(prompt_texts[row], text, complete=at_eos),
-                new_tokens=end + (1 if at_eos else 0),
-                finished=at_eos or _has_heading(text),
-                raw=text,
-            )
-        )
-    return results
+    return plan.scenes(tokenizer, input_ids)
 
 
 def write_scenes(

@@ -150,3 +150,26 @@ def test_bad_requests_are_value_errors(looping_dir):
         llamacpp.generate_scenes(model, tok, [PROMPT * 200], SceneSettings(max_new_tokens=400))
     with pytest.raises(ValueError, match="max_new_tokens"):
         llamacpp.generate_scenes(model, tok, [PROMPT], SceneSettings(max_new_tokens=5))
+
+
+@pytest.mark.asyncio
+async def test_engine_serves_a_checkpoint_with_gguf_through_llamacpp(ending_dir):
+    """The bot's engine picks llama.cpp for a checkpoint holding model.gguf and serves
+    concurrent requests (batching itself is covered by test_same_scenes_as_transformers)."""
+    import asyncio
+
+    from sitcom.engine import SceneEngine
+
+    engine = SceneEngine(str(ending_dir), max_batch=4)
+    await engine.start()
+    try:
+        assert isinstance(engine._active.model, llamacpp.LlamaCppModel)
+        jobs = [
+            await engine.submit(PROMPT, SceneSettings(max_new_tokens=24, temperature=0.1), f"u{i}")
+            for i in range(3)
+        ]
+        scenes = await asyncio.gather(*(job.result() for job in jobs))
+    finally:
+        await engine.close()
+    for scene in scenes:
+        assert scene.lines == [PROMPT, "GEORGE: Serenity now!"]

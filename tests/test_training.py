@@ -116,9 +116,10 @@ def test_finetune_end_to_end_then_evaluate(tmp_path, corpus_dir, tiny_model_dir,
     assert "saved" in capsys.readouterr().out
 
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
-                 "checkpoint.json", "metrics.jsonl", "loss.png"):
+                 "checkpoint.json", "metrics.jsonl", "loss.png", "model.gguf"):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "model.gguf").read_bytes()[:4] == b"GGUF"  # what the bot serves
     assert not (tmp_path / "ck.work").exists()  # removed after a successful export
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
 

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true", help="continue from the last save in OUT.work")
     ft.add_argument("--overwrite", action="store_true", help="replace OUT and discard OUT.work")
     ft.add_argument("--keep-work", action="store_true", help="keep OUT.work after export")
+    ft.add_argument("--gguf", choices=("q8_0", "f16", "f32", "q4_1", "none"), default="q8_0",
+                    help="also write OUT/model.gguf, which the bot serves with llama.cpp")
 
     ev = sub.add_parser("evaluate", help="val loss/ppl/BPB and sampled-scene quality")
     ev.add_argument("checkpoint", help="checkpoint dir, smollm2, or a hub id")

@@ -38,7 +38,8 @@ def make_card(**fields) -> dict:
 
 
 def export_checkpoint(
-    model, tokenizer, out: Path, card: dict, extra_files: dict[str, Path]
+    model, tokenizer, out: Path, card: dict, extra_files: dict[str, Path],
+    gguf_qtype: str | None = None,
 ) -> Path:
     """Write everything to a temp dir beside `out`, then swap it into place.
 
@@ -56,6 +57,12 @@ def export_checkpoint(
             if Path(src).exists():
                 shutil.copyfile(src, tmp / name)
         (tmp / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+        if gguf_qtype and model.config.model_type == "llama":
+            # The bot serves checkpoints holding model.gguf through llama.cpp (~5x faster
+            # on CPU than transformers); other architectures are served by transformers.
+            from training.gguf_export import export_gguf
+
+            export_gguf(tmp, tmp / "model.gguf", gguf_qtype)
         # mkdtemp (and safetensors) make things private; a checkpoint is meant to be shared.
         os.chmod(tmp, 0o755)
         for path in tmp.iterdir():

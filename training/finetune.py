@@ -65,6 +65,7 @@ class FinetuneConfig:
     resume: bool = False
     overwrite: bool = False
     keep_work: bool = False
+    gguf: str = "q8_0"
 
 
 def cpu_has_bf16() -> bool:
@@ -280,6 +281,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     export_checkpoint(
         model, tokenizer, cfg.out, card,
         {"metrics.jsonl": metrics_path, "loss.png": work / "loss.png"},
+        gguf_qtype=None if cfg.gguf == "none" else cfg.gguf,
     )
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
