@@ -87,5 +87,5 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def raw_corpus() -> Path:
     if not RAW_CORPUS.is_dir():
-        pytest.skip(f"real transcripts not found at {RAW_CORPUS} (needs ../shared beside the checkout)")
+        pytest.skip(f"real transcripts not found at {RAW_CORPUS} (needs ../shared beside it)")
     return RAW_CORPUS
