@@ -216,13 +216,11 @@ def engine(spec: dict) -> dict:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     if spec["backend"] == "llama":
-        # Until the engine dispatches by backend itself, route its generate call here.
-        engine_mod.generate_scenes = llamacpp.generate_scenes_any
-
+        # A named GGUF (the packaged Q4_1 or our Q8_0); the engine dispatches on the model.
         def loader(name):
             return llamacpp.load_llamacpp(name, gguf=spec["gguf"])
     else:
-        loader = engine_mod.load_model
+        from sitcom.models import load_model as loader
 
     async def main() -> dict:
         eng = engine_mod.SceneEngine(spec["model"], loader=loader, per_user_limit=8, timeout_s=600)

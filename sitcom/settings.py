@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 # (low, high) inclusive; the Discord frontend turns these into app_commands.Range.
 RANGES: dict[str, tuple[float, float]] = {
     "max_new_tokens": (16, 400),
-    "repetition_penalty": (1.0, 2.0),
+    "repetition_penalty": (1.0, 5.0),  # 5.0: where the original experiment lost the format
     "temperature": (0.1, 2.0),
     "top_p": (0.05, 1.0),
     "top_k": (0, 200),

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--eval-tokens", type=int, default=0, help="val text used; 0 = all")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--repetition-penalty", type=float, default=None,
+                    help="for sampled scenes (default: the bot's, 1.15)")
     return parser
 
 

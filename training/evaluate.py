@@ -74,8 +74,11 @@ def sample_scenes(model, tokenizer, n: int, settings: SceneSettings, known: tupl
 
 def evaluate(checkpoint: str, data: Path, *, samples: int = 8, max_new_tokens: int = 120,
              block_size: int | None = None, batch_size: int = 4, eval_tokens: int = 0,
-             seed: int = 0) -> dict:
-    settings = SceneSettings(max_new_tokens=max_new_tokens).validated()
+             seed: int = 0, repetition_penalty: float | None = None) -> dict:
+    settings = SceneSettings(max_new_tokens=max_new_tokens)
+    if repetition_penalty is not None:  # e.g. 1.0 / 5.0, where the original experiment broke
+        settings = settings.with_changes(repetition_penalty=repetition_penalty)
+    settings = settings.validated()
     if samples < 0:
         raise ValueError("--samples must be 0 or more")
     corpus = load_corpus(data, splits=("val",))
@@ -137,7 +140,7 @@ def evaluate_cli(args) -> None:
     result = evaluate(
         args.checkpoint, args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
         block_size=args.block_size, batch_size=args.batch_size, eval_tokens=args.eval_tokens,
-        seed=args.seed,
+        seed=args.seed, repetition_penalty=args.repetition_penalty,
     )
     print(format_report(result))
     if args.json:
