@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_tiny_model
-from transformers import RepetitionPenaltyLogitsProcessor
+from transformers import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from sitcom.generation import (
     LineStreamer,
@@ -13,6 +17,7 @@ from sitcom.generation import (
     PerRowSampling,
     ScriptRepetitionPenalty,
     _RowText,
+    _TopKThenTopP,
     _vocab_info,
     autocast_dtype,
     clean_lines,
@@ -242,6 +247,10 @@ def test_precision_choice(tiny_model, tiny_tokenizer, monkeypatch):
     assert autocast_dtype(tiny_model, "bf16") is torch.bfloat16
     monkeypatch.setenv("SITCOM_PRECISION", "fp32")
     assert autocast_dtype(tiny_model) is None
+    monkeypatch.setenv("SITCOM_PRECISION", "auto")
+    assert autocast_dtype(tiny_model) is None  # CPU decoding: fp32 measured faster
+    monkeypatch.setenv("SITCOM_PRECISION", "bf16")
+    assert autocast_dtype(tiny_model) is torch.bfloat16
     (lines,) = write_scenes(tiny_model, tiny_tokenizer, ["JERRY: Hi."], SceneSettings(16),
                             precision="bf16", seed=0)
     assert lines[0] == "JERRY: Hi."
@@ -252,3 +261,42 @@ def test_too_long_prompt_is_a_value_error(tiny_model, tiny_tokenizer):
         write_scenes(tiny_model, tiny_tokenizer, ["JERRY: " + "soup " * 1000],
                      SceneSettings(max_new_tokens=16))
 
+
+
+@pytest.mark.parametrize("top_k,top_p", [(50, 0.95), (5, 0.5), (1, 0.3), (300, 0.9)])
+def test_top_k_then_top_p_matches_transformers_chain(top_k, top_p):
+    torch.manual_seed(0)
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    for scores in (torch.randn(4, 500) * 3, torch.randn(4, 500).round()):  # the 2nd has ties
+        want = TopPLogitsWarper(top_p)(ids, TopKLogitsWarper(top_k)(ids, scores.clone()))
+        got = _TopKThenTopP(top_k, top_p)(ids, scores.clone())
+        torch.testing.assert_close(got, want)
+
+
+def test_row_text_is_incremental_and_exact(tiny_tokenizer):
+    # Multi-byte characters split over tokens, and newlines inside and around lines.
+    text = "JERRY: café ☕ — naïve?\n\nGEORGE: 日本語!\n ELAINE: ok\n\tx"
+    prompt = tiny_tokenizer.encode("JERRY: Hi.")
+    new = tiny_tokenizer.encode(text)
+    stop = stop_token_ids(tiny_tokenizer)
+    ids = torch.tensor([prompt + new, prompt + new[::-1]])
+    rows = _RowText(tiny_tokenizer, len(prompt), stop)
+    for end in range(len(prompt), ids.shape[1] + 1):
+        want = tiny_tokenizer.batch_decode(ids[:, len(prompt):end])
+        assert rows.texts(ids[:, :end]) == want
+    assert rows._head[0]  # finished lines really were kept, not decoded again
+    ended = torch.cat([ids, torch.tensor([[5], [stop[0]]])], dim=1)
+    assert rows.texts(ended)[1] is None and rows.texts(ended)[0] is not None
+
+
+def test_repetition_penalty_step_by_step_equals_from_scratch():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (3, 12))
+    pads = torch.tensor([0, 2, 5])
+    stepwise = ScriptRepetitionPenalty([1.5, 2.0, 1.3], {3, 7}, pads)
+    for end in range(6, 13):
+        scores = torch.randn(3, 40)
+        fresh = ScriptRepetitionPenalty([1.5, 2.0, 1.3], {3, 7}, pads)
+        torch.testing.assert_close(
+            stepwise(ids[:, :end], scores.clone()), fresh(ids[:, :end], scores.clone())
+        )

@@ -173,3 +173,15 @@ async def test_engine_serves_a_checkpoint_with_gguf_through_llamacpp(ending_dir)
         await engine.close()
     for scene in scenes:
         assert scene.lines == [PROMPT, "GEORGE: Serenity now!"]
+
+
+def test_sampling_draws_only_candidates_and_follows_the_distribution():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.full((2, 1000), -float("inf"))
+    scores[0, [3, 500]] = torch.tensor([0.0, 1.0])  # p = 0.27 / 0.73
+    scores[1, 7] = 2.0
+    draws = torch.stack([llamacpp._sample(scores, generator) for _ in range(4000)])
+    assert set(draws[:, 0].tolist()) == {3, 500} and set(draws[:, 1].tolist()) == {7}
+    assert abs((draws[:, 0] == 500).float().mean().item() - 0.731) < 0.03
+    dense = torch.zeros(1, 1000)  # most tokens finite: the full-vocabulary route
+    assert 0 <= llamacpp._sample(dense, generator).item() < 1000
