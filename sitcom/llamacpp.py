@@ -31,6 +31,7 @@ from sitcom.generation import (
 )
 from sitcom.models import (
     ModelLoadError,
+    is_default_model,
     load_model,
     load_tokenizer,
     packaged_gguf,
@@ -40,7 +41,6 @@ from sitcom.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
 
 GGUF_NAME = "model.gguf"
-_DEFAULT_ALIASES = {"smollm2", "default", "smollm2-135m"}
 
 
 def find_gguf(model: str | os.PathLike | None) -> Path | None:
@@ -50,7 +50,7 @@ def find_gguf(model: str | os.PathLike | None) -> Path | None:
     give the same tokens); a checkpoint directory is served this way once it holds
     model.gguf, or `model` may name a .gguf file beside a tokenizer.
     """
-    if model is None or str(model).lower() in _DEFAULT_ALIASES:
+    if is_default_model(model):
         return packaged_gguf()
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -183,8 +183,7 @@ def load_llamacpp(
     if path is None:
         raise ModelLoadError(f"{model} has no {GGUF_NAME} (python -m training.gguf_export {model})")
     # The tokenizer comes from the HF side: the guards decode text with it.
-    is_default = model is None or str(model).lower() in _DEFAULT_ALIASES
-    source = resolve_model("smollm2") if is_default else Path(model)
+    source = resolve_model("smollm2") if is_default_model(model) else Path(model)
     tokenizer = load_tokenizer(source.parent if str(source).endswith(".gguf") else source)
     return LlamaCppModel(path, max_batch=max_batch, n_threads=n_threads), tokenizer
 

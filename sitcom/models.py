@@ -21,6 +21,11 @@ class ModelLoadError(RuntimeError):
     """A model name or directory that cannot be loaded; the message is user-facing."""
 
 
+def is_default_model(name: str | os.PathLike | None) -> bool:
+    """True for the names that mean the packaged default (None included)."""
+    return name is None or str(name).lower() in _DEFAULT_ALIASES
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SITCOM_CACHE", Path.home() / ".cache" / "sitcom"))
 
@@ -86,7 +91,7 @@ def default_model_dir() -> Path:
 
 def resolve_model(name: str | os.PathLike | None) -> str:
     """A name the user typed -> something `from_pretrained` accepts, or ModelLoadError."""
-    if name is None or str(name).lower() in _DEFAULT_ALIASES:
+    if is_default_model(name):
         return str(default_model_dir())
     text = str(name)
     path = Path(text).expanduser()
