@@ -27,7 +27,7 @@ def is_default_model(name: str | os.PathLike | None) -> bool:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SITCOM_CACHE", Path.home() / ".cache" / "sitcom"))
+    return Path(os.environ.get("SITCOM_CACHE") or Path.home() / ".cache" / "sitcom").expanduser()
 
 
 def packaged_gguf() -> Path:
