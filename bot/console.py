@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import math
 import shlex
+import signal
 import sys
+import threading
 from typing import TextIO
 
 from sitcom.engine import EngineError
@@ -42,6 +44,11 @@ class Console:
         self.core = core
         self.out, self.err = out, err
 
+    def stop(self) -> None:
+        """Stop after the command in progress (SIGINT/SIGTERM)."""
+        if getattr(self, "_lines", None) is not None:
+            self._lines.put_nowait(None)
+
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
 
@@ -50,10 +57,14 @@ class Console:
         if interactive:
             self.say(f"Sitcom console ({self.core.checkpoint}). /help lists the commands.")
         failed = False
+        self._lines = lines = _read_lines(stdin)
         while True:
             if interactive:
                 print("> ", end="", file=self.out, flush=True)
-            line = await asyncio.to_thread(stdin.readline)
+            line = await lines.get()
+            if line is None:  # stop(): a signal
+                print("stopped; the database is closed cleanly", file=self.err, flush=True)
+                return 0
             if not line:  # EOF
                 break
             line = line.strip()
@@ -152,13 +163,37 @@ class Console:
                 raise CommandError("usage: /checkpoint list | use NAME")
 
 
+def _read_lines(stdin: TextIO) -> asyncio.Queue[str | None]:
+    """stdin lines ('' at EOF) from a daemon thread. Not asyncio.to_thread: a worker blocked
+    in readline() would keep the process alive after a SIGTERM until stdin closed."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def pump() -> None:
+        try:
+            for line in iter(stdin.readline, ""):
+                loop.call_soon_threadsafe(queue.put_nowait, line)
+            loop.call_soon_threadsafe(queue.put_nowait, "")
+        except (RuntimeError, ValueError):  # the loop or stdin closed under us: exiting
+            pass
+
+    threading.Thread(target=pump, name="console-stdin", daemon=True).start()
+    return queue
+
+
 async def main(config) -> int:
     try:
         core = await Core.start(config)
     except (ModelLoadError, DatabaseError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    # SIGINT/SIGTERM: stop taking commands, finish the one in progress, close the engine and
+    # the database (a message, not task cancellation, so close() itself is never cancelled).
+    console = Console(core)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, console.stop)
     try:
-        return await Console(core).run()
+        return await console.run()
     finally:
         await core.close()

@@ -53,3 +53,30 @@ def test_console_startup_errors_are_one_line(tmp_path):
     bad_config = run_bot("", tmp_path, "smollm2", QUEUE_SIZE="lots", **env)
     assert bad_config.returncode == 2
     assert bad_config.stderr.strip() == "error: QUEUE_SIZE must be a number (got 'lots')"
+
+
+def test_sigterm_stops_cleanly_and_closes_the_database(tmp_path, tiny_model_dir):
+    import signal
+    import sqlite3
+
+    env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
+    env.update(DEFAULT_CHECKPOINT=str(tiny_model_dir), BOT_DB=str(tmp_path / "console.db"),
+               CHECKPOINTS_DIR=str(tmp_path / "checkpoints"), LOG_LEVEL="WARNING",
+               PYTHONPATH=str(ROOT))
+    bot = subprocess.Popen([sys.executable, "-m", "bot"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=tmp_path, env=env)
+    try:
+        bot.stdin.write("/settings set top_k 7\n")
+        bot.stdin.flush()
+        assert "Saved" in bot.stdout.readline()  # started, and the command went through
+        bot.send_signal(signal.SIGTERM)
+        bot.wait(timeout=60)  # not communicate(): it closes stdin, and EOF also ends the bot
+        err = bot.stderr.read()
+    finally:
+        bot.kill()
+    assert bot.returncode == 0, err
+    assert "Traceback" not in err and "stopped" in err
+    db = sqlite3.connect(tmp_path / "console.db")
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert db.execute("SELECT top_k FROM channel_settings").fetchone() == (7,)
