@@ -90,3 +90,24 @@ def test_junk_and_tidy_rules():
     assert not is_junk("JERRY: Well...........you know.")
     assert not is_junk("(Kramer enters)")
     assert tidy("It's a calzone , sir .  ") == "It's a calzone, sir."
+
+
+def test_bracketed_actions_are_directions_and_places_are_headings():
+    # Generation stops at a scene heading, so an action in brackets must not become one.
+    page = "\n".join([
+        "[Jerry's Apartment]",
+        "JERRY: So, what happened?",
+        "GEORGE: Nothing happened.",
+        "[Kramer enters with his golf clubs]",
+        "KRAMER: Hey buddy.",
+        "JERRY: What's with the clubs?",
+        "[Monk's]",
+        "GEORGE: I'm going to the bathroom.",
+        "JERRY: Again?",
+        "[pause]",
+        "GEORGE: Again.",
+    ])
+    lines = parse_page(page).lines
+    assert "[Scene: Jerry's Apartment]" in lines and "[Scene: Monk's]" in lines
+    assert "(Kramer enters with his golf clubs)" in lines and "(pause)" in lines
+    assert all(is_well_formed(line) for line in lines)
