@@ -287,20 +287,3 @@ def _sample(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     noise = torch.empty_like(values).exponential_(generator=generator)
     picks = (torch.softmax(values, dim=-1) / noise).argmax(dim=-1)
     return picks if candidates is None else candidates.gather(1, picks[:, None])[:, 0]
-
-
-def write_scenes(
-    model: LlamaCppModel,
-    tokenizer,
-    prompts: list[str],
-    settings: SceneSettings | list[SceneSettings],
-    *,
-    seed: int | None = None,
-    streamer: BaseStreamer | None = None,
-    do_sample: bool = True,
-) -> list[list[str]]:
-    """Clean script lines (prompt lines first) for each prompt, generated as one batch."""
-    scenes = generate_scenes(
-        model, tokenizer, prompts, settings, seed=seed, streamer=streamer, do_sample=do_sample
-    )
-    return [s.lines for s in scenes]
