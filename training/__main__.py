@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--log-steps", type=int, default=5)
     ft.add_argument("--lora", action="store_true", help="train a LoRA adapter, merged on export")
     ft.add_argument("--lora-r", type=int, default=16)
+    ft.add_argument("--linear-only", action="store_true",
+                    help="train only the linear layers (embeddings, norms frozen), for extract")
     ft.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     ft.add_argument("--gradient-checkpointing", action="store_true")
     ft.add_argument("--resume", action="store_true", help="continue from the last save in OUT.work")

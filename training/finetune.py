@@ -60,6 +60,7 @@ class FinetuneConfig:
     log_steps: int = 5
     lora: bool = False
     lora_r: int = 16
+    linear_only: bool = False
     precision: str = "auto"
     gradient_checkpointing: bool = False
     resume: bool = False
@@ -185,7 +186,23 @@ def build_model(cfg: FinetuneConfig):
             target_modules="all-linear", task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
+    elif cfg.linear_only:
+        freeze_all_but_linear(model)
     return model, tokenizer
+
+
+def freeze_all_but_linear(model) -> None:
+    """Train the decoder's nn.Linear weights only; embeddings (tied to the LM head) and norms
+    stay as in the base, so the whole change is a set of matrix deltas that `training extract`
+    can compress into a small LoRA adapter."""
+    import torch.nn as nn
+
+    head = model.get_output_embeddings()
+    for p in model.parameters():
+        p.requires_grad = False
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            module.weight.requires_grad = True
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -203,6 +220,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         f"train: {len(corpus.train)} episodes, {len(train_set)} blocks of {cfg.block_size} | "
         f"val: {len(val_episodes)}/{len(corpus.val)} episodes, {len(val_set)} blocks | "
         f"precision {precision}{' | LoRA' if cfg.lora else ''}"
+        f"{' | linear layers only' if cfg.linear_only else ''}"
     )
 
     args = TrainingArguments(
@@ -273,6 +291,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         val_bpb=best.get("eval_bpb"),
         precision=precision,
         lora=cfg.lora,
+        linear_only=cfg.linear_only,
         time_budget_hit=final_eval.budget_hit,
         train_seconds_this_run=round(seconds, 1),
         settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
