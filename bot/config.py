@@ -9,6 +9,8 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
+from sitcom.models import DEFAULT_MODEL
+
 
 class ConfigError(ValueError):
     """A bad environment variable; the message names it."""
@@ -19,7 +21,7 @@ class Config:
     token: str | None = field(default=None, repr=False)  # never printed or logged
     db_path: Path = Path("sitcom.db")
     checkpoints_dir: Path = Path("checkpoints")
-    default_checkpoint: str = "smollm2"
+    default_checkpoint: str = DEFAULT_MODEL
     admin_user_ids: frozenset[int] = frozenset()
     dev_guild_id: int | None = None
     max_queue: int = 32
@@ -65,7 +67,7 @@ class Config:
             token=get("DISCORD_TOKEN"),
             db_path=Path(get("BOT_DB") or "sitcom.db").expanduser(),
             checkpoints_dir=Path(get("CHECKPOINTS_DIR") or "checkpoints").expanduser(),
-            default_checkpoint=get("DEFAULT_CHECKPOINT") or "smollm2",
+            default_checkpoint=get("DEFAULT_CHECKPOINT") or DEFAULT_MODEL,
             admin_user_ids=frozenset(
                 snowflake("ADMIN_USER_IDS", part.strip())
                 for part in admins.replace(",", " ").split()

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Collection
 
 from sitcom.engine import EngineError, SceneEngine
-from sitcom.models import DEFAULT_MODEL, ModelLoadError
+from sitcom.models import ModelLoadError
 from sitcom.settings import SceneSettings
 
 from . import checkpoints
@@ -90,7 +90,7 @@ class Core:
     async def use_checkpoint(self, name: str) -> str:
         """Swap the engine to a listed checkpoint and remember it; returns the name."""
         model = checkpoints.resolve(name, self.config.checkpoints_dir)
-        name = DEFAULT_MODEL if model == DEFAULT_MODEL else name.strip()
+        name = model if model in checkpoints.BUILT_IN else name.strip()
         await self.engine.swap(model)  # ModelLoadError leaves the old model running
         self.checkpoint = name
         await self.db.set_state(CHECKPOINT_KEY, name)

@@ -2,7 +2,7 @@
 
 API CONTRACT (frontends code against this; the implementation may change):
 
-    engine = SceneEngine(model="smollm2" | checkpoint dir | hub id,
+    engine = SceneEngine(model="seinfeld" | "smollm2" | checkpoint dir | hub id,
                          max_queue=32, per_user_limit=2, timeout_s=120.0, max_batch=8)
     await engine.start()                      # loads the model off the event loop
     job = await engine.submit(prompt, settings, user_id="123")   # SceneSettings

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune a base model on a corpus directory")
     ft.add_argument("--data", type=Path, required=True, help="corpus dir (train.txt, val.txt)")
     ft.add_argument("--out", type=Path, required=True, help="checkpoint dir to write")
-    ft.add_argument("--base", default="smollm2", help="smollm2 (packaged), a hub id, or a dir")
+    ft.add_argument("--base", default="smollm2", help="smollm2 (packaged base), a hub id, or a dir")
     ft.add_argument("--block-size", type=int, default=512)
     ft.add_argument("--batch-size", type=int, default=4)
     ft.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation steps")
@@ -48,8 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--gguf", choices=("q8_0", "f16", "f32", "q4_1", "none"), default="q8_0",
                     help="also write OUT/model.gguf, which the bot serves with llama.cpp")
 
+    ex = sub.add_parser("extract", help="compress a --linear-only fine-tune into a LoRA adapter")
+    ex.add_argument("checkpoint", help="the fine-tuned checkpoint dir")
+    ex.add_argument("--out", type=Path, required=True, help="adapter dir to write")
+    ex.add_argument("--rank", type=int, default=32)
+    ex.add_argument("--base", default="smollm2", help="the model it was fine-tuned from")
+    ex.add_argument("--data", type=Path, default=None,
+                    help="corpus dir: also measure the adapter's val BPB (whole val split)")
+
     ev = sub.add_parser("evaluate", help="val loss/ppl/BPB and sampled-scene quality")
-    ev.add_argument("checkpoint", help="checkpoint dir, smollm2, or a hub id")
+    ev.add_argument("checkpoint",
+                    help="checkpoint dir, seinfeld (shipped), smollm2 (base), or a hub id")
     ev.add_argument("--data", type=Path, required=True, help="corpus dir (val.txt)")
     ev.add_argument("--json", type=Path, default=None, help="also write the results here")
     ev.add_argument("--samples", type=int, default=8, help="scenes to sample (0 = none)")
@@ -68,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     # Cheap checks first; torch and transformers take seconds to import.
     from training.corpus import load_corpus
 
-    load_corpus(args.data, splits=("train", "val") if args.command == "finetune" else ("val",))
+    if args.data is not None:
+        load_corpus(args.data, splits=("train", "val") if args.command == "finetune" else ("val",))
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -83,6 +93,14 @@ def run(args: argparse.Namespace) -> int:
             f"saved {args.out}: {card['steps']} steps, {card['tokens_seen']} tokens, best val "
             f"loss {card['val_loss']:.4f} bpb {card['val_bpb']:.4f} (step {card['best_step']})"
         )
+    elif args.command == "extract":
+        from training.extract import extract
+
+        card = extract(args.checkpoint, args.out, args.rank, base=args.base, data=args.data)
+        val = card.get("adapter_val") or {}
+        print(f"wrote {args.out}: rank {card['rank']}, {card['adapter_mb']} MB, mean relative "
+              f"error {card['extract_rel_error_mean']}"
+              + (f", val bpb {val['bpb']:.4f}" if val else ""))
     else:
         from training.evaluate import evaluate_cli
 
@@ -103,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sitcom.models import ModelLoadError
     from training.corpus import CorpusError
+    from training.extract import ExtractError
 
     try:
         return run(args)
@@ -110,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         close_progress_bars()
         print("interrupted; resume with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ModelLoadError, CorpusError, ValueError) as e:
+    except (ModelLoadError, CorpusError, ExtractError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:

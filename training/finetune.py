@@ -20,7 +20,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sitcom.models import load_model
+from sitcom.models import BASE_MODEL, load_model
 from training.callbacks import CompactProgressCallback, FinalEvalCallback, MetricsLogCallback
 from training.card import export_checkpoint, make_card
 from training.corpus import (
@@ -43,7 +43,7 @@ class FinetuneError(ValueError):
 class FinetuneConfig:
     data: Path
     out: Path
-    base: str = "smollm2"
+    base: str = BASE_MODEL
     block_size: int = 512
     batch_size: int = 4
     grad_accum: int = 4
