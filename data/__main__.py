@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from data.download import DEFAULT_BASE_URL, DownloadError, download
-from data.prepare import Options, PrepareError, prepare, summary, write_outputs
+from data.prepare import Options, PrepareError, check_out_dir, prepare, summary, write_outputs
 
 
 def _fraction(text: str) -> float:
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             opts = Options(seed=args.seed, val_fraction=args.val_fraction,
                            min_turns=args.min_turns, main_cast=args.main_cast)
+            check_out_dir(args.raw_dir, args.out_dir)
             result = prepare(args.raw_dir, opts)
             write_outputs(args.out_dir, result)
             print(summary(result.manifest))
