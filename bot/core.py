@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Collection
 
@@ -23,6 +24,11 @@ MAX_PROMPT_CHARS = 1000  # the engine's limit and the /scene option's max_length
 CHECKPOINT_KEY = "active_checkpoint"
 
 
+# A read-only, full or mistyped (a file in the path) cache directory.
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+               errno.ENOTDIR, errno.EEXIST, errno.EFBIG}
+
+
 def load_model(name: str) -> tuple[object, object]:
     """The engine's loader, with the model cache's failures as one clear ModelLoadError.
 
@@ -36,6 +42,8 @@ def load_model(name: str) -> tuple[object, object]:
         cache.mkdir(parents=True, exist_ok=True)  # fails fast, before the slow conversion
         return load_serving_model(name)
     except (OSError, SafetensorError) as e:
+        if isinstance(e, OSError) and e.errno not in _UNWRITABLE:
+            raise
         why = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise ModelLoadError(
             f"cannot write the model cache {cache} ({why}); point SITCOM_CACHE at a writable "
