@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -14,6 +15,13 @@ def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:  # time.sleep(nan) fails mid-download
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
     return value
 
 
@@ -43,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out_dir", type=Path)
     d.add_argument("--base-url", default=DEFAULT_BASE_URL)
     d.add_argument("--index", default=None, help="index page path (default: the site's)")
-    d.add_argument("--delay", type=float, default=1.0, help="seconds between requests")
+    d.add_argument("--delay", type=_seconds, default=1.0, help="seconds between requests")
     return parser
 
 

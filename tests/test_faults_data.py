@@ -147,3 +147,13 @@ def test_two_episodes_are_enough(tmp_path):
     result = prepare(raw, OPTS)
     assert len(result.train) == 1 and len(result.val) == 1
     json.dumps(result.manifest)
+
+
+# -- 10. (data) nan is not a delay ---------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_download_delay_must_be_finite(tmp_path, value):
+    proc = run_cli("download", str(tmp_path / "raw"), "--delay", value,
+                   "--base-url", "http://127.0.0.1:9")
+    assert proc.returncode == 2 and "finite" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "raw").exists()
