@@ -36,6 +36,10 @@ async def run_discord(config: Config) -> int:
         except discord.PrivilegedIntentsRequired:
             print("error: Discord refused the gateway intents", file=sys.stderr)
             return 1
+        except discord.HTTPException as e:  # e.g. 5xx at login: Discord is having trouble
+            print(f"error: Discord answered {e.status} {e.response.reason} during start-up; "
+                  "try again later (https://discordstatus.com)", file=sys.stderr)
+            return 1
         except (ModelLoadError, DatabaseError, EngineError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -2,7 +2,8 @@
 `smollm2` base, and CHECKPOINTS_DIR/<name>/config.json.
 
 Names are looked up in that listing, never joined onto a path as typed, so `../x`, `/etc`
-or `a/b` can never reach the filesystem.
+or `a/b` can never reach the filesystem; entries (symlinks) resolving outside the
+directory are not listed.
 """
 
 from __future__ import annotations
@@ -27,9 +28,16 @@ def available(checkpoints_dir: Path) -> list[str]:
     if checkpoints_dir.is_dir():
         names = sorted(
             p.name for p in checkpoints_dir.iterdir()
-            if _NAME_RE.fullmatch(p.name) and is_model_dir(p)
+            if _NAME_RE.fullmatch(p.name) and _inside(p, checkpoints_dir) and is_model_dir(p)
         )
     return [*BUILT_IN, *(n for n in names if n not in BUILT_IN)]
+
+
+def _inside(entry: Path, checkpoints_dir: Path) -> bool:
+    """False for an entry (a symlink, say) that resolves outside CHECKPOINTS_DIR."""
+    root = checkpoints_dir.resolve()
+    target = entry.resolve()
+    return target != root and target.is_relative_to(root)
 
 
 def resolve(name: str, checkpoints_dir: Path) -> str:

@@ -1,8 +1,10 @@
-"""Settings from the environment (and a `.env` file beside the process); see .env.example."""
+"""Settings from the environment (and a `.env` file in the working directory); see .env.example."""
 
 from __future__ import annotations
 
+import math
 import os
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,9 @@ class Config:
     def from_env(cls, env: Mapping[str, str] | None = None, dotenv: bool = True) -> Config:
         if env is None:
             if dotenv:
-                load_dotenv(override=False)  # real environment variables win over .env
+                # Only ./.env: python-dotenv's default search walks up from this file's
+                # folder, so a .env planted above a copy of the app would configure it.
+                load_dotenv(Path.cwd() / ".env", override=False)  # real variables win
             env = os.environ
 
         def get(name: str) -> str | None:
@@ -49,6 +53,8 @@ class Config:
                 value = kind(raw)
             except ValueError:
                 raise ConfigError(f"{name} must be a number (got {raw!r})") from None
+            if not math.isfinite(value):  # nan would silently switch the limit off
+                raise ConfigError(f"{name} must be a finite number (got {raw!r})")
             if value < low:
                 raise ConfigError(f"{name} must be at least {low} (got {raw!r})")
             return value
@@ -58,13 +64,18 @@ class Config:
                 raise ConfigError(f"{name} must hold Discord ids (digits), got {raw!r}")
             return int(raw)
 
+        token = get("DISCORD_TOKEN")
+        if token and any(c.isspace() or unicodedata.category(c).startswith("C") for c in token):
+            # aiohttp would refuse it as a header deep inside login, with a traceback.
+            raise ConfigError("DISCORD_TOKEN contains spaces or control characters; copy it "
+                              "again from the Developer Portal (Bot > Reset Token)")
         admins = get("ADMIN_USER_IDS") or ""
         guild = get("DEV_GUILD_ID")
         level = (get("LOG_LEVEL") or "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR (got {level!r})")
         return cls(
-            token=get("DISCORD_TOKEN"),
+            token=token,
             db_path=Path(get("BOT_DB") or "sitcom.db").expanduser(),
             checkpoints_dir=Path(get("CHECKPOINTS_DIR") or "checkpoints").expanduser(),
             default_checkpoint=get("DEFAULT_CHECKPOINT") or DEFAULT_MODEL,

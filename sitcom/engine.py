@@ -323,10 +323,13 @@ class SceneEngine:
                 for job in batch:
                     self._run_batch(loaded, [job])
                 return
-            log.exception("generation failed")
-            message = "Something went wrong writing that scene; please try again."
             if isinstance(e, ValueError) and "too long" in str(e):
+                # Expected, and any user can cause it: one line, never a traceback at ERROR.
+                log.warning("scene refused: %s", e)
                 message = "That opening is too long for the model; please shorten it."
+            else:
+                log.exception("generation failed")
+                message = "Something went wrong writing that scene; please try again."
             self._finish(batch[0], EngineError(message))
             return
         seconds = time.monotonic() - start

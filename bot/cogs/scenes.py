@@ -52,7 +52,7 @@ class Scenes(commands.Cog):
             return
         stored = await core.record(
             scene, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
-            user_id=interaction.user.id, prompt=prompt,
+            user_id=interaction.user.id, prompt=job.prompt,  # the cleaned prompt
         )
         try:
             first = await self._post(interaction.channel, stored.id, scene.lines, stored.line_ids)
@@ -65,7 +65,7 @@ class Scenes(commands.Cog):
         await self._update_ack(
             interaction,
             f"🎬 Scene {stored.id} is ready: {first.jump_url} "
-            f"({len(scene.lines)} lines, {scene.seconds:.1f} s, {core.checkpoint})",
+            f"({len(scene.lines)} lines, {scene.seconds:.1f} s, {core.model_label(scene)})",
         )
 
     async def _post(self, channel, scene_id: int, lines: list[str], line_ids: list[int]):
