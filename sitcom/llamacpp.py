@@ -136,6 +136,21 @@ class LlamaCppModel:
     def __del__(self) -> None:
         self.close()
 
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's own tokenization of `text` (special tokens parsed, no BOS added)."""
+        vocab = self._lib.llama_model_get_vocab(self._model)
+        data = text.encode()
+        buf = (self._lib.llama_token * (len(data) + 8))()
+        n = self._lib.llama_tokenize(vocab, data, len(data), buf, len(buf), False, True)
+        if n < 0:
+            raise ValueError(f"llama_tokenize needs {-n} tokens")
+        return list(buf[:n])
+
+    def logits_of(self, ids: Sequence[int]) -> np.ndarray:
+        """[len(ids), vocab] next-token logits after each token of one fresh sequence."""
+        self.reset()
+        return np.stack([self.decode([(0, [tok], pos)])[0] for pos, tok in enumerate(ids)])
+
     def reset(self) -> None:
         """Forget every sequence's KV cache."""
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)

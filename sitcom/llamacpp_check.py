@@ -203,7 +203,7 @@ def _probe_main(gguf_path: str, hf_source: str) -> int:
     model, tokenizer = load_model(hf_source)
     ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:48]
     llm = LlamaCppModel(gguf_path, max_batch=1, n_ctx_per_seq=128, n_threads=1)
-    ll = [llm.decode([(0, [tok], pos)])[0] for pos, tok in enumerate(ids)]
+    ll = llm.logits_of(ids)
     llm.close()
     with torch.no_grad():
         hf = model(torch.tensor([ids])).logits[0].float().numpy()

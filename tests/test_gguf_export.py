@@ -9,7 +9,9 @@ from conftest import build_tiny_model, build_tiny_tokenizer
 
 from training.gguf_export import ExportError, export_gguf, main
 
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
+from sitcom.llamacpp import LlamaCppModel  # noqa: E402  (needs llama_cpp)
+
 gguf = pytest.importorskip("gguf")
 
 TEXT = "[Scene: Monk's]\nJERRY: Hello, Newman. 1234 soup!\n(Kramer bursts in)\nGEORGE:"
@@ -41,7 +43,17 @@ def _hf(model_dir):
 
 
 def _llama(path):
-    return llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+    # Through sitcom's wrapper, which keeps llama.cpp off the AMX kernels that crash.
+    return LlamaCppModel(path, max_batch=1, n_ctx_per_seq=256, n_threads=1)
+
+
+def _greedy(llm, ids, n):
+    logits = llm.logits_of(ids)[-1]
+    out = []
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = llm.decode([(0, [out[-1]], len(ids) + len(out) - 1)])[0]
+    return out
 
 
 @pytest.mark.parametrize("qtype", ["f32", "f16"])
@@ -51,12 +63,11 @@ def test_llamacpp_matches_transformers(sharp_model_dir, tmp_path, qtype):
     llm = _llama(out)
 
     ids = tok(TEXT)["input_ids"]
-    assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids
+    assert llm.tokenize(TEXT) == ids
 
-    llm.eval(ids)
     with torch.no_grad():
         hf_logits = model(torch.tensor([ids])).logits[0].numpy()
-    ll_logits = np.array(llm.scores[: len(ids)])
+    ll_logits = llm.logits_of(ids)
     # llama.cpp keeps its KV cache in f16 even for f32 weights
     np.testing.assert_allclose(ll_logits, hf_logits, atol=1e-2 * np.abs(hf_logits).max())
     if qtype == "f16":
@@ -66,12 +77,7 @@ def test_llamacpp_matches_transformers(sharp_model_dir, tmp_path, qtype):
         hf_tokens = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
     hf_tokens = hf_tokens[0, len(ids) :].tolist()
     assert len(set(hf_tokens)) > 3  # the check below means something only if tokens vary
-    ll_tokens = []
-    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        ll_tokens.append(token)
-        if len(ll_tokens) == len(hf_tokens):
-            break
-    assert ll_tokens == hf_tokens
+    assert _greedy(llm, ids, len(hf_tokens)) == hf_tokens
 
 
 def test_q8_0_is_close_and_smaller(sharp_model_dir, tmp_path):
@@ -86,10 +92,9 @@ def test_q8_0_is_close_and_smaller(sharp_model_dir, tmp_path):
     model, tok = _hf(sharp_model_dir)
     ids = tok(TEXT)["input_ids"]
     llm = _llama(q8)
-    llm.eval(ids)
     with torch.no_grad():
         hf_logits = model(torch.tensor([ids])).logits[0].numpy()
-    ll_logits = np.array(llm.scores[: len(ids)])
+    ll_logits = llm.logits_of(ids)
     # Int8 weights in a model this small and random drift more than in SmolLM2; a wrong
     # tensor layout would agree at chance level (1/400).
     assert np.abs(ll_logits - hf_logits).max() < 0.15 * np.abs(hf_logits).max()
