@@ -43,9 +43,11 @@ def test_checkpoint_names_are_looked_up_never_joined(tmp_path):
     (tmp_path / "ft-1").mkdir()
     (tmp_path / "ft-1" / "config.json").write_text("{}")
     (tmp_path / "empty").mkdir()
-    assert available(tmp_path) == ["smollm2", "ft-1"]
+    # The shipped tuned default first, then the untouched base, then trained checkpoints.
+    assert available(tmp_path) == ["seinfeld", "smollm2", "ft-1"]
     assert resolve("ft-1", tmp_path) == str((tmp_path / "ft-1").resolve())
     assert resolve("SmolLM2", tmp_path) == "smollm2"
+    assert resolve("Seinfeld", tmp_path) == "seinfeld"
     for bad in ("../x", "/etc", "ft-1/..", "..", "a/b", "empty", "x" * 500, ""):
         with pytest.raises(CheckpointError):
             resolve(bad, tmp_path)
@@ -60,7 +62,7 @@ def test_config_from_environment():
     assert config.admin_user_ids == {1, 2, 3} and config.dev_guild_id == 77
     assert config.max_queue == 5 and config.db_path == Path("x.db")
     assert "secret" not in repr(config)
-    assert Config.from_env({}).token is None and Config.from_env({}).default_checkpoint == "smollm2"
+    assert Config.from_env({}).token is None and Config.from_env({}).default_checkpoint == "seinfeld"
     for bad in ({"QUEUE_SIZE": "lots"}, {"QUEUE_SIZE": "0"}, {"ADMIN_USER_IDS": "bob"},
                 {"DEV_GUILD_ID": "-1"}, {"LOG_LEVEL": "LOUD"}):
         with pytest.raises(ConfigError):
