@@ -29,9 +29,11 @@ from discord_payloads import (
 from bot.bot import SitcomBot
 from bot.config import Config
 from bot.core import Core
+from bot.posting import RetryPolicy
 from bot.utils.formatting import KEYCAPS
 
 MANAGE = discord.Permissions(manage_channels=True)
+SCRIPT = "GEORGE: What is it?\nKRAMER: Giddyup! @everyone\n"
 EPHEMERAL = 64
 
 
@@ -42,8 +44,23 @@ def make_config(tmp_path, model_dir, **extra) -> Config:
     )
 
 
+def scripted_loader(script: str = SCRIPT):
+    """The real loader's tokenizer with a tiny model that writes `script` (greedy-ish), so
+    scenes have model-written lines to vote for."""
+    from test_generation import teleprompter_model
+
+    from sitcom.models import load_model
+
+    def load(name: str):
+        _, tokenizer = load_model(name)
+        return teleprompter_model(tokenizer, script), tokenizer
+
+    return load
+
+
 async def start_bot(config: Config, sync: bool = False):
-    core = await Core.start(config)
+    core = await Core.start(config, loader=scripted_loader())
+    core.retry = RetryPolicy(attempts=3, first_delay_s=0.01)
     bot = SitcomBot(config, core)
     await bot.__aenter__()  # what `async with bot` does before login: the loop, ready event
     recorder = install(bot)
@@ -79,35 +96,41 @@ async def test_scene_is_acknowledged_posted_numbered_and_votable(running):
     posts = rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
     assert posts, "the scene was not posted as a channel message"
     shown = [row for p in posts for row in p.json["content"].split("\n")[1:]]
-    assert shown[0] == f"{KEYCAPS[0]} ELAINE: Jerry! George! @\u200beveryone listen!"
-    assert shown[1] == f"{KEYCAPS[1]} JERRY: What?"
+    # The user's own lines are shown but carry no keycap: they are not votable.
+    assert shown[0] == "💬 ELAINE: Jerry! George! @\u200beveryone listen!"
+    assert shown[1] == "💬 JERRY: What?"
+    written = shown[2:]
+    assert written, "the tiny model wrote no line"
+    assert [row.split(" ", 1)[0] for row in written[:10]] == list(KEYCAPS[: len(written[:10])])
     for post in posts:
         assert post.json["allowed_mentions"] == {"parse": []}
-        assert len(post.json["content"]) <= 2000 and post.json["content"].count("\n") <= 10
+        assert len(post.json["content"]) <= 2000 and post.json["content"].count("\n") <= 12
     reactions = rec.find("PUT", "/reactions/")
-    assert len(reactions) == len(shown)
+    assert len(reactions) == len(written)
     assert "Scene 1 is ready" in rec.replies()[-1]["content"]
+    assert (await bot.core.db.get_scene(1)).posted
 
     # Votes: the real gateway parser -> on_raw_reaction_add -> SQLite.
     message_id = int(rec.find("PUT", "/reactions/")[0].path.split("/")[4])
     state = bot._connection
-    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[1]))
-    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[1]))  # duplicate
-    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[1], user_id=BOT_ID))
+    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[0]))
+    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[0]))  # duplicate
+    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[0], user_id=BOT_ID))
     state.parse_message_reaction_add(reaction_payload(message_id, "👍"))
     state.parse_message_reaction_add(reaction_payload(123456789012345678, KEYCAPS[0]))  # unknown
     state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[0], user_id=OWNER_ID))
     await settle(bot)
-    best = await bot.core.db.best(GUILD_ID)
-    assert [(r.line_no, r.votes) for r in best] == [(2, 1), (1, 1)]
+    best = await bot.core.db.best("discord", str(GUILD_ID))
+    assert [(r.line_no, r.votes) for r in best] == [(3, 2)]
 
     state.parse_message_reaction_remove(reaction_payload(message_id, KEYCAPS[0], user_id=OWNER_ID))
     await settle(bot)
-    assert [(r.line_no, r.votes) for r in await bot.core.db.best(GUILD_ID)] == [(2, 1)]
+    assert [(r.line_no, r.votes) for r in await bot.core.db.best("discord", str(GUILD_ID))] \
+        == [(3, 1)]
 
     await invoke(bot, command_payload("best", [option("scope", "channel")]))
     board = last_reply(rec)["content"]
-    assert "JERRY: What?" in board and "**1** vote" in board and "ELAINE" not in board
+    assert "**1** vote" in board and "line 3" in board and "ELAINE" not in board
 
 
 @pytest.mark.asyncio
@@ -145,7 +168,7 @@ async def test_settings_ranges_and_permissions(running, tmp_path, tiny_model_dir
         shown = last_reply(rec)["content"]
         assert "`temperature` = 1.3" in shown and "`max_new_tokens` = 16" in shown
         await invoke(bot, command_payload("settings", [subcommand("reset")], permissions=MANAGE))
-        assert (await bot.core.db.get_settings(CHANNEL_ID)).temperature == 0.8
+        assert (await bot.core.db.get_settings("discord", str(CHANNEL_ID))).temperature == 0.8
     finally:
         await bot.close()
 
@@ -181,7 +204,7 @@ async def test_checkpoint_admin_only_and_names_checked(running, tmp_path, tiny_m
 
 @pytest.mark.asyncio
 async def test_admin_ids_from_the_environment(tmp_path, tiny_model_dir):
-    config = make_config(tmp_path, tiny_model_dir, admin_user_ids=frozenset({USER_ID}))
+    config = make_config(tmp_path, tiny_model_dir, admin_user_ids=frozenset({str(USER_ID)}))
     bot, rec = await start_bot(config)
     try:
         await invoke(bot, command_payload("checkpoint", [subcommand("list")], user_id=USER_ID))
