@@ -312,3 +312,70 @@ async def test_http_mode_checks_signatures(tmp_path, tiny_model_dir):
 async def test_escape():
     assert escape("<!channel> & <@U1>\x07") == "&lt;!channel&gt; &amp; &lt;@U1&gt;"
 
+
+
+async def test_discord_and_slack_share_one_core(tmp_path, tiny_model_dir):
+    """Both frontends in one process: one engine, one database, one scene numbering, but
+    settings, votes, /best and re-posts stay within their platform."""
+    from discord_payloads import CHANNEL_ID, GUILD_ID, command_payload, install, invoke, option
+
+    from bot.bot import SitcomBot
+
+    fake = await FakeSlack().start()
+    slack = await start(tmp_path, tiny_model_dir, fake)
+    bot = SitcomBot(slack.config, slack.core)
+    await bot.__aenter__()
+    recorder = install(bot)
+    bot.sync_on_setup = False
+    await bot.setup_hook()
+    try:
+        assert bot.core is slack.core
+        await command(fake, "/settings", "set max_new_tokens 20", user=ADMIN)
+        assert (await slack.core.db.get_settings("discord", str(CHANNEL_ID))).max_new_tokens \
+            == 200  # a Slack channel's settings are not a Discord channel's
+        _, done = await scene(fake, "Jerry: From Slack.")
+        await invoke(bot, command_payload("scene", [option("prompt", "George: From Discord.")]))
+        assert "Scene 1 is ready" in done["text"]
+        assert "Scene 2 is ready" in recorder.replies()[-1]["content"]
+        one, two = await slack.core.db.get_scene(1), await slack.core.db.get_scene(2)
+        assert one.place.platform == "slack" and two.place.platform == "discord"
+        ack = await command(fake, "/scene", "#2")  # Discord's scene is not Slack's to post
+        assert "no scene 2 in this channel" in ack["text"]
+        await react(app=slack, fake=fake,
+                    body=reaction_event("reaction_added", "one", refs(fake)[0]))
+        assert [r.scene_id for r in await slack.core.db.best("slack", TEAM)] == [1]
+        assert await slack.core.db.best("discord", str(GUILD_ID)) == []
+    finally:
+        await slack.core.close()
+        await bot.close()
+        await slack.close()
+        await fake.close()
+
+
+async def test_run_connects_slack_and_stops_cleanly(tmp_path, tiny_model_dir, capsys):
+    """`python -m bot`'s run(): Slack credentials → connect (token check, Socket Mode URL,
+    websocket), serve, stop on request, close the database; a bad token → one line, 1."""
+    from bot.__main__ import run
+
+    fake = await FakeSlack().start()
+    config = make_config(tmp_path, tiny_model_dir, slack_bot_token="xoxb-test",
+                         slack_app_token="xapp-test")
+    stop = asyncio.Event()
+    try:
+        task = asyncio.create_task(run(config, loader=scripted_loader(), stop=stop,
+                                       slack_client=make_client("xoxb-test", fake.base_url)))
+        ack = await command(fake, "/settings", "show")
+        assert "Scene settings" in ack["text"]
+        assert [c.method for c in fake.calls[:2]] == ["auth.test", "apps.connections.open"]
+        stop.set()
+        assert await task == 0
+        assert not (tmp_path / "bot.db-wal").exists()  # the database was closed
+
+        fake.faults["auth.test"].append("invalid_auth")
+        status = await run(config, loader=scripted_loader(),
+                           slack_client=make_client("xoxb-test", fake.base_url))
+        assert status == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: Slack rejected the token") and "Traceback" not in err
+    finally:
+        await fake.close()
