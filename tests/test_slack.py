@@ -376,6 +376,6 @@ async def test_run_connects_slack_and_stops_cleanly(tmp_path, tiny_model_dir, ca
                            slack_client=make_client("xoxb-test", fake.base_url))
         assert status == 1
         err = capsys.readouterr().err
-        assert err.startswith("error: Slack rejected the token") and "Traceback" not in err
+        assert "\nerror: Slack rejected the token" in err and "Traceback" not in err
     finally:
         await fake.close()
