@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 
+import aiohttp
 import discord
 import pytest
 import pytest_asyncio
@@ -18,6 +19,7 @@ from discord_payloads import (
     OWNER_ID,
     USER_ID,
     command_payload,
+    http_error,
     install,
     invoke,
     option,
@@ -260,3 +262,103 @@ def test_client_never_pings_and_needs_no_privileged_intents(tmp_path, tiny_model
     assert bot.allowed_mentions.to_dict() == {"parse": []}
     assert not bot.intents.message_content and not bot.intents.members
     assert bot.intents.guild_reactions and bot.intents.guilds
+
+
+def posted_lines(rec) -> list[str]:
+    return [row for p in rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
+            for row in p.json["content"].split("\n")[1:]]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("fault", ["disconnect", "5xx", "429"])
+async def test_posting_retries_a_dropped_connection_5xx_and_429(running, fault):
+    bot, rec = running
+    error = {
+        "disconnect": aiohttp.ServerDisconnectedError(),
+        "5xx": http_error(discord.DiscordServerError, 503, "Service Unavailable"),
+        "429": discord.RateLimited(0.01),
+    }[fault]
+    rec.fail("POST", f"/channels/{CHANNEL_ID}/messages", error)
+    rec.fail("PUT", "/reactions/", error)
+    await invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello.")]))
+    assert "Scene 1 is ready" in last_reply(rec)["content"]
+    assert len(rec.find("POST", f"/channels/{CHANNEL_ID}/messages")) == 1  # once, not twice
+    assert len(rec.find("PUT", "/reactions/")) == len(posted_lines(rec)) - 1  # all keycaps
+    assert not rec.faults and (await bot.core.db.get_scene(1)).posted
+
+
+@pytest.mark.asyncio
+async def test_a_scene_that_cannot_be_posted_is_kept_and_reposted(running):
+    bot, rec = running
+    for _ in range(3):  # more than the retry policy's attempts
+        rec.fail("POST", f"/channels/{CHANNEL_ID}/messages", aiohttp.ServerDisconnectedError())
+    await invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello.")]))
+    reply = last_reply(rec)["content"]
+    assert "Scene 1 is written and saved, but I couldn't post it" in reply
+    assert "/scene #1" in reply and "Traceback" not in reply
+    assert not (await bot.core.db.get_scene(1)).posted
+
+    await invoke(bot, command_payload("scene", [option("prompt", "#1")]))
+    assert "Scene 1 is ready" in last_reply(rec)["content"]
+    assert (await bot.core.db.get_scene(1)).posted
+    await invoke(bot, command_payload("scene", [option("prompt", "#1")]))
+    assert "posted already" in last_reply(rec)["content"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["app_permissions", "forbidden"])
+async def test_missing_add_reactions_posts_every_line_and_says_why(running, how):
+    bot, rec = running
+    payload = command_payload("scene", [option("prompt", "Jerry: Hello.")])
+    if how == "app_permissions":  # Discord tells us up front: no doomed calls
+        perms = discord.Permissions.all()
+        perms.add_reactions = False
+        payload["app_permissions"] = str(perms.value)
+    else:  # or the first reaction is refused
+        rec.fail("PUT", "/reactions/", http_error(discord.Forbidden, 403, "Missing Permissions",
+                                                  50013))
+    await invoke(bot, payload)
+    reply = last_reply(rec)["content"]
+    assert "Scene 1 is ready" in reply and "Add Reactions" in reply and "1️⃣…🔟" in reply
+    assert not rec.find("PUT", "/reactions/")
+    stored = await bot.core.db.get_scene(1)
+    assert stored.posted and all(line.message_id for line in stored.lines)
+    assert len(posted_lines(rec)) == len(stored.lines)  # no half-posted scene
+
+
+@pytest.mark.asyncio
+async def test_ack_shows_the_engines_queue_position_and_wait():
+    from bot.core import queue_text
+
+    class Job:
+        position = 3
+    assert queue_text(Job()) == "🎬 Writing your scene — #3 in the queue…"
+    Job.eta_s = 42.4  # once the engine estimates the wait
+    assert queue_text(Job()) == "🎬 Writing your scene — #3 in the queue, about 42 s…"
+    Job.eta_s = 300
+    assert queue_text(Job()).endswith("about 5 min…")
+
+
+def test_every_slash_command_option_has_a_description(tmp_path, tiny_model_dir):
+    import asyncio
+
+    bot = SitcomBot(make_config(tmp_path, tiny_model_dir))
+
+    async def load():
+        for ext in ("bot.cogs.scenes", "bot.cogs.votes", "bot.cogs.settings",
+                    "bot.cogs.checkpoints"):
+            await bot.load_extension(ext)
+
+    asyncio.run(load())
+    options = []
+    for command in bot.tree.get_commands():
+        payload = command.to_dict(bot.tree)
+        stack = [payload]
+        while stack:
+            node = stack.pop()
+            for opt in node.get("options", []):
+                stack.append(opt)
+                options.append((payload["name"], opt["name"], opt["description"]))
+    assert len(options) >= 10
+    for command, name, description in options:
+        assert description and description != "…", (command, name)

@@ -178,6 +178,18 @@ async def test_bad_command_text_gets_usage_ephemerally(slack):
     assert not fake.find("chat.postMessage")
 
 
+async def test_engine_refusals_are_polite_ephemeral_acks(slack):
+    app, fake = slack
+    app.core.engine.max_queue = 0  # the queue is full
+    ack = await command(fake, "/scene", "Jerry: Anyone?")
+    assert "The writers' room is full" in ack["text"] and ack["response_type"] == "ephemeral"
+    app.core.accepting = False  # shutting down
+    ack = await command(fake, "/scene", "Jerry: Anyone?")
+    assert "shutting down" in ack["text"]
+    app.core.accepting = True
+    assert not fake.find("chat.postMessage")
+
+
 async def test_settings_and_checkpoint_permissions(slack):
     app, fake = slack
     refused = await command(fake, "/settings", "set temperature 1.3", user=USER)

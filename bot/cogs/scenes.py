@@ -64,6 +64,8 @@ class DiscordSurface:
                           "channel") from e
         except discord.HTTPException as e:
             raise _transient(e) from e
+        except discord.RateLimited as e:  # a 429 longer than discord.py waits by itself
+            raise Transient("rate limited", e.retry_after) from e
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise Transient(f"connection lost: {type(e).__name__}") from e
         return Posted(str(message.id), message.jump_url)
@@ -79,6 +81,8 @@ class DiscordSurface:
                           "permission in this channel") from e
         except discord.HTTPException as e:
             raise _transient(e) from e
+        except discord.RateLimited as e:
+            raise Transient("rate limited", e.retry_after) from e
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise Transient(f"connection lost: {type(e).__name__}") from e
 
