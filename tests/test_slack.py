@@ -391,3 +391,19 @@ async def test_run_connects_slack_and_stops_cleanly(tmp_path, tiny_model_dir, ca
         assert "\nerror: Slack rejected the token" in err and "Traceback" not in err
     finally:
         await fake.close()
+
+
+async def test_manifest_matches_what_the_app_handles():
+    from importlib import resources
+
+    import yaml
+
+    from bot.slack.app import COMMANDS, EVENTS
+
+    manifest = yaml.safe_load(resources.files("bot.slack").joinpath("manifest.yaml").read_text())
+    assert tuple(c["command"] for c in manifest["features"]["slash_commands"]) == COMMANDS
+    assert tuple(manifest["settings"]["event_subscriptions"]["bot_events"]) == EVENTS
+    assert manifest["settings"]["socket_mode_enabled"] is True
+    scopes = set(manifest["oauth_config"]["scopes"]["bot"])
+    assert {"commands", "chat:write", "reactions:write", "reactions:read", "users:read"} <= scopes
+    assert "chat:write.public" not in scopes  # the bot posts only where it was invited

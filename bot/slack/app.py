@@ -43,6 +43,8 @@ USER_FACING = (EngineError, ModelLoadError, CheckpointError, DatabaseError, NotA
                UsageError)
 SORRY = "Sorry, something went wrong on my side. It has been logged."
 EVENTS_PATH = "/slack/events"
+COMMANDS = ("/scene", "/best", "/settings", "/checkpoint")  # as in manifest.yaml
+EVENTS = ("reaction_added", "reaction_removed")
 
 
 class SlackFrontend:
@@ -62,7 +64,7 @@ class SlackFrontend:
             # Socket Mode requests are authenticated by the connection, HTTP ones by signature.
             request_verification_enabled=bool(config.slack_signing_secret),
         )
-        for name in ("/scene", "/best", "/settings", "/checkpoint"):
+        for name in COMMANDS:
             self.app.command(name)(self._command)
         self.app.event("reaction_added")(self._reaction_added)
         self.app.event("reaction_removed")(self._reaction_removed)
