@@ -106,6 +106,8 @@ async def run(config: Config, *, loader=None, slack_client=None,
         await core.close(posting=posting)  # idempotent; also what SitcomBot.close() calls
         if bot is not None:
             await bot.close()
+            if discord_task is not None:
+                await asyncio.gather(discord_task, return_exceptions=True)
         if slack is not None:
             await slack.close()
     return status

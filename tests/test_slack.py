@@ -407,3 +407,21 @@ async def test_manifest_matches_what_the_app_handles():
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     assert {"commands", "chat:write", "reactions:write", "reactions:read", "users:read"} <= scopes
     assert "chat:write.public" not in scopes  # the bot posts only where it was invited
+
+
+async def test_long_scenes_split_within_slacks_limits():
+    from bot.db import Place, StoredLine, StoredScene
+    from bot.posting import plan
+    from bot.slack.surface import SlackSurface
+
+    lines = ["ELAINE: Hi!"] + [f"JERRY: line {i} <!here>" for i in range(22)] + [
+        "GEORGE: " + "a" * 2000] * 3
+    scene = StoredScene(5, Place("slack", TEAM, CHANNEL), [
+        StoredLine(i, i, text, i == 1, None) for i, text in enumerate(lines, 1)])
+    messages = plan(scene, SlackSurface(client=None, channel=CHANNEL))
+    assert [len(m.lines) for m in messages] == [11, 10, 4, 1]  # two 1500-char lines fit
+    assert all(len(m.text) <= 3900 for m in messages)
+    assert messages[0].text.split("\n")[1] == "💬 ELAINE: Hi!"
+    assert messages[1].text.startswith("🎬 *Scene 5* (part 2)")
+    assert messages[1].text.split("\n")[1] == ":one: JERRY: line 10 &lt;!here&gt;"
+    assert messages[1].text.split("\n")[-1].startswith(":keycap_ten: ")

@@ -113,7 +113,11 @@ class SlackFrontend:
             nonlocal acked
             kind = "in_channel" if public else "ephemeral"
             if acked:
-                await respond(text=text, response_type=kind, replace_original=False)
+                try:
+                    await respond(text=text, response_type=kind, replace_original=False)
+                except Exception as e:  # response_urls expire after 30 min / 5 uses
+                    log.warning("could not reply to %s %s (%s): %s", name, command.get("user_id"),
+                                type(e).__name__, text)
             else:
                 acked = True
                 await ack(text=text, response_type=kind)

@@ -99,6 +99,7 @@ class SlackSurface:
     def __init__(self, client: AsyncWebClient, channel: str) -> None:
         self.client = client
         self.channel = channel
+        self._linked = False  # the ack links to the first message only
 
     def escape(self, text: str) -> str:
         return escape(text)
@@ -130,11 +131,13 @@ class SlackSurface:
         )
         channel, ts = response["channel"], response["ts"]
         link = None
-        try:  # nice to have in the ack; never worth failing a post over
-            link = (await self.client.chat_getPermalink(channel=channel, message_ts=ts))[
-                "permalink"]
-        except (SlackApiError, aiohttp.ClientError, OSError, TimeoutError, KeyError) as e:
-            log.info("no permalink for %s/%s: %s", channel, ts, e)
+        if not self._linked:
+            self._linked = True
+            try:  # nice to have in the ack; never worth failing a post over
+                link = (await self.client.chat_getPermalink(channel=channel, message_ts=ts))[
+                    "permalink"]
+            except (SlackApiError, aiohttp.ClientError, OSError, TimeoutError, KeyError) as e:
+                log.info("no permalink for %s/%s: %s", channel, ts, e)
         return Posted(f"{channel}/{ts}", link)
 
     async def react(self, ref: str, slot: int) -> None:
