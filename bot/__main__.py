@@ -25,6 +25,9 @@ def _discord_failure(error: BaseException) -> str | None:
                 "(Bot > Reset Token)")
     if isinstance(error, discord.PrivilegedIntentsRequired):
         return "Discord refused the gateway intents"
+    if isinstance(error, discord.HTTPException):  # e.g. 5xx at login: Discord is in trouble
+        return (f"Discord answered {error.status} {error.response.reason} during start-up; "
+                "try again later (https://discordstatus.com)")
     if isinstance(error, (aiohttp.ClientError, OSError)):
         return f"cannot reach Discord ({type(error).__name__}: {error})"
     return None

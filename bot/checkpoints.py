@@ -1,7 +1,9 @@
-"""Which checkpoints an admin may switch to: `smollm2` plus CHECKPOINTS_DIR/<name>/config.json.
+"""Which checkpoints an admin may switch to: the shipped `seinfeld` default, the untouched
+`smollm2` base, and CHECKPOINTS_DIR/<name>/config.json.
 
 Names are looked up in that listing, never joined onto a path as typed, so `../x`, `/etc`
-or `a/b` can never reach the filesystem.
+or `a/b` can never reach the filesystem; entries (symlinks) resolving outside the
+directory are not listed.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sitcom.models import DEFAULT_MODEL, is_model_dir
+from sitcom.models import BASE_MODEL, TUNED_MODEL, is_model_dir
+
+BUILT_IN = (TUNED_MODEL, BASE_MODEL)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -19,21 +23,28 @@ class CheckpointError(ValueError):
 
 
 def available(checkpoints_dir: Path) -> list[str]:
-    """The default model first, then every subdirectory holding a config.json, sorted."""
+    """The built-in models first, then every subdirectory holding a config.json, sorted."""
     names = []
     if checkpoints_dir.is_dir():
         names = sorted(
             p.name for p in checkpoints_dir.iterdir()
-            if _NAME_RE.fullmatch(p.name) and is_model_dir(p)
+            if _NAME_RE.fullmatch(p.name) and _inside(p, checkpoints_dir) and is_model_dir(p)
         )
-    return [DEFAULT_MODEL, *(n for n in names if n != DEFAULT_MODEL)]
+    return [*BUILT_IN, *(n for n in names if n not in BUILT_IN)]
+
+
+def _inside(entry: Path, checkpoints_dir: Path) -> bool:
+    """False for an entry (a symlink, say) that resolves outside CHECKPOINTS_DIR."""
+    root = checkpoints_dir.resolve()
+    target = entry.resolve()
+    return target != root and target.is_relative_to(root)
 
 
 def resolve(name: str, checkpoints_dir: Path) -> str:
     """A listed name -> what SceneEngine accepts; anything else -> CheckpointError."""
     name = name.strip()
-    if name.lower() == DEFAULT_MODEL:
-        return DEFAULT_MODEL
+    if name.lower() in BUILT_IN:
+        return name.lower()
     shown = name if len(name) <= 40 else name[:40] + "…"
     if not _NAME_RE.fullmatch(name) or ".." in name:
         raise CheckpointError(

@@ -1,14 +1,18 @@
-"""Settings from the environment (and a `.env` file beside the process); see .env.example."""
+"""Settings from the environment (and a `.env` file in the working directory); see .env.example."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotenv import load_dotenv
+
+from sitcom.models import DEFAULT_MODEL
 
 
 class ConfigError(ValueError):
@@ -24,7 +28,7 @@ class Config:
     slack_port: int = 3000
     db_path: Path = Path("sitcom.db")
     checkpoints_dir: Path = Path("checkpoints")
-    default_checkpoint: str = "smollm2"
+    default_checkpoint: str = DEFAULT_MODEL
     admin_user_ids: frozenset[str] = frozenset()  # Discord ids (digits) and Slack ids (U…)
     dev_guild_id: int | None = None
     max_queue: int = 32
@@ -37,7 +41,9 @@ class Config:
     def from_env(cls, env: Mapping[str, str] | None = None, dotenv: bool = True) -> Config:
         if env is None:
             if dotenv:
-                load_dotenv(override=False)  # real environment variables win over .env
+                # Only ./.env: python-dotenv's default search walks up from this file's
+                # folder, so a .env planted above a copy of the app would configure it.
+                load_dotenv(Path.cwd() / ".env", override=False)  # real variables win
             env = os.environ
 
         def get(name: str) -> str | None:
@@ -52,6 +58,8 @@ class Config:
                 value = kind(raw)
             except ValueError:
                 raise ConfigError(f"{name} must be a number (got {raw!r})") from None
+            if not math.isfinite(value):  # nan would silently switch the limit off
+                raise ConfigError(f"{name} must be a finite number (got {raw!r})")
             if value < low:
                 raise ConfigError(f"{name} must be at least {low} (got {raw!r})")
             return value
@@ -63,7 +71,7 @@ class Config:
 
         def user_id(name: str, raw: str) -> str:
             # Discord: a snowflake; Slack: a member id such as U0123ABCD or W0123ABCD.
-            if not (raw.isdigit() or re.fullmatch(r"[UW][A-Z0-9]{2,}", raw)):
+            if not re.fullmatch(r"[0-9]{1,20}|[UW][A-Z0-9]{2,20}", raw):
                 raise ConfigError(
                     f"{name} must hold Discord user ids (digits) or Slack member ids "
                     f"(U0123ABCD), got {raw!r}"
@@ -72,11 +80,20 @@ class Config:
 
         def secret(name: str, prefix: str) -> str | None:
             value = get(name)
+            # Never echo the value: it may be some other secret pasted by mistake.
             if value is not None and prefix and not value.startswith(prefix):
-                # Never echo the value: it may be some other secret pasted by mistake.
                 raise ConfigError(f"{name} must start with {prefix} (see .env.example)")
+            if value and any(c.isspace() or unicodedata.category(c).startswith("C")
+                             for c in value):
+                raise ConfigError(f"{name} contains spaces or control characters; copy it "
+                                  "again from api.slack.com/apps")
             return value
 
+        token = get("DISCORD_TOKEN")
+        if token and any(c.isspace() or unicodedata.category(c).startswith("C") for c in token):
+            # aiohttp would refuse it as a header deep inside login, with a traceback.
+            raise ConfigError("DISCORD_TOKEN contains spaces or control characters; copy it "
+                              "again from the Developer Portal (Bot > Reset Token)")
         admins = get("ADMIN_USER_IDS") or ""
         guild = get("DEV_GUILD_ID")
         level = (get("LOG_LEVEL") or "INFO").upper()
@@ -93,14 +110,14 @@ class Config:
         if (slack_app or signing) and not slack_bot:
             raise ConfigError("SLACK_APP_TOKEN / SLACK_SIGNING_SECRET need SLACK_BOT_TOKEN")
         return cls(
-            token=get("DISCORD_TOKEN"),
             slack_bot_token=slack_bot,
             slack_app_token=slack_app,
             slack_signing_secret=signing,
             slack_port=int(number("SLACK_PORT", int, 3000, 1)),
+            token=token,
             db_path=Path(get("BOT_DB") or "sitcom.db").expanduser(),
             checkpoints_dir=Path(get("CHECKPOINTS_DIR") or "checkpoints").expanduser(),
-            default_checkpoint=get("DEFAULT_CHECKPOINT") or "smollm2",
+            default_checkpoint=get("DEFAULT_CHECKPOINT") or DEFAULT_MODEL,
             admin_user_ids=frozenset(
                 user_id("ADMIN_USER_IDS", part.strip())
                 for part in admins.replace(",", " ").split()

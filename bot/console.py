@@ -8,6 +8,8 @@ commands run in order, the process exits at EOF, with status 1 if any command fa
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import signal
 import sys
 import threading
@@ -23,8 +25,16 @@ from .core import Core
 from .db import DatabaseError, Place
 from .texts import describe, leaderboard
 
+log = logging.getLogger(__name__)
+
 LOCAL = Place("console", "0", "0")  # the console's "server" and "channel"
 USER = "0"
+ID_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only (not ², ١) and within SQLite's int64
+NO_INPUT = (
+    "the local console ended: no commands on stdin. It runs because DISCORD_TOKEN is not set; "
+    "set DISCORD_TOKEN (or the Slack tokens, SLACK_BOT_TOKEN and SLACK_APP_TOKEN) to run the "
+    "real bots"
+)
 HELP = """Commands:
   /scene TEXT              write a scene that opens with TEXT, e.g. /scene Elaine: Jerry!
   /vote SCENE_ID LINE_NO   vote for a line of a scene
@@ -55,7 +65,12 @@ class Console:
         interactive = stdin.isatty()
         if interactive:
             self.say(f"Sitcom console ({self.core.checkpoint}). /help lists the commands.")
+        if hasattr(stdin, "reconfigure"):
+            # Bytes that are not UTF-8 become U+FFFD here, at the edge; a strict decoder
+            # would end the reader thread and leave the console waiting forever.
+            stdin.reconfigure(errors="replace")
         failed = False
+        commands = 0
         self._lines = lines = _read_lines(stdin)
         while True:
             if interactive:
@@ -65,10 +80,14 @@ class Console:
                 print("stopped; the database is closed cleanly", file=self.err, flush=True)
                 return 0
             if not line:  # EOF
+                if not commands and not interactive:  # e.g. under a service manager
+                    print(f"error: {NO_INPUT}", file=self.err, flush=True)
+                    return 1
                 break
             line = line.strip()
             if not line:
                 continue
+            commands += 1
             if line in ("/quit", "/exit"):
                 break
             try:
@@ -76,6 +95,11 @@ class Console:
             except (UsageError, EngineError, ModelLoadError, CheckpointError, DatabaseError) as e:
                 failed = True
                 print(f"error: {e}", file=self.err, flush=True)
+            except Exception:  # a bug in one command: one line here, the traceback in the log
+                failed = True
+                log.exception("console command %r failed", line[:80])
+                print("error: sorry, that command failed on my side; the details are in the log",
+                      file=self.err, flush=True)
         return 1 if failed and not interactive else 0
 
     async def handle(self, line: str) -> None:
@@ -99,7 +123,7 @@ class Console:
             self.say(f"(#{job.position} in the queue)")
         scene = await job.result()
         stored = await self.core.record(scene, place=LOCAL, user_id=USER, prompt=job.prompt)
-        self.say(f"Scene {stored.id} ({self.core.checkpoint}, {scene.new_tokens} tokens, "
+        self.say(f"Scene {stored.id} ({self.core.model_label(scene)}, {scene.new_tokens} tokens, "
                  f"{scene.seconds:.1f} s)")
         for line in stored.lines:  # the user's own lines are shown, but not votable
             self.say(f"{'you' if line.from_prompt else line.line_no:>3}. {line.text}")
@@ -107,7 +131,7 @@ class Console:
 
     async def vote(self, args: str) -> None:
         parts = args.split()
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        if len(parts) != 2 or not all(ID_RE.fullmatch(p) for p in parts):
             raise CommandError("usage: /vote SCENE_ID LINE_NO (two numbers)")
         scene_id, line_no = map(int, parts)
         line = await self.core.db.scene_line(LOCAL.platform, scene_id, line_no)

@@ -5,18 +5,22 @@ posted scene (bot.posting does the posting), votes and their bookkeeping."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Awaitable, Callable, Collection
 
-from sitcom.engine import EngineError, GenerationTimeout, SceneEngine
-from sitcom.models import DEFAULT_MODEL, ModelLoadError
+from safetensors import SafetensorError
+
+from sitcom.engine import EngineError, GenerationTimeout, Scene, SceneEngine
+from sitcom.llamacpp import load_serving_model
+from sitcom.models import ModelLoadError, cache_root, is_base_model, is_tuned_default
 from sitcom.script import normalize_prompt
 from sitcom.settings import SceneSettings
 
 from . import checkpoints
 from .commands import repost_id
 from .config import Config
-from .db import Database, Place, StoredScene
+from .db import Database, DatabaseError, Place, StoredScene
 from .posting import Delivery, RetryPolicy, Surface, deliver
 
 log = logging.getLogger(__name__)
@@ -25,12 +29,42 @@ MAX_PROMPT_CHARS = 1000  # the engine's limit and the /scene option's max_length
 CHECKPOINT_KEY = "active_checkpoint"
 
 
+# A read-only, full or mistyped (a file in the path) cache directory.
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+               errno.ENOTDIR, errno.EEXIST, errno.EFBIG}
+
+
+def load_model(name: str) -> tuple[object, object]:
+    """The engine's loader, with the model cache's failures as one clear ModelLoadError.
+
+    The built-in models are converted once into SITCOM_CACHE; a cache on a read-only or
+    full disk would otherwise end the start-up in an OSError/SafetensorError traceback.
+    """
+    if not (is_base_model(name) or is_tuned_default(name)):
+        return load_serving_model(name)
+    cache = cache_root()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)  # fails fast, before the slow conversion
+        return load_serving_model(name)
+    except (OSError, SafetensorError) as e:
+        if isinstance(e, OSError) and e.errno not in _UNWRITABLE:
+            raise
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise ModelLoadError(
+            f"cannot write the model cache {cache} ({why}); point SITCOM_CACHE at a writable "
+            "directory with ~600 MB free"
+        ) from e
+
+
 class Core:
     def __init__(self, config: Config, db: Database, engine: SceneEngine, checkpoint: str) -> None:
         self.config = config
         self.db = db
         self.engine = engine
         self.checkpoint = checkpoint  # the name users see; engine.model_name may be a path
+        # engine model -> the name users saw when it was chosen: a scene is labelled with
+        # the model that wrote it, even when a swap lands before it is stored.
+        self._labels: dict[str, str] = {engine.model_name: checkpoint}
         self.accepting = True
         self.retry = RetryPolicy()
 
@@ -65,7 +99,7 @@ class Core:
         engine = SceneEngine(
             model=model, max_queue=config.max_queue, per_user_limit=config.per_user_limit,
             timeout_s=config.timeout_s, max_prompt_chars=MAX_PROMPT_CHARS,
-            **({"loader": loader} if loader else {}),
+            loader=loader or load_model,
         )
         await engine.start()
         return engine
@@ -78,12 +112,19 @@ class Core:
             raise EngineError("I'm shutting down for a moment; please try again shortly.")
         return await self.engine.submit(prompt, settings, user_id=str(user_id))
 
+    def model_label(self, scene: Scene) -> str:
+        """The checkpoint name of the model that wrote `scene` (not necessarily the active)."""
+        return self._labels.get(scene.model_name, scene.model_name)
+
     async def record(
-        self, scene, *, place: Place, user_id: str | int, prompt: str, note: str | None = None
+        self, scene: Scene, *, place: Place, user_id: str | int, prompt: str,
+        note: str | None = None,
     ) -> StoredScene:
+        """Store a finished scene; `prompt` should be the cleaned one (job.prompt)."""
         return await self.db.add_scene(
-            place=place, user_id=str(user_id), prompt=prompt, model_name=self.checkpoint,
-            lines=list(scene.lines), prompt_lines=prompt_line_count(prompt, scene.lines),
+            place=place, user_id=str(user_id), prompt=prompt,
+            model_name=self.model_label(scene), lines=list(scene.lines),
+            prompt_lines=prompt_line_count(prompt, scene.lines),
             new_tokens=int(scene.new_tokens), seconds=float(scene.seconds), note=note,
         )
 
@@ -147,7 +188,7 @@ class Core:
         text = f"🎬 Scene {stored.id} is ready {where}"
         if scene is not None:
             text += (f" ({len(scene.lines)} lines, {scene.seconds:.1f} s, "
-                     f"{surface.escape(self.checkpoint)})")
+                     f"{surface.escape(self.model_label(scene))})")
         if delivery.reactions_problem:
             text += (f". I couldn't add the voting reactions: "
                      f"{surface.escape(delivery.reactions_problem)}; react with "
@@ -184,12 +225,26 @@ class Core:
         return [f"{n}  ← active" if n == self.checkpoint else n for n in names]
 
     async def use_checkpoint(self, name: str) -> str:
-        """Swap the engine to a listed checkpoint and remember it; returns the name."""
+        """Swap the engine to a listed checkpoint and remember it; returns the name.
+
+        Both or neither: when the choice cannot be stored (a busy database), the old model
+        is swapped back before the error is reported.
+        """
         model = checkpoints.resolve(name, self.config.checkpoints_dir)
-        name = DEFAULT_MODEL if model == DEFAULT_MODEL else name.strip()
+        name = model if model in checkpoints.BUILT_IN else name.strip()
+        previous = self.engine.model_name
+        self._labels[model] = name  # scenes may be written by it as soon as the swap lands
         await self.engine.swap(model)  # ModelLoadError leaves the old model running
+        try:
+            await self.db.set_state(CHECKPOINT_KEY, name)
+        except DatabaseError:
+            try:
+                await self.engine.swap(previous)
+            except ModelLoadError:  # the new one stays; say so truthfully in the listing
+                log.exception("could not swap back to %s after a failed switch", previous)
+                self.checkpoint = name
+            raise
         self.checkpoint = name
-        await self.db.set_state(CHECKPOINT_KEY, name)
         return name
 
     async def close(self, posting: Collection[asyncio.Task] = (), grace_s: float = 15.0) -> None:

@@ -106,6 +106,7 @@ class Database:
         db = cls(path, conn)
         try:
             await conn.execute("PRAGMA foreign_keys = ON")
+            await db._refuse_newer()  # before anything writes, even the journal mode
             await conn.execute("PRAGMA journal_mode = WAL")
             await db._migrate()
         except (sqlite3.Error, DatabaseError) as e:
@@ -120,6 +121,15 @@ class Database:
     async def schema_version(self) -> int:
         async with self._conn.execute("PRAGMA user_version") as cur:
             return (await cur.fetchone())[0]
+
+    async def _refuse_newer(self) -> None:
+        current = await self.schema_version()
+        known = max((version for version, _, _ in migrations()), default=0)
+        if current > known:
+            raise DatabaseError(
+                f"it is at schema version {current}, newer than this bot's {known} (written by "
+                "a newer version); run that version or point BOT_DB at another file"
+            )
 
     async def _migrate(self) -> None:
         current = await self.schema_version()

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from data.download import DEFAULT_BASE_URL, DownloadError, download
-from data.prepare import Options, PrepareError, prepare, summary, write_outputs
+from data.prepare import Options, PrepareError, check_out_dir, prepare, summary, write_outputs
 
 
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:  # time.sleep(nan) fails mid-download
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
     return value
 
 
@@ -43,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out_dir", type=Path)
     d.add_argument("--base-url", default=DEFAULT_BASE_URL)
     d.add_argument("--index", default=None, help="index page path (default: the site's)")
-    d.add_argument("--delay", type=float, default=1.0, help="seconds between requests")
+    d.add_argument("--delay", type=_seconds, default=1.0, help="seconds between requests")
     return parser
 
 
@@ -53,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             opts = Options(seed=args.seed, val_fraction=args.val_fraction,
                            min_turns=args.min_turns, main_cast=args.main_cast)
+            check_out_dir(args.raw_dir, args.out_dir)
             result = prepare(args.raw_dir, opts)
             write_outputs(args.out_dir, result)
             print(summary(result.manifest))

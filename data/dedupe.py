@@ -7,7 +7,7 @@ this for millions of documents, but a couple of hundred pages compare exactly in
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 SHINGLE_WORDS = 5
 
@@ -21,13 +21,14 @@ def jaccard(a: frozenset, b: frozenset) -> float:
     return len(a & b) / len(a | b) if a or b else 0.0
 
 
-def find_duplicates(episodes: Mapping[str, Sequence[str]],
-                    threshold: float = 0.6) -> dict[str, tuple[str, float]]:
-    """{duplicate page: (page it duplicates, similarity)}; the page with more lines is kept.
+def find_duplicates(episodes: Mapping[str, Sequence[str]], threshold: float = 0.6,
+                    demote: Collection[str] = ()) -> dict[str, tuple[str, float]]:
+    """{duplicate page: (page it duplicates, similarity)}; the page with more lines is kept,
+    except that pages in `demote` (cut-down self-repeating pages) lose to any other.
 
     Ties keep the first name in sorted order, so the result does not depend on input order.
     """
-    order = sorted(episodes, key=lambda name: (-len(episodes[name]), name))
+    order = sorted(episodes, key=lambda name: (name in demote, -len(episodes[name]), name))
     sets = {name: shingles(episodes[name]) for name in order}
     dupes: dict[str, tuple[str, float]] = {}
     for i, name in enumerate(order):

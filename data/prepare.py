@@ -8,6 +8,7 @@ episode, and everything is written atomically.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import tempfile
@@ -19,11 +20,19 @@ from pathlib import Path
 from data.clean import Episode, classify, parse_page, split_lines
 from data.dedupe import find_duplicates
 from data.split import episode_groups, split_episodes
-from sitcom.script import END_OF_TEXT, MAIN_CHARACTERS, is_turn, is_well_formed
+from sitcom.script import END_OF_TEXT, MAIN_CHARACTERS, is_turn, is_well_formed, speaker_of
 
 MIN_TURNS = 50  # fewer dialogue turns than this is a quote page or a stub, not an episode
 MAIN_CAST_SHARE = 0.05  # a speaker with at least this share of all turns is main cast
 BOILERPLATE_SHARE = 0.3  # a line on this share of pages is site furniture
+MAX_FILE_BYTES = 2_000_000  # real transcript pages are ~30-150 KB; bigger is not one episode
+REPEATED_SHARE = 0.3  # a page whose long lines are repeats this often repeats itself
+OUTPUT_FILES = ("train.txt", "val.txt", "manifest.json")  # what write_outputs writes
+BOMS = (  # longest first: the UTF-32 LE mark begins with the UTF-16 LE one
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 
 
 class PrepareError(Exception):
@@ -47,6 +56,7 @@ class Options:
     min_turns: int = MIN_TURNS
     main_cast: Sequence[str] | None = None  # None: derive from the corpus
     dup_threshold: float = 0.6
+    max_file_bytes: int = MAX_FILE_BYTES
 
 
 @dataclass
@@ -57,9 +67,16 @@ class Result:
 
 
 def decode(raw: bytes) -> tuple[str, str]:
-    """(text, encoding): UTF-8, else Windows-1252, else Latin-1 (which always decodes)."""
+    """(text, encoding): by its byte-order mark (UTF-8/16/32), else UTF-8, else
+    Windows-1252, else Latin-1 (which always decodes)."""
+    for bom, encoding in BOMS:
+        if raw.startswith(bom):
+            try:
+                return raw.decode(encoding), encoding
+            except UnicodeDecodeError:
+                raise ValueError(f"not valid {encoding} despite its byte-order mark") from None
     if b"\x00" in raw:
-        raise ValueError("binary file (NUL bytes)")
+        raise ValueError("binary file or UTF-16 without a BOM (NUL bytes)")
     for encoding in ("utf-8", "cp1252", "latin-1"):
         try:
             return raw.decode(encoding), encoding
@@ -68,7 +85,17 @@ def decode(raw: bytes) -> tuple[str, str]:
     raise AssertionError("latin-1 decodes any bytes")
 
 
-def read_pages(raw_dir: Path) -> list[Page]:
+def check_out_dir(raw_dir: Path, out_dir: Path) -> None:
+    """OUT_DIR must not be RAW_DIR or inside it: the next prepare would read the corpus."""
+    raw, out = raw_dir.resolve(), out_dir.resolve()
+    if out == raw or out.is_relative_to(raw):
+        raise PrepareError(
+            f"the output folder {out_dir} is inside the raw folder {raw_dir}; its train.txt "
+            "and val.txt would be read back as transcripts: write the corpus elsewhere"
+        )
+
+
+def read_pages(raw_dir: Path, max_file_bytes: int = MAX_FILE_BYTES) -> list[Page]:
     if not raw_dir.is_dir():
         raise PrepareError(f"raw transcript folder not found: {raw_dir}")
     paths = sorted(p for p in raw_dir.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -76,16 +103,56 @@ def read_pages(raw_dir: Path) -> list[Page]:
         raise PrepareError(f"raw transcript folder is empty: {raw_dir}")
     pages = []
     for path in paths:
-        raw = path.read_bytes()
-        page = Page(path.name, bytes=len(raw))
+        size = path.stat().st_size
+        page = Page(path.name, bytes=size)
+        pages.append(page)
+        if path.name in OUTPUT_FILES:
+            page.error = "output of `python -m data prepare`, not a transcript"
+            continue
+        if size > max_file_bytes:  # not read at all: a 200 MB page would cost GBs of RAM
+            page.error = (f"too large: {size:,} bytes, over the {max_file_bytes:,}-byte cap "
+                          "for one transcript page")
+            continue
         try:
-            page.text, page.encoding = decode(raw)
+            page.text, page.encoding = decode(path.read_bytes())
         except ValueError as exc:
             page.error = str(exc)
-        if page.encoding and page.encoding != "utf-8":
+        if page.encoding in ("cp1252", "latin-1"):
             page.note = f"not valid UTF-8; decoded as {page.encoding}"
-        pages.append(page)
+        elif page.encoding and page.encoding != "utf-8":
+            page.note = f"byte-order mark; decoded as {page.encoding}"
     return pages
+
+
+def repeated_share(lines: Sequence[str], min_chars: int = 20) -> float:
+    """Share of a page's longer lines that repeat an earlier line of the same page.
+
+    Short lines (`JERRY: What?`) recur in any script; a page holding an episode twice has
+    half its long lines repeated.
+    """
+    seen: set[str] = set()
+    long_lines = repeats = 0
+    for line in lines:
+        if len(line) < min_chars:
+            continue
+        long_lines += 1
+        repeats += line in seen
+        seen.add(line)
+    return repeats / long_lines if long_lines else 0.0
+
+
+def first_copy(lines: Sequence[str], window: int = 10) -> list[str]:
+    """The page up to where it starts over (its first `window` lines appear again)."""
+    head = list(lines[:window])
+    for start in range(window, len(lines) - window + 1):
+        if lines[start] == head[0] and list(lines[start:start + window]) == head:
+            return list(lines[:start])
+    return list(lines)
+
+
+def cut_to(ep: Episode, lines: list[str]) -> Episode:
+    speakers = Counter(s for s in map(speaker_of, lines) if s)
+    return Episode(lines=lines, speakers=speakers, layout=ep.layout)
 
 
 def boilerplate_lines(texts: Sequence[str], share: float = BOILERPLATE_SHARE) -> frozenset[str]:
@@ -110,7 +177,7 @@ def derive_main_cast(turns: Counter, share: float = MAIN_CAST_SHARE,
 
 def prepare(raw_dir: Path, options: Options | None = None) -> Result:
     opts = options or Options()
-    pages = read_pages(raw_dir)
+    pages = read_pages(raw_dir, opts.max_file_bytes)
     readable = [p for p in pages if p.error is None]
     boilerplate = boilerplate_lines([p.text for p in readable])
 
@@ -128,6 +195,7 @@ def prepare(raw_dir: Path, options: Options | None = None) -> Result:
     # Pass 2: clean every page.
     entries: dict[str, dict] = {}
     episodes: dict[str, Episode] = {}
+    repeating: set[str] = set()
     for page in pages:
         entry = {"file": page.name, "bytes": page.bytes, "encoding": page.encoding}
         if page.note:
@@ -144,10 +212,25 @@ def prepare(raw_dir: Path, options: Options | None = None) -> Result:
                 f"no script body: {ep.turns} dialogue turns by {len(ep.speakers)} speakers "
                 f"(an episode needs {opts.min_turns}+ turns by 2+ speakers)"))
             continue
+        repeated = repeated_share(ep.lines)
+        if repeated > REPEATED_SHARE:
+            # The same episode pasted several times: keep one copy. Kept whole, it would
+            # outweigh the corpus and win the near-duplicate check against the real page.
+            copy = first_copy(ep.lines)
+            if repeated_share(copy) > REPEATED_SHARE:
+                entry.update(status="dropped", repeated=round(repeated, 3), reason=(
+                    f"page repeats itself: {repeated:.0%} of its long lines are repeats"))
+                continue
+            entry["note"] = (f"page repeats itself: kept its first copy, {len(copy)} of "
+                             f"{len(ep.lines)} lines")
+            ep = cut_to(ep, copy)
+            entry.update(turns=ep.turns, out_lines=len(ep.lines),
+                         speakers=dict(ep.speakers.most_common()))
+            repeating.add(page.name)
         episodes[page.name] = ep
 
     dupes = find_duplicates({name: ep.lines for name, ep in episodes.items()},
-                            threshold=opts.dup_threshold)
+                            threshold=opts.dup_threshold, demote=repeating)
     for name, (original, score) in dupes.items():
         entries[name].update(status="dropped", duplicate_of=original, similarity=score,
                              reason=f"near-duplicate of {original} (Jaccard {score})")
@@ -156,6 +239,12 @@ def prepare(raw_dir: Path, options: Options | None = None) -> Result:
         raise PrepareError(f"no episodes left after cleaning {len(pages)} files in {raw_dir}")
 
     split = split_episodes(episodes, opts.val_fraction, opts.seed)
+    if opts.val_fraction > 0 and "val" not in split.values():
+        raise PrepareError(
+            f"only {len(episodes)} episode(s) left after cleaning {len(pages)} files in "
+            f"{raw_dir} (parts of one episode count once); a corpus needs at least 2 "
+            "episodes, one of them for validation"
+        )
     group_of = {name: key for key, names in episode_groups(episodes).items() for name in names}
     result = Result(manifest={})
     for name, ep in episodes.items():

@@ -2,7 +2,7 @@
 
 API CONTRACT (frontends code against this; the implementation may change):
 
-    engine = SceneEngine(model="smollm2" | checkpoint dir | hub id,
+    engine = SceneEngine(model="seinfeld" | "smollm2" | checkpoint dir | hub id,
                          max_queue=32, per_user_limit=2, timeout_s=120.0, max_batch=8)
     await engine.start()                      # loads the model off the event loop
     job = await engine.submit(prompt, settings, user_id="123")   # SceneSettings
@@ -323,10 +323,13 @@ class SceneEngine:
                 for job in batch:
                     self._run_batch(loaded, [job])
                 return
-            log.exception("generation failed")
-            message = "Something went wrong writing that scene; please try again."
             if isinstance(e, ValueError) and "too long" in str(e):
+                # Expected, and any user can cause it: one line, never a traceback at ERROR.
+                log.warning("scene refused: %s", e)
                 message = "That opening is too long for the model; please shorten it."
+            else:
+                log.exception("generation failed")
+                message = "Something went wrong writing that scene; please try again."
             self._finish(batch[0], EngineError(message))
             return
         seconds = time.monotonic() - start

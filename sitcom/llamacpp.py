@@ -1,7 +1,7 @@
 """Write scenes with llama.cpp: the same decoding as sitcom.generation, on a faster forward pass.
 
 On a 2-core CPU the transformers forward pass dominates a scene (~17 tok/s fp32); llama.cpp
-runs the same model from a GGUF file (training/gguf_export.py writes CHECKPOINT/model.gguf)
+runs the same model from a GGUF file (sitcom/gguf_export.py writes CHECKPOINT/model.gguf)
 several times faster, and decodes several sequences in one llama_decode call, so a batch
 of queued scenes costs little more than one.
 
@@ -29,9 +29,13 @@ from sitcom import generation
 from sitcom.generation import (
     GeneratedScene,
 )
+from sitcom.llamacpp_check import check_llamacpp, use_extra_bufts
 from sitcom.models import (
     ModelLoadError,
-    is_default_model,
+    cache_root,
+    default_model_dir,
+    is_base_model,
+    is_tuned_default,
     load_model,
     load_tokenizer,
     packaged_gguf,
@@ -41,6 +45,7 @@ from sitcom.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
 
 GGUF_NAME = "model.gguf"
+log = logging.getLogger(__name__)
 
 
 def find_gguf(model: str | os.PathLike | None) -> Path | None:
@@ -50,8 +55,12 @@ def find_gguf(model: str | os.PathLike | None) -> Path | None:
     give the same tokens); a checkpoint directory is served this way once it holds
     model.gguf, or `model` may name a .gguf file beside a tokenizer.
     """
-    if is_default_model(model):
+    if is_base_model(model):
         return packaged_gguf()
+    if is_tuned_default(model):
+        model = resolve_model(model)  # the merged cache dir, or the base if that failed
+        if Path(model) == default_model_dir():
+            return packaged_gguf()
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path
@@ -90,6 +99,7 @@ class LlamaCppModel:
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.use_mmap = False  # read it all at load time, not page by page mid-scene
+        mparams.use_extra_bufts = use_extra_bufts()  # off where AMX kernels crash
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {self.path}")
@@ -183,17 +193,38 @@ def load_llamacpp(
     if path is None:
         raise ModelLoadError(f"{model} has no {GGUF_NAME} (python -m training.gguf_export {model})")
     # The tokenizer comes from the HF side: the guards decode text with it.
-    source = resolve_model("smollm2") if is_default_model(model) else Path(model)
-    tokenizer = load_tokenizer(source.parent if str(source).endswith(".gguf") else source)
+    tokenizer = load_tokenizer(hf_source_for(model))
     return LlamaCppModel(path, max_batch=max_batch, n_threads=n_threads), tokenizer
 
 
 def load_serving_model(name: str | os.PathLike | None, max_batch: int = 8) -> tuple[object, object]:
-    """The engine's loader: llama.cpp when the model has a GGUF (SITCOM_BACKEND=torch
-    forces transformers), else sitcom.models.load_model."""
-    if os.environ.get("SITCOM_BACKEND", "auto").lower() != "torch" and find_gguf(name):
-        return load_llamacpp(name, max_batch=max_batch)
-    return load_model(name)
+    """The engine's loader: llama.cpp when the model has a GGUF and llama.cpp passed its
+    self-test on this machine (sitcom.llamacpp_check), else sitcom.models.load_model.
+
+    SITCOM_BACKEND=torch forces transformers; SITCOM_BACKEND=llamacpp skips the self-test.
+    """
+    backend = os.environ.get("SITCOM_BACKEND", "auto").strip().lower()
+    gguf = find_gguf(name) if backend != "torch" else None
+    if gguf is None:
+        return load_model(name)
+    if backend != "llamacpp":
+        verdict = check_llamacpp(gguf, hf_source_for(name))
+        if not verdict.ok:
+            log.warning(
+                "%s; serving %s with transformers (slower). SITCOM_BACKEND=llamacpp forces "
+                "llama.cpp; delete %s to test again.",
+                verdict.reason, name or "the default model", cache_root() / "llamacpp-probe",
+            )
+            return load_model(name)
+    return load_llamacpp(name, gguf=gguf, max_batch=max_batch)
+
+
+def hf_source_for(model: str | os.PathLike | None) -> str:
+    """The transformers model a GGUF was made from (its tokenizer, and the probe's reference)."""
+    if is_base_model(model) or is_tuned_default(model):
+        return resolve_model(model)
+    source = Path(model)
+    return str(source.parent if source.suffix == ".gguf" else source)
 
 
 def generate_scenes_any(model, tokenizer, prompts, settings, **kwargs) -> list[GeneratedScene]:

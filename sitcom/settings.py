@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 # (low, high) inclusive; the Discord frontend turns these into app_commands.Range.
@@ -36,7 +37,13 @@ class SceneSettings:
         unknown = set(changes) - set(types)
         if unknown:
             raise ValueError(f"unknown setting: {', '.join(sorted(unknown))}")
-        cast = {k: types[k](v) for k, v in changes.items()}
+        cast = {}
+        for k, v in changes.items():
+            if not math.isfinite(v):
+                raise ValueError(f"{k} must be a finite number (got {v})")
+            if types[k] is int and v != int(v):  # 400.9 must not quietly become 400
+                raise ValueError(f"{k} must be a whole number (got {v:g})")
+            cast[k] = types[k](v)
         return replace(self, **cast).validated()
 
     def as_dict(self) -> dict[str, float]:

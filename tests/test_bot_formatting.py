@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from bot.checkpoints import CheckpointError, available, resolve, startup_model
+from bot.checkpoints import BUILT_IN, CheckpointError, available, resolve, startup_model
 from bot.cogs.scenes import DiscordSurface
 from bot.config import Config, ConfigError
 from bot.db import Place, StoredLine, StoredScene
 from bot.posting import plan
 from bot.utils.formatting import KEYCAPS, neutralize, slot_of
+from sitcom.models import DEFAULT_MODEL
 
 
 def scene(lines, prompt_lines=0, note=None):
@@ -63,7 +64,7 @@ def test_checkpoint_names_are_looked_up_never_joined(tmp_path):
     (tmp_path / "ft-1").mkdir()
     (tmp_path / "ft-1" / "config.json").write_text("{}")
     (tmp_path / "empty").mkdir()
-    assert available(tmp_path) == ["smollm2", "ft-1"]
+    assert available(tmp_path) == [*BUILT_IN, "ft-1"]
     assert resolve("ft-1", tmp_path) == str((tmp_path / "ft-1").resolve())
     assert resolve("SmolLM2", tmp_path) == "smollm2"
     for bad in ("../x", "/etc", "ft-1/..", "..", "a/b", "empty", "x" * 500, ""):
@@ -80,7 +81,8 @@ def test_config_from_environment():
     assert config.admin_user_ids == {"1", "2", "U0ADMIN"} and config.dev_guild_id == 77
     assert config.max_queue == 5 and config.db_path == Path("x.db")
     assert "secret" not in repr(config)
-    assert Config.from_env({}).token is None and Config.from_env({}).default_checkpoint == "smollm2"
+    empty = Config.from_env({})
+    assert empty.token is None and empty.default_checkpoint == DEFAULT_MODEL
     for bad in ({"QUEUE_SIZE": "lots"}, {"QUEUE_SIZE": "0"}, {"ADMIN_USER_IDS": "bob"},
                 {"DEV_GUILD_ID": "-1"}, {"LOG_LEVEL": "LOUD"}, {"ADMIN_USER_IDS": "u0lower"},
                 {"SLACK_BOT_TOKEN": "xoxb-1"},  # neither Socket Mode nor HTTP mode

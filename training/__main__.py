@@ -4,12 +4,53 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is a number (nan would switch a limit off silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def check_json_path(path: Path) -> None:
+    """Fail before an evaluation of minutes if its --json file cannot be written."""
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists():  # write_json creates missing folders
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--json {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--json {path}: cannot write into {parent}")
+
+
+def write_failure(error: BaseException) -> str | None:
+    """The one-line reason when a library failed writing a file (a full disk, a size limit),
+    else None. safetensors and torch.save report these as their own errors, not OSError."""
+    text = str(error)
+    if type(error).__name__ != "SafetensorError" and "PytorchStreamWriter" not in text \
+            and "file write failed" not in text:
+        return None
+    found = re.search(r"os error (\d+)", text)
+    code = int(found.group(1)) if found else None
+    if code == errno.ENOSPC:
+        return "disk full while writing the checkpoint"
+    why = os.strerror(code) if code else text.splitlines()[0][:200]
+    return f"could not write the checkpoint: {why}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,15 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune a base model on a corpus directory")
     ft.add_argument("--data", type=Path, required=True, help="corpus dir (train.txt, val.txt)")
     ft.add_argument("--out", type=Path, required=True, help="checkpoint dir to write")
-    ft.add_argument("--base", default="smollm2", help="smollm2 (packaged), a hub id, or a dir")
+    ft.add_argument("--base", default="smollm2", help="smollm2 (packaged base), a hub id, or a dir")
     ft.add_argument("--block-size", type=int, default=512)
     ft.add_argument("--batch-size", type=int, default=4)
     ft.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation steps")
-    ft.add_argument("--lr", type=float, default=None, help="default 1e-4 full, 5e-4 LoRA")
+    ft.add_argument("--lr", type=finite_float, default=None, help="default 1e-4 full, 5e-4 LoRA")
     ft.add_argument("--warmup-steps", type=int, default=10)
-    ft.add_argument("--epochs", type=float, default=1.0)
+    ft.add_argument("--epochs", type=finite_float, default=1.0)
     ft.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
-    ft.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+    ft.add_argument("--time-budget", type=finite_float, default=None, metavar="MINUTES",
                     help="stop, evaluate, save and export after this many minutes")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--eval-steps", type=int, default=10)
@@ -48,8 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--gguf", choices=("q8_0", "f16", "f32", "q4_1", "none"), default="q8_0",
                     help="also write OUT/model.gguf, which the bot serves with llama.cpp")
 
+    ex = sub.add_parser("extract", help="compress a --linear-only fine-tune into a LoRA adapter")
+    ex.add_argument("checkpoint", help="the fine-tuned checkpoint dir")
+    ex.add_argument("--out", type=Path, required=True, help="adapter dir to write")
+    ex.add_argument("--rank", type=int, default=32)
+    ex.add_argument("--base", default="smollm2", help="the model it was fine-tuned from")
+    ex.add_argument("--data", type=Path, default=None,
+                    help="corpus dir: also measure the adapter's val BPB (whole val split)")
+
     ev = sub.add_parser("evaluate", help="val loss/ppl/BPB and sampled-scene quality")
-    ev.add_argument("checkpoint", help="checkpoint dir, smollm2, or a hub id")
+    ev.add_argument("checkpoint",
+                    help="checkpoint dir, seinfeld (shipped), smollm2 (base), or a hub id")
     ev.add_argument("--data", type=Path, required=True, help="corpus dir (val.txt)")
     ev.add_argument("--json", type=Path, default=None, help="also write the results here")
     ev.add_argument("--samples", type=int, default=8, help="scenes to sample (0 = none)")
@@ -59,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--eval-tokens", type=int, default=0, help="val text used; 0 = all")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--repetition-penalty", type=float, default=None,
+    ev.add_argument("--repetition-penalty", type=finite_float, default=None,
                     help="for sampled scenes (default: the bot's, 1.15)")
     return parser
 
@@ -68,7 +118,10 @@ def run(args: argparse.Namespace) -> int:
     # Cheap checks first; torch and transformers take seconds to import.
     from training.corpus import load_corpus
 
-    load_corpus(args.data, splits=("train", "val") if args.command == "finetune" else ("val",))
+    if args.data is not None:
+        load_corpus(args.data, splits=("train", "val") if args.command == "finetune" else ("val",))
+    if args.command == "evaluate" and args.json is not None:
+        check_json_path(args.json)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -83,6 +136,14 @@ def run(args: argparse.Namespace) -> int:
             f"saved {args.out}: {card['steps']} steps, {card['tokens_seen']} tokens, best val "
             f"loss {card['val_loss']:.4f} bpb {card['val_bpb']:.4f} (step {card['best_step']})"
         )
+    elif args.command == "extract":
+        from training.extract import extract
+
+        card = extract(args.checkpoint, args.out, args.rank, base=args.base, data=args.data)
+        val = card.get("adapter_val") or {}
+        print(f"wrote {args.out}: rank {card['rank']}, {card['adapter_mb']} MB, mean relative "
+              f"error {card['extract_rel_error_mean']}"
+              + (f", val bpb {val['bpb']:.4f}" if val else ""))
     else:
         from training.evaluate import evaluate_cli
 
@@ -103,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sitcom.models import ModelLoadError
     from training.corpus import CorpusError
+    from training.extract import ExtractError
 
     try:
         return run(args)
@@ -110,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         close_progress_bars()
         print("interrupted; resume with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ModelLoadError, CorpusError, ValueError) as e:
+    except (ModelLoadError, CorpusError, ExtractError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
@@ -119,6 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
                   file=sys.stderr)
+        return 1
+    except Exception as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        close_progress_bars()
+        print(f"error: {reason}; free some space, then run again with --resume",
+              file=sys.stderr)
         return 1
 
 

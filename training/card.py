@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from datetime import UTC, datetime
@@ -37,6 +38,18 @@ def make_card(**fields) -> dict:
     return {**fields, "created": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
+def remove_stale_exports(out: Path) -> list[Path]:
+    """Delete temp dirs that a killed export_checkpoint left beside `out` (`.OUT.xxxxxxxx.tmp`,
+    mkdtemp's name); they hold a half-written model of hundreds of MB. Only this OUT's."""
+    out = Path(out)
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.tmp")
+    stale = [p for p in out.parent.glob(f".{out.name}.*.tmp")
+             if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def export_checkpoint(
     model, tokenizer, out: Path, card: dict, extra_files: dict[str, Path],
     gguf_qtype: str | None = None,
@@ -60,7 +73,7 @@ def export_checkpoint(
         if gguf_qtype and model.config.model_type == "llama":
             # The bot serves checkpoints holding model.gguf through llama.cpp (~5x faster
             # on CPU than transformers); other architectures are served by transformers.
-            from training.gguf_export import export_gguf
+            from sitcom.gguf_export import export_gguf
 
             export_gguf(tmp, tmp / "model.gguf", gguf_qtype)
         # mkdtemp (and safetensors) make things private; a checkpoint is meant to be shared.

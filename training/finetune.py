@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sitcom.models import load_model
+from sitcom.models import BASE_MODEL, load_model
 from training.callbacks import CompactProgressCallback, FinalEvalCallback, MetricsLogCallback
-from training.card import export_checkpoint, make_card
+from training.card import export_checkpoint, make_card, remove_stale_exports
 from training.corpus import (
     BlockDataset,
     load_corpus,
@@ -43,7 +43,7 @@ class FinetuneError(ValueError):
 class FinetuneConfig:
     data: Path
     out: Path
-    base: str = "smollm2"
+    base: str = BASE_MODEL
     block_size: int = 512
     batch_size: int = 4
     grad_accum: int = 4
@@ -135,9 +135,21 @@ def last_complete_checkpoint(work: Path) -> str | None:
 
 
 def prepare_work_dir(cfg: FinetuneConfig) -> tuple[Path, str | None]:
+    """OUT.work and the checkpoint to resume from. Only --overwrite may replace a finished
+    OUT; --overwrite alone starts over, with --resume it continues OUT.work's run."""
     work = work_dir_for(cfg.out)
+    if cfg.out.exists() and not cfg.overwrite:
+        if cfg.resume:
+            raise FinetuneError(
+                f"{cfg.out} is a finished checkpoint and --resume never replaces one: pass "
+                "--overwrite to train it again, or choose another --out"
+            )
+        raise FinetuneError(f"{cfg.out} already exists: pass --overwrite to replace it")
+    removed = remove_stale_exports(cfg.out)  # left by a kill during an earlier export
+    if removed:
+        print(f"removed {len(removed)} half-written export(s) of an interrupted run")
     last = last_complete_checkpoint(work)
-    if cfg.overwrite and work.exists():
+    if cfg.overwrite and not cfg.resume and work.exists():
         shutil.rmtree(work)
         last = None
     elif last and not cfg.resume:
@@ -147,12 +159,15 @@ def prepare_work_dir(cfg: FinetuneConfig) -> tuple[Path, str | None]:
         )
     if cfg.resume and last is None:
         print(f"no checkpoint in {work} to resume from; starting from the base model")
-    if cfg.out.exists() and not cfg.overwrite and not cfg.resume:
-        raise FinetuneError(f"{cfg.out} already exists: pass --overwrite to replace it")
     work.mkdir(parents=True, exist_ok=True)
     if last is None:
         (work / "metrics.jsonl").unlink(missing_ok=True)
     return work, last
+
+
+def training_done(checkpoint: str, max_steps: int) -> bool:
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return max_steps > 0 and state.get("global_step", 0) >= max_steps
 
 
 def validate(cfg: FinetuneConfig) -> None:
@@ -270,7 +285,18 @@ def finetune(cfg: FinetuneConfig) -> dict:
     trainer.add_callback(CompactProgressCallback())
 
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=last)
+    if last and training_done(last, cfg.max_steps):
+        # Killed after the last step (in the export, say): resuming would run one step past
+        # --max-steps, because Trainer checks the limit only after a step. Take the state
+        # and the best weights from the checkpoints, as train() would at its end.
+        print(f"{last} already reached --max-steps {cfg.max_steps}; exporting it")
+        trainer.state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
+        if trainer.state.best_model_checkpoint:
+            trainer._load_best_model()  # Trainer's own loader: full weights or LoRA adapter
+        else:
+            trainer._load_from_checkpoint(last)
+    else:
+        trainer.train(resume_from_checkpoint=last)
     seconds = time.monotonic() - started
     plot_loss_curve(metrics_path, work / "loss.png")
 

@@ -18,7 +18,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from ..posting import Posted, Refused, Transient
-from ..utils.formatting import CONTROL_RE
+from ..utils.formatting import CONTROL_RE, neutralize_markdown
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def slot_of(reaction: str | None) -> int | None:
 def escape(text: str) -> str:
     """Text Slack shows as typed: `&`, `<`, `>` escaped as Slack documents, so `<!channel>`,
     `<!here>`, `<!everyone>`, `<@U…>`, `<#C…>` and `<url|label>` stay plain text; control
-    characters removed. (Markdown links are not a Slack thing; `<…|…>` is, and is escaped.)"""
-    text = CONTROL_RE.sub("", text)
+    characters removed, masked markdown links and headings made inert as on Discord."""
+    text = neutralize_markdown(CONTROL_RE.sub("", text))
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 

@@ -14,13 +14,34 @@ LINE_LIMIT = 1500  # leaves room for the header and the keycap prefix
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
+# `[label](url)` (also `[label](<url>)`): a masked link whose label can lie about the target.
+MASKED_LINK_RE = re.compile(r"\]\(")
+# `# `, `## `, `### ` headers and `-# ` subtext at the start of a line, also after block
+# quote or list markers: big or grey "system" text that can impersonate the bot or staff.
+HEADING_RE = re.compile(r"(?m)^([ \t]*(?:>{1,3}[ \t]*)?(?:[-*+][ \t]+)?)(#{1,3}|-#)(?=[ \t])")
+ZWSP = "\u200b"
+
+
+def neutralize_markdown(text: str) -> str:
+    """Markdown that can impersonate, made inert for every platform's formatter.
+
+    A zero-width space breaks the syntax without a visible change, where a backslash
+    escape would show up literally on platforms without escapes (Slack): `](` of a masked
+    link, and a heading/subtext marker at the start of a line. A bare URL still links,
+    but it shows where it goes.
+    """
+    text = MASKED_LINK_RE.sub("]" + ZWSP + "(", text)
+    return HEADING_RE.sub(lambda m: m.group(1) + ZWSP + m.group(2), text)
+
+
 def neutralize(text: str) -> str:
-    """Text safe to show: no control characters, and @everyone/@here/<@id> cannot ping.
+    """Text safe to show: no control characters, no masked links or fake headings, and
+    @everyone/@here/<@id> cannot ping.
 
     AllowedMentions.none() already stops the ping; the zero-width space also keeps the
     text from *looking* like a mention.
     """
-    text = CONTROL_RE.sub("", text)
+    text = neutralize_markdown(CONTROL_RE.sub("", text))
     text = discord.utils.escape_mentions(text)
     return re.sub(r"<@([!&]?\d+)>", "<@\u200b\\1>", text)
 

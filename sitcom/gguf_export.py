@@ -1,0 +1,210 @@
+"""Write a Llama-architecture HF checkpoint as GGUF so llama.cpp can serve it.
+
+The command line is `python -m training.gguf_export`; the writer lives here because the
+bot also exports (the shipped tuned default is merged and exported on first start) and the
+bot never imports training code.
+
+Writes CHECKPOINT/model.gguf by default; the bot serves a checkpoint through llama.cpp
+when that file is there (see sitcom/llamacpp.py).
+
+Hand-written because llama.cpp's convert_hf_to_gguf.py ships in no installed package; the
+`gguf` package still does the heavy lifting: the file writer, the HF->GGUF tensor name map
+and the Q8_0/Q4_1 quantizers. What is left here is what that script adds on top for Llama:
+the model/tokenizer metadata and the rotary row permutation of the q/k projections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+QTYPES = ("q8_0", "f16", "f32", "q4_1")
+
+
+class ExportError(ValueError):
+    """A checkpoint this exporter cannot write; the message is user-facing."""
+
+
+def export_gguf(
+    checkpoint_dir: str | os.PathLike,
+    out_path: str | os.PathLike | None = None,
+    qtype: str = "q8_0",
+) -> Path:
+    """Write the checkpoint as GGUF (atomically) and return the path written."""
+    import gguf
+
+    from sitcom.models import load_model
+
+    if qtype not in QTYPES:
+        raise ExportError(f"unknown qtype {qtype!r}; choose one of {', '.join(QTYPES)}")
+    model, tokenizer = load_model(checkpoint_dir)
+    config = model.config
+    if config.model_type != "llama":
+        raise ExportError(
+            f"only Llama-architecture models export to GGUF (got {config.model_type})"
+        )
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ExportError(
+            f"rope scaling {rope.get('rope_type')!r} is not supported by this exporter"
+        )
+    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+
+    out = Path(out_path) if out_path else Path(checkpoint_dir) / "model.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp_name, "llama")
+        _add_model_metadata(writer, config, rope_theta, qtype)
+        _add_tokenizer(writer, tokenizer, config)
+        _add_tensors(writer, model, config, qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp_name, out)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return out
+
+
+def _add_model_metadata(writer, config, rope_theta: float, qtype: str) -> None:
+    import gguf
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "sitcom")).name or "sitcom")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+    }[qtype]
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _pre_tokenizer_name(spec: dict | None) -> str:
+    """llama.cpp's name for the HF pre-tokenizer: it decides how text is split before BPE."""
+    if spec is None:
+        raise ExportError("tokenizer has no pre-tokenizer; llama.cpp would split text differently")
+    parts = spec.get("pretokenizers", [spec]) if spec["type"] == "Sequence" else [spec]
+    kinds = [p["type"] for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"  # llama.cpp spells the GPT-2 regex split this way
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"  # SmolLM's own tokenizer.json: digits one by one, then GPT-2 regex
+    raise ExportError(f"unsupported pre-tokenizer {kinds}; llama.cpp would tokenize differently")
+
+
+def _add_tokenizer(writer, tokenizer, config) -> None:
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise ExportError(
+            f"only byte-level BPE tokenizers are supported (got {spec['model']['type']})"
+        )
+    vocab = tokenizer.get_vocab()
+    by_id = {i: t for t, i in vocab.items()}
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    # llama.cpp wants exactly vocab_size entries; ids the tokenizer lacks are padding rows.
+    for i in range(config.vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(
+                gguf.TokenType.CONTROL if added[i]["special"] else gguf.TokenType.USER_DEFINED
+            )
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for setter, token_id in (
+        (writer.add_bos_token_id, tokenizer.bos_token_id),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+        (writer.add_unk_token_id, tokenizer.unk_token_id),
+    ):
+        if token_id is not None:
+            setter(token_id)
+    writer.add_add_bos_token(False)  # the corpus format never starts with a BOS token
+
+
+def _permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """HF stores q/k rows as [first halves | second halves] per head; GGML interleaves pairs."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _add_tensors(writer, model, config, qtype: str) -> None:
+    import gguf
+    from gguf.quants import quantize
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    wanted = {
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "q4_1": gguf.GGMLQuantizationType.Q4_1,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "f32": gguf.GGMLQuantizationType.F32,
+    }[qtype]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            if "rotary_emb" in hf_name:
+                continue  # recomputed from rope.freq_base
+            raise ExportError(f"no GGUF name for tensor {hf_name}")
+        data = tensor.detach().float().numpy()
+        if hf_name.endswith("q_proj.weight"):
+            data = _permute_rotary(data, config.num_attention_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            data = _permute_rotary(data, config.num_key_value_heads)
+
+        qt = wanted
+        if data.ndim == 1:
+            qt = gguf.GGMLQuantizationType.F32  # norms stay exact, as llama.cpp's converter does
+        elif qt == gguf.GGMLQuantizationType.Q4_1 and name == "token_embd.weight":
+            qt = (
+                gguf.GGMLQuantizationType.Q8_0
+            )  # as in the packaged Q4_1 file: embeddings are touchy
+        block = gguf.GGML_QUANT_SIZES[qt][0]
+        if data.shape[-1] % block:
+            qt = gguf.GGMLQuantizationType.F16  # rows must be whole quant blocks
+        if qt == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, data.astype(np.float32))
+        elif qt == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            writer.add_tensor(name, quantize(data, qt), raw_dtype=qt)

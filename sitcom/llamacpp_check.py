@@ -1,0 +1,216 @@
+"""Is llama.cpp safe on this CPU? AMX settings, and a self-test run once in a child process.
+
+llama-cpp-python is compiled natively at install time, so its kernels follow the build
+machine's CPU. On CPUs with AMX, ggml's AMX matmul (an "extra buffer type") has crashed with
+a segfault on the first decode of Q4_x / Q8_0 models (llama.cpp issue 20824), so when the
+library was built with AMX we turn extra buffer types off for our models (the plain CPU
+kernels still run; ~10-25 % slower than a build without AMX, which keeps the repacked
+kernels: see README "CPUs").
+
+Defence in depth against crashes we have not seen: the first time a GGUF of a given
+quantization is served on a machine, a child process loads it with llama.cpp, decodes a
+short script and compares the logits with transformers'. A crash (segfault, abort, hang) or
+a disagreement makes the caller serve with transformers instead. The verdict is remembered
+in the cache dir, keyed by library version, CPU flags, extra-buffer setting and
+quantization, so later starts pay nothing. llama-cpp-python offers no such check itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sitcom.models import cache_root
+
+log = logging.getLogger(__name__)
+
+PROBE_TEXT = (
+    "[Scene: Monk's Coffee Shop]\nJERRY: So what happened with the soup?\n"
+    "ELAINE: He wouldn't give me any! No soup for me!\nGEORGE:"
+)
+PROBE_TIMEOUT_S = 180.0
+# Thresholds for "agrees with transformers": Q4_1/Q8_0 kernels and llama.cpp's f16 KV cache
+# move logits a little; a broken kernel moves them a lot (measured: Q8_0 vs fp32 > 0.999).
+MIN_COSINE = 0.98
+MIN_TOP1_AGREEMENT = 0.8
+_FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "sse", "ssse", "bmi", "vnni")
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD-related flags of this CPU (x86 /proc/cpuinfo), sorted; [] elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = line.split(":", 1)[1].split()
+            return sorted({f for f in flags if f.startswith(_FLAG_PREFIXES)})
+    return []
+
+
+def library_has_amx() -> bool:
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return "AMX_INT8 = 1" in info or "AMX = 1" in info
+
+
+def use_extra_bufts() -> bool:
+    """Whether llama.cpp may use extra buffer types (repacked / AMX kernels) here."""
+    return extra_bufts_allowed(
+        os.environ.get("SITCOM_LLAMA_EXTRA_BUFTS", "auto"), cpu_flags(), library_has_amx
+    )
+
+
+def extra_bufts_allowed(setting: str, flags: list[str], lib_amx: Callable[[], bool]) -> bool:
+    """SITCOM_LLAMA_EXTRA_BUFTS=on|off overrides; auto turns them off only for a build with
+    AMX kernels on a CPU with AMX, the combination that crashes."""
+    choice = setting.strip().lower()
+    if choice in ("on", "1", "true", "yes"):
+        return True
+    if choice in ("off", "0", "false", "no"):
+        return False
+    return not ("amx_int8" in flags and lib_amx())
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str
+    cached: bool = False
+    retry: bool = False  # not remembered
+
+
+def gguf_file_type(path: Path) -> str:
+    """The GGUF's general.file_type (e.g. 'MOSTLY_Q8_0'), or 'unknown'."""
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields.get("general.file_type")
+        if field is not None:
+            value = int(field.parts[field.data[0]][0])
+            return gguf.LlamaFileType(value).name
+    except Exception:  # a file we cannot read is judged by the probe itself
+        pass
+    return "unknown"
+
+
+def probe_key(gguf_path: Path) -> str:
+    import llama_cpp
+
+    parts = [
+        f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}",
+        " ".join(cpu_flags()),
+        f"extra_bufts={use_extra_bufts()}",
+        gguf_file_type(gguf_path),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def probe_command(gguf_path: Path, hf_source: str) -> list[str]:
+    return [sys.executable, "-m", "sitcom.llamacpp_check", str(gguf_path), hf_source]
+
+
+def check_llamacpp(
+    gguf_path: str | os.PathLike,
+    hf_source: str,
+    *,
+    command: list[str] | None = None,
+    timeout_s: float = PROBE_TIMEOUT_S,
+) -> Verdict:
+    """The remembered verdict for this machine and kind of GGUF, probing once if needed.
+
+    `command` replaces the child's command line (tests use it to simulate a crash).
+    """
+    gguf_path = Path(gguf_path)
+    record = cache_root() / "llamacpp-probe" / f"{probe_key(gguf_path)}.json"
+    try:
+        saved = json.loads(record.read_text())
+        return Verdict(bool(saved["ok"]), str(saved["reason"]), cached=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    verdict = _run_probe(command or probe_command(gguf_path, hf_source), timeout_s)
+    if verdict.retry:
+        return verdict  # a hang may be a busy machine: judge again at the next start
+    try:  # best effort: an unwritable cache only means probing again next time
+        record.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=record.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"ok": verdict.ok, "reason": verdict.reason, "cpu_flags": cpu_flags()}, f)
+            f.write("\n")
+        os.replace(tmp, record)
+    except OSError:
+        pass
+    return verdict
+
+
+def _run_probe(command: list[str], timeout_s: float) -> Verdict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        proc = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout_s, env=env,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return Verdict(False, f"the llama.cpp self-test hung for {timeout_s:.0f} s", retry=True)
+    if proc.returncode < 0:
+        return Verdict(False, f"the llama.cpp self-test crashed (signal {-proc.returncode})")
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return Verdict(False, f"the llama.cpp self-test failed (exit {proc.returncode}: {tail})")
+    return Verdict(bool(result.get("ok")), str(result.get("reason", "")))
+
+
+def compare_logits(hf, ll) -> tuple[bool, str]:
+    """Per-position cosine similarity and top-1 agreement of two [positions, vocab] arrays."""
+    import numpy as np
+
+    hf, ll = np.asarray(hf, dtype=np.float64), np.asarray(ll, dtype=np.float64)
+    if not np.all(np.isfinite(ll)):
+        return False, "llama.cpp returned non-finite logits"
+    hf_c = hf - hf.mean(axis=1, keepdims=True)
+    ll_c = ll - ll.mean(axis=1, keepdims=True)
+    hf_n, ll_n = np.linalg.norm(hf_c, axis=1), np.linalg.norm(ll_c, axis=1)
+    flat = (hf_n < 1e-3) & (ll_n < 1e-3)  # both flat: nothing to disagree about
+    cosines = np.where(flat, 1.0, (hf_c * ll_c).sum(axis=1) / np.maximum(hf_n * ll_n, 1e-12))
+    cosine = float(cosines.min())
+    top1 = float(np.mean(flat | (hf.argmax(axis=1) == ll.argmax(axis=1))))
+    ok = cosine >= MIN_COSINE and top1 >= MIN_TOP1_AGREEMENT
+    verdict = "agrees with" if ok else "disagrees with"
+    return ok, f"llama.cpp {verdict} transformers (min cosine {cosine:.4f}, top-1 {top1:.0%})"
+
+
+def _probe_main(gguf_path: str, hf_source: str) -> int:
+    """The child: decode PROBE_TEXT with llama.cpp, then with transformers; print one JSON."""
+    import torch
+
+    from sitcom.llamacpp import LlamaCppModel
+    from sitcom.models import load_model
+
+    model, tokenizer = load_model(hf_source)
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:48]
+    llm = LlamaCppModel(gguf_path, max_batch=1, n_ctx_per_seq=128, n_threads=1)
+    ll = [llm.decode([(0, [tok], pos)])[0] for pos, tok in enumerate(ids)]
+    llm.close()
+    with torch.no_grad():
+        hf = model(torch.tensor([ids])).logits[0].float().numpy()
+    ok, reason = compare_logits(hf, ll)
+    print(json.dumps({"ok": ok, "reason": reason}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_probe_main(sys.argv[1], sys.argv[2]))

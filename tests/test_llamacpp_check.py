@@ -1,0 +1,110 @@
+"""The llama.cpp self-test: a crashing or disagreeing child means transformers serves; a
+healthy one means llama.cpp serves; verdicts are remembered per machine."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from conftest import save_tiny_model_dir
+
+from sitcom import llamacpp, llamacpp_check
+from sitcom.llamacpp_check import check_llamacpp, compare_logits, extra_bufts_allowed
+from training.gguf_export import export_gguf
+
+pytest.importorskip("llama_cpp")
+
+SEGFAULT = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SITCOM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SITCOM_BACKEND", raising=False)
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory):
+    path = save_tiny_model_dir(tmp_path_factory.mktemp("probe") / "m")
+    export_gguf(path, qtype="f32")
+    return path
+
+
+def test_crashing_probe_means_transformers_with_one_log_line(gguf_dir, cache, caplog):
+    verdict = check_llamacpp(gguf_dir / "model.gguf", str(gguf_dir), command=SEGFAULT)
+    assert not verdict.ok and "crashed (signal 11)" in verdict.reason
+    # Remembered: the next start asks no child (this command would fail if it ran).
+    again = check_llamacpp(gguf_dir / "model.gguf", str(gguf_dir), command=["false"])
+    assert again.cached and not again.ok
+    with caplog.at_level(logging.WARNING, logger="sitcom.llamacpp"):
+        model, _ = llamacpp.load_serving_model(str(gguf_dir))
+    assert not isinstance(model, llamacpp.LlamaCppModel)
+    lines = [r.getMessage() for r in caplog.records if r.name == "sitcom.llamacpp"]
+    assert len(lines) == 1 and "crashed" in lines[0] and "SITCOM_BACKEND=llamacpp" in lines[0]
+
+
+def test_forcing_llamacpp_skips_the_verdict(gguf_dir, cache, monkeypatch):
+    check_llamacpp(gguf_dir / "model.gguf", str(gguf_dir), command=SEGFAULT)
+    monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
+    model, _ = llamacpp.load_serving_model(str(gguf_dir))
+    assert isinstance(model, llamacpp.LlamaCppModel)
+    model.close()
+
+
+def test_healthy_probe_means_llamacpp(gguf_dir, cache):
+    model, _ = llamacpp.load_serving_model(str(gguf_dir))  # runs the real child
+    assert isinstance(model, llamacpp.LlamaCppModel)
+    model.close()
+    [record] = (cache / "llamacpp-probe").glob("*.json")
+    assert '"ok": true' in record.read_text()
+
+
+def test_disagreeing_gguf_means_transformers(gguf_dir, tmp_path, cache):
+    # A GGUF of another model beside this model's weights: llama.cpp runs, but wrongly.
+    other = save_tiny_model_dir(tmp_path / "other", seed=7)
+    export_gguf(other, qtype="f32")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(gguf_dir, mixed)
+    shutil.copyfile(other / "model.gguf", mixed / "model.gguf")
+    verdict = check_llamacpp(mixed / "model.gguf", str(mixed))
+    assert not verdict.ok and "disagrees" in verdict.reason
+
+
+def test_hanging_probe_is_a_failure(gguf_dir, cache):
+    hang = [sys.executable, "-c", "import time; time.sleep(60)"]
+    verdict = check_llamacpp(gguf_dir / "model.gguf", str(gguf_dir), command=hang, timeout_s=1)
+    assert not verdict.ok and "hung" in verdict.reason
+    assert not (cache / "llamacpp-probe").exists()  # a busy machine is judged again next time
+
+
+def test_compare_logits():
+    rng = np.random.default_rng(0)
+    hf = rng.normal(size=(6, 50))
+    assert compare_logits(hf, hf + rng.normal(scale=0.01, size=hf.shape))[0]
+    assert not compare_logits(hf, rng.normal(size=hf.shape))[0]
+    assert not compare_logits(hf, np.full_like(hf, np.nan))[0]
+    assert compare_logits(np.zeros((2, 5)), np.zeros((2, 5)))[0]  # flat rows agree
+
+
+def test_extra_buffer_types_off_only_for_amx_builds_on_amx_cpus():
+    def amx_build():
+        return True
+
+    def plain_build():
+        return False
+
+    assert not extra_bufts_allowed("auto", ["avx512f", "amx_int8"], amx_build)
+    assert extra_bufts_allowed("auto", ["avx512f", "amx_int8"], plain_build)
+    assert extra_bufts_allowed("auto", ["avx512f"], amx_build)
+    assert extra_bufts_allowed("on", ["amx_int8"], amx_build)
+    assert not extra_bufts_allowed("off", ["avx2"], plain_build)
+
+
+def test_cpu_flags_are_simd_flags():
+    flags = llamacpp_check.cpu_flags()
+    assert flags == sorted(flags)
+    assert all(f.startswith(llamacpp_check._FLAG_PREFIXES) for f in flags)

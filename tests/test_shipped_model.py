@@ -1,0 +1,128 @@
+"""The shipped Seinfeld default: a LoRA adapter extracted from a fine-tune, checked against
+its card, merged into the base and exported to GGUF on first use, with a fallback to the base."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from conftest import save_tiny_model_dir
+
+from sitcom import models
+from sitcom.models import (
+    ADAPTER_CARD,
+    ADAPTER_FILE,
+    SHIPPED_ADAPTER,
+    ModelLoadError,
+    file_sha256,
+    load_model,
+    tuned_model_dir,
+    verified_adapter,
+)
+from training.extract import ExtractError, extract
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(base dir, tuned dir): the tuned model's linear layers moved by a rank-2 change."""
+    root = tmp_path_factory.mktemp("pair")
+    base = save_tiny_model_dir(root / "base")
+    model, tok = load_model(base)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
+                out_f, in_f = lin.weight.shape
+                change = torch.randn(out_f, 2, generator=gen) @ torch.randn(2, in_f, generator=gen)
+                lin.weight += change
+    tuned = root / "tuned"
+    model.save_pretrained(tuned)
+    tok.save_pretrained(tuned)
+    (tuned / ADAPTER_CARD).write_text(json.dumps({"steps": 7, "val_bpb": 1.0}))
+    return base, tuned
+
+
+def test_extract_recovers_a_low_rank_change(pair, tmp_path):
+    base, tuned = pair
+    card = extract(tuned, tmp_path / "adapter", rank=4, base=str(base), dtype="float32")
+    assert card["steps"] == 7 and card["rank"] == 4 and card["extract_rel_error_max"] < 1e-4
+    assert card["adapter_sha256"] == file_sha256(tmp_path / "adapter" / ADAPTER_FILE)
+    merged = tuned_model_dir(tmp_path / "adapter", base_dir=base)
+    assert (merged / "model.gguf").is_file()
+    got, _ = load_model(merged)
+    want, _ = load_model(tuned)
+    for (name, a), (_, b) in zip(got.named_parameters(), want.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+    # Cached: the second call builds nothing.
+    stamp = (merged / "model.gguf").stat().st_mtime_ns
+    assert tuned_model_dir(tmp_path / "adapter", base_dir=base) == merged
+    assert (merged / "model.gguf").stat().st_mtime_ns == stamp
+
+
+def test_extract_truncates_to_the_rank(pair, tmp_path):
+    base, tuned = pair
+    card = extract(tuned, tmp_path / "a1", rank=1, base=str(base))
+    assert 0.05 < card["extract_rel_error_mean"] < 1
+
+
+def test_extract_refuses_changed_embeddings(pair, tmp_path):
+    base, tuned = pair
+    model, tok = load_model(tuned)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3] += 1.0
+    model.save_pretrained(tmp_path / "emb")
+    tok.save_pretrained(tmp_path / "emb")
+    with pytest.raises(ExtractError, match="embed_tokens"):
+        extract(tmp_path / "emb", tmp_path / "out", rank=2, base=str(base))
+    assert not (tmp_path / "out").exists()
+
+
+def test_tampered_or_missing_adapter_falls_back_to_the_base(pair, tmp_path, caplog):
+    base, tuned = pair
+    adapter = tmp_path / "adapter"
+    extract(tuned, adapter, rank=2, base=str(base))
+    data = bytearray((adapter / ADAPTER_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (adapter / ADAPTER_FILE).write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="damaged"):
+        verified_adapter(adapter)
+    (adapter / ADAPTER_FILE).unlink()
+    with pytest.raises(ModelLoadError, match="missing"):
+        verified_adapter(adapter)
+    models._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="sitcom.models"):
+        first = models.resolve_tuned_default(adapter)
+        again = models.resolve_tuned_default(adapter)
+    assert first == again == str(models.default_model_dir())
+    lines = [r.getMessage() for r in caplog.records if r.name == "sitcom.models"]
+    assert len(lines) == 1 and "missing" in lines[0] and "untuned base" in lines[0]
+
+
+def test_unwritable_cache_is_a_clear_error(pair, tmp_path, monkeypatch):
+    base, tuned = pair
+    extract(tuned, tmp_path / "adapter", rank=2, base=str(base))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("SITCOM_CACHE", str(blocker / "cache"))
+    with pytest.raises(ModelLoadError, match="SITCOM_CACHE"):
+        tuned_model_dir(tmp_path / "adapter", base_dir=base)
+
+
+@pytest.mark.skipif(not (SHIPPED_ADAPTER / ADAPTER_FILE).is_file(), reason="no shipped adapter")
+def test_the_shipped_adapter_matches_its_card_and_loads(tmp_path):
+    adapter, card = verified_adapter()
+    size = (adapter / ADAPTER_FILE).stat().st_size
+    assert size < 25e6 and card["adapter_mb"] == pytest.approx(size / 1e6, abs=0.01)
+    for key in ("base_model", "corpus_manifest_sha256", "steps", "tokens_seen", "precision",
+                "val_loss", "val_bpb", "train_wall_minutes", "adapter_val"):
+        assert card.get(key) is not None, key
+    merged = models.resolve_model("seinfeld")  # merges + exports on the first run (~30 s)
+    assert merged != str(models.default_model_dir())
+    model, tok = load_model(merged)
+    ids = tok("JERRY: What is the deal with", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    shutil.rmtree(tmp_path, ignore_errors=True)
