@@ -98,7 +98,8 @@ def refs(fake: FakeSlack) -> list[str]:
 async def test_socket_mode_scene_is_posted_escaped_with_keycaps(slack):
     app, fake = slack
     # The connection path: token check, Socket Mode URL, websocket (all to 127.0.0.1).
-    ack, done = await scene(fake, HOSTILE + "\nJerry: What?")
+    # Slack sends &, <, > in command text escaped; `&amp;lt;` is a typed "&lt;".
+    ack, done = await scene(fake, HOSTILE + "\nJerry: What? Tom &amp; Jerry &amp;lt;3")
     assert ack["response_type"] == "ephemeral" and "#1 in the queue" in ack["text"]
     assert "Scene 1 is ready <https://test.slack.com/archives/" in done["text"]
     assert done["response_type"] == "ephemeral"
@@ -108,7 +109,7 @@ async def test_socket_mode_scene_is_posted_escaped_with_keycaps(slack):
     assert rows[0].startswith("🎬 *Scene 1*")
     assert rows[1] == ("💬 ELAINE: &lt;!channel&gt; &lt;!here&gt; &lt;!everyone&gt; "
                        "&lt;@U0BOSS&gt; &lt;#C0SECRET&gt; &amp; &lt;https://x.io|y&gt;")
-    assert rows[2] == "💬 JERRY: What?"
+    assert rows[2] == "💬 JERRY: What? Tom &amp; Jerry &amp;lt;3"  # escaped exactly once
     written = rows[3:]
     assert written and written[0] == ":one: GEORGE: What is it?"
     assert written[1] == ":two: KRAMER: Giddyup! @everyone"

@@ -35,7 +35,15 @@ from ..core import Core
 from ..db import DatabaseError, Place
 from ..permissions import NotAllowed, check_checkpoint, check_settings
 from ..texts import describe, leaderboard
-from .surface import PLATFORM, SlackSurface, escape, make_client, message_ref, slot_of
+from .surface import (
+    PLATFORM,
+    SlackSurface,
+    escape,
+    make_client,
+    message_ref,
+    slot_of,
+    unescape,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +131,7 @@ class SlackFrontend:
                 await ack(text=text, response_type=kind)
 
         name = command.get("command", "")
+        command = {**command, "text": unescape(command.get("text") or "")}
         try:
             handler = {"/scene": self._scene, "/best": self._best,
                        "/settings": self._settings, "/checkpoint": self._checkpoint}[name]

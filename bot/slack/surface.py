@@ -46,6 +46,12 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def unescape(text: str) -> str:
+    """Command text as typed: Slack sends `&`, `<`, `>` escaped; undone here so they are
+    escaped exactly once on the way out (only those three, as Slack documents)."""
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
 def make_client(token: str, base_url: str | None = None) -> AsyncWebClient:
     """A Web API client that waits out rate limits (Retry-After) and retries 5xx and
     dropped connections itself (slack_sdk's retry handlers)."""
