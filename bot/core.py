@@ -253,6 +253,7 @@ class Core:
         if not self.accepting:
             return
         self.accepting = False
+        posting = {t for t in posting if t is not asyncio.current_task()}  # never itself
         try:
             await self.engine.close()
             if posting:

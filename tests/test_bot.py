@@ -362,3 +362,33 @@ def test_every_slash_command_option_has_a_description(tmp_path, tiny_model_dir):
     assert len(options) >= 10
     for command, name, description in options:
         assert description and description != "…", (command, name)
+
+
+@pytest.mark.asyncio
+async def test_a_timed_out_scene_is_posted_as_a_partial_with_a_note(tmp_path, tiny_model_dir):
+    import time
+
+    def slow_loader(name: str):
+        model, tokenizer = scripted_loader()(name)
+        model.register_forward_hook(lambda *args: time.sleep(0.03))  # ~30 tokens/s
+        return model, tokenizer
+
+    config = make_config(tmp_path, tiny_model_dir)
+    config = type(config)(**{**config.__dict__, "timeout_s": 1.0})
+    core = await Core.start(config, loader=slow_loader)
+    bot = SitcomBot(config, core)
+    await bot.__aenter__()
+    rec = install(bot)
+    bot.sync_on_setup = False
+    await bot.setup_hook()
+    try:
+        await invoke(bot, command_payload(
+            "settings", [subcommand("set", option("max_new_tokens", 400))], permissions=MANAGE))
+        await invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello.")]))
+        assert "Scene 1 is ready" in last_reply(rec)["content"]
+        (post,) = rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
+        assert "⏱️ Stopped at the time limit" in post.json["content"]
+        assert "GEORGE: What is it?" in post.json["content"]
+        assert (await bot.core.db.get_scene(1)).note.startswith("⏱️")
+    finally:
+        await bot.close()
