@@ -1,4 +1,7 @@
-"""`python -m bot`: the Discord bot when DISCORD_TOKEN is set, otherwise the local console."""
+"""`python -m bot`: every chat frontend whose credentials are set, on one engine and one
+database — DISCORD_TOKEN → Discord; SLACK_BOT_TOKEN + SLACK_APP_TOKEN → Slack over Socket
+Mode (or + SLACK_SIGNING_SECRET → Slack's HTTP mode on SLACK_PORT); both → both in this
+process; none → the local console."""
 
 from __future__ import annotations
 
@@ -15,38 +18,102 @@ from .config import Config, ConfigError
 log = logging.getLogger("bot")
 
 
-async def run_discord(config: Config) -> int:
+def _discord_failure(error: BaseException) -> str | None:
+    """A one-line reason for a Discord start-up failure, None if it is not one."""
+    if isinstance(error, discord.LoginFailure):
+        return ("Discord rejected DISCORD_TOKEN; copy it again from the Developer Portal "
+                "(Bot > Reset Token)")
+    if isinstance(error, discord.PrivilegedIntentsRequired):
+        return "Discord refused the gateway intents"
+    if isinstance(error, discord.HTTPException):  # e.g. 5xx at login: Discord is in trouble
+        return (f"Discord answered {error.status} {error.response.reason} during start-up; "
+                "try again later (https://discordstatus.com)")
+    if isinstance(error, (aiohttp.ClientError, OSError)):
+        return f"cannot reach Discord ({type(error).__name__}: {error})"
+    return None
+
+
+def _slack_failure(error: BaseException) -> str | None:
+    from slack_sdk.errors import SlackApiError
+
+    if isinstance(error, SlackApiError):
+        code = error.response.get("error") if isinstance(error.response.data, dict) else None
+        if code in ("invalid_auth", "not_authed", "account_inactive", "token_revoked"):
+            return ("Slack rejected the token (SLACK_BOT_TOKEN, or SLACK_APP_TOKEN needing the "
+                    "connections:write scope); copy it again from api.slack.com/apps")
+        return f"Slack refused to connect ({code or error.response.status_code})"
+    if isinstance(error, (aiohttp.ClientError, OSError)):
+        return f"cannot reach Slack ({type(error).__name__}: {error})"
+    return None
+
+
+async def run(config: Config, *, loader=None, slack_client=None,
+              stop: asyncio.Event | None = None) -> int:
+    """Start the core and the configured frontends; run until a signal (or `stop`), then
+    stop taking scenes, let the running ones post, and close everything once."""
     from sitcom.engine import EngineError
     from sitcom.models import ModelLoadError
 
-    from .bot import SitcomBot
+    from .core import Core
     from .db import DatabaseError
 
-    bot = SitcomBot(config)
+    try:
+        core = await Core.start(config, loader=loader)
+    except (ModelLoadError, DatabaseError, EngineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bot.close()))
-    async with bot:  # closes the bot, engine and database however start() ends
-        try:
-            await bot.start(config.token)
-        except discord.LoginFailure:
-            print("error: Discord rejected DISCORD_TOKEN; copy it again from the "
-                  "Developer Portal (Bot > Reset Token)", file=sys.stderr)
-            return 1
-        except discord.PrivilegedIntentsRequired:
-            print("error: Discord refused the gateway intents", file=sys.stderr)
-            return 1
-        except discord.HTTPException as e:  # e.g. 5xx at login: Discord is having trouble
-            print(f"error: Discord answered {e.status} {e.response.reason} during start-up; "
-                  "try again later (https://discordstatus.com)", file=sys.stderr)
-            return 1
-        except (ModelLoadError, DatabaseError, EngineError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        except (aiohttp.ClientError, OSError) as e:
-            print(f"error: cannot reach Discord ({type(e).__name__}: {e})", file=sys.stderr)
-            return 1
-    return 0
+        loop.add_signal_handler(sig, stop.set)
+    slack = bot = None
+    discord_task: asyncio.Task | None = None
+    status = 0
+    try:
+        if config.slack_bot_token:
+            from .slack.app import SlackFrontend
+
+            slack = SlackFrontend(config, core, client=slack_client)
+            try:
+                await slack.start()
+            except Exception as e:
+                reason = _slack_failure(e)
+                if reason is None:
+                    raise
+                print(f"error: {reason}", file=sys.stderr)
+                return 1
+        if config.token:
+            from .bot import SitcomBot
+
+            bot = SitcomBot(config, core)
+            discord_task = asyncio.create_task(bot.start(config.token), name="discord")
+        waiters = [asyncio.create_task(stop.wait())]
+        if discord_task is not None:
+            waiters.append(discord_task)
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            if waiter is not discord_task:
+                waiter.cancel()
+        if discord_task in done and discord_task.exception() is not None:
+            error = discord_task.exception()
+            reason = _discord_failure(error)
+            if reason is None:
+                raise error
+            print(f"error: {reason}", file=sys.stderr)
+            status = 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        log.info("shutting down: no new scenes, finishing the running ones")
+        posting = set(slack.tasks if slack else ()) | set(bot.scene_tasks if bot else ())
+        await core.close(posting=posting)  # idempotent; also what SitcomBot.close() calls
+        if bot is not None:
+            await bot.close()
+            if discord_task is not None:
+                await asyncio.gather(discord_task, return_exceptions=True)
+        if slack is not None:
+            await slack.close()
+    return status
 
 
 def main() -> int:
@@ -58,8 +125,8 @@ def main() -> int:
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if config.token:
-        return asyncio.run(run_discord(config))
+    if config.token or config.slack_bot_token:
+        return asyncio.run(run(config))
     from .console import main as console_main
 
     try:

@@ -67,6 +67,10 @@ class SitcomBot(commands.Bot):
                  f"to guild {self.config.dev_guild_id}" if self.config.dev_guild_id else "globally")
         return synced
 
+    @property
+    def scene_tasks(self) -> set[asyncio.Task]:
+        return set(self._scene_tasks)
+
     def track(self, task: asyncio.Task) -> None:
         """Remember a running /scene so shutdown can let it post before closing."""
         self._scene_tasks.add(task)

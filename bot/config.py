@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,10 +22,14 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Config:
     token: str | None = field(default=None, repr=False)  # never printed or logged
+    slack_bot_token: str | None = field(default=None, repr=False)
+    slack_app_token: str | None = field(default=None, repr=False)  # Socket Mode
+    slack_signing_secret: str | None = field(default=None, repr=False)  # HTTP mode
+    slack_port: int = 3000
     db_path: Path = Path("sitcom.db")
     checkpoints_dir: Path = Path("checkpoints")
     default_checkpoint: str = DEFAULT_MODEL
-    admin_user_ids: frozenset[int] = frozenset()
+    admin_user_ids: frozenset[str] = frozenset()  # Discord ids (digits) and Slack ids (U…)
     dev_guild_id: int | None = None
     max_queue: int = 32
     per_user_limit: int = 2
@@ -64,6 +69,26 @@ class Config:
                 raise ConfigError(f"{name} must hold Discord ids (digits), got {raw!r}")
             return int(raw)
 
+        def user_id(name: str, raw: str) -> str:
+            # Discord: a snowflake; Slack: a member id such as U0123ABCD or W0123ABCD.
+            if not re.fullmatch(r"[0-9]{1,20}|[UW][A-Z0-9]{2,20}", raw):
+                raise ConfigError(
+                    f"{name} must hold Discord user ids (digits) or Slack member ids "
+                    f"(U0123ABCD), got {raw!r}"
+                )
+            return raw
+
+        def secret(name: str, prefix: str) -> str | None:
+            value = get(name)
+            # Never echo the value: it may be some other secret pasted by mistake.
+            if value is not None and prefix and not value.startswith(prefix):
+                raise ConfigError(f"{name} must start with {prefix} (see .env.example)")
+            if value and any(c.isspace() or unicodedata.category(c).startswith("C")
+                             for c in value):
+                raise ConfigError(f"{name} contains spaces or control characters; copy it "
+                                  "again from api.slack.com/apps")
+            return value
+
         token = get("DISCORD_TOKEN")
         if token and any(c.isspace() or unicodedata.category(c).startswith("C") for c in token):
             # aiohttp would refuse it as a header deep inside login, with a traceback.
@@ -74,13 +99,27 @@ class Config:
         level = (get("LOG_LEVEL") or "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR (got {level!r})")
+        slack_bot = secret("SLACK_BOT_TOKEN", "xoxb-")
+        slack_app = secret("SLACK_APP_TOKEN", "xapp-")
+        signing = secret("SLACK_SIGNING_SECRET", "")
+        if slack_bot and not (slack_app or signing):
+            raise ConfigError(
+                "SLACK_BOT_TOKEN needs SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET "
+                "(HTTP mode) beside it"
+            )
+        if (slack_app or signing) and not slack_bot:
+            raise ConfigError("SLACK_APP_TOKEN / SLACK_SIGNING_SECRET need SLACK_BOT_TOKEN")
         return cls(
+            slack_bot_token=slack_bot,
+            slack_app_token=slack_app,
+            slack_signing_secret=signing,
+            slack_port=int(number("SLACK_PORT", int, 3000, 1)),
             token=token,
             db_path=Path(get("BOT_DB") or "sitcom.db").expanduser(),
             checkpoints_dir=Path(get("CHECKPOINTS_DIR") or "checkpoints").expanduser(),
             default_checkpoint=get("DEFAULT_CHECKPOINT") or DEFAULT_MODEL,
             admin_user_ids=frozenset(
-                snowflake("ADMIN_USER_IDS", part.strip())
+                user_id("ADMIN_USER_IDS", part.strip())
                 for part in admins.replace(",", " ").split()
             ),
             dev_guild_id=snowflake("DEV_GUILD_ID", guild) if guild else None,

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
-import shlex
 import signal
 import sys
 import threading
@@ -22,14 +20,15 @@ from sitcom.models import ModelLoadError
 from sitcom.settings import RANGES, SceneSettings
 
 from .checkpoints import CheckpointError
-from .cogs.settings import describe
-from .cogs.votes import leaderboard
+from .commands import UsageError, parse_checkpoint, parse_settings
 from .core import Core
-from .db import DatabaseError
+from .db import DatabaseError, Place
+from .texts import describe, leaderboard
 
 log = logging.getLogger(__name__)
 
-LOCAL = 0  # guild, channel and user id of the console
+LOCAL = Place("console", "0", "0")  # the console's "server" and "channel"
+USER = "0"
 ID_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only (not ², ١) and within SQLite's int64
 NO_INPUT = (
     "the local console ended: no commands on stdin. It runs because DISCORD_TOKEN is not set; "
@@ -40,12 +39,12 @@ HELP = """Commands:
   /scene TEXT              write a scene that opens with TEXT, e.g. /scene Elaine: Jerry!
   /vote SCENE_ID LINE_NO   vote for a line of a scene
   /best                    the most-voted lines
-  /settings show | set KEY VALUE | reset     keys: """ + ", ".join(RANGES) + """
+  /settings show | set KEY VALUE [KEY VALUE ...] | reset     keys: """ + ", ".join(RANGES) + """
   /checkpoint list | use NAME
   /help | /quit"""
 
 
-class CommandError(Exception):
+class CommandError(UsageError):
     """Bad console input; the message is shown as is."""
 
 
@@ -93,7 +92,7 @@ class Console:
                 break
             try:
                 await self.handle(line)
-            except (CommandError, EngineError, ModelLoadError, CheckpointError, DatabaseError) as e:
+            except (UsageError, EngineError, ModelLoadError, CheckpointError, DatabaseError) as e:
                 failed = True
                 print(f"error: {e}", file=self.err, flush=True)
             except Exception:  # a bug in one command: one line here, the traceback in the log
@@ -118,18 +117,16 @@ class Console:
         self.say(HELP)
 
     async def scene(self, prompt: str) -> None:
-        settings = await self.core.db.get_settings(LOCAL)
-        job = await self.core.submit(prompt, settings, LOCAL)
+        settings = await self.core.db.get_settings(LOCAL.platform, LOCAL.channel_id)
+        job = await self.core.submit(prompt, settings, f"console:{USER}")
         if job.position > 1:
             self.say(f"(#{job.position} in the queue)")
         scene = await job.result()
-        stored = await self.core.record(
-            scene, guild_id=LOCAL, channel_id=LOCAL, user_id=LOCAL, prompt=job.prompt
-        )
+        stored = await self.core.record(scene, place=LOCAL, user_id=USER, prompt=job.prompt)
         self.say(f"Scene {stored.id} ({self.core.model_label(scene)}, {scene.new_tokens} tokens, "
                  f"{scene.seconds:.1f} s)")
-        for no, text in enumerate(scene.lines, start=1):
-            self.say(f"{no:3d}. {text}")
+        for line in stored.lines:  # the user's own lines are shown, but not votable
+            self.say(f"{'you' if line.from_prompt else line.line_no:>3}. {line.text}")
         self.say(f"Vote with /vote {stored.id} LINE_NO")
 
     async def vote(self, args: str) -> None:
@@ -137,54 +134,44 @@ class Console:
         if len(parts) != 2 or not all(ID_RE.fullmatch(p) for p in parts):
             raise CommandError("usage: /vote SCENE_ID LINE_NO (two numbers)")
         scene_id, line_no = map(int, parts)
-        line_id = await self.core.db.scene_line(scene_id, line_no)
-        if line_id is None:
+        line = await self.core.db.scene_line(LOCAL.platform, scene_id, line_no)
+        if line is None:
             raise CommandError(f"scene {scene_id} has no line {line_no}")
-        if await self.core.db.add_vote(LOCAL, line_id):
+        if line.from_prompt:
+            raise CommandError(f"line {line_no} is your own opening; vote for what the model wrote")
+        if await self.core.db.add_vote(USER, line.id):
             self.say(f"Voted for line {line_no} of scene {scene_id}.")
         else:
             self.say("You already voted for that line.")
 
     async def best(self, _: str) -> None:
-        self.say(leaderboard("Best lines", await self.core.db.best(LOCAL)))
+        self.say(leaderboard("Best lines", await self.core.db.best(LOCAL.platform, LOCAL.guild_id)))
 
     async def settings(self, args: str) -> None:
-        try:
-            words = shlex.split(args)
-        except ValueError as e:
-            raise CommandError(f"cannot parse {args!r}: {e}") from None
+        action, changes = parse_settings(args)
         db = self.core.db
-        match words:
-            case [] | ["show"]:
-                self.say(describe(await db.get_settings(LOCAL), "Scene settings"))
-            case ["reset"]:
-                await db.reset_settings(LOCAL)
-                self.say(describe(SceneSettings(), "Reset. Scene settings"))
-            case ["set", key, value]:
-                try:
-                    number = float(value)
-                except ValueError:
-                    number = math.nan
-                if not math.isfinite(number):
-                    raise CommandError(f"{key} needs a number, not {value[:20]!r}")
-                try:
-                    settings = (await db.get_settings(LOCAL)).with_changes(**{key: number})
-                except ValueError as e:
-                    raise CommandError(str(e)) from None
-                await db.save_settings(LOCAL, LOCAL, LOCAL, settings)
-                self.say(describe(settings, "Saved. Scene settings"))
-            case _:
-                raise CommandError("usage: /settings show | set KEY VALUE | reset")
+        if action == "show":
+            self.say(describe(await db.get_settings(LOCAL.platform, LOCAL.channel_id),
+                              "Scene settings"))
+        elif action == "reset":
+            await db.reset_settings(LOCAL.platform, LOCAL.channel_id)
+            self.say(describe(SceneSettings(), "Reset. Scene settings"))
+        else:
+            try:
+                current = await db.get_settings(LOCAL.platform, LOCAL.channel_id)
+                settings = current.with_changes(**changes)
+            except ValueError as e:
+                raise CommandError(str(e)) from None
+            await db.save_settings(LOCAL, USER, settings)
+            self.say(describe(settings, "Saved. Scene settings"))
 
     async def checkpoint(self, args: str) -> None:
-        match args.split(maxsplit=1):
-            case [] | ["list"]:
-                for row in self.core.checkpoint_listing():
-                    self.say(f"  {row}")
-            case ["use", name]:
-                self.say(f"Scenes are now written by {await self.core.use_checkpoint(name)}.")
-            case _:
-                raise CommandError("usage: /checkpoint list | use NAME")
+        action, name = parse_checkpoint(args)
+        if action == "list":
+            for row in self.core.checkpoint_listing():
+                self.say(f"  {row}")
+        else:
+            self.say(f"Scenes are now written by {await self.core.use_checkpoint(name)}.")
 
 
 def _read_lines(stdin: TextIO) -> asyncio.Queue[str | None]:

@@ -1,22 +1,27 @@
-"""What the Discord bot and the local console share: the database, the engine, the checkpoint."""
+"""What every frontend (Discord, Slack, the local console) shares: the database, the engine,
+the checkpoint, and the platform-free parts of the commands: the /scene flow from queue to
+posted scene (bot.posting does the posting), votes and their bookkeeping."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import logging
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 
 from safetensors import SafetensorError
 
-from sitcom.engine import EngineError, Scene, SceneEngine
+from sitcom.engine import EngineError, GenerationTimeout, Scene, SceneEngine
 from sitcom.llamacpp import load_serving_model
 from sitcom.models import ModelLoadError, cache_root, is_base_model, is_tuned_default
+from sitcom.script import normalize_prompt
 from sitcom.settings import SceneSettings
 
 from . import checkpoints
+from .commands import repost_id
 from .config import Config
-from .db import Database, DatabaseError, StoredScene
+from .db import Database, DatabaseError, Place, StoredScene
+from .posting import Delivery, RetryPolicy, Surface, deliver
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +66,12 @@ class Core:
         # the model that wrote it, even when a swap lands before it is stored.
         self._labels: dict[str, str] = {engine.model_name: checkpoint}
         self.accepting = True
+        self.retry = RetryPolicy()
 
     @classmethod
-    async def start(cls, config: Config) -> Core:
-        """Open the database, then load the stored checkpoint (or DEFAULT_CHECKPOINT)."""
+    async def start(cls, config: Config, loader=None) -> Core:
+        """Open the database, then load the stored checkpoint (or DEFAULT_CHECKPOINT).
+        `loader` replaces SceneEngine's model loader (tests use scripted models)."""
         db = await Database.open(config.db_path, timeout=config.db_timeout_s)
         try:
             stored = await db.get_state(CHECKPOINT_KEY)
@@ -72,7 +79,7 @@ class Core:
                 stored, config.default_checkpoint, config.checkpoints_dir
             )
             try:
-                engine = await cls._start_engine(config, model)
+                engine = await cls._start_engine(config, model, loader)
             except ModelLoadError:
                 if name == config.default_checkpoint:
                     raise
@@ -80,7 +87,7 @@ class Core:
                 name, model = checkpoints.startup_model(
                     None, config.default_checkpoint, config.checkpoints_dir
                 )
-                engine = await cls._start_engine(config, model)
+                engine = await cls._start_engine(config, model, loader)
         except BaseException:
             await db.close()
             raise
@@ -88,16 +95,19 @@ class Core:
         return cls(config, db, engine, name)
 
     @staticmethod
-    async def _start_engine(config: Config, model: str) -> SceneEngine:
+    async def _start_engine(config: Config, model: str, loader=None) -> SceneEngine:
         engine = SceneEngine(
             model=model, max_queue=config.max_queue, per_user_limit=config.per_user_limit,
-            timeout_s=config.timeout_s, max_prompt_chars=MAX_PROMPT_CHARS, loader=load_model,
+            timeout_s=config.timeout_s, max_prompt_chars=MAX_PROMPT_CHARS,
+            loader=loader or load_model,
         )
         await engine.start()
         return engine
 
-    async def submit(self, prompt: str, settings: SceneSettings, user_id: int):
-        """A queued job (see sitcom.engine); EngineError subclasses carry polite messages."""
+    async def submit(self, prompt: str, settings: SceneSettings, user_id: str | int):
+        """A queued job (see sitcom.engine); EngineError subclasses carry polite messages.
+        `user_id` should be platform-qualified ("slack:U1") so per-user limits never mix
+        two platforms' ids."""
         if not self.accepting:
             raise EngineError("I'm shutting down for a moment; please try again shortly.")
         return await self.engine.submit(prompt, settings, user_id=str(user_id))
@@ -107,14 +117,102 @@ class Core:
         return self._labels.get(scene.model_name, scene.model_name)
 
     async def record(
-        self, scene: Scene, *, guild_id: int, channel_id: int, user_id: int, prompt: str
+        self, scene: Scene, *, place: Place, user_id: str | int, prompt: str,
+        note: str | None = None,
     ) -> StoredScene:
         """Store a finished scene; `prompt` should be the cleaned one (job.prompt)."""
         return await self.db.add_scene(
-            guild_id=guild_id, channel_id=channel_id, user_id=user_id, prompt=prompt,
+            place=place, user_id=str(user_id), prompt=prompt,
             model_name=self.model_label(scene), lines=list(scene.lines),
-            new_tokens=int(scene.new_tokens), seconds=float(scene.seconds),
+            prompt_lines=prompt_line_count(prompt, scene.lines),
+            new_tokens=int(scene.new_tokens), seconds=float(scene.seconds), note=note,
         )
+
+    # -- /scene, the same on every chat platform -------------------------------------------
+
+    async def scene_command(
+        self, *, place: Place, user_id: str, prompt: str, surface: Surface,
+        acknowledge: Callable[[str], Awaitable[None]],
+        update: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """Queue (or re-post with `#ID`), acknowledge at once with the queue position, wait,
+        store, post through `surface`, then update the acknowledgement with the outcome.
+        Raises EngineError/DatabaseError before acknowledging (the frontend answers them
+        politely); after that every outcome goes into `update`. Texts are ready to send
+        on `surface` (escaped there)."""
+        scene_id = repost_id(prompt)
+        if scene_id is not None:
+            stored = await self.db.get_scene(scene_id)
+            if stored is None or stored.place.platform != place.platform \
+                    or stored.place.channel_id != place.channel_id:
+                raise EngineError(f"There is no scene {scene_id} in this channel.")
+            if stored.posted:
+                raise EngineError(f"Scene {scene_id} is posted already; scroll up to vote.")
+            await acknowledge(f"🎬 Posting scene {scene_id} again…")
+            await update(self._outcome(stored, await self._deliver(stored, surface), surface))
+            return
+        settings = await self.db.get_settings(place.platform, place.channel_id)
+        job = await self.submit(prompt, settings, f"{place.platform}:{user_id}")
+        await acknowledge(queue_text(job))
+        note = None
+        try:
+            scene = await job.result()
+        except GenerationTimeout as e:
+            scene = e.partial
+            if scene is None or prompt_line_count(job.prompt, scene.lines) >= len(scene.lines):
+                await update("😕 " + surface.escape(str(e)))
+                return
+            note = "⏱️ Stopped at the time limit; this is as far as it got."
+        except EngineError as e:
+            await update("😕 " + surface.escape(str(e)))
+            return
+        if not scene.lines:
+            await update("😕 The model wrote nothing this time; try again.")
+            return
+        # Stored before it is posted: whatever happens next, the scene is not lost.
+        stored = await self.record(scene, place=place, user_id=user_id, prompt=job.prompt,
+                                   note=note)
+        delivery = await self._deliver(stored, surface)
+        await update(self._outcome(stored, delivery, surface, scene))
+
+    async def _deliver(self, stored: StoredScene, surface: Surface) -> Delivery:
+        return await deliver(self.db, stored, surface, self.retry)
+
+    def _outcome(self, stored: StoredScene, delivery: Delivery, surface: Surface,
+                 scene=None) -> str:
+        if not delivery.posted:
+            return (f"😕 Scene {stored.id} is written and saved, but I couldn't post it: "
+                    f"{surface.escape(delivery.problem or 'unknown error')}. "
+                    f"Post it with `/scene #{stored.id}` once that is fixed.")
+        where = surface.link(delivery.link, "here") if delivery.link else "in this channel"
+        text = f"🎬 Scene {stored.id} is ready {where}"
+        if scene is not None:
+            text += (f" ({len(scene.lines)} lines, {scene.seconds:.1f} s, "
+                     f"{surface.escape(self.model_label(scene))})")
+        if delivery.reactions_problem:
+            text += (f". I couldn't add the voting reactions: "
+                     f"{surface.escape(delivery.reactions_problem)}; react with "
+                     f"{surface.keycaps} on a line yourselves to vote")
+        return text + "."
+
+    # -- votes ------------------------------------------------------------------------------
+
+    async def vote(
+        self, *, platform: str, message_id: str, slot: int | None, user_id: str, add: bool,
+        event_id: str | None = None,
+    ) -> bool:
+        """A keycap reaction added or removed on a scene message; True when it changed a
+        vote. Unknown messages, other emoji and prompt lines are ignored; an `event_id`
+        seen before (a redelivery) changes nothing."""
+        if slot is None:
+            return False
+        line_id = await self.db.line_at(platform, message_id, slot)
+        if line_id is None:
+            return False
+        event = (platform, event_id) if event_id else None
+        if add:
+            return await self.db.add_vote(str(user_id), line_id, event)
+        return await self.db.remove_vote(str(user_id), line_id, event)
 
     def list_checkpoints(self) -> list[str]:
         return checkpoints.available(self.config.checkpoints_dir)
@@ -155,9 +253,27 @@ class Core:
         if not self.accepting:
             return
         self.accepting = False
+        posting = {t for t in posting if t is not asyncio.current_task()}  # never itself
         try:
             await self.engine.close()
             if posting:
                 await asyncio.wait(posting, timeout=grace_s)
         finally:
             await self.db.close()
+
+
+def prompt_line_count(prompt: str, lines: list[str]) -> int:
+    """How many of a scene's first lines are the user's own: the engine puts the normalised
+    prompt lines first (sitcom.generation.clean_lines)."""
+    own = [line for line in normalize_prompt(prompt).splitlines() if line.strip()]
+    return min(len(own), len(lines))
+
+
+def queue_text(job) -> str:
+    """The acknowledgement: the queue position the engine reports and, when it gives one,
+    the estimated wait."""
+    text = f"🎬 Writing your scene — #{job.position} in the queue"
+    eta = getattr(job, "eta_s", None)
+    if isinstance(eta, int | float) and eta > 0:
+        text += f", about {eta:.0f} s" if eta < 90 else f", about {eta / 60:.0f} min"
+    return text + "…"

@@ -1,5 +1,7 @@
 """SQLite storage (aiosqlite): channel settings, scenes and their lines, votes, bot state.
 
+Every row is keyed by platform ("discord", "slack", "console") with string ids.
+
 One connection per process, WAL mode, foreign keys on. Every write runs in its own
 `BEGIN IMMEDIATE` transaction; the schema comes from bot/migrations/NNNN_name.sql, applied in
 order and tracked with PRAGMA user_version. Any SQLite failure surfaces as DatabaseError,
@@ -32,9 +34,34 @@ class DatabaseError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Place:
+    """Where a scene or setting lives: ids are strings on every platform."""
+
+    platform: str  # "discord", "slack", "console"
+    guild_id: str  # Discord server / Slack workspace (team)
+    channel_id: str
+
+
+@dataclass(frozen=True)
+class StoredLine:
+    id: int
+    line_no: int
+    text: str
+    from_prompt: bool  # the user's own opening line: shown, not votable
+    message_id: str | None  # None until posted
+
+
+@dataclass(frozen=True)
 class StoredScene:
     id: int
-    line_ids: list[int]
+    place: Place
+    lines: list[StoredLine]
+    note: str | None = None  # e.g. why it is partial
+    posted: bool = False
+
+    @property
+    def line_ids(self) -> list[int]:
+        return [line.id for line in self.lines]
 
 
 @dataclass(frozen=True)
@@ -43,7 +70,7 @@ class RankedLine:
     line_no: int
     text: str
     votes: int
-    channel_id: int
+    channel_id: str
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -165,17 +192,18 @@ class Database:
 
     # -- settings ------------------------------------------------------------------------
 
-    async def get_settings(self, channel_id: int) -> SceneSettings:
+    async def get_settings(self, platform: str, channel_id: str) -> SceneSettings:
         rows = await self._fetch(
-            f"SELECT {', '.join(_SETTING_COLUMNS)} FROM channel_settings WHERE channel_id = ?",
-            (channel_id,),
+            f"SELECT {', '.join(_SETTING_COLUMNS)} FROM channel_settings "
+            "WHERE platform = ? AND channel_id = ?",
+            (platform, str(channel_id)),
         )
         if not rows:
             return SceneSettings()
         return SceneSettings(**dict(zip(_SETTING_COLUMNS, rows[0], strict=True)))
 
     async def save_settings(
-        self, guild_id: int, channel_id: int, user_id: int, settings: SceneSettings
+        self, place: Place, user_id: str, settings: SceneSettings
     ) -> None:
         values = settings.validated().as_dict()
         cols = ", ".join(_SETTING_COLUMNS)
@@ -183,91 +211,154 @@ class Database:
         updates = ", ".join(f"{c} = excluded.{c}" for c in _SETTING_COLUMNS)
         async with self._write() as conn:
             await conn.execute(
-                f"INSERT INTO channel_settings (channel_id, guild_id, updated_by, {cols}) "
-                f"VALUES (?, ?, ?, {marks}) ON CONFLICT(channel_id) DO UPDATE SET {updates}, "
+                "INSERT INTO channel_settings (platform, channel_id, guild_id, updated_by, "
+                f"{cols}) VALUES (?, ?, ?, ?, {marks}) "
+                f"ON CONFLICT(platform, channel_id) DO UPDATE SET {updates}, "
                 "updated_by = excluded.updated_by, updated_at = datetime('now')",
-                (channel_id, guild_id, user_id, *(values[c] for c in _SETTING_COLUMNS)),
+                (place.platform, place.channel_id, place.guild_id, str(user_id),
+                 *(values[c] for c in _SETTING_COLUMNS)),
             )
 
-    async def reset_settings(self, channel_id: int) -> bool:
+    async def reset_settings(self, platform: str, channel_id: str) -> bool:
         async with self._write() as conn:
             cur = await conn.execute(
-                "DELETE FROM channel_settings WHERE channel_id = ?", (channel_id,)
+                "DELETE FROM channel_settings WHERE platform = ? AND channel_id = ?",
+                (platform, str(channel_id)),
             )
             return cur.rowcount > 0
 
     # -- scenes and lines ----------------------------------------------------------------
 
     async def add_scene(
-        self, *, guild_id: int, channel_id: int, user_id: int, prompt: str, model_name: str,
-        lines: list[str], new_tokens: int, seconds: float,
+        self, *, place: Place, user_id: str, prompt: str, model_name: str,
+        lines: list[str], prompt_lines: int, new_tokens: int, seconds: float,
+        note: str | None = None,
     ) -> StoredScene:
+        """Store a finished scene before anything is posted; the first `prompt_lines`
+        lines are the user's own and never votable."""
         async with self._write() as conn:
             cur = await conn.execute(
-                "INSERT INTO scenes (guild_id, channel_id, user_id, prompt, model_name, "
-                "new_tokens, seconds) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (guild_id, channel_id, user_id, prompt, model_name, new_tokens, seconds),
+                "INSERT INTO scenes (platform, guild_id, channel_id, user_id, prompt, model_name, "
+                "new_tokens, seconds, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (place.platform, place.guild_id, place.channel_id, str(user_id), prompt,
+                 model_name, new_tokens, seconds, note),
             )
             scene_id = cur.lastrowid
-            line_ids = []
+            stored = []
             for no, text in enumerate(lines, start=1):
+                own = no <= prompt_lines
                 cur = await conn.execute(
-                    "INSERT INTO lines (scene_id, line_no, text) VALUES (?, ?, ?)",
-                    (scene_id, no, text),
+                    "INSERT INTO lines (scene_id, line_no, text, from_prompt) VALUES (?, ?, ?, ?)",
+                    (scene_id, no, text, own),
                 )
-                line_ids.append(cur.lastrowid)
-        return StoredScene(scene_id, line_ids)
+                stored.append(StoredLine(cur.lastrowid, no, text, own, None))
+        return StoredScene(scene_id, place, stored, note, posted=False)
 
-    async def place_lines(self, message_id: int, line_ids: list[int]) -> None:
-        """Record that message_id shows these lines, keycap 1 for the first."""
+    async def get_scene(self, scene_id: int) -> StoredScene | None:
+        rows = await self._fetch(
+            "SELECT platform, guild_id, channel_id, note, posted_at FROM scenes WHERE id = ?",
+            (scene_id,),
+        )
+        if not rows:
+            return None
+        platform, guild_id, channel_id, note, posted_at = rows[0]
+        lines = await self._fetch(
+            "SELECT id, line_no, text, from_prompt, message_id FROM lines WHERE scene_id = ? "
+            "ORDER BY line_no",
+            (scene_id,),
+        )
+        return StoredScene(
+            scene_id, Place(platform, guild_id, channel_id),
+            [StoredLine(i, no, text, bool(own), mid) for i, no, text, own, mid in lines],
+            note, posted=posted_at is not None,
+        )
+
+    async def place_lines(self, message_id: str, placed: list[tuple[int, int | None]]) -> None:
+        """Record that message_id shows these (line id, keycap slot or None) pairs."""
         async with self._write() as conn:
             await conn.executemany(
                 "UPDATE lines SET message_id = ?, slot = ? WHERE id = ?",
-                [(message_id, slot, line_id) for slot, line_id in enumerate(line_ids, start=1)],
+                [(str(message_id), slot, line_id) for line_id, slot in placed],
             )
 
-    async def line_at(self, message_id: int, slot: int) -> int | None:
+    async def mark_posted(self, scene_id: int) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                "UPDATE scenes SET posted_at = datetime('now') WHERE id = ?", (scene_id,)
+            )
+
+    async def line_at(self, platform: str, message_id: str, slot: int) -> int | None:
+        """The votable line a keycap on that message stands for, if any."""
         rows = await self._fetch(
-            "SELECT id FROM lines WHERE message_id = ? AND slot = ?", (message_id, slot)
+            "SELECT l.id FROM lines l JOIN scenes s ON s.id = l.scene_id "
+            "WHERE l.message_id = ? AND l.slot = ? AND s.platform = ? AND NOT l.from_prompt",
+            (str(message_id), slot, platform),
         )
         return rows[0][0] if rows else None
 
-    async def scene_line(self, scene_id: int, line_no: int) -> int | None:
+    async def scene_line(self, platform: str, scene_id: int, line_no: int) -> StoredLine | None:
         rows = await self._fetch(
-            "SELECT id FROM lines WHERE scene_id = ? AND line_no = ?", (scene_id, line_no)
+            "SELECT l.id, l.line_no, l.text, l.from_prompt, l.message_id "
+            "FROM lines l JOIN scenes s ON s.id = l.scene_id "
+            "WHERE l.scene_id = ? AND l.line_no = ? AND s.platform = ?",
+            (scene_id, line_no, platform),
         )
-        return rows[0][0] if rows else None
+        if not rows:
+            return None
+        i, no, text, own, mid = rows[0]
+        return StoredLine(i, no, text, bool(own), mid)
 
     # -- votes ---------------------------------------------------------------------------
 
-    async def add_vote(self, user_id: int, line_id: int) -> bool:
-        """False when this user already voted for this line."""
-        async with self._write() as conn:
-            cur = await conn.execute(
-                "INSERT INTO votes (line_id, user_id) VALUES (?, ?) "
-                "ON CONFLICT(user_id, line_id) DO NOTHING",
-                (line_id, user_id),
-            )
-            return cur.rowcount > 0
+    async def add_vote(
+        self, user_id: str, line_id: int, event: tuple[str, str] | None = None
+    ) -> bool:
+        """False when this user already voted for this line, or `event` (platform,
+        event id) was applied before (a redelivery)."""
+        return await self._vote(
+            "INSERT INTO votes (line_id, user_id) VALUES (?, ?) "
+            "ON CONFLICT(user_id, line_id) DO NOTHING", line_id, user_id, event,
+        )
 
-    async def remove_vote(self, user_id: int, line_id: int) -> bool:
+    async def remove_vote(
+        self, user_id: str, line_id: int, event: tuple[str, str] | None = None
+    ) -> bool:
+        return await self._vote(
+            "DELETE FROM votes WHERE line_id = ? AND user_id = ?", line_id, user_id, event
+        )
+
+    async def _vote(
+        self, sql: str, line_id: int, user_id: str, event: tuple[str, str] | None
+    ) -> bool:
+        # The event id and the vote change commit together: a redelivered event finds its id
+        # and changes nothing; a failed one left no id behind and is applied when redelivered.
         async with self._write() as conn:
-            cur = await conn.execute(
-                "DELETE FROM votes WHERE line_id = ? AND user_id = ?", (line_id, user_id)
-            )
+            if event is not None:
+                cur = await conn.execute(
+                    "INSERT INTO seen_events (platform, event_id) VALUES (?, ?) "
+                    "ON CONFLICT DO NOTHING", event,
+                )
+                if cur.rowcount == 0:
+                    return False
+                await conn.execute(
+                    "DELETE FROM seen_events WHERE seen_at < datetime('now', '-1 day')"
+                )
+            cur = await conn.execute(sql, (line_id, str(user_id)))
             return cur.rowcount > 0
 
     async def best(
-        self, guild_id: int, channel_id: int | None = None, limit: int = 10
+        self, platform: str, guild_id: str, channel_id: str | None = None, limit: int = 10
     ) -> list[RankedLine]:
-        where, params = "s.guild_id = ?", [guild_id]
+        """Most-voted lines the model wrote, within one platform's server/workspace or channel."""
+        where, params = "s.platform = ? AND s.guild_id = ?", [platform, str(guild_id)]
         if channel_id is not None:
             where += " AND s.channel_id = ?"
-            params.append(channel_id)
+            params.append(str(channel_id))
         rows = await self._fetch(
             "SELECT s.id, l.line_no, l.text, COUNT(v.id) AS n, s.channel_id "
             "FROM votes v JOIN lines l ON l.id = v.line_id JOIN scenes s ON s.id = l.scene_id "
-            f"WHERE {where} GROUP BY l.id ORDER BY n DESC, MIN(v.id) LIMIT ?",
+            f"WHERE {where} AND NOT l.from_prompt "
+            "GROUP BY l.id ORDER BY n DESC, MIN(v.id) LIMIT ?",
             (*params, limit),
         )
         return [RankedLine(*row) for row in rows]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import discord
@@ -54,6 +55,18 @@ class Call:
 class Recorder:
     def __init__(self) -> None:
         self.calls: list[Call] = []
+        self.faults: list[tuple[str, str, BaseException]] = []  # (method, path part, error)
+
+    def fail(self, method: str, fragment: str, error: BaseException) -> None:
+        """The next `method` request whose path holds `fragment` raises `error` instead."""
+        self.faults.append((method, fragment, error))
+
+    def _fault(self, method: str, path: str) -> BaseException | None:
+        for i, (m, fragment, error) in enumerate(self.faults):
+            if m == method and fragment in path:
+                del self.faults[i]
+                return error
+        return None
 
     def find(self, method: str, fragment: str = "") -> list[Call]:
         return [c for c in self.calls if c.method == method and fragment in c.path]
@@ -75,6 +88,9 @@ class Recorder:
         return out
 
     def answer(self, method: str, path: str, body: Any) -> Any:
+        error = self._fault(method, path)
+        if error is not None:
+            raise error
         self.calls.append(Call(method, path, body))
         if method == "POST" and path.endswith("/messages") and path.startswith("/channels/"):
             channel_id = int(path.split("/")[2])
@@ -177,3 +193,9 @@ async def settle(bot: discord.Client) -> None:
         if not pending:
             return
         await asyncio.gather(*pending)
+
+
+def http_error(kind: type[discord.HTTPException], status: int, message: str, code: int = 0):
+    """What discord.py raises for an error status (built from a response-like object)."""
+    response = SimpleNamespace(status=status, reason=message)
+    return kind(response, {"code": code, "message": message})

@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 
+import aiohttp
 import discord
 import pytest
 import pytest_asyncio
@@ -18,6 +19,7 @@ from discord_payloads import (
     OWNER_ID,
     USER_ID,
     command_payload,
+    http_error,
     install,
     invoke,
     option,
@@ -29,9 +31,11 @@ from discord_payloads import (
 from bot.bot import SitcomBot
 from bot.config import Config
 from bot.core import Core
+from bot.posting import RetryPolicy
 from bot.utils.formatting import KEYCAPS
 
 MANAGE = discord.Permissions(manage_channels=True)
+SCRIPT = "GEORGE: What is it?\nKRAMER: Giddyup! @everyone\n"
 EPHEMERAL = 64
 
 
@@ -42,8 +46,23 @@ def make_config(tmp_path, model_dir, **extra) -> Config:
     )
 
 
+def scripted_loader(script: str = SCRIPT):
+    """The real loader's tokenizer with a tiny model that writes `script` (greedy-ish), so
+    scenes have model-written lines to vote for."""
+    from test_generation import teleprompter_model
+
+    from sitcom.models import load_model
+
+    def load(name: str):
+        _, tokenizer = load_model(name)
+        return teleprompter_model(tokenizer, script), tokenizer
+
+    return load
+
+
 async def start_bot(config: Config, sync: bool = False):
-    core = await Core.start(config)
+    core = await Core.start(config, loader=scripted_loader())
+    core.retry = RetryPolicy(attempts=3, first_delay_s=0.01)
     bot = SitcomBot(config, core)
     await bot.__aenter__()  # what `async with bot` does before login: the loop, ready event
     recorder = install(bot)
@@ -79,35 +98,41 @@ async def test_scene_is_acknowledged_posted_numbered_and_votable(running):
     posts = rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
     assert posts, "the scene was not posted as a channel message"
     shown = [row for p in posts for row in p.json["content"].split("\n")[1:]]
-    assert shown[0] == f"{KEYCAPS[0]} ELAINE: Jerry! George! @\u200beveryone listen!"
-    assert shown[1] == f"{KEYCAPS[1]} JERRY: What?"
+    # The user's own lines are shown but carry no keycap: they are not votable.
+    assert shown[0] == "💬 ELAINE: Jerry! George! @\u200beveryone listen!"
+    assert shown[1] == "💬 JERRY: What?"
+    written = shown[2:]
+    assert written, "the tiny model wrote no line"
+    assert [row.split(" ", 1)[0] for row in written[:10]] == list(KEYCAPS[: len(written[:10])])
     for post in posts:
         assert post.json["allowed_mentions"] == {"parse": []}
-        assert len(post.json["content"]) <= 2000 and post.json["content"].count("\n") <= 10
+        assert len(post.json["content"]) <= 2000 and post.json["content"].count("\n") <= 12
     reactions = rec.find("PUT", "/reactions/")
-    assert len(reactions) == len(shown)
+    assert len(reactions) == len(written)
     assert "Scene 1 is ready" in rec.replies()[-1]["content"]
+    assert (await bot.core.db.get_scene(1)).posted
 
     # Votes: the real gateway parser -> on_raw_reaction_add -> SQLite.
     message_id = int(rec.find("PUT", "/reactions/")[0].path.split("/")[4])
     state = bot._connection
-    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[1]))
-    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[1]))  # duplicate
-    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[1], user_id=BOT_ID))
+    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[0]))
+    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[0]))  # duplicate
+    state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[0], user_id=BOT_ID))
     state.parse_message_reaction_add(reaction_payload(message_id, "👍"))
     state.parse_message_reaction_add(reaction_payload(123456789012345678, KEYCAPS[0]))  # unknown
     state.parse_message_reaction_add(reaction_payload(message_id, KEYCAPS[0], user_id=OWNER_ID))
     await settle(bot)
-    best = await bot.core.db.best(GUILD_ID)
-    assert [(r.line_no, r.votes) for r in best] == [(2, 1), (1, 1)]
+    best = await bot.core.db.best("discord", str(GUILD_ID))
+    assert [(r.line_no, r.votes) for r in best] == [(3, 2)]
 
     state.parse_message_reaction_remove(reaction_payload(message_id, KEYCAPS[0], user_id=OWNER_ID))
     await settle(bot)
-    assert [(r.line_no, r.votes) for r in await bot.core.db.best(GUILD_ID)] == [(2, 1)]
+    assert [(r.line_no, r.votes) for r in await bot.core.db.best("discord", str(GUILD_ID))] \
+        == [(3, 1)]
 
     await invoke(bot, command_payload("best", [option("scope", "channel")]))
     board = last_reply(rec)["content"]
-    assert "JERRY: What?" in board and "**1** vote" in board and "ELAINE" not in board
+    assert "**1** vote" in board and "line 3" in board and "ELAINE" not in board
 
 
 @pytest.mark.asyncio
@@ -145,7 +170,7 @@ async def test_settings_ranges_and_permissions(running, tmp_path, tiny_model_dir
         shown = last_reply(rec)["content"]
         assert "`temperature` = 1.3" in shown and "`max_new_tokens` = 16" in shown
         await invoke(bot, command_payload("settings", [subcommand("reset")], permissions=MANAGE))
-        assert (await bot.core.db.get_settings(CHANNEL_ID)).temperature == 0.8
+        assert (await bot.core.db.get_settings("discord", str(CHANNEL_ID))).temperature == 0.8
     finally:
         await bot.close()
 
@@ -181,7 +206,7 @@ async def test_checkpoint_admin_only_and_names_checked(running, tmp_path, tiny_m
 
 @pytest.mark.asyncio
 async def test_admin_ids_from_the_environment(tmp_path, tiny_model_dir):
-    config = make_config(tmp_path, tiny_model_dir, admin_user_ids=frozenset({USER_ID}))
+    config = make_config(tmp_path, tiny_model_dir, admin_user_ids=frozenset({str(USER_ID)}))
     bot, rec = await start_bot(config)
     try:
         await invoke(bot, command_payload("checkpoint", [subcommand("list")], user_id=USER_ID))
@@ -237,3 +262,133 @@ def test_client_never_pings_and_needs_no_privileged_intents(tmp_path, tiny_model
     assert bot.allowed_mentions.to_dict() == {"parse": []}
     assert not bot.intents.message_content and not bot.intents.members
     assert bot.intents.guild_reactions and bot.intents.guilds
+
+
+def posted_lines(rec) -> list[str]:
+    return [row for p in rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
+            for row in p.json["content"].split("\n")[1:]]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("fault", ["disconnect", "5xx", "429"])
+async def test_posting_retries_a_dropped_connection_5xx_and_429(running, fault):
+    bot, rec = running
+    error = {
+        "disconnect": aiohttp.ServerDisconnectedError(),
+        "5xx": http_error(discord.DiscordServerError, 503, "Service Unavailable"),
+        "429": discord.RateLimited(0.01),
+    }[fault]
+    rec.fail("POST", f"/channels/{CHANNEL_ID}/messages", error)
+    rec.fail("PUT", "/reactions/", error)
+    await invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello.")]))
+    assert "Scene 1 is ready" in last_reply(rec)["content"]
+    assert len(rec.find("POST", f"/channels/{CHANNEL_ID}/messages")) == 1  # once, not twice
+    assert len(rec.find("PUT", "/reactions/")) == len(posted_lines(rec)) - 1  # all keycaps
+    assert not rec.faults and (await bot.core.db.get_scene(1)).posted
+
+
+@pytest.mark.asyncio
+async def test_a_scene_that_cannot_be_posted_is_kept_and_reposted(running):
+    bot, rec = running
+    for _ in range(3):  # more than the retry policy's attempts
+        rec.fail("POST", f"/channels/{CHANNEL_ID}/messages", aiohttp.ServerDisconnectedError())
+    await invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello.")]))
+    reply = last_reply(rec)["content"]
+    assert "Scene 1 is written and saved, but I couldn't post it" in reply
+    assert "/scene #1" in reply and "Traceback" not in reply
+    assert not (await bot.core.db.get_scene(1)).posted
+
+    await invoke(bot, command_payload("scene", [option("prompt", "#1")]))
+    assert "Scene 1 is ready" in last_reply(rec)["content"]
+    assert (await bot.core.db.get_scene(1)).posted
+    await invoke(bot, command_payload("scene", [option("prompt", "#1")]))
+    assert "posted already" in last_reply(rec)["content"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["app_permissions", "forbidden"])
+async def test_missing_add_reactions_posts_every_line_and_says_why(running, how):
+    bot, rec = running
+    payload = command_payload("scene", [option("prompt", "Jerry: Hello.")])
+    if how == "app_permissions":  # Discord tells us up front: no doomed calls
+        perms = discord.Permissions.all()
+        perms.add_reactions = False
+        payload["app_permissions"] = str(perms.value)
+    else:  # or the first reaction is refused
+        rec.fail("PUT", "/reactions/", http_error(discord.Forbidden, 403, "Missing Permissions",
+                                                  50013))
+    await invoke(bot, payload)
+    reply = last_reply(rec)["content"]
+    assert "Scene 1 is ready" in reply and "Add Reactions" in reply and "1️⃣…🔟" in reply
+    assert not rec.find("PUT", "/reactions/")
+    stored = await bot.core.db.get_scene(1)
+    assert stored.posted and all(line.message_id for line in stored.lines)
+    assert len(posted_lines(rec)) == len(stored.lines)  # no half-posted scene
+
+
+@pytest.mark.asyncio
+async def test_ack_shows_the_engines_queue_position_and_wait():
+    from bot.core import queue_text
+
+    class Job:
+        position = 3
+    assert queue_text(Job()) == "🎬 Writing your scene — #3 in the queue…"
+    Job.eta_s = 42.4  # once the engine estimates the wait
+    assert queue_text(Job()) == "🎬 Writing your scene — #3 in the queue, about 42 s…"
+    Job.eta_s = 300
+    assert queue_text(Job()).endswith("about 5 min…")
+
+
+def test_every_slash_command_option_has_a_description(tmp_path, tiny_model_dir):
+    import asyncio
+
+    bot = SitcomBot(make_config(tmp_path, tiny_model_dir))
+
+    async def load():
+        for ext in ("bot.cogs.scenes", "bot.cogs.votes", "bot.cogs.settings",
+                    "bot.cogs.checkpoints"):
+            await bot.load_extension(ext)
+
+    asyncio.run(load())
+    options = []
+    for command in bot.tree.get_commands():
+        payload = command.to_dict(bot.tree)
+        stack = [payload]
+        while stack:
+            node = stack.pop()
+            for opt in node.get("options", []):
+                stack.append(opt)
+                options.append((payload["name"], opt["name"], opt["description"]))
+    assert len(options) >= 10
+    for command, name, description in options:
+        assert description and description != "…", (command, name)
+
+
+@pytest.mark.asyncio
+async def test_a_timed_out_scene_is_posted_as_a_partial_with_a_note(tmp_path, tiny_model_dir):
+    import time
+
+    def slow_loader(name: str):
+        model, tokenizer = scripted_loader()(name)
+        model.register_forward_hook(lambda *args: time.sleep(0.03))  # ~30 tokens/s
+        return model, tokenizer
+
+    config = make_config(tmp_path, tiny_model_dir)
+    config = type(config)(**{**config.__dict__, "timeout_s": 1.0})
+    core = await Core.start(config, loader=slow_loader)
+    bot = SitcomBot(config, core)
+    await bot.__aenter__()
+    rec = install(bot)
+    bot.sync_on_setup = False
+    await bot.setup_hook()
+    try:
+        await invoke(bot, command_payload(
+            "settings", [subcommand("set", option("max_new_tokens", 400))], permissions=MANAGE))
+        await invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello.")]))
+        assert "Scene 1 is ready" in last_reply(rec)["content"]
+        (post,) = rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
+        assert "⏱️ Stopped at the time limit" in post.json["content"]
+        assert "GEORGE: What is it?" in post.json["content"]
+        assert (await bot.core.db.get_scene(1)).note.startswith("⏱️")
+    finally:
+        await bot.close()

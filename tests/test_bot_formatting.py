@@ -7,24 +7,44 @@ from pathlib import Path
 import pytest
 
 from bot.checkpoints import CheckpointError, available, resolve, startup_model
+from bot.cogs.scenes import DiscordSurface
 from bot.config import Config, ConfigError
-from bot.utils.formatting import KEYCAPS, neutralize, scene_messages, slot_of
+from bot.db import Place, StoredLine, StoredScene
+from bot.posting import plan
+from bot.utils.formatting import KEYCAPS, neutralize, slot_of
+
+
+def scene(lines, prompt_lines=0, note=None):
+    return StoredScene(7, Place("discord", "1", "2"), [
+        StoredLine(i, i, text, i <= prompt_lines, None) for i, text in enumerate(lines, 1)
+    ], note)
 
 
 def shown_lines(messages):
-    return [row.split(" ", 1)[1] for content, _ in messages for row in content.split("\n")[1:]]
+    return [row.split(" ", 1)[1] for m in messages for row in m.text.split("\n")[1:]]
 
 
 def test_scene_split_on_line_boundaries_ten_lines_and_2000_chars_per_message():
     lines = [f"JERRY: line {i}" for i in range(23)] + ["GEORGE: " + "a" * 1700] * 3
-    messages = scene_messages(7, lines)
-    assert [n for _, n in messages] == [10, 10, 4, 1, 1]  # a 1500-char line fits once
-    assert all(len(content) <= 2000 for content, _ in messages)
+    messages = plan(scene(lines), DiscordSurface(channel=None))
+    assert [len(m.lines) for m in messages] == [10, 10, 4, 1, 1]  # a 1500-char line fits once
+    assert all(len(m.text) <= 2000 for m in messages)
     assert shown_lines(messages)[:23] == lines[:23]
-    for content, count in messages:  # each message numbers its own lines 1..count
-        rows = content.split("\n")[1:]
-        assert [row.split(" ", 1)[0] for row in rows] == list(KEYCAPS[:count])
+    for m in messages:  # each message numbers its own lines 1..count
+        rows = m.text.split("\n")[1:]
+        assert [row.split(" ", 1)[0] for row in rows] == list(KEYCAPS[: len(m.lines)])
+        assert [slot for _, slot in m.lines] == list(range(1, len(m.lines) + 1))
     assert shown_lines(messages)[-1].endswith("…")  # an over-long line is shortened, not split
+
+
+def test_prompt_lines_are_shown_without_a_keycap():
+    lines = ["ELAINE: Jerry!", "JERRY: What?"] + [f"GEORGE: line {i}" for i in range(11)]
+    messages = plan(scene(lines, prompt_lines=2, note="⏱️ partial"), DiscordSurface(None))
+    first = messages[0].text.split("\n")
+    assert first[1] == "⏱️ partial"  # the note goes under the first header
+    assert first[2:4] == ["💬 ELAINE: Jerry!", "💬 JERRY: What?"]
+    assert [slot for _, slot in messages[0].lines] == [None, None, *range(1, 11)]
+    assert [slot for _, slot in messages[1].lines] == [1]
 
 
 def test_mentions_and_control_characters_are_neutralised():
@@ -57,13 +77,27 @@ def test_checkpoint_names_are_looked_up_never_joined(tmp_path):
 
 
 def test_config_from_environment():
-    config = Config.from_env({"DISCORD_TOKEN": "secret", "ADMIN_USER_IDS": "1, 2 3",
+    config = Config.from_env({"DISCORD_TOKEN": "secret", "ADMIN_USER_IDS": "1, 2 U0ADMIN",
                               "DEV_GUILD_ID": "77", "QUEUE_SIZE": "5", "BOT_DB": "x.db"})
-    assert config.admin_user_ids == {1, 2, 3} and config.dev_guild_id == 77
+    assert config.admin_user_ids == {"1", "2", "U0ADMIN"} and config.dev_guild_id == 77
     assert config.max_queue == 5 and config.db_path == Path("x.db")
     assert "secret" not in repr(config)
-    assert Config.from_env({}).token is None and Config.from_env({}).default_checkpoint == "seinfeld"
+    empty = Config.from_env({})
+    assert empty.token is None and empty.default_checkpoint == "seinfeld"
     for bad in ({"QUEUE_SIZE": "lots"}, {"QUEUE_SIZE": "0"}, {"ADMIN_USER_IDS": "bob"},
-                {"DEV_GUILD_ID": "-1"}, {"LOG_LEVEL": "LOUD"}):
-        with pytest.raises(ConfigError):
+                {"DEV_GUILD_ID": "-1"}, {"LOG_LEVEL": "LOUD"}, {"ADMIN_USER_IDS": "u0lower"},
+                {"SLACK_BOT_TOKEN": "xoxb-1"},  # neither Socket Mode nor HTTP mode
+                {"SLACK_BOT_TOKEN": "xoxp-user-token", "SLACK_APP_TOKEN": "xapp-1"},
+                {"SLACK_APP_TOKEN": "xapp-1"}, {"SLACK_PORT": "http"}):
+        with pytest.raises(ConfigError) as caught:
             Config.from_env(bad)
+        assert "xoxp-user-token" not in str(caught.value)
+
+
+def test_slack_config_from_environment():
+    socket = Config.from_env({"SLACK_BOT_TOKEN": "xoxb-1-2", "SLACK_APP_TOKEN": "xapp-1-2"})
+    assert (socket.slack_bot_token, socket.slack_app_token) == ("xoxb-1-2", "xapp-1-2")
+    assert "xoxb" not in repr(socket) and "xapp" not in repr(socket)
+    http = Config.from_env({"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_SIGNING_SECRET": "abc",
+                            "SLACK_PORT": "8080"})
+    assert (http.slack_signing_secret, http.slack_port, http.slack_app_token) == ("abc", 8080, None)

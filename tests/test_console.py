@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_bot(stdin: str, tmp_path: Path, model: Path | str, **env: str):
-    full = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
+    full = {k: v for k, v in os.environ.items()
+            if k != "DISCORD_TOKEN" and not k.startswith("SLACK_")}
     full.update(DEFAULT_CHECKPOINT=str(model), BOT_DB=str(tmp_path / "console.db"),
                 CHECKPOINTS_DIR=str(tmp_path / "checkpoints"), LOG_LEVEL="WARNING",
                 SITCOM_CACHE=str(tmp_path / "cache"), **env)
@@ -24,22 +28,23 @@ def test_console_writes_a_scene_votes_and_keeps_settings(tmp_path, tiny_model_di
     first = run_bot(
         "/settings set max_new_tokens 16\n"
         "/scene Elaine: Jerry! George! You guys, listen!\n"
-        "/vote 1 1\n/vote 1 1\n/best\n", tmp_path, tiny_model_dir, **env)
+        "/best\n", tmp_path, tiny_model_dir, **env)
     assert first.returncode == 0, first.stderr
     out = first.stdout
-    assert "Scene 1" in out and "  1. ELAINE: Jerry! George! You guys, listen!" in out
-    assert "Voted for line 1 of scene 1." in out and "already voted" in out
-    assert "ELAINE: Jerry! George! You guys, listen! — **1** vote" in out
+    # The user's own line is shown but not numbered for voting.
+    assert "Scene 1" in out and "you. ELAINE: Jerry! George! You guys, listen!" in out
+    assert "No votes yet" in out
 
     # Bad input: one clear line each, no traceback, exit status 1; settings survived.
     second = run_bot(
         "/settings show\n/scene\n/scene \x00\x07\n/settings set temperature 9\n"
         "/settings set top_k lots\n/vote 1 99\n/checkpoint use ../x\n/checkpoint use /etc\n"
-        "/frobnicate\n", tmp_path, tiny_model_dir, **env)
+        "/frobnicate\n/vote 1 1\n", tmp_path, tiny_model_dir, **env)
     assert second.returncode == 1
     assert "`max_new_tokens` = 16" in second.stdout
     errors = [e for e in second.stderr.splitlines() if e.startswith("error: ")]
-    assert len(errors) == 8, second.stderr
+    assert len(errors) == 9, second.stderr
+    assert "line 1 is your own opening" in second.stderr
     assert "Traceback" not in second.stderr
     assert "temperature must be between 0.1 and 2" in second.stderr
     assert "scene 1 has no line 99" in second.stderr
@@ -80,3 +85,28 @@ def test_sigterm_stops_cleanly_and_closes_the_database(tmp_path, tiny_model_dir)
     db = sqlite3.connect(tmp_path / "console.db")
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert db.execute("SELECT top_k FROM channel_settings").fetchone() == (7,)
+
+
+@pytest.mark.asyncio
+async def test_console_votes_for_what_the_model_wrote(tmp_path, tiny_model_dir):
+    from test_bot import make_config, scripted_loader
+
+    from bot.console import Console
+    from bot.core import Core
+
+    core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=scripted_loader())
+    out = io.StringIO()
+    console = Console(core, out=out)
+    try:
+        await console.handle("/settings set max_new_tokens 20")
+        await console.handle("/scene Elaine: Jerry!")
+        assert "you. ELAINE: Jerry!" in out.getvalue()
+        assert "  2. GEORGE: What is it?" in out.getvalue()
+        await console.handle("/vote 1 2")
+        await console.handle("/vote 1 2")
+        await console.handle("/best")
+        text = out.getvalue()
+        assert "Voted for line 2 of scene 1." in text and "already voted" in text
+        assert "GEORGE: What is it? — **1** vote" in text
+    finally:
+        await core.close()

@@ -7,13 +7,15 @@ import sqlite3
 
 import pytest
 
-from bot.db import Database, DatabaseError, migrations
+from bot.db import Database, DatabaseError, Place, migrations
 from sitcom.settings import SceneSettings
 
+HERE = Place("discord", "1", "2")
 
-async def add_scene(db: Database, lines=("JERRY: Hello.", "NEWMAN: Hello, Jerry.")):
-    return await db.add_scene(guild_id=1, channel_id=2, user_id=3, prompt="JERRY: Hello.",
-                              model_name="tiny", lines=list(lines), new_tokens=9, seconds=0.5)
+
+async def add_scene(db: Database, lines=("JERRY: Hi.", "NEWMAN: Hello, Jerry."), place=HERE):
+    return await db.add_scene(place=place, user_id="3", prompt="JERRY: Hi.", model_name="tiny",
+                              lines=list(lines), prompt_lines=0, new_tokens=9, seconds=0.5)
 
 
 @pytest.mark.asyncio
@@ -27,29 +29,34 @@ async def test_schema_is_migrated_once_with_wal_and_foreign_keys(tmp_path):
     assert (await db._fetch("PRAGMA journal_mode"))[0][0] == "wal"
     assert (await db._fetch("PRAGMA foreign_keys"))[0][0] == 1
     with pytest.raises(DatabaseError):  # a vote for a line that does not exist
-        await db.add_vote(5, 999)
+        await db.add_vote("5", 999)
     await db.close()
 
 
 @pytest.mark.asyncio
 async def test_everything_survives_a_restart(tmp_path):
     db = await Database.open(tmp_path / "a.db")
-    await db.save_settings(1, 2, 3, SceneSettings(temperature=1.25, top_k=7))
+    await db.save_settings(HERE, "3", SceneSettings(temperature=1.25, top_k=7))
     scene = await add_scene(db)
-    await db.place_lines(555, scene.line_ids)
-    assert await db.add_vote(9, scene.line_ids[1])
+    await db.place_lines("555", [(line_id, slot) for slot, line_id in enumerate(scene.line_ids, 1)])
+    assert await db.add_vote("9", scene.line_ids[1])
     await db.set_state("active_checkpoint", "ft-1")
     await db.close()
 
     db = await Database.open(tmp_path / "a.db")
-    settings = await db.get_settings(2)
+    settings = await db.get_settings("discord", "2")
     assert (settings.temperature, settings.top_k) == (1.25, 7)
-    assert await db.get_settings(99) == SceneSettings()
-    assert await db.line_at(555, 2) == scene.line_ids[1]
-    assert await db.line_at(555, 3) is None and await db.line_at(556, 1) is None
-    assert [(r.text, r.votes) for r in await db.best(1)] == [("NEWMAN: Hello, Jerry.", 1)]
+    assert await db.get_settings("slack", "2") == SceneSettings()  # keyed per platform
+    assert await db.get_settings("discord", "99") == SceneSettings()
+    assert await db.line_at("discord", "555", 2) == scene.line_ids[1]
+    assert await db.line_at("slack", "555", 2) is None
+    assert await db.line_at("discord", "555", 3) is None
+    assert await db.line_at("discord", "556", 1) is None
+    best = await db.best("discord", "1")
+    assert [(r.text, r.votes) for r in best] == [("NEWMAN: Hello, Jerry.", 1)]
     assert await db.get_state("active_checkpoint") == "ft-1"
-    assert await db.reset_settings(2) and await db.get_settings(2) == SceneSettings()
+    assert await db.reset_settings("discord", "2")
+    assert await db.get_settings("discord", "2") == SceneSettings()
     await db.close()
 
 
@@ -58,13 +65,101 @@ async def test_one_vote_per_user_per_line(tmp_path):
     db = await Database.open(tmp_path / "a.db")
     scene = await add_scene(db)
     line = scene.line_ids[0]
-    assert await db.add_vote(9, line) is True
-    assert await db.add_vote(9, line) is False
-    assert await db.add_vote(10, line) is True
-    assert [r.votes for r in await db.best(1)] == [2]
-    assert await db.remove_vote(9, line) is True and await db.remove_vote(9, line) is False
-    assert [r.votes for r in await db.best(1, channel_id=2)] == [1]
-    assert await db.best(1, channel_id=3) == [] and await db.best(4) == []
+    assert await db.add_vote("9", line) is True
+    assert await db.add_vote("9", line) is False
+    assert await db.add_vote("10", line) is True
+    assert [r.votes for r in await db.best("discord", "1")] == [2]
+    assert await db.remove_vote("9", line) is True and await db.remove_vote("9", line) is False
+    assert [r.votes for r in await db.best("discord", "1", channel_id="2")] == [1]
+    assert await db.best("discord", "1", channel_id="3") == []
+    assert await db.best("discord", "4") == [] and await db.best("slack", "1") == []
+    await db.close()
+
+
+@pytest.mark.asyncio
+async def test_a_redelivered_event_changes_nothing(tmp_path):
+    db = await Database.open(tmp_path / "a.db")
+    line = (await add_scene(db, place=Place("slack", "T1", "C1"))).line_ids[1]
+    assert await db.add_vote("U1", line, event=("slack", "Ev1"))
+    assert await db.remove_vote("U1", line, event=("slack", "Ev2"))
+    # Ev1 again (Socket Mode redelivers after a reconnect): the removed vote stays removed.
+    assert not await db.add_vote("U1", line, event=("slack", "Ev1"))
+    assert await db.best("slack", "T1") == []
+    assert await db.add_vote("U1", line, event=("discord", "Ev1"))  # ids are per platform
+    await db.close()
+
+
+@pytest.mark.asyncio
+async def test_prompt_lines_are_stored_but_never_votable_or_best(tmp_path):
+    db = await Database.open(tmp_path / "a.db")
+    scene = await db.add_scene(
+        place=HERE, user_id="3", prompt="Elaine: Hi!", model_name="tiny",
+        lines=["ELAINE: Hi!", "JERRY: Hello."], prompt_lines=1, new_tokens=4, seconds=0.1,
+    )
+    assert [line.from_prompt for line in scene.lines] == [True, False]
+    await db.place_lines("77", [(scene.line_ids[0], None), (scene.line_ids[1], 1)])
+    assert await db.line_at("discord", "77", 1) == scene.line_ids[1]
+    for line_id in scene.line_ids:  # even a vote that got in some other way is not ranked
+        await db.add_vote("9", line_id)
+    assert [r.line_no for r in await db.best("discord", "1")] == [2]
+    stored = await db.get_scene(scene.id)
+    assert not stored.posted and [line.message_id for line in stored.lines] == ["77", "77"]
+    await db.mark_posted(scene.id)
+    assert (await db.get_scene(scene.id)).posted
+    await db.close()
+
+
+@pytest.mark.asyncio
+async def test_upgrade_a_database_made_by_the_first_schema(tmp_path):
+    """A file written by migration 0001 (today's bot) keeps every row after 0002."""
+    path = tmp_path / "old.db"
+    version, _, first = migrations()[0]
+    old = sqlite3.connect(path)
+    old.executescript(f"{first}\nPRAGMA user_version = {version};")
+    big = 900000000000000001  # Discord snowflakes are beyond 32 bits
+    old.executescript(f"""
+        INSERT INTO channel_settings VALUES ({big}, 7, 300, 1.2, 0.9, 0.9, 40, 5, '2025-01-01');
+        INSERT INTO channel_settings VALUES (0, 0, 50, 1.1, 0.7, 0.9, 40, 0, '2025-01-01');
+        INSERT INTO scenes (id, guild_id, channel_id, user_id, prompt, model_name, new_tokens,
+            seconds) VALUES (1, 7, {big}, 5, 'Elaine: Jerry!\nJerry: What?', 'm', 20, 1.5),
+                            (2, 0, 0, 0, 'Jerry: Hi.', 'm', 10, 1.0),
+                            (3, 7, {big}, 5, 'George: Hey.', 'm', 10, 1.0);
+        INSERT INTO lines (id, scene_id, line_no, text, message_id, slot) VALUES
+            (1, 1, 1, 'ELAINE: Jerry!', {big + 1}, 1), (2, 1, 2, 'JERRY: What?', {big + 1}, 2),
+            (3, 1, 3, 'GEORGE: Nothing.', {big + 1}, 3), (4, 2, 1, 'JERRY: Hi.', NULL, NULL),
+            (5, 2, 2, 'KRAMER: Hey!', NULL, NULL), (6, 3, 1, 'GEORGE: Hey.', NULL, NULL),
+            (7, 3, 2, 'JERRY: Yo.', NULL, NULL);
+        INSERT INTO votes (line_id, user_id) VALUES (1, 5), (1, 6), (3, {big + 9}), (5, 0);
+        INSERT INTO bot_state VALUES ('active_checkpoint', 'ft-1');
+    """)
+    old.close()
+
+    db = await Database.open(path)
+    assert await db.schema_version() == migrations()[-1][0]
+    settings = await db.get_settings("discord", str(big))
+    assert (settings.max_new_tokens, settings.top_k) == (300, 40)
+    assert (await db.get_settings("console", "0")).max_new_tokens == 50
+    assert await db.get_settings("discord", "0") == SceneSettings()
+    assert await db.get_state("active_checkpoint") == "ft-1"
+    # Every vote survives, but the user's own opening line no longer ranks.
+    assert (await db._fetch("SELECT COUNT(*) FROM votes"))[0][0] == 4
+    best = await db.best("discord", "7")
+    assert [(r.text, r.votes, r.channel_id) for r in best] == [("GEORGE: Nothing.", 1, str(big))]
+    assert [r.text for r in await db.best("console", "0")] == ["KRAMER: Hey!"]
+    assert await db.line_at("discord", str(big + 1), 3) == 3
+    assert await db.line_at("discord", str(big + 1), 1) is None  # a prompt line
+    scene1, scene3 = await db.get_scene(1), await db.get_scene(3)
+    assert [line.from_prompt for line in scene1.lines] == [True, True, False]
+    assert scene1.posted and scene1.place == Place("discord", "7", str(big))
+    assert not scene3.posted  # stored but never shown: `/scene #3` posts it
+    assert (await db.get_scene(2)).place.platform == "console"
+    # Foreign keys still hold on the renamed tables, and deleting cascades.
+    assert (await db._fetch("PRAGMA foreign_key_check")) == []
+    with pytest.raises(DatabaseError):
+        await db.add_vote("5", 999)
+    async with db._write() as conn:
+        await conn.execute("DELETE FROM scenes WHERE id = 1")
+    assert (await db._fetch("SELECT COUNT(*) FROM votes"))[0][0] == 1  # only line 5
     await db.close()
 
 

@@ -22,16 +22,19 @@ from discord_payloads import CHANNEL_ID, command_payload, invoke, option
 from test_bot import make_config, start_bot
 
 from bot import checkpoints
+from bot.cogs.scenes import DiscordSurface
 from bot.config import Config, ConfigError
 from bot.console import CommandError, Console
 from bot.core import Core
-from bot.db import Database, DatabaseError, migrations
-from bot.utils.formatting import neutralize, scene_messages
+from bot.db import Database, DatabaseError, Place, StoredLine, StoredScene, migrations
+from bot.posting import plan
+from bot.utils.formatting import neutralize
 from sitcom.engine import EngineError, SceneEngine
 from sitcom.settings import SceneSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = SceneSettings(max_new_tokens=16)
+CONSOLE = Place("console", "0", "0")
 
 
 def bot_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -90,7 +93,7 @@ async def test_scene_is_recorded_under_the_model_that_wrote_it(tmp_path, tiny_mo
         await core.use_checkpoint("old")
         scene = await (await core.submit("JERRY: Hello.", SHORT, 1)).result()
         await core.use_checkpoint("new")  # the swap lands before the scene is stored
-        stored = await core.record(scene, guild_id=0, channel_id=0, user_id=1, prompt="x")
+        stored = await core.record(scene, place=CONSOLE, user_id=1, prompt="x")
         assert core.model_label(scene) == "old"
 
         # 16 queued scenes around a swap: each stored under the model that wrote it.
@@ -98,7 +101,7 @@ async def test_scene_is_recorded_under_the_model_that_wrote_it(tmp_path, tiny_mo
         swap = asyncio.ensure_future(core.use_checkpoint("old"))
         scenes = [await job.result() for job in jobs]
         await swap
-        ids = [(await core.record(s, guild_id=0, channel_id=0, user_id=1, prompt="x")).id
+        ids = [(await core.record(s, place=CONSOLE, user_id=1, prompt="x")).id
                for s in scenes]
     finally:
         await core.close()
@@ -149,7 +152,7 @@ async def test_vote_ids_are_parsed_strictly(tmp_path, tiny_model_dir):
 @pytest.mark.asyncio
 async def test_lone_surrogate_prompt_is_cleaned_and_stored(tmp_path, tiny_model_dir):
     core = await Core.start(make_config(tmp_path, tiny_model_dir))
-    await core.db.save_settings(0, 0, 0, SHORT)
+    await core.db.save_settings(CONSOLE, "0", SHORT)
     out, err = io.StringIO(), io.StringIO()
     console = Console(core, out=out, err=err)
     try:
@@ -198,7 +201,7 @@ async def test_discord_scene_with_a_lone_surrogate_is_posted_and_stored(tmp_path
                                                                          tiny_model_dir):
     bot, rec = await start_bot(make_config(tmp_path, tiny_model_dir))
     try:
-        await bot.core.db.save_settings(1, CHANNEL_ID, 1, SHORT)
+        await bot.core.db.save_settings(Place("discord", "1", str(CHANNEL_ID)), "1", SHORT)
         await invoke(bot, command_payload(
             "scene", [option("prompt", "JERRY: [free nitro](https://example.invalid/x) \ud800!")]))
         assert "Scene 1 is ready" in rec.replies()[-1]["content"]
@@ -274,7 +277,7 @@ async def test_discord_5xx_at_login_is_one_line(tmp_path, tiny_model_dir, monkey
     from aiohttp import web
     from discord.http import Route
 
-    from bot.__main__ import run_discord
+    from bot.__main__ import run
 
     async def unavailable(request: web.Request) -> web.Response:
         return web.json_response({"message": "upstream down", "code": 0}, status=503)
@@ -289,11 +292,12 @@ async def test_discord_5xx_at_login_is_one_line(tmp_path, tiny_model_dir, monkey
     monkeypatch.setattr(Route, "BASE", f"http://127.0.0.1:{port}/api/v10")
     try:
         config = make_config(tmp_path, tiny_model_dir, token="x.y.z")
-        assert await run_discord(config) == 1
+        assert await run(config) == 1
     finally:
         await runner.cleanup()
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "503" in err, err
+    err = capsys.readouterr().err  # (the model now loads first: its progress bar is there)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "503" in errors[0] and "Traceback" not in err, err
 
 
 # -- 14. no token and stdin at EOF: say so --------------------------------------------
@@ -331,7 +335,10 @@ def test_headers_and_subtext_cannot_impersonate(line):
 
 def test_scene_lines_keep_their_plain_text():
     lines = ["[Scene: Monk's Cafe]", "JERRY: (to Elaine) What? #1 fan!", "ELAINE: Get out!"]
-    content, count = scene_messages(1, lines)[0]
+    scene = StoredScene(1, CONSOLE, [StoredLine(i, i, t, False, None)
+                                     for i, t in enumerate(lines, 1)])
+    (message,) = plan(scene, DiscordSurface(channel=None))
+    content, count = message.text, len(message.lines)
     assert count == 3
     for line in lines:
         assert line in content
@@ -370,7 +377,7 @@ def test_symlink_out_of_the_checkpoints_dir_is_refused(tmp_path, tiny_model_dir)
     shutil.copytree(tiny_model_dir, ckpts / "real")
     (ckpts / "evil").symlink_to(outside, target_is_directory=True)
     (ckpts / "alias").symlink_to(ckpts / "real", target_is_directory=True)  # inside: fine
-    assert checkpoints.available(ckpts) == ["smollm2", "alias", "real"]
+    assert checkpoints.available(ckpts) == [*checkpoints.BUILT_IN, "alias", "real"]
     with pytest.raises(checkpoints.CheckpointError) as err:
         checkpoints.resolve("evil", ckpts)
     assert "outside" not in str(err.value)

@@ -1,4 +1,4 @@
-"""/scene: queue a scene, acknowledge at once, then post it as votable channel messages.
+"""/scene on Discord: a thin adapter over Core.scene_command and bot.posting.
 
 The scene is posted when it is done rather than streamed: the 135M model finishes a scene
 in seconds, every streamed edit would count against the channel's rate limit, and votes
@@ -11,17 +11,87 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from sitcom.engine import EngineError
-
 from ..core import MAX_PROMPT_CHARS
-from ..utils.formatting import KEYCAPS, neutralize, scene_messages, shorten
+from ..db import Place
+from ..posting import Posted, Refused, Transient
+from ..utils.formatting import KEYCAPS, LINE_LIMIT, MESSAGE_LIMIT, neutralize, shorten
 
 log = logging.getLogger(__name__)
 NO_PINGS = discord.AllowedMentions.none()
+PLATFORM = "discord"
+
+
+def place_of(interaction: discord.Interaction) -> Place:
+    return Place(PLATFORM, str(interaction.guild_id), str(interaction.channel_id))
+
+
+class DiscordSurface:
+    """bot.posting.Surface for one Discord channel."""
+
+    platform = PLATFORM
+    max_chars = MESSAGE_LIMIT
+    line_chars = LINE_LIMIT
+    keycaps = f"{KEYCAPS[0]}…{KEYCAPS[-1]}"
+
+    def __init__(self, channel: discord.abc.Messageable, can_react: bool = True) -> None:
+        self.channel = channel
+        self.can_react = can_react  # from the interaction's app_permissions: skip doomed calls
+
+    def escape(self, text: str) -> str:
+        return neutralize(text)
+
+    def header(self, scene_id: int, part: int, note: str | None) -> str:
+        text = f"🎬 **Scene {scene_id}**" + (f" (part {part})" if part > 1 else "")
+        text += " — react to vote for the best lines"
+        return text + (f"\n{note}" if note and part == 1 else "")
+
+    def line(self, slot: int | None, text: str) -> str:
+        return f"💬 {text}" if slot is None else f"{KEYCAPS[slot - 1]} {text}"
+
+    def link(self, url: str, label: str) -> str:
+        return url  # Discord shows a jump URL as a link by itself
+
+    async def send(self, text: str) -> Posted:
+        try:
+            message = await self.channel.send(text, allowed_mentions=NO_PINGS)
+        except discord.Forbidden as e:
+            raise Refused("I need the View Channel and Send Messages permissions in this "
+                          "channel") from e
+        except discord.HTTPException as e:
+            raise _transient(e) from e
+        except discord.RateLimited as e:  # a 429 longer than discord.py waits by itself
+            raise Transient("rate limited", e.retry_after) from e
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            raise Transient(f"connection lost: {type(e).__name__}") from e
+        return Posted(str(message.id), message.jump_url)
+
+    async def react(self, ref: str, slot: int) -> None:
+        if not self.can_react:
+            raise Refused("I'm missing the Add Reactions permission in this channel")
+        message = self.channel.get_partial_message(int(ref))
+        try:
+            await message.add_reaction(KEYCAPS[slot - 1])
+        except discord.Forbidden as e:
+            raise Refused("I'm missing the Add Reactions (or Read Message History) "
+                          "permission in this channel") from e
+        except discord.HTTPException as e:
+            raise _transient(e) from e
+        except discord.RateLimited as e:
+            raise Transient("rate limited", e.retry_after) from e
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            raise Transient(f"connection lost: {type(e).__name__}") from e
+
+
+def _transient(error: discord.HTTPException) -> Exception:
+    # discord.py has already waited out 429s and retried 5xx a few times by itself.
+    if error.status == 429 or error.status >= 500:
+        return Transient(f"HTTP {error.status}", getattr(error, "retry_after", None))
+    return error
 
 
 class Scenes(commands.Cog):
@@ -29,62 +99,30 @@ class Scenes(commands.Cog):
         self.bot = bot
 
     @app_commands.command(name="scene", description="Write a sitcom scene opening with your lines")
-    @app_commands.describe(prompt="How it opens, e.g. Elaine: Jerry! George! You guys, listen!")
+    @app_commands.describe(prompt="How it opens, e.g. Elaine: Jerry! George! You guys, listen! "
+                                  "(or #ID to post a saved scene again)")
     @app_commands.guild_only()
     async def scene(
         self, interaction: discord.Interaction,
         prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
     ) -> None:
         self.bot.track(asyncio.current_task())
-        core = self.bot.core
-        settings = await core.db.get_settings(interaction.channel_id)
-        job = await core.submit(prompt, settings, interaction.user.id)
-        await interaction.response.send_message(
-            f"🎬 Writing your scene — #{job.position} in the queue…", allowed_mentions=NO_PINGS
-        )
-        try:
-            scene = await job.result()
-        except EngineError as e:
-            await self._update_ack(interaction, f"😕 {e}")
-            return
-        if not scene.lines:
-            await self._update_ack(interaction, "😕 The model wrote nothing this time; try again.")
-            return
-        stored = await core.record(
-            scene, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
-            user_id=interaction.user.id, prompt=job.prompt,  # the cleaned prompt
-        )
-        try:
-            first = await self._post(interaction.channel, stored.id, scene.lines, stored.line_ids)
-        except discord.Forbidden:
-            await self._update_ack(
-                interaction, "😕 I can't post or react in this channel; I need Send Messages, "
-                "Read Message History and Add Reactions here."
-            )
-            return
-        await self._update_ack(
-            interaction,
-            f"🎬 Scene {stored.id} is ready: {first.jump_url} "
-            f"({len(scene.lines)} lines, {scene.seconds:.1f} s, {core.model_label(scene)})",
-        )
+        perms = interaction.app_permissions
+        surface = DiscordSurface(interaction.channel, can_react=perms.add_reactions)
 
-    async def _post(self, channel, scene_id: int, lines: list[str], line_ids: list[int]):
-        """Post the scene; each message gets keycap reactions for the lines it shows."""
-        first, start = None, 0
-        for content, count in scene_messages(scene_id, lines):
-            message = await channel.send(content, allowed_mentions=NO_PINGS)
-            first = first or message
-            # Stored before the reactions go up, so the earliest votes already count.
-            await self.bot.core.db.place_lines(message.id, line_ids[start : start + count])
-            start += count
-            for emoji in KEYCAPS[:count]:
-                await message.add_reaction(emoji)
-        return first
+        async def acknowledge(text: str) -> None:
+            await interaction.response.send_message(text, allowed_mentions=NO_PINGS)
+
+        await self.bot.core.scene_command(
+            place=place_of(interaction), user_id=str(interaction.user.id), prompt=prompt,
+            surface=surface, acknowledge=acknowledge,
+            update=lambda text: self._update_ack(interaction, text),
+        )
 
     async def _update_ack(self, interaction: discord.Interaction, text: str) -> None:
         try:
             await interaction.edit_original_response(
-                content=shorten(neutralize(text), 2000), allowed_mentions=NO_PINGS
+                content=shorten(text, MESSAGE_LIMIT), allowed_mentions=NO_PINGS
             )
         except discord.HTTPException:  # tokens expire after 15 minutes; the scene is posted
             log.info("could not edit the /scene acknowledgement: %s", text)

@@ -8,7 +8,19 @@ from discord.ext import commands
 
 from sitcom.settings import RANGES, SceneSettings
 
+from ..texts import describe
+from ..utils.checks import may_change_settings
+from .scenes import PLATFORM, place_of
+
 NO_PINGS = discord.AllowedMentions.none()
+# What each setting does, for the option descriptions the Discord client shows.
+DESCRIPTIONS = {
+    "max_new_tokens": "Longest scene, in tokens",
+    "repetition_penalty": "Higher repeats less",
+    "temperature": "Higher is wilder",
+    "top_p": "Sample from this much probability mass",
+    "top_k": "Sample from the k likeliest tokens (0 = all)",
+}
 
 
 def _range(kind: type, name: str):
@@ -25,14 +37,6 @@ TopP = _range(float, "top_p")
 TopK = _range(int, "top_k")
 
 
-def describe(settings: SceneSettings, title: str) -> str:
-    rows = [f"⚙️ **{title}**"]
-    for name, value in settings.as_dict().items():
-        low, high = RANGES[name]
-        rows.append(f"`{name}` = {value:g}  (allowed {low:g}–{high:g})")
-    return "\n".join(rows)
-
-
 @app_commands.guild_only()
 class Settings(
     commands.GroupCog, group_name="settings", group_description="Scene settings for this channel"
@@ -42,14 +46,18 @@ class Settings(
 
     @app_commands.command(name="show", description="Show this channel's scene settings")
     async def show(self, interaction: discord.Interaction) -> None:
-        settings = await self.bot.core.db.get_settings(interaction.channel_id)
+        settings = await self.bot.core.db.get_settings(PLATFORM, str(interaction.channel_id))
         await interaction.response.send_message(
             describe(settings, "Scene settings for this channel"), ephemeral=True,
             allowed_mentions=NO_PINGS,
         )
 
     @app_commands.command(name="set", description="Change scene settings for this channel")
-    @app_commands.checks.has_permissions(manage_channels=True)
+    @app_commands.describe(**{
+        name: f"{DESCRIPTIONS[name]} ({RANGES[name][0]:g}–{RANGES[name][1]:g})"
+        for name in RANGES
+    })
+    @may_change_settings()
     async def set_(
         self, interaction: discord.Interaction,
         max_new_tokens: MaxNewTokens | None = None,
@@ -69,22 +77,21 @@ class Settings(
             )
             return
         db = self.bot.core.db
+        place = place_of(interaction)
         try:
-            settings = (await db.get_settings(interaction.channel_id)).with_changes(**given)
+            settings = (await db.get_settings(PLATFORM, place.channel_id)).with_changes(**given)
         except ValueError as e:
             await interaction.response.send_message(f"⚠️ {e}", ephemeral=True)
             return
-        await db.save_settings(
-            interaction.guild_id, interaction.channel_id, interaction.user.id, settings
-        )
+        await db.save_settings(place, str(interaction.user.id), settings)
         await interaction.response.send_message(
             describe(settings, "Saved. Scene settings for this channel"), allowed_mentions=NO_PINGS
         )
 
     @app_commands.command(name="reset", description="Go back to the default scene settings")
-    @app_commands.checks.has_permissions(manage_channels=True)
+    @may_change_settings()
     async def reset(self, interaction: discord.Interaction) -> None:
-        await self.bot.core.db.reset_settings(interaction.channel_id)
+        await self.bot.core.db.reset_settings(PLATFORM, str(interaction.channel_id))
         await interaction.response.send_message(
             describe(SceneSettings(), "Reset. Scene settings for this channel"),
             allowed_mentions=NO_PINGS,

@@ -9,53 +9,36 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from ..db import DatabaseError, RankedLine
-from ..utils.formatting import neutralize, shorten, slot_of
+from ..db import DatabaseError
+from ..texts import leaderboard
+from ..utils.formatting import slot_of
+from .scenes import PLATFORM
 
 log = logging.getLogger(__name__)
-
-
-def leaderboard(title: str, rows: list[RankedLine]) -> str:
-    if not rows:
-        return f"🏆 **{title}**\nNo votes yet — react to a scene's lines with 1️⃣…🔟 to vote."
-    out = [f"🏆 **{title}**"]
-    for rank, row in enumerate(rows, start=1):
-        votes = "vote" if row.votes == 1 else "votes"
-        text = shorten(neutralize(row.text), 160)
-        where = f"scene {row.scene_id}, line {row.line_no}"
-        out.append(f"{rank}. {text} — **{row.votes}** {votes} ({where})")
-    return "\n".join(out)
 
 
 class Votes(commands.Cog):
     def __init__(self, bot) -> None:
         self.bot = bot
 
-    async def _line(self, payload: discord.RawReactionActionEvent) -> int | None:
+    async def _vote(self, payload: discord.RawReactionActionEvent, add: bool) -> None:
         if self.bot.user is not None and payload.user_id == self.bot.user.id:
-            return None  # the bot's own keycaps are not votes
-        slot = slot_of(str(payload.emoji))
-        if slot is None:
-            return None
-        return await self.bot.core.db.line_at(payload.message_id, slot)
-
-    @commands.Cog.listener()
-    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+            return  # the bot's own keycaps are not votes
         try:
-            line_id = await self._line(payload)
-            if line_id is not None:
-                await self.bot.core.db.add_vote(payload.user_id, line_id)
+            await self.bot.core.vote(
+                platform=PLATFORM, message_id=str(payload.message_id),
+                slot=slot_of(str(payload.emoji)), user_id=str(payload.user_id), add=add,
+            )
         except DatabaseError as e:  # nobody to reply to for a reaction
             log.warning("vote by %s not stored: %s", payload.user_id, e)
 
     @commands.Cog.listener()
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        await self._vote(payload, add=True)
+
+    @commands.Cog.listener()
     async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
-        try:
-            line_id = await self._line(payload)
-            if line_id is not None:
-                await self.bot.core.db.remove_vote(payload.user_id, line_id)
-        except DatabaseError as e:
-            log.warning("vote removal by %s not stored: %s", payload.user_id, e)
+        await self._vote(payload, add=False)
 
     @app_commands.command(name="best", description="The most-voted scene lines")
     @app_commands.describe(scope="This whole server, or only this channel")
@@ -63,8 +46,8 @@ class Votes(commands.Cog):
     async def best(
         self, interaction: discord.Interaction, scope: Literal["server", "channel"] = "server"
     ) -> None:
-        channel = interaction.channel_id if scope == "channel" else None
-        rows = await self.bot.core.db.best(interaction.guild_id, channel)
+        channel = str(interaction.channel_id) if scope == "channel" else None
+        rows = await self.bot.core.db.best(PLATFORM, str(interaction.guild_id), channel)
         title = "Best lines in this channel" if channel else "Best lines in this server"
         await interaction.response.send_message(
             leaderboard(title, rows), allowed_mentions=discord.AllowedMentions.none()

@@ -11,12 +11,15 @@ from sitcom.engine import EngineError
 from sitcom.models import ModelLoadError
 
 from ..checkpoints import CheckpointError
+from ..commands import UsageError
 from ..db import DatabaseError
+from ..permissions import NotAllowed
 
 log = logging.getLogger(__name__)
 
 # Errors whose message is written for users already.
-USER_FACING = (EngineError, ModelLoadError, CheckpointError, DatabaseError)
+USER_FACING = (EngineError, ModelLoadError, CheckpointError, DatabaseError, NotAllowed,
+               UsageError)
 
 
 def user_message(error: BaseException) -> str:

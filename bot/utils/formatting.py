@@ -1,4 +1,5 @@
-"""Turning a scene into Discord messages: numbered lines, keycap slots, the 2000-char limit."""
+"""Discord text: keycap slots, the 2000-char limit, mention neutralising (the message plan
+itself is bot.posting.plan, shared with Slack)."""
 
 from __future__ import annotations
 
@@ -55,24 +56,3 @@ def slot_of(emoji: str) -> int | None:
         return KEYCAPS.index(emoji) + 1
     except ValueError:
         return None
-
-
-def scene_messages(scene_id: int, lines: list[str]) -> list[tuple[str, int]]:
-    """[(content, how many lines it shows)]: at most 10 lines and 2000 chars per message,
-    split on line boundaries; each line starts with the keycap that votes for it."""
-    messages: list[tuple[str, int]] = []
-    content, count = "", 0
-    for line in lines:
-        text = shorten(neutralize(line), LINE_LIMIT)
-        full = count == len(KEYCAPS) or len(content) + len(text) + 5 > MESSAGE_LIMIT
-        if content and full:
-            messages.append((content, count))
-            content, count = "", 0
-        if not content:
-            part = f" (part {len(messages) + 1})" if messages else ""
-            content = f"🎬 **Scene {scene_id}**{part} — react to vote for the best lines"
-        content += f"\n{KEYCAPS[count]} {text}"
-        count += 1
-    if count:
-        messages.append((content, count))
-    return messages

@@ -1,0 +1,235 @@
+"""Slack commands and reaction votes on slack-bolt's AsyncApp; Socket Mode or HTTP mode.
+
+Slack has no subcommands or typed options, so every command takes text, parsed by
+bot.commands (the console's grammar) and validated with the same ranges as Discord:
+
+    /scene PROMPT | #ID        /best [channel]
+    /settings show | set KEY VALUE [KEY VALUE …] | reset
+    /checkpoint list | use NAME
+
+Replies to the user (acks, refusals, usage) are ephemeral; scenes, /best and settings
+changes go to the channel. Changing settings needs a workspace admin/owner or an id in
+ADMIN_USER_IDS; switching checkpoints needs ADMIN_USER_IDS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from sitcom.engine import EngineError
+from sitcom.models import ModelLoadError
+from sitcom.settings import SceneSettings
+
+from .. import checkpoints
+from ..checkpoints import CheckpointError
+from ..commands import UsageError, parse_best, parse_checkpoint, parse_settings
+from ..config import Config
+from ..core import Core
+from ..db import DatabaseError, Place
+from ..permissions import NotAllowed, check_checkpoint, check_settings
+from ..texts import describe, leaderboard
+from .surface import (
+    PLATFORM,
+    SlackSurface,
+    escape,
+    make_client,
+    message_ref,
+    slot_of,
+    unescape,
+)
+
+log = logging.getLogger(__name__)
+
+USER_FACING = (EngineError, ModelLoadError, CheckpointError, DatabaseError, NotAllowed,
+               UsageError)
+SORRY = "Sorry, something went wrong on my side. It has been logged."
+EVENTS_PATH = "/slack/events"
+COMMANDS = ("/scene", "/best", "/settings", "/checkpoint")  # as in manifest.yaml
+EVENTS = ("reaction_added", "reaction_removed")
+
+
+class SlackFrontend:
+    """One Slack app on the shared Core: build it, `start()` (connects), `close()`."""
+
+    def __init__(self, config: Config, core: Core, client: AsyncWebClient | None = None,
+                 host: str = "0.0.0.0") -> None:
+        self.config = config
+        self.core = core
+        self.client = client or make_client(config.slack_bot_token)
+        self.host = host
+        self.tasks: set[asyncio.Task] = set()  # running commands, for a clean shutdown
+        self.reactions_handled = 0  # reaction events processed (acked first, then handled)
+        self.app = AsyncApp(
+            client=self.client,  # holds SLACK_BOT_TOKEN
+            signing_secret=config.slack_signing_secret or "",
+            # Socket Mode requests are authenticated by the connection, HTTP ones by signature.
+            request_verification_enabled=bool(config.slack_signing_secret),
+        )
+        for name in COMMANDS:
+            self.app.command(name)(self._command)
+        self.app.event("reaction_added")(self._reaction_added)
+        self.app.event("reaction_removed")(self._reaction_removed)
+        self._socket: AsyncSocketModeHandler | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    # -- connection ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the bot token (auth.test), then connect: Socket Mode when SLACK_APP_TOKEN
+        is set, otherwise an HTTP server for Slack's requests on SLACK_PORT."""
+        auth = await self.client.auth_test()
+        log.info("Slack: signed in as %s in workspace %s", auth.get("user"), auth.get("team"))
+        if self.config.slack_app_token:
+            # Checked once here: the Socket Mode client itself retries a bad token forever.
+            await self.client.apps_connections_open(app_token=self.config.slack_app_token)
+            self._socket = AsyncSocketModeHandler(self.app, self.config.slack_app_token)
+            await self._socket.connect_async()
+            log.info("Slack: connected over Socket Mode")
+        else:
+            self._runner = web.AppRunner(self.app.web_app(path=EVENTS_PATH))
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.host, self.config.slack_port)
+            await site.start()
+            self.port = self._runner.addresses[0][1]
+            log.info("Slack: listening for requests on port %d at %s", self.port, EVENTS_PATH)
+
+    async def close(self) -> None:
+        if self._socket is not None:
+            await self._socket.close_async()
+            self._socket = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- commands -----------------------------------------------------------------------
+
+    async def _command(self, ack, command: dict, respond) -> None:
+        task = asyncio.current_task()
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        acked = False
+
+        async def reply(text: str, public: bool = False) -> None:
+            nonlocal acked
+            kind = "in_channel" if public else "ephemeral"
+            if acked:
+                try:
+                    await respond(text=text, response_type=kind, replace_original=False)
+                except Exception as e:  # response_urls expire after 30 min / 5 uses
+                    log.warning("could not reply to %s %s (%s): %s", name, command.get("user_id"),
+                                type(e).__name__, text)
+            else:
+                acked = True
+                await ack(text=text, response_type=kind)
+
+        name = command.get("command", "")
+        command = {**command, "text": unescape(command.get("text") or "")}
+        try:
+            handler = {"/scene": self._scene, "/best": self._best,
+                       "/settings": self._settings, "/checkpoint": self._checkpoint}[name]
+            await handler(command, reply)
+        except USER_FACING as e:
+            log.info("%s by %s refused: %s", name, command.get("user_id"), e)
+            await reply("⚠️ " + escape(str(e)))
+        except Exception:
+            log.exception("%s by %s failed", name, command.get("user_id"))
+            await reply("⚠️ " + SORRY)
+
+    @staticmethod
+    def _place(command: dict) -> Place:
+        return Place(PLATFORM, command["team_id"], command["channel_id"])
+
+    async def _scene(self, command: dict, reply) -> None:
+        await self.core.scene_command(
+            place=self._place(command), user_id=command["user_id"],
+            prompt=command.get("text", ""),
+            surface=SlackSurface(self.client, command["channel_id"]),
+            acknowledge=reply, update=reply,
+        )
+
+    async def _best(self, command: dict, reply) -> None:
+        scope = parse_best(command.get("text", ""))
+        place = self._place(command)
+        channel = place.channel_id if scope == "channel" else None
+        rows = await self.core.db.best(PLATFORM, place.guild_id, channel)
+        title = "Best lines in this channel" if channel else "Best lines in this workspace"
+        await reply(leaderboard(title, rows, escape=escape, bold="*",
+                                keycaps=":one:…:keycap_ten:"), public=True)
+
+    async def _settings(self, command: dict, reply) -> None:
+        action, changes = parse_settings(command.get("text", ""))
+        place, db = self._place(command), self.core.db
+        if action == "show":
+            await reply(describe(await db.get_settings(PLATFORM, place.channel_id),
+                                 "Scene settings for this channel", bold="*"))
+            return
+        user = command["user_id"]
+        check_settings(user, platform_admin=await self._is_workspace_admin(user),
+                       config=self.config, needs="to be a workspace admin or owner")
+        if action == "reset":
+            await db.reset_settings(PLATFORM, place.channel_id)
+            await reply(describe(SceneSettings(), "Reset. Scene settings for this channel",
+                                 bold="*"), public=True)
+            return
+        try:
+            settings = (await db.get_settings(PLATFORM, place.channel_id)).with_changes(**changes)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        await db.save_settings(place, user, settings)
+        await reply(describe(settings, "Saved. Scene settings for this channel", bold="*"),
+                    public=True)
+
+    async def _is_workspace_admin(self, user: str) -> bool:
+        if user in self.config.admin_user_ids:
+            return True  # no need to ask Slack
+        try:
+            info = (await self.client.users_info(user=user))["user"]
+        except (SlackApiError, KeyError) as e:
+            log.warning("users.info for %s failed (%s); treating as a member", user, e)
+            return False
+        return bool(info.get("is_admin") or info.get("is_owner")
+                    or info.get("is_primary_owner"))
+
+    async def _checkpoint(self, command: dict, reply) -> None:
+        action, name = parse_checkpoint(command.get("text", ""))
+        check_checkpoint(command["user_id"], owner=False, config=self.config)
+        if action == "list":
+            rows = "\n".join(f"• {escape(row)}" for row in self.core.checkpoint_listing())
+            await reply(f"🎞️ *Checkpoints*\n{rows}")
+            return
+        checkpoints.resolve(name, self.config.checkpoints_dir)  # a bad name: refused in the ack
+        await reply(f"⏳ Loading `{escape(name)}`…")  # acknowledged; loading takes seconds
+        active = await self.core.use_checkpoint(name)
+        await reply(f"✅ Scenes are now written by `{escape(active)}`.")
+
+    # -- votes --------------------------------------------------------------------------
+
+    async def _reaction_added(self, event: dict, body: dict, context) -> None:
+        await self._vote(event, body, context, add=True)
+
+    async def _reaction_removed(self, event: dict, body: dict, context) -> None:
+        await self._vote(event, body, context, add=False)
+
+    async def _vote(self, event: dict, body: dict, context, add: bool) -> None:
+        ref = message_ref(event.get("item") or {})
+        user = event.get("user")
+        try:
+            if ref is None or not user or user == context.bot_user_id:
+                return  # not a message, or the bot's own keycaps
+            # Bolt has acked the event already; the event_id makes a redelivery harmless.
+            await self.core.vote(
+                platform=PLATFORM, message_id=ref, slot=slot_of(event.get("reaction")),
+                user_id=user, add=add, event_id=body.get("event_id"),
+            )
+        except DatabaseError as e:  # nobody to reply to for a reaction
+            log.warning("vote by %s not stored: %s", user, e)
+        finally:
+            self.reactions_handled += 1

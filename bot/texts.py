@@ -1,0 +1,36 @@
+"""Reply texts every frontend shows (settings, leaderboard), fitted to each platform's
+markup by `bold` and `escape`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sitcom.settings import RANGES, SceneSettings
+
+from .db import RankedLine
+from .utils.formatting import neutralize, shorten
+
+
+def describe(settings: SceneSettings, title: str, bold: str = "**") -> str:
+    rows = [f"⚙️ {bold}{title}{bold}"]
+    for name, value in settings.as_dict().items():
+        low, high = RANGES[name]
+        rows.append(f"`{name}` = {value:g}  (allowed {low:g}–{high:g})")
+    return "\n".join(rows)
+
+
+def leaderboard(
+    title: str, rows: list[RankedLine], *, escape: Callable[[str], str] = neutralize,
+    bold: str = "**", keycaps: str = "1️⃣…🔟",
+) -> str:
+    """The /best text: the most-voted lines the model wrote."""
+    if not rows:
+        return (f"🏆 {bold}{title}{bold}\nNo votes yet — react to a scene's lines with "
+                f"{keycaps} to vote.")
+    out = [f"🏆 {bold}{title}{bold}"]
+    for rank, row in enumerate(rows, start=1):
+        votes = "vote" if row.votes == 1 else "votes"
+        text = shorten(escape(row.text), 160)
+        where = f"scene {row.scene_id}, line {row.line_no}"
+        out.append(f"{rank}. {text} — {bold}{row.votes}{bold} {votes} ({where})")
+    return "\n".join(out)
