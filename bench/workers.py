@@ -60,9 +60,9 @@ class _FirstLine:
 
 
 def _newline_ids(tokenizer) -> set[int]:
-    from sitcom.generation import _vocab_info
+    from sitcom.vocab import vocab_info
 
-    return set(_vocab_info(tokenizer).newline_ids.tolist())
+    return set(vocab_info(tokenizer).newline_ids.tolist())
 
 
 def hf_generate(spec: dict) -> dict:
@@ -118,8 +118,8 @@ def hf_generate(spec: dict) -> dict:
 
 
 def _scenes(spec: dict, model, tok, generate) -> dict:
-    from sitcom.generation import LineStreamer
     from sitcom.settings import SceneSettings
+    from sitcom.streaming import LineStreamer
 
     load_s = time.perf_counter() - T0
     settings = SceneSettings(max_new_tokens=spec["tokens"])
