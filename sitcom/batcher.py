@@ -45,7 +45,8 @@ class Row:
 
 
 class ContinuousBatcher:
-    """Rows in the KV cache slots of one LlamaCppModel (`model.max_batch` of them).
+    """Rows in the KV cache slots of one LlamaCppModel (`model.max_batch` of them, or
+    fewer: `slots`).
 
     Use one batcher per model at a time, from one thread.
     """
@@ -58,6 +59,7 @@ class ContinuousBatcher:
         seed: int | None = None,
         do_sample: bool = True,
         speakers: Sequence[str] = KNOWN_SPEAKERS,
+        slots: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -66,7 +68,7 @@ class ContinuousBatcher:
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.context_limit = min(model.n_ctx_per_seq, model.n_ctx_train)
         self.rows: list[Row] = []
-        self._free = list(range(model.max_batch))
+        self._free = list(range(min(model.max_batch, slots or model.max_batch)))
 
     @property
     def free_slots(self) -> int:
@@ -84,7 +86,7 @@ class ContinuousBatcher:
         """Queue a scene into a free slot; its prompt is prefilled by the next step().
         ValueError for a prompt too long for the context or when no slot is free."""
         if not self._free:
-            raise ValueError(f"all {self.model.max_batch} llama.cpp sequences are busy")
+            raise ValueError("every llama.cpp sequence of this batcher is busy")
         plan = plan_batch(
             self.tokenizer, [prompt], settings, do_sample=self.do_sample,
             stopping_criteria=stopping_criteria, speakers=self.speakers,
