@@ -43,11 +43,21 @@ class Console:
     def __init__(self, core: Core, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
         self.core = core
         self.out, self.err = out, err
+        self._command: asyncio.Task | None = None  # the command in progress
+        self._signals = 0
+        self._closing: asyncio.Task | None = None
 
     def stop(self) -> None:
-        """Stop after the command in progress (SIGINT/SIGTERM)."""
+        """SIGINT/SIGTERM: read no more commands and shut down, bounded: a running scene
+        gets until the shutdown deadline, then it is shown and stored as it is. A second
+        signal cuts it at once; neither skips storing it or closing the database."""
+        self._signals += 1
         if getattr(self, "_lines", None) is not None:
             self._lines.put_nowait(None)
+        running = [self._command] if self._command and not self._command.done() else []
+        self._closing = asyncio.ensure_future(
+            self.core.close(posting=running, now=self._signals > 1)
+        )
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -63,7 +73,6 @@ class Console:
                 print("> ", end="", file=self.out, flush=True)
             line = await lines.get()
             if line is None:  # stop(): a signal
-                print("stopped; the database is closed cleanly", file=self.err, flush=True)
                 return 0
             if not line:  # EOF
                 break
@@ -72,11 +81,14 @@ class Console:
                 continue
             if line in ("/quit", "/exit"):
                 break
+            self._command = asyncio.ensure_future(self.handle(line))
             try:
-                await self.handle(line)
+                await asyncio.shield(self._command)  # a signal lets the command finish
             except (CommandError, EngineError, ModelLoadError, CheckpointError, DatabaseError) as e:
                 failed = True
                 print(f"error: {e}", file=self.err, flush=True)
+            if self._signals:
+                return 0
         return 1 if failed and not interactive else 0
 
     async def handle(self, line: str) -> None:
@@ -97,7 +109,8 @@ class Console:
         settings = await self.core.db.get_settings(LOCAL)
         job = await self.core.submit(prompt, settings, LOCAL)
         if job.position > 1:
-            self.say(f"(#{job.position} in the queue)")
+            wait = f", ready in about {job.eta_s:.0f} s" if job.eta_s is not None else ""
+            self.say(f"(#{job.position} in the queue{wait})")
         scene = await job.result()
         stored = await self.core.record(
             scene, guild_id=LOCAL, channel_id=LOCAL, user_id=LOCAL, prompt=prompt
@@ -106,6 +119,8 @@ class Console:
                  f"{scene.seconds:.1f} s)")
         for no, text in enumerate(scene.lines, start=1):
             self.say(f"{no:3d}. {text}")
+        if scene.partial:
+            self.say(f"({scene.note})")
         self.say(f"Vote with /vote {stored.id} LINE_NO")
 
     async def vote(self, args: str) -> None:
@@ -187,8 +202,9 @@ async def main(config) -> int:
     except (ModelLoadError, DatabaseError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    # SIGINT/SIGTERM: stop taking commands, finish the one in progress, close the engine and
-    # the database (a message, not task cancellation, so close() itself is never cancelled).
+    # SIGINT/SIGTERM: stop taking commands, let the one in progress finish within the
+    # shutdown deadline, close the engine and the database (a message, not task
+    # cancellation, so close() itself is never cancelled; see Console.stop).
     console = Console(core)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -197,3 +213,5 @@ async def main(config) -> int:
         return await console.run()
     finally:
         await core.close()
+        if console._signals:
+            print("stopped; the database is closed cleanly", file=sys.stderr, flush=True)

@@ -27,6 +27,8 @@ class Core:
         self.engine = engine
         self.checkpoint = checkpoint  # the name users see; engine.model_name may be a path
         self.accepting = True
+        self._closing: asyncio.Future | None = None
+        self._hurrying: asyncio.Future | None = None
 
     @classmethod
     async def start(cls, config: Config) -> Core:
@@ -58,6 +60,7 @@ class Core:
         engine = SceneEngine(
             model=model, max_queue=config.max_queue, per_user_limit=config.per_user_limit,
             timeout_s=config.timeout_s, max_prompt_chars=MAX_PROMPT_CHARS,
+            shutdown_timeout_s=max(0.0, config.shutdown_timeout_s - posting_margin(config)),
         )
         await engine.start()
         return engine
@@ -96,15 +99,31 @@ class Core:
         await self.db.set_state(CHECKPOINT_KEY, name)
         return name
 
-    async def close(self, posting: Collection[asyncio.Task] = (), grace_s: float = 15.0) -> None:
-        """Stop taking jobs, let the engine finish or cancel what it has, give the tasks
-        posting finished scenes a moment to store them, then close the database."""
-        if not self.accepting:
-            return
-        self.accepting = False
+    async def close(self, posting: Collection[asyncio.Task] = (), *, now: bool = False) -> None:
+        """Stop taking jobs; give running scenes until the shutdown deadline, after which
+        the engine delivers them as partial scenes (now=True: cut them at once); give the
+        tasks posting finished scenes the rest of SHUTDOWN_TIMEOUT_S to store and post
+        them; then close the database. Every call waits for that same shutdown: a second
+        call (a second signal) can speed it up, never skip storing or closing."""
+        if now and self._closing is not None and self._hurrying is None:
+            self._hurrying = asyncio.ensure_future(self.engine.close(deadline_s=0))
+        if self._closing is None:
+            self.accepting = False
+            self._closing = asyncio.ensure_future(self._close(set(posting), now))
+        await asyncio.shield(self._closing)
+
+    async def _close(self, posting: set[asyncio.Task], now: bool) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.config.shutdown_timeout_s
         try:
-            await self.engine.close()
+            await self.engine.close(deadline_s=0 if now else None)
             if posting:
-                await asyncio.wait(posting, timeout=grace_s)
+                await asyncio.wait(posting, timeout=max(1.0, end - loop.time()))
         finally:
             await self.db.close()
+
+
+def posting_margin(config: Config) -> float:
+    """Seconds of SHUTDOWN_TIMEOUT_S kept for storing and posting the scenes the engine
+    delivers at its deadline (the rest is the engine's)."""
+    return min(5.0, config.shutdown_timeout_s / 5)

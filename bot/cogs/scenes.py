@@ -65,7 +65,8 @@ class Scenes(commands.Cog):
         await self._update_ack(
             interaction,
             f"🎬 Scene {stored.id} is ready: {first.jump_url} "
-            f"({len(scene.lines)} lines, {scene.seconds:.1f} s, {core.checkpoint})",
+            f"({len(scene.lines)} lines, {scene.seconds:.1f} s, {core.checkpoint})"
+            + (f" — {scene.note}" if scene.partial else ""),
         )
 
     async def _post(self, channel, scene_id: int, lines: list[str], line_ids: list[int]):
