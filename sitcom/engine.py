@@ -60,6 +60,7 @@ from sitcom.plan import GeneratedScene
 from sitcom.script import normalize_prompt
 from sitcom.settings import SceneSettings
 from sitcom.streaming import LineStreamer
+from sitcom.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,10 @@ class SceneEngine:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        try:
+            ThreadPolicy()  # SITCOM_THREADS checked now, not at the first scene
+        except ValueError as e:
+            raise EngineError(str(e)) from None
         self._active = await self._load(self._requested)
         self._thread = threading.Thread(target=self._work, name="scene-worker", daemon=True)
         self._thread.start()

@@ -47,7 +47,7 @@ def test_console_writes_a_scene_votes_and_keeps_settings(tmp_path, tiny_model_di
     assert "scene 1 has no line 99" in second.stderr
 
 
-def test_console_startup_errors_are_one_line(tmp_path):
+def test_console_startup_errors_are_one_line(tmp_path, tiny_model_dir):
     env = {"PYTHONPATH": str(ROOT)}
     bad_model = run_bot("", tmp_path, tmp_path / "missing-model", **env)
     assert bad_model.returncode == 1
@@ -55,6 +55,10 @@ def test_console_startup_errors_are_one_line(tmp_path):
     bad_config = run_bot("", tmp_path, "smollm2", QUEUE_SIZE="lots", **env)
     assert bad_config.returncode == 2
     assert bad_config.stderr.strip() == "error: QUEUE_SIZE must be a number (got 'lots')"
+    bad_threads = run_bot("", tmp_path, tiny_model_dir, SITCOM_THREADS="lots", **env)
+    assert bad_threads.returncode == 1
+    assert bad_threads.stderr.strip() == (
+        "error: SITCOM_THREADS must be auto or a number (got 'lots')")
 
 
 def test_sigterm_stops_cleanly_and_closes_the_database(tmp_path, tiny_model_dir):
