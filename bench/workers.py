@@ -8,6 +8,8 @@ Prints one JSON line. Kinds:
   llama_raw     llama-cpp-python's Llama.generate on a GGUF, greedy, no guards
   llama_scenes  sitcom.llamacpp.generate_scenes on a GGUF, greedy, all guards
   engine        the real SceneEngine queue: 1/4/8 concurrent requests (backend hf|llama)
+  llama_multi   raw llama.cpp decoding 1/4/8 sequences at once, greedy, no guards (the
+                reference for continuous batching)
 """
 
 from __future__ import annotations
@@ -206,6 +208,34 @@ def llama_raw(spec: dict) -> dict:
     )
 
 
+def llama_multi(spec: dict) -> dict:
+    import numpy as np
+
+    from sitcom.llamacpp import LlamaCppModel
+    from sitcom.models import load_tokenizer
+
+    model = LlamaCppModel(spec["gguf"], max_batch=max(spec["concurrency"]))
+    tok = load_tokenizer(spec["model"])
+    load_s = time.perf_counter() - T0
+    ids = _prompt_ids(tok)
+
+    def run(n: int, tokens: int) -> float:
+        model.reset()
+        start = time.perf_counter()
+        logits = model.decode([(seq, ids, 0) for seq in range(n)])
+        for step in range(tokens - 1):
+            picks = np.argmax(logits, axis=-1)
+            logits = model.decode([(seq, [int(picks[seq])], len(ids) + step) for seq in range(n)])
+        return n * tokens / (time.perf_counter() - start)
+
+    run(1, 8)  # warm-up
+    results = {
+        str(n): dict(agg_tok_s=max(run(n, spec["tokens"]) for _ in range(REPEAT)))
+        for n in spec["concurrency"]
+    }
+    return dict(load_s=load_s, rss_mb=_rss_mb(), concurrency=results)
+
+
 def engine(spec: dict) -> dict:
     import torch
 
@@ -323,6 +353,7 @@ KINDS = dict(
     hf_scenes=hf_scenes,
     llama_raw=llama_raw,
     llama_scenes=llama_scenes,
+    llama_multi=llama_multi,
     engine=engine,
 )
 
