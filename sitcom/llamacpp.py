@@ -20,7 +20,6 @@ import numpy as np
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from sitcom import generation
 from sitcom.batcher import ContinuousBatcher
 from sitcom.models import (
     ModelLoadError,
@@ -201,14 +200,6 @@ def load_serving_model(name: str | os.PathLike | None, max_batch: int = 8) -> tu
     if os.environ.get("SITCOM_BACKEND", "auto").lower() != "torch" and find_gguf(name):
         return load_llamacpp(name, max_batch=max_batch)
     return load_model(name)
-
-
-def generate_scenes_any(model, tokenizer, prompts, settings, **kwargs) -> list[GeneratedScene]:
-    """generate_scenes for whichever backend loaded `model` (same arguments)."""
-    if isinstance(model, LlamaCppModel):
-        kwargs.pop("precision", None)  # llama.cpp's precision is the GGUF's
-        return generate_scenes(model, tokenizer, prompts, settings, **kwargs)
-    return generation.generate_scenes(model, tokenizer, prompts, settings, **kwargs)
 
 
 def generate_scenes(
