@@ -173,12 +173,19 @@ def llama_raw(spec: dict) -> dict:
     import llama_cpp
 
     from sitcom.models import load_tokenizer
+    from sitcom.threads import ThreadPolicy
 
+    # The thread count the engine would pick now (SITCOM_THREADS, auto by default), so raw
+    # and engine runs compare at the same count on a busy machine too. Llama fixes it.
+    policy = ThreadPolicy(interval_s=0.5)
+    policy.threads()
+    time.sleep(0.5)
+    threads = policy.threads()
     llm = llama_cpp.Llama(
         spec["gguf"],
         n_ctx=1024,
-        n_threads=THREADS,
-        n_threads_batch=THREADS,
+        n_threads=threads,
+        n_threads_batch=threads,
         use_mmap=False,
         verbose=False,
     )
@@ -205,6 +212,7 @@ def llama_raw(spec: dict) -> dict:
         tok_s=n / seconds,
         first_line_s=first_line,
         rss_mb=_rss_mb(),
+        threads=threads,
     )
 
 
