@@ -186,3 +186,16 @@ def test_sampling_draws_only_candidates_and_follows_the_distribution():
     assert abs((draws[:, 0] == 500).float().mean().item() - 0.731) < 0.03
     dense = torch.zeros(1, 1000)  # most tokens finite: the full-vocabulary route
     assert 0 <= sample(dense, generator).item() < 1000
+
+
+def test_decode_follows_the_thread_policy(looping_dir):
+    """Each decode step applies the policy's current count to the llama.cpp context."""
+    import llama_cpp
+
+    model, tok = llamacpp.load_llamacpp(looping_dir, max_batch=1)  # SITCOM_THREADS (auto)
+    wanted = iter([1, 2, 1])
+    model.policy.threads = lambda: next(wanted)
+    for expected in (1, 2, 1):
+        model.decode([(0, tok.encode(PROMPT), 0)])
+        model.reset()
+        assert llama_cpp.llama_n_threads(model._ctx) == expected == model.threads
