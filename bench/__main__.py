@@ -6,9 +6,13 @@ Single stream (greedy, one 200-token scene): plain transformers generate() fp32 
 baseline; the engine's torch path (sitcom.generation, bf16 autocast where the CPU has it);
 llama.cpp through llama-cpp-python on the packaged Q4_1 GGUF and on our exported Q8_0,
 raw and through sitcom.llamacpp with all guards. Then 1, 4 and 8 concurrent requests through
-the real SceneEngine queue on both backends. Each measurement runs in its own process so
-load time and peak RSS belong to one engine. The machine is shared: compare ratios from the
-same run, not absolute numbers across runs.
+the real SceneEngine queue on both backends, beside raw llama.cpp decoding as many
+sequences (no guards: what continuous batching is measured against). Then contention: one
+scene per backend with the machine quiet and with one busy process (a Python spin loop)
+beside it, with the thread policy on auto and with threads fixed at every core (the old
+behaviour). Each measurement runs in its own process so load time and peak RSS belong to
+one engine. The header names the CPU and its SIMD flags. The machine is shared: compare
+ratios from the same run, not absolute numbers across runs.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 TARGETS = {  # issue #4
@@ -28,12 +33,45 @@ TARGETS = {  # issue #4
     "lag_p95_ms": 100.0,
     "first_line_s": 1.0,
     "ready_s": 5.0,
+    "agg8_vs_raw8": 0.9,  # issue #9
+    "busy_vs_quiet_time": 2.5,
 }
+SIMD = ("avx", "avx2", "fma", "f16c", "avx_vnni", "amx")
 
 
-def run_worker(spec: dict, timeout: float = 300) -> dict:
+def cpu_info() -> dict:
+    """The CPU's model name, cores this process may use and SIMD flags (avx512*, amx*, ...)."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    simd = sorted(f for f in flags if f in SIMD or f.startswith(("avx512", "amx_")))
+    return dict(name=name, cores=len(os.sched_getaffinity(0)), flags=simd)
+
+
+@contextmanager
+def busy_process():
+    """One competing busy process (a Python spin loop) for as long as the block runs."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run_worker(spec: dict, timeout: float = 300, env: dict | None = None) -> dict:
     env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])
+        os.environ, **(env or {}),
+        PYTHONPATH=os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
     )
     try:
         proc = subprocess.run(
@@ -89,6 +127,29 @@ def measure_model(label: str, model: str, q4: Path | None, q8: Path, args) -> di
             {"kind": "engine", "model": model, "tokens": n, "concurrency": levels, **spec},
             timeout=400,
         )
+    print(f"  [{label}] raw llama.cpp at {levels} sequences ...", flush=True)
+    concurrency["raw llama.cpp (Q8_0, no guards)"] = run_worker(
+        {"kind": "llama_multi", "model": hf_dir, "gguf": str(q8), "tokens": n,
+         "concurrency": levels}, timeout=400,
+    )
+    contention = {}
+    cores = str(len(os.sched_getaffinity(0)))
+    cases = [
+        ("llama.cpp Q8_0 scenes", dict(kind="llama_scenes", model=model, gguf=str(q8))),
+        ("transformers scenes", dict(kind="hf_scenes", model=hf_dir)),
+    ]
+    for name, spec in cases:
+        for policy, env in (("auto", {"SITCOM_THREADS": "auto"}),
+                            (f"fixed {cores}", {"SITCOM_THREADS": cores})):
+            row = {}
+            for load in ("quiet", "one busy process"):
+                print(f"  [{label}] {name}, threads {policy}, {load} ...", flush=True)
+                if load == "quiet":
+                    row[load] = run_worker({**spec, "tokens": n}, env=env)
+                else:
+                    with busy_process():
+                        row[load] = run_worker({**spec, "tokens": n}, env=env)
+            contention[f"{name}, threads {policy}"] = row
     quality = {}
     if args.val:
         print(f"  [{label}] bits per byte on {args.val} ...", flush=True)
@@ -97,7 +158,8 @@ def measure_model(label: str, model: str, q4: Path | None, q8: Path, args) -> di
         for name, path in (("llama.cpp Q8_0", q8), ("llama.cpp Q4_1", q4)):
             if path:
                 quality[name] = run_worker({**base, "gguf": str(path)})
-    return {"single": single, "concurrency": concurrency, "quality": quality}
+    return {"single": single, "concurrency": concurrency, "contention": contention,
+            "quality": quality}
 
 
 def verdicts(result: dict) -> list[tuple[str, str, bool | None]]:
@@ -128,6 +190,19 @@ def verdicts(result: dict) -> list[tuple[str, str, bool | None]]:
     if "8" in conc and "1" in conc:
         r = conc["8"]["agg_tok_s"] / conc["1"]["agg_tok_s"]
         add("8 concurrent aggregate vs 1 ≥ 3×", f"{r:.2f}×", r >= TARGETS["agg8_vs_single"])
+    raw = result["concurrency"].get("raw llama.cpp (Q8_0, no guards)", {}).get("concurrency", {})
+    for level in ("1", "8"):
+        if level in conc and level in raw:
+            r = conc[level]["agg_tok_s"] / raw[level]["agg_tok_s"]
+            want = TARGETS["agg8_vs_raw8"] if level == "8" else TARGETS["single_vs_llamacpp"]
+            add(f"engine at {level} vs raw llama.cpp at {level} ≥ {want}×", f"{r:.2f}×", r >= want)
+    for name, row in result.get("contention", {}).items():
+        quiet, busy = (row.get(k, {}).get("tok_s") for k in ("quiet", "one busy process"))
+        if quiet and busy and name.endswith("auto"):
+            r = quiet / busy
+            add(f"{name}: scene time with a busy process ≤ 2.5× quiet", f"{r:.2f}×",
+                r <= TARGETS["busy_vs_quiet_time"])
+    if "8" in conc:
         lag = conc["8"]["lag_p95_ms"]
         add("event-loop lag p95 at 8 < 100 ms", f"{lag:.1f} ms", lag < TARGETS["lag_p95_ms"])
     first = s.get("llama.cpp Q8_0 scenes", {}).get("first_line_s")
@@ -147,11 +222,15 @@ def verdicts(result: dict) -> list[tuple[str, str, bool | None]]:
 
 
 def render(results: dict, meta: dict) -> str:
+    cpu = meta.get("cpu", {})
     lines = [
         f"# Benchmark ({meta['date']}, {meta['threads']} threads, {meta['tokens']} tokens)",
         "",
+        f"CPU: {cpu.get('name', '?')}, {cpu.get('cores', '?')} cores; "
+        f"flags: {' '.join(cpu.get('flags', [])) or 'none found'}",
+        "",
     ]
-    lines.append("Shared 2-core machine: compare ratios within this run only.")
+    lines.append("Shared machine: compare ratios within this run only.")
     for label, result in results.items():
         s = result["single"]
         base = s.get("HF fp32 generate (baseline)", {}).get("tok_s")
@@ -186,16 +265,34 @@ def render(results: dict, meta: dict) -> str:
                 continue
             one = r["concurrency"].get("1", {}).get("agg_tok_s")
             for n, c in r["concurrency"].items():
-                first = f"{c['first_line_p50_s']:.2f}" if c.get("first_line_p50_s") else "-"
+                def cell(key: str, fmt: str = ".1f", c=c) -> str:
+                    return format(c[key], fmt) if c.get(key) is not None else "-"
+
+                lag = f"{cell('lag_p95_ms')} / {cell('lag_max_ms')}" if "lag_p95_ms" in c else "-"
                 lines.append(
-                    f"| {name} | {n} | {c['p50_s']:.1f} | {c['p95_s']:.1f} | "
-                    f"{c['agg_tok_s']:.1f} | "
-                    f"{c['agg_tok_s'] / one:.2f} | {first} | {c['lag_p95_ms']:.1f} / "
-                    f"{c['lag_max_ms']:.1f} | {c['batches']} |"
+                    f"| {name} | {n} | {cell('p50_s')} | {cell('p95_s')} | {cell('agg_tok_s')} | "
+                    f"{c['agg_tok_s'] / one:.2f} | {cell('first_line_p50_s', '.2f')} | {lag} | "
+                    f"{c.get('batches', '-')} |"
                 )
             lines.append(
                 f"| {name} ready in {r['load_s']:.1f} s, peak RSS {r['rss_mb']:.0f} MB |" + " |" * 8
             )
+        if result.get("contention"):
+            lines += [
+                "",
+                f"## {label}: one scene, quiet vs one busy process",
+                "",
+                "| backend, thread policy | quiet tok/s | busy tok/s | scene time × quiet |",
+                "|---|---:|---:|---:|",
+            ]
+            for name, row in result["contention"].items():
+                quiet, busy = (row.get(k, {}) for k in ("quiet", "one busy process"))
+                if "tok_s" not in quiet or "tok_s" not in busy:
+                    error = quiet.get("error") or busy.get("error")
+                    lines.append(f"| {name} | error: {error} | | |")
+                    continue
+                lines.append(f"| {name} | {quiet['tok_s']:.1f} | {busy['tok_s']:.1f} | "
+                             f"{quiet['tok_s'] / busy['tok_s']:.2f} |")
         if result.get("quality"):
             lines += [
                 "",
@@ -235,7 +332,7 @@ def plot(results: dict, path: Path) -> None:
                 )
         axes[row][1].set_xlabel("concurrent requests")
         axes[row][1].set_ylabel("aggregate tokens/s")
-        axes[row][1].set_title(f"{label}: through SceneEngine")
+        axes[row][1].set_title(f"{label}: SceneEngine vs raw llama.cpp")
         axes[row][1].legend()
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -299,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     meta = dict(
+        cpu=cpu_info(),
         date=time.strftime("%Y-%m-%d %H:%M"),
         threads=len(os.sched_getaffinity(0)),
         tokens=args.tokens,

@@ -8,6 +8,8 @@ Prints one JSON line. Kinds:
   llama_raw     llama-cpp-python's Llama.generate on a GGUF, greedy, no guards
   llama_scenes  sitcom.llamacpp.generate_scenes on a GGUF, greedy, all guards
   engine        the real SceneEngine queue: 1/4/8 concurrent requests (backend hf|llama)
+  llama_multi   raw llama.cpp decoding 1/4/8 sequences at once, greedy, no guards (the
+                reference for continuous batching)
 """
 
 from __future__ import annotations
@@ -60,9 +62,9 @@ class _FirstLine:
 
 
 def _newline_ids(tokenizer) -> set[int]:
-    from sitcom.generation import _vocab_info
+    from sitcom.vocab import vocab_info
 
-    return set(_vocab_info(tokenizer).newline_ids.tolist())
+    return set(vocab_info(tokenizer).newline_ids.tolist())
 
 
 def hf_generate(spec: dict) -> dict:
@@ -118,8 +120,8 @@ def hf_generate(spec: dict) -> dict:
 
 
 def _scenes(spec: dict, model, tok, generate) -> dict:
-    from sitcom.generation import LineStreamer
     from sitcom.settings import SceneSettings
+    from sitcom.streaming import LineStreamer
 
     load_s = time.perf_counter() - T0
     settings = SceneSettings(max_new_tokens=spec["tokens"])
@@ -168,18 +170,19 @@ def llama_scenes(spec: dict) -> dict:
 
 
 def llama_raw(spec: dict) -> dict:
-    import llama_cpp
-
+    from sitcom.llamacpp import LlamaCppModel
     from sitcom.models import load_tokenizer
+    from sitcom.threads import ThreadPolicy
 
-    llm = llama_cpp.Llama(
-        spec["gguf"],
-        n_ctx=1024,
-        n_threads=THREADS,
-        n_threads_batch=THREADS,
-        use_mmap=False,
-        verbose=False,
-    )
+    # The thread count the engine would pick now (SITCOM_THREADS, auto by default), so raw
+    # and engine runs compare at the same count on a busy machine too, fixed for the run.
+    policy = ThreadPolicy(interval_s=0.5)
+    policy.threads()
+    time.sleep(0.5)
+    threads = policy.threads()
+    # sitcom's wrapper, not llama_cpp.Llama: it keeps llama.cpp off the AMX kernels that
+    # crash (sitcom.llamacpp_check); greedy argmax below is all a raw decode adds.
+    llm = LlamaCppModel(spec["gguf"], max_batch=1, n_ctx_per_seq=1024, n_threads=threads)
     tok = load_tokenizer(spec["model"])
     load_s = time.perf_counter() - T0
     ids = _prompt_ids(tok)
@@ -189,11 +192,14 @@ def llama_raw(spec: dict) -> dict:
     for run, budget in enumerate((8, *[n] * REPEAT)):
         got = 0
         first.start, first.at = time.perf_counter(), None
-        for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        logits = llm.logits_of(ids)[-1]
+        while True:
+            token = int(logits.argmax())
             got += 1
             first.see(token)
             if got == budget:
                 break
+            logits = llm.decode([(0, [token], len(ids) + got - 1)])[0]
         if run and time.perf_counter() - first.start < seconds:
             seconds, first_line = time.perf_counter() - first.start, first.at
     return dict(
@@ -203,7 +209,36 @@ def llama_raw(spec: dict) -> dict:
         tok_s=n / seconds,
         first_line_s=first_line,
         rss_mb=_rss_mb(),
+        threads=threads,
     )
+
+
+def llama_multi(spec: dict) -> dict:
+    import numpy as np
+
+    from sitcom.llamacpp import LlamaCppModel
+    from sitcom.models import load_tokenizer
+
+    model = LlamaCppModel(spec["gguf"], max_batch=max(spec["concurrency"]))
+    tok = load_tokenizer(spec["model"])
+    load_s = time.perf_counter() - T0
+    ids = _prompt_ids(tok)
+
+    def run(n: int, tokens: int) -> float:
+        model.reset()
+        start = time.perf_counter()
+        logits = model.decode([(seq, ids, 0) for seq in range(n)])
+        for step in range(tokens - 1):
+            picks = np.argmax(logits, axis=-1)
+            logits = model.decode([(seq, [int(picks[seq])], len(ids) + step) for seq in range(n)])
+        return n * tokens / (time.perf_counter() - start)
+
+    run(1, 8)  # warm-up
+    results = {
+        str(n): dict(agg_tok_s=max(run(n, spec["tokens"]) for _ in range(REPEAT)))
+        for n in spec["concurrency"]
+    }
+    return dict(load_s=load_s, rss_mb=_rss_mb(), concurrency=results)
 
 
 def engine(spec: dict) -> dict:
@@ -282,7 +317,6 @@ def bpb(spec: dict) -> dict:
     under transformers fp32 (gguf=None) or llama.cpp on a GGUF: the quantization's cost."""
     import math
 
-    import numpy as np
     import torch
 
     from sitcom.models import load_model, load_tokenizer
@@ -295,15 +329,11 @@ def bpb(spec: dict) -> dict:
     windows = [w for w in windows if len(w) > 1]
     nll = 0.0
     if spec.get("gguf"):
-        import llama_cpp
+        from sitcom.llamacpp import LlamaCppModel
 
-        llm = llama_cpp.Llama(
-            spec["gguf"], n_ctx=512, n_batch=512, n_threads=THREADS, logits_all=True, verbose=False
-        )
+        llm = LlamaCppModel(spec["gguf"], max_batch=1, n_ctx_per_seq=512, n_threads=THREADS)
         for w in windows:
-            llm.reset()
-            llm.eval(w)
-            logits = torch.from_numpy(np.array(llm.scores[: len(w) - 1]))
+            logits = torch.from_numpy(llm.logits_of(w)[: len(w) - 1])
             nll += torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum")
     else:
         model, _ = load_model(spec["model"])
@@ -323,6 +353,7 @@ KINDS = dict(
     hf_scenes=hf_scenes,
     llama_raw=llama_raw,
     llama_scenes=llama_scenes,
+    llama_multi=llama_multi,
     engine=engine,
 )
 

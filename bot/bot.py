@@ -46,6 +46,7 @@ class SitcomBot(commands.Bot):
         self.core = core
         self.sync_on_setup = True
         self._scene_tasks: set[asyncio.Task] = set()
+        self._close_calls = 0
 
     async def setup_hook(self) -> None:
         # Runs once per process (not on reconnects), so commands are synced once here.
@@ -80,7 +81,15 @@ class SitcomBot(commands.Bot):
         log.info("logged in as %s (%s) in %d servers", self.user, self.user.id, len(self.guilds))
 
     async def close(self) -> None:
-        if self.core is not None and self.core.accepting:
-            log.info("shutting down: no new scenes, finishing the running ones")
-            await self.core.close(posting=set(self._scene_tasks))
+        """Each SIGINT/SIGTERM calls this (and so does leaving `async with bot`). The first
+        gives running scenes until the shutdown deadline; a second cuts them now. Every call
+        waits until the scenes are stored and posted and the database is closed, so a
+        second signal never skips that (Core.close)."""
+        self._close_calls += 1
+        if self.core is not None:
+            if self._close_calls == 1:
+                log.info("shutting down: no new scenes, finishing the running ones")
+            elif self._close_calls == 2 and not self.is_closed():
+                log.info("shutting down now: running scenes are posted as they are")
+            await self.core.close(posting=set(self._scene_tasks), now=self._close_calls > 1)
         await super().close()

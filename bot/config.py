@@ -34,6 +34,7 @@ class Config:
     max_queue: int = 32
     per_user_limit: int = 2
     timeout_s: float = 120.0
+    shutdown_timeout_s: float = 25.0
     db_timeout_s: float = 5.0
     log_level: str = "INFO"
 
@@ -126,6 +127,7 @@ class Config:
             max_queue=int(number("QUEUE_SIZE", int, 32, 1)),
             per_user_limit=int(number("PER_USER_LIMIT", int, 2, 1)),
             timeout_s=float(number("GENERATION_TIMEOUT_S", float, 120.0, 1.0)),
+            shutdown_timeout_s=float(number("SHUTDOWN_TIMEOUT_S", float, 25.0, 0.0)),
             db_timeout_s=float(number("DB_TIMEOUT_S", float, 5.0, 0.0)),
             log_level=level,
         )

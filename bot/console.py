@@ -52,11 +52,21 @@ class Console:
     def __init__(self, core: Core, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
         self.core = core
         self.out, self.err = out, err
+        self._command: asyncio.Task | None = None  # the command in progress
+        self._signals = 0
+        self._closing: asyncio.Task | None = None
 
     def stop(self) -> None:
-        """Stop after the command in progress (SIGINT/SIGTERM)."""
+        """SIGINT/SIGTERM: read no more commands and shut down, bounded: a running scene
+        gets until the shutdown deadline, then it is shown and stored as it is. A second
+        signal cuts it at once; neither skips storing it or closing the database."""
+        self._signals += 1
         if getattr(self, "_lines", None) is not None:
             self._lines.put_nowait(None)
+        running = [self._command] if self._command and not self._command.done() else []
+        self._closing = asyncio.ensure_future(
+            self.core.close(posting=running, now=self._signals > 1)
+        )
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -77,7 +87,6 @@ class Console:
                 print("> ", end="", file=self.out, flush=True)
             line = await lines.get()
             if line is None:  # stop(): a signal
-                print("stopped; the database is closed cleanly", file=self.err, flush=True)
                 return 0
             if not line:  # EOF
                 if not commands and not interactive:  # e.g. under a service manager
@@ -90,8 +99,9 @@ class Console:
             commands += 1
             if line in ("/quit", "/exit"):
                 break
+            self._command = asyncio.ensure_future(self.handle(line))
             try:
-                await self.handle(line)
+                await asyncio.shield(self._command)  # a signal lets the command finish
             except (UsageError, EngineError, ModelLoadError, CheckpointError, DatabaseError) as e:
                 failed = True
                 print(f"error: {e}", file=self.err, flush=True)
@@ -100,6 +110,8 @@ class Console:
                 log.exception("console command %r failed", line[:80])
                 print("error: sorry, that command failed on my side; the details are in the log",
                       file=self.err, flush=True)
+            if self._signals:
+                return 0
         return 1 if failed and not interactive else 0
 
     async def handle(self, line: str) -> None:
@@ -120,13 +132,16 @@ class Console:
         settings = await self.core.db.get_settings(LOCAL.platform, LOCAL.channel_id)
         job = await self.core.submit(prompt, settings, f"console:{USER}")
         if job.position > 1:
-            self.say(f"(#{job.position} in the queue)")
+            wait = f", ready in about {job.eta_s:.0f} s" if job.eta_s is not None else ""
+            self.say(f"(#{job.position} in the queue{wait})")
         scene = await job.result()
         stored = await self.core.record(scene, place=LOCAL, user_id=USER, prompt=job.prompt)
         self.say(f"Scene {stored.id} ({self.core.model_label(scene)}, {scene.new_tokens} tokens, "
                  f"{scene.seconds:.1f} s)")
         for line in stored.lines:  # the user's own lines are shown, but not votable
             self.say(f"{'you' if line.from_prompt else line.line_no:>3}. {line.text}")
+        if scene.partial:
+            self.say(f"({scene.note})")
         self.say(f"Vote with /vote {stored.id} LINE_NO")
 
     async def vote(self, args: str) -> None:
@@ -198,8 +213,9 @@ async def main(config) -> int:
     except (ModelLoadError, DatabaseError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    # SIGINT/SIGTERM: stop taking commands, finish the one in progress, close the engine and
-    # the database (a message, not task cancellation, so close() itself is never cancelled).
+    # SIGINT/SIGTERM: stop taking commands, let the one in progress finish within the
+    # shutdown deadline, close the engine and the database (a message, not task
+    # cancellation, so close() itself is never cancelled; see Console.stop).
     console = Console(core)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -208,3 +224,5 @@ async def main(config) -> int:
         return await console.run()
     finally:
         await core.close()
+        if console._signals:
+            print("stopped; the database is closed cleanly", file=sys.stderr, flush=True)

@@ -67,6 +67,8 @@ class Core:
         self._labels: dict[str, str] = {engine.model_name: checkpoint}
         self.accepting = True
         self.retry = RetryPolicy()
+        self._closing: asyncio.Future | None = None
+        self._hurrying: asyncio.Future | None = None
 
     @classmethod
     async def start(cls, config: Config, loader=None) -> Core:
@@ -100,6 +102,7 @@ class Core:
             model=model, max_queue=config.max_queue, per_user_limit=config.per_user_limit,
             timeout_s=config.timeout_s, max_prompt_chars=MAX_PROMPT_CHARS,
             loader=loader or load_model,
+            shutdown_timeout_s=max(0.0, config.shutdown_timeout_s - posting_margin(config)),
         )
         await engine.start()
         return engine
@@ -157,6 +160,8 @@ class Core:
         note = None
         try:
             scene = await job.result()
+            if scene.partial:  # cut at the time limit or by a shutdown: posted as far as it got
+                note = scene.note
         except GenerationTimeout as e:
             scene = e.partial
             if scene is None or prompt_line_count(job.prompt, scene.lines) >= len(scene.lines):
@@ -247,17 +252,28 @@ class Core:
         self.checkpoint = name
         return name
 
-    async def close(self, posting: Collection[asyncio.Task] = (), grace_s: float = 15.0) -> None:
-        """Stop taking jobs, let the engine finish or cancel what it has, give the tasks
-        posting finished scenes a moment to store them, then close the database."""
-        if not self.accepting:
-            return
-        self.accepting = False
-        posting = {t for t in posting if t is not asyncio.current_task()}  # never itself
+    async def close(self, posting: Collection[asyncio.Task] = (), *, now: bool = False) -> None:
+        """Stop taking jobs; give running scenes until the shutdown deadline, after which
+        the engine delivers them as partial scenes (now=True: cut them at once); give the
+        tasks posting finished scenes the rest of SHUTDOWN_TIMEOUT_S to store and post
+        them; then close the database. Every call waits for that same shutdown: a second
+        call (a second signal) can speed it up, never skip storing or closing."""
+        if now and self._closing is not None and self._hurrying is None:
+            self._hurrying = asyncio.ensure_future(self.engine.close(deadline_s=0))
+        if self._closing is None:
+            self.accepting = False
+            # never wait for itself: a command's own task may be the one closing
+            posting = {t for t in posting if t is not asyncio.current_task()}
+            self._closing = asyncio.ensure_future(self._close(posting, now))
+        await asyncio.shield(self._closing)
+
+    async def _close(self, posting: set[asyncio.Task], now: bool) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.config.shutdown_timeout_s
         try:
-            await self.engine.close()
+            await self.engine.close(deadline_s=0 if now else None)
             if posting:
-                await asyncio.wait(posting, timeout=grace_s)
+                await asyncio.wait(posting, timeout=max(1.0, end - loop.time()))
         finally:
             await self.db.close()
 
@@ -277,3 +293,9 @@ def queue_text(job) -> str:
     if isinstance(eta, int | float) and eta > 0:
         text += f", about {eta:.0f} s" if eta < 90 else f", about {eta / 60:.0f} min"
     return text + "…"
+
+
+def posting_margin(config: Config) -> float:
+    """Seconds of SHUTDOWN_TIMEOUT_S kept for storing and posting the scenes the engine
+    delivers at its deadline (the rest is the engine's)."""
+    return min(5.0, config.shutdown_timeout_s / 5)

@@ -3,29 +3,40 @@
 API CONTRACT (frontends code against this; the implementation may change):
 
     engine = SceneEngine(model="seinfeld" | "smollm2" | checkpoint dir | hub id,
-                         max_queue=32, per_user_limit=2, timeout_s=120.0, max_batch=8)
+                         max_queue=32, per_user_limit=2, timeout_s=120.0, max_batch=8,
+                         shutdown_timeout_s=25.0)
     await engine.start()                      # loads the model off the event loop
     job = await engine.submit(prompt, settings, user_id="123")   # SceneSettings
         # raises QueueFull / TooManyPending / BadPrompt (user-facing messages),
         # EngineError when not started or shutting down
-    job.position                              # 1-based place in the queue when submitted
+    job.position                              # 1 + the scenes ahead of it when submitted,
+                                              # running ones included
+    job.eta_s                                 # estimated seconds until it is done, from
+                                              # recent speed (None until the engine has some)
     async for partial in job.stream(): ...    # optional: partial Scene snapshots, one per
                                               # finished line; ends when the job is done
-    scene = await job.result()                # Scene; raises GenerationTimeout / EngineError
+    scene = await job.result()                # Scene; raises EngineError (GenerationTimeout
+                                              # when it timed out before writing a line)
     scene.lines                               # clean script lines, prompt lines first
     scene.text, scene.new_tokens, scene.seconds, scene.model_name
+    scene.partial, scene.note                 # stopped early (timeout, shutdown): the lines
+                                              # it had, and a one-line note for the user
     job.cancel()                              # stop generating it (result raises EngineError)
     await engine.swap(model)                  # hot swap; raises ModelLoadError, old stays
     engine.model_name                         # name of the active model
-    await engine.close()                      # stop taking jobs, cancel queued ones,
-                                              # finish the running batch, join the thread
+    await engine.close()                      # stop taking jobs, cancel queued ones, give
+        # running scenes until shutdown_timeout_s, then stop them and deliver them as partial
+        # scenes; a second close() stops them at once; returns once the worker has ended
 
-One worker thread runs every generation; it takes up to `max_batch` queued jobs at a time
-and writes them as one batch, so concurrent requests share the model's forward passes.
-A model with a GGUF (the packaged default, or a checkpoint holding model.gguf) is served by
-llama.cpp (sitcom.llamacpp), anything else by transformers (sitcom.generation); both run
-the same guards. SITCOM_BACKEND=torch forces transformers. Models load in other threads,
-never on the event loop.
+One worker thread runs every generation. A model with a GGUF (the packaged default, or a
+checkpoint holding model.gguf) is served by llama.cpp with continuous batching
+(sitcom.batcher): up to `max_batch` scenes share each forward pass, a queued scene takes a
+slot as soon as one frees, and each scene is delivered the moment it is done. Anything
+else is served by transformers (sitcom.generation) a batch at a time: up to `max_batch`
+queued jobs written as one generate() call (continuous batching there would need per-row
+KV cache surgery inside transformers' generate()). Both run the same guards.
+SITCOM_BACKEND=torch forces transformers. Models load in other threads, never on the
+event loop.
 """
 
 from __future__ import annotations
@@ -34,16 +45,32 @@ import asyncio
 import logging
 import threading
 import time
-import unicodedata
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sitcom.generation import DeadlineStop, LineStreamer
-from sitcom.llamacpp import generate_scenes_any, load_serving_model
+from sitcom.batcher import ContinuousBatcher
+from sitcom.generation import generate_scenes
+from sitcom.guards import DeadlineStop
+from sitcom.jobs import (
+    BadPrompt,
+    EngineError,
+    GenerationTimeout,
+    Job,
+    QueueFull,
+    Scene,
+    TooManyPending,
+    _Speed,
+    clean_prompt,
+)
+from sitcom.llamacpp import LlamaCppModel, load_serving_model
 from sitcom.models import DEFAULT_MODEL, ModelLoadError
+from sitcom.plan import GeneratedScene
+from sitcom.script import normalize_prompt
 from sitcom.settings import SceneSettings
+from sitcom.streaming import LineStreamer
+from sitcom.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -52,38 +79,7 @@ __all__ = [
     "Scene", "SceneEngine", "TooManyPending",
 ]
 
-
-class EngineError(RuntimeError):
-    """Base class; str(e) is a polite, user-facing one-liner."""
-
-
-class QueueFull(EngineError):
-    pass
-
-
-class TooManyPending(EngineError):
-    pass
-
-
-class BadPrompt(EngineError):
-    pass
-
-
-class GenerationTimeout(EngineError):
-    """`partial` holds the scene as far as it got (None if it never started)."""
-
-    def __init__(self, message: str, partial: Scene | None = None):
-        super().__init__(message)
-        self.partial = partial
-
-
-@dataclass
-class Scene:
-    lines: list[str]
-    text: str
-    new_tokens: int
-    seconds: float
-    model_name: str
+SHUTDOWN_TIMEOUT_S = 25.0  # Procfile platforms kill a worker ~30 s after SIGTERM
 
 
 @dataclass
@@ -91,79 +87,6 @@ class _Loaded:
     model: object
     tokenizer: object
     name: str
-
-
-def clean_prompt(prompt: str, max_chars: int) -> str:
-    """Control characters removed (newlines kept); BadPrompt when nothing usable is left."""
-    text = "".join(
-        c if c == "\n" else " " if c == "\t" else c
-        for c in str(prompt)
-        if c in "\n\t" or not unicodedata.category(c).startswith("C")
-    ).strip()
-    if not any(c.isalnum() for c in text):
-        raise BadPrompt("Give the scene an opening line, e.g. `Elaine: Jerry! George! Listen!`")
-    if len(text) > max_chars:
-        raise BadPrompt(
-            f"That opening is {len(text)} characters; please keep it under {max_chars}."
-        )
-    return text
-
-
-class Job:
-    """One requested scene. Created by SceneEngine.submit; awaited by the frontend."""
-
-    def __init__(self, prompt: str, settings: SceneSettings, user_id: str):
-        self.prompt = prompt
-        self.settings = settings
-        self.user_id = user_id
-        self.position = 0
-        self.cancelled = False  # read by the worker thread
-        self.deadline = float("inf")  # time.monotonic() at which the worker gives up
-        self._future: asyncio.Future[Scene] = asyncio.get_running_loop().create_future()
-        self._latest: Scene | None = None
-        self._version = 0
-        self._changed = asyncio.Event()
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def cancel(self) -> None:
-        """Stop generating this scene (queued or running); result() raises EngineError."""
-        self.cancelled = True
-
-    async def result(self) -> Scene:
-        return await asyncio.shield(self._future)
-
-    async def stream(self) -> AsyncIterator[Scene]:
-        """Partial scenes as lines complete; coalesces if the consumer is slow."""
-        seen = 0
-        while True:
-            if self._version > seen and self._latest is not None:
-                seen = self._version
-                yield self._latest
-                continue
-            if self._future.done():
-                return
-            self._changed.clear()
-            waiter = asyncio.ensure_future(self._changed.wait())
-            await asyncio.wait([waiter, self._future], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-
-    # Called on the event loop (via call_soon_threadsafe) by the worker.
-    def _publish(self, scene: Scene) -> None:
-        if not self._future.done():
-            self._latest = scene
-            self._version += 1
-            self._changed.set()
-
-    def _settle(self, outcome: Scene | BaseException) -> None:
-        if self._future.done():
-            return
-        if isinstance(outcome, BaseException):
-            self._future.set_exception(outcome)
-        else:
-            self._future.set_result(outcome)
-        self._changed.set()
 
 
 class SceneEngine:
@@ -176,6 +99,7 @@ class SceneEngine:
         timeout_s: float = 120.0,
         max_batch: int = 8,
         max_prompt_chars: int = 1000,
+        shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
         precision: str | None = None,
         loader: Callable[[str], tuple[object, object]] = load_serving_model,
     ):
@@ -186,17 +110,23 @@ class SceneEngine:
         self.timeout_s = timeout_s
         self.max_batch = max_batch
         self.max_prompt_chars = max_prompt_chars
+        self.shutdown_timeout_s = shutdown_timeout_s
         self.precision = precision
         self._active: _Loaded | None = None
         self._queue: deque[Job] = deque()
+        self._running: set[Job] = set()
         self._pending: Counter[str] = Counter()  # queued + running jobs per user
         self._cond = threading.Condition()
         self._closing = False
         self._stopping = False
+        self._stop_at = float("inf")  # time.monotonic() at which running scenes are cut
+        self._speed = _Speed()
         self._thread: threading.Thread | None = None
+        self._joined: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._swap_lock = asyncio.Lock()
-        self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent batches, for stats
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # scenes per batch (torch) or
+        # per continuous run (llama.cpp: scenes written between two idle moments), for stats
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -208,10 +138,18 @@ class SceneEngine:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
     async def start(self) -> None:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        try:
+            ThreadPolicy()  # SITCOM_THREADS checked now, not at the first scene
+        except ValueError as e:
+            raise EngineError(str(e)) from None
         self._active = await self._load(self._requested)
         self._thread = threading.Thread(target=self._work, name="scene-worker", daemon=True)
         self._thread.start()
@@ -225,19 +163,28 @@ class SceneEngine:
                 self._active = loaded
             return loaded.name
 
-    async def close(self) -> None:
-        """Refuse new jobs, cancel queued ones, let the running batch finish, join."""
+    async def close(self, deadline_s: float | None = None) -> None:
+        """Refuse new jobs and cancel queued ones; give running scenes `deadline_s`
+        (default shutdown_timeout_s; a second call defaults to 0), then cut them: they
+        are delivered as partial scenes. Returns when the worker has ended. Safe to call
+        again (and concurrently): a later call can only bring the deadline closer."""
         with self._cond:
-            self._closing = True
+            again = self._closing
+            if deadline_s is None:
+                deadline_s = 0.0 if again else self.shutdown_timeout_s
+            self._closing = self._stopping = True
+            self._stop_at = min(self._stop_at, time.monotonic() + max(0.0, deadline_s))
             dropped = list(self._queue)
             self._queue.clear()
-            self._stopping = True
             self._cond.notify_all()
+        if again:
+            log.info("closing the scene engine now: running scenes are cut where they are")
         for job in dropped:
             self._finish(job, EngineError("The scene engine is shutting down; scene cancelled."))
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+            if self._joined is None:
+                self._joined = asyncio.ensure_future(asyncio.to_thread(self._thread.join))
+            await asyncio.shield(self._joined)
 
     async def _load(self, name: str) -> _Loaded:
         # Loading takes seconds (the default model ~20 s the first time): a plain thread.
@@ -270,11 +217,25 @@ class SceneEngine:
                     f"The writers' room is full ({self.max_queue} scenes waiting); "
                     "try again in a minute."
                 )
+            job.position = len(self._running) + len(self._queue) + 1
+            job.eta_s = self._estimate(job)
             self._queue.append(job)
             self._pending[job.user_id] += 1
-            job.position = len(self._queue)
             self._cond.notify()
         return job
+
+    def _estimate(self, job: Job) -> float | None:
+        """Seconds until `job` is done: its own tokens at one scene's recent speed, or all
+        the tokens ahead of it and its own at the recent aggregate speed, whichever is
+        longer. Budgets are upper bounds (scenes often end sooner). Holds self._cond."""
+        rates = self._speed.rates()
+        if rates is None or min(rates) <= 0:
+            return None
+        aggregate, one = rates
+        ahead = sum(max(0, j.settings.max_new_tokens - j.produced) for j in self._running)
+        ahead += sum(j.settings.max_new_tokens for j in self._queue)
+        own = job.settings.max_new_tokens
+        return max(own / one, (ahead + own) / aggregate)
 
     # ------------------------------------------------------------------ worker thread
 
@@ -285,9 +246,16 @@ class SceneEngine:
                     self._cond.wait()
                 if not self._queue:
                     return
-                take = min(self.max_batch, len(self._queue))
-                batch = [self._queue.popleft() for _ in range(take)]
-                loaded = self._active  # a swap after this point applies to the next batch
+                loaded = self._active  # a swap after this point applies to the next run
+                if isinstance(loaded.model, LlamaCppModel):
+                    batch = None
+                else:
+                    take = min(self.max_batch, len(self._queue))
+                    batch = [self._queue.popleft() for _ in range(take)]
+                    self._running.update(batch)
+            if batch is None:
+                self._run_continuous(loaded)
+                continue
             live = []
             for job in batch:
                 if job.cancelled:
@@ -297,25 +265,94 @@ class SceneEngine:
             if live:
                 self._run_batch(loaded, live)
 
-    def _run_batch(self, loaded: _Loaded, batch: list[Job]) -> None:
-        self.batch_sizes.append(len(batch))
-        start = time.monotonic()
-        for job in batch:
-            job.deadline = start + self.timeout_s
+    def _should_stop(self, job: Job) -> bool:
+        now = time.monotonic()
+        return job.cancelled or now > job.deadline or now > self._stop_at
 
-        def should_stop(row: int) -> bool:
-            return batch[row].cancelled or time.monotonic() > batch[row].deadline
+    def _begin(self, job: Job) -> None:
+        job.started = time.monotonic()
+        job.deadline = job.started + self.timeout_s
 
-        def on_lines(row: int, lines: list[str]) -> None:
-            partial = Scene(lines, "\n".join(lines), 0, time.monotonic() - start, loaded.name)
-            self._call(batch[row]._publish, partial)
+    def _snapshot(self, job: Job, loaded: _Loaded) -> Callable[[int, list[str]], None]:
+        def on_lines(_row: int, lines: list[str]) -> None:
+            partial = Scene(lines, "\n".join(lines), 0, time.monotonic() - job.started, loaded.name)
+            self._call(job._publish, partial)
 
+        return on_lines
+
+    def _run_continuous(self, loaded: _Loaded) -> None:
+        """llama.cpp: keep every slot busy until the queue is empty (or the model was
+        swapped: then the running scenes finish on the old model and the loop returns)."""
+        batcher = ContinuousBatcher(loaded.model, loaded.tokenizer, slots=self.max_batch)
+        scenes = 0
+        with loaded.model.lock:
+            while True:
+                with self._cond:
+                    new = []
+                    while (len(new) < batcher.free_slots and self._queue
+                           and self._active is loaded):
+                        new.append(self._queue.popleft())
+                    self._running.update(new)
+                    if not new and not batcher.rows:
+                        break
+                for job in new:
+                    scenes += self._join(batcher, loaded, job)
+                if not batcher.rows:
+                    continue
+                start = time.monotonic()
+                try:
+                    finished = batcher.step()
+                except Exception:
+                    log.exception("generation failed")
+                    for row in batcher.rows:
+                        self._finish(row.tag, EngineError(
+                            "Something went wrong writing that scene; please try again."))
+                    batcher.abort()
+                    continue
+                rows = len(batcher.rows) + len(finished)
+                with self._cond:
+                    self._speed.add(rows, time.monotonic() - start, 1)
+                for row in batcher.rows:
+                    row.tag.produced = row.new_tokens
+                for row, scene in finished:
+                    self._deliver(row.tag, scene, loaded)
+        if scenes:
+            self.batch_sizes.append(scenes)
+
+    def _join(self, batcher: ContinuousBatcher, loaded: _Loaded, job: Job) -> int:
+        if job.cancelled:
+            self._finish(job, EngineError("That scene was cancelled."))
+            return 0
+        self._begin(job)
         try:
-            scenes = generate_scenes_any(
+            batcher.add(
+                job.prompt, job.settings, tag=job,
+                streamer=LineStreamer(loaded.tokenizer, [job.prompt], self._snapshot(job, loaded)),
+                stopping_criteria=[DeadlineStop(lambda _row, job=job: self._should_stop(job))],
+            )
+        except Exception as e:  # a prompt too long for the context, or a bug: this job only
+            if not isinstance(e, ValueError):
+                log.exception("could not start a scene")
+            self._finish(job, EngineError(_message(e)))
+            return 0
+        return 1
+
+    def _run_batch(self, loaded: _Loaded, batch: list[Job]) -> None:
+        """transformers: the whole batch in one generate() call."""
+        self.batch_sizes.append(len(batch))
+        for job in batch:
+            self._begin(job)
+        callbacks = [self._snapshot(job, loaded) for job in batch]
+        start = time.monotonic()
+        try:
+            scenes = generate_scenes(
                 loaded.model, loaded.tokenizer, [j.prompt for j in batch],
                 [j.settings for j in batch],
-                streamer=LineStreamer(loaded.tokenizer, [j.prompt for j in batch], on_lines),
-                stopping_criteria=[DeadlineStop(should_stop)],
+                streamer=LineStreamer(
+                    loaded.tokenizer, [j.prompt for j in batch],
+                    lambda row, lines: callbacks[row](row, lines),
+                ),
+                stopping_criteria=[DeadlineStop(lambda row: self._should_stop(batch[row]))],
                 precision=self.precision,
             )
         except Exception as e:
@@ -323,32 +360,51 @@ class SceneEngine:
                 for job in batch:
                     self._run_batch(loaded, [job])
                 return
-            if isinstance(e, ValueError) and "too long" in str(e):
+            if isinstance(e, ValueError):
                 # Expected, and any user can cause it: one line, never a traceback at ERROR.
                 log.warning("scene refused: %s", e)
-                message = "That opening is too long for the model; please shorten it."
             else:
                 log.exception("generation failed")
-                message = "Something went wrong writing that scene; please try again."
-            self._finish(batch[0], EngineError(message))
+            self._finish(batch[0], EngineError(_message(e)))
             return
-        seconds = time.monotonic() - start
+        with self._cond:
+            self._speed.add(sum(s.new_tokens for s in scenes), time.monotonic() - start,
+                            max(s.new_tokens for s in scenes))
         for job, scene in zip(batch, scenes, strict=True):
-            text = "\n".join(scene.lines)
-            done = Scene(scene.lines, text, scene.new_tokens, seconds, loaded.name)
-            if job.cancelled:
-                self._finish(job, EngineError("That scene was cancelled."))
-            elif time.monotonic() > job.deadline and not scene.finished:
-                self._finish(job, GenerationTimeout(
-                    f"That scene took longer than {self.timeout_s:g} s and was stopped; "
-                    "try fewer tokens or again later.",
-                    partial=done,
-                ))
-            else:
+            self._deliver(job, scene, loaded)
+
+    def _deliver(self, job: Job, scene: GeneratedScene, loaded: _Loaded) -> None:
+        now = time.monotonic()
+        done = Scene(scene.lines, "\n".join(scene.lines), scene.new_tokens, now - job.started,
+                     loaded.name)
+        cut = not scene.finished and scene.new_tokens < job.settings.max_new_tokens
+        wrote = len(scene.lines) > len(
+            [x for x in normalize_prompt(job.prompt).splitlines() if x.strip()]
+        )
+        if job.cancelled:
+            self._finish(job, EngineError("That scene was cancelled."))
+        elif cut and now > self._stop_at:
+            if wrote:
+                done.partial = True
+                done.note = "The bot was shutting down, so the scene stops here."
                 self._finish(job, done)
+            else:
+                self._finish(job, EngineError(
+                    "The scene engine shut down before that scene got its first line."))
+        elif cut and now > job.deadline:
+            note = (f"That scene took longer than {self.timeout_s:g} s, so it stops here; "
+                    "try fewer tokens or again later.")
+            if wrote:
+                done.partial, done.note = True, note
+                self._finish(job, done)
+            else:
+                self._finish(job, GenerationTimeout(note, partial=done))
+        else:
+            self._finish(job, done)
 
     def _finish(self, job: Job, outcome: Scene | BaseException) -> None:
         with self._cond:
+            self._running.discard(job)
             self._pending[job.user_id] -= 1
             if self._pending[job.user_id] <= 0:
                 del self._pending[job.user_id]
@@ -359,3 +415,9 @@ class SceneEngine:
             self._loop.call_soon_threadsafe(fn, arg)
         except RuntimeError:  # the event loop is gone: nobody is waiting any more
             pass
+
+
+def _message(error: Exception) -> str:
+    if isinstance(error, ValueError) and "too long" in str(error):
+        return "That opening is too long for the model; please shorten it."
+    return "Something went wrong writing that scene; please try again."

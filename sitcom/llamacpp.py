@@ -1,15 +1,12 @@
-"""Write scenes with llama.cpp: the same decoding as sitcom.generation, on a faster forward pass.
+"""Serve GGUF models with llama.cpp: the model and its KV cache slots, loading, and the
+batch entry point. The decoding loop (continuous batching, the same guards as the
+transformers path) is sitcom.batcher.
 
 On a 2-core CPU the transformers forward pass dominates a scene (~17 tok/s fp32); llama.cpp
 runs the same model from a GGUF file (sitcom/gguf_export.py writes CHECKPOINT/model.gguf)
-several times faster, and decodes several sequences in one llama_decode call, so a batch
-of queued scenes costs little more than one.
-
-Only the forward pass moves to llama.cpp. The decoding loop stays in torch so the guards of
-sitcom.generation (ScriptRepetitionPenalty, LoopGuard, PerRowSampling, SceneStop, streamers,
-stopping criteria) run unchanged on llama.cpp's logits. The loop is hand-written because
-transformers' generate() needs a torch model, and llama-cpp-python's high-level Llama class
-holds one sequence per context.
+several times faster, and decodes several sequences in one llama_decode call, so scenes
+written together cost little more than one. sitcom.llamacpp_check decides whether llama.cpp
+is safe on this CPU.
 """
 
 from __future__ import annotations
@@ -21,14 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from sitcom import generation
-from sitcom.generation import (
-    GeneratedScene,
-)
+from sitcom.batcher import ContinuousBatcher
 from sitcom.llamacpp_check import check_llamacpp, use_extra_bufts
 from sitcom.models import (
     ModelLoadError,
@@ -41,8 +34,10 @@ from sitcom.models import (
     packaged_gguf,
     resolve_model,
 )
+from sitcom.plan import GeneratedScene
 from sitcom.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
+from sitcom.threads import ThreadPolicy
 
 GGUF_NAME = "model.gguf"
 log = logging.getLogger(__name__)
@@ -81,7 +76,7 @@ class LlamaCppModel:
         *,
         max_batch: int = 8,
         n_ctx_per_seq: int = 1024,
-        n_threads: int | None = None,
+        n_threads: int | None = None,  # None: SITCOM_THREADS (sitcom.threads), auto by default
         flash_attn: bool = True,  # measured: +10% single, +25% at 8 sequences (Q8_0)
         kv_unified: bool = False,
         verbose: bool = False,
@@ -106,7 +101,8 @@ class LlamaCppModel:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
 
-        threads = n_threads or len(os.sched_getaffinity(0))
+        self.policy = ThreadPolicy(str(n_threads) if n_threads else None)
+        threads = self.threads = self.policy.threads()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_seq_max = max_batch
         cparams.n_ctx = n_ctx_per_seq * max_batch
@@ -149,15 +145,27 @@ class LlamaCppModel:
     def logits_of(self, ids: Sequence[int]) -> np.ndarray:
         """[len(ids), vocab] next-token logits after each token of one fresh sequence."""
         self.reset()
-        return np.stack([self.decode([(0, [tok], pos)])[0] for pos, tok in enumerate(ids)])
+        # One item per token: decode() batches them, asking llama.cpp for every row's logits.
+        return self.decode([(0, [tok], pos) for pos, tok in enumerate(ids)])
 
     def reset(self) -> None:
         """Forget every sequence's KV cache."""
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
 
+    def forget(self, seq_id: int) -> None:
+        """Forget one sequence's KV cache, so its slot can take a new scene."""
+        self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self._ctx), seq_id, -1, -1)
+
+    def _follow_policy(self) -> None:
+        threads = self.policy.threads()  # re-measured at most once a second
+        if threads != self.threads:
+            self._lib.llama_set_n_threads(self._ctx, threads, threads)
+            self.threads = threads
+
     def decode(self, work: Sequence[tuple[int, Sequence[int], int]]) -> np.ndarray:
         """Run [(seq_id, tokens, first position), ...] through the model, chunked to fit
         the batch; return the next-token logits after each item's last token, [len, vocab]."""
+        self._follow_policy()
         capacity = self._batch_size
         out = np.zeros((len(work), self.n_vocab), dtype=np.float32)
         pending: list[tuple[int, int]] = []  # (work item, batch index) whose logits we want
@@ -242,14 +250,6 @@ def hf_source_for(model: str | os.PathLike | None) -> str:
     return str(source.parent if source.suffix == ".gguf" else source)
 
 
-def generate_scenes_any(model, tokenizer, prompts, settings, **kwargs) -> list[GeneratedScene]:
-    """generate_scenes for whichever backend loaded `model` (same arguments)."""
-    if isinstance(model, LlamaCppModel):
-        kwargs.pop("precision", None)  # llama.cpp's precision is the GGUF's
-        return generate_scenes(model, tokenizer, prompts, settings, **kwargs)
-    return generation.generate_scenes(model, tokenizer, prompts, settings, **kwargs)
-
-
 def generate_scenes(
     model: LlamaCppModel,
     tokenizer,
@@ -262,74 +262,27 @@ def generate_scenes(
     stopping_criteria: Sequence[StoppingCriteria] = (),
     speakers: Sequence[str] = KNOWN_SPEAKERS,
 ) -> list[GeneratedScene]:
-    """sitcom.generation.generate_scenes on llama.cpp: up to model.max_batch prompts in one
-    batch, settings per prompt, the same guards, stops and post-processing."""
+    """sitcom.generation.generate_scenes on llama.cpp: up to model.max_batch prompts written
+    together (each row leaves the batch when it is done), settings per prompt, the same
+    guards, stops and post-processing. `streamer` and `stopping_criteria` see one row at a
+    time: the row's index is 0 (use sitcom.batcher directly for per-row streamers)."""
     if not prompts:
         return []
     if len(prompts) > model.max_batch:
         raise ValueError(
             f"{len(prompts)} prompts but the llama.cpp context holds {model.max_batch}"
         )
-    plan = generation.plan_batch(
-        tokenizer, prompts, settings, do_sample=do_sample, stopping_criteria=stopping_criteria,
-        speakers=speakers, context_limit=min(model.n_ctx_per_seq, model.n_ctx_train),
-    )
-    rows_ids, input_ids, pad_id = plan.row_ids, plan.input_ids, plan.pad_id
-    processors, stops = plan.processors, StoppingCriteriaList([plan.stops])
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    stop_tensor = torch.tensor(plan.stop_ids, dtype=torch.long)
-
+    if isinstance(settings, SceneSettings):
+        settings = [settings] * len(prompts)
+    if len(settings) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(settings)} settings")
+    if streamer is not None and len(prompts) > 1:
+        raise ValueError("a streamer follows one prompt here; use sitcom.batcher per row")
     with model.lock:
-        model.reset()
-        logits = model.decode([(row, ids, 0) for row, ids in enumerate(rows_ids)])
-        if streamer is not None:
-            streamer.put(input_ids)
-        unfinished = torch.ones(len(rows_ids), dtype=torch.bool)
-        for step in range(plan.budget):
-            scores = torch.from_numpy(logits)
-            # Called one by one: LogitsProcessorList inspects every processor's signature on
-            # each call (~0.3 ms a token, 4 % of a step here); ours take no extra kwargs.
-            for processor in processors:
-                scores = processor(input_ids, scores)
-            if do_sample:
-                tokens = _sample(scores, generator)
-            else:
-                tokens = scores.argmax(dim=-1)
-            tokens = torch.where(unfinished, tokens, pad_id)
-            input_ids = torch.cat([input_ids, tokens[:, None]], dim=1)
-            if streamer is not None:
-                streamer.put(tokens)
-            unfinished &= ~torch.isin(tokens, stop_tensor)
-            unfinished &= ~stops(input_ids, scores)
-            active = unfinished.nonzero().flatten().tolist()
-            if not active:
-                break
-            step_logits = model.decode(
-                [(row, [int(tokens[row])], len(rows_ids[row]) + step) for row in active]
-            )
-            if len(active) == len(rows_ids):
-                logits = step_logits
-            else:  # finished rows are padded from now on; their logits are never used
-                logits = np.zeros_like(logits)
-                logits[active] = step_logits
-        if streamer is not None:
-            streamer.end()
-    return plan.scenes(tokenizer, input_ids)
-
-
-def _sample(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row drawn from softmax(scores).
-
-    argmax(p / Exp(1) noise) draws from p like torch.multinomial, which takes ~1 ms a row
-    over a 49k vocabulary on this CPU. The noise itself costs about as much (8 ms a step at
-    batch 8), so after top-k/top-p, where a few dozen tokens are finite, only those
-    candidates get noise: the others have probability 0 either way.
-    """
-    finite = int(torch.isfinite(scores).sum(dim=-1).max())
-    if finite < scores.shape[-1] // 4:
-        values, candidates = torch.topk(scores, finite, dim=-1)
-    else:
-        values, candidates = scores, None
-    noise = torch.empty_like(values).exponential_(generator=generator)
-    picks = (torch.softmax(values, dim=-1) / noise).argmax(dim=-1)
-    return picks if candidates is None else candidates.gather(1, picks[:, None])[:, 0]
+        batcher = ContinuousBatcher(
+            model, tokenizer, seed=seed, do_sample=do_sample, speakers=speakers
+        )
+        for i, (prompt, s) in enumerate(zip(prompts, settings, strict=True)):
+            batcher.add(prompt, s, tag=i, streamer=streamer, stopping_criteria=stopping_criteria)
+        done = dict((row.tag, scene) for row, scene in batcher.drain())
+    return [done[i] for i in range(len(prompts))]

@@ -392,3 +392,52 @@ async def test_a_timed_out_scene_is_posted_as_a_partial_with_a_note(tmp_path, ti
         assert (await bot.core.db.get_scene(1)).note.startswith("⏱️")
     finally:
         await bot.close()
+
+
+@pytest.mark.asyncio
+async def test_second_close_posts_the_running_scene_as_partial_then_closes(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """What two SIGTERMs do (each calls bot.close()): the first gives the running scene a
+    600 s deadline, the second cuts it; both wait until it is stored and posted, with a
+    note, and the database is closed."""
+    import asyncio
+    import time
+
+    from test_generation import teleprompter_model
+
+    import sitcom.llamacpp
+
+    real = sitcom.llamacpp.load_model
+
+    def slow(name):
+        _, tokenizer = real(name)
+        model = teleprompter_model(tokenizer, "ELAINE: Get out!\nGEORGE: What?\n")
+        model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
+        return model, tokenizer
+
+    monkeypatch.setattr(sitcom.llamacpp, "load_model", slow)
+    bot, rec = await start_bot(make_config(tmp_path, tiny_model_dir, shutdown_timeout_s=600))
+    await invoke(bot, command_payload(
+        "settings", [subcommand("set", option("max_new_tokens", 400))], permissions=MANAGE))
+    scene = asyncio.ensure_future(
+        invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello, Newman.")])))
+    for _ in range(500):
+        if bot.core.engine.running:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(1.0)  # a line or two of its 400 tokens (~20 s)
+    first = asyncio.ensure_future(bot.close())
+    await asyncio.sleep(0.2)
+    assert not first.done()  # 600 s for the running scene
+    await bot.close()
+    await first
+    await scene
+    shown = [row for p in rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
+             for row in p.json["content"].split("\n")[1:]]
+    assert shown[:2] == [f"{KEYCAPS[0]} JERRY: Hello, Newman.", f"{KEYCAPS[1]} ELAINE: Get out!"]
+    assert "shutting down, so the scene stops here" in rec.replies()[-1]["content"]
+    assert not (tmp_path / "bot.db-wal").exists()
+    (tokens,) = sqlite3.connect(tmp_path / "bot.db").execute(
+        "SELECT new_tokens FROM scenes").fetchone()
+    assert 0 < tokens < 400

@@ -50,7 +50,7 @@ def test_console_writes_a_scene_votes_and_keeps_settings(tmp_path, tiny_model_di
     assert "scene 1 has no line 99" in second.stderr
 
 
-def test_console_startup_errors_are_one_line(tmp_path):
+def test_console_startup_errors_are_one_line(tmp_path, tiny_model_dir):
     env = {"PYTHONPATH": str(ROOT)}
     bad_model = run_bot("", tmp_path, tmp_path / "missing-model", **env)
     assert bad_model.returncode == 1
@@ -58,6 +58,10 @@ def test_console_startup_errors_are_one_line(tmp_path):
     bad_config = run_bot("", tmp_path, "smollm2", QUEUE_SIZE="lots", **env)
     assert bad_config.returncode == 2
     assert bad_config.stderr.strip() == "error: QUEUE_SIZE must be a number (got 'lots')"
+    bad_threads = run_bot("", tmp_path, tiny_model_dir, SITCOM_THREADS="lots", **env)
+    assert bad_threads.returncode == 1
+    assert bad_threads.stderr.strip() == (
+        "error: SITCOM_THREADS must be auto or a number (got 'lots')")
 
 
 def test_sigterm_stops_cleanly_and_closes_the_database(tmp_path, tiny_model_dir):
@@ -110,3 +114,73 @@ async def test_console_votes_for_what_the_model_wrote(tmp_path, tiny_model_dir):
         assert "GEORGE: What is it? — **1** vote" in text
     finally:
         await core.close()
+
+
+# The real `python -m bot`, with one change made before it starts: the model writes a fixed
+# script (test_generation.teleprompter_model) at 50 ms a token, so a 400-token scene is
+# still running when the signals arrive.
+SLOW_BOT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import sitcom.llamacpp
+from test_generation import teleprompter_model
+
+real = sitcom.llamacpp.load_model
+
+def slow(name):
+    _, tokenizer = real(name)
+    model = teleprompter_model(tokenizer, "ELAINE: Get out!\\nGEORGE: What?\\n")
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
+    return model, tokenizer
+
+sitcom.llamacpp.load_model = slow
+from bot.__main__ import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize(
+    "signals, shutdown_s",
+    [(["SIGTERM"], "1"), (["SIGTERM", "SIGINT"], "600"), (["SIGINT", "SIGINT"], "600")],
+    ids=["deadline", "second-signal", "ctrl-c-twice"],
+)
+def test_shutdown_is_bounded_and_stores_the_running_scene(
+    tmp_path, tiny_model_dir, signals, shutdown_s
+):
+    """One signal: the running scene gets until SHUTDOWN_TIMEOUT_S, then it is shown and
+    stored as a partial scene. A second signal (with a 600 s deadline) cuts it at once, and
+    still the scene is stored, the database closed (no -wal left) and the exit status 0."""
+    import signal
+    import sqlite3
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
+    env.update(DEFAULT_CHECKPOINT=str(tiny_model_dir), BOT_DB=str(tmp_path / "console.db"),
+               CHECKPOINTS_DIR=str(tmp_path / "checkpoints"), LOG_LEVEL="WARNING",
+               PYTHONPATH=str(ROOT), SHUTDOWN_TIMEOUT_S=shutdown_s, GENERATION_TIMEOUT_S="600")
+    code = SLOW_BOT.format(tests=str(ROOT / "tests"))
+    bot = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=tmp_path, env=env)
+    try:
+        bot.stdin.write("/settings set max_new_tokens 400\n")
+        bot.stdin.flush()
+        assert "Saved" in bot.stdout.readline()  # started
+        bot.stdin.write("/scene Jerry: Hello, Newman.\n")
+        bot.stdin.flush()
+        time.sleep(2.0)  # ~30 of its 400 tokens: a line or two written
+        for name in signals:
+            bot.send_signal(getattr(signal, name))
+            time.sleep(0.3)
+        bot.wait(timeout=90)
+        out, err = bot.stdout.read(), bot.stderr.read()
+    finally:
+        bot.kill()
+    assert bot.returncode == 0, err
+    assert "Traceback" not in err and "stopped" in err
+    assert "Scene 1" in out and "  2. ELAINE: Get out!" in out
+    assert "(The bot was shutting down, so the scene stops here.)" in out
+    assert not (tmp_path / "console.db-wal").exists()
+    db = sqlite3.connect(tmp_path / "console.db")
+    (tokens,) = db.execute("SELECT new_tokens FROM scenes").fetchone()
+    assert 0 < tokens < 400

@@ -102,7 +102,9 @@ async def test_dynamic_batching_queue_full_and_per_user_limit(tiny_model_dir):
     await running(engine)  # held at the gate
     queued = [await engine.submit(f"JERRY: Two {i}.", SHORT, user_id=f"u{i}") for i in range(4)]
     queued.append(await engine.submit("JERRY: Three.", SHORT, user_id="a"))
-    assert [j.position for j in queued] == [1, 2, 3, 4, 5]
+    # Positions count the scenes ahead, the running one included.
+    assert first.position == 1 and [j.position for j in queued] == [2, 3, 4, 5, 6]
+    assert first.eta_s is None  # nothing measured yet
     with pytest.raises(TooManyPending):  # "a" has one running and one queued
         await engine.submit("JERRY: Again.", SHORT, user_id="a")
     with pytest.raises(QueueFull, match="full"):
@@ -118,17 +120,57 @@ async def test_dynamic_batching_queue_full_and_per_user_limit(tiny_model_dir):
     await engine.close()
 
 
-async def test_timeout_stops_generation(tiny_model_dir):
-    gate = Gate(slow=0.02)
-    gate.open.set()
-    engine = SceneEngine(tiny_model_dir, timeout_s=0.3, loader=gate)
+def slow_teleprompter(tokenizer, script: str, delay: float):
+    """A loader whose model writes `script` greedily, `delay` seconds per forward pass."""
+    def loader(name: str):
+        model = teleprompter_model(tokenizer, script)
+        model.register_forward_pre_hook(lambda module, args: time.sleep(delay))
+        return model, tokenizer
+
+    return loader
+
+
+GREEDYISH = SceneSettings(max_new_tokens=400, temperature=0.1, top_k=1)
+
+
+async def test_timeout_delivers_a_partial_scene(tiny_model_dir, tiny_tokenizer):
+    loader = slow_teleprompter(tiny_tokenizer, "ELAINE: Get out!\nGEORGE: What?\n", 0.02)
+    engine = SceneEngine(tiny_model_dir, timeout_s=0.5, loader=loader)
     await engine.start()
-    job = await engine.submit("JERRY: Hi.", SceneSettings(max_new_tokens=400))
+    scene = await (await engine.submit("JERRY: Hi.", GREEDYISH)).result()
+    assert scene.partial and "took longer than 0.5 s" in scene.note
+    assert scene.lines[:2] == ["JERRY: Hi.", "ELAINE: Get out!"]
+    assert scene.new_tokens < 400
+    await engine.close()
+
+
+async def test_timeout_before_the_first_line_is_an_error(tiny_model_dir, tiny_tokenizer):
+    script = "ELAINE: Get out! I'm sorry. No soup for you. That's a shame.\n"
+    engine = SceneEngine(tiny_model_dir, timeout_s=0.3,
+                         loader=slow_teleprompter(tiny_tokenizer, script, 0.15))
+    await engine.start()
     with pytest.raises(GenerationTimeout) as caught:
-        await job.result()
-    assert caught.value.partial is not None and caught.value.partial.new_tokens < 400
-    gate.slow = 0.0  # the worker is free again for the next job
-    assert (await (await engine.submit("JERRY: Hi.", SHORT)).result()).lines
+        await (await engine.submit("JERRY: Hi.", GREEDYISH)).result()
+    assert caught.value.partial is not None and caught.value.partial.lines == ["JERRY: Hi."]
+    await engine.close()
+
+
+async def test_eta_grows_with_the_work_ahead(tiny_model_dir):
+    gate = Gate()
+    gate.open.set()
+    engine = SceneEngine(tiny_model_dir, max_batch=1, per_user_limit=8, loader=gate)
+    await engine.start()
+    await (await engine.submit("JERRY: Warm up.", SHORT)).result()  # measures the speed
+    gate.open.clear()
+    held = await engine.submit("JERRY: Held.", SHORT, user_id="1")
+    await running(engine)
+    second = await engine.submit("JERRY: Second.", SHORT, user_id="2")
+    third = await engine.submit("JERRY: Third.", SHORT, user_id="3")
+    assert (held.position, second.position, third.position) == (1, 2, 3)
+    assert 0 < held.eta_s < second.eta_s < third.eta_s
+    gate.open.set()
+    for job in (held, second, third):
+        assert not (await job.result()).partial
     await engine.close()
 
 
@@ -168,7 +210,8 @@ async def test_close_cancels_queued_and_finishes_running(tiny_model_dir):
         await engine.submit("JERRY: Too late.", SHORT)
     gate.open.set()
     await closing
-    assert (await in_flight.result()).lines[0] == "JERRY: Running."
+    scene = await in_flight.result()
+    assert scene.lines[0] == "JERRY: Running." and not scene.partial  # done within the deadline
 
 
 async def test_cancelled_job(tiny_model_dir):

@@ -11,24 +11,15 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from sitcom.generation import (
-    LineStreamer,
-    LoopGuard,
-    PerRowSampling,
-    ScriptRepetitionPenalty,
-    _RowText,
-    _TopKThenTopP,
-    _vocab_info,
-    autocast_dtype,
-    clean_lines,
-    generate_scenes,
-    line_key,
-    speaker_token_ids,
-    stop_token_ids,
-    write_scenes,
-)
+from sitcom.generation import autocast_dtype, generate_scenes, write_scenes
+from sitcom.guards import LoopGuard, ScriptRepetitionPenalty, _RowText
+from sitcom.lines import clean_lines, line_key
+from sitcom.sampling import PerRowSampling, _TopKThenTopP
 from sitcom.script import END_OF_TEXT
 from sitcom.settings import SceneSettings
+from sitcom.streaming import LineStreamer
+from sitcom.vocab import speaker_token_ids, stop_token_ids
+from sitcom.vocab import vocab_info as _vocab_info
 
 GREEDY = dict(do_sample=False, precision="fp32")
 

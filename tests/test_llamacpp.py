@@ -8,7 +8,8 @@ import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
 
 from sitcom import generation, llamacpp
-from sitcom.generation import line_key
+from sitcom.lines import line_key
+from sitcom.sampling import sample
 from sitcom.script import END_OF_TEXT
 from sitcom.settings import SceneSettings
 from training.gguf_export import export_gguf
@@ -180,8 +181,21 @@ def test_sampling_draws_only_candidates_and_follows_the_distribution():
     scores = torch.full((2, 1000), -float("inf"))
     scores[0, [3, 500]] = torch.tensor([0.0, 1.0])  # p = 0.27 / 0.73
     scores[1, 7] = 2.0
-    draws = torch.stack([llamacpp._sample(scores, generator) for _ in range(4000)])
+    draws = torch.stack([sample(scores, generator) for _ in range(4000)])
     assert set(draws[:, 0].tolist()) == {3, 500} and set(draws[:, 1].tolist()) == {7}
     assert abs((draws[:, 0] == 500).float().mean().item() - 0.731) < 0.03
     dense = torch.zeros(1, 1000)  # most tokens finite: the full-vocabulary route
-    assert 0 <= llamacpp._sample(dense, generator).item() < 1000
+    assert 0 <= sample(dense, generator).item() < 1000
+
+
+def test_decode_follows_the_thread_policy(looping_dir):
+    """Each decode step applies the policy's current count to the llama.cpp context."""
+    import llama_cpp
+
+    model, tok = llamacpp.load_llamacpp(looping_dir, max_batch=1)  # SITCOM_THREADS (auto)
+    wanted = iter([1, 2, 1])
+    model.policy.threads = lambda: next(wanted)
+    for expected in (1, 2, 1):
+        model.decode([(0, tok.encode(PROMPT), 0)])
+        model.reset()
+        assert llama_cpp.llama_n_threads(model._ctx) == expected == model.threads

@@ -1,0 +1,125 @@
+"""The batch plan: prompts tokenized and padded, with each row's guards, sampling and stops,
+shared by both backends (transformers' generate() in sitcom.generation, llama.cpp in
+sitcom.batcher), and the generated ids turned back into clean scenes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessorList, StoppingCriteria
+
+from sitcom.guards import LoopGuard, SceneStop, ScriptRepetitionPenalty, _RecordingStop, _RowText
+from sitcom.lines import clean_lines, has_heading
+from sitcom.sampling import PerRowSampling
+from sitcom.script import END_OF_TEXT, KNOWN_SPEAKERS, normalize_prompt, speaker_of
+from sitcom.settings import SceneSettings
+from sitcom.vocab import speaker_token_ids, stop_token_ids, vocab_info
+
+
+@dataclass
+class GeneratedScene:
+    lines: list[str]  # clean script lines, prompt lines first
+    new_tokens: int  # tokens the model produced for this row (before EOS / stop)
+    finished: bool  # ended by end-of-text or a scene break, not by a token budget
+    raw: str = ""  # the generated text before cleaning (tests, debugging)
+
+
+
+@dataclass
+class DecodePlan:
+    """Everything one batch needs besides the forward pass; shared by both backends
+    (transformers' generate() here, llama.cpp in sitcom.llamacpp)."""
+
+    prompt_texts: list[str]
+    row_ids: list[list[int]]  # each prompt's token ids, unpadded
+    input_ids: torch.Tensor  # left-padded [batch, prompt_len]
+    attention_mask: torch.Tensor
+    stop_ids: list[int]
+    pad_id: int
+    budget: int  # the largest max_new_tokens of the batch
+    processors: LogitsProcessorList
+    stops: _RecordingStop
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def scenes(self, tokenizer, ids: torch.Tensor) -> list[GeneratedScene]:
+        """Token ids [batch, prompt_len + new] -> clean scenes."""
+        results = []
+        ends = set(self.stop_ids) | {self.pad_id}  # rows cut off by a stop are padded
+        for row, new in enumerate(ids[:, self.prompt_len:].tolist()):
+            end = next((i for i, t in enumerate(new) if t in ends), len(new))
+            text = tokenizer.decode(new[:end])
+            at_eos = row not in self.stops.cut and end < len(new) and new[end] in self.stop_ids
+            results.append(GeneratedScene(
+                lines=clean_lines(self.prompt_texts[row], text, complete=at_eos),
+                new_tokens=end + (1 if at_eos else 0),
+                finished=at_eos or has_heading(text),
+                raw=text,
+            ))
+        return results
+
+
+def plan_batch(
+    tokenizer,
+    prompts: Sequence[str],
+    settings: SceneSettings | Sequence[SceneSettings],
+    *,
+    do_sample: bool = True,
+    stopping_criteria: Sequence[StoppingCriteria] = (),
+    speakers: Sequence[str] = KNOWN_SPEAKERS,
+    context_limit: int | None = None,
+) -> DecodePlan:
+    """Tokenize and left-pad the prompts and build the guards, sampling and stops."""
+    if isinstance(settings, SceneSettings):
+        settings = [settings] * len(prompts)
+    if len(settings) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(settings)} settings")
+    settings = [s.validated() for s in settings]
+
+    prompt_texts = [normalize_prompt(p) for p in prompts]
+    stop_ids = stop_token_ids(tokenizer)
+    # Episodes in the corpus follow END_OF_TEXT, so a prompt after it reads as a scene start.
+    has_eot = tokenizer.convert_tokens_to_ids(END_OF_TEXT) in stop_ids
+    prefix = END_OF_TEXT + "\n" if has_eot else ""
+    row_ids = [
+        tokenizer(prefix + p, add_special_tokens=not has_eot)["input_ids"] for p in prompt_texts
+    ]
+    prompt_len = max(len(ids) for ids in row_ids)
+    budget = max(s.max_new_tokens for s in settings)
+    if context_limit and prompt_len + budget > context_limit:
+        raise ValueError(
+            f"prompt too long: {prompt_len} tokens + {budget} new exceed the model's "
+            f"{context_limit}"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    input_ids = torch.full((len(row_ids), prompt_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(row_ids):
+        input_ids[row, prompt_len - len(ids):] = torch.tensor(ids)
+        attention_mask[row, prompt_len - len(ids):] = 1
+    pad_lengths = (attention_mask == 0).sum(dim=1)
+
+    info = vocab_info(tokenizer)
+    rows = _RowText(tokenizer, prompt_len, stop_ids)
+    prompt_speakers = {speaker_of(x) for p in prompt_texts for x in p.splitlines()} - {None}
+    exempt = set(info.format_ids.tolist())
+    exempt |= speaker_token_ids(tokenizer, [*speakers, *prompt_speakers])
+    ban = torch.cat([info.newline_ids, torch.tensor(stop_ids, dtype=torch.long)])
+    processors = LogitsProcessorList([
+        ScriptRepetitionPenalty(
+            [s.repetition_penalty for s in settings], exempt, pad_lengths, tokenizer, rows
+        ),
+        LoopGuard(prompt_texts, rows, ban),
+    ])
+    if do_sample:
+        processors.append(PerRowSampling(settings))
+    scene_stop = SceneStop(rows, [s.max_new_tokens for s in settings])
+    return DecodePlan(
+        prompt_texts, row_ids, input_ids, attention_mask, stop_ids, pad_id, budget,
+        processors, _RecordingStop(rows, [scene_stop, *stopping_criteria]),
+    )
+
