@@ -161,7 +161,7 @@ class Core:
         try:
             scene = await job.result()
             if scene.partial:  # cut at the time limit or by a shutdown: posted as far as it got
-                note = scene.note
+                note = f"⏱️ {scene.note}"
         except GenerationTimeout as e:
             scene = e.partial
             if scene is None or prompt_line_count(job.prompt, scene.lines) >= len(scene.lines):

@@ -227,6 +227,8 @@ def load_serving_model(name: str | os.PathLike | None, max_batch: int = 8) -> tu
     SITCOM_BACKEND=torch forces transformers; SITCOM_BACKEND=llamacpp skips the self-test.
     """
     backend = os.environ.get("SITCOM_BACKEND", "auto").strip().lower()
+    if backend not in ("auto", "torch", "llamacpp"):
+        raise ModelLoadError(f"SITCOM_BACKEND must be auto, torch or llamacpp (got {backend!r})")
     gguf = find_gguf(name) if backend != "torch" else None
     if gguf is None:
         return load_model(name)

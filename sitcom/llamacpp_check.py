@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sitcom.models import cache_root
+from sitcom.models import ModelLoadError, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def extra_bufts_allowed(setting: str, flags: list[str], lib_amx: Callable[[], bo
         return True
     if choice in ("off", "0", "false", "no"):
         return False
+    if choice != "auto":
+        raise ModelLoadError(f"SITCOM_LLAMA_EXTRA_BUFTS must be auto, on or off (got {setting!r})")
     return not ("amx_int8" in flags and lib_amx())
 
 

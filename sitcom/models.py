@@ -23,6 +23,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sitcom.files import publish_dir
+
 BASE_MODEL = "smollm2"  # the untouched packaged base
 TUNED_MODEL = "seinfeld"  # the base + the shipped adapter
 DEFAULT_MODEL = TUNED_MODEL  # what is served when nobody chose a model
@@ -188,13 +190,7 @@ def _write_cached_dir(target: Path, write) -> None:
         ) from e
     try:
         write(tmp)
-        # mkdtemp and safetensors create private files; the cache may be shared.
-        os.chmod(tmp, 0o755)
-        for path in tmp.iterdir():
-            os.chmod(path, 0o644)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        publish_dir(tmp, target)
     except OSError as e:
         raise ModelLoadError(
             f"cannot write the model cache in {target.parent} ({e.strerror or e}); "

@@ -387,7 +387,7 @@ async def test_a_timed_out_scene_is_posted_as_a_partial_with_a_note(tmp_path, ti
         await invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello.")]))
         assert "Scene 1 is ready" in last_reply(rec)["content"]
         (post,) = rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
-        assert "⏱️ Stopped at the time limit" in post.json["content"]
+        assert "⏱️ That scene took longer than 1 s" in post.json["content"]
         assert "GEORGE: What is it?" in post.json["content"]
         assert (await bot.core.db.get_scene(1)).note.startswith("⏱️")
     finally:

@@ -13,6 +13,7 @@ from conftest import save_tiny_model_dir
 
 from sitcom import llamacpp, llamacpp_check
 from sitcom.llamacpp_check import check_llamacpp, compare_logits, extra_bufts_allowed
+from sitcom.models import ModelLoadError
 from training.gguf_export import export_gguf
 
 pytest.importorskip("llama_cpp")
@@ -102,6 +103,14 @@ def test_extra_buffer_types_off_only_for_amx_builds_on_amx_cpus():
     assert extra_bufts_allowed("auto", ["avx512f"], amx_build)
     assert extra_bufts_allowed("on", ["amx_int8"], amx_build)
     assert not extra_bufts_allowed("off", ["avx2"], plain_build)
+    with pytest.raises(ModelLoadError, match="SITCOM_LLAMA_EXTRA_BUFTS"):
+        extra_bufts_allowed("maybe", ["avx2"], plain_build)
+
+
+def test_unknown_backend_is_a_clear_error(gguf_dir, monkeypatch):
+    monkeypatch.setenv("SITCOM_BACKEND", "cuda")
+    with pytest.raises(ModelLoadError, match="SITCOM_BACKEND must be"):
+        llamacpp.load_serving_model(str(gguf_dir))
 
 
 def test_cpu_flags_are_simd_flags():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
+from sitcom.files import publish_dir
 from sitcom.settings import SceneSettings
 
 CARD_NAME = "checkpoint.json"
@@ -77,17 +77,7 @@ def export_checkpoint(
 
             export_gguf(tmp, tmp / "model.gguf", gguf_qtype)
         # mkdtemp (and safetensors) make things private; a checkpoint is meant to be shared.
-        os.chmod(tmp, 0o755)
-        for path in tmp.iterdir():
-            os.chmod(path, 0o644)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

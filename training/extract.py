@@ -12,12 +12,12 @@ function, so the SVD step is written here.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sitcom.files import publish_dir
 from sitcom.models import ADAPTER_CARD, ADAPTER_FILE, BASE_MODEL, file_sha256, load_model
 
 if TYPE_CHECKING:
@@ -127,12 +127,7 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
             block = int((source_card.get("settings") or {}).get("block_size", 512))
             card["adapter_val"] = adapter_val_metrics(tmp, base, Path(data), block)
         (tmp / ADAPTER_CARD).write_text(json.dumps(card, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        for path in tmp.iterdir():
-            os.chmod(path, 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if size_mb > MAX_ADAPTER_MB:
