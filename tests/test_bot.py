@@ -435,8 +435,9 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
     await scene
     shown = [row for p in rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
              for row in p.json["content"].split("\n")[1:]]
-    assert shown[:2] == [f"{KEYCAPS[0]} JERRY: Hello, Newman.", f"{KEYCAPS[1]} ELAINE: Get out!"]
-    assert "shutting down, so the scene stops here" in rec.replies()[-1]["content"]
+    assert "The bot was shutting down, so the scene stops here." in shown[0]
+    assert shown[1] == "💬 JERRY: Hello, Newman." and shown[2].startswith(f"{KEYCAPS[0]} ")
+    assert "Scene 1 is ready" in rec.replies()[-1]["content"]  # the note is in the post
     assert not (tmp_path / "bot.db-wal").exists()
     (tokens,) = sqlite3.connect(tmp_path / "bot.db").execute(
         "SELECT new_tokens FROM scenes").fetchone()
