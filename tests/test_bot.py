@@ -60,8 +60,8 @@ def scripted_loader(script: str = SCRIPT):
     return load
 
 
-async def start_bot(config: Config, sync: bool = False):
-    core = await Core.start(config, loader=scripted_loader())
+async def start_bot(config: Config, sync: bool = False, loader=None):
+    core = await Core.start(config, loader=loader or scripted_loader())
     core.retry = RetryPolicy(attempts=3, first_delay_s=0.01)
     bot = SitcomBot(config, core)
     await bot.__aenter__()  # what `async with bot` does before login: the loop, ready event
@@ -406,18 +406,16 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
 
     from test_generation import teleprompter_model
 
-    import sitcom.llamacpp
-
-    real = sitcom.llamacpp.load_model
+    from sitcom.models import load_model
 
     def slow(name):
-        _, tokenizer = real(name)
+        _, tokenizer = load_model(name)
         model = teleprompter_model(tokenizer, "ELAINE: Get out!\nGEORGE: What?\n")
         model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
         return model, tokenizer
 
-    monkeypatch.setattr(sitcom.llamacpp, "load_model", slow)
-    bot, rec = await start_bot(make_config(tmp_path, tiny_model_dir, shutdown_timeout_s=600))
+    config = make_config(tmp_path, tiny_model_dir, shutdown_timeout_s=600)
+    bot, rec = await start_bot(config, loader=slow)
     await invoke(bot, command_payload(
         "settings", [subcommand("set", option("max_new_tokens", 400))], permissions=MANAGE))
     scene = asyncio.ensure_future(
@@ -436,7 +434,7 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
     shown = [row for p in rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
              for row in p.json["content"].split("\n")[1:]]
     assert "The bot was shutting down, so the scene stops here." in shown[0]
-    assert shown[1] == "💬 JERRY: Hello, Newman." and shown[2].startswith(f"{KEYCAPS[0]} ")
+    assert shown[1:3] == ["💬 JERRY: Hello, Newman.", f"{KEYCAPS[0]} ELAINE: Get out!"]
     assert "Scene 1 is ready" in rec.replies()[-1]["content"]  # the note is in the post
     assert not (tmp_path / "bot.db-wal").exists()
     (tokens,) = sqlite3.connect(tmp_path / "bot.db").execute(
