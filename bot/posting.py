@@ -70,6 +70,14 @@ class Surface(Protocol):
     async def react(self, ref: str, slot: int) -> None: ...
 
 
+def scene_header(scene_id: int, part: int, note: str | None, bold: str) -> str:
+    """A scene message's first line, the same on every platform; `bold` is its markup
+    (`**` on Discord, `*` on Slack). The note goes under the first part only."""
+    text = f"🎬 {bold}Scene {scene_id}{bold}" + (f" (part {part})" if part > 1 else "")
+    text += " — react to vote for the best lines"
+    return text + (f"\n{note}" if note and part == 1 else "")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 4

@@ -18,7 +18,7 @@ from discord.ext import commands
 
 from ..core import MAX_PROMPT_CHARS
 from ..db import Place
-from ..posting import Posted, Refused, Transient
+from ..posting import Posted, Refused, Transient, scene_header
 from ..utils.formatting import KEYCAPS, LINE_LIMIT, MESSAGE_LIMIT, neutralize, shorten
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,7 @@ class DiscordSurface:
         return neutralize(text)
 
     def header(self, scene_id: int, part: int, note: str | None) -> str:
-        text = f"🎬 **Scene {scene_id}**" + (f" (part {part})" if part > 1 else "")
-        text += " — react to vote for the best lines"
-        return text + (f"\n{note}" if note and part == 1 else "")
+        return scene_header(scene_id, part, note, bold="**")
 
     def line(self, slot: int | None, text: str) -> str:
         return f"💬 {text}" if slot is None else f"{KEYCAPS[slot - 1]} {text}"

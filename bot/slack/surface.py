@@ -17,7 +17,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
-from ..posting import Posted, Refused, Transient
+from ..posting import Posted, Refused, Transient, scene_header
 from ..utils.formatting import CONTROL_RE, neutralize_markdown
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,7 @@ class SlackSurface:
         return escape(text)
 
     def header(self, scene_id: int, part: int, note: str | None) -> str:
-        text = f"🎬 *Scene {scene_id}*" + (f" (part {part})" if part > 1 else "")
-        text += " — react to vote for the best lines"
-        return text + (f"\n{note}" if note and part == 1 else "")
+        return scene_header(scene_id, part, note, bold="*")
 
     def line(self, slot: int | None, text: str) -> str:
         return f"💬 {text}" if slot is None else f":{REACTIONS[slot - 1]}: {text}"
