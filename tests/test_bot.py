@@ -374,7 +374,8 @@ async def test_a_timed_out_scene_is_posted_as_a_partial_with_a_note(tmp_path, ti
         return model, tokenizer
 
     config = make_config(tmp_path, tiny_model_dir)
-    config = type(config)(**{**config.__dict__, "timeout_s": 1.0})
+    # 3 s at ~30 tokens/s: a few lines even on a loaded machine, far from 400 tokens.
+    config = type(config)(**{**config.__dict__, "timeout_s": 3.0})
     core = await Core.start(config, loader=slow_loader)
     bot = SitcomBot(config, core)
     await bot.__aenter__()
@@ -387,7 +388,7 @@ async def test_a_timed_out_scene_is_posted_as_a_partial_with_a_note(tmp_path, ti
         await invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello.")]))
         assert "Scene 1 is ready" in last_reply(rec)["content"]
         (post,) = rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
-        assert "⏱️ That scene took longer than 1 s" in post.json["content"]
+        assert "⏱️ That scene took longer than 3 s" in post.json["content"]
         assert "GEORGE: What is it?" in post.json["content"]
         assert (await bot.core.db.get_scene(1)).note.startswith("⏱️")
     finally:
@@ -420,7 +421,7 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
         "settings", [subcommand("set", option("max_new_tokens", 400))], permissions=MANAGE))
     scene = asyncio.ensure_future(
         invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello, Newman.")])))
-    for _ in range(500):
+    for _ in range(6000):  # generous: a loaded CI machine may take seconds to start it
         if bot.core.engine.running:
             break
         await asyncio.sleep(0.01)
