@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from sitcom.files import publish_dir
@@ -148,8 +149,11 @@ def tuned_model_dir(adapter_dir: Path = SHIPPED_ADAPTER, base_dir: Path | None =
 
     base_dir = base_dir or default_model_dir()
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # per-file INFO chatter at first start
     try:
-        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        with warnings.catch_warnings():  # peft calls an API transformers marks deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     except Exception as e:  # a config or tensor that does not fit the base
         raise ModelLoadError(f"the shipped adapter does not fit the base model: {e}") from e
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
