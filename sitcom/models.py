@@ -142,7 +142,6 @@ def tuned_model_dir(adapter_dir: Path = SHIPPED_ADAPTER, base_dir: Path | None =
     if is_model_dir(target) and (target / "model.gguf").is_file():
         return target
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sitcom.gguf_export import export_gguf
@@ -151,9 +150,7 @@ def tuned_model_dir(adapter_dir: Path = SHIPPED_ADAPTER, base_dir: Path | None =
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     logging.getLogger("gguf").setLevel(logging.WARNING)  # per-file INFO chatter at first start
     try:
-        with warnings.catch_warnings():  # peft calls an API transformers marks deprecated
-            warnings.simplefilter("ignore", FutureWarning)
-            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged = merge_adapter(base, adapter_dir)
     except Exception as e:  # a config or tensor that does not fit the base
         raise ModelLoadError(f"the shipped adapter does not fit the base model: {e}") from e
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -166,6 +163,18 @@ def tuned_model_dir(adapter_dir: Path = SHIPPED_ADAPTER, base_dir: Path | None =
 
     _write_cached_dir(target, write)
     return target
+
+
+def merge_adapter(base, adapter_dir: Path):
+    """base with the peft adapter in adapter_dir merged into its weights."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated API
+        # and warns about the tied embedding, whose change merges into the one shared
+        # matrix, as in the fine-tune (tests/test_shipped_model.py).
+        warnings.simplefilter("ignore", UserWarning)
+        return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def resolve_tuned_default(adapter_dir: Path = SHIPPED_ADAPTER) -> str:

@@ -68,15 +68,46 @@ def test_extract_truncates_to_the_rank(pair, tmp_path):
     assert 0.05 < card["extract_rel_error_mean"] < 1
 
 
-def test_extract_refuses_changed_embeddings(pair, tmp_path):
+def test_extract_carries_embedding_and_norm_changes(pair, tmp_path):
+    """A full fine-tune also moves the tied embedding (a low-rank change here) and the norms:
+    the adapter carries both, and the merged model equals the fine-tune, LM head included."""
+    base, tuned = pair
+    model, tok = load_model(tuned)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        vocab, dim = model.model.embed_tokens.weight.shape
+        model.model.embed_tokens.weight += (
+            torch.randn(vocab, 2, generator=gen) @ torch.randn(2, dim, generator=gen)
+        )
+        model.model.layers[0].input_layernorm.weight.mul_(1.5)
+        model.model.norm.weight.add_(0.25)
+    model.save_pretrained(tmp_path / "full")
+    tok.save_pretrained(tmp_path / "full")
+    card = extract(tmp_path / "full", tmp_path / "adapter", rank=4, embed_rank=3,
+                   base=str(base), dtype="float32")
+    assert card["embed_rank"] == 3 and card["extract_rel_error_max"] < 1e-4
+    assert "embedding" in card["form"] and "2 norms" in card["form"]
+    merged = tuned_model_dir(tmp_path / "adapter", base_dir=base)
+    got, _ = load_model(merged)
+    want, _ = load_model(tmp_path / "full")
+    for (name, a), (_, b) in zip(got.named_parameters(), want.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+    torch.testing.assert_close(got.lm_head.weight, want.lm_head.weight, atol=1e-4, rtol=1e-4)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, want(ids).logits, atol=1e-3, rtol=1e-3)
+
+
+def test_extract_refuses_a_change_it_cannot_carry(pair, tmp_path, monkeypatch):
     base, tuned = pair
     model, tok = load_model(tuned)
     with torch.no_grad():
-        model.model.embed_tokens.weight[3] += 1.0
-    model.save_pretrained(tmp_path / "emb")
-    tok.save_pretrained(tmp_path / "emb")
-    with pytest.raises(ExtractError, match="embed_tokens"):
-        extract(tmp_path / "emb", tmp_path / "out", rank=2, base=str(base))
+        model.model.norm.weight.add_(0.5)
+    model.save_pretrained(tmp_path / "norm")
+    tok.save_pretrained(tmp_path / "norm")
+    monkeypatch.setattr("training.extract.MAX_WHOLE_PARAMS", 8)  # the norm is now "big"
+    with pytest.raises(ExtractError, match="model.norm.weight"):
+        extract(tmp_path / "norm", tmp_path / "out", rank=2, base=str(base))
     assert not (tmp_path / "out").exists()
 
 

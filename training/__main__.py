@@ -89,10 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--gguf", choices=("q8_0", "f16", "f32", "q4_1", "none"), default="q8_0",
                     help="also write OUT/model.gguf, which the bot serves with llama.cpp")
 
-    ex = sub.add_parser("extract", help="compress a --linear-only fine-tune into a LoRA adapter")
+    ex = sub.add_parser("extract", help="compress a fine-tune into a small LoRA adapter")
     ex.add_argument("checkpoint", help="the fine-tuned checkpoint dir")
     ex.add_argument("--out", type=Path, required=True, help="adapter dir to write")
-    ex.add_argument("--rank", type=int, default=32)
+    ex.add_argument("--rank", type=int, default=32, help="rank of the linear layers' change")
+    ex.add_argument("--embed-rank", type=int, default=None,
+                    help="rank of the (tied) embedding's change; default: --rank")
     ex.add_argument("--base", default="smollm2", help="the model it was fine-tuned from")
     ex.add_argument("--data", type=Path, default=None,
                     help="corpus dir: also measure the adapter's val BPB (whole val split)")
@@ -139,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "extract":
         from training.extract import extract
 
-        card = extract(args.checkpoint, args.out, args.rank, base=args.base, data=args.data)
+        card = extract(args.checkpoint, args.out, args.rank, base=args.base, data=args.data,
+                       embed_rank=args.embed_rank)
         val = card.get("adapter_val") or {}
         print(f"wrote {args.out}: rank {card['rank']}, {card['adapter_mb']} MB, mean relative "
               f"error {card['extract_rel_error_mean']}"

@@ -1,12 +1,12 @@
 """Compress a fine-tune into a small LoRA adapter: the best rank-r approximation (SVD) of
-each linear layer's weight change, saved in peft's adapter format with a card.
+each weight change, saved in peft's adapter format with a card.
 
     python -m training extract checkpoints/seinfeld-full --rank 32 --out sitcom/seinfeld_lora
 
-The fine-tune must have changed only linear layers (`finetune --linear-only`): embeddings
-and norms are not in the adapter, so a change there is refused rather than silently lost.
-peft can load, merge and train LoRA adapters but has no "adapter from a weight delta"
-function, so the SVD step is written here.
+Linear layers and the input embedding (tied to the LM head in SmolLM2) become LoRA factors;
+small modules that changed (the RMSNorms) are saved whole (peft's modules_to_save). Any other
+change is refused rather than silently lost. peft can load, merge and train LoRA adapters but
+has no "adapter from a weight delta" function, so the SVD step is written here.
 """
 
 from __future__ import annotations
@@ -14,47 +14,72 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sitcom.files import publish_dir
-from sitcom.models import ADAPTER_CARD, ADAPTER_FILE, BASE_MODEL, file_sha256, load_model
+from sitcom.models import (
+    ADAPTER_CARD,
+    ADAPTER_FILE,
+    BASE_MODEL,
+    file_sha256,
+    load_model,
+    merge_adapter,
+)
 
 if TYPE_CHECKING:
     import torch
 
 # Bigger than this and the shipped default no longer fits comfortably in the repository.
 MAX_ADAPTER_MB = 25.0
+# A changed module with at most this many parameters is saved whole (norms: 576 each).
+MAX_WHOLE_PARAMS = 65_536
 
 
 class ExtractError(ValueError):
     """A checkpoint that cannot be compressed this way; the message is user-facing."""
 
 
-def linear_deltas(base, tuned) -> dict[str, torch.Tensor]:
-    """{module name: W_tuned - W_base} for every changed nn.Linear but the LM head;
-    ExtractError when any other parameter changed."""
+@dataclass
+class Deltas:
+    """What a fine-tune changed, by module name."""
+
+    linear: dict[str, torch.Tensor] = field(default_factory=dict)  # W_tuned - W_base
+    embedding: tuple[str, torch.Tensor] | None = None  # (name, E_tuned - E_base)
+    whole: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # tuned params
+
+
+def weight_deltas(base, tuned) -> Deltas:
+    """Sort every changed parameter into linear / embedding / saved-whole; ExtractError for a
+    change the adapter cannot carry (a big non-linear module, an untied LM head, a bias)."""
     import torch
 
     base_params = dict(base.named_parameters())
-    head = tuned.get_output_embeddings()
-    linear = {
-        name for name, m in tuned.named_modules()
-        if isinstance(m, torch.nn.Linear) and m is not head
-    }
-    deltas = {}
-    for name, param in tuned.named_parameters():
-        module = name.rsplit(".", 1)[0]
+    head, embed = tuned.get_output_embeddings(), tuned.get_input_embeddings()
+    modules = dict(tuned.named_modules())
+    deltas = Deltas()
+    for name, param in tuned.named_parameters():  # a tied LM head is listed once, as embed
+        module_name, kind = name.rsplit(".", 1)
+        module = modules[module_name]
         delta = param.detach().float() - base_params[name].detach().float()
-        if module in linear and name.endswith(".weight"):
-            if torch.any(delta != 0):
-                deltas[module] = delta
-        elif torch.any(delta != 0):
+        if not torch.any(delta != 0):
+            continue
+        if kind == "weight" and isinstance(module, torch.nn.Linear) and module is not head:
+            deltas.linear[module_name] = delta
+        elif kind == "weight" and module is embed:
+            deltas.embedding = (module_name, delta)
+        elif sum(p.numel() for p in module.parameters()) <= MAX_WHOLE_PARAMS:
+            deltas.whole[module_name] = {
+                k: v.detach().clone() for k, v in module.named_parameters()
+            }
+        else:
             raise ExtractError(
-                f"{name} differs from the base: only linear layers can go into the adapter "
-                "(fine-tune with --linear-only)"
+                f"{name} differs from the base and cannot go into a LoRA adapter "
+                "(fine-tune with --linear-only, or keep the LM head tied)"
             )
-    if not deltas:
+    if not (deltas.linear or deltas.embedding or deltas.whole):
         raise ExtractError("the checkpoint does not differ from the base model")
     return deltas
 
@@ -71,33 +96,81 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return b, a, (max(total - kept, 0.0) / total) ** 0.5 if total else 0.0
 
 
+def lora_config(deltas: Deltas, rank: int, embed_rank: int):
+    """One LoRA config for everything that changed; alpha == r everywhere: B @ A is the delta."""
+    from peft import LoraConfig
+
+    targets = sorted({name.rsplit(".", 1)[-1] for name in deltas.linear})
+    ranks, alphas = {}, {}
+    if deltas.embedding:
+        embed = deltas.embedding[0].rsplit(".", 1)[-1]
+        targets.append(embed)
+        ranks[embed] = alphas[embed] = embed_rank
+    return LoraConfig(
+        r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets,
+        rank_pattern=ranks, alpha_pattern=alphas, task_type="CAUSAL_LM",
+        modules_to_save=sorted(deltas.whole) or None,
+    )
+
+
+def fill_adapter(peft_model, deltas: Deltas, rank: int, embed_rank: int) -> dict[str, float]:
+    """Write the factors and whole modules into peft_model; {module: relative error}."""
+    import torch
+
+    errors = {}
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if name in deltas.linear:
+                b, a, errors[name] = low_rank(deltas.linear[name], rank)
+                module.lora_A["default"].weight.copy_(a)
+                module.lora_B["default"].weight.copy_(b)
+            elif deltas.embedding and name == deltas.embedding[0]:
+                # peft's Embedding LoRA adds (B @ A).T: A [r, vocab], B [dim, r].
+                b, a, errors[name] = low_rank(deltas.embedding[1].T, embed_rank)
+                module.lora_embedding_A["default"].copy_(a)
+                module.lora_embedding_B["default"].copy_(b)
+            elif name in deltas.whole:
+                copy = module.modules_to_save["default"]
+                for key, value in deltas.whole[name].items():
+                    copy.get_parameter(key).copy_(value)
+    return errors
+
+
+def describe(deltas: Deltas, rank: int, embed_rank: int) -> str:
+    parts = [f"linear layers r={rank}"] if deltas.linear else []
+    if deltas.embedding:
+        parts.append(f"tied embedding r={embed_rank}")
+    if deltas.whole:
+        parts.append(f"{len(deltas.whole)} norms whole")
+    return "LoRA (" + ", ".join(parts) + ") extracted by SVD from a full fine-tune"
+
+
 def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL,
-            dtype: str = "bfloat16", data: Path | None = None) -> dict:
+            dtype: str = "bfloat16", data: Path | None = None,
+            embed_rank: int | None = None) -> dict:
     """Write OUT (adapter_config.json, adapter_model.safetensors, checkpoint.json); returns
     the card. OUT is replaced atomically. With `data`, the card also gets the adapter's
     val metrics on the whole val split of that corpus."""
     import torch
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from peft import get_peft_model, get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    if rank < 1:
-        raise ExtractError("--rank must be at least 1")
+    embed_rank = rank if embed_rank is None else embed_rank
+    if rank < 1 or embed_rank < 1:
+        raise ExtractError("--rank and --embed-rank must be at least 1")
     tuned, tokenizer = load_model(checkpoint)
     base_model, _ = load_model(base)
-    deltas = linear_deltas(base_model, tuned)
-    targets = sorted({name.rsplit(".", 1)[-1] for name in deltas})
-    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets,
-                        task_type="CAUSAL_LM")  # alpha == r: scale 1, B @ A is the delta
-    peft_model = get_peft_model(base_model, config)
-    errors = {}
-    with torch.no_grad():
-        for name, module in peft_model.base_model.model.named_modules():
-            if name not in deltas:
-                continue
-            b, a, errors[name] = low_rank(deltas[name], rank)
-            module.lora_A["default"].weight.copy_(a)
-            module.lora_B["default"].weight.copy_(b)
-    adapter = get_peft_model_state_dict(peft_model)
+    deltas = weight_deltas(base_model, tuned)
+    config = lora_config(deltas, rank, embed_rank)
+    with warnings.catch_warnings():
+        # peft warns that the embedding is tied to the LM head: merging adds the change to
+        # the one shared matrix, which is exactly what the fine-tune did (tested). With
+        # ensure_weight_tying peft would add it twice.
+        warnings.simplefilter("ignore", UserWarning)
+        peft_model = get_peft_model(base_model, config)
+    errors = fill_adapter(peft_model, deltas, rank, embed_rank)
+    # The base's embedding is not part of the adapter: only its low-rank change is.
+    adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in adapter.items()}
 
     source_card = _read_card(Path(str(checkpoint)))
@@ -108,16 +181,22 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
         config.save_pretrained(tmp)
         save_file(state, tmp / ADAPTER_FILE, metadata={"format": "pt"})
         size_mb = (tmp / ADAPTER_FILE).stat().st_size / 1e6
+        linear_errors = [errors[n] for n in deltas.linear]
         card = {
             **{k: v for k, v in source_card.items() if k != "settings"},
-            "form": f"LoRA r={rank} extracted by SVD from a linear-only full fine-tune",
+            "form": describe(deltas, rank, embed_rank),
             "rank": rank,
+            "embed_rank": embed_rank if deltas.embedding else None,
             "adapter_dtype": dtype,
             "adapter_mb": round(size_mb, 2),
             "adapter_sha256": file_sha256(tmp / ADAPTER_FILE),
             "extracted_from": str(checkpoint),
-            "extract_rel_error_mean": round(sum(errors.values()) / len(errors), 4),
-            "extract_rel_error_max": round(max(errors.values()), 4),
+            "extract_rel_error_mean": _mean(errors.values()),
+            "extract_rel_error_max": round(max(errors.values(), default=0.0), 4),
+            "extract_rel_error_linear_mean": _mean(linear_errors),
+            "extract_rel_error_embedding": (
+                round(errors[deltas.embedding[0]], 4) if deltas.embedding else None
+            ),
             "base_model": base,
             "gguf_qtype": "q8_0",
             "train_wall_minutes": _train_minutes(Path(str(checkpoint))),
@@ -133,6 +212,11 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
     if size_mb > MAX_ADAPTER_MB:
         print(f"warning: the adapter is {size_mb:.1f} MB, more than {MAX_ADAPTER_MB:.0f} MB")
     return card
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def _read_card(checkpoint: Path) -> dict:
@@ -155,12 +239,10 @@ def _train_minutes(checkpoint: Path) -> float | None:
 
 def adapter_val_metrics(adapter_dir: Path, base: str, data: Path, block_size: int) -> dict:
     """Val loss/ppl/BPB on the whole val split of base + adapter, merged as the bot does."""
-    from peft import PeftModel
-
     from training.corpus import load_corpus
     from training.evaluate import val_metrics
 
     corpus = load_corpus(data, splits=("val",))
     base_model, tokenizer = load_model(base)
-    merged = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload().eval()
+    merged = merge_adapter(base_model, adapter_dir).eval()
     return val_metrics(merged, tokenizer, corpus.val, block_size, batch_size=4)
