@@ -364,17 +364,30 @@ def test_every_slash_command_option_has_a_description(tmp_path, tiny_model_dir):
         assert description and description != "…", (command, name)
 
 
+def stall_after(fast_calls: int, delay_s: float):
+    """A forward hook: the first calls run at full speed, the later ones sleep, so a test
+    knows the first lines are written however loaded the machine is, and the rest is slow."""
+    import time
+
+    def hook(*args):
+        hook.calls += 1
+        if hook.calls > fast_calls:
+            time.sleep(delay_s)
+
+    hook.calls = 0
+    return hook
+
+
 @pytest.mark.asyncio
 async def test_a_timed_out_scene_is_posted_as_a_partial_with_a_note(tmp_path, tiny_model_dir):
-    import time
 
     def slow_loader(name: str):
         model, tokenizer = scripted_loader()(name)
-        model.register_forward_hook(lambda *args: time.sleep(0.03))  # ~30 tokens/s
+        model.register_forward_hook(stall_after(24, 0.2))  # a few fast lines, then 5 tokens/s
         return model, tokenizer
 
     config = make_config(tmp_path, tiny_model_dir)
-    # 3 s at ~30 tokens/s: a few lines even on a loaded machine, far from 400 tokens.
+    # 3 s: the fast lines are out even on a loaded machine, and 400 tokens are far off.
     config = type(config)(**{**config.__dict__, "timeout_s": 3.0})
     core = await Core.start(config, loader=slow_loader)
     bot = SitcomBot(config, core)
@@ -403,16 +416,17 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
     600 s deadline, the second cuts it; both wait until it is stored and posted, with a
     note, and the database is closed."""
     import asyncio
-    import time
 
     from test_generation import teleprompter_model
 
     from sitcom.models import load_model
 
+    stall = stall_after(12, 0.05)  # the first line fast, then ~20 tokens/s
+
     def slow(name):
         _, tokenizer = load_model(name)
         model = teleprompter_model(tokenizer, "ELAINE: Get out!\nGEORGE: What?\n")
-        model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
+        model.register_forward_pre_hook(stall)
         return model, tokenizer
 
     config = make_config(tmp_path, tiny_model_dir, shutdown_timeout_s=600)
@@ -421,11 +435,10 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
         "settings", [subcommand("set", option("max_new_tokens", 400))], permissions=MANAGE))
     scene = asyncio.ensure_future(
         invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello, Newman.")])))
-    for _ in range(6000):  # generous: a loaded CI machine may take seconds to start it
-        if bot.core.engine.running:
+    for _ in range(6000):  # generous: a loaded CI machine may take seconds to get there
+        if stall.calls > 12:  # past the first line; the other 380-odd tokens take ~20 s
             break
         await asyncio.sleep(0.01)
-    await asyncio.sleep(1.0)  # a line or two of its 400 tokens (~20 s)
     first = asyncio.ensure_future(bot.close())
     await asyncio.sleep(0.2)
     assert not first.done()  # 600 s for the running scene
