@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 from conftest import save_tiny_model_dir
+from test_training import EPISODE, write_corpus
 
 from sitcom import models
 from sitcom.models import (
@@ -22,7 +23,7 @@ from sitcom.models import (
     tuned_model_dir,
     verified_adapter,
 )
-from training.extract import ExtractError, extract
+from training.extract import ExtractError, extract, low_rank
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,42 @@ def test_extract_recovers_a_low_rank_change(pair, tmp_path):
     stamp = (merged / "model.gguf").stat().st_mtime_ns
     assert tuned_model_dir(tmp_path / "adapter", base_dir=base) == merged
     assert (merged / "model.gguf").stat().st_mtime_ns == stamp
+
+
+def test_weighted_low_rank_fits_what_the_layer_outputs():
+    """On inputs that mostly live in a few directions, the activation-weighted factors change
+    the layer's outputs less than plain SVD's at the same rank; an exact low-rank change is
+    recovered either way."""
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(24, 16, generator=gen)
+    scales = torch.logspace(1, -2, 16)
+    x = torch.randn(500, 16, generator=gen) * scales  # a few strong input directions
+    cov = x.T.double() @ x.double()
+    b0, a0, err0 = low_rank(delta, 3)
+    b1, a1, err1 = low_rank(delta, 3, cov)
+
+    def out_err(b, a):
+        return float((x @ (delta - b @ a).T).norm() / (x @ delta.T).norm())
+
+    assert out_err(b1, a1) < 0.5 * out_err(b0, a0)
+    assert err1 == pytest.approx(out_err(b1, a1), abs=0.02)  # the card's number means that
+    exact = torch.randn(24, 2, generator=gen) @ torch.randn(2, 16, generator=gen)
+    b, a, err = low_rank(exact, 2, cov)
+    torch.testing.assert_close(b @ a, exact, atol=1e-4, rtol=1e-4)
+    assert err < 1e-6
+
+
+def test_extract_with_data_calibrates_on_the_train_split(pair, tmp_path):
+    base, tuned = pair
+    corpus = write_corpus(tmp_path / "corpus", [EPISODE] * 12, [EPISODE] * 2)
+    card = extract(tuned, tmp_path / "adapter", rank=2, base=str(base), dtype="float32",
+                   data=corpus, calibration_tokens=256)
+    assert "activation-weighted" in card["form"] and 0 < card["calibration_tokens"] <= 512
+    assert card["extract_rel_error_max"] < 1e-4  # rank 2 carries the rank-2 change exactly
+    assert card["adapter_val"]["bpb"] > 0 and card["adapter_val"]["episodes"] == 2
+    with pytest.raises(ExtractError, match="calibration"):
+        extract(tuned, tmp_path / "bad", rank=2, base=str(base), data=corpus,
+                calibration_tokens=-1)
 
 
 def test_extract_truncates_to_the_rank(pair, tmp_path):

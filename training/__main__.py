@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rank of the (tied) embedding's change; default: --rank")
     ex.add_argument("--base", default="smollm2", help="the model it was fine-tuned from")
     ex.add_argument("--data", type=Path, default=None,
-                    help="corpus dir: also measure the adapter's val BPB (whole val split)")
+                    help="corpus dir: weight each layer's change by the inputs it sees on the "
+                         "train split, and measure the adapter's val BPB (whole val split)")
+    ex.add_argument("--calibration-tokens", type=int, default=32768,
+                    help="train tokens for that weighting; 0 = plain SVD")
 
     ev = sub.add_parser("evaluate", help="val loss/ppl/BPB and sampled-scene quality")
     ev.add_argument("checkpoint",
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         from training.extract import extract
 
         card = extract(args.checkpoint, args.out, args.rank, base=args.base, data=args.data,
-                       embed_rank=args.embed_rank)
+                       embed_rank=args.embed_rank, calibration_tokens=args.calibration_tokens)
         val = card.get("adapter_val") or {}
         print(f"wrote {args.out}: rank {card['rank']}, {card['adapter_mb']} MB, mean relative "
               f"error {card['extract_rel_error_mean']}"

@@ -84,16 +84,71 @@ def weight_deltas(base, tuned) -> Deltas:
     return deltas
 
 
-def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(B [out, r], A [r, in], relative Frobenius error) with B @ A closest to delta."""
+def low_rank(delta: torch.Tensor, rank: int, cov: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B [out, r], A [r, in], relative error) with B @ A closest to delta.
+
+    Without `cov`, closest in the Frobenius norm (plain SVD). With the layer's input
+    second-moment matrix cov = sum x x^T, closest in what the layer outputs on those inputs,
+    ||(delta - B A) X||: with cov = L L^T (Cholesky), the best rank-r approximation of
+    delta @ L, mapped back by L^-1 (as in ASVD / SVD-LLM). Directions the inputs never take
+    cost no rank. The error is then relative to the output change on those inputs.
+    """
     import torch
 
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    r = min(rank, s.numel())
-    b, a = u[:, :r] * s[:r], vh[:r]
+    if cov is None:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, s.numel())
+        b, a = u[:, :r] * s[:r], vh[:r]
+    else:
+        cov = cov.to(torch.float64)
+        eye = torch.eye(cov.shape[0], dtype=torch.float64)
+        # Damping keeps L invertible when some input directions (nearly) never occur.
+        chol = torch.linalg.cholesky(cov + 1e-2 * cov.diagonal().mean() * eye)
+        u, s, vh = torch.linalg.svd(delta.to(torch.float64) @ chol, full_matrices=False)
+        r = min(rank, s.numel())
+        b = (u[:, :r] * s[:r]).float()
+        # A = Vh_r L^-1, i.e. L^T A^T = Vh_r^T
+        a = torch.linalg.solve_triangular(chol.T, vh[:r].T, upper=True).T.float()
     kept = float((s[:r] ** 2).sum())
     total = float((s**2).sum())
     return b, a, (max(total - kept, 0.0) / total) ** 0.5 if total else 0.0
+
+
+def input_covariances(model, blocks: list[list[int]], names: set[str]) -> dict[str, torch.Tensor]:
+    """{layer: sum of x x^T over every token position} for the inputs the named linear
+    layers see while the model reads the blocks."""
+    import torch
+
+    modules = dict(model.named_modules())
+    covs: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module, args) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            covs[name] = covs[name] + x.T @ x if name in covs else x.T @ x
+
+        return hook
+
+    hooks = [modules[name].register_forward_pre_hook(hook_for(name)) for name in names]
+    try:
+        with torch.no_grad():
+            for block in blocks:
+                model(torch.tensor([block]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return covs
+
+
+def calibration_blocks(data: Path, tokenizer, tokens: int, block_size: int) -> list[list[int]]:
+    """About `tokens` tokens of training text in blocks spread evenly over the train split."""
+    from training.corpus import load_corpus, pack_train, token_stream
+
+    corpus = load_corpus(data, splits=("train",))
+    blocks = pack_train(token_stream(corpus.train, tokenizer), block_size).blocks
+    n = max(1, min(len(blocks), tokens // block_size))
+    return [blocks[i * len(blocks) // n] for i in range(n)]
 
 
 def lora_config(deltas: Deltas, rank: int, embed_rank: int):
@@ -113,15 +168,17 @@ def lora_config(deltas: Deltas, rank: int, embed_rank: int):
     )
 
 
-def fill_adapter(peft_model, deltas: Deltas, rank: int, embed_rank: int) -> dict[str, float]:
+def fill_adapter(peft_model, deltas: Deltas, rank: int, embed_rank: int,
+                 covs: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Write the factors and whole modules into peft_model; {module: relative error}."""
     import torch
 
     errors = {}
+    covs = covs or {}
     with torch.no_grad():
         for name, module in peft_model.base_model.model.named_modules():
             if name in deltas.linear:
-                b, a, errors[name] = low_rank(deltas.linear[name], rank)
+                b, a, errors[name] = low_rank(deltas.linear[name], rank, covs.get(name))
                 module.lora_A["default"].weight.copy_(a)
                 module.lora_B["default"].weight.copy_(b)
             elif deltas.embedding and name == deltas.embedding[0]:
@@ -136,21 +193,23 @@ def fill_adapter(peft_model, deltas: Deltas, rank: int, embed_rank: int) -> dict
     return errors
 
 
-def describe(deltas: Deltas, rank: int, embed_rank: int) -> str:
+def describe(deltas: Deltas, rank: int, embed_rank: int, weighted: bool) -> str:
     parts = [f"linear layers r={rank}"] if deltas.linear else []
     if deltas.embedding:
         parts.append(f"tied embedding r={embed_rank}")
     if deltas.whole:
         parts.append(f"{len(deltas.whole)} norms whole")
-    return "LoRA (" + ", ".join(parts) + ") extracted by SVD from a full fine-tune"
+    how = "activation-weighted SVD" if weighted else "SVD"
+    return "LoRA (" + ", ".join(parts) + f") extracted by {how} from a full fine-tune"
 
 
 def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL,
             dtype: str = "bfloat16", data: Path | None = None,
-            embed_rank: int | None = None) -> dict:
+            embed_rank: int | None = None, calibration_tokens: int = 32768) -> dict:
     """Write OUT (adapter_config.json, adapter_model.safetensors, checkpoint.json); returns
-    the card. OUT is replaced atomically. With `data`, the card also gets the adapter's
-    val metrics on the whole val split of that corpus."""
+    the card. OUT is replaced atomically. With `data`, the linear layers' changes are
+    weighted by the inputs they see on `calibration_tokens` of its train split (0: plain
+    SVD), and the card gets the adapter's val metrics on the whole val split."""
     import torch
     from peft import get_peft_model, get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -158,9 +217,18 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
     embed_rank = rank if embed_rank is None else embed_rank
     if rank < 1 or embed_rank < 1:
         raise ExtractError("--rank and --embed-rank must be at least 1")
+    if calibration_tokens < 0:
+        raise ExtractError("--calibration-tokens must be 0 (plain SVD) or more")
     tuned, tokenizer = load_model(checkpoint)
     base_model, _ = load_model(base)
     deltas = weight_deltas(base_model, tuned)
+    source_card = _read_card(Path(str(checkpoint)))
+    block = int((source_card.get("settings") or {}).get("block_size", 512))
+    covs, calibrated = None, 0
+    if data is not None and calibration_tokens > 0 and deltas.linear:
+        blocks = calibration_blocks(Path(data), tokenizer, calibration_tokens, block)
+        covs = input_covariances(tuned, blocks, set(deltas.linear))
+        calibrated = sum(len(b) for b in blocks)
     config = lora_config(deltas, rank, embed_rank)
     with warnings.catch_warnings():
         # peft warns that the embedding is tied to the LM head: merging adds the change to
@@ -168,12 +236,11 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
         # ensure_weight_tying peft would add it twice.
         warnings.simplefilter("ignore", UserWarning)
         peft_model = get_peft_model(base_model, config)
-    errors = fill_adapter(peft_model, deltas, rank, embed_rank)
+    errors = fill_adapter(peft_model, deltas, rank, embed_rank, covs)
     # The base's embedding is not part of the adapter: only its low-rank change is.
     adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in adapter.items()}
 
-    source_card = _read_card(Path(str(checkpoint)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -184,7 +251,8 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
         linear_errors = [errors[n] for n in deltas.linear]
         card = {
             **{k: v for k, v in source_card.items() if k != "settings"},
-            "form": describe(deltas, rank, embed_rank),
+            "form": describe(deltas, rank, embed_rank, covs is not None),
+            "calibration_tokens": calibrated,
             "rank": rank,
             "embed_rank": embed_rank if deltas.embedding else None,
             "adapter_dtype": dtype,
@@ -203,7 +271,6 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
             "finetune_settings": source_card.get("settings"),
         }
         if data is not None:
-            block = int((source_card.get("settings") or {}).get("block_size", 512))
             card["adapter_val"] = adapter_val_metrics(tmp, base, Path(data), block)
         (tmp / ADAPTER_CARD).write_text(json.dumps(card, indent=2) + "\n")
         publish_dir(tmp, out)
