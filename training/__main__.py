@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--data", type=Path, default=None,
                     help="corpus dir: weight each layer's change by the inputs it sees on the "
                          "train split, and measure the adapter's val BPB (whole val split)")
-    ex.add_argument("--calibration-tokens", type=int, default=32768,
+    ex.add_argument("--calibration-tokens", type=int, default=16384,
                     help="train tokens for that weighting; 0 = plain SVD")
 
     ev = sub.add_parser("evaluate", help="val loss/ppl/BPB and sampled-scene quality")

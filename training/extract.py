@@ -122,11 +122,14 @@ def input_covariances(model, blocks: list[list[int]], names: set[str]) -> dict[s
 
     modules = dict(model.named_modules())
     covs: dict[str, torch.Tensor] = {}
+    last: list = [None, None]  # q/k/v (and gate/up) read the same tensor: one product
 
     def hook_for(name: str):
         def hook(module, args) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            covs[name] = covs[name] + x.T @ x if name in covs else x.T @ x
+            if args[0] is not last[0]:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                last[:] = [args[0], (x.T @ x).double()]
+            covs[name] = covs[name] + last[1] if name in covs else last[1].clone()
 
         return hook
 
@@ -138,6 +141,7 @@ def input_covariances(model, blocks: list[list[int]], names: set[str]) -> dict[s
     finally:
         for h in hooks:
             h.remove()
+        last.clear()
     return covs
 
 
@@ -205,7 +209,7 @@ def describe(deltas: Deltas, rank: int, embed_rank: int, weighted: bool) -> str:
 
 def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL,
             dtype: str = "bfloat16", data: Path | None = None,
-            embed_rank: int | None = None, calibration_tokens: int = 32768) -> dict:
+            embed_rank: int | None = None, calibration_tokens: int = 16384) -> dict:
     """Write OUT (adapter_config.json, adapter_model.safetensors, checkpoint.json); returns
     the card. OUT is replaced atomically. With `data`, the linear layers' changes are
     weighted by the inputs they see on `calibration_tokens` of its train split (0: plain
