@@ -21,9 +21,9 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
+from sitcom.adapters import ADAPTER_CARD, ADAPTER_FILE, merge_adapter
 from sitcom.files import publish_dir
 
 BASE_MODEL = "smollm2"  # the untouched packaged base
@@ -32,8 +32,6 @@ DEFAULT_MODEL = TUNED_MODEL  # what is served when nobody chose a model
 _BASE_ALIASES = {"smollm2", "smollm2-135m", "base"}
 _TUNED_ALIASES = {"seinfeld", "default"}
 SHIPPED_ADAPTER = Path(__file__).resolve().parent / "seinfeld_lora"
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_CARD = "checkpoint.json"
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +115,12 @@ def file_sha256(path: Path) -> str:
 
 def verified_adapter(adapter_dir: Path = SHIPPED_ADAPTER) -> tuple[Path, dict]:
     """(adapter dir, card) after checking the adapter file against the card's sha256."""
-    card_path, weights = adapter_dir / ADAPTER_CARD, adapter_dir / ADAPTER_FILE
+    card_path = adapter_dir / ADAPTER_CARD
     try:
         card = json.loads(card_path.read_text())
         expected = card["adapter_sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        weights = adapter_dir / Path(card.get("adapter_file", ADAPTER_FILE)).name
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelLoadError(
             f"the shipped adapter's card {card_path} is missing or unreadable"
         ) from e
@@ -150,7 +149,7 @@ def tuned_model_dir(adapter_dir: Path = SHIPPED_ADAPTER, base_dir: Path | None =
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     logging.getLogger("gguf").setLevel(logging.WARNING)  # per-file INFO chatter at first start
     try:
-        merged = merge_adapter(base, adapter_dir)
+        merged = merge_adapter(base, adapter_dir, card.get("adapter_file", ADAPTER_FILE))
     except Exception as e:  # a config or tensor that does not fit the base
         raise ModelLoadError(f"the shipped adapter does not fit the base model: {e}") from e
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -163,18 +162,6 @@ def tuned_model_dir(adapter_dir: Path = SHIPPED_ADAPTER, base_dir: Path | None =
 
     _write_cached_dir(target, write)
     return target
-
-
-def merge_adapter(base, adapter_dir: Path):
-    """base with the peft adapter in adapter_dir merged into its weights."""
-    from peft import PeftModel
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated API
-        # and warns about the tied embedding, whose change merges into the one shared
-        # matrix, as in the fine-tune (tests/test_shipped_model.py).
-        warnings.simplefilter("ignore", UserWarning)
-        return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def resolve_tuned_default(adapter_dir: Path = SHIPPED_ADAPTER) -> str:

@@ -13,9 +13,8 @@ from conftest import save_tiny_model_dir
 from test_training import EPISODE, write_corpus
 
 from sitcom import models
+from sitcom.adapters import ADAPTER_CARD, ADAPTER_FILE, ADAPTER_INT8_FILE, load_adapter_state
 from sitcom.models import (
-    ADAPTER_CARD,
-    ADAPTER_FILE,
     SHIPPED_ADAPTER,
     ModelLoadError,
     file_sha256,
@@ -135,6 +134,33 @@ def test_extract_carries_embedding_and_norm_changes(pair, tmp_path):
         torch.testing.assert_close(got(ids).logits, want(ids).logits, atol=1e-3, rtol=1e-3)
 
 
+def test_int8_adapter_is_half_the_size_and_merges_close(pair, tmp_path):
+    base, tuned = pair
+    f32 = extract(tuned, tmp_path / "f32", rank=4, base=str(base), dtype="float32")
+    q8 = extract(tuned, tmp_path / "q8", rank=4, base=str(base), dtype="int8")
+    assert q8["adapter_file"] == ADAPTER_INT8_FILE and f32["adapter_file"] == ADAPTER_FILE
+    assert not (tmp_path / "q8" / ADAPTER_FILE).exists()  # peft cannot misread int8 as float
+    assert q8["adapter_mb"] < 0.4 * f32["adapter_mb"]
+    exact = load_adapter_state(tmp_path / "f32" / ADAPTER_FILE)
+    approx = load_adapter_state(tmp_path / "q8" / ADAPTER_INT8_FILE)
+    assert exact.keys() == approx.keys()
+    for key, value in exact.items():
+        err = (approx[key] - value).abs().max() / value.abs().max()
+        assert err <= 0.5 / 127 + 1e-3, key  # half a step of the block's absmax
+    got, _ = load_model(tuned_model_dir(tmp_path / "q8", base_dir=base))
+    want, _ = load_model(tuned)
+    before, _ = load_model(base)
+    for (name, a), (_, b), (_, c) in zip(got.named_parameters(), want.named_parameters(),
+                                         before.named_parameters(), strict=True):
+        change = (b - c).norm()
+        assert (a - b).norm() <= 0.01 * change + 1e-6, name  # within 1 % of the fine-tune's change
+    card = json.loads((tmp_path / "q8" / ADAPTER_CARD).read_text())
+    (tmp_path / "q8" / ADAPTER_INT8_FILE).write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="damaged"):
+        verified_adapter(tmp_path / "q8")
+    assert card["adapter_sha256"] != file_sha256(tmp_path / "q8" / ADAPTER_INT8_FILE)
+
+
 def test_extract_refuses_a_change_it_cannot_carry(pair, tmp_path, monkeypatch):
     base, tuned = pair
     model, tok = load_model(tuned)
@@ -179,10 +205,10 @@ def test_unwritable_cache_is_a_clear_error(pair, tmp_path, monkeypatch):
         tuned_model_dir(tmp_path / "adapter", base_dir=base)
 
 
-@pytest.mark.skipif(not (SHIPPED_ADAPTER / ADAPTER_FILE).is_file(), reason="no shipped adapter")
+@pytest.mark.skipif(not (SHIPPED_ADAPTER / ADAPTER_CARD).is_file(), reason="no shipped adapter")
 def test_the_shipped_adapter_matches_its_card_and_loads(tmp_path):
     adapter, card = verified_adapter()
-    size = (adapter / ADAPTER_FILE).stat().st_size
+    size = (adapter / card.get("adapter_file", ADAPTER_FILE)).stat().st_size
     assert size < 25e6 and card["adapter_mb"] == pytest.approx(size / 1e6, abs=0.01)
     for key in ("base_model", "corpus_manifest_sha256", "steps", "tokens_seen", "precision",
                 "val_loss", "val_bpb", "train_wall_minutes", "adapter_val"):

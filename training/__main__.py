@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--data", type=Path, default=None,
                     help="corpus dir: weight each layer's change by the inputs it sees on the "
                          "train split, and measure the adapter's val BPB (whole val split)")
+    ex.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "int8"),
+                    default="bfloat16",
+                    help="storage of the factors; int8 (blocks of 64, fp16 scales) halves bf16")
     ex.add_argument("--calibration-tokens", type=int, default=16384,
                     help="train tokens for that weighting; 0 = plain SVD")
 
@@ -145,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         from training.extract import extract
 
         card = extract(args.checkpoint, args.out, args.rank, base=args.base, data=args.data,
-                       embed_rank=args.embed_rank, calibration_tokens=args.calibration_tokens)
+                       embed_rank=args.embed_rank, calibration_tokens=args.calibration_tokens,
+                       dtype=args.dtype)
         val = card.get("adapter_val") or {}
         print(f"wrote {args.out}: rank {card['rank']}, {card['adapter_mb']} MB, mean relative "
               f"error {card['extract_rel_error_mean']}"

@@ -19,15 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sitcom.adapters import ADAPTER_CARD, DTYPES, merge_adapter, save_adapter
 from sitcom.files import publish_dir
-from sitcom.models import (
-    ADAPTER_CARD,
-    ADAPTER_FILE,
-    BASE_MODEL,
-    file_sha256,
-    load_model,
-    merge_adapter,
-)
+from sitcom.models import BASE_MODEL, file_sha256, load_model
 
 if TYPE_CHECKING:
     import torch
@@ -214,13 +208,13 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
     the card. OUT is replaced atomically. With `data`, the linear layers' changes are
     weighted by the inputs they see on `calibration_tokens` of its train split (0: plain
     SVD), and the card gets the adapter's val metrics on the whole val split."""
-    import torch
     from peft import get_peft_model, get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     embed_rank = rank if embed_rank is None else embed_rank
     if rank < 1 or embed_rank < 1:
         raise ExtractError("--rank and --embed-rank must be at least 1")
+    if dtype not in DTYPES:
+        raise ExtractError(f"--dtype must be one of {', '.join(DTYPES)}")
     if calibration_tokens < 0:
         raise ExtractError("--calibration-tokens must be 0 (plain SVD) or more")
     tuned, tokenizer = load_model(checkpoint)
@@ -243,15 +237,14 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
     errors = fill_adapter(peft_model, deltas, rank, embed_rank, covs)
     # The base's embedding is not part of the adapter: only its low-rank change is.
     adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in adapter.items()}
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         config.save_pretrained(tmp)
-        save_file(state, tmp / ADAPTER_FILE, metadata={"format": "pt"})
-        size_mb = (tmp / ADAPTER_FILE).stat().st_size / 1e6
+        weights = save_adapter(adapter, tmp, dtype)
+        size_mb = weights.stat().st_size / 1e6
         linear_errors = [errors[n] for n in deltas.linear]
         card = {
             **{k: v for k, v in source_card.items() if k != "settings"},
@@ -261,7 +254,8 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
             "embed_rank": embed_rank if deltas.embedding else None,
             "adapter_dtype": dtype,
             "adapter_mb": round(size_mb, 2),
-            "adapter_sha256": file_sha256(tmp / ADAPTER_FILE),
+            "adapter_file": weights.name,
+            "adapter_sha256": file_sha256(weights),
             "extracted_from": str(checkpoint),
             "extract_rel_error_mean": _mean(errors.values()),
             "extract_rel_error_max": round(max(errors.values(), default=0.0), 4),
@@ -275,7 +269,7 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
             "finetune_settings": source_card.get("settings"),
         }
         if data is not None:
-            card["adapter_val"] = adapter_val_metrics(tmp, base, Path(data), block)
+            card["adapter_val"] = adapter_val_metrics(tmp, base, Path(data), block, weights.name)
         (tmp / ADAPTER_CARD).write_text(json.dumps(card, indent=2) + "\n")
         publish_dir(tmp, out)
     finally:
@@ -308,12 +302,13 @@ def _train_minutes(checkpoint: Path) -> float | None:
         return None
 
 
-def adapter_val_metrics(adapter_dir: Path, base: str, data: Path, block_size: int) -> dict:
+def adapter_val_metrics(adapter_dir: Path, base: str, data: Path, block_size: int,
+                        file_name: str) -> dict:
     """Val loss/ppl/BPB on the whole val split of base + adapter, merged as the bot does."""
     from training.corpus import load_corpus
     from training.evaluate import val_metrics
 
     corpus = load_corpus(data, splits=("val",))
     base_model, tokenizer = load_model(base)
-    merged = merge_adapter(base_model, adapter_dir).eval()
+    merged = merge_adapter(base_model, adapter_dir, file_name).eval()
     return val_metrics(merged, tokenizer, corpus.val, block_size, batch_size=4)

@@ -1,0 +1,99 @@
+"""LoRA adapter files: peft's own format, or the same tensors stored as int8, and merging
+either into a base model.
+
+peft saves and loads adapters in float only. To fit a higher rank into the repository's
+25 MB, `save_adapter(..., "int8")` stores each LoRA factor as int8 with one fp16 scale per
+block of 64 values (per row when a row is not a multiple of 64), as ggml's Q8_0 does;
+1-D tensors (norms) stay bf16. The file has its own name, so peft never reads int8 values
+as floats by mistake. Loading dequantizes and hands the state dict to peft.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+ADAPTER_FILE = "adapter_model.safetensors"  # peft's name and format (float)
+ADAPTER_INT8_FILE = "adapter_model.int8.safetensors"  # ours: int8 + scales
+ADAPTER_CARD = "checkpoint.json"
+DTYPES = ("bfloat16", "float16", "float32", "int8")
+_SCALE = "@scale"  # suffix of a quantized tensor's scales
+_BLOCK = 64
+
+
+def adapter_file_name(dtype: str) -> str:
+    return ADAPTER_INT8_FILE if dtype == "int8" else ADAPTER_FILE
+
+
+def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, fp16 scales [rows, blocks]) with values * scale ~ t, symmetric absmax."""
+    import torch
+
+    rows = t.float().reshape(t.shape[0], -1)
+    block = _BLOCK if rows.shape[1] % _BLOCK == 0 else rows.shape[1]
+    blocks = rows.reshape(rows.shape[0], -1, block)
+    scale = (blocks.abs().amax(dim=-1, keepdim=True) / 127).clamp_min(1e-12).half()
+    q = torch.round(blocks / scale.float()).clamp(-127, 127).to(torch.int8)
+    return q.reshape(t.shape).contiguous(), scale.squeeze(-1).contiguous()
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    blocks = q.float().reshape(q.shape[0], scale.shape[1], -1)
+    return (blocks * scale.float().unsqueeze(-1)).reshape(q.shape)
+
+
+def save_adapter(state: dict[str, torch.Tensor], directory: Path, dtype: str) -> Path:
+    """Write a peft adapter state dict into directory in `dtype`; returns the file."""
+    import torch
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"adapter dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if dtype == "int8" and value.dim() == 2:
+            out[key], out[key + _SCALE] = quantize_int8(value)
+        elif dtype == "int8":
+            out[key] = value.to(torch.bfloat16).contiguous()
+        else:
+            out[key] = value.to(getattr(torch, dtype)).contiguous()
+    path = Path(directory) / adapter_file_name(dtype)
+    save_file(out, path, metadata={"format": "pt", "sitcom_dtype": dtype})
+    return path
+
+
+def load_adapter_state(path: Path) -> dict[str, torch.Tensor]:
+    """The float state dict of an adapter file written by save_adapter (or by peft)."""
+    from safetensors.torch import load_file
+
+    raw = load_file(path)
+    state = {}
+    for key, value in raw.items():
+        if key.endswith(_SCALE):
+            continue
+        scale = raw.get(key + _SCALE)
+        state[key] = dequantize_int8(value, scale) if scale is not None else value.float()
+    return state
+
+
+def merge_adapter(base, adapter_dir: Path, file_name: str = ADAPTER_FILE):
+    """base with the adapter in adapter_dir merged into its weights. Raises ValueError when
+    the adapter's tensors do not fit the base."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    config = LoraConfig.from_pretrained(adapter_dir)
+    state = load_adapter_state(Path(adapter_dir) / file_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated API
+        # and warns about the tied embedding, whose change merges into the one shared
+        # matrix, as in the fine-tune (tests/test_shipped_model.py).
+        warnings.simplefilter("ignore", UserWarning)
+        model = get_peft_model(base, config)
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise ValueError(f"tensors the base has no place for: {result.unexpected_keys[:3]}")
+        return model.merge_and_unload()
