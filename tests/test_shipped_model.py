@@ -102,6 +102,9 @@ def test_extract_truncates_to_the_rank(pair, tmp_path):
     base, tuned = pair
     card = extract(tuned, tmp_path / "a1", rank=1, base=str(base))
     assert 0.05 < card["extract_rel_error_mean"] < 1
+    # A rank above a layer's own (k_proj is 16 x 32 here) is exact, the rest zeros.
+    card = extract(tuned, tmp_path / "a40", rank=40, base=str(base), dtype="float32")
+    assert card["extract_rel_error_max"] < 1e-4
 
 
 def test_extract_carries_embedding_and_norm_changes(pair, tmp_path):

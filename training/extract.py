@@ -177,18 +177,25 @@ def fill_adapter(peft_model, deltas: Deltas, rank: int, embed_rank: int,
         for name, module in peft_model.base_model.model.named_modules():
             if name in deltas.linear:
                 b, a, errors[name] = low_rank(deltas.linear[name], rank, covs.get(name))
-                module.lora_A["default"].weight.copy_(a)
-                module.lora_B["default"].weight.copy_(b)
+                _put(module.lora_A["default"].weight, module.lora_B["default"].weight, a, b)
             elif deltas.embedding and name == deltas.embedding[0]:
                 # peft's Embedding LoRA adds (B @ A).T: A [r, vocab], B [dim, r].
                 b, a, errors[name] = low_rank(deltas.embedding[1].T, embed_rank)
-                module.lora_embedding_A["default"].copy_(a)
-                module.lora_embedding_B["default"].copy_(b)
+                _put(module.lora_embedding_A["default"], module.lora_embedding_B["default"], a, b)
             elif name in deltas.whole:
                 copy = module.modules_to_save["default"]
                 for key, value in deltas.whole[name].items():
                     copy.get_parameter(key).copy_(value)
     return errors
+
+
+def _put(lora_a, lora_b, a, b) -> None:
+    """Factors into peft's parameters; a rank above the matrix's own (k_proj at r > 192)
+    leaves the extra rows and columns zero."""
+    lora_a.zero_()
+    lora_b.zero_()
+    lora_a[: a.shape[0]].copy_(a)
+    lora_b[:, : b.shape[1]].copy_(b)
 
 
 def describe(deltas: Deltas, rank: int, embed_rank: int, weighted: bool) -> str:
