@@ -97,13 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rank of the (tied) embedding's change; default: --rank")
     ex.add_argument("--base", default="smollm2", help="the model it was fine-tuned from")
     ex.add_argument("--data", type=Path, default=None,
-                    help="corpus dir: weight each layer's change by the inputs it sees on the "
-                         "train split, and measure the adapter's val BPB (whole val split)")
+                    help="corpus dir: measure the adapter's val BPB (whole val split)")
     ex.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "int8"),
                     default="bfloat16",
                     help="storage of the factors; int8 (blocks of 64, fp16 scales) halves bf16")
-    ex.add_argument("--calibration-tokens", type=int, default=16384,
-                    help="train tokens for that weighting; 0 = plain SVD")
+    ex.add_argument("--calibration-tokens", type=int, default=0,
+                    help="with --data: weight each linear layer's change by the inputs it sees "
+                         "on this many train tokens (activation-weighted SVD); 0 = plain SVD")
 
     ev = sub.add_parser("evaluate", help="val loss/ppl/BPB and sampled-scene quality")
     ev.add_argument("checkpoint",
