@@ -117,3 +117,16 @@ def test_cpu_flags_are_simd_flags():
     flags = llamacpp_check.cpu_flags()
     assert flags == sorted(flags)
     assert all(f.startswith(llamacpp_check._FLAG_PREFIXES) for f in flags)
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_file_type_read_from_the_header_matches_gguf_reader(tmp_path, qtype):
+    import gguf
+
+    path = save_tiny_model_dir(tmp_path / "m")
+    export_gguf(path, qtype=qtype)
+    field = gguf.GGUFReader(str(path / "model.gguf")).fields["general.file_type"]
+    want = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name
+    assert llamacpp_check.gguf_file_type(path / "model.gguf") == want
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00")  # truncated: the probe judges it
+    assert llamacpp_check.gguf_file_type(tmp_path / "junk.gguf") == "unknown"
