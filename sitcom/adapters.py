@@ -80,19 +80,34 @@ def load_adapter_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def adapter_weights(adapter_dir: Path, card: dict) -> Path:
+    """The adapter's tensor file, as its card names it (peft's name when it does not)."""
+    return Path(adapter_dir) / Path(card.get("adapter_file", ADAPTER_FILE)).name
+
+
+def peft_model_for(base, config):
+    """get_peft_model without the warning about the tied embedding: the adapter's change
+    of it merges into the one matrix shared with the LM head, exactly as the fine-tune
+    changed it (tests/test_shipped_model.py). With ensure_weight_tying peft would add the
+    change twice."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated API
+        return get_peft_model(base, config)
+
+
 def merge_adapter(base, adapter_dir: Path, file_name: str = ADAPTER_FILE):
     """base with the adapter in adapter_dir merged into its weights. Raises ValueError when
     the adapter's tensors do not fit the base."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, set_peft_model_state_dict
 
     config = LoraConfig.from_pretrained(adapter_dir)
     state = load_adapter_state(Path(adapter_dir) / file_name)
+    model = peft_model_for(base, config)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated API
-        # and warns about the tied embedding, whose change merges into the one shared
-        # matrix, as in the fine-tune (tests/test_shipped_model.py).
-        warnings.simplefilter("ignore", UserWarning)
-        model = get_peft_model(base, config)
+        warnings.simplefilter("ignore", FutureWarning)
         result = set_peft_model_state_dict(model, state)
         if result.unexpected_keys:
             raise ValueError(f"tensors the base has no place for: {result.unexpected_keys[:3]}")

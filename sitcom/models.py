@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sitcom.adapters import ADAPTER_CARD, ADAPTER_FILE, merge_adapter
+from sitcom.adapters import ADAPTER_CARD, adapter_weights, merge_adapter
 from sitcom.files import publish_dir
 
 BASE_MODEL = "smollm2"  # the untouched packaged base
@@ -119,7 +119,7 @@ def verified_adapter(adapter_dir: Path = SHIPPED_ADAPTER) -> tuple[Path, dict]:
     try:
         card = json.loads(card_path.read_text())
         expected = card["adapter_sha256"]
-        weights = adapter_dir / Path(card.get("adapter_file", ADAPTER_FILE)).name
+        weights = adapter_weights(adapter_dir, card)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelLoadError(
             f"the shipped adapter's card {card_path} is missing or unreadable"
@@ -149,7 +149,7 @@ def tuned_model_dir(adapter_dir: Path = SHIPPED_ADAPTER, base_dir: Path | None =
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     logging.getLogger("gguf").setLevel(logging.WARNING)  # per-file INFO chatter at first start
     try:
-        merged = merge_adapter(base, adapter_dir, card.get("adapter_file", ADAPTER_FILE))
+        merged = merge_adapter(base, adapter_dir, adapter_weights(adapter_dir, card).name)
     except Exception as e:  # a config or tensor that does not fit the base
         raise ModelLoadError(f"the shipped adapter does not fit the base model: {e}") from e
     tokenizer = AutoTokenizer.from_pretrained(base_dir)

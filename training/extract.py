@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sitcom.adapters import ADAPTER_CARD, DTYPES, merge_adapter, save_adapter
+from sitcom.adapters import ADAPTER_CARD, DTYPES, merge_adapter, peft_model_for, save_adapter
 from sitcom.files import publish_dir
 from sitcom.models import BASE_MODEL, file_sha256, load_model
 
@@ -211,12 +210,12 @@ def describe(deltas: Deltas, rank: int, embed_rank: int, weighted: bool) -> str:
 def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL,
             dtype: str = "bfloat16", data: Path | None = None,
             embed_rank: int | None = None, calibration_tokens: int = 0) -> dict:
-    """Write OUT (adapter_config.json, adapter_model.safetensors, checkpoint.json); returns
+    """Write OUT (adapter_config.json, the tensors, checkpoint.json naming them); returns
     the card. OUT is replaced atomically. With `data`, the card gets the adapter's val
     metrics on the whole val split, and with calibration_tokens > 0 the linear layers'
     changes are weighted by the inputs they see on that many train tokens. Measured on the
     Seinfeld fine-tune (README), the weighting did not lower val BPB, so it is off by default."""
-    from peft import get_peft_model, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
     embed_rank = rank if embed_rank is None else embed_rank
     if rank < 1 or embed_rank < 1:
@@ -236,12 +235,7 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
         covs = input_covariances(tuned, blocks, set(deltas.linear))
         calibrated = sum(len(b) for b in blocks)
     config = lora_config(deltas, rank, embed_rank)
-    with warnings.catch_warnings():
-        # peft warns that the embedding is tied to the LM head: merging adds the change to
-        # the one shared matrix, which is exactly what the fine-tune did (tested). With
-        # ensure_weight_tying peft would add it twice.
-        warnings.simplefilter("ignore", UserWarning)
-        peft_model = get_peft_model(base_model, config)
+    peft_model = peft_model_for(base_model, config)
     errors = fill_adapter(peft_model, deltas, rank, embed_rank, covs)
     # The base's embedding is not part of the adapter: only its low-rank change is.
     adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
