@@ -98,17 +98,44 @@ def peft_model_for(base, config):
         return get_peft_model(base, config)
 
 
-def merge_adapter(base, adapter_dir: Path, file_name: str = ADAPTER_FILE):
-    """base with the adapter in adapter_dir merged into its weights. Raises ValueError when
-    the adapter's tensors do not fit the base."""
+def load_adapter(base, adapter_dir: Path, file_name: str = ADAPTER_FILE, *,
+                 trainable: bool = False):
+    """A peft model: base with the adapter in adapter_dir applied (not merged). Raises
+    ValueError when the adapter's tensors do not fit the base.
+
+    trainable: peft's ensure_weight_tying gives the tied LM head the embedding's LoRA too, so
+    that training sees the change in both places, as the merged model has it. Save such a
+    model with `tied_adapter_state`, which drops the head's copy again."""
     from peft import LoraConfig, set_peft_model_state_dict
 
     config = LoraConfig.from_pretrained(adapter_dir)
+    config.inference_mode = not trainable
+    config.ensure_weight_tying = trainable
     state = load_adapter_state(Path(adapter_dir) / file_name)
     model = peft_model_for(base, config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         result = set_peft_model_state_dict(model, state)
-        if result.unexpected_keys:
-            raise ValueError(f"tensors the base has no place for: {result.unexpected_keys[:3]}")
+    if result.unexpected_keys:
+        raise ValueError(f"tensors the base has no place for: {result.unexpected_keys[:3]}")
+    return model
+
+
+def tied_adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a `load_adapter(..., trainable=True)` model, in the shipped
+    form: the tied LM head's LoRA is the embedding's, so it is left out."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    head = model.get_output_embeddings()
+    prefix = next(name for name, module in model.named_modules() if module is head) + "."
+    return {k: v.detach().clone() for k, v in state.items() if not k.startswith(prefix)}
+
+
+def merge_adapter(base, adapter_dir: Path, file_name: str = ADAPTER_FILE):
+    """base with the adapter in adapter_dir merged into its weights. Raises ValueError when
+    the adapter's tensors do not fit the base."""
+    model = load_adapter(base, adapter_dir, file_name)
+    with warnings.catch_warnings():  # peft warns of merging a tied embedding: see peft_model_for
+        warnings.simplefilter("ignore", UserWarning)
         return model.merge_and_unload()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -223,3 +224,46 @@ def test_the_shipped_adapter_matches_its_card_and_loads(tmp_path):
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_trained_adapter_merges_into_what_training_saw(pair, tmp_path):
+    """Training an adapter with a tied embedding: peft's ensure_weight_tying lets the LM head
+    see the embedding's change during training, and the shipped form (the embedding's LoRA
+    only, merged once into the shared matrix) computes exactly what training computed."""
+    from peft import LoraConfig
+
+    from sitcom.adapters import load_adapter, merge_adapter, save_adapter, tied_adapter_state
+
+    base, tuned = pair
+    model, tok = load_model(tuned)
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        embed.add_(0.01 * torch.randn_like(embed))
+        model.model.norm.weight.add_(0.25)
+    model.save_pretrained(tmp_path / "full")
+    tok.save_pretrained(tmp_path / "full")
+    extract(tmp_path / "full", tmp_path / "a", rank=2, embed_rank=2, base=str(base),
+            dtype="int8")
+    training = load_adapter(load_model(base)[0], tmp_path / "a", ADAPTER_INT8_FILE,
+                            trainable=True)
+    trainable = [p for p in training.parameters() if p.requires_grad]
+    assert trainable and any(p.dim() == 1 for p in trainable)  # the norms train too
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # stands in for optimizer steps
+        for p in trainable:
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        seen = training(ids).logits
+    state = tied_adapter_state(training)
+    assert state and not any("lm_head" in k for k in state)
+    LoraConfig.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    save_adapter(state, tmp_path / "b", "float32")
+    merged = merge_adapter(load_model(base)[0], tmp_path / "b").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, seen, atol=1e-4, rtol=1e-4)
+    # peft's own merge of the training model adds the embedding's change twice: not used.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # peft's own warning about exactly this
+        doubled = training.merge_and_unload()(ids).logits
+    assert not torch.allclose(doubled, seen, atol=1e-3)

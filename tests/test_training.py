@@ -207,3 +207,33 @@ def test_corpus_manifest_speakers_and_errors(tmp_path):
     shutil.rmtree(c)
     with pytest.raises(CorpusError, match="does not exist"):
         load_corpus(c)
+
+
+def test_finetune_goes_on_training_an_extracted_adapter(tmp_path, corpus_dir, tiny_model_dir):
+    """--init-adapter: the shipped form trains further; its export is still a rank-r change
+    of the base, so `extract` at the same rank takes it back without loss."""
+    from training.extract import extract
+
+    full = tmp_path / "full"
+    args = finetune_args(corpus_dir, full, tiny_model_dir, "--gguf", "none")
+    args[args.index("--max-steps") + 1] = "10"
+    assert main(args) == 0
+    extract(full, tmp_path / "a", rank=4, base=str(tiny_model_dir), dtype="float32")
+    out = tmp_path / "more"
+    args = finetune_args(corpus_dir, out, tiny_model_dir, "--init-adapter", str(tmp_path / "a"),
+                         "--gguf", "none", "--lr", "1e-2")
+    args[args.index("--max-steps") + 1] = "20"
+    assert main(args) == 0
+    card = json.loads((out / "checkpoint.json").read_text())
+    assert card["init_adapter"]["path"] == str(tmp_path / "a")
+    assert card["init_adapter"]["steps"] == 10
+    first = json.loads((full / "checkpoint.json").read_text())["val_bpb"]
+    assert card["val_bpb"] < first  # it went on learning
+    again = extract(out, tmp_path / "b", rank=4, base=str(tiny_model_dir), dtype="float32")
+    assert again["extract_rel_error_max"] < 1e-3
+    assert again["tokens_seen_total"] == 20 * 4 * 64 + 10 * 4 * 64  # both stages
+    assert "embedding" in again["form"]  # the tied embedding's change trained too
+
+    bad = finetune_args(corpus_dir, tmp_path / "x", tiny_model_dir, "--init-adapter",
+                        str(tmp_path), "--gguf", "none")
+    assert main(bad) == 2

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lora-r", type=int, default=16)
     ft.add_argument("--linear-only", action="store_true",
                     help="train only the linear layers (embeddings, norms frozen), for extract")
+    ft.add_argument("--init-adapter", type=Path, default=None, metavar="DIR",
+                    help="go on training this LoRA adapter of --base (e.g. from extract)")
     ft.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     ft.add_argument("--gradient-checkpointing", action="store_true")
     ft.add_argument("--resume", action="store_true", help="continue from the last save in OUT.work")

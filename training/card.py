@@ -34,6 +34,14 @@ def scene_generation_config(model_config, tokenizer) -> GenerationConfig:
     )
 
 
+def card_block_size(card: dict | None, default: int = 512) -> int:
+    """The context length a card's val numbers were measured with: its fine-tune's block size
+    (`finetune_settings` on an extracted adapter's card)."""
+    card = card or {}
+    settings = card.get("settings") or card.get("finetune_settings") or {}
+    return int(settings.get("block_size", default))
+
+
 def make_card(**fields) -> dict:
     return {**fields, "created": datetime.now(UTC).isoformat(timespec="seconds")}
 

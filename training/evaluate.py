@@ -20,7 +20,7 @@ from sitcom.models import load_model, resolve_model
 from sitcom.quality import SceneScore, score_scene, summarize
 from sitcom.script import normalize_prompt
 from sitcom.settings import SceneSettings
-from training.card import CARD_NAME
+from training.card import CARD_NAME, card_block_size
 from training.corpus import load_corpus, pack_eval, token_stream, utf8_bytes
 from training.finetune import first_episodes, right_padding_collator
 from training.metrics import compute_metrics_for, preprocess_logits_for_metrics
@@ -86,7 +86,7 @@ def evaluate(checkpoint: str, data: Path, *, samples: int = 8, max_new_tokens: i
     card_path = Path(resolve_model(checkpoint)) / CARD_NAME
     card = json.loads(card_path.read_text()) if card_path.is_file() else None
     if block_size is None:  # the context length the card's val numbers were measured with
-        block_size = int((card or {}).get("settings", {}).get("block_size", 512))
+        block_size = card_block_size(card)
     if block_size < 16:
         raise ValueError("--block-size must be at least 16")
     episodes = first_episodes(corpus.val, tokenizer, eval_tokens)

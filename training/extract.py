@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from sitcom.adapters import ADAPTER_CARD, DTYPES, merge_adapter, peft_model_for, save_adapter
 from sitcom.files import publish_dir
 from sitcom.models import BASE_MODEL, file_sha256, load_model
+from training.card import card_block_size
 
 if TYPE_CHECKING:
     import torch
@@ -228,7 +229,7 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
     base_model, _ = load_model(base)
     deltas = weight_deltas(base_model, tuned)
     source_card = _read_card(Path(str(checkpoint)))
-    block = int((source_card.get("settings") or {}).get("block_size", 512))
+    block = card_block_size(source_card)
     covs, calibrated = None, 0
     if data is not None and calibration_tokens > 0 and deltas.linear:
         blocks = calibration_blocks(Path(data), tokenizer, calibration_tokens, block)
@@ -268,6 +269,7 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
             "base_model": base,
             "gguf_qtype": "q8_0",
             "train_wall_minutes": _train_minutes(Path(str(checkpoint))),
+            **_totals(source_card, _train_minutes(Path(str(checkpoint)))),
             "finetune_settings": source_card.get("settings"),
         }
         if data is not None:
@@ -284,6 +286,20 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
 def _mean(values) -> float | None:
     values = list(values)
     return round(sum(values) / len(values), 4) if values else None
+
+
+def _totals(card: dict, minutes: float | None) -> dict:
+    """Tokens and wall minutes over every stage: a fine-tune that went on from an adapter
+    (--init-adapter) names it, and that adapter's card has the stages before."""
+    prior = card.get("init_adapter") or {}
+    if not prior:
+        return {}
+    prior_tokens = prior.get("tokens_seen_total", prior.get("tokens_seen")) or 0
+    prior_minutes = prior.get("train_wall_minutes_total", prior.get("train_wall_minutes")) or 0
+    return {
+        "tokens_seen_total": (card.get("tokens_seen") or 0) + prior_tokens,
+        "train_wall_minutes_total": round((minutes or 0) + prior_minutes, 1),
+    }
 
 
 def _read_card(checkpoint: Path) -> dict:

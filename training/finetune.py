@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,14 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from sitcom.adapters import (
+    ADAPTER_CARD,
+    adapter_weights,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+    tied_adapter_state,
+)
 from sitcom.models import BASE_MODEL, load_model
 from training.callbacks import CompactProgressCallback, FinalEvalCallback, MetricsLogCallback
 from training.card import export_checkpoint, make_card, remove_stale_exports
@@ -61,6 +70,7 @@ class FinetuneConfig:
     lora: bool = False
     lora_r: int = 16
     linear_only: bool = False
+    init_adapter: Path | None = None  # go on training this LoRA adapter (e.g. an extracted one)
     precision: str = "auto"
     gradient_checkpointing: bool = False
     resume: bool = False
@@ -184,6 +194,23 @@ def validate(cfg: FinetuneConfig) -> None:
         raise FinetuneError("--time-budget must be a positive number of minutes")
     if cfg.max_steps == 0 or cfg.epochs <= 0:
         raise FinetuneError("nothing to train: --max-steps and --epochs must be positive")
+    if cfg.init_adapter is not None:
+        if cfg.lora or cfg.linear_only:
+            raise FinetuneError("--init-adapter trains that adapter: drop --lora/--linear-only")
+        card = init_adapter_card(cfg.init_adapter)
+        if card.get("base_model", cfg.base) != cfg.base:
+            raise FinetuneError(
+                f"{cfg.init_adapter} is an adapter of {card['base_model']}, not of {cfg.base}"
+            )
+
+
+def init_adapter_card(adapter_dir: Path) -> dict:
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FinetuneError(f"{adapter_dir} is not a LoRA adapter dir (no adapter_config.json)")
+    try:
+        return json.loads((Path(adapter_dir) / ADAPTER_CARD).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def build_model(cfg: FinetuneConfig):
@@ -203,7 +230,26 @@ def build_model(cfg: FinetuneConfig):
         model = get_peft_model(model, lora)
     elif cfg.linear_only:
         freeze_all_but_linear(model)
+    elif cfg.init_adapter is not None:
+        card = init_adapter_card(cfg.init_adapter)
+        try:
+            weights = adapter_weights(cfg.init_adapter, card).name
+            model = load_adapter(model, cfg.init_adapter, weights, trainable=True)
+        except (OSError, ValueError) as e:
+            raise FinetuneError(f"cannot load {cfg.init_adapter}: {e}") from e
     return model, tokenizer
+
+
+def merged_copy(cfg: FinetuneConfig, model):
+    """The trained adapter merged into a fresh base, as the bot merges a shipped one: peft's
+    own merge_and_unload would add the tied embedding's change twice (adapters.py)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = copy.deepcopy(model.peft_config["default"])
+        config.ensure_weight_tying = False
+        config.save_pretrained(tmp)
+        save_adapter(tied_adapter_state(model), Path(tmp), "float32")
+        base, _ = load_model(cfg.base)
+        return merge_adapter(base, Path(tmp))
 
 
 def freeze_all_but_linear(model) -> None:
@@ -236,6 +282,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         f"val: {len(val_episodes)}/{len(corpus.val)} episodes, {len(val_set)} blocks | "
         f"precision {precision}{' | LoRA' if cfg.lora else ''}"
         f"{' | linear layers only' if cfg.linear_only else ''}"
+        f"{f' | adapter {cfg.init_adapter}' if cfg.init_adapter else ''}"
     )
 
     args = TrainingArguments(
@@ -304,6 +351,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     model = trainer.model
     if cfg.lora:
         model = model.merge_and_unload()  # a plain checkpoint: the bot needs no peft
+    elif cfg.init_adapter is not None:
+        model = merged_copy(cfg, model)
     card = make_card(
         base_model=cfg.base,
         corpus=str(cfg.data),
@@ -318,6 +367,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         precision=precision,
         lora=cfg.lora,
         linear_only=cfg.linear_only,
+        init_adapter=init_adapter_summary(cfg.init_adapter),
         time_budget_hit=final_eval.budget_hit,
         train_seconds_this_run=round(seconds, 1),
         settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
@@ -331,6 +381,17 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return card
+
+
+def init_adapter_summary(adapter_dir: Path | None) -> dict | None:
+    """What the adapter this run went on from had been trained on, for the card."""
+    if adapter_dir is None:
+        return None
+    card = init_adapter_card(adapter_dir)
+    keys = ("steps", "tokens_seen", "train_wall_minutes", "tokens_seen_total",
+            "train_wall_minutes_total", "val_bpb", "form", "adapter_val", "init_adapter")
+    return {"path": str(adapter_dir), **{k: card.get(k) for k in keys if k in card},
+            "block_size": (card.get("finetune_settings") or {}).get("block_size")}
 
 
 def best_eval(log_history: list[dict]) -> dict:
