@@ -115,20 +115,59 @@ def load_adapter(base, adapter_dir: Path, file_name: str = ADAPTER_FILE, *,
     model = peft_model_for(base, config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        result = set_peft_model_state_dict(model, state)
+        try:
+            result = set_peft_model_state_dict(model, state)
+        except RuntimeError as e:  # torch's size mismatch: an adapter of another model
+            raise ValueError(str(e).strip().splitlines()[-1].strip()) from e
     if result.unexpected_keys:
         raise ValueError(f"tensors the base has no place for: {result.unexpected_keys[:3]}")
+    if trainable:
+        fold_tied_gradients(model)
     return model
+
+
+def fold_tied_gradients(model) -> list[torch.nn.Parameter]:
+    """Make each tied LoRA factor of the LM head pass its gradient to the embedding's factor it
+    is a transposed view of, so the optimizer takes one step for the pair. peft ties them by
+    wrapping the views in parameters of their own; an optimizer would otherwise keep two Adam
+    states for one weight and move it twice a step. Returns the aliases (their grads stay
+    None, so optimizers skip them)."""
+    head = _head_prefix(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    owners = {p.untyped_storage().data_ptr(): p for n, p in named if not n.startswith(head)}
+    aliases = []
+    for name, p in named:
+        owner = owners.get(p.untyped_storage().data_ptr())
+        if not name.startswith(head) or owner is None or owner.shape != p.t().shape:
+            continue
+
+        def fold(alias: torch.nn.Parameter, owner: torch.nn.Parameter = owner) -> None:
+            grad = alias.grad.t()
+            if owner.grad is None:
+                owner.grad = grad.clone()
+            else:
+                owner.grad.add_(grad)
+            alias.grad = None
+
+        p.register_post_accumulate_grad_hook(fold)
+        aliases.append(p)
+    return aliases
+
+
+def _head_prefix(model) -> str:
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head) + "."
 
 
 def tied_adapter_state(model) -> dict[str, torch.Tensor]:
     """The adapter tensors of a `load_adapter(..., trainable=True)` model, in the shipped
-    form: the tied LM head's LoRA is the embedding's, so it is left out."""
+    form: a tied LM head's LoRA is the embedding's, so it is left out."""
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, save_embedding_layers=False)
-    head = model.get_output_embeddings()
-    prefix = next(name for name, module in model.named_modules() if module is head) + "."
+    if not getattr(model.get_base_model().config, "tie_word_embeddings", False):
+        return {k: v.detach().clone() for k, v in state.items()}
+    prefix = _head_prefix(model)
     return {k: v.detach().clone() for k, v in state.items() if not k.startswith(prefix)}
 
 

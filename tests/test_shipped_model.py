@@ -248,11 +248,21 @@ def test_a_trained_adapter_merges_into_what_training_saw(pair, tmp_path):
                             trainable=True)
     trainable = [p for p in training.parameters() if p.requires_grad]
     assert trainable and any(p.dim() == 1 for p in trainable)  # the norms train too
+    # The head's LoRA factors are views of the embedding's: one gradient, one optimizer step.
+    params = dict(training.named_parameters())
+    owner = next(p for n, p in params.items() if "embed_tokens.lora_embedding_B" in n)
+    alias = next(p for n, p in params.items() if "lm_head.lora_A" in n)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    loss = training(ids, labels=ids).loss
+    want_owner, want_alias = torch.autograd.grad(loss, [owner, alias], retain_graph=True)
+    loss.backward()
+    assert alias.grad is None
+    torch.testing.assert_close(owner.grad, want_owner + want_alias.t())
+    training.zero_grad()
     gen = torch.Generator().manual_seed(9)
     with torch.no_grad():  # stands in for optimizer steps
         for p in trainable:
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    ids = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.no_grad():
         seen = training(ids).logits
     state = tied_adapter_state(training)

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--linear-only", action="store_true",
                     help="train only the linear layers (embeddings, norms frozen), for extract")
     ft.add_argument("--init-adapter", type=Path, default=None, metavar="DIR",
-                    help="go on training this LoRA adapter of --base (e.g. from extract)")
+                    help="go on training this LoRA adapter of --base (e.g. from extract); "
+                    "its rank and targets are kept, --lora-r does not apply")
     ft.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     ft.add_argument("--gradient-checkpointing", action="store_true")
     ft.add_argument("--resume", action="store_true", help="continue from the last save in OUT.work")

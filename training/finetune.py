@@ -29,7 +29,7 @@ from sitcom.adapters import (
     save_adapter,
     tied_adapter_state,
 )
-from sitcom.models import BASE_MODEL, load_model
+from sitcom.models import BASE_MODEL, is_base_model, load_model
 from training.callbacks import CompactProgressCallback, FinalEvalCallback, MetricsLogCallback
 from training.card import export_checkpoint, make_card, remove_stale_exports
 from training.corpus import (
@@ -198,10 +198,17 @@ def validate(cfg: FinetuneConfig) -> None:
         if cfg.lora or cfg.linear_only:
             raise FinetuneError("--init-adapter trains that adapter: drop --lora/--linear-only")
         card = init_adapter_card(cfg.init_adapter)
-        if card.get("base_model", cfg.base) != cfg.base:
+        if not same_model(card.get("base_model", cfg.base), cfg.base):
             raise FinetuneError(
                 f"{cfg.init_adapter} is an adapter of {card['base_model']}, not of {cfg.base}"
             )
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two spellings of one model: the packaged base's names, or paths to one directory."""
+    if a == b or (is_base_model(a) and is_base_model(b)):
+        return True
+    return Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve()
 
 
 def init_adapter_card(adapter_dir: Path) -> dict:

@@ -24,10 +24,10 @@ fi
   --embed-rank 64 --dtype int8 --out "$STAGE1"
 if [ ! -f "$STAGE2/checkpoint.json" ]; then
   # Stage 2: train that adapter itself (so nothing is lost to extraction any more) on
-  # 2048-token blocks, 100 steps of 2 x 2 x 2048 tokens, lr 1e-4 cosine.
+  # 2048-token blocks, 90 steps of 2 x 2 x 2048 tokens, lr 2e-4 cosine.
   python -m training finetune --data corpus --out "$STAGE2" --init-adapter "$STAGE1" \
-    --block-size 2048 --batch-size 2 --grad-accum 2 --lr 1e-4 --warmup-steps 5 \
-    --max-steps 100 --eval-steps 20 --save-steps 20 --save-limit 1 --keep-work --resume \
+    --block-size 2048 --batch-size 2 --grad-accum 2 --lr 2e-4 --warmup-steps 5 \
+    --max-steps 90 --eval-steps 20 --save-steps 20 --save-limit 1 --keep-work --resume \
     --gguf none
 fi
 # Stage 2's change of each matrix has rank <= 64 by construction, so this SVD loses nothing
