@@ -233,6 +233,7 @@ def test_finetune_goes_on_training_an_extracted_adapter(tmp_path, corpus_dir, ti
     assert again["extract_rel_error_max"] < 1e-3
     assert again["tokens_seen_total"] == 20 * 4 * 64 + 10 * 4 * 64  # both stages
     assert "embedding" in again["form"]  # the tied embedding's change trained too
+    assert again["form"].endswith("of an adapter trained further")
 
     bad = finetune_args(corpus_dir, tmp_path / "x", tiny_model_dir, "--init-adapter",
                         str(tmp_path), "--gguf", "none")

@@ -198,13 +198,16 @@ def _put(lora_a, lora_b, a, b) -> None:
     lora_b[:, : b.shape[1]].copy_(b)
 
 
-def describe(deltas: Deltas, rank: int, embed_rank: int, weighted: bool) -> str:
+def describe(deltas: Deltas, rank: int, embed_rank: int, weighted: bool,
+             source_card: dict | None = None) -> str:
     parts = [f"linear layers r={rank}"] if deltas.linear else []
     if deltas.embedding:
         parts.append(f"tied embedding r={embed_rank}")
     if deltas.whole:
         parts.append(f"{len(deltas.whole)} norms whole")
     how = "activation-weighted SVD" if weighted else "SVD"
+    if (source_card or {}).get("init_adapter"):  # finetune --init-adapter: an adapter already
+        return "LoRA (" + ", ".join(parts) + f") by {how} of an adapter trained further"
     return "LoRA (" + ", ".join(parts) + f") extracted by {how} from a full fine-tune"
 
 
@@ -251,7 +254,7 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
         linear_errors = [errors[n] for n in deltas.linear]
         card = {
             **{k: v for k, v in source_card.items() if k != "settings"},
-            "form": describe(deltas, rank, embed_rank, covs is not None),
+            "form": describe(deltas, rank, embed_rank, covs is not None, source_card),
             "calibration_tokens": calibrated,
             "rank": rank,
             "embed_rank": embed_rank if deltas.embedding else None,
