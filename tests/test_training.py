@@ -221,9 +221,14 @@ def test_finetune_goes_on_training_an_extracted_adapter(tmp_path, corpus_dir, ti
     extract(full, tmp_path / "a", rank=4, base=str(tiny_model_dir), dtype="float32")
     out = tmp_path / "more"
     args = finetune_args(corpus_dir, out, tiny_model_dir, "--init-adapter", str(tmp_path / "a"),
-                         "--gguf", "none", "--lr", "1e-2")
+                         "--gguf", "none", "--lr", "1e-2", "--keep-work")
     args[args.index("--max-steps") + 1] = "20"
     assert main(args) == 0
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "more.work" / "checkpoint-20" / "adapter_model.safetensors",
+                   "pt") as f:  # Trainer's checkpoint: the adapter, not the frozen embedding
+        assert not [k for k in f.keys() if "base_layer" in k]
     card = json.loads((out / "checkpoint.json").read_text())
     assert card["init_adapter"]["path"] == str(tmp_path / "a")
     assert card["init_adapter"]["steps"] == 10

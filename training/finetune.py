@@ -9,6 +9,7 @@ work dir `OUT.work`, which `--resume` reads and which is removed after a success
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import tempfile
@@ -244,6 +245,10 @@ def build_model(cfg: FinetuneConfig):
             model = load_adapter(model, cfg.init_adapter, weights, trainable=True)
         except (OSError, ValueError) as e:
             raise FinetuneError(f"cannot load {cfg.init_adapter}: {e}") from e
+        # Trainer's checkpoints: peft would also save the frozen embedding (and the tied head)
+        # whole, 226 MB each for SmolLM2, because the embedding is a LoRA target.
+        model.save_pretrained = functools.partial(model.save_pretrained,
+                                                  save_embedding_layers=False)
     return model, tokenizer
 
 
