@@ -88,8 +88,8 @@ def adapter_weights(adapter_dir: Path, card: dict) -> Path:
 def peft_model_for(base, config):
     """get_peft_model without the warning about the tied embedding: the adapter's change
     of it merges into the one matrix shared with the LM head, exactly as the fine-tune
-    changed it (tests/test_shipped_model.py). With ensure_weight_tying peft would add the
-    change twice."""
+    changed it (tests/test_shipped_model.py). Merging a model built with ensure_weight_tying
+    would add the change twice, so only training (load_adapter(trainable=True)) uses it."""
     from peft import get_peft_model
 
     with warnings.catch_warnings():

@@ -252,6 +252,7 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
         weights = save_adapter(adapter, tmp, dtype)
         size_mb = weights.stat().st_size / 1e6
         linear_errors = [errors[n] for n in deltas.linear]
+        minutes = _train_minutes(Path(str(checkpoint)))
         card = {
             **{k: v for k, v in source_card.items() if k != "settings"},
             "form": describe(deltas, rank, embed_rank, covs is not None, source_card),
@@ -271,8 +272,8 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
             ),
             "base_model": base,
             "gguf_qtype": "q8_0",
-            "train_wall_minutes": _train_minutes(Path(str(checkpoint))),
-            **_totals(source_card, _train_minutes(Path(str(checkpoint)))),
+            "train_wall_minutes": minutes,
+            **_totals(source_card, minutes),
             "finetune_settings": source_card.get("settings"),
         }
         if data is not None:

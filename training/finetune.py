@@ -32,7 +32,7 @@ from sitcom.adapters import (
 )
 from sitcom.models import BASE_MODEL, is_base_model, load_model
 from training.callbacks import CompactProgressCallback, FinalEvalCallback, MetricsLogCallback
-from training.card import export_checkpoint, make_card, remove_stale_exports
+from training.card import card_block_size, export_checkpoint, make_card, remove_stale_exports
 from training.corpus import (
     BlockDataset,
     load_corpus,
@@ -403,7 +403,7 @@ def init_adapter_summary(adapter_dir: Path | None) -> dict | None:
     keys = ("steps", "tokens_seen", "train_wall_minutes", "tokens_seen_total",
             "train_wall_minutes_total", "val_bpb", "form", "adapter_val", "init_adapter")
     return {"path": str(adapter_dir), **{k: card.get(k) for k in keys if k in card},
-            "block_size": (card.get("finetune_settings") or {}).get("block_size")}
+            "block_size": card_block_size(card)}
 
 
 def best_eval(log_history: list[dict]) -> dict:
