@@ -1,10 +1,12 @@
-"""LoRA adapter files: peft's own format, or the same tensors stored as int8, and merging
-either into a base model.
+"""LoRA adapter files: peft's own format, or the same tensors stored as int8 / int4, and
+merging either into a base model.
 
 peft saves and loads adapters in float only. To fit a higher rank into the repository's
 25 MB, `save_adapter(..., "int8")` stores each LoRA factor as int8 with one fp16 scale per
 block of 64 values (per row when a row is not a multiple of 64), as ggml's Q8_0 does;
-1-D tensors (norms) stay bf16. The file has its own name, so peft never reads int8 values
+"int4" packs two values in [-7, 7] per byte with one fp16 scale per block of 32 (ggml's
+Q4_0 layout idea; a factor whose rows are not a multiple of 32 falls back to int8).
+1-D tensors (norms) stay bf16. The file has its own name, so peft never reads integers
 as floats by mistake. Loading dequantizes and hands the state dict to peft.
 """
 
@@ -19,14 +21,16 @@ if TYPE_CHECKING:
 
 ADAPTER_FILE = "adapter_model.safetensors"  # peft's name and format (float)
 ADAPTER_INT8_FILE = "adapter_model.int8.safetensors"  # ours: int8 + scales
+ADAPTER_INT4_FILE = "adapter_model.int4.safetensors"  # ours: packed int4 + scales
 ADAPTER_CARD = "checkpoint.json"
-DTYPES = ("bfloat16", "float16", "float32", "int8")
+DTYPES = ("bfloat16", "float16", "float32", "int8", "int4")
 _SCALE = "@scale"  # suffix of a quantized tensor's scales
 _BLOCK = 64
+_BLOCK4 = 32
 
 
 def adapter_file_name(dtype: str) -> str:
-    return ADAPTER_INT8_FILE if dtype == "int8" else ADAPTER_FILE
+    return {"int8": ADAPTER_INT8_FILE, "int4": ADAPTER_INT4_FILE}.get(dtype, ADAPTER_FILE)
 
 
 def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +50,27 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (blocks * scale.float().unsqueeze(-1)).reshape(q.shape)
 
 
+def quantize_int4(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 [rows, cols / 2]: two 4-bit values, the even column in the low nibble; fp16
+    scales [rows, cols / 32]) with values * scale ~ t, symmetric absmax over [-7, 7]."""
+    import torch
+
+    rows = t.float().reshape(t.shape[0], -1)
+    blocks = rows.reshape(rows.shape[0], -1, _BLOCK4)
+    scale = (blocks.abs().amax(dim=-1, keepdim=True) / 7).clamp_min(1e-12).half()
+    q = (torch.round(blocks / scale.float()).clamp(-7, 7) + 8).to(torch.uint8)
+    q = q.reshape(rows.shape[0], -1, 2)
+    return (q[..., 0] | (q[..., 1] << 4)).contiguous(), scale.squeeze(-1).contiguous()
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    blocks = (q.float() - 8).reshape(q.shape[0], scale.shape[1], -1)
+    return (blocks * scale.float().unsqueeze(-1)).reshape(q.shape)
+
+
 def save_adapter(state: dict[str, torch.Tensor], directory: Path, dtype: str) -> Path:
     """Write a peft adapter state dict into directory in `dtype`; returns the file."""
     import torch
@@ -55,9 +80,11 @@ def save_adapter(state: dict[str, torch.Tensor], directory: Path, dtype: str) ->
         raise ValueError(f"adapter dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if dtype == "int8" and value.dim() == 2:
+        if dtype == "int4" and value.dim() == 2 and value.shape[1] % _BLOCK4 == 0:
+            out[key], out[key + _SCALE] = quantize_int4(value)
+        elif dtype in ("int8", "int4") and value.dim() == 2:
             out[key], out[key + _SCALE] = quantize_int8(value)
-        elif dtype == "int8":
+        elif dtype in ("int8", "int4"):
             out[key] = value.to(torch.bfloat16).contiguous()
         else:
             out[key] = value.to(getattr(torch, dtype)).contiguous()
@@ -68,6 +95,7 @@ def save_adapter(state: dict[str, torch.Tensor], directory: Path, dtype: str) ->
 
 def load_adapter_state(path: Path) -> dict[str, torch.Tensor]:
     """The float state dict of an adapter file written by save_adapter (or by peft)."""
+    import torch
     from safetensors.torch import load_file
 
     raw = load_file(path)
@@ -76,7 +104,12 @@ def load_adapter_state(path: Path) -> dict[str, torch.Tensor]:
         if key.endswith(_SCALE):
             continue
         scale = raw.get(key + _SCALE)
-        state[key] = dequantize_int8(value, scale) if scale is not None else value.float()
+        if scale is None:
+            state[key] = value.float()
+        elif value.dtype == torch.uint8:
+            state[key] = dequantize_int4(value, scale)
+        else:
+            state[key] = dequantize_int8(value, scale)
     return state
 
 

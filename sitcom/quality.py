@@ -8,6 +8,7 @@ answer is a failure, not a perfect one).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -24,6 +25,7 @@ class SceneScore:
     known_speaker: float  # share of turns whose speaker(s) are all known
     repeated: float       # share of lines that repeat an earlier line of the same scene
     distinct_2: float     # distinct word bigrams / all word bigrams
+    top_speaker: float     # share of turns by the most talkative speaker (1.0: a monologue)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -47,7 +49,7 @@ def score_scene(
     """Score one scene; `skip` leading lines (the user's prompt) are not the model's work."""
     body = [line.strip() for line in lines[skip:] if line.strip()]
     if not body:
-        return SceneScore(0, 0.0, 0.0, 0.0, 0.0)
+        return SceneScore(0, 0.0, 0.0, 0.0, 0.0, 0.0)
     known = tuple(known_speakers)
     speakers = [s for s in map(speaker_of, body) if s is not None]
     seen: set[str] = set()
@@ -64,6 +66,9 @@ def score_scene(
         ),
         repeated=repeats / len(body),
         distinct_2=distinct_n("\n".join(body), 2),
+        top_speaker=(
+            max(Counter(s.upper() for s in speakers).values()) / len(speakers) if speakers else 0.0
+        ),
     )
 
 

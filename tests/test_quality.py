@@ -15,6 +15,7 @@ def test_well_formed_scene_scores_high():
     assert s.known_speaker == 1.0
     assert s.repeated == 0.0
     assert s.distinct_2 == 1.0
+    assert s.top_speaker == 0.5  # GEORGE, JERRY AND KRAMER
 
 
 def test_prose_unknown_speakers_and_loops_score_low():
@@ -34,7 +35,7 @@ def test_prose_unknown_speakers_and_loops_score_low():
 
 
 def test_empty_scene_is_a_failure_not_perfect():
-    assert score_scene(["JERRY: Hi."], skip=1) == SceneScore(0, 0.0, 0.0, 0.0, 0.0)
+    assert score_scene(["JERRY: Hi."], skip=1) == SceneScore(0, 0.0, 0.0, 0.0, 0.0, 0.0)
     assert summarize([])["well_formed"] == 0.0
 
 
@@ -46,9 +47,20 @@ def test_known_speaker_needs_every_part_known():
 def test_distinct_2_and_summary():
     assert distinct_n("a b a b") == 2 / 3
     assert distinct_n("one") == 0.0
-    a = SceneScore(2, 1.0, 1.0, 0.0, 1.0)
-    b = SceneScore(4, 0.5, 0.0, 0.5, 0.5)
+    a = SceneScore(2, 1.0, 1.0, 0.0, 1.0, 0.5)
+    b = SceneScore(4, 0.5, 0.0, 0.5, 0.5, 1.0)
     assert summarize([a, b]) == {
         "lines": 3.0, "well_formed": 0.75, "known_speaker": 0.5, "repeated": 0.25,
-        "distinct_2": 0.75,
+        "distinct_2": 0.75, "top_speaker": 0.75,
     }
+
+
+def test_a_monologue_is_flagged():
+    """Every turn by one speaker (seen once from the shipped default): well-formed, known
+    speakers, no repeats, and still not a scene."""
+    lines = ["JERRY: What is the deal?", "JERRY: I mean it.", "jerry: Who does that?",
+             "(He sits.)", "JERRY: Nobody."]
+    s = score_scene(lines)
+    assert (s.well_formed, s.known_speaker, s.repeated) == (4 / 5, 1.0, 0.0)
+    assert s.top_speaker == 1.0
+    assert score_scene(["(Silence.)"]).top_speaker == 0.0  # no turns

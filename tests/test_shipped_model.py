@@ -14,7 +14,15 @@ from conftest import save_tiny_model_dir
 from test_training import EPISODE, write_corpus
 
 from sitcom import models
-from sitcom.adapters import ADAPTER_CARD, ADAPTER_FILE, ADAPTER_INT8_FILE, load_adapter_state
+from sitcom.adapters import (
+    ADAPTER_CARD,
+    ADAPTER_FILE,
+    ADAPTER_INT4_FILE,
+    ADAPTER_INT8_FILE,
+    dequantize_int4,
+    load_adapter_state,
+    quantize_int4,
+)
 from sitcom.models import (
     SHIPPED_ADAPTER,
     ModelLoadError,
@@ -163,6 +171,42 @@ def test_int8_adapter_is_half_the_size_and_merges_close(pair, tmp_path):
     with pytest.raises(ModelLoadError, match="damaged"):
         verified_adapter(tmp_path / "q8")
     assert card["adapter_sha256"] != file_sha256(tmp_path / "q8" / ADAPTER_INT8_FILE)
+
+
+def test_int4_packs_two_values_a_byte_and_round_trips():
+    t = torch.randn(6, 96)
+    t[0, :32] = 0.0  # an all-zero block
+    packed, scale = quantize_int4(t)
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 48) and scale.shape == (6, 3)
+    back = dequantize_int4(packed, scale)
+    assert back[0, :32].abs().max() == 0
+    blocks = t.reshape(6, 3, 32).abs().amax(-1, keepdim=True)
+    err = ((back - t).reshape(6, 3, 32).abs() / blocks.clamp_min(1e-12)).max()
+    assert err <= 0.5 / 7 + 1e-3  # half a step of the block's absmax
+    q = torch.randint(-7, 8, (6, 96)).float()
+    q[:, ::32] = 7.0  # each block's absmax is 7: scale 1, the values come back exactly
+    assert torch.equal(dequantize_int4(*quantize_int4(q)), q)
+
+
+def test_int4_adapter_is_a_quarter_of_float_and_merges_close(pair, tmp_path):
+    base, tuned = pair
+    f32 = extract(tuned, tmp_path / "f32", rank=4, base=str(base), dtype="float32")
+    q4 = extract(tuned, tmp_path / "q4", rank=4, base=str(base), dtype="int4")
+    assert q4["adapter_file"] == ADAPTER_INT4_FILE
+    assert q4["adapter_mb"] < 0.3 * f32["adapter_mb"]
+    exact = load_adapter_state(tmp_path / "f32" / ADAPTER_FILE)
+    approx = load_adapter_state(tmp_path / "q4" / ADAPTER_INT4_FILE)
+    assert exact.keys() == approx.keys()
+    for key, value in exact.items():  # rank-4 B factors (rows of 4) fall back to int8
+        bound = 0.5 / 7 if value.dim() == 2 and value.shape[1] % 32 == 0 else 0.5 / 127
+        assert (approx[key] - value).abs().max() / value.abs().max() <= bound + 1e-3, key
+    got, _ = load_model(tuned_model_dir(tmp_path / "q4", base_dir=base))
+    want, _ = load_model(tuned)
+    before, _ = load_model(base)
+    for (name, a), (_, b), (_, c) in zip(got.named_parameters(), want.named_parameters(),
+                                         before.named_parameters(), strict=True):
+        # int4 rounding of both factors: ~10-15 % of the change (int8: under 1 %)
+        assert (a - b).norm() <= 0.15 * (b - c).norm() + 1e-6, name
 
 
 def test_extract_refuses_a_change_it_cannot_carry(pair, tmp_path, monkeypatch):

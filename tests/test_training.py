@@ -243,3 +243,27 @@ def test_finetune_goes_on_training_an_extracted_adapter(tmp_path, corpus_dir, ti
     bad = finetune_args(corpus_dir, tmp_path / "x", tiny_model_dir, "--init-adapter",
                         str(tmp_path), "--gguf", "none")
     assert main(bad) == 2
+
+
+def test_a_fine_tune_of_our_checkpoint_counts_both_stages(tmp_path, corpus_dir, tiny_model_dir):
+    """--base DIR of an earlier fine-tune (e.g. a longer-context second stage): the card names
+    that stage, and an adapter extracted against the original base counts both stages."""
+    from training.extract import extract
+
+    first = tmp_path / "first"
+    args = finetune_args(corpus_dir, first, tiny_model_dir, "--gguf", "none")
+    args[args.index("--max-steps") + 1] = "10"
+    assert main(args) == 0
+    second = tmp_path / "second"
+    args = finetune_args(corpus_dir, second, first, "--gguf", "none", "--block-size", "128")
+    args[args.index("--max-steps") + 1] = "5"
+    assert main(args) == 0
+    card = json.loads((second / "checkpoint.json").read_text())
+    prior = card["init_checkpoint"]
+    assert prior["path"] == str(first) and prior["steps"] == 10
+    assert prior["base_model"] == str(tiny_model_dir) and prior["block_size"] == 64
+    assert prior["train_wall_minutes"] is not None  # from the first stage's training log
+    adapter = extract(second, tmp_path / "a", rank=4, base=str(tiny_model_dir))
+    assert adapter["tokens_seen_total"] == 5 * 4 * 128 + 10 * 4 * 64
+    assert adapter["base_model"] == str(tiny_model_dir)
+    assert json.loads((first / "checkpoint.json").read_text()).get("init_checkpoint") is None

@@ -10,6 +10,8 @@ import re
 import sys
 from pathlib import Path
 
+from sitcom.adapters import DTYPES
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -101,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--base", default="smollm2", help="the model it was fine-tuned from")
     ex.add_argument("--data", type=Path, default=None,
                     help="corpus dir: measure the adapter's val BPB (whole val split)")
-    ex.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "int8"),
-                    default="bfloat16",
-                    help="storage of the factors; int8 (blocks of 64, fp16 scales) halves bf16")
+    ex.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                    help="storage of the factors; int8 (blocks of 64, fp16 scales) halves "
+                    "bf16, int4 (blocks of 32) quarters it")
     ex.add_argument("--calibration-tokens", type=int, default=0,
                     help="with --data: weight each linear layer's change by the inputs it sees "
                          "on this many train tokens (activation-weighted SVD); 0 = plain SVD")

@@ -42,6 +42,35 @@ def card_block_size(card: dict | None, default: int = 512) -> int:
     return int(settings.get("block_size", default))
 
 
+def prior_stage_summary(directory: Path | str | None) -> dict | None:
+    """What the model this run went on from (an --init-adapter, or a --base checkpoint dir of
+    ours) had been trained on, for the card; None for the packaged base or a hub id."""
+    if directory is None or not (Path(directory) / CARD_NAME).is_file():
+        return None
+    try:
+        card = json.loads((Path(directory) / CARD_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("base_model", "steps", "tokens_seen", "train_wall_minutes", "tokens_seen_total",
+            "train_wall_minutes_total", "val_bpb", "form", "adapter_val", "init_adapter",
+            "init_checkpoint")
+    summary = {"path": str(directory), **{k: card.get(k) for k in keys if k in card}}
+    if "train_wall_minutes" not in summary:  # a fine-tune's card: its own training log
+        summary["train_wall_minutes"] = train_minutes(Path(directory))
+    return {**summary, "block_size": card_block_size(card)}
+
+
+def train_minutes(checkpoint: Path) -> float | None:
+    """Wall minutes from the first to the last training log line (resumed runs included)."""
+    try:
+        text = (Path(checkpoint) / "metrics.jsonl").read_text()
+        rows = [json.loads(line) for line in text.splitlines()]
+        times = [r["time"] for r in rows if "time" in r]
+        return round((max(times) - min(times)) / 60, 1) if times else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def make_card(**fields) -> dict:
     return {**fields, "created": datetime.now(UTC).isoformat(timespec="seconds")}
 

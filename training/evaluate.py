@@ -120,6 +120,7 @@ def format_report(result: dict) -> str:
             ("known speakers", f"{q['known_speaker']:.1%}"),
             ("repeated lines", f"{q['repeated']:.1%}"),
             ("distinct-2", f"{q['distinct_2']:.3f}"),
+            ("top speaker's turns", f"{q['top_speaker']:.1%}"),
         ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{result['checkpoint']}"] + [f"  {k:<{width}}  {v}" for k, v in rows]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from sitcom.adapters import ADAPTER_CARD, DTYPES, merge_adapter, peft_model_for, save_adapter
 from sitcom.files import publish_dir
 from sitcom.models import BASE_MODEL, file_sha256, load_model
-from training.card import card_block_size
+from training.card import card_block_size, prior_stage_summary, train_minutes
 
 if TYPE_CHECKING:
     import torch
@@ -252,7 +252,7 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
         weights = save_adapter(adapter, tmp, dtype)
         size_mb = weights.stat().st_size / 1e6
         linear_errors = [errors[n] for n in deltas.linear]
-        minutes = _train_minutes(Path(str(checkpoint)))
+        minutes = train_minutes(Path(str(checkpoint)))
         card = {
             **{k: v for k, v in source_card.items() if k != "settings"},
             "form": describe(deltas, rank, embed_rank, covs is not None, source_card),
@@ -295,7 +295,8 @@ def _mean(values) -> float | None:
 def _totals(card: dict, minutes: float | None) -> dict:
     """Tokens and wall minutes over every stage: a fine-tune that went on from an adapter
     (--init-adapter) names it, and that adapter's card has the stages before."""
-    prior = card.get("init_adapter") or {}
+    prior = (card.get("init_adapter") or card.get("init_checkpoint")
+             or prior_stage_summary(card.get("base_model")) or {})
     if not prior:
         return {}
     prior_tokens = prior.get("tokens_seen_total", prior.get("tokens_seen")) or 0
@@ -311,17 +312,6 @@ def _read_card(checkpoint: Path) -> dict:
         return json.loads((checkpoint / ADAPTER_CARD).read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _train_minutes(checkpoint: Path) -> float | None:
-    """Wall minutes from the first to the last training log line (resumed runs included)."""
-    try:
-        text = (checkpoint / "metrics.jsonl").read_text()
-        rows = [json.loads(line) for line in text.splitlines()]
-        times = [r["time"] for r in rows if "time" in r]
-        return round((max(times) - min(times)) / 60, 1) if times else None
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def adapter_val_metrics(adapter_dir: Path, base: str, data: Path, block_size: int,

@@ -32,7 +32,12 @@ from sitcom.adapters import (
 )
 from sitcom.models import BASE_MODEL, is_base_model, load_model
 from training.callbacks import CompactProgressCallback, FinalEvalCallback, MetricsLogCallback
-from training.card import card_block_size, export_checkpoint, make_card, remove_stale_exports
+from training.card import (
+    export_checkpoint,
+    make_card,
+    prior_stage_summary,
+    remove_stale_exports,
+)
 from training.corpus import (
     BlockDataset,
     load_corpus,
@@ -379,7 +384,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         precision=precision,
         lora=cfg.lora,
         linear_only=cfg.linear_only,
-        init_adapter=init_adapter_summary(cfg.init_adapter),
+        init_adapter=prior_stage_summary(cfg.init_adapter),
+        init_checkpoint=prior_stage_summary(cfg.base),
         time_budget_hit=final_eval.budget_hit,
         train_seconds_this_run=round(seconds, 1),
         settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
@@ -393,17 +399,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return card
-
-
-def init_adapter_summary(adapter_dir: Path | None) -> dict | None:
-    """What the adapter this run went on from had been trained on, for the card."""
-    if adapter_dir is None:
-        return None
-    card = init_adapter_card(adapter_dir)
-    keys = ("steps", "tokens_seen", "train_wall_minutes", "tokens_seen_total",
-            "train_wall_minutes_total", "val_bpb", "form", "adapter_val", "init_adapter")
-    return {"path": str(adapter_dir), **{k: card.get(k) for k in keys if k in card},
-            "block_size": card_block_size(card)}
 
 
 def best_eval(log_history: list[dict]) -> dict:
