@@ -149,7 +149,7 @@ def test_finetune_end_to_end_then_evaluate(tmp_path, corpus_dir, tiny_model_dir,
     assert result["val"]["loss"] == pytest.approx(card["val_loss"], rel=1e-4)  # the best exported
     assert result["card"]["steps"] == 40
     assert set(result["quality"]) == {"lines", "well_formed", "known_speaker", "repeated",
-                                      "distinct_2"}
+                                      "distinct_2", "top_speaker"}
     assert len(result["samples"]) == 3
     assert result["samples"][0]["lines"][0] == "ELAINE: Jerry! George! You guys, listen!"
 
