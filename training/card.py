@@ -42,14 +42,19 @@ def card_block_size(card: dict | None, default: int = 512) -> int:
     return int(settings.get("block_size", default))
 
 
+def read_card(directory: Path | str) -> dict:
+    """A checkpoint's or adapter's checkpoint.json; {} when it has none or it is unreadable."""
+    try:
+        return json.loads((Path(directory) / CARD_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def prior_stage_summary(directory: Path | str | None) -> dict | None:
     """What the model this run went on from (an --init-adapter, or a --base checkpoint dir of
     ours) had been trained on, for the card; None for the packaged base or a hub id."""
-    if directory is None or not (Path(directory) / CARD_NAME).is_file():
-        return None
-    try:
-        card = json.loads((Path(directory) / CARD_NAME).read_text())
-    except (OSError, ValueError):
+    card = read_card(directory) if directory is not None else {}
+    if not card:
         return None
     keys = ("base_model", "steps", "tokens_seen", "train_wall_minutes", "tokens_seen_total",
             "train_wall_minutes_total", "val_bpb", "form", "adapter_val", "init_adapter",

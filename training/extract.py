@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from sitcom.adapters import ADAPTER_CARD, DTYPES, merge_adapter, peft_model_for, save_adapter
 from sitcom.files import publish_dir
 from sitcom.models import BASE_MODEL, file_sha256, load_model
-from training.card import card_block_size, prior_stage_summary, train_minutes
+from training.card import card_block_size, prior_stage_summary, read_card, train_minutes
 
 if TYPE_CHECKING:
     import torch
@@ -231,7 +231,7 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
     tuned, tokenizer = load_model(checkpoint)
     base_model, _ = load_model(base)
     deltas = weight_deltas(base_model, tuned)
-    source_card = _read_card(Path(str(checkpoint)))
+    source_card = read_card(str(checkpoint))
     block = card_block_size(source_card)
     covs, calibrated = None, 0
     if data is not None and calibration_tokens > 0 and deltas.linear:
@@ -294,7 +294,8 @@ def _mean(values) -> float | None:
 
 def _totals(card: dict, minutes: float | None) -> dict:
     """Tokens and wall minutes over every stage: a fine-tune that went on from an adapter
-    (--init-adapter) names it, and that adapter's card has the stages before."""
+    (--init-adapter) or from our checkpoint (--base DIR) names it, and that card has the stages
+    before; an older card only has the dir as its base_model."""
     prior = (card.get("init_adapter") or card.get("init_checkpoint")
              or prior_stage_summary(card.get("base_model")) or {})
     if not prior:
@@ -305,13 +306,6 @@ def _totals(card: dict, minutes: float | None) -> dict:
         "tokens_seen_total": (card.get("tokens_seen") or 0) + prior_tokens,
         "train_wall_minutes_total": round((minutes or 0) + prior_minutes, 1),
     }
-
-
-def _read_card(checkpoint: Path) -> dict:
-    try:
-        return json.loads((checkpoint / ADAPTER_CARD).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def adapter_val_metrics(adapter_dir: Path, base: str, data: Path, block_size: int,

@@ -23,7 +23,6 @@ from transformers.trainer_callback import ProgressCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sitcom.adapters import (
-    ADAPTER_CARD,
     adapter_weights,
     load_adapter,
     merge_adapter,
@@ -36,6 +35,7 @@ from training.card import (
     export_checkpoint,
     make_card,
     prior_stage_summary,
+    read_card,
     remove_stale_exports,
 )
 from training.corpus import (
@@ -220,10 +220,7 @@ def same_model(a: str, b: str) -> bool:
 def init_adapter_card(adapter_dir: Path) -> dict:
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FinetuneError(f"{adapter_dir} is not a LoRA adapter dir (no adapter_config.json)")
-    try:
-        return json.loads((Path(adapter_dir) / ADAPTER_CARD).read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_card(adapter_dir)
 
 
 def build_model(cfg: FinetuneConfig):
