@@ -200,7 +200,9 @@ class Database:
         )
         if not rows:
             return SceneSettings()
-        return SceneSettings(**dict(zip(_SETTING_COLUMNS, rows[0], strict=True)))
+        stored = dict(zip(_SETTING_COLUMNS, rows[0], strict=True))
+        # NULL: a column added after the row was saved; it follows the current default.
+        return SceneSettings(**{k: v for k, v in stored.items() if v is not None})
 
     async def save_settings(
         self, place: Place, user_id: str, settings: SceneSettings

@@ -68,7 +68,8 @@ class ContinuousBatcher:
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.context_limit = min(model.n_ctx_per_seq, model.n_ctx_train)
         self.rows: list[Row] = []
-        self._free = list(range(min(model.max_batch, slots or model.max_batch)))
+        self.capacity = min(model.max_batch, slots or model.max_batch)
+        self._free = list(range(self.capacity))
 
     @property
     def free_slots(self) -> int:
@@ -144,10 +145,12 @@ class ContinuousBatcher:
             out += self.step()
         return out
 
-    def abort(self) -> None:
-        """Drop every row (after a failed step); their slots are cleared and free."""
+    def abort(self, tag: object = None) -> None:
+        """Drop every row (after a failed step), or only the rows of `tag`; their slots are
+        cleared and free."""
         for row in list(self.rows):
-            self._release(row)
+            if tag is None or row.tag is tag:
+                self._release(row)
 
     def _remove(self, row: Row) -> GeneratedScene:
         if row.streamer is not None:

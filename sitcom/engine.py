@@ -21,6 +21,10 @@ API CONTRACT (frontends code against this; the implementation may change):
     scene.text, scene.new_tokens, scene.seconds, scene.model_name
     scene.partial, scene.note                 # stopped early (timeout, shutdown): the lines
                                               # it had, and a one-line note for the user
+    scene.prompt_lines                        # how many of scene.lines are the opening
+    scene.candidates                          # settings.best_of > 1: that many scenes were
+        # written in the same batch and the best-ranked one (sitcom.ranking: coherence
+        # checks + engine.scorer, a humour model) is the result; stream() shows the first
     job.cancel()                              # stop generating it (result raises EngineError)
     await engine.swap(model)                  # hot swap; raises ModelLoadError, old stays
     engine.model_name                         # name of the active model
@@ -67,6 +71,7 @@ from sitcom.jobs import (
 from sitcom.llamacpp import LlamaCppModel, load_serving_model
 from sitcom.models import DEFAULT_MODEL, ModelLoadError
 from sitcom.plan import GeneratedScene
+from sitcom.ranking import LineScorer, rank
 from sitcom.script import normalize_prompt
 from sitcom.settings import SceneSettings
 from sitcom.streaming import LineStreamer
@@ -102,9 +107,11 @@ class SceneEngine:
         shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
         precision: str | None = None,
         loader: Callable[[str], tuple[object, object]] = load_serving_model,
+        scorer: LineScorer | None = None,
     ):
         self._requested = str(model)
         self._loader = loader  # name -> (model, tokenizer); tests wrap the real loader
+        self.scorer = scorer  # ranks best-of-n candidates (a humour model); swappable
         self.max_queue = max_queue
         self.per_user_limit = per_user_limit
         self.timeout_s = timeout_s
@@ -232,10 +239,15 @@ class SceneEngine:
         if rates is None or min(rates) <= 0:
             return None
         aggregate, one = rates
-        ahead = sum(max(0, j.settings.max_new_tokens - j.produced) for j in self._running)
-        ahead += sum(j.settings.max_new_tokens for j in self._queue)
+        ahead = sum(max(0, j.settings.max_new_tokens - j.produced) * self._width(j)
+                    for j in self._running)
+        ahead += sum(j.settings.max_new_tokens * self._width(j) for j in self._queue)
         own = job.settings.max_new_tokens
-        return max(own / one, (ahead + own) / aggregate)
+        return max(own / one, (ahead + own * self._width(job)) / aggregate)
+
+    def _width(self, job: Job) -> int:
+        """Sequences one job writes at once: its best_of, at most a batch."""
+        return max(1, min(job.settings.best_of, self.max_batch))
 
     # ------------------------------------------------------------------ worker thread
 
@@ -289,8 +301,10 @@ class SceneEngine:
             while True:
                 with self._cond:
                     new = []
-                    while (len(new) < batcher.free_slots and self._queue
-                           and self._active is loaded):
+                    free = batcher.free_slots
+                    while (self._queue and self._active is loaded
+                           and min(self._width(self._queue[0]), batcher.capacity) <= free):
+                        free -= min(self._width(self._queue[0]), batcher.capacity)
                         new.append(self._queue.popleft())
                     self._running.update(new)
                     if not new and not batcher.rows:
@@ -304,8 +318,8 @@ class SceneEngine:
                     finished = batcher.step()
                 except Exception:
                     log.exception("generation failed")
-                    for row in batcher.rows:
-                        self._finish(row.tag, EngineError(
+                    for job in dict.fromkeys(row.tag for row in batcher.rows):
+                        self._finish(job, EngineError(
                             "Something went wrong writing that scene; please try again."))
                     batcher.abort()
                     continue
@@ -315,7 +329,7 @@ class SceneEngine:
                 for row in batcher.rows:
                     row.tag.produced = row.new_tokens
                 for row, scene in finished:
-                    self._deliver(row.tag, scene, loaded)
+                    self._collect(row.tag, scene, loaded)
         if scenes:
             self.batch_sizes.append(scenes)
 
@@ -324,13 +338,17 @@ class SceneEngine:
             self._finish(job, EngineError("That scene was cancelled."))
             return 0
         self._begin(job)
+        job.expected, job.candidates = min(self._width(job), batcher.capacity), []
         try:
-            batcher.add(
-                job.prompt, job.settings, tag=job,
-                streamer=LineStreamer(loaded.tokenizer, [job.prompt], self._snapshot(job, loaded)),
-                stopping_criteria=[DeadlineStop(lambda _row, job=job: self._should_stop(job))],
-            )
+            for i in range(job.expected):  # the candidates of a best-of-n job
+                batcher.add(
+                    job.prompt, job.settings, tag=job,
+                    streamer=None if i else LineStreamer(
+                        loaded.tokenizer, [job.prompt], self._snapshot(job, loaded)),
+                    stopping_criteria=[DeadlineStop(lambda _row, job=job: self._should_stop(job))],
+                )
         except Exception as e:  # a prompt too long for the context, or a bug: this job only
+            batcher.abort(job)
             if not isinstance(e, ValueError):
                 log.exception("could not start a scene")
             self._finish(job, EngineError(_message(e)))
@@ -340,19 +358,24 @@ class SceneEngine:
     def _run_batch(self, loaded: _Loaded, batch: list[Job]) -> None:
         """transformers: the whole batch in one generate() call."""
         self.batch_sizes.append(len(batch))
+        rows: list[tuple[Job, int]] = []  # (job, candidate) per generate() row
         for job in batch:
             self._begin(job)
-        callbacks = [self._snapshot(job, loaded) for job in batch]
+            job.expected, job.candidates = self._width(job), []
+            rows += [(job, i) for i in range(job.expected)]
+        callbacks = [self._snapshot(job, loaded) if i == 0 else None for job, i in rows]
+
+        def on_lines(row: int, lines: list[str]) -> None:
+            if callbacks[row] is not None:
+                callbacks[row](row, lines)
+
         start = time.monotonic()
         try:
             scenes = generate_scenes(
-                loaded.model, loaded.tokenizer, [j.prompt for j in batch],
-                [j.settings for j in batch],
-                streamer=LineStreamer(
-                    loaded.tokenizer, [j.prompt for j in batch],
-                    lambda row, lines: callbacks[row](row, lines),
-                ),
-                stopping_criteria=[DeadlineStop(lambda row: self._should_stop(batch[row]))],
+                loaded.model, loaded.tokenizer, [j.prompt for j, _ in rows],
+                [j.settings for j, _ in rows],
+                streamer=LineStreamer(loaded.tokenizer, [j.prompt for j, _ in rows], on_lines),
+                stopping_criteria=[DeadlineStop(lambda row: self._should_stop(rows[row][0]))],
                 precision=self.precision,
             )
         except Exception as e:
@@ -370,17 +393,36 @@ class SceneEngine:
         with self._cond:
             self._speed.add(sum(s.new_tokens for s in scenes), time.monotonic() - start,
                             max(s.new_tokens for s in scenes))
-        for job, scene in zip(batch, scenes, strict=True):
-            self._deliver(job, scene, loaded)
+        for (job, _), scene in zip(rows, scenes, strict=True):
+            self._collect(job, scene, loaded)
+
+    def _collect(self, job: Job, scene: GeneratedScene, loaded: _Loaded) -> None:
+        """One candidate of `job` is done; once all are, the best-ranked one is delivered."""
+        job.candidates.append(scene)
+        if len(job.candidates) < job.expected:
+            return
+        best = job.candidates[0]
+        if len(job.candidates) > 1:
+            try:
+                ranked = rank([c.lines for c in job.candidates], _prompt_count(job.prompt),
+                              self.scorer)
+                best = job.candidates[ranked[0].index]
+                log.info("best of %d: candidate %d (score %.2f, coherence %.2f, humour %.2f%s)",
+                         len(job.candidates), ranked[0].index, ranked[0].total,
+                         ranked[0].coherence, ranked[0].humour,
+                         f"; {', '.join(ranked[0].problems)}" if ranked[0].problems else "")
+            except Exception:  # a broken scorer must not lose the scene: post the first
+                log.exception("ranking failed; posting the first candidate")
+        job.candidates = []
+        self._deliver(job, best, loaded)
 
     def _deliver(self, job: Job, scene: GeneratedScene, loaded: _Loaded) -> None:
         now = time.monotonic()
+        prompt_lines = _prompt_count(job.prompt)
         done = Scene(scene.lines, "\n".join(scene.lines), scene.new_tokens, now - job.started,
-                     loaded.name)
+                     loaded.name, prompt_lines=prompt_lines, candidates=job.expected)
         cut = not scene.finished and scene.new_tokens < job.settings.max_new_tokens
-        wrote = len(scene.lines) > len(
-            [x for x in normalize_prompt(job.prompt).splitlines() if x.strip()]
-        )
+        wrote = len(scene.lines) > prompt_lines
         if job.cancelled:
             self._finish(job, EngineError("That scene was cancelled."))
         elif cut and now > self._stop_at:
@@ -415,6 +457,11 @@ class SceneEngine:
             self._loop.call_soon_threadsafe(fn, arg)
         except RuntimeError:  # the event loop is gone: nobody is waiting any more
             pass
+
+
+def _prompt_count(prompt: str) -> int:
+    """How many script lines the opening becomes (they lead every scene's lines)."""
+    return len([x for x in normalize_prompt(prompt).splitlines() if x.strip()])
 
 
 def _message(error: Exception) -> str:

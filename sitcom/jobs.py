@@ -47,6 +47,8 @@ class Scene:
     model_name: str
     partial: bool = False  # stopped before it ended (timeout or shutdown)
     note: str = ""  # for the user when partial, e.g. why it stops mid-scene
+    prompt_lines: int = 0  # how many of `lines` are the user's opening
+    candidates: int = 1  # scenes written for this one (best of n); this one ranked best
 
 
 
@@ -79,6 +81,8 @@ class Job:
         self.started = 0.0  # time.monotonic() when the worker took it
         self.deadline = float("inf")  # time.monotonic() at which the worker gives up
         self.produced = 0  # tokens written so far (set by the worker)
+        self.expected = 1  # candidates being written (best of n); set by the worker
+        self.candidates: list = []  # finished candidates (GeneratedScene), worker thread only
         self._future: asyncio.Future[Scene] = asyncio.get_running_loop().create_future()
         self._latest: Scene | None = None
         self._version = 0

@@ -1,4 +1,5 @@
-"""Sampling per row: temperature / top-k / top-p with each row's own settings, and the draw."""
+"""Sampling per row: temperature / top-k / top-p / min-p with each row's own settings, and the
+draw."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -42,15 +44,15 @@ class _TopKThenTopP(LogitsProcessor):
 
 
 class PerRowSampling(LogitsProcessor):
-    """Temperature / top-k / top-p per row: rows are grouped by their settings and each
-    group goes through transformers' own warpers (which take one value per batch)."""
+    """Temperature / top-k / top-p / min-p per row: rows are grouped by their settings and
+    each group goes through transformers' own warpers (which take one value per batch)."""
 
     def __init__(self, settings: Sequence[SceneSettings]):
         groups: dict[tuple, list[int]] = {}
         for row, s in enumerate(settings):
-            groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(row)
+            groups.setdefault((s.temperature, s.top_k, s.top_p, s.min_p), []).append(row)
         self.groups = []
-        for (temperature, top_k, top_p), rows in groups.items():
+        for (temperature, top_k, top_p, min_p), rows in groups.items():
             warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
             if top_k > 0 and top_p < 1.0:
                 warpers.append(_TopKThenTopP(top_k, top_p))
@@ -58,6 +60,8 @@ class PerRowSampling(LogitsProcessor):
                 warpers.append(TopKLogitsWarper(top_k))
             elif top_p < 1.0:
                 warpers.append(TopPLogitsWarper(top_p))
+            if min_p > 0.0:
+                warpers.append(MinPLogitsWarper(min_p))
             self.groups.append((torch.tensor(rows, dtype=torch.long), warpers))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -12,6 +12,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "temperature": (0.1, 2.0),
     "top_p": (0.05, 1.0),
     "top_k": (0, 200),
+    "min_p": (0.0, 0.5),  # drop tokens below min_p x the likeliest token's probability
+    "best_of": (1, 8),  # candidates written together; the best-ranked one is posted
 }
 
 
@@ -22,6 +24,8 @@ class SceneSettings:
     temperature: float = 0.8
     top_p: float = 0.95
     top_k: int = 50
+    min_p: float = 0.0
+    best_of: int = 1
 
     def validated(self) -> SceneSettings:
         """Raise ValueError naming the first field outside its range."""

@@ -146,3 +146,114 @@ async def test_second_close_cuts_the_running_scene_now(endless_dir):
     await first
     scene = await job.result()
     assert scene.partial and scene.new_tokens < 400
+
+
+class PickOne:
+    """A humour model stand-in that laughs at every line of the `pick`-th scene it reads."""
+
+    def __init__(self, pick: int):
+        self.pick = pick
+        self.calls: list[list[str]] = []
+
+    def line_scores(self, lines: list[str]) -> list[float]:
+        self.calls.append(list(lines))
+        return [100.0 if len(self.calls) - 1 == self.pick else 0.0] * len(lines)
+
+
+@pytest.fixture(scope="module")
+def branching_dir(tmp_path_factory):
+    """A tiny Llama whose every line is a well-formed turn, drawn at random: after a newline
+    any of three speakers, after `:` any of three speeches (as endless_dir, but each token
+    may lead to several next tokens with equal logits). Sampled, candidates differ."""
+    tokenizer = build_tiny_tokenizer()
+    lines = ["\nGEORGE: Serenity now!", "\nELAINE: Get out!", "\nKRAMER: Giddyup!"]
+    edges: set[tuple[int, int]] = set()
+    for line in lines:
+        ids = tokenizer.encode(line)
+        edges |= set(zip(ids, ids[1:], strict=False))
+        edges.add((ids[-1], tokenizer.encode("\n")[0]))
+    colon = tokenizer.encode(":")[0]
+    speech_starts = {b for a, b in edges if a == colon}
+    edges |= {(colon, b) for b in speech_starts}
+    tokens = sorted({t for e in edges for t in e})
+    model = build_tiny_model(tokenizer)
+    model.config.tie_word_embeddings = False
+    hidden = model.config.hidden_size
+    assert len(tokens) <= hidden
+    slot_of = {t: i for i, t in enumerate(tokens)}
+    with torch.no_grad():
+        emb = torch.zeros_like(model.model.embed_tokens.weight)
+        head = torch.zeros(model.config.vocab_size, hidden)
+        for t in tokens:
+            emb[t, slot_of[t]] = 1.0
+        for here, there in edges:
+            head[there, slot_of[here]] = 10.0
+        model.model.embed_tokens.weight = torch.nn.Parameter(emb)
+        model.lm_head.weight = torch.nn.Parameter(head)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    path = tmp_path_factory.mktemp("branching") / "m"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    export_gguf(path, qtype="f32")
+    return path
+
+
+@pytest.mark.parametrize("backend", ["llamacpp", "torch"])
+async def test_best_of_n_writes_candidates_in_one_batch_and_delivers_the_ranked_best(
+    branching_dir, backend, monkeypatch
+):
+    widths: list[int] = []
+
+    def loader(name: str):
+        if backend == "torch":
+            from sitcom.llamacpp import load_serving_model
+
+            monkeypatch.setenv("SITCOM_BACKEND", "torch")
+            return load_serving_model(name)
+        model, tokenizer = llamacpp.load_llamacpp(name, max_batch=4, n_threads=1)
+        decode = model.decode
+
+        def counting(work):
+            widths.append(len(work))
+            return decode(work)
+
+        model.decode = counting
+        return model, tokenizer
+
+    scorer = PickOne(pick=1)
+    engine = SceneEngine(str(branching_dir), max_batch=4, loader=loader, scorer=scorer)
+    await engine.start()
+    try:
+        settings = SceneSettings(max_new_tokens=40, temperature=1.0, top_k=0, top_p=1.0,
+                                 repetition_penalty=1.0, best_of=3)
+        scene = await (await engine.submit(PROMPT, settings)).result()
+    finally:
+        await engine.close()
+    assert len(scorer.calls) == 3  # every candidate was ranked...
+    assert scene.lines == scorer.calls[1]  # ...and the one ranked best is the result
+    assert scene.candidates == 3 and scene.prompt_lines == 1
+    assert len({tuple(c) for c in scorer.calls}) > 1  # they are different scenes
+    if backend == "llamacpp":
+        assert max(widths) == 3  # the three were decoded together
+
+
+async def test_eta_counts_every_candidate_of_the_scenes_ahead(endless_dir):
+    engine = SceneEngine(str(endless_dir), max_batch=4, per_user_limit=8)
+    await engine.start()
+    try:
+        await (await engine.submit(PROMPT, scene_settings(16))).result()
+        engine._speed._steps.clear()
+        engine._speed.add(100, 1.0, 25)  # 100 tok/s in all, 25 tok/s for one scene
+        one = SceneSettings(max_new_tokens=100, temperature=0.1, top_k=1, best_of=1)
+        four = SceneSettings(max_new_tokens=100, temperature=0.1, top_k=1, best_of=4)
+        with engine._cond:  # the queue as the estimate sees it, without running anything
+            from sitcom.jobs import Job
+
+            engine._queue.extend([Job(PROMPT, four, "a"), Job(PROMPT, four, "b")])
+            assert engine._estimate(Job(PROMPT, one, "c")) == pytest.approx(9.0)  # 900/100
+            assert engine._estimate(Job(PROMPT, four, "c")) == pytest.approx(12.0)  # 1200/100
+            engine._queue.clear()
+    finally:
+        await engine.close()

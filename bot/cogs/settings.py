@@ -20,6 +20,8 @@ DESCRIPTIONS = {
     "temperature": "Higher is wilder",
     "top_p": "Sample from this much probability mass",
     "top_k": "Sample from the k likeliest tokens (0 = all)",
+    "min_p": "Drop tokens below this share of the likeliest (0 = off)",
+    "best_of": "Write this many scenes at once and post the best",
 }
 
 
@@ -35,6 +37,8 @@ RepetitionPenalty = _range(float, "repetition_penalty")
 Temperature = _range(float, "temperature")
 TopP = _range(float, "top_p")
 TopK = _range(int, "top_k")
+MinP = _range(float, "min_p")
+BestOf = _range(int, "best_of")
 
 
 @app_commands.guild_only()
@@ -65,10 +69,13 @@ class Settings(
         temperature: Temperature | None = None,
         top_p: TopP | None = None,
         top_k: TopK | None = None,
+        min_p: MinP | None = None,
+        best_of: BestOf | None = None,
     ) -> None:
         given = {k: v for k, v in {
             "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty,
-            "temperature": temperature, "top_p": top_p, "top_k": top_k,
+            "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+            "best_of": best_of,
         }.items() if v is not None}
         if not given:
             await interaction.response.send_message(

@@ -1,0 +1,109 @@
+"""Best of n: the coherence checks and the ranking that picks the scene to post."""
+
+from __future__ import annotations
+
+from sitcom.ranking import cast_of_prompt, coherence, rank
+
+OPENING = ["ELAINE: Jerry! George! You guys, listen!"]
+GOOD = OPENING + [
+    "JERRY: What is it?",
+    "ELAINE: I got a job offer from the Pendant people.",
+    "GEORGE: Pendant? They're crooks!",
+    "ELAINE: They are not crooks, George.",
+    "JERRY: So what's the job?",
+    "ELAINE: Head of the whole mail room.",
+]
+STRANGERS = OPENING + [
+    "AUDIENCE: (laughs)",
+    "BABY: Waaah!",
+    "JERRY: What is it?",
+    "MAN #3: I'm the man from the store.",
+    "BABY: Waaah!",
+]
+FILLER = OPENING + [
+    "JERRY: Okay.",
+    "GEORGE: Yeah.",
+    "JERRY: Okay.",
+    "GEORGE: Yeah.",
+    "JERRY: What?",
+    "GEORGE: No.",
+]
+SILENT_CAST = OPENING + [
+    "ELAINE: I went to the store.",
+    "ELAINE: It was a big store.",
+    "ELAINE: I bought a big thing at the store.",
+    "ELAINE: Then I went home from the store.",
+    "ELAINE: It was nice.",
+]
+PROSE = OPENING + [
+    "It was a cold day in New York and the city was grey and everyone was walking to work "
+    "with their heads down, thinking about nothing but the weather and their jobs.",
+    "JERRY: What?",
+    "ELAINE: The Pendant people offered me a job.",
+    "GEORGE: Pendant? They're crooks!",
+    "ELAINE: They are not crooks.",
+]
+
+
+def test_cast_of_prompt_takes_speakers_and_named_main_characters():
+    assert cast_of_prompt(OPENING) == {"ELAINE", "JERRY", "GEORGE"}
+    assert cast_of_prompt(["KRAMER: Hey buddy."]) == {"KRAMER"}
+
+
+def test_a_scene_without_problems_scores_full():
+    score, problems = coherence(GOOD, prompt_count=1)
+    assert (score, problems) == (1.0, ())
+
+
+def test_each_failure_readers_named_is_found_and_costs():
+    good, _ = coherence(GOOD, 1)
+    for bad, problem in [
+        (STRANGERS, "invented strangers"),
+        (FILLER, "filler"),
+        (SILENT_CAST, "talks to himself"),
+        (PROSE, "prose"),
+    ]:
+        score, problems = coherence(bad, 1)
+        assert problem in problems, (problem, problems)
+        assert score < good
+    assert "opening's characters silent" in coherence(SILENT_CAST, 1)[1]
+    assert coherence(OPENING + ["JERRY: Hi."], 1) == (0.0, ("no scene",))
+
+
+def test_prompt_lines_are_not_the_models_work():
+    # The opening itself is a filler line spoken by a stranger: not held against the scene.
+    opening = ["BABY: Okay."]
+    score, problems = coherence(opening + GOOD[1:], prompt_count=1)
+    assert score == 1.0 and problems == ()
+
+
+class KeywordScorer:
+    """A humour model stand-in: lines mentioning the keyword get laughs."""
+
+    def __init__(self, keyword: str):
+        self.keyword = keyword
+        self.calls: list[list[str]] = []
+
+    def line_scores(self, lines: list[str]) -> list[float]:
+        self.calls.append(lines)
+        return [0.9 if self.keyword in line else 0.1 for line in lines]
+
+
+def test_rank_puts_coherent_scenes_first_without_a_humour_model():
+    ranked = rank([FILLER, STRANGERS, GOOD, SILENT_CAST], prompt_count=1)
+    assert ranked[0].index == 2
+    assert [r.total for r in ranked] == sorted((r.total for r in ranked), reverse=True)
+
+
+def test_the_humour_model_breaks_ties_between_coherent_scenes():
+    funny = GOOD[:-1] + ["ELAINE: Head of the whole mail room. No soup for the mail room!"]
+    scorer = KeywordScorer("soup")
+    ranked = rank([GOOD, funny], prompt_count=1, scorer=scorer)
+    assert ranked[0].index == 1 and ranked[0].humour > ranked[1].humour
+    assert len(scorer.calls) == 2  # every candidate scored, each as a whole scene
+    # ...but a funny line does not rescue a scene full of strangers
+    assert rank([GOOD, STRANGERS + ["JERRY: soup"]], 1, scorer)[0].index == 0
+
+
+def test_ties_keep_the_given_order():
+    assert [r.index for r in rank([GOOD, list(GOOD)], 1)] == [0, 1]
