@@ -58,6 +58,7 @@ _STOPWORDS = frozenset(
     "could should about like know what's out up one".split()
 )
 _CALLBACK_WINDOW = 20  # earlier lines searched for a callback
+_ARRAYS = ("hashed", "dense", "mean", "std", "bias")
 
 
 class HumourModelError(ValueError):
@@ -240,12 +241,15 @@ class HumourModel:
             raise HumourModelError(f"humour model {path}: bad dim {dim!r} in {CARD_FILE}")
         try:
             with np.load(path / WEIGHTS_FILE, allow_pickle=False) as arrays:
-                weights = {k: arrays[k] for k in ("hashed", "dense", "mean", "std", "bias")}
+                absent = [k for k in _ARRAYS if k not in arrays.files]
+                if absent:
+                    raise HumourModelError(
+                        f"humour model {path}: {WEIGHTS_FILE} lacks the array {absent[0]!r}")
+                weights = {k: arrays[k] for k in _ARRAYS}
+        except HumourModelError:
+            raise
         except FileNotFoundError:
             raise HumourModelError(f"humour model {path}: {WEIGHTS_FILE} is missing") from None
-        except KeyError as e:
-            raise HumourModelError(
-                f"humour model {path}: {WEIGHTS_FILE} lacks the array {e}") from None
         except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, EOFError...
             raise HumourModelError(
                 f"humour model {path}: {WEIGHTS_FILE} is damaged ({type(e).__name__})") from None

@@ -25,7 +25,6 @@ import importlib.util
 import re
 import shutil
 import sqlite3
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -478,9 +477,10 @@ def train_on_votes(out: Path, votes: Path, *, guild: str | None = None,
     except HumourTrainError:
         episodes = []
     held = set(base.card.get("held_out_episodes") or [])
-    if not held and episodes:
-        held = set(split_episodes([e.name for e in episodes], seed)[1])
     test = [e for e in episodes if e.name in held]
+    if not test and episodes:  # another corpus than the init model's
+        held = set(split_episodes([e.name for e in episodes], seed)[1])
+        test = [e for e in episodes if e.name in held]
     if test:
         card["laugh_auc"] = {"init": evaluate(base, test)["model"],
                              "updated": evaluate(model, test)["model"]}
@@ -490,7 +490,10 @@ def train_on_votes(out: Path, votes: Path, *, guild: str | None = None,
 
 
 def humour_cli(args) -> int:
-    command = "python -m training " + " ".join(sys.argv[1:])
+    command = f"python -m training humour --out {args.out} --seed {args.seed}" + "".join(
+        f" --{flag} {value}" for flag, value in (
+            ("votes", args.votes), ("guild", args.guild), ("init", args.init),
+            ("corpus", args.corpus)) if value is not None)
     if args.guild is not None and args.votes is None:
         raise HumourTrainError("--guild needs --votes")
     if args.init is not None and args.votes is None:
