@@ -45,7 +45,8 @@ from sitcom.humour import (
 
 DIM = 2**18  # hash buckets
 L2 = 3e-3  # chosen on a split of the training episodes (see the default's card)
-ANCHOR = 0.05  # votes: pull towards the init model's weights
+VOTE_SHARE = 0.3  # votes: their weight next to the rehearsed laugh corpus (1.0)
+ANCHOR = 0.2  # votes without the corpus at hand: L2 pull towards the init model's weights
 HELD_OUT = 0.2
 STEPS = 300
 VOTE_STEPS = 200
@@ -392,14 +393,38 @@ def vote_examples(scenes: Sequence[VotedScene], dim: int) -> Examples:
                                 for i, n in s.votes.items()}) for s in scenes], dim)
 
 
+def combine(parts: Sequence[tuple[Examples, float]]) -> Examples:
+    """One design from several, each part's weights rescaled to sum to its share."""
+    offsets = np.cumsum([0] + [p.indptr[-1] for p, _ in parts])
+    return Examples(
+        np.concatenate([p.indptr[:-1] + o for (p, _), o in zip(parts, offsets, strict=False)]
+                       + [offsets[-1:]]),
+        np.concatenate([p.indices for p, _ in parts]),
+        np.concatenate([p.dense for p, _ in parts]),
+        np.concatenate([p.labels for p, _ in parts]),
+        np.concatenate([p.weights / p.weights.sum() * share for p, share in parts]),
+        np.concatenate([p.position for p, _ in parts]),
+        np.concatenate([p.scene_position for p, _ in parts]),
+    )
+
+
 def update_with_votes(init: HumourModel, scenes: Sequence[VotedScene], *,
+                      rehearsal: Sequence[Episode] = (), share: float = VOTE_SHARE,
                       anchor: float = ANCHOR, steps: int = VOTE_STEPS,
                       card: dict | None = None, name: str = "humour-votes") -> HumourModel:
-    data = vote_examples(scenes, init.dim)
-    if data.labels.min() == data.labels.max():
+    """Go on from `init` with the votes as labels. With `rehearsal` episodes of the laugh
+    corpus the objective also keeps fitting them (the votes weigh `share` of the corpus) and
+    the weights are pulled towards init's by L2; without, only the stronger `anchor` pull
+    keeps the model near init."""
+    votes = vote_examples(scenes, init.dim)
+    if votes.labels.min() == votes.labels.max():
         raise HumourTrainError("the votes give no contrast: every labelled line was voted for")
-    return fit(data, init.dim, l2=anchor, steps=steps, lr=0.05, init=init, card=card,
-               name=name)
+    if rehearsal:
+        data = combine([(episode_examples(rehearsal, init.dim), 1.0), (votes, share)])
+        l2 = L2
+    else:
+        data, l2 = votes, anchor
+    return fit(data, init.dim, l2=l2, steps=steps, lr=0.05, init=init, card=card, name=name)
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -452,36 +477,39 @@ def train_on_corpus(out: Path, *, seed: int = 0, corpus: Path | None = None, dim
 
 def train_on_votes(out: Path, votes: Path, *, guild: str | None = None,
                    init: Path | None = None, corpus: Path | None = None, seed: int = 0,
-                   anchor: float = ANCHOR, command: str = "",
-                   overwrite: bool = False) -> HumourModel:
-    """Update `init` (default: the shipped model) with the votes in the bot's database."""
+                   command: str = "", overwrite: bool = False) -> HumourModel:
+    """Update `init` (default: the shipped model) with the votes in the bot's database,
+    rehearsing the laugh corpus (the init's training episodes) when it is at hand."""
     _check_out(out, overwrite)
     base = HumourModel.load(DEFAULT_DIR if init is None else init)
     scenes = read_votes(votes, guild)
     if not scenes:
         where = f" for guild {guild}" if guild is not None else ""
         raise HumourTrainError(f"--votes {votes}: no votes on generated lines{where}")
-    model = update_with_votes(base, scenes, anchor=anchor, name=out.name or "humour-votes")
+    try:
+        episodes = load_laugh_corpus(corpus)
+    except HumourTrainError:
+        if corpus is not None:
+            raise
+        episodes = []  # not installed: the update leans on the anchor alone
+    held = set(base.card.get("held_out_episodes") or [])
+    if episodes and not held & {e.name for e in episodes}:  # another corpus than init's
+        held = set(split_episodes([e.name for e in episodes], seed)[1])
+    test = [e for e in episodes if e.name in held]
+    rehearsal = [e for e in episodes if e.name not in held]
+    model = update_with_votes(base, scenes, rehearsal=rehearsal, name=out.name or "humour")
     data = vote_examples(scenes, base.dim)
     card = {k: v for k, v in base.card.items() if k not in ("held_out_auc", "command")}
     card.update(
         init=base.name, created=datetime.now(UTC).isoformat(timespec="seconds"),
-        command=command, votes_db=str(votes), guild=guild, anchor=anchor,
+        command=command, votes_db=str(votes), guild=guild,
+        rehearsal_episodes=len(rehearsal), vote_share=VOTE_SHARE if rehearsal else None,
+        anchor=None if rehearsal else ANCHOR,
         vote_scenes=len(scenes), vote_lines=len(data),
         vote_auc={"init": roc_auc(data.labels, predict(base, data)),
                   "updated": roc_auc(data.labels, predict(model, data))},
     )
-    # Still sensible on real laughter? Measured when the corpus is at hand.
-    try:
-        episodes = load_laugh_corpus(corpus)
-    except HumourTrainError:
-        episodes = []
-    held = set(base.card.get("held_out_episodes") or [])
-    test = [e for e in episodes if e.name in held]
-    if not test and episodes:  # another corpus than the init model's
-        held = set(split_episodes([e.name for e in episodes], seed)[1])
-        test = [e for e in episodes if e.name in held]
-    if test:
+    if test:  # still sensible on real laughter?
         card["laugh_auc"] = {"init": evaluate(base, test)["model"],
                              "updated": evaluate(model, test)["model"]}
     model.card = card
