@@ -1,4 +1,4 @@
-"""python -m training finetune|extract|evaluate|humour ... (see --help). Errors are one line on stderr."""
+"""python -m training finetune|evaluate ... (see --help). Errors are one line on stderr."""
 
 from __future__ import annotations
 
