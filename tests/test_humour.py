@@ -413,15 +413,23 @@ async def test_votes_lift_the_lines_users_prefer(tmp_path, capsys):
     assert preference_auc(HumourModel.load(other)) < preference_auc(before)
 
 
+@needs_parser
 @pytest.mark.asyncio
 async def test_votes_update_the_shipped_default_by_default(tmp_path, capsys):
+    from training.humour import read_votes, update_with_votes
+
     await fill_votes_db(tmp_path / "bot.db", scenes=30)
+    corpus = tiny_corpus(tmp_path / "corpus")  # rehearsed instead of the real one: faster
     out = tmp_path / "voted"
-    assert training_main(["humour", "--out", str(out), "--votes",
-                          str(tmp_path / "bot.db")]) == 0, capsys.readouterr().err
+    assert training_main(["humour", "--out", str(out), "--votes", str(tmp_path / "bot.db"),
+                          "--corpus", str(corpus)]) == 0, capsys.readouterr().err
+    default = load_default()
     after = HumourModel.load(out)
-    assert after.card["init"] == load_default().name
-    assert preference_auc(after) > max(0.9, preference_auc(load_default()))
+    assert after.card["init"] == default.name and after.card["rehearsal_episodes"] == 8
+    assert preference_auc(after) > max(0.9, preference_auc(default))
+    # without the laugh corpus at hand only the pull towards the init keeps it close
+    alone = update_with_votes(default, read_votes(tmp_path / "bot.db"))
+    assert preference_auc(alone) > max(0.9, preference_auc(default))
 
 
 @pytest.mark.asyncio
