@@ -15,7 +15,8 @@ is fitted on the training episodes and its held-out ROC AUC is reported next to 
 Votes: in the bot's database, the generated lines of a stored scene that got votes are
 positives (weighted by their votes), its other generated lines negatives; the prompt's lines
 are context only. The update starts from a model (default: the shipped one) and stays close
-to it (an L2 pull towards its weights), so it still scores the laugh corpus sensibly while
+to it: an L2 pull towards its weights, and, when the laugh corpus is installed, its training
+episodes rehearsed next to the votes. So it still scores the laugh corpus sensibly while
 ranking what the users voted for higher.
 """
 
