@@ -3,7 +3,7 @@
 A logistic regression over features that are cheap to compute from text (hashed words and
 word pairs of the line and of the line before, its length and punctuation, question and
 answer, words taken up again from earlier lines, the speaker). Serving needs numpy only: a
-scene of ~50 lines scores in about a millisecond on one core. `training/humour.py` fits it
+scene of ~50 lines scores in about 2 ms on one core. `training/humour.py` fits it
 on the studio audience's laughs of `seinfeld-laugh-corpus` and updates it with the bot's votes.
 
 A model is a directory holding `card.json` (format, version, sizes, how it was trained and
