@@ -124,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--repetition-penalty", type=finite_float, default=None,
                     help="for sampled scenes (default: the bot's, 1.15)")
+
+    hu = sub.add_parser("humour", help="train the humour model on the laugh corpus, "
+                        "or update one with the bot's votes")
+    hu.add_argument("--out", type=Path, required=True, help="model dir to write")
+    hu.add_argument("--seed", type=int, default=0, help="the episode split's seed")
+    hu.add_argument("--votes", type=Path, default=None, metavar="BOT_DB",
+                    help="the bot's SQLite database: update --init with its votes")
+    hu.add_argument("--guild", default=None, metavar="ID",
+                    help="with --votes: only scenes of this server / workspace")
+    hu.add_argument("--init", type=Path, default=None, metavar="MODEL_DIR",
+                    help="with --votes: the model to update (default: the shipped one)")
+    hu.add_argument("--corpus", type=Path, default=None, metavar="DIR",
+                    help="folder of .merged laugh-corpus files (default: the installed "
+                    "seinfeld-laugh-corpus package's)")
+    hu.add_argument("--overwrite", action="store_true", help="replace OUT")
     return parser
 
 
@@ -174,8 +189,28 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+def humour_main(args: argparse.Namespace) -> int:
+    """`humour` needs numpy only: no torch or transformers imports on its way."""
+    from training.humour import humour_cli
+
+    try:
+        return humour_cli(args)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
+              file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "humour":
+        return humour_main(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sitcom.models import ModelLoadError
     from training.corpus import CorpusError
