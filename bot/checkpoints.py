@@ -1,5 +1,7 @@
 """Which checkpoints an admin may switch to: the shipped `seinfeld` default, the untouched
-`smollm2` base, and CHECKPOINTS_DIR/<name>/config.json.
+`smollm2` base, and CHECKPOINTS_DIR/<name>/config.json; and which humour models rank the
+best-of-n candidates: the shipped `humour` and CHECKPOINTS_DIR/<name>/ made by
+`python -m training humour` (a card.json of format sitcom-humour).
 
 Names are looked up in that listing, never joined onto a path as typed, so `../x`, `/etc`
 or `a/b` can never reach the filesystem; entries (symlinks) resolving outside the
@@ -8,12 +10,16 @@ directory are not listed.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+from sitcom.humour import CARD_FILE, FORMAT
 from sitcom.models import BASE_MODEL, TUNED_MODEL, is_model_dir
 
 BUILT_IN = (TUNED_MODEL, BASE_MODEL)
+HUMOUR_DEFAULT = "humour"  # the shipped humour model (sitcom/humour_default)
+HUMOUR_OFF = "off"  # rank best-of-n candidates by the coherence checks alone
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -31,6 +37,27 @@ def available(checkpoints_dir: Path) -> list[str]:
             if _NAME_RE.fullmatch(p.name) and _inside(p, checkpoints_dir) and is_model_dir(p)
         )
     return [*BUILT_IN, *(n for n in names if n not in BUILT_IN)]
+
+
+def is_humour_dir(path: Path) -> bool:
+    """A humour model directory: its card says format sitcom-humour."""
+    try:
+        card = json.loads((path / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(card, dict) and card.get("format") == FORMAT
+
+
+def humour_available(checkpoints_dir: Path) -> list[str]:
+    """The shipped humour model and `off` first, then every humour model directory, sorted."""
+    names = []
+    if checkpoints_dir.is_dir():
+        names = sorted(
+            p.name for p in checkpoints_dir.iterdir()
+            if _NAME_RE.fullmatch(p.name) and _inside(p, checkpoints_dir) and is_humour_dir(p)
+        )
+    built_in = (HUMOUR_DEFAULT, HUMOUR_OFF)
+    return [*built_in, *(n for n in names if n not in built_in)]
 
 
 def _inside(entry: Path, checkpoints_dir: Path) -> bool:

@@ -29,6 +29,7 @@ class Config:
     db_path: Path = Path("sitcom.db")
     checkpoints_dir: Path = Path("checkpoints")
     default_checkpoint: str = DEFAULT_MODEL
+    humour_model: str = "humour"  # ranks best-of-n candidates; "off": coherence checks only
     admin_user_ids: frozenset[str] = frozenset()  # Discord ids (digits) and Slack ids (U…)
     dev_guild_id: int | None = None
     max_queue: int = 32
@@ -119,6 +120,7 @@ class Config:
             db_path=Path(get("BOT_DB") or "sitcom.db").expanduser(),
             checkpoints_dir=Path(get("CHECKPOINTS_DIR") or "checkpoints").expanduser(),
             default_checkpoint=get("DEFAULT_CHECKPOINT") or DEFAULT_MODEL,
+            humour_model=get("HUMOUR_MODEL") or "humour",
             admin_user_ids=frozenset(
                 user_id("ADMIN_USER_IDS", part.strip())
                 for part in admins.replace(",", " ").split()

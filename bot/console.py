@@ -186,7 +186,7 @@ class Console:
             for row in self.core.checkpoint_listing():
                 self.say(f"  {row}")
         else:
-            self.say(f"Scenes are now written by {await self.core.use_checkpoint(name)}.")
+            self.say(self.core.switched_text(await self.core.use_checkpoint(name)))
 
 
 def _read_lines(stdin: TextIO) -> asyncio.Queue[str | None]:

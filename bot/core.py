@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Collection
 from safetensors import SafetensorError
 
 from sitcom.engine import EngineError, GenerationTimeout, Scene, SceneEngine
+from sitcom.humour import HumourModel, HumourModelError, load_default
 from sitcom.llamacpp import load_serving_model
 from sitcom.models import ModelLoadError, cache_root, is_base_model, is_tuned_default
 from sitcom.script import normalize_prompt
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 1000  # the engine's limit and the /scene option's max_length
 CHECKPOINT_KEY = "active_checkpoint"
+HUMOUR_KEY = "active_humour"
 
 
 # A read-only, full or mistyped (a file in the path) cache directory.
@@ -62,6 +64,7 @@ class Core:
         self.db = db
         self.engine = engine
         self.checkpoint = checkpoint  # the name users see; engine.model_name may be a path
+        self.humour = checkpoints.HUMOUR_OFF  # the humour model ranking best-of-n candidates
         # engine model -> the name users saw when it was chosen: a scene is labelled with
         # the model that wrote it, even when a swap lands before it is stored.
         self._labels: dict[str, str] = {engine.model_name: checkpoint}
@@ -94,7 +97,29 @@ class Core:
             await db.close()
             raise
         log.info("scene engine ready with checkpoint %s", name)
-        return cls(config, db, engine, name)
+        core = cls(config, db, engine, name)
+        try:
+            await core._start_humour()
+        except BaseException:
+            await core.close(now=True)
+            raise
+        return core
+
+    async def _start_humour(self) -> None:
+        """The stored humour model, else HUMOUR_MODEL, else the shipped one; one that cannot
+        be loaded is logged and the next is tried (ranking then falls back to coherence)."""
+        stored = await self.db.get_state(HUMOUR_KEY)
+        for name in dict.fromkeys(n for n in (stored, self.config.humour_model,
+                                              checkpoints.HUMOUR_DEFAULT) if n):
+            try:
+                self.engine.scorer = await asyncio.to_thread(
+                    load_humour, name, self.config.checkpoints_dir, True)
+            except (checkpoints.CheckpointError, HumourModelError) as e:
+                log.warning("humour model %s not used: %s", name, e)
+                continue
+            self.humour = name
+            log.info("best-of-n candidates ranked by humour model %s", name)
+            return
 
     @staticmethod
     async def _start_engine(config: Config, model: str, loader=None) -> SceneEngine:
@@ -223,11 +248,47 @@ class Core:
         return checkpoints.available(self.config.checkpoints_dir)
 
     def checkpoint_listing(self) -> list[str]:
-        """One row per checkpoint, the active one marked (it may be a DEFAULT_CHECKPOINT path)."""
+        """One row per checkpoint, the active one marked (it may be a DEFAULT_CHECKPOINT path),
+        then one per humour model (they rank best-of-n candidates), the active one marked."""
         names = self.list_checkpoints()
         if self.checkpoint not in names:
             names.append(self.checkpoint)
-        return [f"{n}  ← active" if n == self.checkpoint else n for n in names]
+        rows = [f"{n}  ← active" if n == self.checkpoint else n for n in names]
+        humour = checkpoints.humour_available(self.config.checkpoints_dir)
+        if self.humour not in humour:
+            humour.append(self.humour)
+        return rows + [f"humour model: {n}" + ("  ← active" if n == self.humour else "")
+                       for n in humour]
+
+    def is_humour_name(self, name: str) -> bool:
+        """`/checkpoint use NAME` switches the humour model when NAME is one (and no writer)."""
+        name = name.strip()
+        return (name in checkpoints.humour_available(self.config.checkpoints_dir)
+                and name not in self.list_checkpoints())
+
+    def check_checkpoint_name(self, name: str) -> None:
+        """CheckpointError (user-facing) unless NAME is a listed checkpoint or humour model."""
+        if not self.is_humour_name(name):
+            checkpoints.resolve(name, self.config.checkpoints_dir)
+
+    def switched_text(self, name: str) -> str:
+        """What the admin is told after `/checkpoint use NAME` (without markup)."""
+        if name == self.humour and self.is_humour_name(name):
+            if name == checkpoints.HUMOUR_OFF:
+                return "Best-of-n candidates are now ranked by the coherence checks alone."
+            return f"Best-of-n candidates are now ranked by the humour model {name}."
+        return f"Scenes are now written by {name}."
+
+    async def use_humour(self, name: str) -> str:
+        """Rank best-of-n candidates with another humour model (or `off`) and remember it."""
+        try:
+            scorer = await asyncio.to_thread(load_humour, name, self.config.checkpoints_dir)
+        except HumourModelError as e:
+            raise checkpoints.CheckpointError(f"That humour model cannot be used: {e}") from None
+        name = name.strip()
+        await self.db.set_state(HUMOUR_KEY, name)
+        self.engine.scorer, self.humour = scorer, name
+        return name
 
     async def use_checkpoint(self, name: str) -> str:
         """Swap the engine to a listed checkpoint and remember it; returns the name.
@@ -235,6 +296,8 @@ class Core:
         Both or neither: when the choice cannot be stored (a busy database), the old model
         is swapped back before the error is reported.
         """
+        if self.is_humour_name(name):
+            return await self.use_humour(name)
         model = checkpoints.resolve(name, self.config.checkpoints_dir)
         name = model if model in checkpoints.BUILT_IN else name.strip()
         previous = self.engine.model_name
@@ -276,6 +339,24 @@ class Core:
                 await asyncio.wait(posting, timeout=max(1.0, end - loop.time()))
         finally:
             await self.db.close()
+
+
+def load_humour(name: str, checkpoints_dir, operator: bool = False) -> HumourModel | None:
+    """A humour model by its listed name (`humour`: the shipped one, `off`: None); with
+    `operator` (HUMOUR_MODEL) also a directory path. CheckpointError / HumourModelError
+    (one line) when it is not there or cannot be read."""
+    name = name.strip()
+    if name == checkpoints.HUMOUR_OFF:
+        return None
+    if name == checkpoints.HUMOUR_DEFAULT:
+        return load_default()
+    if name in checkpoints.humour_available(checkpoints_dir):
+        return HumourModel.load(checkpoints_dir / name)
+    if operator and ("/" in name or name.startswith(".")):
+        return HumourModel.load(name)
+    shown = name if len(name) <= 40 else name[:40] + "…"
+    raise checkpoints.CheckpointError(
+        f"There is no humour model called `{shown}`; try /checkpoint list.")
 
 
 def prompt_line_count(prompt: str, lines: list[str]) -> int:

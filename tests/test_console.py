@@ -184,3 +184,29 @@ def test_shutdown_is_bounded_and_stores_the_running_scene(
     db = sqlite3.connect(tmp_path / "console.db")
     (tokens,) = db.execute("SELECT new_tokens FROM scenes").fetchone()
     assert 0 < tokens < 400
+
+
+def test_humour_models_are_listed_switched_and_remembered_like_checkpoints(
+    tmp_path, tiny_model_dir
+):
+    import shutil
+
+    from sitcom.humour import DEFAULT_DIR
+
+    shutil.copytree(DEFAULT_DIR, tmp_path / "checkpoints" / "funny")
+    env = {"PYTHONPATH": str(ROOT)}
+    first = run_bot(
+        "/checkpoint list\n/checkpoint use funny\n"
+        "/settings set best_of 3 max_new_tokens 16\n"
+        "/scene Elaine: Jerry! George! You guys, listen!\n", tmp_path, tiny_model_dir, **env)
+    assert first.returncode == 0, first.stderr
+    assert "humour model: humour  ← active" in first.stdout
+    assert "humour model: funny" in first.stdout and "humour model: off" in first.stdout
+    assert "now ranked by the humour model funny" in first.stdout
+    assert "Scene 1" in first.stdout
+    second = run_bot("/checkpoint list\n/checkpoint use nothing-here\n/checkpoint use off\n",
+                     tmp_path, tiny_model_dir, **env)
+    assert "humour model: funny  ← active" in second.stdout  # remembered across a restart
+    assert "no checkpoint called `nothing-here`" in second.stderr
+    assert "ranked by the coherence checks alone" in second.stdout
+    assert "Traceback" not in second.stderr

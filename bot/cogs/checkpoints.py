@@ -6,6 +6,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from .. import checkpoints
 from ..utils.checks import is_bot_admin
 
 NO_PINGS = discord.AllowedMentions.none()
@@ -37,14 +38,17 @@ class Checkpoints(
         await interaction.response.defer(ephemeral=True, thinking=True)
         active = await self.bot.core.use_checkpoint(name)
         await interaction.followup.send(
-            f"✅ Scenes are now written by `{active}`.", ephemeral=True, allowed_mentions=NO_PINGS
+            f"✅ {self.bot.core.switched_text(active)}", ephemeral=True,
+            allowed_mentions=NO_PINGS,
         )
 
     @use.autocomplete("name")
     async def use_autocomplete(
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
-        names = [n for n in self.bot.core.list_checkpoints() if current.lower() in n.lower()]
+        core = self.bot.core
+        every = core.list_checkpoints() + checkpoints.humour_available(core.config.checkpoints_dir)
+        names = [n for n in dict.fromkeys(every) if current.lower() in n.lower()]
         return [app_commands.Choice(name=n, value=n) for n in names[:25]]
 
 

@@ -27,7 +27,6 @@ from sitcom.engine import EngineError
 from sitcom.models import ModelLoadError
 from sitcom.settings import SceneSettings
 
-from .. import checkpoints
 from ..checkpoints import CheckpointError
 from ..commands import UsageError, parse_best, parse_checkpoint, parse_settings
 from ..config import Config
@@ -205,10 +204,10 @@ class SlackFrontend:
             rows = "\n".join(f"• {escape(row)}" for row in self.core.checkpoint_listing())
             await reply(f"🎞️ *Checkpoints*\n{rows}")
             return
-        checkpoints.resolve(name, self.config.checkpoints_dir)  # a bad name: refused in the ack
+        self.core.check_checkpoint_name(name)  # a bad name: refused in the ack
         await reply(f"⏳ Loading `{escape(name)}`…")  # acknowledged; loading takes seconds
         active = await self.core.use_checkpoint(name)
-        await reply(f"✅ Scenes are now written by `{escape(active)}`.")
+        await reply(f"✅ {escape(self.core.switched_text(active))}")
 
     # -- votes --------------------------------------------------------------------------
 
