@@ -7,8 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-from test_training import write_corpus
-
 from training.__main__ import main
 from training.judge import (
     JudgeError,
@@ -22,6 +20,13 @@ from training.judge import (
 )
 
 CAST = ("JERRY", "GEORGE", "ELAINE", "KRAMER")
+
+
+def write_corpus(path: Path, train: list[str], val: list[str]) -> Path:
+    path.mkdir(parents=True)
+    for name, episodes in (("train", train), ("val", val)):
+        (path / f"{name}.txt").write_text("\n<|endoftext|>\n".join(episodes) + "\n")
+    return path
 
 
 def episode(tag: str, scenes: int = 3, turns: int = 16) -> str:
@@ -218,7 +223,7 @@ def test_pack_blinds_balances_and_keeps_the_key_apart(tmp_path, capsys):
         for slot in ("1", "2"):
             system = p[f"scene{slot}"]
             assert shown_pair[f"Scene {slot}"] == render_scene(
-                scenes[system][p["opening"]]["lines"], 1000)
+                scenes[system][p["opening"]]["lines"], 1000, 12)
         assert {p["scene1"], p["scene2"]} == {"A", "B"}
     for p in repeats.values():
         original = key["pairs"][str(p["repeat_of"])]
@@ -245,6 +250,9 @@ def test_render_line_normalises_format_only():
     assert render_line("He walks in.") == "He walks in."
     assert render_scene(["JERRY: " + "a" * 600, "GEORGE: " + "b" * 600], 1000) == \
         ["JERRY: " + "a" * 600]
+    assert render_scene(["JERRY: a", "", "GEORGE: b", "ELAINE: c"], 0, 2) == \
+        ["JERRY: a", "GEORGE: b"]
+    assert len(render_scene(["JERRY: a"] * 30, 0)) == 30
 
 
 def test_pack_refuses_mismatched_files(tmp_path):

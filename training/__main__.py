@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "self-agreement")
     pk.add_argument("--max-chars", type=int, default=MAX_CHARS,
                     help="cut both scenes to this many characters (whole lines); 0 = no cut")
+    pk.add_argument("--max-lines", type=int, default=MAX_LINES,
+                    help="... and to this many lines; 0 = no cut")
     pk.add_argument("--force", action="store_true", help="replace an existing pack")
 
     sc = js.add_parser("score", help="check a judge's verdicts and score the systems")

@@ -377,7 +377,7 @@ async def _write_scenes(args, todo: list[dict], base: dict, settings) -> int:
     )
     try:
         await engine.start()
-    except ModelLoadError as e:
+    except (ModelLoadError, EngineError) as e:
         raise JudgeError(str(e)) from None
     gate = asyncio.Semaphore(args.concurrency)
     failed = 0
@@ -432,15 +432,17 @@ def render_line(line: str) -> str:
     return normalize_prompt(text).strip() if ":" in text else text
 
 
-def render_scene(lines: Sequence[str], max_chars: int) -> list[str]:
-    """Rendered lines, cut (whole lines) at max_chars characters (0: no cut)."""
+def render_scene(lines: Sequence[str], max_chars: int, max_lines: int = 0) -> list[str]:
+    """Rendered lines, cut (whole lines) at max_chars characters and max_lines lines
+    (0: no cut)."""
     out: list[str] = []
     chars = 0
     for line in lines:
         text = render_line(line)
         if not text:
             continue
-        if max_chars and out and chars + len(text) + 1 > max_chars:
+        if out and (max_chars and chars + len(text) + 1 > max_chars
+                    or max_lines and len(out) >= max_lines):
             break
         out.append(text)
         chars += len(text) + 1
@@ -480,12 +482,12 @@ def _balanced_orders(n: int, rng: random.Random) -> list[bool]:
 
 
 def pack(files: Sequence[Path], out_dir: Path, *, seed: int = 0, repeat: int = 0,
-         max_chars: int = MAX_CHARS, force: bool = False) -> dict:
+         max_chars: int = MAX_CHARS, max_lines: int = MAX_LINES, force: bool = False) -> dict:
     """Write out_dir/pairs.md, instructions.md and key.json; returns the key."""
     if len(files) != 2:
         raise JudgeError(f"pack takes two scenes files (got {len(files)})")
-    if repeat < 0 or max_chars < 0:
-        raise JudgeError("--repeat and --max-chars must not be negative")
+    if repeat < 0 or max_chars < 0 or max_lines < 0:
+        raise JudgeError("--repeat, --max-chars and --max-lines must not be negative")
     if out_dir.exists() and not out_dir.is_dir():
         raise JudgeError(f"--out {out_dir} is a file; give a folder")
     if (out_dir / "key.json").exists() and not force:
@@ -532,9 +534,12 @@ def pack(files: Sequence[Path], out_dir: Path, *, seed: int = 0, repeat: int = 0
         }
         opening = scenes_a[p["opening"]]["opening"]
         blocks.append(_pair_block(n, render_scene(opening, 0),
-                                  render_scene(scenes[first][p["opening"]]["lines"], max_chars),
-                                  render_scene(scenes[second][p["opening"]]["lines"], max_chars)))
-    key = {"version": 1, "seed": seed, "max_chars": max_chars, "systems": systems,
+                                  render_scene(scenes[first][p["opening"]]["lines"], max_chars,
+                                               max_lines),
+                                  render_scene(scenes[second][p["opening"]]["lines"],
+                                               max_chars, max_lines)))
+    key = {"version": 1, "seed": seed, "max_chars": max_chars, "max_lines": max_lines,
+           "systems": systems,
            "pairs": key_pairs, "n_pairs": len(pairs), "n_repeats": len(repeats)}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "pairs.md", f"# Pairs to judge ({len(everything)})\n\n"
@@ -587,7 +592,7 @@ optionally `note` (a short reason, text). For example:
 
 def pack_cli(args) -> int:
     key = pack(args.files, args.out, seed=args.seed, repeat=args.repeat,
-               max_chars=args.max_chars, force=args.force)
+               max_chars=args.max_chars, max_lines=args.max_lines, force=args.force)
     print(f"wrote {args.out}/pairs.md ({key['n_pairs']} pairs + {key['n_repeats']} repeats), "
           f"instructions.md, key.json (keep the key away from the judge)")
     return 0
