@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from training.__main__ import main
 from training.judge import (
     JudgeError,

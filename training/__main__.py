@@ -1,4 +1,4 @@
-"""python -m training finetune|extract|evaluate|judge ... (see --help). Errors are one line on stderr."""
+"""python -m training finetune|evaluate|judge ... (see --help). Errors are one line on stderr."""
 
 from __future__ import annotations
 

@@ -45,6 +45,10 @@ SHOW = "show"  # --model show: the real continuations
 SCORES = ("coherence", "humour", "voice")
 VERDICT_KEYS = {"pair", "better", "real", "scene1", "scene2", "note"}
 SYSTEM_IDS = ("A", "B")
+EXAMPLE_VERDICT = {"pair": 1, "better": 2, "real": "none",
+                   "scene1": {"coherence": 2, "humour": 1, "voice": 3},
+                   "scene2": {"coherence": 4, "humour": 3, "voice": 4},
+                   "note": "2 keeps to the opening's idea"}
 
 
 class JudgeError(ValueError):
@@ -586,7 +590,7 @@ else in the file (no headings, no code fences). Keys: `pair` (the pair's number)
 `better`, `real`, `scene1`, `scene2` (each with `coherence`, `humour`, `voice`), and
 optionally `note` (a short reason, text). For example:
 
-{{"pair": 1, "better": 2, "real": "none", "scene1": {{"coherence": 2, "humour": 1, "voice": 3}}, "scene2": {{"coherence": 4, "humour": 3, "voice": 4}}, "note": "2 keeps to the opening's idea"}}
+{json.dumps(EXAMPLE_VERDICT)}
 """
 
 
