@@ -566,9 +566,10 @@ def instructions(n: int) -> str:
     return f"""# How to judge
 
 pairs.md holds {n} numbered pairs. Each pair is an opening (one or two lines of a Seinfeld
-scene) and two continuations of it, "Scene 1" and "Scene 2". Each continuation may come
-from the real show or from another writer; both, one or neither may be real. Some pairs
-may appear more than once. Judge every pair on its own, from what is on the page.
+scene: its first lines, or lines from the middle of it) and two continuations of it,
+"Scene 1" and "Scene 2". Each continuation may come from the real show or from another
+writer; one or neither may be real. Some pairs may appear more than once. Judge every
+pair on its own, from what is on the page.
 
 For each pair decide:
 
