@@ -142,7 +142,8 @@ def test_write_uses_the_engine_resumes_and_checks_settings(corpus, tmp_path, tin
                    "another --out")
     for bad, message in [("bogus=1", "unknown setting: bogus"),
                          ("temperature=9", "temperature must be between"),
-                         ("temperature", "expected key=value")]:
+                         ("temperature", "expected key=value"),
+                         ("top_k=many", "top_k=many: not a number")]:
         one_line_error(*run_cli(capsys, "write", "--openings", openings, "--model",
                                 tiny_model_dir, "--set", bad, "--out",
                                 tmp_path / "x.jsonl")[::2], message)
@@ -305,6 +306,8 @@ def test_score_computes_rates_means_and_self_agreement(tmp_path, capsys):
     assert (sa["coherence"], sa["humour"], sa["voice"]) == (4, 3, 2)
     assert (sb["coherence"], sb["humour"], sb["voice"]) == (2, 2, 2)
     assert sa["label"] == "SECRETALPHA" and sb["name"] == "BRAVOLABEL"
+    assert sa["speed"] == {"scenes": 10, "mean_seconds": 1.0, "mean_new_tokens": 50,
+                           "tokens_per_s": 50.0, "concurrency": None}
     agree = result["self_agreement"]
     assert (agree["repeats"], agree["same_winner"], agree["same_real"]) == (2, 1, 2)
     assert agree["mean_abs_score_diff"] == pytest.approx(1 / 12)

@@ -291,8 +291,11 @@ def scene_settings(changes: dict):
 
     try:
         return SceneSettings().with_changes(**changes)
-    except (TypeError, ValueError) as e:
+    except ValueError as e:
         raise JudgeError(f"--set: {e}") from None
+    except TypeError:
+        words = [f"{k}={v}" for k, v in changes.items() if isinstance(v, str)]
+        raise JudgeError(f"--set {', '.join(words)}: not a number") from None
 
 
 def default_label(model: str, changes: dict) -> str:
@@ -476,6 +479,20 @@ def load_scenes(path: Path) -> tuple[dict, dict[str, dict]]:
     return system, by_id
 
 
+def speed(records: Iterable[dict]) -> dict | None:
+    """Mean seconds and new tokens per scene, and tokens per second, of written scenes
+    (None for the show's, which have no timings)."""
+    timed = [r for r in records if isinstance(r.get("seconds"), int | float)
+             and isinstance(r.get("new_tokens"), int) and r["seconds"] > 0]
+    if not timed:
+        return None
+    seconds = sum(r["seconds"] for r in timed)
+    tokens = sum(r["new_tokens"] for r in timed)
+    return {"scenes": len(timed), "mean_seconds": seconds / len(timed),
+            "mean_new_tokens": tokens / len(timed), "tokens_per_s": tokens / seconds,
+            "concurrency": timed[0].get("concurrency")}
+
+
 def _balanced_orders(n: int, rng: random.Random) -> list[bool]:
     """n flags, True = system A is Scene 1; half of each (the odd one chosen at random)."""
     flags = [True] * (n // 2) + [False] * (n // 2)
@@ -525,7 +542,8 @@ def pack(files: Sequence[Path], out_dir: Path, *, seed: int = 0, repeat: int = 0
         if all(abs(where[id(r)] - where[id(pairs[r["repeat_of"]])]) > 1 for r in repeats):
             break
     number = {id(p): n for n, p in enumerate(everything, 1)}
-    systems = {"A": sys_a, "B": sys_b}
+    systems = {"A": {**sys_a, "speed": speed(scenes_a[i] for i in common)},
+               "B": {**sys_b, "speed": speed(scenes_b[i] for i in common)}}
     scenes = {"A": scenes_a, "B": scenes_b}
     key_pairs: dict[str, dict] = {}
     blocks = []
@@ -777,6 +795,12 @@ def format_score(result: dict) -> str:
         rows.append(
             f"{s['name'][:28]:<28} {s['wins']:>5} {s['win_rate']:>9.1%} {interval:>15} "
             f"{real:>15} {s['coherence']:>9.2f} {s['humour']:>7.2f} {s['voice']:>6.2f}")
+    for s in result["systems"].values():
+        if s.get("speed"):
+            sp = s["speed"]
+            rows.append(f"{s['name']}: {sp['mean_seconds']:.1f} s and {sp['mean_new_tokens']:.0f}"
+                        f" tokens a scene, {sp['tokens_per_s']:.1f} tokens/s per scene "
+                        f"({sp['concurrency']} at once)")
     rows.append(f"judge: Scene 1 preferred in {result['scene1_preferred_rate']:.0%} of pairs")
     agree = result["self_agreement"]
     if agree:
