@@ -1,4 +1,4 @@
-"""python -m training finetune|evaluate ... (see --help). Errors are one line on stderr."""
+"""python -m training finetune|evaluate|judge ... (see --help). Errors are one line on stderr."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from sitcom.adapters import DTYPES
+from training.judge import MAX_CHARS, MAX_LINES
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -139,11 +140,66 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder of .merged laugh-corpus files (default: the installed "
                     "seinfeld-laugh-corpus package's)")
     hu.add_argument("--overwrite", action="store_true", help="replace OUT")
+
+    jd = sub.add_parser("judge", help="blind pairwise quality harness (training/JUDGING.md)")
+    js = jd.add_subparsers(dest="judge_command", required=True)
+    op = js.add_parser("openings", help="openings + real continuations from the val split")
+    op.add_argument("--data", type=Path, required=True, help="corpus dir (val.txt)")
+    op.add_argument("--n", type=int, default=40, help="how many openings")
+    op.add_argument("--seed", type=int, required=True,
+                    help="chooses the set: take a fresh one now and then, never tune to one")
+    op.add_argument("--out", type=Path, required=True, help="openings JSONL to write")
+    op.add_argument("--max-lines", type=int, default=MAX_LINES,
+                    help="lines of the real continuation")
+    op.add_argument("--max-chars", type=int, default=MAX_CHARS,
+                    help="characters of the real continuation (whole lines)")
+
+    wr = js.add_parser("write", help="one scene per opening with the bot's engine")
+    wr.add_argument("--openings", type=Path, required=True, help="from `judge openings`")
+    wr.add_argument("--model", required=True,
+                    help="seinfeld, smollm2, a checkpoint name or dir, a hub id; `show` for "
+                    "the real continuations")
+    wr.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="a SceneSettings field, e.g. --set temperature=0.7 (repeatable)")
+    wr.add_argument("--label", default=None, help="the system's name in the scores")
+    wr.add_argument("--out", type=Path, required=True,
+                    help="scenes JSONL; an existing one is resumed")
+    wr.add_argument("--concurrency", type=int, default=4,
+                    help="scenes in flight at once (the engine batches them); 1 for "
+                    "single-scene timings")
+    wr.add_argument("--humour", default="humour",
+                    help="humour model ranking best_of candidates: humour (shipped), off, "
+                    "a name in CHECKPOINTS_DIR or a dir")
+    wr.add_argument("--timeout", type=finite_float, default=600.0,
+                    help="seconds one scene may take")
+
+    pk = js.add_parser("pack", help="blinded pairs of two scenes files for a judge")
+    pk.add_argument("files", type=Path, nargs=2, metavar="SCENES.jsonl")
+    pk.add_argument("--out", type=Path, required=True,
+                    help="folder for pairs.md, instructions.md, key.json")
+    pk.add_argument("--seed", type=int, default=0, help="order of the pairs and scenes")
+    pk.add_argument("--repeat", type=int, default=0,
+                    help="show K pairs again (other order, new numbers): the judge's "
+                    "self-agreement")
+    pk.add_argument("--max-chars", type=int, default=MAX_CHARS,
+                    help="cut both scenes to this many characters (whole lines); 0 = no cut")
+    pk.add_argument("--max-lines", type=int, default=MAX_LINES,
+                    help="... and to this many lines; 0 = no cut")
+    pk.add_argument("--force", action="store_true", help="replace an existing pack")
+
+    sc = js.add_parser("score", help="check a judge's verdicts and score the systems")
+    sc.add_argument("pack", type=Path, help="the folder `judge pack` wrote")
+    sc.add_argument("--verdicts", type=Path, required=True, help="the judge's JSON lines")
+    sc.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     # Cheap checks first; torch and transformers take seconds to import.
+    if args.command == "judge":
+        from training.judge import judge_cli
+
+        return judge_cli(args)
     from training.corpus import load_corpus
 
     if args.data is not None:
