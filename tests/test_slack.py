@@ -546,6 +546,15 @@ async def test_item11_used_up_or_expired_response_url_falls_back_to_post_ephemer
     assert fake.rejected_responses[-1][0] == "expired_url"
     assert "expired_url" in fell_back()[-1]
 
+    # In a DM the bot is not part of, the fallback fails too: still one line, saying so.
+    before = len(fell_back())
+    payload = slash_command(fake, "/settings", "show", channel=DM)
+    fake.response_url_state(payload["response_url"]).uses = 5
+    await fake.send_envelope(command_envelope(payload))
+    await fake.wait_for(lambda: len(fell_back()) > before and not app.tasks, timeout=30)
+    (lost,) = fell_back()[before:]
+    assert "lost" in lost and "channel_not_found" in lost and "\n" not in lost
+
 
 async def test_item12_votes_arriving_out_of_order_keep_the_latest(slack):
     """A reaction_removed arrives before an older reaction_added that Slack redelivers (its
