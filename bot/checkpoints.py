@@ -86,7 +86,7 @@ def startup_model(stored: str | None, default: str, checkpoints_dir: Path) -> tu
     """(name, model) to start with: the stored choice if still valid, else DEFAULT_CHECKPOINT.
 
     DEFAULT_CHECKPOINT is operator configuration, so besides a listed name it may be a
-    directory path or hub id that is handed to the engine as is.
+    directory path or hub id that is handed to the engine as is (shown by its name).
     """
     if stored:
         try:
@@ -96,4 +96,13 @@ def startup_model(stored: str | None, default: str, checkpoints_dir: Path) -> tu
     try:
         return default, resolve(default, checkpoints_dir)
     except CheckpointError:
-        return default, default
+        return display_name(default), default
+
+
+def display_name(model: str) -> str:
+    """What chat shows for a DEFAULT_CHECKPOINT that is not a listed name: a directory
+    path's last part (the operator's paths are not for users), a hub id as it is."""
+    path = Path(model).expanduser()
+    if path.is_absolute() or model.startswith((".", "~")) or path.exists():
+        return path.resolve().name or model
+    return model

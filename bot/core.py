@@ -86,12 +86,13 @@ class Core:
             try:
                 engine = await cls._start_engine(config, model, loader)
             except ModelLoadError:
-                if name == config.default_checkpoint:
-                    raise
-                log.exception("stored checkpoint %s failed to load; using the default", name)
-                name, model = checkpoints.startup_model(
+                default = checkpoints.startup_model(
                     None, config.default_checkpoint, config.checkpoints_dir
                 )
+                if (name, model) == default:
+                    raise
+                log.exception("stored checkpoint %s failed to load; using the default", name)
+                name, model = default
                 engine = await cls._start_engine(config, model, loader)
         except BaseException:
             await db.close()
@@ -229,11 +230,13 @@ class Core:
 
     async def vote(
         self, *, platform: str, message_id: str, slot: int | None, user_id: str, add: bool,
-        event_id: str | None = None,
+        event_id: str | None = None, event_time: int | None = None,
     ) -> bool:
         """A keycap reaction added or removed on a scene message; True when it changed a
         vote. Unknown messages, other emoji and prompt lines are ignored; an `event_id`
-        seen before (a redelivery) changes nothing."""
+        seen before (a redelivery) changes nothing; with `event_time` (when the reaction
+        happened, integer microseconds), an event older than the latest one applied for
+        this user and line (a late redelivery) changes nothing either."""
         if slot is None:
             return False
         line_id = await self.db.line_at(platform, message_id, slot)
@@ -241,15 +244,16 @@ class Core:
             return False
         event = (platform, event_id) if event_id else None
         if add:
-            return await self.db.add_vote(str(user_id), line_id, event)
-        return await self.db.remove_vote(str(user_id), line_id, event)
+            return await self.db.add_vote(str(user_id), line_id, event, event_time)
+        return await self.db.remove_vote(str(user_id), line_id, event, event_time)
 
     def list_checkpoints(self) -> list[str]:
         return checkpoints.available(self.config.checkpoints_dir)
 
     def checkpoint_listing(self) -> list[str]:
-        """One row per checkpoint, the active one marked (it may be a DEFAULT_CHECKPOINT path),
-        then one per humour model (they rank best-of-n candidates), the active one marked."""
+        """One row per checkpoint, the active one marked (it may be an unlisted
+        DEFAULT_CHECKPOINT, shown by its name), then one per humour model (they rank best-of-n
+        candidates), the active one marked."""
         names = self.list_checkpoints()
         if self.checkpoint not in names:
             names.append(self.checkpoint)

@@ -313,24 +313,28 @@ class Database:
     # -- votes ---------------------------------------------------------------------------
 
     async def add_vote(
-        self, user_id: str, line_id: int, event: tuple[str, str] | None = None
+        self, user_id: str, line_id: int, event: tuple[str, str] | None = None,
+        at: int | None = None,
     ) -> bool:
-        """False when this user already voted for this line, or `event` (platform,
-        event id) was applied before (a redelivery)."""
+        """False when this user already voted for this line, `event` (platform, event id)
+        was applied before (a redelivery), or `at` (when it happened, integer microseconds)
+        is older than the latest event applied for this user and line (out of order)."""
         return await self._vote(
             "INSERT INTO votes (line_id, user_id) VALUES (?, ?) "
-            "ON CONFLICT(user_id, line_id) DO NOTHING", line_id, user_id, event,
+            "ON CONFLICT(user_id, line_id) DO NOTHING", line_id, user_id, event, at,
         )
 
     async def remove_vote(
-        self, user_id: str, line_id: int, event: tuple[str, str] | None = None
+        self, user_id: str, line_id: int, event: tuple[str, str] | None = None,
+        at: int | None = None,
     ) -> bool:
         return await self._vote(
-            "DELETE FROM votes WHERE line_id = ? AND user_id = ?", line_id, user_id, event
+            "DELETE FROM votes WHERE line_id = ? AND user_id = ?", line_id, user_id, event, at
         )
 
     async def _vote(
-        self, sql: str, line_id: int, user_id: str, event: tuple[str, str] | None
+        self, sql: str, line_id: int, user_id: str, event: tuple[str, str] | None,
+        at: int | None,
     ) -> bool:
         # The event id and the vote change commit together: a redelivered event finds its id
         # and changes nothing; a failed one left no id behind and is applied when redelivered.
@@ -345,6 +349,17 @@ class Database:
                 await conn.execute(
                     "DELETE FROM seen_events WHERE seen_at < datetime('now', '-1 day')"
                 )
+            if at is not None:
+                # Only the newest event per user and line stands; an older one arriving late
+                # (redelivered after a newer one was applied) changes nothing.
+                cur = await conn.execute(
+                    "INSERT INTO vote_clock (line_id, user_id, event_us) VALUES (?, ?, ?) "
+                    "ON CONFLICT(user_id, line_id) DO UPDATE SET event_us = excluded.event_us "
+                    "WHERE excluded.event_us >= vote_clock.event_us",
+                    (line_id, str(user_id), at),
+                )
+                if cur.rowcount == 0:
+                    return False
             cur = await conn.execute(sql, (line_id, str(user_id)))
             return cur.rowcount > 0
 

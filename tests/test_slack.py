@@ -5,11 +5,15 @@ is tests/slack_fake.py, a server on 127.0.0.1 fed with Slack's documented payloa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
+import logging
 import shutil
+import sqlite3
 import time
+from pathlib import Path
 from urllib.parse import urlencode
 
 import aiohttp
@@ -17,8 +21,11 @@ import pytest
 import pytest_asyncio
 from slack_fake import (
     ADMIN,
+    APP_TOKEN,
+    BOT_TOKEN,
     BOT_USER,
     CHANNEL,
+    DM,
     TEAM,
     USER,
     FakeSlack,
@@ -38,12 +45,15 @@ pytestmark = pytest.mark.asyncio
 HOSTILE = "Elaine: <!channel> <!here> <!everyone> <@U0BOSS> <#C0SECRET> & <https://x.io|y>"
 
 
-async def start(tmp_path, model_dir, fake: FakeSlack, **extra):
-    extra.setdefault("slack_app_token", "xapp-1-test")
-    config = make_config(tmp_path, model_dir, slack_bot_token="xoxb-test", **extra)
+async def start(tmp_path, model_dir, fake: FakeSlack, db_timeout_s: float | None = None,
+                **extra):
+    extra.setdefault("slack_app_token", APP_TOKEN)
+    config = make_config(tmp_path, model_dir, slack_bot_token=BOT_TOKEN, **extra)
+    if db_timeout_s is not None:
+        config = dataclasses.replace(config, db_timeout_s=db_timeout_s)
     core = await Core.start(config, loader=scripted_loader())
     core.retry = RetryPolicy(attempts=3, first_delay_s=0.01)
-    slack = SlackFrontend(config, core, client=make_client("xoxb-test", fake.base_url),
+    slack = SlackFrontend(config, core, client=make_client(BOT_TOKEN, fake.base_url),
                           host="127.0.0.1")
     await slack.start()
     return slack
@@ -62,17 +72,34 @@ async def slack(tmp_path, tiny_model_dir):
     await fake.close()
 
 
+async def answers(fake: FakeSlack, payload: dict, count: int = 1) -> list[dict]:
+    """Send a slash command over Socket Mode (the ack must come within Slack's 3 s) and
+    return the app's first `count` answers: the ack's own text, if any, then what went to
+    the command's response_url."""
+    ack = await fake.send_envelope(command_envelope(payload))
+    first = [ack] if ack.get("text") else []
+    replies = fake.replies(payload["response_url"])
+    await fake.wait_for(lambda: len(first) + len(replies) >= count)
+    return (first + replies)[:count]
+
+
 async def command(fake: FakeSlack, name: str, text: str = "", **kw) -> dict:
-    """Send a slash command over Socket Mode; the app's ack payload comes back."""
-    return await fake.send_envelope(command_envelope(slash_command(fake, name, text, **kw)))
+    """A slash command's first answer."""
+    return (await answers(fake, slash_command(fake, name, text, **kw)))[0]
 
 
 async def scene(fake: FakeSlack, prompt: str, **kw) -> tuple[dict, dict]:
-    """(ack, final ephemeral reply) of a /scene."""
-    before = len(fake.responses)
-    ack = await command(fake, "/scene", prompt, **kw)
-    await fake.wait_for(lambda: len(fake.responses) > before)
-    return ack, fake.responses[-1]
+    """(acknowledgement, final ephemeral reply) of a /scene."""
+    first, last = await answers(fake, slash_command(fake, "/scene", prompt, **kw), 2)
+    return first, last
+
+
+async def handled(app, goal: int) -> None:
+    for _ in range(1000):
+        if app.reactions_handled >= goal:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the reaction event was never handled")
 
 
 async def react(app, fake: FakeSlack, body: dict, retry: int = 0, reaches_app=True) -> None:
@@ -80,13 +107,8 @@ async def react(app, fake: FakeSlack, body: dict, retry: int = 0, reaches_app=Tr
     (Bolt acks events before its listener runs). Bolt itself drops the bot's own events."""
     goal = app.reactions_handled + 1
     await fake.send_envelope(event_envelope(body, retry_attempt=retry))
-    if not reaches_app:
-        return
-    for _ in range(1000):
-        if app.reactions_handled >= goal:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the reaction event was never handled")
+    if reaches_app:
+        await handled(app, goal)
 
 
 def refs(fake: FakeSlack) -> list[str]:
@@ -298,9 +320,12 @@ async def test_http_mode_checks_signatures(tmp_path, tiny_model_dir):
             assert not fake.find("chat.postMessage")
 
             async with http.post(url, data=form, headers={**kind, **sign("s3cret", form)}) as r:
-                assert r.status == 200 and "#1 in the queue" in (await r.json())["text"]
-            await fake.wait_for(lambda: fake.responses)
-            assert "Scene 1 is ready" in fake.responses[-1]["text"]
+                assert r.status == 200
+                body = await r.text()
+            await fake.wait_for(lambda: any("is ready" in r["text"] for r in fake.responses))
+            said = ([json.loads(body)] if body else []) + fake.responses
+            assert "#1 in the queue" in said[0]["text"]
+            assert "Scene 1 is ready" in said[-1]["text"]
 
             ref = refs(fake)[0]
             body = json.dumps(reaction_event("reaction_added", "one", ref))
@@ -371,12 +396,12 @@ async def test_run_connects_slack_and_stops_cleanly(tmp_path, tiny_model_dir, ca
     from bot.__main__ import run
 
     fake = await FakeSlack().start()
-    config = make_config(tmp_path, tiny_model_dir, slack_bot_token="xoxb-test",
-                         slack_app_token="xapp-test")
+    config = make_config(tmp_path, tiny_model_dir, slack_bot_token=BOT_TOKEN,
+                         slack_app_token=APP_TOKEN)
     stop = asyncio.Event()
     try:
         task = asyncio.create_task(run(config, loader=scripted_loader(), stop=stop,
-                                       slack_client=make_client("xoxb-test", fake.base_url)))
+                                       slack_client=make_client(BOT_TOKEN, fake.base_url)))
         ack = await command(fake, "/settings", "show")
         assert "Scene settings" in ack["text"]
         assert [c.method for c in fake.calls[:2]] == ["auth.test", "apps.connections.open"]
@@ -386,7 +411,7 @@ async def test_run_connects_slack_and_stops_cleanly(tmp_path, tiny_model_dir, ca
 
         fake.faults["auth.test"].append("invalid_auth")
         status = await run(config, loader=scripted_loader(),
-                           slack_client=make_client("xoxb-test", fake.base_url))
+                           slack_client=make_client(BOT_TOKEN, fake.base_url))
         assert status == 1
         err = capsys.readouterr().err
         assert "\nerror: Slack rejected the token" in err and "Traceback" not in err
@@ -426,3 +451,169 @@ async def test_long_scenes_split_within_slacks_limits():
     assert messages[1].text.startswith("🎬 *Scene 5* (part 2)")
     assert messages[1].text.split("\n")[1] == ":one: JERRY: line 10 &lt;!here&gt;"
     assert messages[1].text.split("\n")[-1].startswith(":keycap_ten: ")
+
+
+# -- issue 19: the Slack faults a strict stand-in for Slack shows --------------------------
+
+
+async def test_socket_mode_disconnect_message_reconnects_and_self_reactions_are_ignored(slack):
+    """Slack's `disconnect` message: the client connects again and commands still arrive;
+    the bot's own keycaps come back as events, are acked and never count as votes."""
+    app, fake = slack
+    await fake.disconnect()
+    assert fake.connections == 2
+    assert "Scene settings" in (await command(fake, "/settings", "show"))["text"]
+    await scene(fake, "Elaine: Jerry!")
+    await fake.wait_for(lambda: fake.echoed and all(e in fake.acks for e in fake.echoed))
+    assert len(fake.echoed) == len(fake.find("reactions.add"))
+    assert app.reactions_handled == 0 and await app.core.db.best("slack", TEAM) == []
+
+
+async def test_item10_ack_comes_first_though_users_info_is_rate_limited(slack):
+    """users.info answers 429 with Retry-After 4: the ack must not wait for it (Slack gives
+    up after 3 s); the change is saved and said through response_url."""
+    app, fake = slack
+    fake.faults["users.info"].append("429:4")
+    payload = slash_command(fake, "/settings", "set temperature 1.3", user=ADMIN)
+    ack = await fake.send_envelope(command_envelope(payload))  # fails the test after 3 s
+    assert "text" not in ack
+    (reply,) = await fake.wait_for(lambda: fake.replies(payload["response_url"]), timeout=30)
+    assert reply["response_type"] == "in_channel" and "Saved." in reply["text"]
+    assert (await app.core.db.get_settings("slack", CHANNEL)).temperature == 1.3
+    assert [c.fault for c in fake.calls if c.method == "users.info"] == ["429:4", None]
+
+
+async def test_item10_http_mode_acks_at_once_though_the_database_is_locked(
+        tmp_path, tiny_model_dir):
+    """HTTP mode, a database locked by another process (a 4 s busy timeout): the HTTP
+    answer comes at once; the refusal follows through response_url; nothing is saved."""
+    fake = await FakeSlack().start()
+    app = await start(tmp_path, tiny_model_dir, fake, slack_app_token=None,
+                      slack_signing_secret="s3cret", slack_port=0, db_timeout_s=4.0)
+    url = f"http://127.0.0.1:{app.port}/slack/events"
+    locker = sqlite3.connect(tmp_path / "bot.db", isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        payload = slash_command(fake, "/settings", "set temperature 1.3", user=ADMIN)
+        form = urlencode(payload)
+        headers = {"Content-Type": "application/x-www-form-urlencoded", **sign("s3cret", form)}
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as http, http.post(url, data=form,
+                                                             headers=headers) as r:
+            assert r.status == 200 and time.monotonic() - started < 3
+        (reply,) = await fake.wait_for(lambda: fake.replies(payload["response_url"]),
+                                       timeout=30)
+        assert "database is busy" in reply["text"] and reply["response_type"] == "ephemeral"
+        locker.execute("ROLLBACK")
+        assert (await app.core.db.get_settings("slack", CHANNEL)).temperature == 0.8
+    finally:
+        locker.close()
+        await app.core.close()
+        await app.close()
+        await fake.close()
+
+
+async def test_item11_used_up_or_expired_response_url_falls_back_to_post_ephemeral(
+        slack, caplog):
+    """Bolt's respond() returns a 404 without raising; the app checks it, sends the
+    message with chat.postEphemeral instead and logs one line per fallback."""
+    app, fake = slack
+    caplog.set_level(logging.INFO, logger="bot.slack.app")
+    payload = slash_command(fake, "/scene", "Elaine: Jerry!")
+    fake.response_url_state(payload["response_url"]).uses = 5  # answered 5 times already
+
+    def fell_back():
+        return [r.getMessage() for r in caplog.records
+                if r.name == "bot.slack.app" and "response_url" in r.getMessage()]
+
+    await fake.send_envelope(command_envelope(payload))
+    await fake.wait_for(lambda: any("is ready" in e["text"]
+                                    for e in fake.find("chat.postEphemeral")) and not app.tasks,
+                        timeout=30)
+    final = fake.find("chat.postEphemeral")[-1]
+    assert (final["channel"], final["user"]) == (CHANNEL, USER)
+    assert "Scene 1 is ready" in final["text"]
+    assert {error for error, _ in fake.rejected_responses} == {"used_url"}
+    assert len(fell_back()) == len(fake.find("chat.postEphemeral")) >= 1  # one line each
+    assert "used_url" in fell_back()[-1] and "\n" not in fell_back()[-1]
+
+    # 31 minutes in the queue: the response_url has expired.
+    payload = slash_command(fake, "/settings", "show")
+    fake.advance(31 * 60)
+    await fake.send_envelope(command_envelope(payload))
+    await fake.wait_for(lambda: "Scene settings" in fake.find("chat.postEphemeral")[-1]["text"]
+                        and not app.tasks, timeout=30)  # one ephemeral message is there already
+    assert fake.rejected_responses[-1][0] == "expired_url"
+    assert "expired_url" in fell_back()[-1]
+
+    # In a DM the bot is not part of, the fallback fails too: still one line, saying so.
+    before = len(fell_back())
+    payload = slash_command(fake, "/settings", "show", channel=DM)
+    fake.response_url_state(payload["response_url"]).uses = 5
+    await fake.send_envelope(command_envelope(payload))
+    await fake.wait_for(lambda: len(fell_back()) > before and not app.tasks, timeout=30)
+    (lost,) = fell_back()[before:]
+    assert "lost" in lost and "channel_not_found" in lost and "\n" not in lost
+
+
+async def test_item12_votes_arriving_out_of_order_keep_the_latest(slack):
+    """A reaction_removed arrives before an older reaction_added that Slack redelivers (its
+    first delivery was lost): the vote stays removed; only newer events change it."""
+    app, fake = slack
+    await scene(fake, "Elaine: Jerry! George!")
+    ref = refs(fake)[0]
+    t = time.time()
+
+    async def tally():
+        return [r.votes for r in await app.core.db.best("slack", TEAM)]
+
+    added = reaction_event("reaction_added", "one", ref, event_ts=t)
+    await fake.send_envelope(event_envelope(added), lost=True)
+    await react(app, fake, reaction_event("reaction_removed", "one", ref, event_ts=t + 1))
+    goal = app.reactions_handled + 1
+    await fake.redeliver()  # the add of time t, after the removal of t + 1
+    await handled(app, goal)
+    assert await tally() == []
+
+    await react(app, fake, reaction_event("reaction_added", "one", ref, event_ts=t + 2))
+    assert await tally() == [1]
+    # An old removal redelivered late does not undo the newer add.
+    removed = reaction_event("reaction_removed", "one", ref, event_ts=t + 1.5)
+    await react(app, fake, removed, retry=1)
+    assert await tally() == [1]
+    # Other users and lines keep their own order.
+    await react(app, fake, reaction_event("reaction_added", "one", ref, user=ADMIN,
+                                          event_ts=t))
+    assert await tally() == [2]
+
+
+async def test_item13_missing_users_read_scope_is_named(slack):
+    app, fake = slack
+    fake.scopes[BOT_TOKEN].discard("users:read")
+    reply = await command(fake, "/settings", "set temperature 1.3", user=ADMIN)
+    assert "`users:read`" in reply["text"] and "admin or owner" not in reply["text"]
+    assert reply["response_type"] == "ephemeral"
+    assert (await app.core.db.get_settings("slack", CHANNEL)).temperature == 0.8
+    assert [c.fault for c in fake.calls if c.method == "users.info"] == ["missing_scope"]
+
+
+async def test_item13_scene_in_a_dm_says_it_cannot_post_there(slack, caplog):
+    """/scene in a DM between two people: Slack answers channel_not_found; inviting the
+    bot is impossible there, so the reply says it can't post in this conversation."""
+    app, fake = slack
+    _, done = await scene(fake, "Elaine: Jerry!", channel=DM)
+    assert "can't post in this conversation" in done["text"]
+    assert "/invite" not in done["text"] and done["response_type"] == "ephemeral"
+    assert not (await app.core.db.get_scene(1)).posted
+
+
+async def test_item13_default_checkpoint_path_shows_only_its_name(slack):
+    """DEFAULT_CHECKPOINT given as a directory path: chat shows its name, not the path."""
+    app, fake = slack
+    path = app.config.default_checkpoint
+    name = Path(path).name
+    _, done = await scene(fake, "Elaine: Jerry!")
+    assert f", {name})." in done["text"] and path not in done["text"]
+    listing = await command(fake, "/checkpoint", "list", user="U0LISTED")
+    assert f"• {name}  ← active" in listing["text"] and path not in listing["text"]
+    assert app.core.checkpoint == name

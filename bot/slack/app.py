@@ -7,16 +7,22 @@ bot.commands (the console's grammar) and validated with the same ranges as Disco
     /settings show | set KEY VALUE [KEY VALUE …] | reset
     /checkpoint list | use NAME
 
-Replies to the user (acks, refusals, usage) are ephemeral; scenes, /best and settings
-changes go to the channel. Changing settings needs a workspace admin/owner or an id in
-ADMIN_USER_IDS; switching checkpoints needs ADMIN_USER_IDS.
+Every command is acknowledged at once with an empty ack (Slack waits 3 s at most), before
+anything slow; the answers follow through the command's response_url (5 messages within 30
+minutes), or chat.postEphemeral when that fails. Replies to the user (queue position,
+refusals, usage) are ephemeral; scenes, /best and settings changes go to the channel.
+Changing settings needs a workspace admin/owner or an id in ADMIN_USER_IDS; switching
+checkpoints needs ADMIN_USER_IDS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from decimal import Decimal, InvalidOperation
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
@@ -111,23 +117,15 @@ class SlackFrontend:
     # -- commands -----------------------------------------------------------------------
 
     async def _command(self, ack, command: dict, respond) -> None:
+        # Slack waits 3 s for the ack: it goes first, before anything that can be slow
+        # (users.info, the database, the queue); every answer then goes through respond.
+        await ack()
         task = asyncio.current_task()
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        acked = False
 
         async def reply(text: str, public: bool = False) -> None:
-            nonlocal acked
-            kind = "in_channel" if public else "ephemeral"
-            if acked:
-                try:
-                    await respond(text=text, response_type=kind, replace_original=False)
-                except Exception as e:  # response_urls expire after 30 min / 5 uses
-                    log.warning("could not reply to %s %s (%s): %s", name, command.get("user_id"),
-                                type(e).__name__, text)
-            else:
-                acked = True
-                await ack(text=text, response_type=kind)
+            await self._reply(respond, command, text, public)
 
         name = command.get("command", "")
         command = {**command, "text": unescape(command.get("text") or "")}
@@ -141,6 +139,37 @@ class SlackFrontend:
         except Exception:
             log.exception("%s by %s failed", name, command.get("user_id"))
             await reply("⚠️ " + SORRY)
+
+    async def _reply(self, respond, command: dict, text: str, public: bool) -> None:
+        """Answer a command through its response_url; when that fails (it expires after
+        30 minutes and takes 5 messages; Bolt's respond returns any HTTP status without
+        raising), send the text with the Web API instead and log one line."""
+        kind = "in_channel" if public else "ephemeral"
+        try:
+            response = await respond(text=text, response_type=kind, replace_original=False)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+            why = f"{type(e).__name__}: {e}"
+        else:
+            if response.status_code == 200:
+                return
+            why = f"HTTP {response.status_code} {_webhook_error(response.body)}".strip()
+        name, user, channel = command.get("command"), command.get("user_id"), command.get(
+            "channel_id")
+        method = "chat.postMessage" if public else "chat.postEphemeral"
+        try:
+            if public:
+                await self.client.chat_postMessage(channel=channel, text=text, link_names=False,
+                                                   unfurl_links=False, unfurl_media=False)
+            else:
+                await self.client.chat_postEphemeral(channel=channel, user=user, text=text)
+        except (SlackApiError, aiohttp.ClientError, OSError, TimeoutError) as e:
+            problem = e.response.get("error") if isinstance(e, SlackApiError) else repr(e)
+            log.warning("reply to %s by %s in %s lost: response_url failed (%s) and %s failed "
+                        "(%s): %.100s", name, user, channel, why, method, problem,
+                        " ".join(text.split()))
+            return
+        log.warning("reply to %s by %s in %s: response_url failed (%s); sent with %s instead",
+                    name, user, channel, why, method)
 
     @staticmethod
     def _place(command: dict) -> Place:
@@ -191,9 +220,22 @@ class SlackFrontend:
             return True  # no need to ask Slack
         try:
             info = (await self.client.users_info(user=user))["user"]
-        except (SlackApiError, KeyError) as e:
-            log.warning("users.info for %s failed (%s); treating as a member", user, e)
-            return False
+        except SlackApiError as e:
+            code = e.response.get("error") if isinstance(e.response.data, dict) else None
+            if code == "missing_scope":
+                needed = e.response.get("needed") or "users:read"
+                raise NotAllowed(
+                    f"I can't check whether you are a workspace admin: the app is missing the "
+                    f"`{needed}` scope; a workspace admin has to add it under OAuth & "
+                    "Permissions and reinstall the app (or list you in ADMIN_USER_IDS)."
+                ) from e
+            log.warning("users.info for %s failed: %s", user, code or e.response.status_code)
+            raise NotAllowed("I couldn't ask Slack whether you are a workspace admin; please "
+                             "try again in a moment.") from e
+        except (aiohttp.ClientError, OSError, TimeoutError, KeyError) as e:
+            log.warning("users.info for %s failed: %r", user, e)
+            raise NotAllowed("I couldn't ask Slack whether you are a workspace admin; please "
+                             "try again in a moment.") from e
         return bool(info.get("is_admin") or info.get("is_owner")
                     or info.get("is_primary_owner"))
 
@@ -224,11 +266,31 @@ class SlackFrontend:
             if ref is None or not user or user == context.bot_user_id:
                 return  # not a message, or the bot's own keycaps
             # Bolt has acked the event already; the event_id makes a redelivery harmless.
+            # Events can arrive out of order (a redelivery after a newer event): the event's
+            # own time decides which one stands.
             await self.core.vote(
                 platform=PLATFORM, message_id=ref, slot=slot_of(event.get("reaction")),
                 user_id=user, add=add, event_id=body.get("event_id"),
+                event_time=event_micros(event.get("event_ts")),
             )
         except DatabaseError as e:  # nobody to reply to for a reaction
             log.warning("vote by %s not stored: %s", user, e)
         finally:
             self.reactions_handled += 1
+
+
+def event_micros(event_ts: str | None) -> int | None:
+    """A Slack `event_ts` ("1700000000.123456") as integer microseconds, None if absent."""
+    try:
+        return int(Decimal(str(event_ts)) * 1_000_000) if event_ts else None
+    except (InvalidOperation, ValueError, OverflowError):
+        return None
+
+
+def _webhook_error(body: str | None) -> str:
+    """The error code in a response_url answer such as {"ok":false,"error":"expired_url"}."""
+    try:
+        data = json.loads(body or "")
+    except ValueError:
+        return (body or "").strip()[:60]
+    return str(data.get("error", "")) if isinstance(data, dict) else ""

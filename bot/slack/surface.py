@@ -65,8 +65,9 @@ def make_client(token: str, base_url: str | None = None) -> AsyncWebClient:
     )
 
 
-def explain(error: SlackApiError) -> Exception:
-    """A SlackApiError as Transient (worth retrying), Refused (say what to fix) or itself."""
+def explain(error: SlackApiError, channel: str | None = None) -> Exception:
+    """A SlackApiError as Transient (worth retrying), Refused (say what to fix) or itself;
+    `channel` is where the call tried to post."""
     status = error.response.status_code
     code = error.response.get("error", "") if isinstance(error.response.data, dict) else ""
     if status == 429 or code == "ratelimited":
@@ -84,6 +85,10 @@ def explain(error: SlackApiError) -> Exception:
         needed = error.response.get("needed") or "?"
         return Refused(f"the app is missing the `{needed}` scope; a workspace admin has to "
                        "add it under OAuth & Permissions and reinstall the app")
+    if code == "channel_not_found" and channel and channel.startswith("D"):
+        # A direct message between other people: nobody can invite the bot into it.
+        return Refused("I can't post in this conversation (a direct message I'm not part "
+                       "of); use /scene in a channel I'm in")
     if code in ("not_in_channel", "channel_not_found"):
         return Refused("I'm not in this channel; invite me with `/invite @Sitcom` (or the "
                        "app's name)")
@@ -123,7 +128,7 @@ class SlackSurface:
         try:
             return await getattr(self.client, method)(**kwargs)
         except SlackApiError as e:
-            raise explain(e) from e
+            raise explain(e, kwargs.get("channel")) from e
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise Transient(f"connection lost: {type(e).__name__}") from e
 
