@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 # The files a corpus directory consists of (`training.corpus.load_corpus` reads them).
@@ -64,8 +64,7 @@ def check_output_file(path: Path, label: str) -> None:
     st = _lstat(path)
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise OutputPathError(
-            f"{label} {path} is {kind_of(st.st_mode)}, not a regular file; "
-            "give a new file name or a regular file to replace"
+            f"{label} {path} is {kind_of(st.st_mode)}, not a regular file: refusing to replace it"
         )
     _check_parent(path, label)
 
@@ -104,6 +103,13 @@ def refuse_overlap(replaced: Iterable[Path], inputs: dict[str, Iterable[Path]],
                     )
 
 
+def published_paths(out: Path) -> list[Path]:
+    """What publishing a directory at `out` deletes or replaces: `out` itself and the name it
+    is moved aside to first (sitcom.files.publish_dir)."""
+    out = Path(out)
+    return [out, out.with_name(f".{out.name}.old")]
+
+
 def corpus_paths(data: Path | None) -> list[Path]:
     """A corpus directory and the files it consists of ([] for None)."""
     if data is None:
@@ -112,10 +118,16 @@ def corpus_paths(data: Path | None) -> list[Path]:
     return [data, *(data / name for name in CORPUS_FILES)]
 
 
-def dir_contents(directory: Path | str | None, keep=lambda path: True) -> list[Path]:
+def local_dir(name: Path | str | None) -> list[Path]:
+    """[the directory] when `name` is a local directory, else [] (a hub id, a packaged
+    model's name)."""
+    return [Path(name)] if name is not None and Path(name).is_dir() else []
+
+
+def dir_files(directory: Path | str | None, keep: Callable[[Path], bool]) -> list[Path]:
     """A local directory and the files directly in it for which keep(path) is true; [] when
-    `directory` is not a local directory (a hub id, a packaged model's name)."""
-    if directory is None or not Path(directory).is_dir():
+    `directory` is not a local directory."""
+    if not local_dir(directory):
         return []
     directory = Path(directory)
     return [directory, *(p for p in directory.iterdir() if keep(p))]

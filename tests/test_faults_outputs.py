@@ -260,7 +260,7 @@ def test_extract_out_never_replaces_its_inputs(tmp_path, pair, capsys):
     tuned_copy = shutil.copytree(tuned, tmp_path / "tuned")
     keep = {p: snapshot(p) for p in (corpus, tuned_copy)}
     for out, what in [(tuned_copy, "the checkpoint"), (corpus, "the corpus"),
-                      (tmp_path, "the corpus")]:
+                      (tmp_path, "the checkpoint")]:
         assert main([*extract_args(tuned_copy, base, out, "--overwrite"),
                      "--data", str(corpus)]) == 2, out
         line = last_err(capsys)
