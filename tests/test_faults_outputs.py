@@ -165,6 +165,20 @@ def test_finetune_and_extract_never_replace_a_link_or_a_file_as_out(tmp_path, co
     assert not (tmp_path / "linked.work").exists() and not (tmp_path / "afile.work").exists()
 
 
+def test_finetune_work_files_are_regular_files_or_new_names(tmp_path, corpus, tiny_model_dir,
+                                                           capsys):
+    precious = tmp_path / "precious.jsonl"
+    precious.write_text('{"step": 0, "note": "keep me"}\n')
+    work = tmp_path / "T.work"
+    work.mkdir()
+    (work / "metrics.jsonl").symlink_to(precious)
+    assert main(tiny_args(corpus, tmp_path / "T", tiny_model_dir, "--resume")) == 2
+    line = last_err(capsys)
+    assert line.startswith("error: --out ") and "symbolic link" in line, line
+    assert (work / "metrics.jsonl").is_symlink()
+    assert precious.read_text() == '{"step": 0, "note": "keep me"}\n'
+
+
 def test_gguf_export_out_is_a_regular_file_or_a_new_name(tmp_path, tiny_model_dir, capsys):
     from training.gguf_export import main as gguf_main
 

@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from data.outputs import (
     check_output_dir,
+    check_output_file,
     corpus_paths,
     local_dir,
     published_paths,
@@ -205,6 +206,8 @@ def check_outputs(cfg: FinetuneConfig) -> None:
     }, "--out", cfg.out)
     check_output_dir(cfg.out, "--out", overwrite=True)
     check_output_dir(work, "--out", overwrite=True)
+    for name in ("metrics.jsonl", "loss.png"):  # appended to / replaced in a resumed OUT.work
+        check_output_file(work / name, "--out")
 
 
 def validate(cfg: FinetuneConfig) -> None:
