@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 
 from data.download import DEFAULT_BASE_URL, DownloadError, download
-from data.prepare import Options, PrepareError, check_out_dir, prepare, summary, write_outputs
+from data.outputs import OutputPathError
+from data.prepare import (
+    Options,
+    PrepareError,
+    check_out_dir,
+    check_outputs,
+    prepare,
+    summary,
+    write_outputs,
+)
 
 
 def _fraction(text: str) -> float:
@@ -62,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             opts = Options(seed=args.seed, val_fraction=args.val_fraction,
                            min_turns=args.min_turns, main_cast=args.main_cast)
             check_out_dir(args.raw_dir, args.out_dir)
+            check_outputs(args.out_dir)
             result = prepare(args.raw_dir, opts)
             write_outputs(args.out_dir, result)
             print(summary(result.manifest))
@@ -70,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             kwargs = {"index": args.index} if args.index else {}
             report = download(args.out_dir, base_url=args.base_url, delay=args.delay, **kwargs)
             print(report)
-    except (PrepareError, DownloadError) as exc:
+    except (PrepareError, DownloadError, OutputPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -120,6 +120,11 @@ def download(out_dir: Path, base_url: str = DEFAULT_BASE_URL, index: str = DEFAU
     for url in links:
         stem = Path(urllib.parse.urlsplit(url).path).stem
         target = out_dir / f"{stem}.txt"
+        if target.is_symlink() and not target.exists():
+            # Saving would replace the link itself: leave whatever it was meant for alone.
+            failed.append(f"{url} ({target}: a symbolic link to nothing, not a regular file; "
+                          "left alone)")
+            continue
         if target.exists():
             skipped += 1  # resume: a page already saved is never fetched twice
             continue

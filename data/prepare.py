@@ -19,6 +19,7 @@ from pathlib import Path
 
 from data.clean import Episode, classify, parse_page, split_lines
 from data.dedupe import find_duplicates
+from data.outputs import check_output_file
 from data.split import episode_groups, split_episodes
 from sitcom.script import END_OF_TEXT, MAIN_CHARACTERS, is_turn, is_well_formed, speaker_of
 
@@ -290,8 +291,16 @@ def episodes_text(episodes: Sequence[Sequence[str]]) -> str:
     return f"\n{END_OF_TEXT}\n".join("\n".join(ep) for ep in episodes) + "\n"
 
 
+def check_outputs(out_dir: Path) -> None:
+    """OutputPathError unless each output file is a regular file or a new name (renaming over
+    a symbolic link or a device node would replace it)."""
+    for name in OUTPUT_FILES:
+        check_output_file(out_dir / name, "output")
+
+
 def write_outputs(out_dir: Path, result: Result) -> None:
     """All three files to temporary names first, then renamed: never a half-written corpus."""
+    check_outputs(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     contents = {
         "train.txt": episodes_text(result.train),
@@ -306,6 +315,7 @@ def write_outputs(out_dir: Path, result: Result) -> None:
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
                 fh.write(text)
             os.chmod(tmp, 0o644)  # mkstemp makes files private; the corpus is shared
+        check_outputs(out_dir)  # again, just before the renames
         for name, tmp in temps.items():
             os.replace(tmp, out_dir / name)
     finally:

@@ -7,11 +7,13 @@ import errno
 import math
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 from sitcom.adapters import DTYPES
 from training.judge import MAX_CHARS, MAX_LINES
+from training.outputs import check_json_path
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -28,32 +30,43 @@ def finite_float(text: str) -> float:
     return value
 
 
-def check_json_path(path: Path) -> None:
-    """Fail before an evaluation of minutes if its --json file cannot be written."""
-    if path.is_dir():
-        raise ValueError(f"--json {path} is a directory; give a file name")
-    parent = path.parent
-    while not parent.exists():  # write_json creates missing folders
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"--json {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"--json {path}: cannot write into {parent}")
-
-
-def write_failure(error: BaseException) -> str | None:
+def write_failure(error: BaseException, where: Path | None = None) -> str | None:
     """The one-line reason when a library failed writing a file (a full disk, a size limit),
-    else None. safetensors and torch.save report these as their own errors, not OSError."""
-    text = str(error)
-    if type(error).__name__ != "SafetensorError" and "PytorchStreamWriter" not in text \
-            and "file write failed" not in text:
+    else None. safetensors and torch.save report these as their own errors, not OSError;
+    torch's zip writer, closing after a failed write, raises "unexpected pos" with the
+    first failure as its context. `where`: the folder written to, for its free space."""
+    chain: list[BaseException] = []
+    while error is not None and len(chain) < 8 and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    texts = [str(e) for e in chain]
+    if not any(type(e).__name__ == "SafetensorError" or "PytorchStreamWriter" in text
+               or "file write failed" in text
+               or ("inline_container.cc" in text and "unexpected pos" in text)
+               for e, text in zip(chain, texts, strict=True)):
         return None
-    found = re.search(r"os error (\d+)", text)
+    found = re.search(r"os error (\d+)", " ".join(texts))
     code = int(found.group(1)) if found else None
     if code == errno.ENOSPC:
         return "disk full while writing the checkpoint"
-    why = os.strerror(code) if code else text.splitlines()[0][:200]
-    return f"could not write the checkpoint: {why}"
+    if code:
+        return f"could not write the checkpoint: {os.strerror(code)}"
+    free = free_space(where)
+    return "could not write the checkpoint: a file write failed" + (
+        f" ({free / 1e6:.0f} MB free on that disk)" if free is not None else "")
+
+
+def free_space(where: Path | None) -> int | None:
+    """Bytes free on the disk of `where` (its nearest existing folder), None if unknown."""
+    if where is None:
+        return None
+    path = Path(os.path.abspath(where))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("extract", help="compress a fine-tune into a small LoRA adapter")
     ex.add_argument("checkpoint", help="the fine-tuned checkpoint dir")
     ex.add_argument("--out", type=Path, required=True, help="adapter dir to write")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     ex.add_argument("--rank", type=int, default=32, help="rank of the linear layers' change")
     ex.add_argument("--embed-rank", type=int, default=None,
                     help="rank of the (tied) embedding's change; default: --rank")
@@ -205,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         load_corpus(args.data, splits=("train", "val") if args.command == "finetune" else ("val",))
     if args.command == "evaluate" and args.json is not None:
-        check_json_path(args.json)
+        check_json_path(args.json, args.checkpoint, args.data)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -225,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
 
         card = extract(args.checkpoint, args.out, args.rank, base=args.base, data=args.data,
                        embed_rank=args.embed_rank, calibration_tokens=args.calibration_tokens,
-                       dtype=args.dtype)
+                       dtype=args.dtype, overwrite=args.overwrite)
         val = card.get("adapter_val") or {}
         print(f"wrote {args.out}: rank {card['rank']}, {card['adapter_mb']} MB, mean relative "
               f"error {card['extract_rel_error_mean']}"
@@ -282,20 +296,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
+        close_progress_bars()
         if e.errno == errno.ENOSPC:
-            print(f"error: disk full while writing {e.filename or 'output'}", file=sys.stderr)
+            print(f"error: disk full while writing {e.filename or 'output'}; {again(args)}",
+                  file=sys.stderr)
         else:
             print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
                   file=sys.stderr)
         return 1
     except Exception as e:
-        reason = write_failure(e)
+        reason = write_failure(e, getattr(args, "out", None))
         if reason is None:
             raise
         close_progress_bars()
-        print(f"error: {reason}; free some space, then run again with --resume",
-              file=sys.stderr)
+        print(f"error: {reason}; {again(args)}", file=sys.stderr)
         return 1
+
+
+def again(args: argparse.Namespace) -> str:
+    """What to do after a full disk: a fine-tune goes on from its last complete checkpoint."""
+    if args.command == "finetune":
+        return "free some space, then run again with --resume"
+    return "free some space, then run again"
 
 
 if __name__ == "__main__":

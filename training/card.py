@@ -50,6 +50,20 @@ def read_card(directory: Path | str) -> dict:
         return {}
 
 
+def base_lineage(card: dict | None) -> list[str]:
+    """The models a checkpoint descends from, nearest first: its card's base_model, that
+    model's card's base_model, ... (a stage's card also keeps the stage before's summary,
+    used when that directory is gone). [] when the card names no base."""
+    chain: list[str] = []
+    while isinstance(card, dict) and len(chain) < 32:
+        name = card.get("base_model")
+        if not isinstance(name, str) or not name or name in chain:
+            break
+        chain.append(name)
+        card = (read_card(name) if Path(name).is_dir() else {}) or card.get("init_checkpoint")
+    return chain
+
+
 def prior_stage_summary(directory: Path | str | None) -> dict | None:
     """What the model this run went on from (an --init-adapter, or a --base checkpoint dir of
     ours) had been trained on, for the card; None for the packaged base or a hub id."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
+from data.outputs import check_output_file
 from sitcom.generation import write_scenes
 from sitcom.models import load_model, resolve_model
 from sitcom.quality import SceneScore, score_scene, summarize
@@ -24,6 +25,7 @@ from training.card import CARD_NAME, card_block_size
 from training.corpus import load_corpus, pack_eval, token_stream, utf8_bytes
 from training.finetune import first_episodes, right_padding_collator
 from training.metrics import compute_metrics_for, preprocess_logits_for_metrics
+from training.outputs import check_json_path
 
 # Fixed openings so runs compare; each hands the model a different cast member and mood.
 PROMPTS: tuple[str, ...] = (
@@ -131,10 +133,20 @@ def format_report(result: dict) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Write `path` atomically: only a regular file or a new name (OutputPathError for a
+    symbolic link, a device node, a directory), checked again just before the rename."""
+    check_output_file(path, "--json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; results are meant to be shared
+        check_output_file(path, "--json")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def evaluate_cli(args) -> None:
@@ -145,5 +157,6 @@ def evaluate_cli(args) -> None:
     )
     print(format_report(result))
     if args.json:
+        check_json_path(args.json, args.checkpoint, args.data)  # again: minutes have passed
         write_json(args.json, result)
         print(f"wrote {args.json}")

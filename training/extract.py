@@ -18,10 +18,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from data.outputs import (
+    check_output_dir,
+    corpus_paths,
+    local_dir,
+    published_paths,
+    refuse_overlap,
+)
 from sitcom.adapters import ADAPTER_CARD, DTYPES, merge_adapter, peft_model_for, save_adapter
 from sitcom.files import publish_dir
 from sitcom.models import BASE_MODEL, file_sha256, load_model
-from training.card import card_block_size, prior_stage_summary, read_card, train_minutes
+from training.card import (
+    base_lineage,
+    card_block_size,
+    prior_stage_summary,
+    read_card,
+    train_minutes,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -211,14 +224,55 @@ def describe(deltas: Deltas, rank: int, embed_rank: int, weighted: bool,
     return "LoRA (" + ", ".join(parts) + f") extracted by {how} from a full fine-tune"
 
 
+def check_base(checkpoint: str | Path, card: dict, base: str) -> None:
+    """ExtractError unless `base` is a model the checkpoint descends from (its card's
+    base_model, or that one's, ...): a delta against any other model is meaningless. A card
+    without base_model (hand-made, older) leaves it to the shape check."""
+    from training.finetune import same_model
+
+    lineage = base_lineage(card)
+    if lineage and not any(same_model(name, base) for name in lineage):
+        before = f" (fine-tuned from {', '.join(lineage[1:])})" if lineage[1:] else ""
+        raise ExtractError(
+            f"{checkpoint} was fine-tuned from {lineage[0]}{before}, not from --base {base}: "
+            f"pass --base {lineage[-1]}"
+        )
+
+
+def check_same_shape(base_model, tuned, base: str, checkpoint: str | Path) -> None:
+    """ExtractError naming the first parameter whose name or shape differs."""
+    shapes = {name: tuple(p.shape) for name, p in base_model.named_parameters()}
+    for name, param in tuned.named_parameters():
+        if shapes.get(name) != tuple(param.shape):
+            theirs = shapes.get(name)
+            raise ExtractError(
+                f"--base {base} is not the model {checkpoint} was fine-tuned from: {name} is "
+                f"{tuple(param.shape)} in the checkpoint and "
+                f"{theirs if theirs is not None else 'missing'} in the base"
+            )
+
+
+def check_out(out: Path, checkpoint: str | Path, base: str, data: Path | None,
+              overwrite: bool) -> None:
+    """OUT is new (or, with overwrite, a real directory) and replacing it deletes no input."""
+    refuse_overlap(published_paths(out), {
+        f"the checkpoint {checkpoint}": local_dir(checkpoint),
+        f"the base model --base {base}": local_dir(base),
+        f"the corpus --data {data}": corpus_paths(data),
+    }, "--out", out)
+    check_output_dir(out, "--out", overwrite)
+
+
 def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL,
             dtype: str = "bfloat16", data: Path | None = None,
-            embed_rank: int | None = None, calibration_tokens: int = 0) -> dict:
+            embed_rank: int | None = None, calibration_tokens: int = 0,
+            overwrite: bool = False) -> dict:
     """Write OUT (adapter_config.json, the tensors, checkpoint.json naming them); returns
-    the card. OUT is replaced atomically. With `data`, the card gets the adapter's val
-    metrics on the whole val split, and with calibration_tokens > 0 the linear layers'
-    changes are weighted by the inputs they see on that many train tokens. Measured on the
-    Seinfeld fine-tune (README), the weighting did not lower val BPB, so it is off by default."""
+    the card. An existing OUT is replaced (atomically) only with `overwrite`. With `data`,
+    the card gets the adapter's val metrics on the whole val split, and with
+    calibration_tokens > 0 the linear layers' changes are weighted by the inputs they see on
+    that many train tokens. Measured on the Seinfeld fine-tune (README), the weighting did
+    not lower val BPB, so it is off by default."""
     from peft import get_peft_model_state_dict
 
     embed_rank = rank if embed_rank is None else embed_rank
@@ -228,10 +282,14 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
         raise ExtractError(f"--dtype must be one of {', '.join(DTYPES)}")
     if calibration_tokens < 0:
         raise ExtractError("--calibration-tokens must be 0 (plain SVD) or more")
+    out = Path(out)
+    check_out(out, checkpoint, base, data, overwrite)
+    source_card = read_card(str(checkpoint))
+    check_base(checkpoint, source_card, base)
     tuned, tokenizer = load_model(checkpoint)
     base_model, _ = load_model(base)
+    check_same_shape(base_model, tuned, base, checkpoint)
     deltas = weight_deltas(base_model, tuned)
-    source_card = read_card(str(checkpoint))
     block = card_block_size(source_card)
     covs, calibrated = None, 0
     if data is not None and calibration_tokens > 0 and deltas.linear:
@@ -244,7 +302,6 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
     # The base's embedding is not part of the adapter: only its low-rank change is.
     adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
 
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -22,6 +22,14 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from data.outputs import (
+    check_output_dir,
+    check_output_file,
+    corpus_paths,
+    local_dir,
+    published_paths,
+    refuse_overlap,
+)
 from sitcom.adapters import (
     adapter_weights,
     load_adapter,
@@ -186,7 +194,24 @@ def training_done(checkpoint: str, max_steps: int) -> bool:
     return max_steps > 0 and state.get("global_step", 0) >= max_steps
 
 
+def check_outputs(cfg: FinetuneConfig) -> None:
+    """OUT and OUT.work are real directories or new names, and neither they nor what
+    replacing OUT deletes is, or holds, the corpus, the base model or the init adapter.
+    (Whether an existing OUT may be replaced is prepare_work_dir's.)"""
+    work = work_dir_for(cfg.out)
+    refuse_overlap([*published_paths(cfg.out), work], {
+        f"the corpus --data {cfg.data}": corpus_paths(cfg.data),
+        f"the base model --base {cfg.base}": local_dir(cfg.base),
+        f"the adapter --init-adapter {cfg.init_adapter}": local_dir(cfg.init_adapter),
+    }, "--out", cfg.out)
+    check_output_dir(cfg.out, "--out", overwrite=True)
+    check_output_dir(work, "--out", overwrite=True)
+    for name in ("metrics.jsonl", "loss.png"):  # appended to / replaced in a resumed OUT.work
+        check_output_file(work / name, "--out")
+
+
 def validate(cfg: FinetuneConfig) -> None:
+    check_outputs(cfg)
     if cfg.block_size < 16:
         raise FinetuneError("--block-size must be at least 16")
     for name in ("batch_size", "grad_accum", "eval_steps", "save_steps", "save_limit", "log_steps"):

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from data.outputs import OutputPathError, check_output_file, dir_files, refuse_overlap
 from sitcom.gguf_export import QTYPES, ExportError, export_gguf
 
 __all__ = ["ExportError", "QTYPES", "export_gguf", "main"]
@@ -29,6 +30,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.out is None and not Path(args.checkpoint).is_dir():
         print(f"error: {args.checkpoint} is not a directory; pass --out FILE", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "model.gguf"
+    try:
+        # A regular file or a new name, and no file of the checkpoint but its own model.gguf.
+        refuse_overlap([out], {f"a file of the checkpoint {args.checkpoint}": dir_files(
+            args.checkpoint, keep=lambda p: p.name != "model.gguf")}, "--out", out)
+        check_output_file(out, "--out")
+    except OutputPathError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         path = export_gguf(args.checkpoint, args.out, args.qtype)

@@ -30,5 +30,5 @@ fi
 # rank 64 of the embedding's, the norms whole; int4 factors (blocks of 32): ~23.8 MB.
 # The card gets the adapter's val BPB (whole val split, 2048-token blocks).
 python -m training extract "$STAGE2" --base smollm2 --rank 128 --embed-rank 64 --dtype int4 \
-  --calibration-tokens 0 --data corpus --out sitcom/seinfeld_lora
+  --calibration-tokens 0 --data corpus --out sitcom/seinfeld_lora --overwrite
 python -m training evaluate seinfeld --data corpus --json runs/eval-seinfeld.json
