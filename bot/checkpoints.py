@@ -8,6 +8,7 @@ directory are not listed.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -55,11 +56,22 @@ def resolve(name: str, checkpoints_dir: Path) -> str:
     return str((checkpoints_dir / name).resolve())
 
 
+def display_name(model: str) -> str:
+    """The name users see for a DEFAULT_CHECKPOINT given as a path (or hub id): its last
+    component, in name characters, never the path (which tells every user where the
+    operator keeps things)."""
+    text = model.strip().rstrip("/\\")
+    last = re.split(r"[/\\]", os.path.abspath(os.path.expanduser(text)) if text else "")[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-.")[:40]
+    return name or "model"
+
+
 def startup_model(stored: str | None, default: str, checkpoints_dir: Path) -> tuple[str, str]:
     """(name, model) to start with: the stored choice if still valid, else DEFAULT_CHECKPOINT.
 
     DEFAULT_CHECKPOINT is operator configuration, so besides a listed name it may be a
-    directory path or hub id that is handed to the engine as is.
+    directory path or hub id that is handed to the engine as is, shown by its last
+    component (display_name).
     """
     if stored:
         try:
@@ -69,4 +81,4 @@ def startup_model(stored: str | None, default: str, checkpoints_dir: Path) -> tu
     try:
         return default, resolve(default, checkpoints_dir)
     except CheckpointError:
-        return default, default
+        return display_name(default), default
