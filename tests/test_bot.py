@@ -187,7 +187,7 @@ async def test_checkpoint_admin_only_and_names_checked(running, tmp_path, tiny_m
         await invoke(bot, use(bad, OWNER_ID))  # the owner comes from the application info
         assert last_reply(rec)["content"].startswith("⚠️"), bad
         assert "checkpoint" in last_reply(rec)["content"]
-    assert bot.core.checkpoint == str(tiny_model_dir)
+    assert bot.core.checkpoint == tiny_model_dir.name  # DEFAULT_CHECKPOINT's path: a name
 
     shutil.copytree(tiny_model_dir, tmp_path / "checkpoints" / "ft-1")
     await invoke(bot, command_payload("checkpoint", [subcommand("list")], user_id=OWNER_ID))

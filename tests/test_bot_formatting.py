@@ -71,8 +71,9 @@ def test_checkpoint_names_are_looked_up_never_joined(tmp_path):
     for bad in ("../x", "/etc", "ft-1/..", "..", "a/b", "empty", "x" * 500, ""):
         with pytest.raises(CheckpointError):
             resolve(bad, tmp_path)
-    # A stored name that vanished falls back to DEFAULT_CHECKPOINT (which may be a path).
-    assert startup_model("gone", "/models/base", tmp_path) == ("/models/base", "/models/base")
+    # A stored name that vanished falls back to DEFAULT_CHECKPOINT (which may be a path,
+    # shown to users by its last component).
+    assert startup_model("gone", "/models/base", tmp_path) == ("base", "/models/base")
     assert startup_model("ft-1", "smollm2", tmp_path)[0] == "ft-1"
 
 
