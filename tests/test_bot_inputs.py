@@ -19,8 +19,9 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
+from discord_payloads import command_payload, invoke, option
 from slack_fake import ADMIN, USER, FakeSlack, slash_command
-from test_bot import make_config, scripted_loader
+from test_bot import EPHEMERAL, make_config, scripted_loader, start_bot
 from test_slack import command, refs, sign, start
 
 from bot.commands import UsageError, parse_settings, repost_id
@@ -181,6 +182,13 @@ async def test_http_mode_listens_on_loopback_and_answers_junk_in_one_info_line(
         assert all("\n" not in r.getMessage() and "refused" in r.getMessage()
                    for r in refused)
         assert not fake.find("chat.postMessage")
+        caplog.clear()  # requests that pass the screen still get aiohttp's access line
+        async with aiohttp.ClientSession() as http:
+            elsewhere = f"http://127.0.0.1:{app.port}/slack/other"
+            async with http.post(elsewhere, data=form,
+                                 headers={**kind, **sign("s3cret", form)}) as r:
+                assert r.status == 404
+        assert [r.name for r in caplog.records if r.levelno >= logging.INFO] == ["aiohttp.access"]
     finally:
         await core.close()
         await app.close()
@@ -246,6 +254,19 @@ async def test_scene_with_a_bad_id_gets_the_usage_not_a_new_scene(tmp_path, tiny
         await app.core.close()
         await app.close()
         await fake.close()
+
+
+@pytest.mark.asyncio
+async def test_discord_scene_with_a_fullwidth_id_gets_the_usage(tmp_path, tiny_model_dir):
+    bot, rec = await start_bot(make_config(tmp_path, tiny_model_dir))
+    try:
+        await invoke(bot, command_payload("scene", [option("prompt", "#\uff12")]))
+        reply = rec.replies()[-1]
+        assert "Usage" in reply["content"] and reply["flags"] & EPHEMERAL
+        assert not rec.find("POST", "/channels/")
+        assert await bot.core.db.get_scene(1) is None
+    finally:
+        await bot.close()
 
 
 # -- 16. /settings: ASCII decimals, no duplicates ---------------------------------------------
