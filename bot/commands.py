@@ -15,7 +15,14 @@ SETTINGS_USAGE = (
 )
 CHECKPOINT_USAGE = "Usage: `/checkpoint list` or `/checkpoint use NAME`"
 BEST_USAGE = "Usage: `/best` (this workspace/server) or `/best channel` (this channel only)"
-REPOST_RE = re.compile(r"#(\d{1,9})")
+MAX_SCENE_ID = 999_999_999
+REPOST_USAGE = (
+    "Usage: `/scene PROMPT` writes a new scene (e.g. `/scene Elaine: Jerry! George!`); "
+    f"`/scene #ID` posts saved scene ID again (1–{MAX_SCENE_ID:,})."
+)
+REPOST_RE = re.compile(r"#([0-9]{1,9})")  # ASCII digits only: \d also takes "２", "٢"
+# A plain decimal: int()/float() also read "٣٠٠", "1_0", "nan", "1e3" and " 5".
+DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)")
 
 
 class UsageError(ValueError):
@@ -23,9 +30,17 @@ class UsageError(ValueError):
 
 
 def repost_id(prompt: str) -> int | None:
-    """`/scene #12` re-posts stored scene 12 instead of writing a new one."""
-    m = REPOST_RE.fullmatch(prompt.strip())
-    return int(m.group(1)) if m else None
+    """`/scene #12` re-posts stored scene 12 instead of writing a new one; None for a
+    prompt. A prompt starting with `#` is always meant as an id (a scene opens with a
+    speaker, a heading or a direction), so anything but `#` and ASCII digits in range
+    (`#２`, `#-1`, `# 2`, `#2 extra`, `#9999999999`) is a UsageError, not a new scene."""
+    text = prompt.strip()
+    if not text.startswith("#"):
+        return None
+    m = REPOST_RE.fullmatch(text)
+    if m is None or not 1 <= int(m.group(1)) <= MAX_SCENE_ID:
+        raise UsageError(REPOST_USAGE)
+    return int(m.group(1))
 
 
 def parse_settings(text: str) -> tuple[str, dict[str, float]]:
@@ -41,12 +56,12 @@ def parse_settings(text: str) -> tuple[str, dict[str, float]]:
             for key, value in zip(pairs[::2], pairs[1::2], strict=True):
                 if key not in RANGES:
                     raise UsageError(f"There is no setting `{key[:30]}`. {SETTINGS_USAGE}")
-                try:
-                    number = float(value)
-                except ValueError:
-                    number = math.nan
+                if key in changes:  # `top_k 5 top_k 50`: which one was meant?
+                    raise UsageError(f"`{key}` is given twice; give each setting once.")
+                number = float(value) if DECIMAL_RE.fullmatch(value) else math.nan
                 if not math.isfinite(number):
-                    raise UsageError(f"`{key}` needs a number, not `{value[:20]}`.")
+                    raise UsageError(f"`{key}` needs a number written with the digits 0-9 "
+                                     f"(such as 200 or 0.9), not `{value[:20]}`.")
                 changes[key] = number
             return "set", changes
     raise UsageError(SETTINGS_USAGE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -13,10 +14,41 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 from sitcom.models import DEFAULT_MODEL
+from sitcom.threads import parse_setting as parse_threads
+
+# (lowest, highest) for every numeric setting, inclusive; .env.example documents them.
+# Past the maximum a limit is effectively switched off (GENERATION_TIMEOUT_S=1e308 never
+# stops a stuck scene, SHUTDOWN_TIMEOUT_S=1e308 never lets the process exit).
+LIMITS: dict[str, tuple[float, float]] = {
+    "SLACK_PORT": (1, 65535),
+    "QUEUE_SIZE": (1, 1000),
+    "PER_USER_LIMIT": (1, 100),
+    "GENERATION_TIMEOUT_S": (1, 3600),  # an hour: a scene takes seconds to a few minutes
+    "SHUTDOWN_TIMEOUT_S": (0, 600),  # systemd gives 90 s, Procfile platforms ~30 s
+    "DB_TIMEOUT_S": (0, 60),  # a command waiting longer on a locked file is stuck anyway
+}
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
+# A plain hostname or an IPv4/IPv6 address (checked with ipaddress below).
+_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
 class ConfigError(ValueError):
     """A bad environment variable; the message names it."""
+
+
+def _load_dotenv(path: Path) -> None:
+    """./.env into os.environ (real variables win), its faults as one ConfigError."""
+    try:
+        load_dotenv(path, override=False)
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 @dataclass(frozen=True)
@@ -26,6 +58,7 @@ class Config:
     slack_app_token: str | None = field(default=None, repr=False)  # Socket Mode
     slack_signing_secret: str | None = field(default=None, repr=False)  # HTTP mode
     slack_port: int = 3000
+    slack_host: str = "127.0.0.1"  # HTTP mode listens here; loopback behind a reverse proxy
     db_path: Path = Path("sitcom.db")
     checkpoints_dir: Path = Path("checkpoints")
     default_checkpoint: str = DEFAULT_MODEL
@@ -45,31 +78,48 @@ class Config:
             if dotenv:
                 # Only ./.env: python-dotenv's default search walks up from this file's
                 # folder, so a .env planted above a copy of the app would configure it.
-                load_dotenv(Path.cwd() / ".env", override=False)  # real variables win
+                _load_dotenv(Path.cwd() / ".env")
             env = os.environ
 
         def get(name: str) -> str | None:
             value = env.get(name, "").strip()
             return value or None
 
-        def number(name: str, kind: type, default: float, low: float) -> float:
+        def number(name: str, kind: type, default: float) -> float:
+            raw = get(name)
+            if raw is None:
+                return default
+            low, high = LIMITS[name]
+            # ASCII only: int() and float() also read "٣٠٠" (Arabic-Indic digits) and
+            # "1_0"; nan/inf would silently switch a limit off.
+            pattern = _INT_RE if kind is int else _FLOAT_RE
+            what = "a whole number" if kind is int else "a number"
+            if not pattern.fullmatch(raw):
+                raise ConfigError(f"{name} must be {what} from {low:g} to {high:g} "
+                                  f"(got {raw[:40]!r})")
+            value = kind(raw)
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ConfigError(f"{name} must be from {low:g} to {high:g} (got {raw[:40]!r})")
+            return value
+
+        def snowflake(name: str, raw: str) -> int:
+            # ASCII digits: str.isdigit() also accepts "²", which int() then refuses.
+            if not re.fullmatch(r"[0-9]{1,20}", raw):
+                raise ConfigError(f"{name} must hold Discord ids (digits), got {raw[:40]!r}")
+            return int(raw)
+
+        def host(name: str, default: str) -> str:
             raw = get(name)
             if raw is None:
                 return default
             try:
-                value = kind(raw)
+                return str(ipaddress.ip_address(raw.strip("[]")))
             except ValueError:
-                raise ConfigError(f"{name} must be a number (got {raw!r})") from None
-            if not math.isfinite(value):  # nan would silently switch the limit off
-                raise ConfigError(f"{name} must be a finite number (got {raw!r})")
-            if value < low:
-                raise ConfigError(f"{name} must be at least {low} (got {raw!r})")
-            return value
-
-        def snowflake(name: str, raw: str) -> int:
-            if not raw.isdigit():
-                raise ConfigError(f"{name} must hold Discord ids (digits), got {raw!r}")
-            return int(raw)
+                pass
+            if len(raw) > 253 or not _HOST_RE.fullmatch(raw):
+                raise ConfigError(f"{name} must be an IP address or a host name such as "
+                                  f"127.0.0.1, 0.0.0.0 or localhost (got {raw[:40]!r})")
+            return raw
 
         def user_id(name: str, raw: str) -> str:
             # Discord: a snowflake; Slack: a member id such as U0123ABCD or W0123ABCD.
@@ -111,11 +161,16 @@ class Config:
             )
         if (slack_app or signing) and not slack_bot:
             raise ConfigError("SLACK_APP_TOKEN / SLACK_SIGNING_SECRET need SLACK_BOT_TOKEN")
+        try:  # read by the engine from os.environ; checked here so the bot stops at once
+            parse_threads(get("SITCOM_THREADS"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return cls(
             slack_bot_token=slack_bot,
             slack_app_token=slack_app,
             slack_signing_secret=signing,
-            slack_port=int(number("SLACK_PORT", int, 3000, 1)),
+            slack_port=int(number("SLACK_PORT", int, 3000)),
+            slack_host=host("SLACK_HOST", "127.0.0.1"),
             token=token,
             db_path=Path(get("BOT_DB") or "sitcom.db").expanduser(),
             checkpoints_dir=Path(get("CHECKPOINTS_DIR") or "checkpoints").expanduser(),
@@ -126,10 +181,10 @@ class Config:
                 for part in admins.replace(",", " ").split()
             ),
             dev_guild_id=snowflake("DEV_GUILD_ID", guild) if guild else None,
-            max_queue=int(number("QUEUE_SIZE", int, 32, 1)),
-            per_user_limit=int(number("PER_USER_LIMIT", int, 2, 1)),
-            timeout_s=float(number("GENERATION_TIMEOUT_S", float, 120.0, 1.0)),
-            shutdown_timeout_s=float(number("SHUTDOWN_TIMEOUT_S", float, 25.0, 0.0)),
-            db_timeout_s=float(number("DB_TIMEOUT_S", float, 5.0, 0.0)),
+            max_queue=int(number("QUEUE_SIZE", int, 32)),
+            per_user_limit=int(number("PER_USER_LIMIT", int, 2)),
+            timeout_s=float(number("GENERATION_TIMEOUT_S", float, 120.0)),
+            shutdown_timeout_s=float(number("SHUTDOWN_TIMEOUT_S", float, 25.0)),
+            db_timeout_s=float(number("DB_TIMEOUT_S", float, 5.0)),
             log_level=level,
         )

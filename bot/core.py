@@ -166,9 +166,9 @@ class Core:
     ) -> None:
         """Queue (or re-post with `#ID`), acknowledge at once with the queue position, wait,
         store, post through `surface`, then update the acknowledgement with the outcome.
-        Raises EngineError/DatabaseError before acknowledging (the frontend answers them
-        politely); after that every outcome goes into `update`. Texts are ready to send
-        on `surface` (escaped there)."""
+        Raises EngineError/DatabaseError/UsageError (a bad `#ID`) before acknowledging (the
+        frontend answers them politely); after that every outcome goes into `update`. Texts
+        are ready to send on `surface` (escaped there)."""
         scene_id = repost_id(prompt)
         if scene_id is not None:
             stored = await self.db.get_scene(scene_id)
@@ -306,7 +306,11 @@ class Core:
         name = model if model in checkpoints.BUILT_IN else name.strip()
         previous = self.engine.model_name
         self._labels[model] = name  # scenes may be written by it as soon as the swap lands
-        await self.engine.swap(model)  # ModelLoadError leaves the old model running
+        try:
+            await self.engine.swap(model)  # ModelLoadError leaves the old model running
+        except ModelLoadError as e:  # said in chat: the name, not where the files are
+            log.warning("checkpoint %s (%s) failed to load: %s", name, model, e)
+            raise ModelLoadError(str(e).replace(model, name)) from e
         try:
             await self.db.set_state(CHECKPOINT_KEY, name)
         except DatabaseError:

@@ -11,7 +11,9 @@ whose message is fit to show a user.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
@@ -83,6 +85,29 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def _read_only_fs(path: Path) -> bool:
+    """True when the file (or, for a new one, its folder) is on a read-only mount."""
+    try:
+        return bool(os.statvfs(path if path.exists() else path.parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _why(path: Path, error: BaseException) -> str:
+    """The reason for a failed open, with read-only files and folders said plainly."""
+    if isinstance(error, DatabaseError):
+        return str(error)
+    if (isinstance(error, OSError) and error.errno == errno.EROFS) or _read_only_fs(path):
+        return "it is on a read-only filesystem; point BOT_DB at a writable place"
+    text = str(error)
+    if isinstance(error, sqlite3.Error) and ("readonly" in text or "unable to open" in text):
+        for place in (path, path.parent):  # WAL needs to create files beside it, too
+            if place.exists() and not os.access(place, os.W_OK):
+                return (f"{place} is read-only for this user (permissions); make it "
+                        "writable or point BOT_DB at a writable place")
+    return text
+
+
 class Database:
     def __init__(self, path: Path, conn: aiosqlite.Connection) -> None:
         self.path = path
@@ -97,21 +122,30 @@ class Database:
             raise DatabaseError(f"cannot open the database {path}: it is a directory")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatabaseError(f"cannot open the database {path}: {_why(path, e)}") from e
+        if _read_only_fs(path):
+            # SQLite would open it read-only without a word and fail at the first write
+            # (or say "unable to open database file" for a new one).
+            raise DatabaseError(f"cannot open the database {path}: it is on a read-only "
+                                "filesystem; point BOT_DB at a writable place")
+        try:
             conn = await aiosqlite.connect(path, timeout=timeout, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
             # aiosqlite stops its worker thread without awaiting it; give it a moment so
             # it doesn't report to an event loop that is already gone.
             await asyncio.sleep(0.1)
-            raise DatabaseError(f"cannot open the database {path}: {e}") from e
+            raise DatabaseError(f"cannot open the database {path}: {_why(path, e)}") from e
         db = cls(path, conn)
         try:
             await conn.execute("PRAGMA foreign_keys = ON")
             await db._refuse_newer()  # before anything writes, even the journal mode
+            await db._refuse_damaged()
             await conn.execute("PRAGMA journal_mode = WAL")
             await db._migrate()
         except (sqlite3.Error, DatabaseError) as e:
             await conn.close()
-            raise DatabaseError(f"cannot prepare the database {path}: {e}") from e
+            raise DatabaseError(f"cannot prepare the database {path}: {_why(path, e)}") from e
         return db
 
     async def close(self) -> None:
@@ -129,6 +163,21 @@ class Database:
             raise DatabaseError(
                 f"it is at schema version {current}, newer than this bot's {known} (written by "
                 "a newer version); run that version or point BOT_DB at another file"
+            )
+
+    async def _refuse_damaged(self) -> None:
+        """PRAGMA quick_check: a damaged file (a page overwritten, a torn copy) would keep
+        taking scenes and lose them, or fail at random later."""
+        try:
+            async with self._conn.execute("PRAGMA quick_check(3)") as cur:
+                problems = [row[0] for row in await cur.fetchall()]
+        except sqlite3.DatabaseError as e:  # "file is not a database", "malformed"
+            problems = [str(e)]
+        if problems != ["ok"]:
+            first = " ".join(str(problems[0]).split())[:120] if problems else "no answer"
+            raise DatabaseError(
+                f"it is damaged (SQLite's quick_check: {first}); restore it from a backup "
+                "or point BOT_DB at a new file"
             )
 
     async def _migrate(self) -> None:

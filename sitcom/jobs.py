@@ -53,10 +53,12 @@ class Scene:
 
 
 def clean_prompt(prompt: str, max_chars: int) -> str:
-    """Control characters removed (newlines kept); BadPrompt when nothing usable is left."""
+    """Control characters removed; every line break (\\r\\n, \\r, U+2028/U+2029, NEL, \\v,
+    \\f: whatever str.splitlines() splits on) made a newline; BadPrompt when nothing usable
+    is left."""
     text = "".join(
         c if c == "\n" else " " if c == "\t" else c
-        for c in str(prompt)
+        for c in "\n".join(str(prompt).splitlines())
         if c in "\n\t" or not unicodedata.category(c).startswith("C")
     ).strip()
     if not any(c.isalnum() for c in text):

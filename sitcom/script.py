@@ -93,11 +93,12 @@ _PROMPT_SPEAKER_RE = re.compile(
 def normalize_prompt(prompt: str, main: Iterable[str] = MAIN_CHARACTERS) -> str:
     """The user's scene opening in corpus format: `Elaine: hi` -> `ELAINE: hi`.
 
-    Each line of the prompt that starts with `Name:` gets its speaker normalised;
+    Each line of the prompt (split wherever str.splitlines splits) that starts with
+    `Name:` gets its speaker normalised;
     other lines are kept as they are. Returns the text with a trailing newline.
     """
     out = []
-    for raw in prompt.replace("\r\n", "\n").split("\n"):
+    for raw in prompt.splitlines():  # \r\n, \r, U+2028/U+2029 and the like are breaks too
         line = raw.strip()
         if not line:
             continue

@@ -27,6 +27,29 @@ def _setting() -> str:
     return os.environ.get("SITCOM_THREADS", "auto").strip().lower() or "auto"
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def parse_setting(raw: str | None) -> int | None:
+    """SITCOM_THREADS as a fixed count, None for auto; ValueError (one line naming the
+    variable) for anything else. A count must be ASCII digits from 1 to the cores this
+    process may use: more threads than cores only wait for each other (512 on 2 cores made
+    a 16-token scene take 22 s; 100000 crashed llama.cpp), and 0 or -3 are mistakes, not 1."""
+    choice = (raw if raw is not None else "auto").strip().lower() or "auto"
+    if choice == "auto":
+        return None
+    cores = available_cores()
+    if not (choice.isascii() and choice.isdigit() and len(choice) <= 6
+            and 1 <= int(choice) <= cores):
+        raise ValueError(
+            f"SITCOM_THREADS must be auto or a whole number from 1 to {cores} (the cores "
+            f"this process may use), got {choice[:20]!r}"
+        )
+    return int(choice)
+
+
 def _busy_seconds(cpus: set[int]) -> float | None:
     """Busy CPU seconds since boot summed over `cpus` (None where /proc/stat is missing)."""
     try:
@@ -56,16 +79,7 @@ class ThreadPolicy:
     ):
         self.cpus = set(os.sched_getaffinity(0))
         self.cores = min(len(self.cpus), limit or len(self.cpus))
-        choice = (setting or _setting()).strip().lower()
-        if choice == "auto":
-            self.fixed = None
-        else:
-            try:
-                self.fixed = max(1, int(choice))
-            except ValueError:
-                raise ValueError(
-                    f"SITCOM_THREADS must be auto or a number (got {choice!r})"
-                ) from None
+        self.fixed = parse_setting(setting or _setting())
         self.interval_s = interval_s
         self._threads = self.fixed or self.cores
         self._last: tuple[float, float, float] | None = None
@@ -98,7 +112,8 @@ def use_torch_threads() -> int:
 
     if _TORCH_POLICY is None:
         limit = os.environ.get("OMP_NUM_THREADS", "")
-        _TORCH_POLICY = ThreadPolicy(limit=int(limit) if limit.isdigit() else None)
+        ok = limit.isascii() and limit.isdigit() and 0 < len(limit) <= 6
+        _TORCH_POLICY = ThreadPolicy(limit=int(limit) if ok else None)
     n = _TORCH_POLICY.threads()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

@@ -348,7 +348,9 @@ def test_scene_lines_keep_their_plain_text():
 
 def test_dotenv_is_read_from_the_working_directory_only(tmp_path):
     app = tmp_path / "a" / "b" / "app"
-    shutil.copytree(ROOT / "bot", app / "bot", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("bot", "sitcom"):
+        shutil.copytree(ROOT / package, app / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "seinfeld_lora"))
     (tmp_path / "a" / ".env").write_text("BOT_DB=/tmp/planted.db\nADMIN_USER_IDS=666\n")
     cwd = tmp_path / "cwd"
     cwd.mkdir()

@@ -41,11 +41,22 @@ def test_auto_uses_the_cores_others_leave_idle(monkeypatch):
 
 def test_fixed_count_and_bad_setting(monkeypatch):
     FakeClock(monkeypatch)
-    assert ThreadPolicy("3").threads() == 3
+    assert ThreadPolicy("2").threads() == 2
     monkeypatch.setenv("SITCOM_THREADS", "1")
     assert ThreadPolicy().threads() == 1
-    with pytest.raises(ValueError, match="SITCOM_THREADS must be auto or a number"):
+    with pytest.raises(ValueError, match="SITCOM_THREADS must be auto or a whole number"):
         ThreadPolicy("lots")
+
+
+# Issue 20 #10: more threads than cores segfaulted (100000) or crawled (512); -3 became 1.
+@pytest.mark.parametrize("value", ["3", "512", "100000", "0", "-3", "+1", "1.5", "²", "２",
+                                   "99999999999999999999"])
+def test_thread_count_beyond_the_cores_is_refused_in_one_line(monkeypatch, value):
+    FakeClock(monkeypatch)  # two cores
+    with pytest.raises(ValueError) as err:
+        ThreadPolicy(value)
+    message = str(err.value)
+    assert "from 1 to 2" in message and "\n" not in message, message
 
 
 def test_real_proc_stat_reading():

@@ -20,13 +20,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from decimal import Decimal, InvalidOperation
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
+from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from sitcom.engine import EngineError
@@ -60,15 +63,65 @@ COMMANDS = ("/scene", "/best", "/settings", "/checkpoint")  # as in manifest.yam
 EVENTS = ("reaction_added", "reaction_removed")
 
 
+_TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
+# A key in the request's own state (RequestKey from aiohttp 3.12; a string before).
+_REFUSED = (web.RequestKey("sitcom_refused", bool) if hasattr(web, "RequestKey")
+            else "sitcom_refused")
+
+
+def _screen(signing_secret: str):
+    """An aiohttp middleware that answers what cannot be a request from Slack before Bolt
+    sees it, in one INFO line each: a timestamp that is not a number (Bolt's int() would
+    end in HTTP 500 and a logged traceback), a body that is not UTF-8 (likewise), a bad or
+    stale signature (Bolt would log the whole body). Slack signs every request
+    (api.slack.com/authentication/verifying-requests-from-slack); checked with slack_sdk's
+    SignatureVerifier, as Bolt does after this again."""
+    verifier = SignatureVerifier(signing_secret)
+
+    @web.middleware
+    async def screen(request: web.Request, handler):
+        if request.method != "POST":
+            return await handler(request)
+        timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
+        signature = request.headers.get("X-Slack-Signature", "")
+        status, why = 0, ""
+        if not _TIMESTAMP_RE.fullmatch(timestamp):
+            status, why = 401, "no numeric X-Slack-Request-Timestamp"
+        else:
+            try:
+                body = (await request.read()).decode("utf-8")
+            except UnicodeDecodeError:
+                status, why = 400, "the body is not UTF-8"
+            else:
+                if not verifier.is_valid(body, timestamp, signature):
+                    status, why = 401, "bad or stale signature"
+        if status:
+            request[_REFUSED] = True
+            log.info("Slack HTTP: refused a request from %s (HTTP %d: %s)",
+                     request.remote, status, why)
+            return web.json_response({"error": "invalid request"}, status=status)
+        return await handler(request)
+
+    return screen
+
+
+class _AccessLog(AccessLogger):
+    """aiohttp's access log, less the requests `_screen` refused (logged once already)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if not request.get(_REFUSED):
+            super().log(request, response, time)
+
+
 class SlackFrontend:
     """One Slack app on the shared Core: build it, `start()` (connects), `close()`."""
 
     def __init__(self, config: Config, core: Core, client: AsyncWebClient | None = None,
-                 host: str = "0.0.0.0") -> None:
+                 host: str | None = None) -> None:
         self.config = config
         self.core = core
         self.client = client or make_client(config.slack_bot_token)
-        self.host = host
+        self.host = host or config.slack_host  # HTTP mode: SLACK_HOST, loopback by default
         self.tasks: set[asyncio.Task] = set()  # running commands, for a clean shutdown
         self.reactions_handled = 0  # reaction events processed (acked first, then handled)
         self.app = AsyncApp(
@@ -99,12 +152,15 @@ class SlackFrontend:
             await self._socket.connect_async()
             log.info("Slack: connected over Socket Mode")
         else:
-            self._runner = web.AppRunner(self.app.web_app(path=EVENTS_PATH))
+            web_app = self.app.web_app(path=EVENTS_PATH)
+            web_app.middlewares.append(_screen(self.config.slack_signing_secret or ""))
+            self._runner = web.AppRunner(web_app, access_log_class=_AccessLog)
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.host, self.config.slack_port)
             await site.start()
             self.port = self._runner.addresses[0][1]
-            log.info("Slack: listening for requests on port %d at %s", self.port, EVENTS_PATH)
+            log.info("Slack: listening for requests on %s port %d at %s", self.host,
+                     self.port, EVENTS_PATH)
 
     async def close(self) -> None:
         if self._socket is not None:

@@ -16,9 +16,17 @@ CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\
 
 # `[label](url)` (also `[label](<url>)`): a masked link whose label can lie about the target.
 MASKED_LINK_RE = re.compile(r"\]\(")
-# `# `, `## `, `### ` headers and `-# ` subtext at the start of a line, also after block
-# quote or list markers: big or grey "system" text that can impersonate the bot or staff.
-HEADING_RE = re.compile(r"(?m)^([ \t]*(?:>{1,3}[ \t]*)?(?:[-*+][ \t]+)?)(#{1,3}|-#)(?=[ \t])")
+# `# `, `## `, `### ` headers and `-# ` subtext: big or grey "system" text that can
+# impersonate the bot or staff. Discord renders them at the start of a line, also inside
+# block quotes (`> `, `>>> `) and list items (`- `, `* `, `1. `, nested), and its parser
+# (JavaScript regexes) takes any Unicode space as the space after the marker (`#\u00a0x`)
+# and \r, U+2028, U+2029 as line breaks, so all of those count here.
+_SPACE = r"[^\S\n]|\ufeff"  # JavaScript's \s, less the newline
+_LINE_START = r"(?<![^\n\r\x85\u2028\u2029])"  # the start, or right after any line break
+HEADING_RE = re.compile(
+    rf"{_LINE_START}((?:{_SPACE}|>|[-*+](?={_SPACE})|[0-9]{{1,9}}[.)](?={_SPACE}))*)"
+    rf"(#{{1,3}}|-#)(?={_SPACE})"
+)
 ZWSP = "\u200b"
 
 
