@@ -275,13 +275,14 @@ class Core:
         if not self.is_humour_name(name):
             checkpoints.resolve(name, self.config.checkpoints_dir)
 
-    def switched_text(self, name: str) -> str:
-        """What the admin is told after `/checkpoint use NAME` (without markup)."""
+    def switched_text(self, name: str, mark: str = "") -> str:
+        """What the admin is told after `/checkpoint use NAME`; `mark` wraps the name
+        (e.g. "`" for code on Discord and Slack; the name must need no escaping there)."""
         if name == self.humour and self.is_humour_name(name):
             if name == checkpoints.HUMOUR_OFF:
                 return "Best-of-n candidates are now ranked by the coherence checks alone."
-            return f"Best-of-n candidates are now ranked by the humour model {name}."
-        return f"Scenes are now written by {name}."
+            return f"Best-of-n candidates are now ranked by the humour model {mark}{name}{mark}."
+        return f"Scenes are now written by {mark}{name}{mark}."
 
     async def use_humour(self, name: str) -> str:
         """Rank best-of-n candidates with another humour model (or `off`) and remember it."""

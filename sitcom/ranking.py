@@ -100,8 +100,24 @@ def coherence(
         seen.add(key)
     if repeats:
         penalties["repeats"] = 0.5 * repeats / len(turns)
+    echoes = _echoes([x.split(":", 1)[1] for _, x in turns])
+    if echoes:
+        penalties["echoes"] = 0.6 * echoes / len(turns)
     score = max(0.0, 1.0 - sum(penalties.values()))
     return score, tuple(sorted(penalties, key=penalties.get, reverse=True))
+
+
+def _echoes(speeches: Sequence[str], window: int = 3, share: float = 0.7) -> int:
+    """Turns that mostly say again what one of the last few said ("I can't go." "You can't
+    go?" "I can't go, I don't have a place to go."): the scene stands still."""
+    bags = [set(_WORD_RE.findall(s.lower())) for s in speeches]
+    count = 0
+    for i, words in enumerate(bags):
+        if len(words) >= 3 and any(
+            len(words & earlier) >= share * len(words) for earlier in bags[max(0, i - window):i]
+        ):
+            count += 1
+    return count
 
 
 def _is_filler(speech: str) -> bool:

@@ -210,7 +210,8 @@ async def test_default_checkpoint_path_is_shown_as_a_name(tmp_path, tiny_model_d
         assert "my-model" in listing["text"] and "srv-private-x9" not in listing["text"]
         before = len(fake.responses)
         await command(fake, "/scene", "Jerry: Hi, Newman.")
-        await fake.wait_for(lambda: len(fake.responses) > before)
+        await fake.wait_for(lambda: any("is ready" in r.get("text", "")
+                                        for r in fake.responses[before:]))
         done = fake.responses[-1]["text"]
         assert "Scene 1 is ready" in done and "my-model" in done, done
         assert "srv-private-x9" not in done and str(tmp_path) not in done

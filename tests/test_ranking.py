@@ -35,6 +35,14 @@ SILENT_CAST = OPENING + [
     "ELAINE: Then I went home from the store.",
     "ELAINE: It was nice.",
 ]
+ECHO = OPENING + [
+    "KRAMER: Well, I can't go, I don't have a place to go.",
+    "JERRY: You don't have a place to go?",
+    "KRAMER: I can't go, I don't have a place to go.",
+    "JERRY: You can't go.",
+    "KRAMER: Well, I can't go, I don't have a place to go, Jerry.",
+    "GEORGE: What?",
+]
 PROSE = OPENING + [
     "It was a cold day in New York and the city was grey and everyone was walking to work "
     "with their heads down, thinking about nothing but the weather and their jobs.",
@@ -62,6 +70,7 @@ def test_each_failure_readers_named_is_found_and_costs():
         (FILLER, "filler"),
         (SILENT_CAST, "talks to himself"),
         (PROSE, "prose"),
+        (ECHO, "echoes"),
     ]:
         score, problems = coherence(bad, 1)
         assert problem in problems, (problem, problems)

@@ -305,7 +305,7 @@ class SlackFrontend:
         self.core.check_checkpoint_name(name)  # a bad name: refused in the ack
         await reply(f"⏳ Loading `{escape(name)}`…")  # acknowledged; loading takes seconds
         active = await self.core.use_checkpoint(name)
-        await reply(f"✅ {escape(self.core.switched_text(active))}")
+        await reply("✅ " + self.core.switched_text(escape(active), "`"))
 
     # -- votes --------------------------------------------------------------------------
 
