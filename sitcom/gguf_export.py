@@ -208,3 +208,96 @@ def _add_tensors(writer, model, config, qtype: str) -> None:
             writer.add_tensor(name, data.astype(np.float16))
         else:
             writer.add_tensor(name, quantize(data, qt), raw_dtype=qt)
+
+
+# GGUF value types: sizes of the fixed-width ones; 8 = string, 9 = array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_problem(path: str | os.PathLike) -> str | None:
+    """None when `path` is a whole GGUF file: its header, metadata and tensor table parse
+    and every tensor's data lies inside the file; else what is wrong, in a few words.
+
+    Reads only the header (not the tensor data), stepping over the metadata by hand:
+    gguf.GGUFReader parses every field first, the 49k-entry vocabulary included (2-4 s).
+    It catches truncation and a damaged header; damaged tensor data is the self-test's job
+    (sitcom.llamacpp_check ties its verdict to the file's size and mtime)."""
+    import struct
+
+    import gguf
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+
+            def read(fmt: str):
+                n = struct.calcsize("<" + fmt)
+                data = f.read(n)
+                if len(data) != n:
+                    raise EOFError
+                return struct.unpack("<" + fmt, data)[0]
+
+            def seek(n: int) -> None:
+                if n < 0 or f.tell() + n > size:
+                    raise EOFError
+                f.seek(n, 1)
+
+            def value(vtype: int):
+                if vtype == 8:
+                    n = read("Q")
+                    if f.tell() + n > size:
+                        raise EOFError
+                    return f.read(n)
+                if vtype == 9:
+                    etype, count = read("I"), read("Q")
+                    if etype in _GGUF_SIZES:
+                        seek(_GGUF_SIZES[etype] * count)
+                    elif etype in (8, 9) and count <= size:
+                        for _ in range(count):
+                            value(etype)
+                    else:
+                        raise ValueError(f"unknown array type {etype}")
+                    return None
+                if vtype not in _GGUF_SIZES:
+                    raise ValueError(f"unknown value type {vtype}")
+                if vtype in (4, 5):
+                    return read("I")
+                seek(_GGUF_SIZES[vtype])
+                return None
+
+            if f.read(4) != b"GGUF":
+                return "not a GGUF file"
+            if read("I") not in (2, 3):
+                return "unsupported GGUF version"
+            n_tensors, n_kv = read("Q"), read("Q")
+            if n_tensors > size or n_kv > size:
+                return "damaged header"
+            alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+            for _ in range(n_kv):
+                key = value(8)
+                got = value(read("I"))
+                if key == b"general.alignment" and isinstance(got, int) and got > 0:
+                    alignment = got
+            tensors = []
+            for _ in range(n_tensors):
+                name = value(8)
+                n_dims = read("I")
+                if not 1 <= n_dims <= 4:
+                    return f"damaged tensor table ({name[:60]!r})"
+                dims = [read("Q") for _ in range(n_dims)]
+                qtype, offset = read("I"), read("Q")
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+                count = int(np.prod(dims, dtype=np.float64))
+                tensors.append((offset, count // block * type_size))
+            start = -(-f.tell() // alignment) * alignment
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    except EOFError:
+        return "truncated (header)"
+    except (ValueError, KeyError, struct.error):
+        return "damaged header"
+    end = max((start + offset + nbytes for offset, nbytes in tensors), default=start)
+    if end > size:
+        return f"truncated ({size} bytes, its tensors need {end})"
+    return None
