@@ -7,6 +7,7 @@ base's converted copy goes, so `seinfeld` means the tiny base plus a tiny adapte
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -23,8 +24,6 @@ from test_shipped_model import pair  # noqa: F401 - a module-scoped fixture used
 
 from sitcom import models
 from sitcom.adapters import ADAPTER_CARD
-from sitcom.files import file_lock, safetensors_problem
-from sitcom.gguf_export import gguf_problem
 from sitcom.models import ModelLoadError, tuned_model_dir, verified_adapter
 from training.extract import extract
 
@@ -46,11 +45,12 @@ def cache(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     monkeypatch.setenv("SITCOM_CACHE", str(root))
     monkeypatch.delenv("SITCOM_BACKEND", raising=False)
-    models.forget_tuned_fallback()
-    models._checked.clear()
+    forget = ("_fallbacks", "_checked", "_warned")  # what a process remembers of the cache
+    for name in forget:
+        getattr(models, name, {}).clear()
     yield root
-    models.forget_tuned_fallback()
-    models._checked.clear()
+    for name in forget:
+        getattr(models, name, {}).clear()
 
 
 @pytest.fixture
@@ -181,7 +181,7 @@ def test_a_changed_adapter_config_is_refused(adapter):
 def test_the_cache_is_keyed_on_every_file_of_the_adapter(adapter, base, cache):
     # An older card without adapter_files: the config is not checked, but it is hashed.
     card = json.loads((adapter / ADAPTER_CARD).read_text())
-    del card["adapter_files"]
+    card.pop("adapter_files", None)
     (adapter / ADAPTER_CARD).write_text(json.dumps(card))
     genuine = tuned_model_dir(adapter, base_dir=base)
     weights = (genuine / "model.safetensors").read_bytes()
@@ -205,20 +205,28 @@ def test_the_cache_is_keyed_on_every_file_of_the_adapter(adapter, base, cache):
 
 def test_a_damaged_cached_merge_is_built_again(adapter, base, cache, caplog):
     merged = tuned_model_dir(adapter, base_dir=base)
-    gguf = merged / "model.gguf"
-    whole = gguf.read_bytes()
-    assert gguf_problem(gguf) is None and safetensors_problem(merged / "model.safetensors") is None
+    gguf, weights = merged / "model.gguf", merged / "model.safetensors"
+    whole, size = gguf.read_bytes(), weights.stat().st_size
     gguf.write_bytes(whole[: len(whole) // 2])
-    assert "truncated" in gguf_problem(gguf)
     with caplog.at_level(logging.WARNING, logger="sitcom.models"):
         assert tuned_model_dir(adapter, base_dir=base) == merged
-    assert gguf_problem(gguf) is None and gguf.stat().st_size == len(whole)
-    assert any("damaged" in r.getMessage() for r in caplog.records)
-    weights = merged / "model.safetensors"
+    assert gguf.stat().st_size == len(whole)  # built again (its general.name differs)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "damaged (model.gguf: truncated" in line
     weights.write_bytes(weights.read_bytes()[:-100])
-    assert "truncated" in safetensors_problem(weights)
     tuned_model_dir(adapter, base_dir=base)
-    assert safetensors_problem(weights) is None
+    assert weights.stat().st_size == size
+
+    from sitcom.files import safetensors_problem
+    from sitcom.gguf_export import gguf_problem
+
+    assert gguf_problem(gguf) is None and safetensors_problem(weights) is None
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 16)
+    assert gguf_problem(gguf) == "damaged header"
+    gguf.write_bytes(b"not a gguf")
+    assert gguf_problem(gguf) == "not a GGUF file"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}")
+    assert safetensors_problem(weights) == "tensor 'a' has no data offsets"
 
 
 def ok_command(text: str = '{"ok": true, "reason": "fine"}') -> list[str]:
@@ -356,24 +364,33 @@ def test_two_starts_at_once_build_the_cache_once(adapter, base, cache):
     )
     outputs: list[list[str]] = [[], []]
     # Hold the entry's lock as a build in progress would, so both arrive while it is held.
-    with file_lock(cache / f".{entry.name}.lock"):
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(adapter), str(base)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env=child_env(cache)) for _ in range(2)]
-        readers = [threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True)
-                   for p, out in zip(procs, outputs, strict=True)]
+    procs: list[subprocess.Popen] = []
+    try:
+        with open(cache / f".{entry.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            procs = [subprocess.Popen([sys.executable, "-c", code, str(adapter), str(base)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, env=child_env(cache)) for _ in range(2)]
+            readers = [threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout),
+                                        daemon=True)
+                       for p, out in zip(procs, outputs, strict=True)]
+            for r in readers:
+                r.start()
+            deadline = time.monotonic() + 240
+            while not all(any("waiting" in line for line in out) for out in outputs):
+                assert time.monotonic() < deadline, outputs
+                assert not any(any("inode" in line for line in out) for out in outputs), (
+                    f"a start went on while another build held the cache: {outputs}")
+                time.sleep(0.2)
+        for p in procs:
+            assert p.wait(timeout=240) == 0, outputs
         for r in readers:
-            r.start()
-        deadline = time.monotonic() + 240
-        while not all(any("waiting" in line for line in out) for out in outputs):
-            assert time.monotonic() < deadline, outputs
-            assert not any(any("inode" in line for line in out) for out in outputs), (
-                f"a start went on while another build held the cache: {outputs}")
-            time.sleep(0.2)
-    for p in procs:
-        assert p.wait(timeout=240) == 0, outputs
-    for r in readers:
-        r.join(timeout=10)
+            r.join(timeout=10)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     text = [line for out in outputs for line in out]
     assert sum(line.startswith("building ") for line in text) == 1, text
     inodes = {line.split()[1] for line in text if line.startswith("inode")}
