@@ -14,7 +14,15 @@ from safetensors import SafetensorError
 from sitcom.engine import EngineError, GenerationTimeout, Scene, SceneEngine
 from sitcom.humour import HumourModel, HumourModelError, load_default
 from sitcom.llamacpp import load_serving_model
-from sitcom.models import ModelLoadError, cache_root, is_base_model, is_tuned_default
+from sitcom.models import (
+    ModelLoadError,
+    cache_root,
+    forget_tuned_fallback,
+    is_base_model,
+    is_tuned_default,
+    served_model_name,
+    tuned_default_fallback,
+)
 from sitcom.script import normalize_prompt
 from sitcom.settings import SceneSettings
 
@@ -97,8 +105,13 @@ class Core:
         except BaseException:
             await db.close()
             raise
-        log.info("scene engine ready with checkpoint %s", name)
-        core = cls(config, db, engine, name)
+        served = served_model_name(name)  # the base, when the tuned default could not be used
+        if served != name:
+            log.warning("scene engine ready with checkpoint %s in place of %s: %s",
+                        served, name, tuned_default_fallback())
+        else:
+            log.info("scene engine ready with checkpoint %s", name)
+        core = cls(config, db, engine, served)
         try:
             await core._start_humour()
         except BaseException:
@@ -124,6 +137,7 @@ class Core:
 
     @staticmethod
     async def _start_engine(config: Config, model: str, loader=None) -> SceneEngine:
+        forget_tuned_fallback()  # each start tries the tuned default's build again
         engine = SceneEngine(
             model=model, max_queue=config.max_queue, per_user_limit=config.per_user_limit,
             timeout_s=config.timeout_s, max_prompt_chars=MAX_PROMPT_CHARS,
@@ -296,7 +310,8 @@ class Core:
         return name
 
     async def use_checkpoint(self, name: str) -> str:
-        """Swap the engine to a listed checkpoint and remember it; returns the name.
+        """Swap the engine to a listed checkpoint and remember it; returns the name of what
+        is served (the base's, when the tuned default could not be used: the log says why).
 
         Both or neither: when the choice cannot be stored (a busy database), the old model
         is swapped back before the error is reported.
@@ -307,22 +322,27 @@ class Core:
         name = model if model in checkpoints.BUILT_IN else name.strip()
         previous = self.engine.model_name
         self._labels[model] = name  # scenes may be written by it as soon as the swap lands
+        forget_tuned_fallback()  # a swap to the tuned default tries its build again
         try:
             await self.engine.swap(model)  # ModelLoadError leaves the old model running
         except ModelLoadError as e:  # said in chat: the name, not where the files are
             log.warning("checkpoint %s (%s) failed to load: %s", name, model, e)
             raise ModelLoadError(str(e).replace(model, name)) from e
+        served = served_model_name(name)  # the base, when the tuned default could not be used
+        if served != name:
+            log.warning("serving %s in place of %s: %s", served, name, tuned_default_fallback())
+        self._labels[model] = served
         try:
-            await self.db.set_state(CHECKPOINT_KEY, name)
+            await self.db.set_state(CHECKPOINT_KEY, name)  # the choice: tried again at a restart
         except DatabaseError:
             try:
                 await self.engine.swap(previous)
             except ModelLoadError:  # the new one stays; say so truthfully in the listing
                 log.exception("could not swap back to %s after a failed switch", previous)
-                self.checkpoint = name
+                self.checkpoint = served
             raise
-        self.checkpoint = name
-        return name
+        self.checkpoint = served
+        return served
 
     async def close(self, posting: Collection[asyncio.Task] = (), *, now: bool = False) -> None:
         """Stop taking jobs; give running scenes until the shutdown deadline, after which

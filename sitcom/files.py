@@ -1,10 +1,20 @@
-"""Publishing a directory built in a temp dir: one rename, so readers never see half of it."""
+"""Publishing a directory built in a temp dir: one rename, so readers never see half of it;
+locks for building one, and reading JSON and safetensors headers that may be damaged."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 
 def publish_dir(tmp: Path, target: Path) -> None:
@@ -25,3 +35,89 @@ def publish_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def load_json(text: str | bytes) -> object:
+    """json.loads that turns a too deeply nested document (RecursionError) into ValueError,
+    so one `except ValueError` covers every unreadable file."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def read_json(path: Path) -> object:
+    """The JSON document in `path`; OSError or ValueError (never RecursionError)."""
+    return load_json(Path(path).read_bytes())
+
+
+@contextmanager
+def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing) for the block; `on_wait` runs
+    once when another process holds it, before waiting. The lock goes with the process, so
+    a kill -9 never leaves it taken. The file itself is never removed (a process may be
+    waiting on it). Where fcntl is missing (Windows) this locks nothing."""
+    if fcntl is None:  # pragma: no cover - POSIX only
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def try_lock(path: Path) -> IO | None:
+    """The open lock file with an exclusive flock taken, or None when another process holds
+    it (or it cannot be opened). Close the file to release it."""
+    if fcntl is None:  # pragma: no cover - POSIX only
+        return None
+    try:
+        f = open(path, "a")  # noqa: SIM115 - returned to the caller, who closes it
+    except OSError:
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """None when `path` is a whole safetensors file (its header parses and the data is as
+    long as the header says), else what is wrong, in a few words."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return "truncated (header)"
+            header = load_json(f.read(n))
+        if not isinstance(header, dict):
+            return "not a safetensors header"
+        end = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            offsets = info.get("data_offsets") if isinstance(info, dict) else None
+            if (not isinstance(offsets, list) or len(offsets) != 2
+                    or not all(type(o) is int and o >= 0 for o in offsets)):
+                return f"tensor {name[:60]!r} has no data offsets"
+            end = max(end, offsets[1])
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    except (ValueError, UnicodeDecodeError):
+        return "not a safetensors header"
+    if 8 + n + end != size:
+        return f"truncated ({size} bytes, the header says {8 + n + end})"
+    return None

@@ -16,7 +16,9 @@ the model/tokenizer metadata and the rotary row permutation of the q/k projectio
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -208,3 +210,126 @@ def _add_tensors(writer, model, config, qtype: str) -> None:
             writer.add_tensor(name, data.astype(np.float16))
         else:
             writer.add_tensor(name, quantize(data, qt), raw_dtype=qt)
+
+
+# GGUF value types: sizes of the fixed-width ones; 8 = string, 9 = array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_problem(path: str | os.PathLike) -> str | None:
+    """None when `path` is a whole GGUF file: its header, metadata and tensor table parse
+    and every tensor's data lies inside the file; else what is wrong, in a few words.
+
+    Reads only the header (not the tensor data), stepping over the metadata by hand:
+    gguf.GGUFReader parses every field first, the 49k-entry vocabulary included (2-4 s).
+    It catches truncation and a damaged header; damaged tensor data is the self-test's job
+    (sitcom.llamacpp_check ties its verdict to the file's size and mtime). Remembered per
+    process while the file's size and mtime stay the same."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _gguf_checked:
+        _gguf_checked.clear()  # one entry per file served is plenty
+        _gguf_checked[key] = _gguf_problem(path, st.st_size)
+    return _gguf_checked[key]
+
+
+_gguf_checked: dict[tuple, str | None] = {}
+
+
+def _gguf_problem(path: Path, size: int) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            if size < 24:
+                return "not a GGUF file" if f.read(4) != b"GGUF" else "truncated (header)"
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _gguf_layout_problem(buf, size)
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+
+
+def _gguf_layout_problem(buf: mmap.mmap, size: int) -> str | None:
+    import gguf
+
+    pos = 0
+
+    def read(fmt: str):
+        nonlocal pos
+        value = struct.unpack_from("<" + fmt, buf, pos)[0]
+        pos += struct.calcsize("<" + fmt)
+        return value
+
+    def skip(n: int) -> None:
+        nonlocal pos
+        if n < 0 or pos + n > size:
+            raise EOFError
+        pos += n
+
+    def string() -> bytes:
+        nonlocal pos
+        n = read("Q")
+        skip(n)
+        return bytes(buf[pos - n:pos])
+
+    def value(vtype: int):
+        nonlocal pos
+        if vtype == 8:
+            string()
+        elif vtype == 9:
+            etype, count = read("I"), read("Q")
+            if etype in _GGUF_SIZES:
+                skip(_GGUF_SIZES[etype] * count)
+            elif etype == 8 and count <= size:
+                for _ in range(count):
+                    n = struct.unpack_from("<Q", buf, pos)[0]
+                    pos += 8 + n
+                if pos > size:
+                    raise EOFError
+            else:
+                raise ValueError(f"unsupported array type {etype}")
+        elif vtype in (4, 5):
+            return read("I")
+        elif vtype in _GGUF_SIZES:
+            skip(_GGUF_SIZES[vtype])
+        else:
+            raise ValueError(f"unknown value type {vtype}")
+        return None
+
+    try:
+        if bytes(buf[:4]) != b"GGUF":
+            return "not a GGUF file"
+        pos = 4
+        if read("I") not in (2, 3):
+            return "unsupported GGUF version"
+        n_tensors, n_kv = read("Q"), read("Q")
+        if n_tensors > size or n_kv > size:
+            return "damaged header"
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        for _ in range(n_kv):
+            key = string()
+            got = value(read("I"))
+            if key == b"general.alignment" and isinstance(got, int) and got > 0:
+                alignment = got
+        tensors = []
+        for _ in range(n_tensors):
+            name = string()
+            n_dims = read("I")
+            if not 1 <= n_dims <= 4:
+                return f"damaged tensor table ({name[:60]!r})"
+            dims = [read("Q") for _ in range(n_dims)]
+            qtype, offset = read("I"), read("Q")
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+            count = int(np.prod(dims, dtype=np.float64))
+            tensors.append((offset, count // block * type_size))
+        start = -(-pos // alignment) * alignment
+    except (EOFError, struct.error):
+        return "truncated (header)"
+    except (ValueError, KeyError):
+        return "damaged header"
+    end = max((start + offset + nbytes for offset, nbytes in tensors), default=start)
+    if end > size:
+        return f"truncated ({size} bytes, its tensors need {end})"
+    return None

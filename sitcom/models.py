@@ -11,6 +11,15 @@ show's scripts, shipped in this package (sitcom/seinfeld_lora/, under 25 MB). Th
 checks the adapter against the sha256 on its card, merges it into the cached base with
 peft and exports model.gguf beside it in the cache, so llama.cpp serves it like any
 checkpoint; later starts load the cached result.
+
+The cache (SITCOM_CACHE, default ~/.cache/sitcom) looks after itself: an entry is built in a
+hidden temp dir under a lock file (`.ENTRY.lock`, fcntl.flock), so of two starts at once one
+builds and the other waits for it; temp dirs a killed build left are removed once their
+lock is free; an entry is checked before it is served (JSON parses, safetensors and GGUF
+complete) and built again when damaged. The tuned entry's name holds a hash of every file
+of the adapter (card and adapter_config.json included), so a changed adapter never reuses
+another's merge. When the adapter cannot be used or its merge cannot be cached, the base is
+served, with one log line saying why, and served_model_name() names it for the labels.
 """
 
 from __future__ import annotations
@@ -19,12 +28,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from sitcom.adapters import ADAPTER_CARD, adapter_weights, merge_adapter
-from sitcom.files import publish_dir
+from sitcom.files import file_lock, publish_dir, read_json, safetensors_problem, try_lock
 
 BASE_MODEL = "smollm2"  # the untouched packaged base
 TUNED_MODEL = "seinfeld"  # the base + the shipped adapter
@@ -32,6 +43,7 @@ DEFAULT_MODEL = TUNED_MODEL  # what is served when nobody chose a model
 _BASE_ALIASES = {"smollm2", "smollm2-135m", "base"}
 _TUNED_ALIASES = {"seinfeld", "default"}
 SHIPPED_ADAPTER = Path(__file__).resolve().parent / "seinfeld_lora"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,36 +85,32 @@ def is_model_dir(path: Path) -> bool:
 
 def default_model_dir() -> Path:
     """The dequantized packaged model as a plain HF directory, built once and cached."""
-    target = cache_root() / "smollm2-135m-instruct"
-    if is_model_dir(target) and any(target.glob("*.safetensors")):
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = packaged_gguf()
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The GGUF-loaded model keeps quantization metadata that save_pretrained refuses;
-    # a model built from its config with the same weights saves normally.
-    config = loaded.config
-    for attr in ("quantization_config", "_name_or_path"):
-        if hasattr(config, attr):
-            try:
-                delattr(config, attr)
-            except AttributeError:
-                pass
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), strict=True)  # a renamed key must fail loudly
-    plain.tie_weights()
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def write(tmp: Path) -> None:
+        gguf = packaged_gguf()
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF-loaded model keeps quantization metadata that save_pretrained refuses;
+        # a model built from its config with the same weights saves normally.
+        config = loaded.config
+        for attr in ("quantization_config", "_name_or_path"):
+            if hasattr(config, attr):
+                try:
+                    delattr(config, attr)
+                except AttributeError:
+                    pass
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict(), strict=True)  # a renamed key must fail loudly
+        plain.tie_weights()
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    _write_cached_dir(target, write)
-    return target
+    return _cached_dir(cache_root() / "smollm2-135m-instruct", build, gguf=False)
 
 
 def file_sha256(path: Path) -> str:
@@ -113,62 +121,129 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verified_adapter(adapter_dir: Path = SHIPPED_ADAPTER) -> tuple[Path, dict]:
-    """(adapter dir, card) after checking the adapter file against the card's sha256."""
+def adapter_file_hashes(adapter_dir: Path) -> dict[str, str]:
+    """sha256 of every file of an adapter directory but its card, by name: what a card's
+    `adapter_files` records (training/extract.py writes it)."""
+    return {
+        p.name: file_sha256(p) for p in sorted(Path(adapter_dir).iterdir())
+        if p.is_file() and not p.name.startswith(".") and p.name != ADAPTER_CARD
+    }
+
+
+def verified_adapter(adapter_dir: Path | None = None) -> tuple[Path, dict]:
+    """(adapter dir, card) after checking the adapter's files against the hashes on its card
+    (adapter_sha256 for the weights; adapter_files, when the card has it, for every file,
+    adapter_config.json included) and its gguf_qtype. ModelLoadError, one line, if not."""
+    adapter_dir, card, _ = _verified_adapter(adapter_dir)
+    return adapter_dir, card
+
+
+def _verified_adapter(adapter_dir: Path | None) -> tuple[Path, dict, str]:
+    """verified_adapter plus the adapter's cache key: a hash of every file of it, the card
+    included, so a changed config or card never reuses a merge cached for another."""
+    from sitcom.gguf_export import QTYPES
+
+    adapter_dir = Path(adapter_dir or SHIPPED_ADAPTER)
     card_path = adapter_dir / ADAPTER_CARD
     try:
-        card = json.loads(card_path.read_text())
+        card = read_json(card_path)
+        if not isinstance(card, dict):
+            raise ValueError("not an object")
         expected = card["adapter_sha256"]
         weights = adapter_weights(adapter_dir, card)
+        listed = card.get("adapter_files", {})
+        if not isinstance(listed, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in listed.items()
+        ):
+            raise ValueError("adapter_files is not a map of names to hashes")
+        files = adapter_file_hashes(adapter_dir)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelLoadError(
             f"the shipped adapter's card {card_path} is missing or unreadable"
         ) from e
-    if not weights.is_file():
+    if weights.name not in files:
         raise ModelLoadError(f"the shipped adapter {weights} is missing")
-    if file_sha256(weights) != expected:
+    if files[weights.name] != expected:
         raise ModelLoadError(
             f"the shipped adapter {weights} is damaged (sha256 differs from its card)"
         )
-    return adapter_dir, card
+    if listed:
+        for name in (ADAPTER_CONFIG, weights.name):
+            if name not in listed:
+                raise ModelLoadError(
+                    f"the shipped adapter's card {card_path} has no hash of {name}"
+                )
+        for name, sha in listed.items():
+            if name not in files:
+                raise ModelLoadError(
+                    f"the shipped adapter's {adapter_dir / Path(name).name} is missing"
+                )
+            if files[name] != sha:
+                raise ModelLoadError(
+                    f"the shipped adapter's {adapter_dir / name} is damaged "
+                    "(sha256 differs from its card)"
+                )
+    qtype = card.get("gguf_qtype", "q8_0")
+    if qtype not in QTYPES:
+        shown = repr(qtype) if len(repr(qtype)) <= 40 else repr(qtype)[:40] + "…"
+        raise ModelLoadError(
+            f"the shipped adapter's card {card_path} asks for gguf_qtype {shown}; "
+            f"supported: {', '.join(QTYPES)}"
+        )
+    digest = hashlib.sha256(file_sha256(card_path).encode())
+    for name, sha in files.items():
+        digest.update(f"\n{name}\0{sha}".encode())
+    return adapter_dir, card, digest.hexdigest()
 
 
-def tuned_model_dir(adapter_dir: Path = SHIPPED_ADAPTER, base_dir: Path | None = None) -> Path:
+def tuned_model_dir(adapter_dir: Path | None = None, base_dir: Path | None = None) -> Path:
     """The base (default: the packaged one) with the adapter merged, plus model.gguf: built
-    once and cached under the adapter's hash."""
-    adapter_dir, card = verified_adapter(adapter_dir)
-    target = cache_root() / f"{TUNED_MODEL}-{card['adapter_sha256'][:12]}"
-    if is_model_dir(target) and (target / "model.gguf").is_file():
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    once and cached under a hash of every file of the adapter."""
+    adapter_dir, card, key = _verified_adapter(adapter_dir)
+    target = _tuned_entry(key)
 
-    from sitcom.gguf_export import export_gguf
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_dir = base_dir or default_model_dir()
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    logging.getLogger("gguf").setLevel(logging.WARNING)  # per-file INFO chatter at first start
-    try:
-        merged = merge_adapter(base, adapter_dir, adapter_weights(adapter_dir, card).name)
-    except Exception as e:  # a config or tensor that does not fit the base
-        raise ModelLoadError(f"the shipped adapter does not fit the base model: {e}") from e
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        from sitcom.gguf_export import export_gguf
 
-    def write(tmp: Path) -> None:
+        base = base_dir or default_model_dir()
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        logging.getLogger("gguf").setLevel(logging.WARNING)  # per-file INFO chatter
+        try:
+            merged = merge_adapter(model, adapter_dir, adapter_weights(adapter_dir, card).name)
+        except Exception as e:  # a config or tensor that does not fit the base
+            raise ModelLoadError(f"the shipped adapter does not fit the base model: {e}") from e
+        tokenizer = AutoTokenizer.from_pretrained(base)
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / ADAPTER_CARD).write_text(json.dumps(card, indent=2) + "\n")
         export_gguf(tmp, tmp / "model.gguf", card.get("gguf_qtype", "q8_0"))
 
-    _write_cached_dir(target, write)
-    return target
+    return _cached_dir(target, build, gguf=True)
 
 
-def resolve_tuned_default(adapter_dir: Path = SHIPPED_ADAPTER) -> str:
-    """tuned_model_dir(), or the base with one log line when the adapter cannot be used."""
+def tuned_cache_entry(adapter_dir: Path | None = None) -> Path:
+    """Where tuned_model_dir caches the adapter's merge (ModelLoadError if it is unusable)."""
+    return _tuned_entry(_verified_adapter(adapter_dir)[2])
+
+
+def _tuned_entry(key: str) -> Path:
+    return cache_root() / f"{TUNED_MODEL}-{key[:12]}"
+
+
+def resolve_tuned_default(adapter_dir: Path | None = None) -> str:
+    """tuned_model_dir(), or the base with one log line when the adapter cannot be used or
+    its merge cannot be cached. The failure is remembered (tuned_default_fallback) and not
+    tried again until forget_tuned_fallback(): a start resolves the name several times."""
+    adapter_dir = Path(adapter_dir or SHIPPED_ADAPTER)
+    if adapter_dir in _fallbacks:
+        return str(default_model_dir())
     try:
         return str(tuned_model_dir(adapter_dir))
     except ModelLoadError as e:
+        _fallbacks[adapter_dir] = str(e)
         if str(e) not in _warned:  # one line, not one per lookup
             _warned.add(str(e))
             log.warning("%s; serving the untuned base model '%s' instead", e, BASE_MODEL)
@@ -176,10 +251,135 @@ def resolve_tuned_default(adapter_dir: Path = SHIPPED_ADAPTER) -> str:
 
 
 _warned: set[str] = set()
+_fallbacks: dict[Path, str] = {}  # adapter dir -> why the base is served in its place
+
+
+def tuned_default_fallback(adapter_dir: Path | None = None) -> str | None:
+    """Why the tuned default resolved to the base (the log line's reason), or None."""
+    return _fallbacks.get(Path(adapter_dir or SHIPPED_ADAPTER))
+
+
+def forget_tuned_fallback() -> None:
+    """Try the tuned default's build again at the next resolve (a new start or swap)."""
+    _fallbacks.clear()
+
+
+def served_model_name(name: str) -> str:
+    """The name of what `name` is actually served as: the base's for the tuned default when
+    it fell back to the base (see tuned_default_fallback), else `name`."""
+    if is_tuned_default(name) and tuned_default_fallback() is not None:
+        return BASE_MODEL
+    return name
+
+
+def remove_stale_temp_dirs(root: Path | None = None) -> list[Path]:
+    """Delete the hidden temp dirs a killed build left in the model cache (`.ENTRY-xxxxxxxx`
+    from mkdtemp, `.ENTRY.old` from publish_dir): hundreds of MB each. Only stale ones: a
+    builder holds ENTRY's lock for as long as its temp dir exists, so a dir whose lock can
+    be taken has no live builder."""
+    root = Path(root or cache_root())
+    try:
+        entries = sorted(p for p in root.iterdir() if _STALE_RE.fullmatch(p.name))
+    except OSError:
+        return []
+    removed = []
+    for path in entries:
+        if path.is_symlink() or not path.is_dir():
+            continue
+        lock = try_lock(root / f".{_STALE_RE.fullmatch(path.name)['entry']}.lock")
+        if lock is None:  # a build in progress (or a cache we cannot write): leave it
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            lock.close()
+    if removed:
+        log.info("removed %d half-built model cache dir(s) from %s", len(removed), root)
+    return removed
+
+
+_STALE_RE = re.compile(
+    r"\.(?P<entry>smollm2-135m-instruct|seinfeld-[0-9a-f]{12})(?:-[a-z0-9_]{8}|\.old)"
+)
+
+
+def cache_problem(target: Path, gguf: bool) -> str | None:
+    """None when the cache entry `target` is whole: its JSON files parse, its safetensors and
+    (when `gguf`) model.gguf are complete. Else what is wrong. Remembered per process while
+    the files' sizes and mtimes stay the same."""
+    try:
+        files = sorted(p for p in target.iterdir() if p.is_file())
+        signature = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    except OSError:
+        return "missing"
+    if _checked.get((target, gguf)) == signature:
+        return None
+    names = {p.name for p in files}
+    if "config.json" not in names:
+        return "no config.json"
+    if not any(n.endswith(".safetensors") for n in names):
+        return "no weights"
+    if gguf and "model.gguf" not in names:
+        return "no model.gguf"
+    for path in files:
+        problem = None
+        if path.suffix == ".json":
+            try:
+                if not isinstance(read_json(path), dict):
+                    problem = "not a JSON object"
+            except (OSError, ValueError, UnicodeDecodeError):
+                problem = "not readable JSON"
+        elif path.suffix == ".safetensors":
+            problem = safetensors_problem(path)
+        elif path.name == "model.gguf" and gguf:
+            from sitcom.gguf_export import gguf_problem
+
+            problem = gguf_problem(path)
+        if problem:
+            return f"{path.name}: {problem}"
+    _checked[(target, gguf)] = signature
+    return None
+
+
+_checked: dict[tuple[Path, bool], tuple] = {}
+
+
+def _cached_dir(target: Path, build: Callable[[Path], None], *, gguf: bool) -> Path:
+    """`target` when it is a whole cache entry; else build it (in a temp dir beside it,
+    renamed into place) under a lock file, so that of two processes starting at once one
+    builds and the other waits for it. A damaged entry is built again."""
+    remove_stale_temp_dirs(target.parent)
+    if cache_problem(target, gguf) is None:
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = target.parent / f".{target.name}.lock"
+        with file_lock(lock, on_wait=lambda: log.info(
+                "another process is building %s; waiting for it", target)):
+            problem = cache_problem(target, gguf)
+            if problem is None:  # built meanwhile by the process we waited for
+                return target
+            if problem != "missing":
+                log.warning("the model cache %s is damaged (%s); building it again",
+                            target, problem)
+            log.info("building %s (once)", target)
+            _write_cached_dir(target, build)
+    except OSError as e:
+        raise ModelLoadError(
+            f"cannot write the model cache in {target.parent} ({e.strerror or e}); "
+            "set SITCOM_CACHE to a writable directory"
+        ) from e
+    problem = cache_problem(target, gguf)
+    if problem is not None:
+        raise ModelLoadError(f"the model cache {target} was built damaged ({problem})")
+    return target
 
 
 def _write_cached_dir(target: Path, write) -> None:
     """Build a cache entry in a temp dir beside it, then rename it into place."""
+    from safetensors import SafetensorError
+
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -191,9 +391,10 @@ def _write_cached_dir(target: Path, write) -> None:
     try:
         write(tmp)
         publish_dir(tmp, target)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
+        why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(
-            f"cannot write the model cache in {target.parent} ({e.strerror or e}); "
+            f"cannot write the model cache in {target.parent} ({why}); "
             "set SITCOM_CACHE to a writable directory with ~1 GB free"
         ) from e
     finally:

@@ -27,7 +27,7 @@ from data.outputs import (
 )
 from sitcom.adapters import ADAPTER_CARD, DTYPES, merge_adapter, peft_model_for, save_adapter
 from sitcom.files import publish_dir
-from sitcom.models import BASE_MODEL, file_sha256, load_model
+from sitcom.models import BASE_MODEL, adapter_file_hashes, file_sha256, load_model
 from training.card import (
     base_lineage,
     card_block_size,
@@ -335,6 +335,7 @@ def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL
         }
         if data is not None:
             card["adapter_val"] = adapter_val_metrics(tmp, base, Path(data), block, weights.name)
+        card["adapter_files"] = adapter_file_hashes(tmp)  # the config too: the bot checks each
         (tmp / ADAPTER_CARD).write_text(json.dumps(card, indent=2) + "\n")
         publish_dir(tmp, out)
     finally:
