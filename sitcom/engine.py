@@ -12,7 +12,8 @@ API CONTRACT (frontends code against this; the implementation may change):
     job.position                              # 1 + the scenes ahead of it when submitted,
                                               # running ones included
     job.eta_s                                 # estimated seconds until it is done, from
-                                              # recent speed (None until the engine has some)
+                                              # how long recent scenes took (None until the
+                                              # engine has measured some)
     async for partial in job.stream(): ...    # optional: partial Scene snapshots, one per
                                               # finished line; ends when the job is done
     scene = await job.result()                # Scene; raises EngineError (GenerationTimeout
@@ -42,6 +43,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import threading
 import time
@@ -121,6 +123,8 @@ class SceneEngine:
         self._stopping = False
         self._stop_at = float("inf")  # time.monotonic() at which running scenes are cut
         self._speed = _Speed()
+        # (new tokens, wall seconds from start to done) of recent scenes, for job.eta_s
+        self._finished: deque[tuple[int, float]] = deque(maxlen=32)
         self._thread: threading.Thread | None = None
         self._joined: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -225,17 +229,42 @@ class SceneEngine:
         return job
 
     def _estimate(self, job: Job) -> float | None:
-        """Seconds until `job` is done: its own tokens at one scene's recent speed, or all
-        the tokens ahead of it and its own at the recent aggregate speed, whichever is
-        longer. Budgets are upper bounds (scenes often end sooner). Holds self._cond."""
-        rates = self._speed.rates()
-        if rates is None or min(rates) <= 0:
-            return None
-        aggregate, one = rates
-        ahead = sum(max(0, j.settings.max_new_tokens - j.produced) for j in self._running)
-        ahead += sum(j.settings.max_new_tokens for j in self._queue)
-        own = job.settings.max_new_tokens
-        return max(own / one, (ahead + own) / aggregate)
+        """Seconds until `job` is done, from the measured speed of recent scenes: a scene
+        takes as many tokens as recent ones did (at most its budget: most end sooner) at
+        the wall seconds per token they took, load and all. The scenes ahead of it are
+        laid out on the engine's slots as the worker runs them: llama.cpp starts a queued
+        scene as soon as a slot frees, transformers runs whole batches one after another.
+        None until a scene has finished (or, with llama.cpp, a step has run). Holds
+        self._cond."""
+        if self._finished:
+            tokens = sum(t for t, _ in self._finished)
+            seconds = sum(s for _, s in self._finished)
+            if tokens <= 0 or seconds <= 0:
+                return None
+            per_token, typical = seconds / tokens, tokens / len(self._finished)
+        else:
+            rates = self._speed.rates()
+            if rates is None or min(rates) <= 0:
+                return None
+            per_token, typical = 1 / rates[1], float("inf")
+
+        def duration(j: Job) -> float:
+            return per_token * min(j.settings.max_new_tokens, typical)
+
+        now = time.monotonic()
+        left = [max(0.0, duration(j) - (now - j.started)) if j.started else duration(j)
+                for j in self._running]
+        waiting = [*self._queue, job]
+        if isinstance(getattr(self._active, "model", None), LlamaCppModel):
+            slots = left + [0.0] * max(0, self.max_batch - len(left))
+            heapq.heapify(slots)
+            for ahead in waiting[:-1]:
+                heapq.heappush(slots, heapq.heappop(slots) + duration(ahead))
+            return heapq.heappop(slots) + duration(job)
+        done = max(left, default=0.0)
+        for first in range(0, len(waiting), self.max_batch):
+            done += max(duration(j) for j in waiting[first:first + self.max_batch])
+        return done
 
     # ------------------------------------------------------------------ worker thread
 
@@ -381,6 +410,9 @@ class SceneEngine:
         wrote = len(scene.lines) > len(
             [x for x in normalize_prompt(job.prompt).splitlines() if x.strip()]
         )
+        if scene.new_tokens > 0 and job.started:
+            with self._cond:
+                self._finished.append((scene.new_tokens, now - job.started))
         if job.cancelled:
             self._finish(job, EngineError("That scene was cancelled."))
         elif cut and now > self._stop_at:

@@ -112,7 +112,8 @@ def normalize_prompt(prompt: str, main: Iterable[str] = MAIN_CHARACTERS) -> str:
     """The user's scene opening in corpus format: `Elaine: hi` -> `ELAINE: hi`.
 
     Each line of the prompt that starts with `Name:` (after any emoji: `🎉Kramer: hi` ->
-    `KRAMER: hi`) gets its speaker normalised; other lines are kept as they are. Returns the text with a trailing newline.
+    `KRAMER: hi`) gets its speaker normalised; other lines are kept as they are.
+    Returns the text with a trailing newline.
     """
     out = []
     for raw in prompt.replace("\r\n", "\n").split("\n"):
