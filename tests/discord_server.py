@@ -86,15 +86,17 @@ class FakeDiscord:
         ws = self._sockets[-1]
         await ws.send_str(json.dumps({"op": 0, "t": event, "s": next(self._seq), "d": data}))
 
-    async def wait_for(self, method: str, fragment: str, text: str = "",
+    async def wait_for(self, method: str | None, fragment: str, text: str = "",
                        timeout: float = 60.0) -> Request:
-        """The first request of `method` whose path holds `fragment` and whose content
-        holds `text`."""
+        """The first request of `method` (None: any) whose path holds `fragment` and whose
+        content (a message's, or an interaction response's) holds `text`."""
 
         def found() -> Request | None:
             for r in self.requests:
-                content = (r.json or {}).get("content") if isinstance(r.json, dict) else None
-                if r.method == method and fragment in r.path and text in (content or ""):
+                body = r.json if isinstance(r.json, dict) else {}
+                content = body.get("content") or (body.get("data") or {}).get("content")
+                if method in (None, r.method) and fragment in r.path \
+                        and text in (content or ""):
                     return r
             return None
 
