@@ -123,8 +123,9 @@ class SceneEngine:
         self._stopping = False
         self._stop_at = float("inf")  # time.monotonic() at which running scenes are cut
         self._speed = _Speed()
-        # (new tokens, wall seconds from start to done) of recent scenes, for job.eta_s
-        self._finished: deque[tuple[int, float]] = deque(maxlen=32)
+        # (new tokens, wall seconds from start to done, cut before it ended) of recent
+        # scenes, for job.eta_s
+        self._finished: deque[tuple[int, float, bool]] = deque(maxlen=32)
         self._thread: threading.Thread | None = None
         self._joined: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -230,26 +231,33 @@ class SceneEngine:
 
     def _estimate(self, job: Job) -> float | None:
         """Seconds until `job` is done, from the measured speed of recent scenes: a scene
-        takes as many tokens as recent ones did (at most its budget: most end sooner) at
+        takes as many tokens as recent ones did (within its budget: most end sooner) at
         the wall seconds per token they took, load and all. The scenes ahead of it are
         laid out on the engine's slots as the worker runs them: llama.cpp starts a queued
         scene as soon as a slot frees, transformers runs whole batches one after another.
         None until a scene has finished (or, with llama.cpp, a step has run). Holds
         self._cond."""
-        if self._finished:
-            tokens = sum(t for t, _ in self._finished)
-            seconds = sum(s for _, s in self._finished)
+        recent = list(self._finished)
+        if recent:
+            tokens = sum(t for t, _, _ in recent)
+            seconds = sum(s for _, s, _ in recent)
             if tokens <= 0 or seconds <= 0:
                 return None
-            per_token, typical = seconds / tokens, tokens / len(self._finished)
+            per_token = seconds / tokens
         else:
             rates = self._speed.rates()
             if rates is None or min(rates) <= 0:
                 return None
-            per_token, typical = 1 / rates[1], float("inf")
+            per_token = 1 / rates[1]
 
         def duration(j: Job) -> float:
-            return per_token * min(j.settings.max_new_tokens, typical)
+            # As long as recent scenes were, under this one's budget; one that was cut at
+            # its own budget might have gone on to this one's.
+            budget = j.settings.max_new_tokens
+            if not recent:
+                return per_token * budget
+            expected = sum(budget if cut else min(t, budget) for t, _, cut in recent)
+            return per_token * expected / len(recent)
 
         now = time.monotonic()
         left = [max(0.0, duration(j) - (now - j.started)) if j.started else duration(j)
@@ -412,7 +420,7 @@ class SceneEngine:
         )
         if scene.new_tokens > 0 and job.started:
             with self._cond:
-                self._finished.append((scene.new_tokens, now - job.started))
+                self._finished.append((scene.new_tokens, now - job.started, not scene.finished))
         if job.cancelled:
             self._finish(job, EngineError("That scene was cancelled."))
         elif cut and now > self._stop_at:

@@ -146,3 +146,29 @@ async def test_second_close_cuts_the_running_scene_now(endless_dir):
     await first
     scene = await job.result()
     assert scene.partial and scene.new_tokens < 400
+
+
+async def test_wait_estimate_matches_the_engine_on_llamacpp(endless_dir):
+    """Issue 19 item 7: continuous batching on 2 slots, ~20 ms a step, scenes running to
+    their own (different) budgets: each estimate is within 2x of the real wait."""
+    engine = SceneEngine(str(endless_dir), max_batch=2, per_user_limit=8,
+                         loader=slow_loader(0.02))
+    await engine.start()
+    try:
+        await (await engine.submit(PROMPT, scene_settings(16))).result()
+
+        async def waited(job) -> float:
+            await job.result()
+            return time.monotonic()
+
+        jobs, waits = [], []
+        for tokens in (48, 24, 64, 24, 16):
+            start = time.monotonic()
+            job = await engine.submit(PROMPT, scene_settings(tokens))
+            jobs.append((job, start, asyncio.ensure_future(waited(job))))
+        for job, start, done in jobs:
+            waits.append((job.eta_s, await done - start))
+    finally:
+        await engine.close()
+    for eta, real in waits:
+        assert eta is not None and real / 2 <= eta <= real * 2, waits
