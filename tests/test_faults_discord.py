@@ -260,6 +260,18 @@ async def test_wait_estimate_matches_the_engine(tiny_model_dir):
 
 # -- 8. one process per application and shards --------------------------------------------
 
+def test_shards_come_from_the_environment_checked():
+    from bot.config import Config, ConfigError
+
+    config = Config.from_env({"SHARD_ID": "1", "SHARD_COUNT": "2"}, dotenv=False)
+    assert (config.shard_id, config.shard_count) == (1, 2)
+    assert Config.from_env({}, dotenv=False).shard_count is None
+    for bad in ({"SHARD_ID": "0"}, {"SHARD_COUNT": "2"}, {"SHARD_ID": "2", "SHARD_COUNT": "2"},
+                {"SHARD_ID": "-1", "SHARD_COUNT": "2"}, {"SHARD_ID": "x", "SHARD_COUNT": "2"}):
+        with pytest.raises(ConfigError, match="SHARD"):
+            Config.from_env(bad, dotenv=False)
+
+
 @pytest.mark.asyncio
 async def test_a_lease_is_renewed_while_running_and_released(tmp_path, tiny_model_dir):
     core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=scripted_loader())

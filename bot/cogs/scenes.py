@@ -23,7 +23,6 @@ from ..commands import repost_id
 from ..core import MAX_PROMPT_CHARS
 from ..db import Place
 from ..posting import Posted, Refused, Transient, retrying, scene_header
-from ..utils.errors import USER_FACING
 from ..utils.formatting import KEYCAPS, LINE_LIMIT, MESSAGE_LIMIT, neutralize, shorten
 
 log = logging.getLogger(__name__)
@@ -139,9 +138,9 @@ class Scenes(commands.Cog):
                 place=place_of(interaction), user_id=str(interaction.user.id), prompt=prompt,
                 surface=surface, acknowledge=update, update=update,
             )
-        except USER_FACING:
-            # Refused before it was queued (queue full, no such scene): the public
-            # "thinking…" goes, the error handler answers privately.
+        except Exception:
+            # Refused before it was queued (queue full, no such scene) or a bug: the
+            # public "thinking…" goes, the error handler answers privately.
             try:
                 await interaction.delete_original_response()
             except (discord.HTTPException, TimeoutError, aiohttp.ClientError, OSError) as e:
