@@ -287,6 +287,27 @@ async def test_a_lease_is_renewed_while_running_and_released(tmp_path, tiny_mode
 
 
 @pytest.mark.asyncio
+async def test_a_process_whose_lease_was_taken_over_is_told_to_stop(tmp_path, tiny_model_dir):
+    core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=scripted_loader())
+    core.lease_ttl_s = 0.3
+    lost: list[str] = []
+    try:
+        await core.hold_lease(SCOPE, (0, 1), on_lost=lost.append)
+        with sqlite3.connect(tmp_path / "bot.db") as db:  # it stalled; another took over
+            db.execute("UPDATE leases SET host = 'web-9', pid = 99, expires_at = ?",
+                       (time.time() + 60,))
+        for _ in range(100):
+            if lost:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await core.close()
+    assert len(lost) == 1 and "web-9" in lost[0] and "99" in lost[0]
+    rows = sqlite3.connect(tmp_path / "bot.db").execute("SELECT host FROM leases").fetchall()
+    assert rows == [("web-9",)]  # the new holder's lease is left alone
+
+
+@pytest.mark.asyncio
 async def test_leases_overlap_by_shards_and_die_with_their_process(tmp_path):
     db = await Database.open(tmp_path / "bot.db")
     here = socket.gethostname()
