@@ -74,6 +74,9 @@ class Core:
         self._hurrying: asyncio.Future | None = None
         self._leases: dict[tuple[str, tuple[int, int]], asyncio.Task] = {}
         self.lease_ttl_s = LEASE_TTL_S
+        self._switching = 0  # use_checkpoint calls in progress
+        self._unfollowable: str | None = None  # a checkpoint another process chose that
+        # does not load here
 
     @classmethod
     async def start(cls, config: Config, loader=None) -> Core:
@@ -280,6 +283,13 @@ class Core:
         return [f"{n}  ← active" if n == self.checkpoint else n for n in names]
 
     async def use_checkpoint(self, name: str) -> str:
+        self._switching += 1
+        try:
+            return await self._use_checkpoint(name)
+        finally:
+            self._switching -= 1
+
+    async def _use_checkpoint(self, name: str) -> str:
         """Swap the engine to a listed checkpoint and remember it; returns the name.
 
         Both or neither: when the choice cannot be stored (a busy database), the old model
@@ -320,6 +330,7 @@ class Core:
                     await asyncio.sleep(self.lease_ttl_s / 3)
                     try:
                         await self.db.acquire_lease(scope, shard, ttl_s=self.lease_ttl_s, **who)
+                        await self._follow_checkpoint()
                     except LeaseHeld as e:
                         log.error("lost the lease: %s", e)
                         if on_lost is not None:
@@ -335,6 +346,24 @@ class Core:
                 raise
 
         self._leases[(scope, shard)] = asyncio.create_task(renew(), name=f"lease {scope}")
+
+    async def _follow_checkpoint(self) -> None:
+        """Processes on other shards share this database: a checkpoint one of them switched
+        to is picked up here (at each lease renewal), so every shard writes with it."""
+        stored = await self.db.get_state(CHECKPOINT_KEY)
+        if stored in (None, self.checkpoint, self._unfollowable) or self._switching:
+            return
+        try:
+            model = checkpoints.resolve(stored, self.config.checkpoints_dir)
+            self._labels[model] = stored
+            await self.engine.swap(model)
+        except (checkpoints.CheckpointError, ModelLoadError) as e:
+            log.warning("cannot switch to checkpoint %s like another process did: %s",
+                        stored, e)
+            self._unfollowable = stored  # not again every renewal
+            return
+        self.checkpoint = stored
+        log.info("switched to checkpoint %s, chosen in another process", stored)
 
     async def close(self, posting: Collection[asyncio.Task] = (), *, now: bool = False) -> None:
         """Stop taking jobs; give running scenes until the shutdown deadline, after which

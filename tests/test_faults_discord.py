@@ -308,6 +308,29 @@ async def test_a_process_whose_lease_was_taken_over_is_told_to_stop(tmp_path, ti
 
 
 @pytest.mark.asyncio
+async def test_processes_on_other_shards_follow_a_checkpoint_switch(tmp_path, tiny_model_dir):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "checkpoints" / "ft-1")
+    config = make_config(tmp_path, tiny_model_dir)
+    first, second = [await Core.start(config) for _ in range(2)]
+    try:
+        for core, shard in ((first, (0, 2)), (second, (1, 2))):
+            core.lease_ttl_s = 0.3
+            await core.hold_lease(SCOPE, shard)
+        await first.use_checkpoint("ft-1")
+        for _ in range(100):
+            if second.checkpoint == "ft-1":
+                break
+            await asyncio.sleep(0.05)
+        assert second.checkpoint == "ft-1"
+        assert Path(second.engine.model_name).name == "ft-1"
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest.mark.asyncio
 async def test_leases_overlap_by_shards_and_die_with_their_process(tmp_path):
     db = await Database.open(tmp_path / "bot.db")
     here = socket.gethostname()
