@@ -483,3 +483,29 @@ async def test_a_second_signal_on_the_discord_process_keeps_the_running_scene(
     (tokens,) = sqlite3.connect(tmp_path / "bot.db").execute(
         "SELECT new_tokens FROM scenes").fetchone()
     assert 0 < tokens < 400
+
+
+# -- 9. a speaker after emoji; who may re-post ---------------------------------------------
+
+@pytest.mark.asyncio
+async def test_a_speaker_after_emoji_opens_the_scene_as_that_speaker(running):
+    bot, rec = running
+    await invoke(bot, scene("🎉Kramer: hi"))
+    first, *written = (await bot.core.db.get_scene(1)).lines
+    assert (first.text, first.from_prompt) == ("KRAMER: hi", True)
+    assert written and not any(line.from_prompt for line in written)
+
+
+@pytest.mark.asyncio
+async def test_anyone_in_the_channel_may_finish_posting_a_saved_scene(running):
+    """The decision: `/scene #ID` posts what of a stored scene is not out yet, for anyone
+    who may use /scene in that scene's own channel (it only finishes what its author asked
+    for there); never in another channel, never a second copy."""
+    bot, rec = running
+    for _ in range(3):
+        rec.fail("POST", MESSAGES, aiohttp.ServerDisconnectedError())
+    await invoke(bot, scene())
+    await invoke(bot, scene("#1", channel_id=CHANNEL_ID + 1, user_id=USER_ID + 2))
+    assert "There is no scene 1 in this channel" in contents(rec)[-1] and not rec.created
+    await invoke(bot, scene("#1", user_id=USER_ID + 2))
+    assert "Scene 1 is ready" in contents(rec)[-1] and len(rec.created) == 1
