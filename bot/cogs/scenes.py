@@ -2,8 +2,9 @@
 
 The scene is posted when it is done rather than streamed: the 135M model finishes a scene
 in seconds, every streamed edit would count against the channel's rate limit, and votes
-need the final line-to-message mapping anyway. The acknowledgement is edited once to say
-where the scene is (or why it failed).
+need the final line-to-message mapping anyway. The interaction is deferred at once
+(Discord's 3 s limit), the acknowledgement then shows the queue position and is edited once
+more to say where the scene is (or why it failed).
 """
 
 from __future__ import annotations
