@@ -129,14 +129,16 @@ class Core:
 
     async def record(
         self, scene: Scene, *, place: Place, user_id: str | int, prompt: str,
-        note: str | None = None,
+        note: str | None = None, claimed: bool = False,
     ) -> StoredScene:
-        """Store a finished scene; `prompt` should be the cleaned one (job.prompt)."""
+        """Store a finished scene; `prompt` should be the cleaned one (job.prompt);
+        `claimed`: for the caller to post (db.claim_posting), release it after."""
         return await self.db.add_scene(
             place=place, user_id=str(user_id), prompt=prompt,
             model_name=self.model_label(scene), lines=list(scene.lines),
             prompt_lines=prompt_line_count(prompt, scene.lines),
             new_tokens=int(scene.new_tokens), seconds=float(scene.seconds), note=note,
+            claimed=claimed,
         )
 
     # -- /scene, the same on every chat platform -------------------------------------------
@@ -194,8 +196,8 @@ class Core:
                 return
         # Stored before it is posted: whatever happens next, the scene is not lost.
         stored = await self.record(scene, place=place, user_id=user_id, prompt=job.prompt,
-                                   note=note)
-        try:  # record() claimed it for this posting
+                                   note=note, claimed=True)
+        try:  # claimed for this posting: a `/scene #ID` meanwhile is told it is under way
             delivery = await self._deliver(stored, surface)
         finally:
             await self._release(stored.id)

@@ -249,18 +249,18 @@ class Database:
     async def add_scene(
         self, *, place: Place, user_id: str, prompt: str, model_name: str,
         lines: list[str], prompt_lines: int, new_tokens: int, seconds: float,
-        note: str | None = None,
+        note: str | None = None, claimed: bool = False,
     ) -> StoredScene:
         """Store a finished scene before anything is posted; the first `prompt_lines`
-        lines are the user's own and never votable. The scene is claimed for posting
-        (see claim_posting) until release_posting or mark_posted."""
+        lines are the user's own and never votable. `claimed`: stored already claimed for
+        its posting (see claim_posting), until release_posting or mark_posted."""
         async with self._write() as conn:
             cur = await conn.execute(
                 "INSERT INTO scenes (platform, guild_id, channel_id, user_id, prompt, model_name, "
                 "new_tokens, seconds, note, claimed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, datetime('now'))",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, CASE WHEN ? THEN datetime('now') END)",
                 (place.platform, place.guild_id, place.channel_id, str(user_id), prompt,
-                 model_name, new_tokens, seconds, note),
+                 model_name, new_tokens, seconds, note, claimed),
             )
             scene_id = cur.lastrowid
             stored = []
