@@ -20,6 +20,10 @@ log = logging.getLogger("bot")
 
 def _discord_failure(error: BaseException) -> str | None:
     """A one-line reason for a Discord start-up failure, None if it is not one."""
+    from .db import DatabaseError
+
+    if isinstance(error, DatabaseError):  # LeaseHeld: another process on these shards
+        return str(error)
     if isinstance(error, discord.LoginFailure):
         return ("Discord rejected DISCORD_TOKEN; copy it again from the Developer Portal "
                 "(Bot > Reset Token)")
@@ -64,9 +68,26 @@ async def run(config: Config, *, loader=None, slack_client=None,
         return 1
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     slack = bot = None
+    signals = 0
+    hurry: asyncio.Future | None = None
+
+    def on_signal() -> None:
+        # The first signal stops taking scenes and lets the running ones finish; a second
+        # cuts them where they are. Neither skips storing, posting or closing the database:
+        # the handlers stay installed until all of that is done.
+        nonlocal signals, hurry
+        signals += 1
+        stop.set()
+        if signals == 2:
+            log.info("shutting down now: running scenes are posted as they are")
+            hurry = asyncio.ensure_future(core.close(posting=running(), now=True))
+
+    def running() -> set[asyncio.Task]:
+        return set(slack.tasks if slack else ()) | set(bot.scene_tasks if bot else ())
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     discord_task: asyncio.Task | None = None
     status = 0
     try:
@@ -102,17 +123,21 @@ async def run(config: Config, *, loader=None, slack_client=None,
             print(f"error: {reason}", file=sys.stderr)
             status = 1
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        log.info("shutting down: no new scenes, finishing the running ones")
-        posting = set(slack.tasks if slack else ()) | set(bot.scene_tasks if bot else ())
-        await core.close(posting=posting)  # idempotent; also what SitcomBot.close() calls
-        if bot is not None:
-            await bot.close()
-            if discord_task is not None:
-                await asyncio.gather(discord_task, return_exceptions=True)
-        if slack is not None:
-            await slack.close()
+        try:
+            log.info("shutting down: no new scenes, finishing the running ones")
+            # idempotent; also what SitcomBot.close() calls
+            await core.close(posting=running(), now=signals > 1)
+            if bot is not None:
+                await bot.close()
+                if discord_task is not None:
+                    await asyncio.gather(discord_task, return_exceptions=True)
+            if slack is not None:
+                await slack.close()
+            if hurry is not None:
+                await hurry
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
     return status
 
 

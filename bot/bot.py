@@ -41,17 +41,26 @@ class SitcomBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions.none(),
             tree_cls=SitcomTree,
             help_command=None,
+            shard_id=config.shard_id,
+            shard_count=config.shard_count,
         )
         self.config = config
         self.core = core
         self.sync_on_setup = True
         self._scene_tasks: set[asyncio.Task] = set()
         self._close_calls = 0
+        self._stopping: asyncio.Task | None = None
 
     async def setup_hook(self) -> None:
         # Runs once per process (not on reconnects), so commands are synced once here.
         if self.core is None:
             self.core = await Core.start(self.config)
+        # One process per application and shard: a second one on the same token would
+        # answer every command twice (raises LeaseHeld, naming the other's host and pid).
+        await self.core.hold_lease(
+            f"Discord application {self.application_id}",
+            (self.shard_id or 0, self.shard_count or 1), on_lost=self._lease_lost,
+        )
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         if self.sync_on_setup:
@@ -76,6 +85,10 @@ class SitcomBot(commands.Bot):
         """Remember a running /scene so shutdown can let it post before closing."""
         self._scene_tasks.add(task)
         task.add_done_callback(self._scene_tasks.discard)
+
+    def _lease_lost(self, reason: str) -> None:
+        log.error("stopping: %s", reason)
+        self._stopping = asyncio.get_running_loop().create_task(self.close())
 
     async def on_ready(self) -> None:
         log.info("logged in as %s (%s) in %d servers", self.user, self.user.id, len(self.guilds))

@@ -65,6 +65,8 @@ class Config:
     humour_model: str = "humour"  # ranks best-of-n candidates; "off": coherence checks only
     admin_user_ids: frozenset[str] = frozenset()  # Discord ids (digits) and Slack ids (U…)
     dev_guild_id: int | None = None
+    shard_id: int | None = None  # SHARD_ID of SHARD_COUNT: this process's share of the
+    shard_count: int | None = None  # Discord servers (several processes on one token)
     max_queue: int = 32
     per_user_limit: int = 2
     timeout_s: float = 120.0
@@ -159,6 +161,14 @@ class Config:
                 "SLACK_BOT_TOKEN needs SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET "
                 "(HTTP mode) beside it"
             )
+        shard_id, shard_count = get("SHARD_ID"), get("SHARD_COUNT")
+        if (shard_id is None) != (shard_count is None):
+            raise ConfigError("SHARD_ID and SHARD_COUNT go together (e.g. 0 and 2)")
+        if shard_count is not None:
+            shard_count = int(number("SHARD_COUNT", int, 1, 1))
+            shard_id = int(number("SHARD_ID", int, 0, 0))
+            if shard_id >= shard_count:
+                raise ConfigError(f"SHARD_ID must be below SHARD_COUNT ({shard_count})")
         if (slack_app or signing) and not slack_bot:
             raise ConfigError("SLACK_APP_TOKEN / SLACK_SIGNING_SECRET need SLACK_BOT_TOKEN")
         try:  # read by the engine from os.environ; checked here so the bot stops at once
@@ -181,6 +191,8 @@ class Config:
                 for part in admins.replace(",", " ").split()
             ),
             dev_guild_id=snowflake("DEV_GUILD_ID", guild) if guild else None,
+            shard_id=shard_id,
+            shard_count=shard_count,
             max_queue=int(number("QUEUE_SIZE", int, 32)),
             per_user_limit=int(number("PER_USER_LIMIT", int, 2)),
             timeout_s=float(number("GENERATION_TIMEOUT_S", float, 120.0)),

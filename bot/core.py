@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable, Collection
 
 from safetensors import SafetensorError
@@ -29,7 +31,7 @@ from sitcom.settings import SceneSettings
 from . import checkpoints
 from .commands import repost_id
 from .config import Config
-from .db import Database, DatabaseError, Place, StoredScene
+from .db import Database, DatabaseError, LeaseHeld, Place, StoredScene
 from .posting import Delivery, RetryPolicy, Surface, deliver
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 1000  # the engine's limit and the /scene option's max_length
 CHECKPOINT_KEY = "active_checkpoint"
 HUMOUR_KEY = "active_humour"
+LEASE_TTL_S = 30.0  # a process's lease outlives it by at most this; renewed every third
 
 
 # A read-only, full or mistyped (a file in the path) cache directory.
@@ -80,6 +83,11 @@ class Core:
         self.retry = RetryPolicy()
         self._closing: asyncio.Future | None = None
         self._hurrying: asyncio.Future | None = None
+        self._leases: dict[tuple[str, tuple[int, int]], asyncio.Task] = {}
+        self.lease_ttl_s = LEASE_TTL_S
+        self._switching = 0  # use_checkpoint calls in progress
+        self._unfollowable: str | None = None  # a checkpoint another process chose that
+        # does not load here
 
     @classmethod
     async def start(cls, config: Config, loader=None) -> Core:
@@ -161,14 +169,16 @@ class Core:
 
     async def record(
         self, scene: Scene, *, place: Place, user_id: str | int, prompt: str,
-        note: str | None = None,
+        note: str | None = None, claimed: bool = False,
     ) -> StoredScene:
-        """Store a finished scene; `prompt` should be the cleaned one (job.prompt)."""
+        """Store a finished scene; `prompt` should be the cleaned one (job.prompt);
+        `claimed`: for the caller to post (db.claim_posting), release it after."""
         return await self.db.add_scene(
             place=place, user_id=str(user_id), prompt=prompt,
             model_name=self.model_label(scene), lines=list(scene.lines),
             prompt_lines=prompt_line_count(prompt, scene.lines),
             new_tokens=int(scene.new_tokens), seconds=float(scene.seconds), note=note,
+            claimed=claimed,
         )
 
     # -- /scene, the same on every chat platform -------------------------------------------
@@ -185,40 +195,85 @@ class Core:
         are ready to send on `surface` (escaped there)."""
         scene_id = repost_id(prompt)
         if scene_id is not None:
-            stored = await self.db.get_scene(scene_id)
-            if stored is None or stored.place.platform != place.platform \
-                    or stored.place.channel_id != place.channel_id:
-                raise EngineError(f"There is no scene {scene_id} in this channel.")
-            if stored.posted:
-                raise EngineError(f"Scene {scene_id} is posted already; scroll up to vote.")
-            await acknowledge(f"🎬 Posting scene {scene_id} again…")
-            await update(self._outcome(stored, await self._deliver(stored, surface), surface))
+            await self._repost(scene_id, place, surface, acknowledge, update)
             return
         settings = await self.db.get_settings(place.platform, place.channel_id)
-        job = await self.submit(prompt, settings, f"{place.platform}:{user_id}")
-        await acknowledge(queue_text(job))
-        note = None
+        user_key = f"{place.platform}:{user_id}"
+        job = await self.submit(prompt, settings, user_key)
         try:
-            scene = await job.result()
-            if scene.partial:  # cut at the time limit or by a shutdown: posted as far as it got
-                note = f"⏱️ {scene.note}"
-        except GenerationTimeout as e:
-            scene = e.partial
-            if scene is None or prompt_line_count(job.prompt, scene.lines) >= len(scene.lines):
+            await acknowledge(queue_text(job))
+        except BaseException:  # nobody would ever see this scene: don't write it
+            job.cancel()
+            raise
+        note = None
+        for attempt in (1, 2):
+            try:
+                scene = await job.result()
+                if scene.partial:  # cut at the time limit or by a shutdown: posted as it is
+                    note = f"⏱️ {scene.note}"
+            except GenerationTimeout as e:
+                scene = e.partial
+                if scene is None or not wrote_lines(job.prompt, scene.lines):
+                    await update("😕 " + surface.escape(str(e)))
+                    return
+                note = "⏱️ Stopped at the time limit; this is as far as it got."
+            except EngineError as e:
                 await update("😕 " + surface.escape(str(e)))
                 return
-            note = "⏱️ Stopped at the time limit; this is as far as it got."
-        except EngineError as e:
-            await update("😕 " + surface.escape(str(e)))
-            return
-        if not scene.lines:
-            await update("😕 The model wrote nothing this time; try again.")
-            return
+            if wrote_lines(job.prompt, scene.lines):
+                break
+            # The model ended the scene right after the user's own lines: once more.
+            log.info("scene for %s: nothing written beyond the prompt (attempt %d)",
+                     user_key, attempt)
+            if attempt == 2 or scene.partial:
+                await update("😕 The model wrote nothing beyond your lines this time; try "
+                             "again, perhaps with a different opening.")
+                return
+            try:
+                job = await self.submit(job.prompt, settings, user_key)
+            except EngineError as e:
+                await update("😕 " + surface.escape(str(e)))
+                return
         # Stored before it is posted: whatever happens next, the scene is not lost.
         stored = await self.record(scene, place=place, user_id=user_id, prompt=job.prompt,
-                                   note=note)
-        delivery = await self._deliver(stored, surface)
+                                   note=note, claimed=True)
+        try:  # claimed for this posting: a `/scene #ID` meanwhile is told it is under way
+            delivery = await self._deliver(stored, surface)
+        finally:
+            await self._release(stored.id)
         await update(self._outcome(stored, delivery, surface, scene))
+
+    async def _repost(
+        self, scene_id: int, place: Place, surface: Surface,
+        acknowledge: Callable[[str], Awaitable[None]],
+        update: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """`/scene #ID`: post what of a stored scene is not out yet. Anyone who may use
+        /scene in the scene's own channel may do it (it only finishes what its author asked
+        for there); a scene that is out, or is being posted right now, is not posted again."""
+        stored = await self.db.get_scene(scene_id)
+        if stored is None or stored.place.platform != place.platform \
+                or stored.place.channel_id != place.channel_id:
+            raise EngineError(f"There is no scene {scene_id} in this channel.")
+        claim = await self.db.claim_posting(scene_id)  # one transaction: one poster
+        if claim == "posted":
+            raise EngineError(f"Scene {scene_id} is posted already; scroll up to vote.")
+        if claim != "claimed":
+            raise EngineError(f"Scene {scene_id} is being posted right now; it will be up "
+                              "in a moment.")
+        try:
+            stored = await self.db.get_scene(scene_id)  # what is out now, after the claim
+            await acknowledge(f"🎬 Posting scene {scene_id} again…")
+            delivery = await self._deliver(stored, surface)
+        finally:
+            await self._release(scene_id)
+        await update(self._outcome(stored, delivery, surface))
+
+    async def _release(self, scene_id: int) -> None:
+        try:
+            await self.db.release_posting(scene_id)
+        except DatabaseError as e:  # the claim goes stale by itself (db.CLAIM_STALE)
+            log.warning("could not release the posting claim on scene %d: %s", scene_id, e)
 
     async def _deliver(self, stored: StoredScene, surface: Surface) -> Delivery:
         return await deliver(self.db, stored, surface, self.retry)
@@ -310,6 +365,13 @@ class Core:
         return name
 
     async def use_checkpoint(self, name: str) -> str:
+        self._switching += 1
+        try:
+            return await self._use_checkpoint(name)
+        finally:
+            self._switching -= 1
+
+    async def _use_checkpoint(self, name: str) -> str:
         """Swap the engine to a listed checkpoint and remember it; returns the name of what
         is served (the base's, when the tuned default could not be used: the log says why).
 
@@ -344,6 +406,59 @@ class Core:
         self.checkpoint = served
         return served
 
+    # -- one process per connection -----------------------------------------------------
+
+    async def hold_lease(self, scope: str, shard: tuple[int, int], *,
+                         on_lost: Callable[[str], object] | None = None) -> None:
+        """Take the database lease on `scope` and `shard` (id, count) for this process
+        (raises LeaseHeld, naming the holder's host and pid, when a live other process has
+        it), renew it in the background until close(), then release it. Should another
+        process take it over (this one stalled past lease_ttl_s), `on_lost` is called with
+        a one-line reason: the caller stops serving."""
+        who = {"host": socket.gethostname(), "pid": os.getpid()}
+        await self.db.acquire_lease(scope, shard, ttl_s=self.lease_ttl_s, **who)
+
+        async def renew() -> None:
+            try:
+                while True:
+                    await asyncio.sleep(self.lease_ttl_s / 3)
+                    try:
+                        await self.db.acquire_lease(scope, shard, ttl_s=self.lease_ttl_s, **who)
+                        await self._follow_checkpoint()
+                    except LeaseHeld as e:
+                        log.error("lost the lease: %s", e)
+                        if on_lost is not None:
+                            on_lost(str(e))
+                        return
+                    except DatabaseError as e:  # busy: the next renewal is well in time
+                        log.warning("could not renew the lease on %s: %s", scope, e)
+            except asyncio.CancelledError:
+                try:
+                    await self.db.release_lease(scope, shard, **who)
+                except DatabaseError as e:  # it expires by itself
+                    log.warning("could not release the lease on %s: %s", scope, e)
+                raise
+
+        self._leases[(scope, shard)] = asyncio.create_task(renew(), name=f"lease {scope}")
+
+    async def _follow_checkpoint(self) -> None:
+        """Processes on other shards share this database: a checkpoint one of them switched
+        to is picked up here (at each lease renewal), so every shard writes with it."""
+        stored = await self.db.get_state(CHECKPOINT_KEY)
+        if stored in (None, self.checkpoint, self._unfollowable) or self._switching:
+            return
+        try:
+            model = checkpoints.resolve(stored, self.config.checkpoints_dir)
+            self._labels[model] = stored
+            await self.engine.swap(model)
+        except (checkpoints.CheckpointError, ModelLoadError) as e:
+            log.warning("cannot switch to checkpoint %s like another process did: %s",
+                        stored, e)
+            self._unfollowable = stored  # not again every renewal
+            return
+        self.checkpoint = stored
+        log.info("switched to checkpoint %s, chosen in another process", stored)
+
     async def close(self, posting: Collection[asyncio.Task] = (), *, now: bool = False) -> None:
         """Stop taking jobs; give running scenes until the shutdown deadline, after which
         the engine delivers them as partial scenes (now=True: cut them at once); give the
@@ -367,6 +482,9 @@ class Core:
             if posting:
                 await asyncio.wait(posting, timeout=max(1.0, end - loop.time()))
         finally:
+            for task in self._leases.values():  # released before the database closes
+                task.cancel()
+            await asyncio.gather(*self._leases.values(), return_exceptions=True)
             await self.db.close()
 
 
@@ -386,6 +504,11 @@ def load_humour(name: str, checkpoints_dir, operator: bool = False) -> HumourMod
     shown = name if len(name) <= 40 else name[:40] + "…"
     raise checkpoints.CheckpointError(
         f"There is no humour model called `{shown}`; try /checkpoint list.")
+
+
+def wrote_lines(prompt: str, lines: list[str]) -> bool:
+    """Whether the model wrote anything beyond the user's own opening lines."""
+    return len(lines) > prompt_line_count(prompt, lines)
 
 
 def prompt_line_count(prompt: str, lines: list[str]) -> int:

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
@@ -33,6 +34,21 @@ _SETTING_COLUMNS = tuple(f.name for f in fields(SceneSettings))
 
 class DatabaseError(RuntimeError):
     """The database cannot be used right now; str(e) is a polite one-liner."""
+
+
+class LeaseHeld(DatabaseError):
+    """Another live process holds the lease (see Database.acquire_lease)."""
+
+    def __init__(self, scope: str, shard: tuple[int, int], host: str, pid: int) -> None:
+        self.scope, self.shard, self.host, self.pid = scope, shard, host, pid
+        super().__init__(
+            f"another process already runs this bot ({scope}, shard {shard[0]} of {shard[1]}): "
+            f"pid {pid} on host {host}; stop it first, or give each process its own shards "
+            "(SHARD_ID, SHARD_COUNT)"
+        )
+
+
+CLAIM_STALE = "-10 minutes"  # a posting claim older than this belongs to a dead process
 
 
 @dataclass(frozen=True)
@@ -283,16 +299,18 @@ class Database:
     async def add_scene(
         self, *, place: Place, user_id: str, prompt: str, model_name: str,
         lines: list[str], prompt_lines: int, new_tokens: int, seconds: float,
-        note: str | None = None,
+        note: str | None = None, claimed: bool = False,
     ) -> StoredScene:
         """Store a finished scene before anything is posted; the first `prompt_lines`
-        lines are the user's own and never votable."""
+        lines are the user's own and never votable. `claimed`: stored already claimed for
+        its posting (see claim_posting), until release_posting or mark_posted."""
         async with self._write() as conn:
             cur = await conn.execute(
                 "INSERT INTO scenes (platform, guild_id, channel_id, user_id, prompt, model_name, "
-                "new_tokens, seconds, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "new_tokens, seconds, note, claimed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, CASE WHEN ? THEN datetime('now') END)",
                 (place.platform, place.guild_id, place.channel_id, str(user_id), prompt,
-                 model_name, new_tokens, seconds, note),
+                 model_name, new_tokens, seconds, note, claimed),
             )
             scene_id = cur.lastrowid
             stored = []
@@ -335,8 +353,33 @@ class Database:
     async def mark_posted(self, scene_id: int) -> None:
         async with self._write() as conn:
             await conn.execute(
-                "UPDATE scenes SET posted_at = datetime('now') WHERE id = ?", (scene_id,)
+                "UPDATE scenes SET posted_at = datetime('now'), claimed_at = NULL WHERE id = ?",
+                (scene_id,),
             )
+
+    async def claim_posting(self, scene_id: int) -> str:
+        """Claim a stored scene for posting, in one transaction: "claimed" (post it, then
+        release_posting), "posted" (every message is out), "busy" (someone is posting it
+        now) or "missing". A claim older than CLAIM_STALE (a process died) is taken over."""
+        async with self._write() as conn:
+            cur = await conn.execute(
+                "UPDATE scenes SET claimed_at = datetime('now') WHERE id = ? "
+                "AND posted_at IS NULL AND (claimed_at IS NULL OR claimed_at < datetime('now', ?))",
+                (scene_id, CLAIM_STALE),
+            )
+            if cur.rowcount:
+                return "claimed"
+            async with conn.execute(
+                "SELECT posted_at FROM scenes WHERE id = ?", (scene_id,)
+            ) as rows:
+                row = await rows.fetchone()
+        if row is None:
+            return "missing"
+        return "posted" if row[0] is not None else "busy"
+
+    async def release_posting(self, scene_id: int) -> None:
+        async with self._write() as conn:
+            await conn.execute("UPDATE scenes SET claimed_at = NULL WHERE id = ?", (scene_id,))
 
     async def line_at(self, platform: str, message_id: str, slot: int) -> int | None:
         """The votable line a keycap on that message stands for, if any."""
@@ -429,6 +472,51 @@ class Database:
         )
         return [RankedLine(*row) for row in rows]
 
+    # -- leases --------------------------------------------------------------------------
+
+    async def acquire_lease(
+        self, scope: str, shard: tuple[int, int], *, host: str, pid: int, ttl_s: float,
+        now: float | None = None,
+    ) -> None:
+        """Take (or renew) the lease on `scope` (e.g. "discord application 123") for
+        `shard` (id, count), valid `ttl_s` seconds; LeaseHeld when a live other process
+        holds an overlapping one: the same shard, or the same scope sharded differently.
+        A row past its expiry, or from a dead pid on this host, is taken over."""
+        now = time.time() if now is None else now
+        shard_id, count = shard
+        async with self._write() as conn:
+            async with conn.execute(
+                "SELECT shard_id, shard_count, host, pid, expires_at FROM leases "
+                "WHERE scope = ?", (scope,)
+            ) as cur:
+                rows = await cur.fetchall()
+            for other_id, other_count, other_host, other_pid, expires in rows:
+                mine = (other_host, other_pid) == (host, pid)
+                dead = expires < now or (other_host == host and not _alive(other_pid))
+                if mine or dead:
+                    continue
+                if other_count != count or other_id == shard_id:
+                    raise LeaseHeld(scope, (other_id, other_count), other_host, other_pid)
+            await conn.execute(
+                "DELETE FROM leases WHERE scope = ? AND shard_id = ? AND shard_count = ?",
+                (scope, shard_id, count),
+            )
+            await conn.execute(
+                "DELETE FROM leases WHERE scope = ? AND expires_at < ?", (scope, now)
+            )
+            await conn.execute(
+                "INSERT INTO leases (scope, shard_id, shard_count, host, pid, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (scope, shard_id, count, host, pid, now + ttl_s),
+            )
+
+    async def release_lease(self, scope: str, shard: tuple[int, int], *, host: str,
+                            pid: int) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                "DELETE FROM leases WHERE scope = ? AND shard_id = ? AND shard_count = ? "
+                "AND host = ? AND pid = ?", (scope, *shard, host, pid),
+            )
+
     # -- bot state -----------------------------------------------------------------------
 
     async def get_state(self, key: str) -> str | None:
@@ -442,3 +530,14 @@ class Database:
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (for leases of dead processes)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, under another user
+        return True
+    return True

@@ -12,7 +12,8 @@ API CONTRACT (frontends code against this; the implementation may change):
     job.position                              # 1 + the scenes ahead of it when submitted,
                                               # running ones included
     job.eta_s                                 # estimated seconds until it is done, from
-                                              # recent speed (None until the engine has some)
+                                              # how long recent scenes took (None until the
+                                              # engine has measured some)
     async for partial in job.stream(): ...    # optional: partial Scene snapshots, one per
                                               # finished line; ends when the job is done
     scene = await job.result()                # Scene; raises EngineError (GenerationTimeout
@@ -46,6 +47,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import threading
 import time
@@ -128,6 +130,9 @@ class SceneEngine:
         self._stopping = False
         self._stop_at = float("inf")  # time.monotonic() at which running scenes are cut
         self._speed = _Speed()
+        # (new tokens, wall seconds from start to done, cut before it ended) of recent
+        # scenes, for job.eta_s
+        self._finished: deque[tuple[int, float, bool]] = deque(maxlen=32)
         self._thread: threading.Thread | None = None
         self._joined: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -232,18 +237,61 @@ class SceneEngine:
         return job
 
     def _estimate(self, job: Job) -> float | None:
-        """Seconds until `job` is done: its own tokens at one scene's recent speed, or all
-        the tokens ahead of it and its own at the recent aggregate speed, whichever is
-        longer. Budgets are upper bounds (scenes often end sooner). Holds self._cond."""
-        rates = self._speed.rates()
-        if rates is None or min(rates) <= 0:
-            return None
-        aggregate, one = rates
-        ahead = sum(max(0, j.settings.max_new_tokens - j.produced) * self._width(j)
-                    for j in self._running)
-        ahead += sum(j.settings.max_new_tokens * self._width(j) for j in self._queue)
-        own = job.settings.max_new_tokens
-        return max(own / one, (ahead + own * self._width(job)) / aggregate)
+        """Seconds until `job` is done, from the measured speed of recent scenes: a scene
+        takes as many tokens as recent ones did (within its budget: most end sooner) at
+        the wall seconds per token they took, load and all. The scenes ahead of it are
+        laid out on the engine's slots as the worker runs them: llama.cpp starts a queued
+        scene as soon as a slot frees, transformers runs whole batches one after another.
+        A best-of-n scene takes n slots (its candidates run side by side). None until a
+        scene has finished (or, with llama.cpp, a step has run). Holds self._cond."""
+        recent = list(self._finished)
+        if recent:
+            tokens = sum(t for t, _, _ in recent)
+            seconds = sum(s for _, s, _ in recent)
+            if tokens <= 0 or seconds <= 0:
+                return None
+            per_token = seconds / tokens
+        else:
+            rates = self._speed.rates()
+            if rates is None or min(rates) <= 0:
+                return None
+            per_token = 1 / rates[1]
+
+        def duration(j: Job) -> float:
+            # As long as recent scenes were, under this one's budget; one that was cut at
+            # its own budget might have gone on to this one's.
+            budget = j.settings.max_new_tokens
+            if not recent:
+                return per_token * budget
+            expected = sum(budget if cut else min(t, budget) for t, _, cut in recent)
+            return per_token * expected / len(recent)
+
+        now = time.monotonic()
+        waiting = [*self._queue, job]
+        if isinstance(getattr(self._active, "model", None), LlamaCppModel):
+            slots: list[float] = []
+            for j in self._running:
+                left = max(0.0, duration(j) - (now - j.started)) if j.started else duration(j)
+                slots += [left] * self._width(j)
+            slots += [0.0] * max(0, self.max_batch - len(slots))
+            heapq.heapify(slots)
+
+            def place(j: Job) -> float:  # when j's candidates all have a slot, plus its time
+                taken = [heapq.heappop(slots) for _ in range(min(self._width(j), len(slots)))]
+                end = max(taken) + duration(j)
+                for _ in taken:
+                    heapq.heappush(slots, end)
+                return end
+
+            for ahead in waiting[:-1]:
+                place(ahead)
+            return place(job)
+        left = [max(0.0, duration(j) - (now - j.started)) if j.started else duration(j)
+                for j in self._running]
+        done = max(left, default=0.0)
+        for first in range(0, len(waiting), self.max_batch):
+            done += max(duration(j) for j in waiting[first:first + self.max_batch])
+        return done
 
     def _width(self, job: Job) -> int:
         """Sequences one job writes at once: its best_of, at most a batch."""
@@ -423,6 +471,9 @@ class SceneEngine:
                      loaded.name, prompt_lines=prompt_lines, candidates=job.expected)
         cut = not scene.finished and scene.new_tokens < job.settings.max_new_tokens
         wrote = len(scene.lines) > prompt_lines
+        if scene.new_tokens > 0 and job.started:
+            with self._cond:
+                self._finished.append((scene.new_tokens, now - job.started, not scene.finished))
         if job.cancelled:
             self._finish(job, EngineError("That scene was cancelled."))
         elif cut and now > self._stop_at:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from collections.abc import Iterable
 
 END_OF_TEXT = "<|endoftext|>"
@@ -88,13 +89,30 @@ def _one_edit(a: str, b: str) -> bool:
 _PROMPT_SPEAKER_RE = re.compile(
     r"^\s*(?P<speaker>[A-Za-z][A-Za-z0-9.'#&\- ]{0,40}?)\s*:\s*(?P<speech>.*)$"
 )
+# An emoji code before a speaker: Discord's custom `<:party:123…>` or Slack's `:tada:`.
+_EMOJI_CODE_RE = re.compile(r"<a?:\w{2,32}:\d{5,25}>|:[a-z0-9_+'\-]{1,40}:")
+
+
+def _after_emoji(line: str) -> str:
+    """`line` without the emoji (and their joiners, variation selectors, skin tones) it
+    starts with: `🎉Kramer: hi` -> `Kramer: hi`."""
+    i = 0
+    while i < len(line):
+        code = _EMOJI_CODE_RE.match(line, i)
+        if code:
+            i = code.end()
+        elif line[i].isspace() or unicodedata.category(line[i]) in ("So", "Sk", "Mn", "Cf"):
+            i += 1
+        else:
+            break
+    return line[i:]
 
 
 def normalize_prompt(prompt: str, main: Iterable[str] = MAIN_CHARACTERS) -> str:
     """The user's scene opening in corpus format: `Elaine: hi` -> `ELAINE: hi`.
 
     Each line of the prompt (split wherever str.splitlines splits) that starts with
-    `Name:` gets its speaker normalised;
+    `Name:` (after any emoji: `🎉Kramer: hi` -> `KRAMER: hi`) gets its speaker normalised;
     other lines are kept as they are. Returns the text with a trailing newline.
     """
     out = []
@@ -102,7 +120,7 @@ def normalize_prompt(prompt: str, main: Iterable[str] = MAIN_CHARACTERS) -> str:
         line = raw.strip()
         if not line:
             continue
-        m = _PROMPT_SPEAKER_RE.match(line)
+        m = _PROMPT_SPEAKER_RE.match(line) or _PROMPT_SPEAKER_RE.match(_after_emoji(line))
         if m and m.group("speech").strip():
             line = f"{normalize_speaker(m.group('speaker'), main)}: {m.group('speech').strip()}"
         out.append(line)

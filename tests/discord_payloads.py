@@ -9,6 +9,7 @@ Every request is recorded in `Recorder.calls` and answered with a plausible payl
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -29,6 +30,12 @@ _ids = itertools.count(200000000000000000)
 
 def next_id() -> int:
     return next(_ids)
+
+
+def interaction_id(age_s: float = 0.0) -> int:
+    """A unique snowflake made `age_s` seconds ago."""
+    made = discord.utils.utcnow() - datetime.timedelta(seconds=age_s)
+    return discord.utils.time_snowflake(made) + next(_ids) % (1 << 22)
 
 
 def user(user_id: int, name: str = "someone", bot: bool = False) -> dict:
@@ -52,21 +59,41 @@ class Call:
     json: Any
 
 
+INTERACTION_WINDOW_S = 3.0  # Discord's limit for the first response to an interaction
+
+
 class Recorder:
+    """As strict as Discord where the bot relies on it: an interaction is answered once,
+    within 3 s of its creation (its id's timestamp), or 10062 Unknown interaction; a
+    message create with a nonce and enforce_nonce that repeats one returns the message
+    created before instead of a new one."""
+
     def __init__(self) -> None:
         self.calls: list[Call] = []
-        self.faults: list[tuple[str, str, BaseException]] = []  # (method, path part, error)
+        # (method, path part, content part, error, dropped): dropped = the request is
+        # carried out and only its answer is lost (the connection drops on the way back)
+        self.faults: list[tuple[str, str, str, BaseException, bool]] = []
+        self.created: list[dict] = []  # channel messages that exist, in order
+        self._by_nonce: dict[tuple[int, str], dict] = {}
+        self._answered: set[str] = set()  # interactions with their first response
 
-    def fail(self, method: str, fragment: str, error: BaseException) -> None:
-        """The next `method` request whose path holds `fragment` raises `error` instead."""
-        self.faults.append((method, fragment, error))
+    def fail(self, method: str, fragment: str, error: BaseException, content: str = "") -> None:
+        """The next `method` request whose path holds `fragment` (and whose content holds
+        `content`) raises `error` instead."""
+        self.faults.append((method, fragment, content, error, False))
 
-    def _fault(self, method: str, path: str) -> BaseException | None:
-        for i, (m, fragment, error) in enumerate(self.faults):
-            if m == method and fragment in path:
+    def drop_answer(self, method: str, fragment: str, error: BaseException) -> None:
+        """The next such request is carried out, then `error` is raised in place of the
+        answer: the message is created, the bot never hears of it."""
+        self.faults.append((method, fragment, "", error, True))
+
+    def _fault(self, method: str, path: str, body: Any) -> tuple[BaseException | None, bool]:
+        text = body.get("content") if isinstance(body, dict) else None
+        for i, (m, fragment, content, error, dropped) in enumerate(self.faults):
+            if m == method and fragment in path and content in (text or ""):
                 del self.faults[i]
-                return error
-        return None
+                return error, dropped
+        return None, False
 
     def find(self, method: str, fragment: str = "") -> list[Call]:
         return [c for c in self.calls if c.method == method and fragment in c.path]
@@ -88,15 +115,37 @@ class Recorder:
         return out
 
     def answer(self, method: str, path: str, body: Any) -> Any:
-        error = self._fault(method, path)
+        error, dropped = self._fault(method, path, body)
+        if error is not None and not dropped:
+            raise error
+        result = self._carry_out(method, path, body)
         if error is not None:
             raise error
+        return result
+
+    def _carry_out(self, method: str, path: str, body: Any) -> Any:
         self.calls.append(Call(method, path, body))
         if method == "POST" and path.endswith("/messages") and path.startswith("/channels/"):
             channel_id = int(path.split("/")[2])
-            return message(next_id(), channel_id, body.get("content", ""))
+            key = (channel_id, str(body.get("nonce")))
+            if body.get("enforce_nonce") and key in self._by_nonce:
+                return self._by_nonce[key]
+            created = message(next_id(), channel_id, body.get("content", ""))
+            self.created.append(created)
+            if body.get("nonce") is not None:
+                self._by_nonce[key] = created
+            return created
         if path.endswith("/callback"):
-            return {"interaction": {"id": path.split("/")[2], "type": 2}}
+            interaction_id = path.split("/")[2]
+            age = (discord.utils.utcnow()
+                   - discord.utils.snowflake_time(int(interaction_id))).total_seconds()
+            if age > INTERACTION_WINDOW_S:
+                raise http_error(discord.NotFound, 404, "Unknown interaction", 10062)
+            if interaction_id in self._answered:
+                raise http_error(discord.HTTPException, 400,
+                                 "Interaction has already been acknowledged.", 40060)
+            self._answered.add(interaction_id)
+            return {"interaction": {"id": interaction_id, "type": 2}}
         if path.startswith("/webhooks/") and method in ("POST", "PATCH"):
             return message(next_id(), CHANNEL_ID, body.get("content", ""))
         if path == "/oauth2/applications/@me":
@@ -140,11 +189,13 @@ def install(bot: discord.Client) -> Recorder:
 def command_payload(
     name: str, options: list[dict] | None = None, *, user_id: int = USER_ID,
     permissions: discord.Permissions | None = None, channel_id: int = CHANNEL_ID,
+    age_s: float = 0.0,
 ) -> dict:
-    """An INTERACTION_CREATE for a slash command in GUILD_ID/channel_id."""
+    """An INTERACTION_CREATE for a slash command in GUILD_ID/channel_id, created `age_s`
+    seconds ago (its id holds the time, as Discord's do)."""
     perms = permissions if permissions is not None else discord.Permissions.none()
     return {
-        "id": str(next_id()), "application_id": str(APP_ID), "type": 2,
+        "id": str(interaction_id(age_s)), "application_id": str(APP_ID), "type": 2,
         "token": f"token-{next_id()}", "version": 1, "guild_id": str(GUILD_ID),
         "channel_id": str(channel_id),
         "channel": {"id": str(channel_id), "type": 0, "guild_id": str(GUILD_ID),

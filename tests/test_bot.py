@@ -93,7 +93,8 @@ async def test_scene_is_acknowledged_posted_numbered_and_votable(running):
     await invoke(bot, command_payload(
         "scene", [option("prompt", "Elaine: Jerry! George! @everyone listen!\nJerry: What?")]))
 
-    ack = rec.replies()[0]
+    deferred, ack = rec.replies()[:2]  # deferred at once, then the queue position
+    assert "content" not in deferred
     assert "#1 in the queue" in ack["content"] and ack["allowed_mentions"] == {"parse": []}
     posts = rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
     assert posts, "the scene was not posted as a channel message"

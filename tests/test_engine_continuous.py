@@ -244,16 +244,46 @@ async def test_eta_counts_every_candidate_of_the_scenes_ahead(endless_dir):
     await engine.start()
     try:
         await (await engine.submit(PROMPT, scene_settings(16))).result()
-        engine._speed._steps.clear()
-        engine._speed.add(100, 1.0, 25)  # 100 tok/s in all, 25 tok/s for one scene
-        one = SceneSettings(max_new_tokens=100, temperature=0.1, top_k=1, best_of=1)
-        four = SceneSettings(max_new_tokens=100, temperature=0.1, top_k=1, best_of=4)
-        with engine._cond:  # the queue as the estimate sees it, without running anything
-            from sitcom.jobs import Job
+        from sitcom.jobs import Job
 
+        with engine._cond:  # the queue as the estimate sees it, without running anything
+            engine._finished.clear()
+            engine._finished.append((100, 1.0, False))  # recent scenes: 100 tokens in 1 s
+            one = SceneSettings(max_new_tokens=100, temperature=0.1, top_k=1, best_of=1)
+            four = SceneSettings(max_new_tokens=100, temperature=0.1, top_k=1, best_of=4)
+            engine._queue.extend([Job(PROMPT, one, "a"), Job(PROMPT, one, "b")])
+            assert engine._estimate(Job(PROMPT, one, "c")) == pytest.approx(1.0)  # side by side
+            engine._queue.clear()
+            # each best-of-4 scene fills the 4 slots: they run one after another
             engine._queue.extend([Job(PROMPT, four, "a"), Job(PROMPT, four, "b")])
-            assert engine._estimate(Job(PROMPT, one, "c")) == pytest.approx(9.0)  # 900/100
-            assert engine._estimate(Job(PROMPT, four, "c")) == pytest.approx(12.0)  # 1200/100
+            assert engine._estimate(Job(PROMPT, one, "c")) == pytest.approx(3.0)
+            assert engine._estimate(Job(PROMPT, four, "c")) == pytest.approx(3.0)
             engine._queue.clear()
     finally:
         await engine.close()
+
+
+async def test_wait_estimate_matches_the_engine_on_llamacpp(endless_dir):
+    """Issue 19 item 7: continuous batching on 2 slots, ~20 ms a step, scenes running to
+    their own (different) budgets: each estimate is within 2x of the real wait."""
+    engine = SceneEngine(str(endless_dir), max_batch=2, per_user_limit=8,
+                         loader=slow_loader(0.02))
+    await engine.start()
+    try:
+        await (await engine.submit(PROMPT, scene_settings(16))).result()
+
+        async def waited(job) -> float:
+            await job.result()
+            return time.monotonic()
+
+        jobs, waits = [], []
+        for tokens in (48, 24, 64, 24, 16):
+            start = time.monotonic()
+            job = await engine.submit(PROMPT, scene_settings(tokens))
+            jobs.append((job, start, asyncio.ensure_future(waited(job))))
+        for job, start, done in jobs:
+            waits.append((job.eta_s, await done - start))
+    finally:
+        await engine.close()
+    for eta, real in waits:
+        assert eta is not None and real / 2 <= eta <= real * 2, waits

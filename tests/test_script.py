@@ -32,3 +32,14 @@ def test_normalize_speaker_repairs_main_cast_typos_only():
 
 def test_normalize_prompt():
     assert normalize_prompt("elaine: hi\n\n(she waves)") == "ELAINE: hi\n(she waves)\n"
+
+
+def test_a_speaker_after_emoji_is_recognised():
+    """Issue 19 item 9: `🎉Kramer: hi` is Kramer speaking, however the emoji is written."""
+    for line in ("🎉Kramer: hi", "🎉 Kramer: hi", "👍🏽 kramer: hi", "👨‍👩‍👧 Kramer: hi",
+                 "🇺🇸Kramer: hi", "<:party:123456789012345678> Kramer: hi", ":tada: Kramer: hi",
+                 ":tada:Kramer: hi"):
+        assert normalize_prompt(line) == "KRAMER: hi\n", line
+    # not a speaker: kept as written
+    assert normalize_prompt("🎉 party time") == "🎉 party time\n"
+    assert normalize_prompt("(🎉 Kramer: enters)") == "(🎉 Kramer: enters)\n"

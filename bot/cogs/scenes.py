@@ -2,13 +2,15 @@
 
 The scene is posted when it is done rather than streamed: the 135M model finishes a scene
 in seconds, every streamed edit would count against the channel's rate limit, and votes
-need the final line-to-message mapping anyway. The acknowledgement is edited once to say
-where the scene is (or why it failed).
+need the final line-to-message mapping anyway. The interaction is deferred at once
+(Discord's 3 s limit), the acknowledgement then shows the queue position and is edited once
+more to say where the scene is (or why it failed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 
 import aiohttp
@@ -16,9 +18,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from sitcom.jobs import clean_prompt
+
+from ..commands import repost_id
 from ..core import MAX_PROMPT_CHARS
 from ..db import Place
-from ..posting import Posted, Refused, Transient, scene_header
+from ..posting import Posted, Refused, Transient, retrying, scene_header
 from ..utils.formatting import KEYCAPS, LINE_LIMIT, MESSAGE_LIMIT, neutralize, shorten
 
 log = logging.getLogger(__name__)
@@ -55,8 +60,12 @@ class DiscordSurface:
         return url  # Discord shows a jump URL as a link by itself
 
     async def send(self, text: str) -> Posted:
+        # The same nonce on every try of the same message, with enforce_nonce (discord.py
+        # sets it with a nonce): when a try created the message but its answer was lost,
+        # Discord answers the next try with that message instead of posting it again.
         try:
-            message = await self.channel.send(text, allowed_mentions=NO_PINGS)
+            message = await self.channel.send(text, allowed_mentions=NO_PINGS,
+                                              nonce=message_nonce(text))
         except discord.Forbidden as e:
             raise Refused("I need the View Channel and Send Messages permissions in this "
                           "channel") from e
@@ -85,6 +94,12 @@ class DiscordSurface:
             raise Transient(f"connection lost: {type(e).__name__}") from e
 
 
+def message_nonce(text: str) -> str:
+    """A stable nonce for a scene message (Discord allows 25 characters): its text names
+    the scene and part, so two different messages never share one."""
+    return "s" + hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
 def _transient(error: discord.HTTPException) -> Exception:
     # discord.py has already waited out 429s and retried 5xx a few times by itself.
     if error.status == 429 or error.status >= 500:
@@ -105,25 +120,61 @@ class Scenes(commands.Cog):
         prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
     ) -> None:
         self.bot.track(asyncio.current_task())
+        if repost_id(prompt) is None:  # a bad opening: a private reply (no database read)
+            clean_prompt(prompt, MAX_PROMPT_CHARS)
+        # Discord drops an interaction not answered within 3 s (10062 Unknown interaction),
+        # so it is deferred before anything that reads the database or the queue; a scene
+        # whose acknowledgement failed is never queued: nobody would see it.
+        try:
+            await interaction.response.defer(thinking=True)
+        except (discord.HTTPException, TimeoutError, aiohttp.ClientError, OSError) as e:
+            log.warning("/scene by %s: could not acknowledge it (%s); nothing queued",
+                        interaction.user.id, _reason(e))
+            return
         perms = interaction.app_permissions
         surface = DiscordSurface(interaction.channel, can_react=perms.add_reactions)
-
-        async def acknowledge(text: str) -> None:
-            await interaction.response.send_message(text, allowed_mentions=NO_PINGS)
-
-        await self.bot.core.scene_command(
-            place=place_of(interaction), user_id=str(interaction.user.id), prompt=prompt,
-            surface=surface, acknowledge=acknowledge,
-            update=lambda text: self._update_ack(interaction, text),
-        )
+        update = lambda text: self._update_ack(interaction, text)  # noqa: E731
+        try:
+            await self.bot.core.scene_command(
+                place=place_of(interaction), user_id=str(interaction.user.id), prompt=prompt,
+                surface=surface, acknowledge=update, update=update,
+            )
+        except Exception:
+            # Refused before it was queued (queue full, no such scene) or a bug: the
+            # public "thinking…" goes, the error handler answers privately.
+            try:
+                await interaction.delete_original_response()
+            except (discord.HTTPException, TimeoutError, aiohttp.ClientError, OSError) as e:
+                log.info("could not remove the /scene acknowledgement: %s", _reason(e))
+            raise
 
     async def _update_ack(self, interaction: discord.Interaction, text: str) -> None:
+        """Edit the acknowledgement, retried like posts; a failure is a log line (the
+        scene is posted and stored either way), never an error for the user."""
+
+        async def edit() -> None:
+            try:
+                await interaction.edit_original_response(
+                    content=shorten(text, MESSAGE_LIMIT), allowed_mentions=NO_PINGS
+                )
+            except discord.HTTPException as e:
+                error = _transient(e)
+                if error is e:  # a 4xx: retrying cannot help
+                    raise
+                raise error from e
+            except discord.RateLimited as e:
+                raise Transient("rate limited", e.retry_after) from e
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                raise Transient(f"connection lost: {type(e).__name__}") from e
+
         try:
-            await interaction.edit_original_response(
-                content=shorten(text, MESSAGE_LIMIT), allowed_mentions=NO_PINGS
-            )
-        except discord.HTTPException:  # tokens expire after 15 minutes; the scene is posted
-            log.info("could not edit the /scene acknowledgement: %s", text)
+            await retrying(edit, self.bot.core.retry, "editing the /scene acknowledgement")
+        except (Transient, discord.HTTPException) as e:  # e.g. the 15-minute token expired
+            log.warning("could not edit the /scene acknowledgement (%s): %s", _reason(e), text)
+
+
+def _reason(error: BaseException) -> str:
+    return str(error) or type(error).__name__
 
 
 async def setup(bot) -> None:
