@@ -7,7 +7,6 @@ scores describe what users get.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
+from sitcom.files import write_atomic
 from sitcom.generation import write_scenes
 from sitcom.models import load_model, resolve_model
 from sitcom.quality import SceneScore, score_scene, summarize
@@ -132,9 +132,7 @@ def format_report(result: dict) -> str:
 
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def evaluate_cli(args) -> None:

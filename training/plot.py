@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+
+from sitcom.files import atomic_path  # noqa: E402
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -36,7 +37,6 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
         ax2.legend(loc="upper center")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.name + ".tmp")
-    fig.savefig(tmp, format="png")
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)
