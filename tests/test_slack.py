@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 import pytest_asyncio
+from helpers import make_config, scripted_loader
 from slack_fake import (
     ADMIN,
     BOT_USER,
@@ -27,7 +28,6 @@ from slack_fake import (
     reaction_event,
     slash_command,
 )
-from test_bot import make_config, scripted_loader
 
 from bot.core import Core
 from bot.posting import RetryPolicy
