@@ -26,6 +26,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from sitcom.files import atomic_path, write_atomic
+
 TARGETS = {  # issue #4
     "single_vs_llamacpp": 1.0,
     "single_vs_hf_fp32": 3.0,
@@ -335,15 +337,8 @@ def plot(results: dict, path: Path) -> None:
         axes[row][1].set_title(f"{label}: SceneEngine vs raw llama.cpp")
         axes[row][1].legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,14 +6,14 @@ shows, one block per line) is saved as NAME.txt, the layout `prepare` reads.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
+
+from sitcom.files import write_atomic
 
 DEFAULT_BASE_URL = "https://www.seinfeldscripts.com"
 DEFAULT_INDEX = "seinfeld-scripts.html"
@@ -91,18 +91,6 @@ def _fetch(url: str) -> str:
         return raw.decode("cp1252", errors="replace")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def download(out_dir: Path, base_url: str = DEFAULT_BASE_URL, index: str = DEFAULT_INDEX,
              delay: float = 1.0) -> str:
     """Fetch every linked page not already in out_dir; returns a one-line report."""
@@ -130,7 +118,7 @@ def download(out_dir: Path, base_url: str = DEFAULT_BASE_URL, index: str = DEFAU
             continue
         time.sleep(delay)  # be polite: one request at a time, spaced out
         try:
-            _write_atomic(target, html_to_text(_fetch(url)))
+            write_atomic(target, html_to_text(_fetch(url)))
             fetched += 1
         except (urllib.error.URLError, OSError, ValueError) as exc:
             failed.append(f"{url} ({exc})")

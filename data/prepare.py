@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from data.clean import Episode, classify, parse_page, split_lines
 from data.dedupe import find_duplicates
 from data.outputs import check_output_file
 from data.split import episode_groups, split_episodes
+from sitcom.files import atomic_path
 from sitcom.script import END_OF_TEXT, MAIN_CHARACTERS, is_turn, is_well_formed, speaker_of
 
 MIN_TURNS = 50  # fewer dialogue turns than this is a quote page or a stub, not an episode
@@ -307,21 +307,12 @@ def write_outputs(out_dir: Path, result: Result) -> None:
         "val.txt": episodes_text(result.val),
         "manifest.json": json.dumps(result.manifest, indent=1, ensure_ascii=False) + "\n",
     }
-    temps: dict[str, str] = {}
-    try:
+    # All three are written before any is renamed: a full disk changes none of them.
+    with ExitStack() as stack:
         for name, text in contents.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
-            temps[name] = tmp
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-                fh.write(text)
-            os.chmod(tmp, 0o644)  # mkstemp makes files private; the corpus is shared
+            tmp = stack.enter_context(atomic_path(out_dir / name))
+            tmp.write_text(text, encoding="utf-8", newline="\n")
         check_outputs(out_dir)  # again, just before the renames
-        for name, tmp in temps.items():
-            os.replace(tmp, out_dir / name)
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 def summary(manifest: dict) -> str:

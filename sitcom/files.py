@@ -1,11 +1,13 @@
-"""Publishing a directory built in a temp dir: one rename, so readers never see half of it;
-locks for building one, and reading JSON and safetensors headers that may be damaged."""
+"""Publishing files and directories built beside their target: one rename, so readers never
+see half of one, and a crash leaves the old one (or none), never a torn file; locks for
+building one, and reading JSON and safetensors headers that may be damaged."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,3 +123,30 @@ def safetensors_problem(path: Path) -> str | None:
     if 8 + n + end != size:
         return f"truncated ({size} bytes, the header says {8 + n + end})"
     return None
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp file name beside `path` (`.NAME.xxxxxxxx.tmp`) to write to; when the block ends
+    without an error the file is made world-readable (mkstemp makes it private) and renamed
+    to `path` in one step; on an error it is removed and `path` is left as it was."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8 with \\n line ends, or bytes) to `path` through a temp
+    file and one rename: readers see the old file or the new one, never part of it."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8", newline="\n")
+        else:
+            tmp.write_bytes(data)

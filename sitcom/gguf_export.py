@@ -19,10 +19,11 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from sitcom.files import atomic_path
 
 QTYPES = ("q8_0", "f16", "f32", "q4_1")
 
@@ -58,10 +59,8 @@ def export_gguf(
 
     out = Path(out_path) if out_path else Path(checkpoint_dir) / "model.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp_name, "llama")
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, "llama")
         _add_model_metadata(writer, config, rope_theta, qtype)
         _add_tokenizer(writer, tokenizer, config)
         _add_tensors(writer, model, config, qtype)
@@ -69,11 +68,6 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp_name, out)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
     return out
 
 

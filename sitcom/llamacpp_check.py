@@ -25,13 +25,12 @@ import os
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sitcom.files import load_json, read_json
+from sitcom.files import load_json, read_json, write_atomic
 from sitcom.models import ModelLoadError, cache_root
 
 log = logging.getLogger(__name__)
@@ -209,11 +208,8 @@ def check_llamacpp(
         return verdict  # a hang may be a busy machine: judge again at the next start
     try:  # best effort: an unwritable cache only means probing again next time
         record.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=record.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"ok": verdict.ok, "reason": verdict.reason, "cpu_flags": cpu_flags()}, f)
-            f.write("\n")
-        os.replace(tmp, record)
+        saved = {"ok": verdict.ok, "reason": verdict.reason, "cpu_flags": cpu_flags()}
+        write_atomic(record, json.dumps(saved) + "\n")
     except OSError:
         pass
     return verdict

@@ -27,48 +27,14 @@ from discord_payloads import (
     settle,
     subcommand,
 )
+from helpers import make_config, scripted_loader, start_bot, teleprompter_model
 
 from bot.bot import SitcomBot
-from bot.config import Config
 from bot.core import Core
-from bot.posting import RetryPolicy
 from bot.utils.formatting import KEYCAPS
 
 MANAGE = discord.Permissions(manage_channels=True)
-SCRIPT = "GEORGE: What is it?\nKRAMER: Giddyup! @everyone\n"
 EPHEMERAL = 64
-
-
-def make_config(tmp_path, model_dir, **extra) -> Config:
-    return Config(
-        db_path=tmp_path / "bot.db", checkpoints_dir=tmp_path / "checkpoints",
-        default_checkpoint=str(model_dir), db_timeout_s=0.1, timeout_s=60, **extra,
-    )
-
-
-def scripted_loader(script: str = SCRIPT):
-    """The real loader's tokenizer with a tiny model that writes `script` (greedy-ish), so
-    scenes have model-written lines to vote for."""
-    from test_generation import teleprompter_model
-
-    from sitcom.models import load_model
-
-    def load(name: str):
-        _, tokenizer = load_model(name)
-        return teleprompter_model(tokenizer, script), tokenizer
-
-    return load
-
-
-async def start_bot(config: Config, sync: bool = False, loader=None):
-    core = await Core.start(config, loader=loader or scripted_loader())
-    core.retry = RetryPolicy(attempts=3, first_delay_s=0.01)
-    bot = SitcomBot(config, core)
-    await bot.__aenter__()  # what `async with bot` does before login: the loop, ready event
-    recorder = install(bot)
-    bot.sync_on_setup = sync
-    await bot.setup_hook()
-    return bot, recorder
 
 
 @pytest_asyncio.fixture
@@ -417,8 +383,6 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
     600 s deadline, the second cuts it; both wait until it is stored and posted, with a
     note, and the database is closed."""
     import asyncio
-
-    from test_generation import teleprompter_model
 
     from sitcom.models import load_model
 

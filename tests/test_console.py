@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import make_config, scripted_loader
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,6 +24,7 @@ def run_bot(stdin: str, tmp_path: Path, model: Path | str, **env: str):
                           text=True, cwd=tmp_path, env=full, timeout=240)
 
 
+@pytest.mark.e2e
 def test_console_writes_a_scene_votes_and_keeps_settings(tmp_path, tiny_model_dir):
     env = {"PYTHONPATH": str(ROOT)}
     first = run_bot(
@@ -50,6 +52,7 @@ def test_console_writes_a_scene_votes_and_keeps_settings(tmp_path, tiny_model_di
     assert "scene 1 has no line 99" in second.stderr
 
 
+@pytest.mark.e2e
 def test_console_startup_errors_are_one_line(tmp_path, tiny_model_dir):
     env = {"PYTHONPATH": str(ROOT)}
     bad_model = run_bot("", tmp_path, tmp_path / "missing-model", **env)
@@ -65,6 +68,7 @@ def test_console_startup_errors_are_one_line(tmp_path, tiny_model_dir):
         "error: SITCOM_THREADS must be auto or a whole number from 1 to ")
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_cleanly_and_closes_the_database(tmp_path, tiny_model_dir):
     import signal
     import sqlite3
@@ -94,8 +98,6 @@ def test_sigterm_stops_cleanly_and_closes_the_database(tmp_path, tiny_model_dir)
 
 @pytest.mark.asyncio
 async def test_console_votes_for_what_the_model_wrote(tmp_path, tiny_model_dir):
-    from test_bot import make_config, scripted_loader
-
     from bot.console import Console
     from bot.core import Core
 
@@ -118,20 +120,31 @@ async def test_console_votes_for_what_the_model_wrote(tmp_path, tiny_model_dir):
 
 
 # The real `python -m bot`, with one change made before it starts: the model writes a fixed
-# script (test_generation.teleprompter_model) at 50 ms a token, so a 400-token scene is
-# still running when the signals arrive.
+# script (helpers.teleprompter_model), its first line at full speed, then 50 ms a token, so a
+# 400-token scene is still running when the signals arrive. The file `progress` appears once
+# the first line is out, however loaded the machine is.
 SLOW_BOT = """
 import sys, time
+from pathlib import Path
 sys.path.insert(0, {tests!r})
 import sitcom.llamacpp
-from test_generation import teleprompter_model
+from helpers import teleprompter_model
 
 real = sitcom.llamacpp.load_model
+calls = 0
+
+def stall(module, args):
+    global calls
+    calls += 1
+    if calls == {fast_calls}:
+        Path({progress!r}).touch()
+    elif calls > {fast_calls}:
+        time.sleep(0.05)
 
 def slow(name):
     _, tokenizer = real(name)
     model = teleprompter_model(tokenizer, "ELAINE: Get out!\\nGEORGE: What?\\n")
-    model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
+    model.register_forward_pre_hook(stall)
     return model, tokenizer
 
 sitcom.llamacpp.load_model = slow
@@ -140,6 +153,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "signals, shutdown_s",
     [(["SIGTERM"], "1"), (["SIGTERM", "SIGINT"], "600"), (["SIGINT", "SIGINT"], "600")],
@@ -159,7 +173,8 @@ def test_shutdown_is_bounded_and_stores_the_running_scene(
     env.update(DEFAULT_CHECKPOINT=str(tiny_model_dir), BOT_DB=str(tmp_path / "console.db"),
                CHECKPOINTS_DIR=str(tmp_path / "checkpoints"), LOG_LEVEL="WARNING",
                PYTHONPATH=str(ROOT), SHUTDOWN_TIMEOUT_S=shutdown_s, GENERATION_TIMEOUT_S="600")
-    code = SLOW_BOT.format(tests=str(ROOT / "tests"))
+    progress = tmp_path / "progress"
+    code = SLOW_BOT.format(tests=str(ROOT / "tests"), progress=str(progress), fast_calls=16)
     bot = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            cwd=tmp_path, env=env)
@@ -169,7 +184,11 @@ def test_shutdown_is_bounded_and_stores_the_running_scene(
         assert "Saved" in bot.stdout.readline()  # started
         bot.stdin.write("/scene Jerry: Hello, Newman.\n")
         bot.stdin.flush()
-        time.sleep(2.0)  # ~30 of its 400 tokens: a line or two written
+        deadline = time.monotonic() + 120  # generous: a loaded CI machine may take a while
+        while not progress.exists():  # the first line is out; ~380 tokens (~20 s) to go
+            assert bot.poll() is None, bot.stderr.read()
+            assert time.monotonic() < deadline, "the scene never got past its first line"
+            time.sleep(0.01)
         for name in signals:
             bot.send_signal(getattr(signal, name))
             time.sleep(0.3)

@@ -78,8 +78,12 @@ def test_non_episode_pages_have_little_or_no_dialogue(name):
 
 
 def test_every_output_line_is_well_formed():
-    for page in PAGES.glob("TheFake*.txt"):
-        assert all(is_well_formed(line) for line in clean(page.name)), page.name
+    pages = sorted(PAGES.glob("TheFake*.txt"))
+    assert len(pages) >= 6, f"the TheFake*.txt fixture pages are missing from {PAGES}"
+    for page in pages:
+        lines = clean(page.name)
+        assert lines, page.name
+        assert all(is_well_formed(line) for line in lines), page.name
 
 
 def test_junk_and_tidy_rules():

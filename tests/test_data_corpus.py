@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from conftest import RAW_CORPUS
+from helpers import RAW_CORPUS
 
 from data.prepare import Options, episodes_text, prepare, write_outputs
 from data.split import split_episodes

@@ -55,6 +55,7 @@ def test_download_resumes_without_refetching(tmp_path, site):
     assert [p for p, _ in _Handler.requests] == ["/seinfeld-scripts.html", "/TheFakeTwo.html"]
 
 
+@pytest.mark.e2e
 def test_missing_index_is_a_clear_error(tmp_path, site):
     with pytest.raises(DownloadError, match="cannot fetch index"):
         download(tmp_path, base_url=site, index="nope.html", delay=0)

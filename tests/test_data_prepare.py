@@ -25,6 +25,7 @@ def files_by_name(manifest: dict) -> dict[str, dict]:
     return {entry["file"]: entry for entry in manifest["files"]}
 
 
+@pytest.mark.e2e
 def test_prepare_fixture_site(tmp_path):
     result = run_cli("prepare", str(FIXTURES / "sitcom"), str(tmp_path), "--min-turns", "5",
                      "--val-fraction", "0.3")
@@ -98,6 +99,7 @@ def test_non_utf8_and_binary_files(tmp_path):
     assert "[Scene: The caf\u00e9, morning]" in text
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("setup", ["missing", "empty", "no_episodes"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, setup):
     raw = tmp_path / "raw"
@@ -114,6 +116,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, setup):
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_bad_option_values_are_rejected():
     result = run_cli("prepare", "x", "y", "--val-fraction", "1.5")
     assert result.returncode == 2 and "Traceback" not in result.stderr

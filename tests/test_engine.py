@@ -12,8 +12,7 @@ import time
 
 import pytest
 import pytest_asyncio
-from conftest import save_tiny_model_dir
-from test_generation import teleprompter_model
+from helpers import save_tiny_model_dir, teleprompter_model
 
 from sitcom.engine import (
     BadPrompt,

@@ -8,8 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import build_tiny_model, build_tiny_tokenizer
-from test_llamacpp import PROMPT
+from helpers import PROMPT, build_tiny_model, build_tiny_tokenizer
 
 from sitcom import llamacpp
 from sitcom.engine import EngineError, SceneEngine
@@ -18,6 +17,13 @@ from training.gguf_export import export_gguf
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(autouse=True)
+def serve_with_llamacpp(monkeypatch):
+    """Continuous batching is what these tests are about: llama.cpp serves the tiny GGUFs
+    without its self-test child (test_llamacpp_check covers the self-test)."""
+    monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
 
 
 def scene_settings(tokens: int) -> SceneSettings:

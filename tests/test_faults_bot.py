@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from discord_payloads import CHANNEL_ID, command_payload, invoke, option
-from test_bot import make_config, start_bot
+from helpers import make_config, start_bot
 
 from bot import checkpoints
 from bot.cogs.scenes import DiscordSurface
@@ -186,6 +186,7 @@ async def test_a_bug_in_one_command_is_one_line_not_a_dead_console(tmp_path, tin
     assert any(r.exc_info for r in caplog.records)  # the traceback went to the log
 
 
+@pytest.mark.e2e
 def test_undecodable_stdin_bytes_do_not_hang_or_kill_the_console(tmp_path, tiny_model_dir):
     proc = run_bot(b"/settings set max_new_tokens 16\n/scene JERRY: caf\xff\xfe now\n/best\n",
                    tmp_path, DEFAULT_CHECKPOINT=str(tiny_model_dir))
@@ -215,6 +216,7 @@ async def test_discord_scene_with_a_lone_surrogate_is_posted_and_stored(tmp_path
 
 # -- 9. model cache on an unwritable disk: a start-up error naming the directory --------
 
+@pytest.mark.e2e
 def test_unwritable_model_cache_is_one_line_naming_it(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache directory should be")
@@ -302,6 +304,7 @@ async def test_discord_5xx_at_login_is_one_line(tmp_path, tiny_model_dir, monkey
 
 # -- 14. no token and stdin at EOF: say so --------------------------------------------
 
+@pytest.mark.e2e
 def test_console_at_eof_says_how_to_start_the_real_bots(tmp_path, tiny_model_dir):
     proc = run_bot(b"", tmp_path, DEFAULT_CHECKPOINT=str(tiny_model_dir))
     err = proc.stderr.decode()
@@ -346,6 +349,7 @@ def test_scene_lines_keep_their_plain_text():
 
 # -- 16. .env from the working directory only -----------------------------------------
 
+@pytest.mark.e2e
 def test_dotenv_is_read_from_the_working_directory_only(tmp_path):
     app = tmp_path / "a" / "b" / "app"
     for package in ("bot", "sitcom"):

@@ -35,6 +35,7 @@ def raw_copy(tmp_path: Path) -> Path:
 
 # -- 2. validation text never leaks into training ---------------------------------------
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("inside", [".", "corpus", "a/b"])
 def test_out_inside_raw_is_refused(tmp_path, inside):
     raw = raw_copy(tmp_path)
@@ -127,6 +128,7 @@ def test_nul_bytes_without_a_bom_name_the_likely_cause(tmp_path):
 
 # -- 20. too few episodes to validate on -------------------------------------------------
 
+@pytest.mark.e2e
 def test_one_episode_fails_in_prepare_with_the_minimum(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -151,6 +153,7 @@ def test_two_episodes_are_enough(tmp_path):
 
 # -- 10. (data) nan is not a delay ---------------------------------------------------------
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_download_delay_must_be_finite(tmp_path, value):
     proc = run_cli("download", str(tmp_path / "raw"), "--delay", value,

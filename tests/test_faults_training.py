@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_training import EPISODE, write_corpus
+from helpers import EPISODE, write_corpus
 
 from training.__main__ import main
 
@@ -93,6 +93,7 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (96 * 1024, 96 * 1024))
 
 
+@pytest.mark.e2e
 def test_disk_full_during_export_is_one_line_and_exit_1(tmp_path, corpus, tiny_model_dir):
     out = tmp_path / "T"
     args = tiny_args(corpus, out, tiny_model_dir, "--lora", "--lora-r", "1", "--max-steps", "1")

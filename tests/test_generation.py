@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from helpers import build_tiny_model, teleprompter_model
 from transformers import (
     RepetitionPenaltyLogitsProcessor,
     TopKLogitsWarper,
@@ -45,22 +45,6 @@ def scripted_model(tokenizer, text: str):
     def hook(module, args, kwargs, output):
         last = kwargs["input_ids"][:, -1]
         output.logits[:, -1, :] += bonus[last]
-        return output
-
-    model.register_forward_hook(hook, with_kwargs=True)
-    return model
-
-
-def teleprompter_model(tokenizer, text: str):
-    """A tiny Llama that, greedily, writes `text` token by token (then starts over)."""
-    model = build_tiny_model(tokenizer)
-    ids = tokenizer.encode(text)
-    step = 0
-
-    def hook(module, args, kwargs, output):
-        nonlocal step
-        step = 0 if kwargs["input_ids"].shape[1] > 1 else step + 1  # prefill starts over
-        output.logits[:, -1, ids[step % len(ids)]] += 100.0
         return output
 
     model.register_forward_hook(hook, with_kwargs=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_model, build_tiny_tokenizer
+from helpers import build_tiny_model, build_tiny_tokenizer
 
 from training.gguf_export import ExportError, export_gguf, main
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model, build_tiny_tokenizer
+from helpers import PROMPT, build_tiny_model, build_tiny_tokenizer
 
 from sitcom import generation, llamacpp
 from sitcom.lines import line_key
@@ -15,8 +15,6 @@ from sitcom.settings import SceneSettings
 from training.gguf_export import export_gguf
 
 pytest.importorskip("llama_cpp")
-
-PROMPT = "JERRY: Hello, Newman."
 
 
 def bigram_model_dir(path, text: str):
@@ -153,6 +151,7 @@ def test_bad_requests_are_value_errors(looping_dir):
         llamacpp.generate_scenes(model, tok, [PROMPT], SceneSettings(max_new_tokens=5))
 
 
+@pytest.mark.e2e
 @pytest.mark.asyncio
 async def test_engine_serves_a_checkpoint_with_gguf_through_llamacpp(ending_dir):
     """The bot's engine picks llama.cpp for a checkpoint holding model.gguf and serves

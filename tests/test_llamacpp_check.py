@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import save_tiny_model_dir
+from helpers import save_tiny_model_dir
 
 from sitcom import llamacpp, llamacpp_check
 from sitcom.llamacpp_check import check_llamacpp, compare_logits, extra_bufts_allowed
@@ -35,6 +35,7 @@ def gguf_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.e2e
 def test_crashing_probe_means_transformers_with_one_log_line(gguf_dir, cache, caplog):
     verdict = check_llamacpp(gguf_dir / "model.gguf", str(gguf_dir), command=SEGFAULT)
     assert not verdict.ok and "crashed (signal 11)" in verdict.reason
@@ -48,6 +49,7 @@ def test_crashing_probe_means_transformers_with_one_log_line(gguf_dir, cache, ca
     assert len(lines) == 1 and "crashed" in lines[0] and "SITCOM_BACKEND=llamacpp" in lines[0]
 
 
+@pytest.mark.e2e
 def test_forcing_llamacpp_skips_the_verdict(gguf_dir, cache, monkeypatch):
     check_llamacpp(gguf_dir / "model.gguf", str(gguf_dir), command=SEGFAULT)
     monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
@@ -56,6 +58,7 @@ def test_forcing_llamacpp_skips_the_verdict(gguf_dir, cache, monkeypatch):
     model.close()
 
 
+@pytest.mark.e2e
 def test_healthy_probe_means_llamacpp(gguf_dir, cache):
     model, _ = llamacpp.load_serving_model(str(gguf_dir))  # runs the real child
     assert isinstance(model, llamacpp.LlamaCppModel)
@@ -64,6 +67,7 @@ def test_healthy_probe_means_llamacpp(gguf_dir, cache):
     assert '"ok": true' in record.read_text()
 
 
+@pytest.mark.e2e
 def test_disagreeing_gguf_means_transformers(gguf_dir, tmp_path, cache):
     # A GGUF of another model beside this model's weights: llama.cpp runs, but wrongly.
     other = save_tiny_model_dir(tmp_path / "other", seed=7)
@@ -75,6 +79,7 @@ def test_disagreeing_gguf_means_transformers(gguf_dir, tmp_path, cache):
     assert not verdict.ok and "disagrees" in verdict.reason
 
 
+@pytest.mark.e2e
 def test_hanging_probe_is_a_failure(gguf_dir, cache):
     hang = [sys.executable, "-c", "import time; time.sleep(60)"]
     verdict = check_llamacpp(gguf_dir / "model.gguf", str(gguf_dir), command=hang, timeout_s=1)

@@ -51,6 +51,7 @@ def test_corrupt_weights_are_a_model_load_error(tmp_path, tiny_model_dir):
         load_model(broken)
 
 
+@pytest.mark.e2e
 def test_unknown_hub_id_offline_is_one_clear_error():
     # huggingface_hub reads HF_HUB_OFFLINE at import, so this needs a fresh interpreter.
     code = (

@@ -10,8 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import save_tiny_model_dir
-from test_training import EPISODE, write_corpus
+from helpers import EPISODE, save_tiny_model_dir, write_corpus
 
 from sitcom import models
 from sitcom.adapters import (
@@ -222,6 +221,7 @@ def test_extract_refuses_a_change_it_cannot_carry(pair, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e
 def test_tampered_or_missing_adapter_falls_back_to_the_base(pair, tmp_path, caplog):
     base, tuned = pair
     adapter = tmp_path / "adapter"
@@ -253,6 +253,7 @@ def test_unwritable_cache_is_a_clear_error(pair, tmp_path, monkeypatch):
         tuned_model_dir(tmp_path / "adapter", base_dir=base)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not (SHIPPED_ADAPTER / ADAPTER_CARD).is_file(), reason="no shipped adapter")
 def test_the_shipped_adapter_matches_its_card_and_loads(tmp_path):
     adapter, card = verified_adapter()

@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 import pytest_asyncio
+from helpers import make_config, scripted_loader
 from slack_fake import (
     ADMIN,
     APP_TOKEN,
@@ -34,7 +35,6 @@ from slack_fake import (
     reaction_event,
     slash_command,
 )
-from test_bot import make_config, scripted_loader
 
 from bot.core import Core
 from bot.posting import RetryPolicy

@@ -10,25 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TEXT
+from helpers import EPISODE, write_corpus
 
 from sitcom.script import END_OF_TEXT
 from training.__main__ import main
 from training.corpus import load_corpus, pack_eval, pack_train, token_stream, utf8_bytes
 from training.metrics import block_nats
-
-EPISODE = TINY_TEXT.strip()
-
-
-def write_corpus(
-    path: Path, train: list[str], val: list[str], manifest: dict | None = None
-) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    sep = f"\n{END_OF_TEXT}\n"
-    (path / "train.txt").write_text(sep.join(train) + "\n")
-    (path / "val.txt").write_text(sep.join(val) + "\n")
-    (path / "manifest.json").write_text(json.dumps(manifest or {"main_cast": ["JERRY"]}))
-    return path
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_training import EPISODE, write_corpus
+from helpers import EPISODE, write_corpus
 
 from training.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e  # `python -m training` as a subprocess
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+
+from sitcom.files import write_atomic
 
 
 class FinalEvalCallback(TrainerCallback):
@@ -50,9 +51,7 @@ class MetricsLogCallback(TrainerCallback):
                 line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= state.global_step
             ]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
         self.last = (time.monotonic(), state.num_input_tokens_seen)
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -7,7 +7,6 @@ scores describe what users get.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from data.outputs import check_output_file
+from sitcom.files import atomic_path
 from sitcom.generation import write_scenes
 from sitcom.models import load_model, resolve_model
 from sitcom.quality import SceneScore, score_scene, summarize
@@ -137,16 +137,9 @@ def write_json(path: Path, data: dict) -> None:
     symbolic link, a device node, a directory), checked again just before the rename."""
     check_output_file(path, "--json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; results are meant to be shared
-        check_output_file(path, "--json")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        check_output_file(path, "--json")  # again, just before the rename
 
 
 def evaluate_cli(args) -> None:

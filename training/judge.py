@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sitcom.files import write_atomic
 from sitcom.script import HEADING_RE, is_heading, is_turn, normalize_prompt
 from training.corpus import CorpusError, load_corpus
 
@@ -84,9 +85,7 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
 
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:

@@ -29,6 +29,10 @@ fi
 # Best rank-128 approximation (SVD) of each linear layer's change against the packaged base,
 # rank 64 of the embedding's, the norms whole; int4 factors (blocks of 32): ~23.8 MB.
 # The card gets the adapter's val BPB (whole val split, 2048-token blocks).
+# extract replaces the whole folder; the hand-written model card is kept (update its numbers).
+CARD=$(mktemp)
+cp sitcom/seinfeld_lora/MODEL_CARD.md "$CARD"
 python -m training extract "$STAGE2" --base smollm2 --rank 128 --embed-rank 64 --dtype int4 \
   --calibration-tokens 0 --data corpus --out sitcom/seinfeld_lora --overwrite
+cp "$CARD" sitcom/seinfeld_lora/MODEL_CARD.md && rm -f "$CARD"
 python -m training evaluate seinfeld --data corpus --json runs/eval-seinfeld.json

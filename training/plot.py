@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+
+from sitcom.files import atomic_path  # noqa: E402
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -37,13 +37,8 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
         ax2.legend(loc="upper center")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{png_path.name}.", suffix=".tmp", dir=png_path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes files private
-        os.replace(tmp, png_path)
+        with atomic_path(png_path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
