@@ -26,6 +26,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "GENERATION_TIMEOUT_S": (1, 3600),  # an hour: a scene takes seconds to a few minutes
     "SHUTDOWN_TIMEOUT_S": (0, 600),  # systemd gives 90 s, Procfile platforms ~30 s
     "DB_TIMEOUT_S": (0, 60),  # a command waiting longer on a locked file is stuck anyway
+    "SHARD_COUNT": (1, 100_000),  # Discord: one shard per ~1,000 servers
+    "SHARD_ID": (0, 99_999),
 }
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
@@ -165,8 +167,8 @@ class Config:
         if (shard_id is None) != (shard_count is None):
             raise ConfigError("SHARD_ID and SHARD_COUNT go together (e.g. 0 and 2)")
         if shard_count is not None:
-            shard_count = int(number("SHARD_COUNT", int, 1, 1))
-            shard_id = int(number("SHARD_ID", int, 0, 0))
+            shard_count = int(number("SHARD_COUNT", int, 1))
+            shard_id = int(number("SHARD_ID", int, 0))
             if shard_id >= shard_count:
                 raise ConfigError(f"SHARD_ID must be below SHARD_COUNT ({shard_count})")
         if (slack_app or signing) and not slack_bot:

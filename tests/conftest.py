@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import RAW_CORPUS, build_tiny_tokenizer, save_tiny_model_dir
+from helpers import RAW_CORPUS, build_tiny_tokenizer, save_tiny_model_dir, save_tiny_pair
 
 # Keep torch from fighting the other tests for the machine's two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -48,6 +48,13 @@ def tiny_tokenizer():
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Read-only tiny checkpoint shared by the session; copy it before modifying."""
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(base dir, tuned dir): the tuned model's linear layers moved by a rank-2 change
+    (helpers.save_tiny_pair), built once per module that asks for it."""
+    return save_tiny_pair(tmp_path_factory.mktemp("pair"))
 
 
 @pytest.fixture

@@ -25,6 +25,9 @@ GUILD_ID = 100000000000000004
 CHANNEL_ID = 100000000000000005
 USER_ID = 100000000000000006
 
+MANAGE = discord.Permissions(manage_channels=True)  # a moderator's permissions, for `permissions=`
+EPHEMERAL = 64  # the message flag of a reply only its user sees (MessageFlags.ephemeral)
+
 _ids = itertools.count(200000000000000000)
 
 

@@ -86,6 +86,30 @@ def save_tiny_model_dir(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def save_tiny_pair(root: Path) -> tuple[Path, Path]:
+    """(base dir, tuned dir) under `root`: the tuned model's linear layers moved by a rank-2
+    change, and an adapter card with its steps and val_bpb."""
+    import torch
+
+    from sitcom.adapters import ADAPTER_CARD
+    from sitcom.models import load_model
+
+    base = save_tiny_model_dir(root / "base")
+    model, tok = load_model(base)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
+                out_f, in_f = lin.weight.shape
+                change = torch.randn(out_f, 2, generator=gen) @ torch.randn(2, in_f, generator=gen)
+                lin.weight += change
+    tuned = root / "tuned"
+    model.save_pretrained(tuned)
+    tok.save_pretrained(tuned)
+    (tuned / ADAPTER_CARD).write_text(json.dumps({"steps": 7, "val_bpb": 1.0}))
+    return base, tuned
+
+
 def teleprompter_model(tokenizer, text: str):
     """A tiny Llama that, greedily, writes `text` token by token (then starts over)."""
     model = build_tiny_model(tokenizer)
@@ -156,3 +180,67 @@ async def start_bot(config, sync: bool = False, loader=None):
     bot.sync_on_setup = sync
     await bot.setup_hook()
     return bot, recorder
+
+
+# -- Slack (against slack_fake.FakeSlack) -------------------------------------------------
+
+async def start_slack(tmp_path: Path, model_dir, fake, db_timeout_s: float | None = None,
+                      **extra):
+    """A started SlackFrontend over a started Core (the scripted loader), talking to `fake`;
+    Socket Mode unless `slack_app_token=None` is passed."""
+    import dataclasses
+
+    from slack_fake import APP_TOKEN, BOT_TOKEN
+
+    from bot.core import Core
+    from bot.posting import RetryPolicy
+    from bot.slack.app import SlackFrontend
+    from bot.slack.surface import make_client
+
+    extra.setdefault("slack_app_token", APP_TOKEN)
+    config = make_config(tmp_path, model_dir, slack_bot_token=BOT_TOKEN, **extra)
+    if db_timeout_s is not None:
+        config = dataclasses.replace(config, db_timeout_s=db_timeout_s)
+    core = await Core.start(config, loader=scripted_loader())
+    core.retry = RetryPolicy(attempts=3, first_delay_s=0.01)
+    slack = SlackFrontend(config, core, client=make_client(BOT_TOKEN, fake.base_url),
+                          host="127.0.0.1")
+    await slack.start()
+    return slack
+
+
+async def answers(fake, payload: dict, count: int = 1) -> list[dict]:
+    """Send a slash command over Socket Mode (the ack must come within Slack's 3 s) and
+    return the app's first `count` answers: the ack's own text, if any, then what went to
+    the command's response_url."""
+    from slack_fake import command_envelope
+
+    ack = await fake.send_envelope(command_envelope(payload))
+    first = [ack] if ack.get("text") else []
+    replies = fake.replies(payload["response_url"])
+    await fake.wait_for(lambda: len(first) + len(replies) >= count)
+    return (first + replies)[:count]
+
+
+async def command(fake, name: str, text: str = "", **kw) -> dict:
+    """A slash command's first answer."""
+    from slack_fake import slash_command
+
+    return (await answers(fake, slash_command(fake, name, text, **kw)))[0]
+
+
+def refs(fake) -> list[str]:
+    """CHANNEL/ts of every message the app posted, from what the fake server answered."""
+    found = [f"{a['channel']}/{a['timestamp']}" for a in fake.find("reactions.add")]
+    return list(dict.fromkeys(found))
+
+
+def sign(secret: str, body: str, timestamp: int | None = None) -> dict:
+    """The headers Slack signs an HTTP-mode request `body` with, under `secret`."""
+    import hashlib
+    import hmac
+    import time
+
+    ts = str(timestamp or int(time.time()))
+    digest = hmac.new(secret.encode(), f"v0:{ts}:{body}".encode(), hashlib.sha256).hexdigest()
+    return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={digest}"}

@@ -15,7 +15,9 @@ from discord_payloads import (
     APP_ID,
     BOT_ID,
     CHANNEL_ID,
+    EPHEMERAL,
     GUILD_ID,
+    MANAGE,
     OWNER_ID,
     USER_ID,
     command_payload,
@@ -32,9 +34,6 @@ from helpers import make_config, scripted_loader, start_bot, teleprompter_model
 from bot.bot import SitcomBot
 from bot.core import Core
 from bot.utils.formatting import KEYCAPS
-
-MANAGE = discord.Permissions(manage_channels=True)
-EPHEMERAL = 64
 
 
 @pytest_asyncio.fixture

@@ -19,10 +19,9 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
-from discord_payloads import command_payload, invoke, option
+from discord_payloads import EPHEMERAL, command_payload, invoke, option
+from helpers import command, make_config, refs, scripted_loader, sign, start_bot, start_slack
 from slack_fake import ADMIN, USER, FakeSlack, slash_command
-from test_bot import EPHEMERAL, make_config, scripted_loader, start_bot
-from test_slack import command, refs, sign, start
 
 from bot.commands import UsageError, parse_settings, repost_id
 from bot.config import LIMITS, Config, ConfigError
@@ -202,7 +201,7 @@ async def test_default_checkpoint_path_is_shown_as_a_name(tmp_path, tiny_model_d
     secret = tmp_path / "srv-private-x9" / "my-model"
     shutil.copytree(tiny_model_dir, secret)
     fake = await FakeSlack().start()
-    app = await start(tmp_path, secret, fake, admin_user_ids=frozenset({USER}))
+    app = await start_slack(tmp_path, secret, fake, admin_user_ids=frozenset({USER}))
     try:
         assert app.core.checkpoint == "my-model"
         await command(fake, "/settings", "set max_new_tokens 16", user=ADMIN)
@@ -244,7 +243,7 @@ def test_repost_id_and_prompts():
 async def test_scene_with_a_bad_id_gets_the_usage_not_a_new_scene(tmp_path, tiny_model_dir,
                                                                   prompt):
     fake = await FakeSlack().start()
-    app = await start(tmp_path, tiny_model_dir, fake)
+    app = await start_slack(tmp_path, tiny_model_dir, fake)
     try:
         ack = await command(fake, "/scene", prompt)
         assert "Usage" in ack["text"] and "#ID" in ack["text"], ack

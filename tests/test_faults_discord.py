@@ -23,6 +23,8 @@ import pytest_asyncio
 from discord_payloads import (
     APP_ID,
     CHANNEL_ID,
+    EPHEMERAL,
+    MANAGE,
     USER_ID,
     command_payload,
     invoke,
@@ -30,7 +32,7 @@ from discord_payloads import (
     subcommand,
 )
 from discord_server import FakeDiscord
-from test_bot import MANAGE, make_config, scripted_loader, start_bot
+from helpers import make_config, scripted_loader, start_bot, teleprompter_model
 
 from bot.core import Core
 from bot.db import Database, LeaseHeld, Place
@@ -39,7 +41,6 @@ from sitcom.settings import SceneSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = f"/channels/{CHANNEL_ID}/messages"
-EPHEMERAL = 64
 SCOPE = f"Discord application {APP_ID}"
 
 
@@ -109,8 +110,6 @@ async def test_two_reposts_at_once_post_the_scene_once(running):
 
 def writes_nothing_at_first(generations: int):
     """The scripted model, except that its first `generations` scenes end at once."""
-    from test_generation import teleprompter_model
-
     from sitcom.models import load_model
 
     def load(name: str):
@@ -222,8 +221,6 @@ async def test_an_interaction_answered_after_3_s_runs_no_job(running, caplog, mo
 async def test_wait_estimate_matches_the_engine(tiny_model_dir):
     """Scenes end long before their 400-token budget (as real ones do), at a steady
     ~50 ms a token: each job's estimate at submission is within 2x of its real wait."""
-    from test_generation import teleprompter_model
-
     from sitcom.models import load_model
 
     def load(name: str):
@@ -418,7 +415,7 @@ SLOW_MODEL = """
 import time
 sys.path.insert(0, {tests!r})
 import sitcom.llamacpp
-from test_generation import teleprompter_model
+from helpers import teleprompter_model
 
 real = sitcom.llamacpp.load_model
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer, save_tiny_model_dir
-from test_training import EPISODE, write_corpus
+from helpers import EPISODE, build_tiny_tokenizer, save_tiny_model_dir, write_corpus
 
 from sitcom.models import load_model
 from training.__main__ import main

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-from test_shipped_model import pair  # noqa: F401 - a module-scoped fixture used below
 
 from sitcom import models
 from sitcom.adapters import ADAPTER_CARD
@@ -32,7 +31,7 @@ DEEP = "[" * 100_000 + "]" * 100_000  # json.loads: RecursionError unless caught
 
 
 @pytest.fixture(scope="module")
-def pristine(pair, tmp_path_factory):  # noqa: F811
+def pristine(pair, tmp_path_factory):
     """(base dir, adapter dir) to copy from: an int8 rank-2 adapter of the tiny pair."""
     base, tuned = pair
     adapter = tmp_path_factory.mktemp("adapter") / "a"

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import EPISODE, save_tiny_model_dir, write_corpus
+from helpers import EPISODE, write_corpus
 
 from sitcom import models
 from sitcom.adapters import (
@@ -31,26 +31,6 @@ from sitcom.models import (
     verified_adapter,
 )
 from training.extract import ExtractError, extract, low_rank
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """(base dir, tuned dir): the tuned model's linear layers moved by a rank-2 change."""
-    root = tmp_path_factory.mktemp("pair")
-    base = save_tiny_model_dir(root / "base")
-    model, tok = load_model(base)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
-                out_f, in_f = lin.weight.shape
-                change = torch.randn(out_f, 2, generator=gen) @ torch.randn(2, in_f, generator=gen)
-                lin.weight += change
-    tuned = root / "tuned"
-    model.save_pretrained(tuned)
-    tok.save_pretrained(tuned)
-    (tuned / ADAPTER_CARD).write_text(json.dumps({"steps": 7, "val_bpb": 1.0}))
-    return base, tuned
 
 
 def test_extract_recovers_a_low_rank_change(pair, tmp_path):

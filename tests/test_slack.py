@@ -5,9 +5,6 @@ is tests/slack_fake.py, a server on 127.0.0.1 fed with Slack's documented payloa
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hashlib
-import hmac
 import json
 import logging
 import shutil
@@ -19,7 +16,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 import pytest_asyncio
-from helpers import make_config, scripted_loader
+from helpers import answers, command, make_config, refs, scripted_loader, sign, start_slack
 from slack_fake import (
     ADMIN,
     APP_TOKEN,
@@ -36,33 +33,16 @@ from slack_fake import (
     slash_command,
 )
 
-from bot.core import Core
-from bot.posting import RetryPolicy
-from bot.slack.app import SlackFrontend
 from bot.slack.surface import escape, make_client
 
 pytestmark = pytest.mark.asyncio
 HOSTILE = "Elaine: <!channel> <!here> <!everyone> <@U0BOSS> <#C0SECRET> & <https://x.io|y>"
 
 
-async def start(tmp_path, model_dir, fake: FakeSlack, db_timeout_s: float | None = None,
-                **extra):
-    extra.setdefault("slack_app_token", APP_TOKEN)
-    config = make_config(tmp_path, model_dir, slack_bot_token=BOT_TOKEN, **extra)
-    if db_timeout_s is not None:
-        config = dataclasses.replace(config, db_timeout_s=db_timeout_s)
-    core = await Core.start(config, loader=scripted_loader())
-    core.retry = RetryPolicy(attempts=3, first_delay_s=0.01)
-    slack = SlackFrontend(config, core, client=make_client(BOT_TOKEN, fake.base_url),
-                          host="127.0.0.1")
-    await slack.start()
-    return slack
-
-
 @pytest_asyncio.fixture
 async def slack(tmp_path, tiny_model_dir):
     fake = await FakeSlack().start()
-    app = await start(tmp_path, tiny_model_dir, fake, admin_user_ids=frozenset({"U0LISTED"}))
+    app = await start_slack(tmp_path, tiny_model_dir, fake, admin_user_ids=frozenset({"U0LISTED"}))
     # Short scenes keep the suite fast; set through the real command, as an admin would.
     await command(fake, "/settings", "set max_new_tokens 24", user=ADMIN)
     fake.calls.clear()
@@ -70,22 +50,6 @@ async def slack(tmp_path, tiny_model_dir):
     await app.core.close()
     await app.close()
     await fake.close()
-
-
-async def answers(fake: FakeSlack, payload: dict, count: int = 1) -> list[dict]:
-    """Send a slash command over Socket Mode (the ack must come within Slack's 3 s) and
-    return the app's first `count` answers: the ack's own text, if any, then what went to
-    the command's response_url."""
-    ack = await fake.send_envelope(command_envelope(payload))
-    first = [ack] if ack.get("text") else []
-    replies = fake.replies(payload["response_url"])
-    await fake.wait_for(lambda: len(first) + len(replies) >= count)
-    return (first + replies)[:count]
-
-
-async def command(fake: FakeSlack, name: str, text: str = "", **kw) -> dict:
-    """A slash command's first answer."""
-    return (await answers(fake, slash_command(fake, name, text, **kw)))[0]
 
 
 async def scene(fake: FakeSlack, prompt: str, **kw) -> tuple[dict, dict]:
@@ -109,12 +73,6 @@ async def react(app, fake: FakeSlack, body: dict, retry: int = 0, reaches_app=Tr
     await fake.send_envelope(event_envelope(body, retry_attempt=retry))
     if reaches_app:
         await handled(app, goal)
-
-
-def refs(fake: FakeSlack) -> list[str]:
-    """CHANNEL/ts of every message the app posted, from what the fake server answered."""
-    found = [f"{a['channel']}/{a['timestamp']}" for a in fake.find("reactions.add")]
-    return list(dict.fromkeys(found))
 
 
 async def test_socket_mode_scene_is_posted_escaped_with_keycaps(slack):
@@ -297,15 +255,9 @@ async def test_missing_reactions_scope_posts_every_line_and_says_why(slack):
     assert [r.votes for r in await app.core.db.best("slack", TEAM)] == [1]
 
 
-def sign(secret: str, body: str, timestamp: int | None = None) -> dict:
-    ts = str(timestamp or int(time.time()))
-    digest = hmac.new(secret.encode(), f"v0:{ts}:{body}".encode(), hashlib.sha256).hexdigest()
-    return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={digest}"}
-
-
 async def test_http_mode_checks_signatures(tmp_path, tiny_model_dir):
     fake = await FakeSlack().start()
-    app = await start(tmp_path, tiny_model_dir, fake, slack_app_token=None,
+    app = await start_slack(tmp_path, tiny_model_dir, fake, slack_app_token=None,
                       slack_signing_secret="s3cret", slack_port=0)
     url = f"http://127.0.0.1:{app.port}/slack/events"
     try:
@@ -360,7 +312,7 @@ async def test_discord_and_slack_share_one_core(tmp_path, tiny_model_dir):
     from bot.bot import SitcomBot
 
     fake = await FakeSlack().start()
-    slack = await start(tmp_path, tiny_model_dir, fake)
+    slack = await start_slack(tmp_path, tiny_model_dir, fake)
     bot = SitcomBot(slack.config, slack.core)
     await bot.__aenter__()
     recorder = install(bot)
@@ -488,7 +440,7 @@ async def test_item10_http_mode_acks_at_once_though_the_database_is_locked(
     """HTTP mode, a database locked by another process (a 4 s busy timeout): the HTTP
     answer comes at once; the refusal follows through response_url; nothing is saved."""
     fake = await FakeSlack().start()
-    app = await start(tmp_path, tiny_model_dir, fake, slack_app_token=None,
+    app = await start_slack(tmp_path, tiny_model_dir, fake, slack_app_token=None,
                       slack_signing_secret="s3cret", slack_port=0, db_timeout_s=4.0)
     url = f"http://127.0.0.1:{app.port}/slack/events"
     locker = sqlite3.connect(tmp_path / "bot.db", isolation_level=None)
