@@ -218,12 +218,20 @@ def test_humour_models_are_listed_switched_and_remembered_like_checkpoints(
     first = run_bot(
         "/checkpoint list\n/checkpoint use funny\n"
         "/settings set best_of 3 max_new_tokens 16\n"
-        "/scene Elaine: Jerry! George! You guys, listen!\n", tmp_path, tiny_model_dir, **env)
+        "/scene Elaine: Jerry! George! You guys, listen!\n",
+        tmp_path, tiny_model_dir, **env)
     assert first.returncode == 0, first.stderr
     assert "humour model: humour  ← active" in first.stdout
     assert "humour model: funny" in first.stdout and "humour model: off" in first.stdout
     assert "now ranked by the humour model funny" in first.stdout
     assert "Scene 1" in first.stdout
+    # the best of 3 is what was shown and stored (votes go to the stored lines)
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "console.db")
+    stored = [t for (t,) in db.execute("SELECT text FROM lines ORDER BY line_no")]
+    assert stored and all(line in first.stdout for line in stored)
+    db.close()
     second = run_bot("/checkpoint list\n/checkpoint use nothing-here\n/checkpoint use off\n",
                      tmp_path, tiny_model_dir, **env)
     assert "humour model: funny  ← active" in second.stdout  # remembered across a restart

@@ -700,6 +700,8 @@ def _check_verdict(where: str, v) -> str:
         raise JudgeError(f"{where}: pair must be a pair number (got {v['pair']!r})")
     if not _is_int(v["better"], 1, 2):
         raise JudgeError(f"{where}: better must be 1 or 2 (got {v['better']!r})")
+    if v["real"] in ("1", "2"):  # a scene number written as text, as the other answers read
+        v["real"] = int(v["real"])
     if v["real"] not in (1, 2, "none", None) or isinstance(v["real"], bool):
         raise JudgeError(f"{where}: real must be 1, 2 or \"none\" (got {v['real']!r})")
     for s in ("scene1", "scene2"):
