@@ -34,6 +34,7 @@ from helpers import make_config, scripted_loader, start_bot, teleprompter_model
 from bot.bot import SitcomBot
 from bot.core import Core
 from bot.utils.formatting import KEYCAPS
+from sitcom.settings import SceneSettings
 
 
 @pytest_asyncio.fixture
@@ -136,7 +137,8 @@ async def test_settings_ranges_and_permissions(running, tmp_path, tiny_model_dir
         shown = last_reply(rec)["content"]
         assert "`temperature` = 1.3" in shown and "`max_new_tokens` = 16" in shown
         await invoke(bot, command_payload("settings", [subcommand("reset")], permissions=MANAGE))
-        assert (await bot.core.db.get_settings("discord", str(CHANNEL_ID))).temperature == 0.8
+        stored = await bot.core.db.get_settings("discord", str(CHANNEL_ID))
+        assert stored.temperature == SceneSettings().temperature
     finally:
         await bot.close()
 

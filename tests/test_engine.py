@@ -233,7 +233,7 @@ async def test_stream_then_result(tiny_model_dir, tiny_tokenizer):
 
     engine = SceneEngine(tiny_model_dir, loader=loader)
     await engine.start()
-    job = await engine.submit("JERRY: Hello, Newman.", SceneSettings(max_new_tokens=60))
+    job = await engine.submit("JERRY: Hello, Newman.", SceneSettings(max_new_tokens=60, best_of=1))
     partials = [p.lines async for p in job.stream()]
     scene = await job.result()
     assert partials[0] == ["JERRY: Hello, Newman.", "ELAINE: Get out!"]

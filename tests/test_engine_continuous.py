@@ -27,7 +27,8 @@ def serve_with_llamacpp(monkeypatch):
 
 
 def scene_settings(tokens: int) -> SceneSettings:
-    return SceneSettings(max_new_tokens=tokens, temperature=0.1, top_k=1, repetition_penalty=1.0)
+    return SceneSettings(max_new_tokens=tokens, temperature=0.1, top_k=1, repetition_penalty=1.0,
+                         best_of=1)
 
 
 @pytest.fixture(scope="module")

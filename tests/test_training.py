@@ -13,6 +13,7 @@ import torch
 from helpers import EPISODE, write_corpus
 
 from sitcom.script import END_OF_TEXT
+from sitcom.settings import SceneSettings
 from training.__main__ import main
 from training.corpus import load_corpus, pack_eval, pack_train, token_stream, utf8_bytes
 from training.metrics import block_nats
@@ -130,7 +131,8 @@ def test_finetune_end_to_end_then_evaluate(tmp_path, corpus_dir, tiny_model_dir,
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no sitcom code
     assert model.config.architectures == ["LlamaForCausalLM"]
     gen = GenerationConfig.from_pretrained(out)
-    assert gen.do_sample and gen.temperature == 0.8 and gen.repetition_penalty == 1.15
+    assert gen.do_sample and gen.temperature == SceneSettings().temperature
+    assert gen.repetition_penalty == SceneSettings().repetition_penalty
 
     result = evaluate(str(out), corpus_dir, samples=3, max_new_tokens=16, eval_tokens=0)
     assert result["val"]["loss"] == pytest.approx(card["val_loss"], rel=1e-4)  # the best exported
