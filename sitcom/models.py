@@ -219,7 +219,9 @@ def tuned_model_dir(adapter_dir: Path | None = None, base_dir: Path | None = Non
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / ADAPTER_CARD).write_text(json.dumps(card, indent=2) + "\n")
-        export_gguf(tmp, tmp / "model.gguf", card.get("gguf_qtype", "q8_0"))
+        # Exported from memory: the merge is not loaded back from tmp just to be written.
+        merged.eval()
+        export_gguf(merged, tokenizer, tmp / "model.gguf", card.get("gguf_qtype", "q8_0"))
 
     return _cached_dir(target, build, gguf=True)
 

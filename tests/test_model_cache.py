@@ -200,6 +200,31 @@ def test_the_cache_is_keyed_on_every_file_of_the_adapter(adapter, base, cache):
     assert tuned_model_dir(adapter, base_dir=base) not in (genuine, broken)
 
 
+def test_the_merge_is_exported_from_memory(adapter, base, cache, monkeypatch, tmp_path):
+    """The merged model goes to GGUF as it is in memory, not saved and loaded back first;
+    the file is the one the command line's path-taking export writes of the saved merge."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from training.gguf_export import export_gguf
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("the merge was loaded back to be exported")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "load_model", no_reload)
+        merged = tuned_model_dir(adapter, base_dir=base)
+    again = export_gguf(merged, tmp_path / "again.gguf", "q8_0")
+    ours, theirs = gguf.GGUFReader(merged / "model.gguf"), gguf.GGUFReader(again)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
+    fields = set(ours.fields) - {"general.name"}  # the name: the base's, or the saved dir's
+    assert fields == set(theirs.fields) - {"general.name"}
+    for key in fields:
+        assert ours.fields[key].parts[-1].tobytes() == theirs.fields[key].parts[-1].tobytes(), key
+
+
 # -- 8. cached files checked before serving; verdicts tied to their file, parsed strictly ---
 
 def test_a_damaged_cached_merge_is_built_again(adapter, base, cache, caplog):
@@ -234,7 +259,7 @@ def ok_command(text: str = '{"ok": true, "reason": "fine"}') -> list[str]:
 
 @pytest.fixture
 def gguf_copy(base, tmp_path):
-    from sitcom.gguf_export import export_gguf
+    from training.gguf_export import export_gguf
 
     pytest.importorskip("llama_cpp")
     model = shutil.copytree(base, tmp_path / "m")
