@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sitcom.config import sitcom_config
 from sitcom.files import load_json, read_json, write_atomic
 from sitcom.models import ModelLoadError, cache_root
 
@@ -70,7 +71,7 @@ def library_has_amx() -> bool:
 def use_extra_bufts() -> bool:
     """Whether llama.cpp may use extra buffer types (repacked / AMX kernels) here."""
     return extra_bufts_allowed(
-        os.environ.get("SITCOM_LLAMA_EXTRA_BUFTS", "auto"), cpu_flags(), library_has_amx
+        sitcom_config().llama_extra_bufts, cpu_flags(), library_has_amx
     )
 
 

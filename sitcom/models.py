@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sitcom.adapters import ADAPTER_CARD, adapter_weights, merge_adapter
+from sitcom.config import sitcom_config
 from sitcom.files import file_lock, publish_dir, read_json, safetensors_problem, try_lock
 
 BASE_MODEL = "smollm2"  # the untouched packaged base
@@ -63,7 +64,8 @@ def is_tuned_default(name: str | os.PathLike | None) -> bool:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SITCOM_CACHE") or Path.home() / ".cache" / "sitcom").expanduser()
+    """SITCOM_CACHE (sitcom.config), default ~/.cache/sitcom."""
+    return sitcom_config().cache
 
 
 def packaged_gguf() -> Path:

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sitcom.config import sitcom_config
 from sitcom.gguf_export import gguf_problem
 from sitcom.llamacpp import LlamaCppModel
 from sitcom.llamacpp_check import check_llamacpp
@@ -69,7 +70,7 @@ def resolve(name: str | os.PathLike | None) -> Served:
 
 
 def _backend_setting() -> str:
-    setting = os.environ.get("SITCOM_BACKEND", "auto").strip().lower()
+    setting = sitcom_config().backend
     if setting not in ("auto", *BACKENDS):
         raise ModelLoadError(f"SITCOM_BACKEND must be auto, torch or llamacpp (got {setting!r})")
     return setting
