@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sitcom.config import sitcom_config
@@ -102,8 +102,7 @@ def _gguf_in(path: Path) -> Path | None:
 
 def _with_backend(served: Served, setting: str) -> Served:
     """`served` on the backend that can serve it here (see the module doc)."""
-    torch = Served(served.name, served.label, served.hf_dir, None, "torch",
-                   served.fell_back, served.why)
+    torch = replace(served, gguf=None, backend="torch")
     gguf = served.gguf
     if setting == "torch" or gguf is None:
         return torch
