@@ -162,7 +162,8 @@ def hf_scenes(spec: dict) -> dict:
 def llama_scenes(spec: dict) -> dict:
     import torch
 
-    from sitcom.llamacpp import generate_scenes, load_llamacpp
+    from sitcom.llamacpp import generate_scenes
+    from sitcom.serving import load_llamacpp
 
     torch.set_num_threads(THREADS)
     model, tok = load_llamacpp(spec["model"], gguf=spec["gguf"])
@@ -245,7 +246,7 @@ def engine(spec: dict) -> dict:
     import torch
 
     import sitcom.engine as engine_mod
-    from sitcom import llamacpp
+    from sitcom import serving
     from sitcom.settings import SceneSettings
 
     torch.set_num_threads(THREADS)
@@ -253,7 +254,7 @@ def engine(spec: dict) -> dict:
     if spec["backend"] == "llama":
         # A named GGUF (the packaged Q4_1 or our Q8_0); the engine dispatches on the model.
         def loader(name):
-            return llamacpp.load_llamacpp(name, gguf=spec["gguf"])
+            return serving.load_llamacpp(name, gguf=spec["gguf"])
     else:
         from sitcom.models import load_model as loader
 

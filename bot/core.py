@@ -5,27 +5,21 @@ posted scene (bot.posting does the posting), votes and their bookkeeping."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Collection
 
-from safetensors import SafetensorError
-
 from sitcom.engine import EngineError, GenerationTimeout, Scene, SceneEngine
 from sitcom.humour import HumourModel, HumourModelError, load_default
-from sitcom.llamacpp import load_serving_model
 from sitcom.models import (
     ModelLoadError,
-    cache_root,
     forget_tuned_fallback,
-    is_base_model,
-    is_tuned_default,
     served_model_name,
     tuned_default_fallback,
 )
 from sitcom.script import normalize_prompt
+from sitcom.serving import load_model
 from sitcom.settings import SceneSettings
 
 from . import checkpoints
@@ -40,33 +34,6 @@ MAX_PROMPT_CHARS = 1000  # the engine's limit and the /scene option's max_length
 CHECKPOINT_KEY = "active_checkpoint"
 HUMOUR_KEY = "active_humour"
 LEASE_TTL_S = 30.0  # a process's lease outlives it by at most this; renewed every third
-
-
-# A read-only, full or mistyped (a file in the path) cache directory.
-_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-               errno.ENOTDIR, errno.EEXIST, errno.EFBIG}
-
-
-def load_model(name: str) -> tuple[object, object]:
-    """The engine's loader, with the model cache's failures as one clear ModelLoadError.
-
-    The built-in models are converted once into SITCOM_CACHE; a cache on a read-only or
-    full disk would otherwise end the start-up in an OSError/SafetensorError traceback.
-    """
-    if not (is_base_model(name) or is_tuned_default(name)):
-        return load_serving_model(name)
-    cache = cache_root()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)  # fails fast, before the slow conversion
-        return load_serving_model(name)
-    except (OSError, SafetensorError) as e:
-        if isinstance(e, OSError) and e.errno not in _UNWRITABLE:
-            raise
-        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise ModelLoadError(
-            f"cannot write the model cache {cache} ({why}); point SITCOM_CACHE at a writable "
-            "directory with ~600 MB free"
-        ) from e
 
 
 class Core:

@@ -29,6 +29,8 @@ API CONTRACT (frontends code against this; the implementation may change):
     job.cancel()                              # stop generating it (result raises EngineError)
     await engine.swap(model)                  # hot swap; raises ModelLoadError, old stays
     engine.model_name                         # name of the active model
+    engine.served                             # sitcom.serving.Served: label, files, backend,
+                                              # whether the tuned default fell back (or None)
     await engine.close()                      # stop taking jobs, cancel queued ones, give
         # running scenes until shutdown_timeout_s, then stop them and deliver them as partial
         # scenes; a second close() stops them at once; returns once the worker has ended
@@ -70,11 +72,11 @@ from sitcom.jobs import (
     _Speed,
     clean_prompt,
 )
-from sitcom.llamacpp import LlamaCppModel, load_serving_model
 from sitcom.models import DEFAULT_MODEL, ModelLoadError
 from sitcom.plan import GeneratedScene
 from sitcom.ranking import LineScorer, rank
 from sitcom.script import normalize_prompt
+from sitcom.serving import Served, backend_of, load_served
 from sitcom.settings import SceneSettings
 from sitcom.streaming import LineStreamer
 from sitcom.threads import ThreadPolicy
@@ -94,6 +96,8 @@ class _Loaded:
     model: object
     tokenizer: object
     name: str
+    backend: str  # "llamacpp": continuous batching; "torch": a batch at a time
+    served: Served | None = None  # what the loader said is served (None: a custom loader)
 
 
 class SceneEngine:
@@ -108,11 +112,13 @@ class SceneEngine:
         max_prompt_chars: int = 1000,
         shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
         precision: str | None = None,
-        loader: Callable[[str], tuple[object, object]] = load_serving_model,
+        loader: Callable[[str], tuple] = load_served,
         scorer: LineScorer | None = None,
     ):
         self._requested = str(model)
-        self._loader = loader  # name -> (model, tokenizer); tests wrap the real loader
+        # name -> (model, tokenizer, Served) as sitcom.serving.load_served, or (model,
+        # tokenizer) whose backend is told from the model; tests wrap the real loader
+        self._loader = loader
         self.scorer = scorer  # ranks best-of-n candidates (a humour model); swappable
         self.max_queue = max_queue
         self.per_user_limit = per_user_limit
@@ -145,6 +151,11 @@ class SceneEngine:
     @property
     def model_name(self) -> str:
         return self._active.name if self._active else self._requested
+
+    @property
+    def served(self) -> Served | None:
+        """What the active model is served as (sitcom.serving), when its loader said so."""
+        return self._active.served if self._active else None
 
     @property
     def queued(self) -> int:
@@ -200,8 +211,11 @@ class SceneEngine:
 
     async def _load(self, name: str) -> _Loaded:
         # Loading takes seconds (the default model ~20 s the first time): a plain thread.
-        model, tokenizer = await asyncio.to_thread(self._loader, name)
-        return _Loaded(model, tokenizer, name)
+        loaded = await asyncio.to_thread(self._loader, name)
+        model, tokenizer, *rest = loaded
+        served = rest[0] if rest else None
+        backend = served.backend if served is not None else backend_of(model)
+        return _Loaded(model, tokenizer, name, backend, served)
 
     # ------------------------------------------------------------------ submitting
 
@@ -268,7 +282,7 @@ class SceneEngine:
 
         now = time.monotonic()
         waiting = [*self._queue, job]
-        if isinstance(getattr(self._active, "model", None), LlamaCppModel):
+        if self._active is not None and self._active.backend == "llamacpp":
             slots: list[float] = []
             for j in self._running:
                 left = max(0.0, duration(j) - (now - j.started)) if j.started else duration(j)
@@ -307,7 +321,7 @@ class SceneEngine:
                 if not self._queue:
                     return
                 loaded = self._active  # a swap after this point applies to the next run
-                if isinstance(loaded.model, LlamaCppModel):
+                if loaded.backend == "llamacpp":
                     batch = None
                 else:
                     take = min(self.max_batch, len(self._queue))

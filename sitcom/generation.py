@@ -12,13 +12,14 @@ Everything is synchronous; the asyncio side lives in sitcom.engine.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+
+from sitcom.config import sitcom_config
 
 # Re-exported: the names callers imported from here before the split.
 from sitcom.guards import (  # noqa: F401
@@ -42,7 +43,7 @@ def autocast_dtype(model, precision: str | None = None) -> torch.dtype | None:
 
     `precision` or env SITCOM_PRECISION: 'fp32' forces float32, 'bf16' forces bf16.
     """
-    choice = (precision or os.environ.get("SITCOM_PRECISION", "auto")).lower()
+    choice = (precision or sitcom_config().precision).lower()
     if choice == "fp32" or next(model.parameters()).dtype != torch.float32:
         return None
     if choice == "bf16":

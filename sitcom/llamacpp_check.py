@@ -8,12 +8,12 @@ kernels still run; ~10-25 % slower than a build without AMX, which keeps the rep
 kernels: see README "CPUs").
 
 Defence in depth against crashes we have not seen: the first time a GGUF of a given
-quantization is served on a machine, a child process loads it with llama.cpp, decodes a
-short script and compares the logits with transformers'. A crash (segfault, abort, hang) or
-a disagreement makes the caller serve with transformers instead. The verdict is remembered
-in the cache dir, keyed by library version, CPU flags, extra-buffer setting, quantization
-and the file itself (path, size, mtime), so later starts pay nothing and a changed file is
-judged again. llama-cpp-python offers no such check itself.
+quantization is served on a machine, a child process (sitcom.llamacpp_probe) loads it with
+llama.cpp, decodes a short script and compares the logits with transformers'. A crash
+(segfault, abort, hang) or a disagreement makes the caller serve with transformers instead.
+The verdict is remembered in the cache dir, keyed by library version, CPU flags,
+extra-buffer setting, quantization and the file itself (path, size, mtime), so later starts
+pay nothing and a changed file is judged again. llama-cpp-python offers no such check itself.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sitcom.config import sitcom_config
 from sitcom.files import load_json, read_json, write_atomic
 from sitcom.models import ModelLoadError, cache_root
 
@@ -70,7 +71,7 @@ def library_has_amx() -> bool:
 def use_extra_bufts() -> bool:
     """Whether llama.cpp may use extra buffer types (repacked / AMX kernels) here."""
     return extra_bufts_allowed(
-        os.environ.get("SITCOM_LLAMA_EXTRA_BUFTS", "auto"), cpu_flags(), library_has_amx
+        sitcom_config().llama_extra_bufts, cpu_flags(), library_has_amx
     )
 
 
@@ -180,7 +181,7 @@ def parse_verdict(data: object) -> tuple[bool, str] | None:
 
 
 def probe_command(gguf_path: Path, hf_source: str) -> list[str]:
-    return [sys.executable, "-m", "sitcom.llamacpp_check", str(gguf_path), hf_source]
+    return [sys.executable, "-m", "sitcom.llamacpp_probe", str(gguf_path), hf_source]
 
 
 def check_llamacpp(
@@ -267,26 +268,3 @@ def compare_logits(hf, ll) -> tuple[bool, str]:
     ok = cosine >= MIN_COSINE and top1 >= MIN_TOP1_AGREEMENT
     verdict = "agrees with" if ok else "disagrees with"
     return ok, f"llama.cpp {verdict} transformers (min cosine {cosine:.4f}, top-1 {top1:.0%})"
-
-
-def _probe_main(gguf_path: str, hf_source: str) -> int:
-    """The child: decode PROBE_TEXT with llama.cpp, then with transformers; print one JSON."""
-    import torch
-
-    from sitcom.llamacpp import LlamaCppModel
-    from sitcom.models import load_model
-
-    model, tokenizer = load_model(hf_source)
-    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:48]
-    llm = LlamaCppModel(gguf_path, max_batch=1, n_ctx_per_seq=128, n_threads=1)
-    ll = llm.logits_of(ids)
-    llm.close()
-    with torch.no_grad():
-        hf = model(torch.tensor([ids])).logits[0].float().numpy()
-    ok, reason = compare_logits(hf, ll)
-    print(json.dumps({"ok": ok, "reason": reason}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_probe_main(sys.argv[1], sys.argv[2]))

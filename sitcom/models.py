@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sitcom.adapters import ADAPTER_CARD, adapter_weights, merge_adapter
+from sitcom.config import sitcom_config
 from sitcom.files import file_lock, publish_dir, read_json, safetensors_problem, try_lock
 
 BASE_MODEL = "smollm2"  # the untouched packaged base
@@ -63,7 +64,8 @@ def is_tuned_default(name: str | os.PathLike | None) -> bool:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SITCOM_CACHE") or Path.home() / ".cache" / "sitcom").expanduser()
+    """SITCOM_CACHE (sitcom.config), default ~/.cache/sitcom."""
+    return sitcom_config().cache
 
 
 def packaged_gguf() -> Path:
@@ -219,7 +221,9 @@ def tuned_model_dir(adapter_dir: Path | None = None, base_dir: Path | None = Non
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / ADAPTER_CARD).write_text(json.dumps(card, indent=2) + "\n")
-        export_gguf(tmp, tmp / "model.gguf", card.get("gguf_qtype", "q8_0"))
+        # Exported from memory: the merge is not loaded back from tmp just to be written.
+        merged.eval()
+        export_gguf(merged, tokenizer, tmp / "model.gguf", card.get("gguf_qtype", "q8_0"))
 
     return _cached_dir(target, build, gguf=True)
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 import os
 import time
 
+from sitcom.config import sitcom_config
+
 INTERVAL_S = 1.0
 
 
 def _setting() -> str:
-    return os.environ.get("SITCOM_THREADS", "auto").strip().lower() or "auto"
+    return sitcom_config().threads
 
 
 def available_cores() -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import PROMPT, build_tiny_model, build_tiny_tokenizer
 
-from sitcom import llamacpp
+from sitcom import llamacpp, serving
 from sitcom.engine import EngineError, SceneEngine
 from sitcom.settings import SceneSettings
 from training.gguf_export import export_gguf
@@ -69,7 +69,7 @@ def endless_dir(tmp_path_factory):
 def slow_loader(delay: float):
     """The real llama.cpp loader, with `delay` seconds added to every decode step."""
     def loader(name: str):
-        model, tokenizer = llamacpp.load_llamacpp(name, max_batch=2, n_threads=1)
+        model, tokenizer = serving.load_llamacpp(name, max_batch=2, n_threads=1)
         decode = model.decode
 
         def slow(work):
@@ -215,11 +215,11 @@ async def test_best_of_n_writes_candidates_in_one_batch_and_delivers_the_ranked_
 
     def loader(name: str):
         if backend == "torch":
-            from sitcom.llamacpp import load_serving_model
+            from sitcom.serving import load_serving_model
 
             monkeypatch.setenv("SITCOM_BACKEND", "torch")
             return load_serving_model(name)
-        model, tokenizer = llamacpp.load_llamacpp(name, max_batch=4, n_threads=1)
+        model, tokenizer = serving.load_llamacpp(name, max_batch=4, n_threads=1)
         decode = model.decode
 
         def counting(work):

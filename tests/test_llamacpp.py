@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import PROMPT, build_tiny_model, build_tiny_tokenizer
 
-from sitcom import generation, llamacpp
+from sitcom import generation, llamacpp, serving
 from sitcom.lines import line_key
 from sitcom.sampling import sample
 from sitcom.script import END_OF_TEXT
@@ -61,14 +61,14 @@ def ending_dir(tmp_path_factory):
 
 
 def _load(path):
-    model, tokenizer = llamacpp.load_llamacpp(path, max_batch=4, n_threads=1)
+    model, tokenizer = serving.load_llamacpp(path, max_batch=4, n_threads=1)
     return model, tokenizer
 
 
 def test_find_gguf(tiny_model_dir, looping_dir):
-    assert llamacpp.find_gguf(tiny_model_dir) is None  # no export yet: serve with torch
-    assert llamacpp.find_gguf(looping_dir) == looping_dir / "model.gguf"
-    assert llamacpp.find_gguf("smollm2").suffix == ".gguf"
+    assert serving.find_gguf(tiny_model_dir) is None  # no export yet: serve with torch
+    assert serving.find_gguf(looping_dir) == looping_dir / "model.gguf"
+    assert serving.find_gguf("smollm2").suffix == ".gguf"
 
 
 def test_stops_at_end_of_text(ending_dir):
@@ -191,7 +191,7 @@ def test_decode_follows_the_thread_policy(looping_dir):
     """Each decode step applies the policy's current count to the llama.cpp context."""
     import llama_cpp
 
-    model, tok = llamacpp.load_llamacpp(looping_dir, max_batch=1)  # SITCOM_THREADS (auto)
+    model, tok = serving.load_llamacpp(looping_dir, max_batch=1)  # SITCOM_THREADS (auto)
     wanted = iter([1, 2, 1])
     model.policy.threads = lambda: next(wanted)
     for expected in (1, 2, 1):

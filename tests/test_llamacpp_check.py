@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import save_tiny_model_dir
 
-from sitcom import llamacpp, llamacpp_check
+from sitcom import llamacpp, llamacpp_check, serving
 from sitcom.llamacpp_check import check_llamacpp, compare_logits, extra_bufts_allowed
 from sitcom.models import ModelLoadError
 from training.gguf_export import export_gguf
@@ -42,10 +42,10 @@ def test_crashing_probe_means_transformers_with_one_log_line(gguf_dir, cache, ca
     # Remembered: the next start asks no child (this command would fail if it ran).
     again = check_llamacpp(gguf_dir / "model.gguf", str(gguf_dir), command=["false"])
     assert again.cached and not again.ok
-    with caplog.at_level(logging.WARNING, logger="sitcom.llamacpp"):
-        model, _ = llamacpp.load_serving_model(str(gguf_dir))
+    with caplog.at_level(logging.WARNING, logger="sitcom.serving"):
+        model, _ = serving.load_serving_model(str(gguf_dir))
     assert not isinstance(model, llamacpp.LlamaCppModel)
-    lines = [r.getMessage() for r in caplog.records if r.name == "sitcom.llamacpp"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "sitcom.serving"]
     assert len(lines) == 1 and "crashed" in lines[0] and "SITCOM_BACKEND=llamacpp" in lines[0]
 
 
@@ -53,14 +53,14 @@ def test_crashing_probe_means_transformers_with_one_log_line(gguf_dir, cache, ca
 def test_forcing_llamacpp_skips_the_verdict(gguf_dir, cache, monkeypatch):
     check_llamacpp(gguf_dir / "model.gguf", str(gguf_dir), command=SEGFAULT)
     monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
-    model, _ = llamacpp.load_serving_model(str(gguf_dir))
+    model, _ = serving.load_serving_model(str(gguf_dir))
     assert isinstance(model, llamacpp.LlamaCppModel)
     model.close()
 
 
 @pytest.mark.e2e
 def test_healthy_probe_means_llamacpp(gguf_dir, cache):
-    model, _ = llamacpp.load_serving_model(str(gguf_dir))  # runs the real child
+    model, _ = serving.load_serving_model(str(gguf_dir))  # runs the real child
     assert isinstance(model, llamacpp.LlamaCppModel)
     model.close()
     [record] = (cache / "llamacpp-probe").glob("*.json")
@@ -115,7 +115,7 @@ def test_extra_buffer_types_off_only_for_amx_builds_on_amx_cpus():
 def test_unknown_backend_is_a_clear_error(gguf_dir, monkeypatch):
     monkeypatch.setenv("SITCOM_BACKEND", "cuda")
     with pytest.raises(ModelLoadError, match="SITCOM_BACKEND must be"):
-        llamacpp.load_serving_model(str(gguf_dir))
+        serving.load_serving_model(str(gguf_dir))
 
 
 def test_cpu_flags_are_simd_flags():

@@ -165,6 +165,58 @@ def test_a_cache_that_cannot_be_written_serves_the_base_labelled_so(adapter, bas
         "smollm2-135m-instruct"]  # no half-written merge left behind
 
 
+# -- one path from a name to a served model (sitcom.serving) --------------------------------
+
+@pytest.mark.asyncio
+async def test_a_start_resolves_the_name_once(adapter, base, cache, monkeypatch):
+    """The engine's loader works the tuned default out once: the adapter is hashed once,
+    and what is served (label, files, backend) is one value the engine switches on."""
+    pytest.importorskip("llama_cpp")
+    from sitcom.engine import SceneEngine
+
+    base_in_cache(cache, base)
+    monkeypatch.setattr(models, "SHIPPED_ADAPTER", adapter)
+    monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")  # no self-test child here
+    merged = tuned_model_dir(adapter)  # built once, beforehand
+    hashed = []
+    verify = models._verified_adapter
+
+    def counting(adapter_dir):
+        hashed.append(adapter_dir)
+        return verify(adapter_dir)
+
+    monkeypatch.setattr(models, "_verified_adapter", counting)
+    engine = SceneEngine("seinfeld", max_batch=2)
+    await engine.start()
+    try:
+        assert len(hashed) == 1
+        served = engine.served
+        assert (served.label, served.hf_dir, served.gguf, served.backend, served.fell_back) == (
+            "seinfeld", str(merged), merged / "model.gguf", "llamacpp", False)
+        assert engine.model_name == "seinfeld"
+    finally:
+        await engine.close()
+
+
+def test_an_unusable_adapter_resolves_to_the_base_saying_why(adapter, base, cache,
+                                                            monkeypatch):
+    from sitcom.serving import load_model, resolve
+
+    base_in_cache(cache, base)
+    (adapter / "adapter_config.json").write_text("{}")  # not what the card's hash says
+    monkeypatch.setattr(models, "SHIPPED_ADAPTER", adapter)
+    monkeypatch.setenv("SITCOM_BACKEND", "torch")
+    served = resolve("seinfeld")
+    assert (served.name, served.label, served.hf_dir, served.gguf, served.backend) == (
+        "seinfeld", "smollm2", str(cache / "smollm2-135m-instruct"), None, "torch")
+    assert served.fell_back and "adapter_config.json" in served.why
+    model, tokenizer, again = load_model("seinfeld")
+    assert again == served and model.config.model_type == "llama"
+    monkeypatch.setenv("SITCOM_BACKEND", "gpu")
+    with pytest.raises(ModelLoadError, match="SITCOM_BACKEND must be auto, torch or llamacpp"):
+        resolve("seinfeld")
+
+
 # -- 7. every file of the adapter is hashed; the cache is keyed on all of them --------------
 
 def test_a_changed_adapter_config_is_refused(adapter):
@@ -198,6 +250,31 @@ def test_the_cache_is_keyed_on_every_file_of_the_adapter(adapter, base, cache):
     card["gguf_qtype"] = "f16"
     (adapter / ADAPTER_CARD).write_text(json.dumps(card))
     assert tuned_model_dir(adapter, base_dir=base) not in (genuine, broken)
+
+
+def test_the_merge_is_exported_from_memory(adapter, base, cache, monkeypatch, tmp_path):
+    """The merged model goes to GGUF as it is in memory, not saved and loaded back first;
+    the file is the one the command line's path-taking export writes of the saved merge."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from training.gguf_export import export_gguf
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("the merge was loaded back to be exported")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "load_model", no_reload)
+        merged = tuned_model_dir(adapter, base_dir=base)
+    again = export_gguf(merged, tmp_path / "again.gguf", "q8_0")
+    ours, theirs = gguf.GGUFReader(merged / "model.gguf"), gguf.GGUFReader(again)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
+    fields = set(ours.fields) - {"general.name"}  # the name: the base's, or the saved dir's
+    assert fields == set(theirs.fields) - {"general.name"}
+    for key in fields:
+        assert ours.fields[key].parts[-1].tobytes() == theirs.fields[key].parts[-1].tobytes(), key
 
 
 # -- 8. cached files checked before serving; verdicts tied to their file, parsed strictly ---
@@ -234,7 +311,7 @@ def ok_command(text: str = '{"ok": true, "reason": "fine"}') -> list[str]:
 
 @pytest.fixture
 def gguf_copy(base, tmp_path):
-    from sitcom.gguf_export import export_gguf
+    from training.gguf_export import export_gguf
 
     pytest.importorskip("llama_cpp")
     model = shutil.copytree(base, tmp_path / "m")
@@ -272,7 +349,7 @@ def test_a_verdict_belongs_to_its_file(gguf_copy, cache):
 
 def test_a_truncated_gguf_with_an_ok_verdict_is_served_by_transformers(gguf_copy, cache,
                                                                        caplog, monkeypatch):
-    from sitcom import llamacpp
+    from sitcom import llamacpp, serving
     from sitcom.llamacpp_check import check_llamacpp
 
     gguf = gguf_copy / "model.gguf"
@@ -280,14 +357,14 @@ def test_a_truncated_gguf_with_an_ok_verdict_is_served_by_transformers(gguf_copy
     stat = gguf.stat()
     gguf.write_bytes(gguf.read_bytes()[: stat.st_size // 2])
     os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the mtime kept
-    with caplog.at_level(logging.WARNING, logger="sitcom.llamacpp"):
-        model, _ = llamacpp.load_serving_model(str(gguf_copy))
+    with caplog.at_level(logging.WARNING, logger="sitcom.serving"):
+        model, _ = serving.load_serving_model(str(gguf_copy))
     assert not isinstance(model, llamacpp.LlamaCppModel)
-    [line] = [r.getMessage() for r in caplog.records if r.name == "sitcom.llamacpp"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "sitcom.serving"]
     assert "damaged" in line and "training.gguf_export" in line
     monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
     with pytest.raises(ModelLoadError, match="damaged"):
-        llamacpp.load_serving_model(str(gguf_copy))
+        serving.load_serving_model(str(gguf_copy))
 
 
 # -- 11. deeply nested JSON and an unsupported gguf_qtype: one line, then the fallback ------

@@ -129,7 +129,7 @@ def export_checkpoint(
         if gguf_qtype and model.config.model_type == "llama":
             # The bot serves checkpoints holding model.gguf through llama.cpp (~5x faster
             # on CPU than transformers); other architectures are served by transformers.
-            from sitcom.gguf_export import export_gguf
+            from training.gguf_export import export_gguf
 
             export_gguf(tmp, tmp / "model.gguf", gguf_qtype)
         # mkdtemp (and safetensors) make things private; a checkpoint is meant to be shared.

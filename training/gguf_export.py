@@ -9,13 +9,31 @@ when that file is there (see sitcom/llamacpp.py). The writer is sitcom.gguf_expo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from data.outputs import OutputPathError, check_output_file, dir_files, refuse_overlap
-from sitcom.gguf_export import QTYPES, ExportError, export_gguf
+from sitcom import gguf_export
+from sitcom.gguf_export import QTYPES, ExportError
 
 __all__ = ["ExportError", "QTYPES", "export_gguf", "main"]
+
+
+def export_gguf(
+    checkpoint_dir: str | os.PathLike,
+    out_path: str | os.PathLike | None = None,
+    qtype: str = "q8_0",
+) -> Path:
+    """Load the checkpoint (a directory, or a built-in name) and write it as GGUF with
+    sitcom.gguf_export.export_gguf: to out_path, by default CHECKPOINT/model.gguf."""
+    from sitcom.models import load_model
+
+    if qtype not in QTYPES:
+        raise ExportError(f"unknown qtype {qtype!r}; choose one of {', '.join(QTYPES)}")
+    model, tokenizer = load_model(checkpoint_dir)
+    out = Path(out_path) if out_path else Path(checkpoint_dir) / "model.gguf"
+    return gguf_export.export_gguf(model, tokenizer, out, qtype)
 
 
 def main(argv: list[str] | None = None) -> int:

