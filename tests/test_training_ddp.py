@@ -45,6 +45,8 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 def metrics(path: Path) -> tuple[dict[int, float], dict[int, float]]:
     """(train loss by step, val bpb by step) from a metrics.jsonl."""
     rows = [json.loads(line) for line in path.read_text().splitlines()]
+    steps = [(r["step"], "loss" in r) for r in rows if "loss" in r or "eval_bpb" in r]
+    assert len(steps) == len(set(steps)), steps  # one writer: no step logged twice
     return ({r["step"]: r["loss"] for r in rows if "loss" in r},
             {r["step"]: r["eval_bpb"] for r in rows if "eval_bpb" in r})
 
@@ -70,14 +72,14 @@ def test_two_processes_match_one_and_resume(tmp_path, tiny_model_dir):
     assert sorted(loss_2) == sorted(loss_1) == [1, 2, 3, 4, 5, 6]  # one line per step, not two
     assert sorted(bpb_2) == sorted(bpb_1) == [3, 6]
     for step in loss_1:
-        assert loss_2[step] == pytest.approx(loss_1[step], rel=1e-3, abs=1e-3), step
+        assert loss_2[step] == pytest.approx(loss_1[step], rel=1e-4, abs=1e-4), step
     for step in bpb_1:
-        assert bpb_2[step] == pytest.approx(bpb_1[step], rel=1e-3), step
+        assert bpb_2[step] == pytest.approx(bpb_1[step], rel=1e-4), step
     card_1 = json.loads((single / "checkpoint.json").read_text())
     card_2 = json.loads((ddp / "checkpoint.json").read_text())
     assert card_2["steps"] == card_1["steps"] == 6
     assert card_2["tokens_seen"] == card_1["tokens_seen"] == 6 * 4 * 64  # both ranks' tokens
-    assert card_2["val_bpb"] == pytest.approx(card_1["val_bpb"], rel=1e-3)
+    assert card_2["val_bpb"] == pytest.approx(card_1["val_bpb"], rel=1e-4)
     assert (ddp / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     AutoModelForCausalLM.from_pretrained(ddp)  # the export loads with plain transformers
     assert sorted(p.name for p in runs.iterdir()) == ["ddp", "ddp.work", "single"]  # no temp dirs
@@ -86,12 +88,14 @@ def test_two_processes_match_one_and_resume(tmp_path, tiny_model_dir):
     work = runs / "ddp.work"
     assert (work / "checkpoint-3" / "rng_state_1.pth").is_file()  # each rank's RNG is saved
     shutil.rmtree(work / "checkpoint-6")
-    proc = torchrun(*finetune_args(corpus, ddp, tiny_model_dir, 2, "--resume", "--overwrite"))
+    # (A time budget it does not reach: rank 0's clock is broadcast every step.)
+    proc = torchrun(*finetune_args(corpus, ddp, tiny_model_dir, 2, "--resume", "--overwrite",
+                                   "--time-budget", "30"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss_r, bpb_r = metrics(ddp / "metrics.jsonl")
     assert sorted(loss_r) == [1, 2, 3, 4, 5, 6]  # steps 4-6 redone once, not appended twice
     for step in (4, 5, 6):
-        assert loss_r[step] == pytest.approx(loss_2[step], rel=1e-3, abs=1e-3), step
+        assert loss_r[step] == pytest.approx(loss_2[step], rel=1e-4, abs=1e-4), step
     assert bpb_r[6] == pytest.approx(bpb_2[6], rel=1e-3)
     assert json.loads((ddp / "checkpoint.json").read_text())["steps"] == 6
     AutoModelForCausalLM.from_pretrained(ddp)
