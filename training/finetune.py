@@ -442,12 +442,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     else:
         trainer.train(resume_from_checkpoint=last)
     seconds = time.monotonic() - started
-    card = None
-    if is_rank_zero():
-        card = export_run(cfg, trainer, tokenizer, corpus, val_episodes, final_eval,
-                          precision, seconds)
-    barrier()  # the other ranks wait here while rank 0 publishes OUT
-    return on_rank_zero(lambda: card)
+    # Rank 0 publishes OUT; the other ranks wait for its card.
+    return on_rank_zero(lambda: export_run(cfg, trainer, tokenizer, corpus, val_episodes,
+                                           final_eval, precision, seconds))
 
 
 def export_run(cfg: FinetuneConfig, trainer: Trainer, tokenizer, corpus,
