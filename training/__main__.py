@@ -224,16 +224,20 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.set_verbosity_error()
     if args.command == "finetune":
-        from training.finetune import FinetuneConfig, finetune
+        from training.finetune import FinetuneConfig, finetune, is_rank_zero
 
+        if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate launch: rank 0 shows
+            hf_logging.disable_progress_bar()
         options = {k: v for k, v in vars(args).items() if k != "command"}
         if options["lr"] is None:
             options["lr"] = 5e-4 if args.lora else 1e-4
         card = finetune(FinetuneConfig(**options))
-        print(
-            f"saved {args.out}: {card['steps']} steps, {card['tokens_seen']} tokens, best val "
-            f"loss {card['val_loss']:.4f} bpb {card['val_bpb']:.4f} (step {card['best_step']})"
-        )
+        if is_rank_zero():
+            print(
+                f"saved {args.out}: {card['steps']} steps, {card['tokens_seen']} tokens, best "
+                f"val loss {card['val_loss']:.4f} bpb {card['val_bpb']:.4f} "
+                f"(step {card['best_step']})"
+            )
     elif args.command == "extract":
         from training.extract import extract
 

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
@@ -16,7 +18,8 @@ class FinalEvalCallback(TrainerCallback):
     """Evaluate and save on the last step, or when `minutes` of this run are spent.
 
     Trainer only evaluates/saves on multiples of eval_steps/save_steps; forcing both at the
-    end means the final weights always take part in choosing the best checkpoint.
+    end means the final weights always take part in choosing the best checkpoint. In a
+    data-parallel run rank 0's clock decides for every rank, so all stop at the same step.
     """
 
     def __init__(self, minutes: float | None = None):
@@ -28,7 +31,7 @@ class FinalEvalCallback(TrainerCallback):
         self.start = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.seconds is not None and time.monotonic() - self.start >= self.seconds:
+        if self.seconds is not None and self.out_of_time(args.device):
             self.budget_hit = True
             control.should_training_stop = True
         if control.should_training_stop or state.global_step >= state.max_steps:
@@ -36,9 +39,18 @@ class FinalEvalCallback(TrainerCallback):
             control.should_save = True
         return control
 
+    def out_of_time(self, device: torch.device) -> bool:
+        spent = time.monotonic() - self.start >= self.seconds
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return spent
+        flag = torch.tensor([int(spent)], device=device)  # nccl needs it on the rank's GPU
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
 
 class MetricsLogCallback(TrainerCallback):
-    """Append every Trainer log (train loss, eval nll/bpb) to a JSONL file, with tokens/s."""
+    """Append every Trainer log (train loss, eval nll/bpb) to a JSONL file, with tokens/s.
+    Only the world's rank 0 writes it (Trainer's logs are already averaged over ranks)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -46,7 +58,7 @@ class MetricsLogCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         # After a resume, drop lines logged past the checkpoint: those steps are redone.
-        if self.path.exists():
+        if state.is_world_process_zero and self.path.exists():
             kept = [
                 line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= state.global_step
@@ -62,6 +74,8 @@ class MetricsLogCallback(TrainerCallback):
             self.last = (now, tokens)
         if logs is not None and "tokens_per_second" in record:
             logs["tokens_per_second"] = record["tokens_per_second"]  # the progress bar shows it
+        if not state.is_world_process_zero:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

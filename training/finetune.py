@@ -4,6 +4,10 @@ Layout: the finished checkpoint goes to OUT (written to a temp dir, then renamed
 place); Trainer's intermediate checkpoints, metrics.jsonl and loss.png live in the sibling
 work dir `OUT.work`, which `--resume` reads and which is removed after a successful export
 (unless --keep-work).
+
+Launched by torchrun or `accelerate launch`, every process runs this same code and Trainer
+trains data-parallel (DDP: gloo on CPU, nccl on GPUs); only global rank 0 prepares and
+deletes in OUT.work, prints, plots and exports, while the other ranks wait at a barrier.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+import torch.distributed as dist
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -60,6 +67,37 @@ from training.plot import plot_loss_curve
 
 class FinetuneError(ValueError):
     """A bad option or state; the message is user-facing."""
+
+
+T = TypeVar("T")
+
+
+def is_rank_zero() -> bool:
+    """True in a single process and in global rank 0 of a torchrun / accelerate launch."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def on_rank_zero(fn: Callable[[], T]) -> T:
+    """fn() in rank 0 only; its result, or its FinetuneError, reaches every rank (the others
+    wait meanwhile). Any other error ends rank 0, and the launcher then stops the rest."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except FinetuneError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise FinetuneError(value)
+    return value
 
 
 @dataclass
@@ -305,26 +343,10 @@ def freeze_all_but_linear(model) -> None:
             module.weight.requires_grad = True
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
-    """Train, keep the best checkpoint by val BPB, export to cfg.out; returns the card."""
-    validate(cfg)
-    corpus = load_corpus(cfg.data)
-    work, last = prepare_work_dir(cfg)
-    precision = choose_precision(cfg.precision)
-    model, tokenizer = build_model(cfg)
-
-    train_set = pack_train(token_stream(corpus.train, tokenizer), cfg.block_size)
-    val_episodes = first_episodes(corpus.val, tokenizer, cfg.eval_tokens)
-    val_set: BlockDataset = pack_eval(token_stream(val_episodes, tokenizer), cfg.block_size)
-    print(
-        f"train: {len(corpus.train)} episodes, {len(train_set)} blocks of {cfg.block_size} | "
-        f"val: {len(val_episodes)}/{len(corpus.val)} episodes, {len(val_set)} blocks | "
-        f"precision {precision}{' | LoRA' if cfg.lora else ''}"
-        f"{' | linear layers only' if cfg.linear_only else ''}"
-        f"{f' | adapter {cfg.init_adapter}' if cfg.init_adapter else ''}"
-    )
-
-    args = TrainingArguments(
+def training_arguments(cfg: FinetuneConfig, work: Path, precision: str) -> TrainingArguments:
+    """Trainer's settings. Under torchrun / accelerate launch, building them starts the
+    process group (accelerate's PartialState): gloo on CPU, nccl on GPUs."""
+    return TrainingArguments(
         output_dir=str(work),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -353,7 +375,40 @@ def finetune(cfg: FinetuneConfig) -> dict:
         report_to="none",
         dataloader_num_workers=0,
         disable_tqdm=False,  # else it follows the transformers log level, which the CLI quiets
+        # Every trainable weight gets a gradient each step (full, LoRA, linear-only), so DDP
+        # need not search the graph for unused ones; --init-adapter's tied head factors are
+        # aliases whose gradients are moved to the embedding's, so there it must.
+        ddp_find_unused_parameters=cfg.init_adapter is not None,
     )
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Train, keep the best checkpoint by val BPB, export to cfg.out; returns the card.
+
+    In a torchrun / accelerate launch every rank calls this; rank 0 alone writes."""
+    validate(cfg)  # read-only: every rank checks, and all see the same files
+    corpus = load_corpus(cfg.data)
+    precision = choose_precision(cfg.precision)
+    args = training_arguments(cfg, work_dir_for(cfg.out), precision)
+    args.device  # noqa: B018 - starts the process group (if launched so) before the barrier
+    barrier()  # nobody still checks while rank 0 prepares (deletes) below
+    work, last = on_rank_zero(lambda: prepare_work_dir(cfg))
+    with args.main_process_first(local=True, desc="load the base model"):
+        model, tokenizer = build_model(cfg)  # one process per machine fills the model cache
+
+    train_set = pack_train(token_stream(corpus.train, tokenizer), cfg.block_size)
+    val_episodes = first_episodes(corpus.val, tokenizer, cfg.eval_tokens)
+    val_set: BlockDataset = pack_eval(token_stream(val_episodes, tokenizer), cfg.block_size)
+    if is_rank_zero():
+        processes = f" | {args.world_size} processes" if args.world_size > 1 else ""
+        print(
+            f"train: {len(corpus.train)} episodes, {len(train_set)} blocks of {cfg.block_size} | "
+            f"val: {len(val_episodes)}/{len(corpus.val)} episodes, {len(val_set)} blocks | "
+            f"precision {precision}{' | LoRA' if cfg.lora else ''}"
+            f"{' | linear layers only' if cfg.linear_only else ''}"
+            f"{f' | adapter {cfg.init_adapter}' if cfg.init_adapter else ''}{processes}"
+        )
+
     final_eval = FinalEvalCallback(cfg.time_budget)
     metrics_path = work / "metrics.jsonl"
     trainer = Trainer(
@@ -375,8 +430,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         # Killed after the last step (in the export, say): resuming would run one step past
         # --max-steps, because Trainer checks the limit only after a step. Take the state
         # and the best weights from the checkpoints, as train() would at its end.
-        print(f"{last} already reached --max-steps {cfg.max_steps}; exporting it")
+        if is_rank_zero():
+            print(f"{last} already reached --max-steps {cfg.max_steps}; exporting it")
         trainer.state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
+        trainer.state.is_world_process_zero = trainer.is_world_process_zero()  # rank 0's file
+        trainer.state.is_local_process_zero = trainer.is_local_process_zero()
         if trainer.state.best_model_checkpoint:
             trainer._load_best_model()  # Trainer's own loader: full weights or LoRA adapter
         else:
@@ -384,6 +442,17 @@ def finetune(cfg: FinetuneConfig) -> dict:
     else:
         trainer.train(resume_from_checkpoint=last)
     seconds = time.monotonic() - started
+    # Rank 0 publishes OUT; the other ranks wait for its card.
+    return on_rank_zero(lambda: export_run(cfg, trainer, tokenizer, corpus, val_episodes,
+                                           final_eval, precision, seconds))
+
+
+def export_run(cfg: FinetuneConfig, trainer: Trainer, tokenizer, corpus,
+               val_episodes: list[str], final_eval: FinalEvalCallback, precision: str,
+               seconds: float) -> dict:
+    """Rank 0's end of a run: loss.png, the card, the exported checkpoint, OUT.work removed."""
+    work = Path(trainer.args.output_dir)
+    metrics_path = work / "metrics.jsonl"
     plot_loss_curve(metrics_path, work / "loss.png")
 
     best = best_eval(trainer.state.log_history)
@@ -410,6 +479,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         init_checkpoint=prior_stage_summary(cfg.base),
         time_budget_hit=final_eval.budget_hit,
         train_seconds_this_run=round(seconds, 1),
+        processes=trainer.args.world_size,
         settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     )
     model.config.use_cache = True
