@@ -17,18 +17,19 @@ from typing import TextIO
 
 from sitcom.engine import EngineError
 from sitcom.models import ModelLoadError
-from sitcom.settings import RANGES, SceneSettings
+from sitcom.settings import RANGES
 
 from .checkpoints import CheckpointError
 from .commands import UsageError, parse_checkpoint, parse_settings
 from .core import Core
 from .db import DatabaseError, Place
-from .texts import describe, leaderboard
+from .utils.formatting import CONTROL_RE
 
 log = logging.getLogger(__name__)
 
 LOCAL = Place("console", "0", "0")  # the console's "server" and "channel"
 USER = "0"
+SETTINGS_TITLE = "Scene settings"
 ID_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only (not ², ١) and within SQLite's int64
 NO_INPUT = (
     "the local console ended: no commands on stdin. It runs because DISCORD_TOKEN is not set; "
@@ -160,25 +161,17 @@ class Console:
             self.say("You already voted for that line.")
 
     async def best(self, _: str) -> None:
-        self.say(leaderboard("Best lines", await self.core.db.best(LOCAL.platform, LOCAL.guild_id)))
+        self.say(await self.core.best_text(LOCAL, escape=_plain))
 
     async def settings(self, args: str) -> None:
         action, changes = parse_settings(args)
-        db = self.core.db
         if action == "show":
-            self.say(describe(await db.get_settings(LOCAL.platform, LOCAL.channel_id),
-                              "Scene settings"))
+            text = await self.core.show_settings(LOCAL, title=SETTINGS_TITLE)
         elif action == "reset":
-            await db.reset_settings(LOCAL.platform, LOCAL.channel_id)
-            self.say(describe(SceneSettings(), "Reset. Scene settings"))
+            text = await self.core.reset_settings(LOCAL, title=SETTINGS_TITLE)
         else:
-            try:
-                current = await db.get_settings(LOCAL.platform, LOCAL.channel_id)
-                settings = current.with_changes(**changes)
-            except ValueError as e:
-                raise CommandError(str(e)) from None
-            await db.save_settings(LOCAL, USER, settings)
-            self.say(describe(settings, "Saved. Scene settings"))
+            text = await self.core.change_settings(LOCAL, USER, changes, title=SETTINGS_TITLE)
+        self.say(text)
 
     async def checkpoint(self, args: str) -> None:
         action, name = parse_checkpoint(args)
@@ -187,6 +180,11 @@ class Console:
                 self.say(f"  {row}")
         else:
             self.say(self.core.switched_text(await self.core.use_checkpoint(name)))
+
+
+def _plain(text: str) -> str:
+    """Text for the terminal: as written, less control characters (escape sequences)."""
+    return CONTROL_RE.sub("", text)
 
 
 def _read_lines(stdin: TextIO) -> asyncio.Queue[str | None]:

@@ -29,16 +29,18 @@ from sitcom.script import normalize_prompt
 from sitcom.settings import SceneSettings
 
 from . import checkpoints
-from .commands import repost_id
+from .commands import UsageError, repost_id
 from .config import Config
 from .db import Database, DatabaseError, LeaseHeld, Place, StoredScene
 from .posting import Delivery, RetryPolicy, Surface, deliver
+from .texts import describe, leaderboard
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 1000  # the engine's limit and the /scene option's max_length
 CHECKPOINT_KEY = "active_checkpoint"
 HUMOUR_KEY = "active_humour"
+SETTINGS_TITLE = "Scene settings for this channel"
 LEASE_TTL_S = 30.0  # a process's lease outlives it by at most this; renewed every third
 
 
@@ -294,6 +296,47 @@ class Core:
                      f"{surface.escape(delivery.reactions_problem)}; react with "
                      f"{surface.keycaps} on a line yourselves to vote")
         return text + "."
+
+    # -- /settings and /best: the texts to send, ready for the platform's markup -------------
+
+    async def show_settings(self, place: Place, *, title: str = SETTINGS_TITLE,
+                            bold: str = "**") -> str:
+        """`/settings show`: the channel's scene settings."""
+        settings = await self.db.get_settings(place.platform, place.channel_id)
+        return describe(settings, title, bold=bold)
+
+    async def change_settings(self, place: Place, user_id: str, changes: dict[str, float], *,
+                              title: str = SETTINGS_TITLE, bold: str = "**") -> str:
+        """`/settings set`: the channel's settings with `changes`, saved (the caller has
+        checked the user may). UsageError (one line) for no change or a value out of range."""
+        if not changes:
+            raise UsageError("Give at least one setting to change, e.g. "
+                             "`/settings set temperature 0.9`.")
+        current = await self.db.get_settings(place.platform, place.channel_id)
+        try:
+            settings = current.with_changes(**changes)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        await self.db.save_settings(place, str(user_id), settings)
+        return describe(settings, f"Saved. {title}", bold=bold)
+
+    async def reset_settings(self, place: Place, *, title: str = SETTINGS_TITLE,
+                             bold: str = "**") -> str:
+        """`/settings reset`: back to the defaults (the caller has checked the user may)."""
+        await self.db.reset_settings(place.platform, place.channel_id)
+        return describe(SceneSettings(), f"Reset. {title}", bold=bold)
+
+    async def best_text(
+        self, place: Place, *, channel_only: bool = False, where: str | None = None,
+        escape: Callable[[str], str], bold: str = "**", keycaps: str = "1️⃣…🔟",
+    ) -> str:
+        """`/best`: the most-voted lines in `place`'s server/workspace (`where` names it in
+        the title), or in its channel only."""
+        channel = place.channel_id if channel_only else None
+        rows = await self.db.best(place.platform, place.guild_id, channel)
+        title = ("Best lines in this channel" if channel_only
+                 else f"Best lines in this {where}" if where else "Best lines")
+        return leaderboard(title, rows, escape=escape, bold=bold, keycaps=keycaps)
 
     # -- votes ------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from helpers import make_config, scripted_loader, start_bot, teleprompter_model
 from bot.bot import SitcomBot
 from bot.core import Core
 from bot.utils.formatting import KEYCAPS
+from sitcom.settings import SceneSettings
 
 
 @pytest_asyncio.fixture
@@ -136,7 +137,8 @@ async def test_settings_ranges_and_permissions(running, tmp_path, tiny_model_dir
         shown = last_reply(rec)["content"]
         assert "`temperature` = 1.3" in shown and "`max_new_tokens` = 16" in shown
         await invoke(bot, command_payload("settings", [subcommand("reset")], permissions=MANAGE))
-        assert (await bot.core.db.get_settings("discord", str(CHANNEL_ID))).temperature == 0.8
+        assert (await bot.core.db.get_settings("discord", str(CHANNEL_ID))).temperature \
+            == SceneSettings().temperature
     finally:
         await bot.close()
 
@@ -418,3 +420,34 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
     (tokens,) = sqlite3.connect(tmp_path / "bot.db").execute(
         "SELECT new_tokens FROM scenes").fetchone()
     assert 0 < tokens < 400
+
+
+@pytest.mark.asyncio
+async def test_core_owns_settings_and_best_for_every_frontend(tmp_path, tiny_model_dir):
+    """The get -> change -> save -> describe sequence and /best live in Core: a frontend
+    passes its place, the user and its markup, and sends the text it gets back."""
+    from bot.commands import UsageError
+    from bot.db import Place
+
+    core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=scripted_loader())
+    here, there = Place("slack", "T1", "C1"), Place("discord", "1", "2")
+    try:
+        saved = await core.change_settings(here, "U1", {"temperature": 1.3}, bold="*")
+        assert saved.startswith("⚙️ *Saved. Scene settings for this channel*")
+        assert "`temperature` = 1.3" in saved
+        assert "`temperature` = 1.3" in await core.show_settings(here)
+        assert "`temperature` = 1.3" not in await core.show_settings(there)
+        with pytest.raises(UsageError, match="temperature must be between"):
+            await core.change_settings(here, "U1", {"temperature": 9})
+        with pytest.raises(UsageError, match="at least one setting"):
+            await core.change_settings(here, "U1", {})
+        reset = await core.reset_settings(here, title="Scene settings")
+        assert reset.startswith("⚙️ **Reset. Scene settings**")
+        assert (await core.db.get_settings("slack", "C1")) == SceneSettings()
+        board = await core.best_text(here, where="workspace", escape=str.upper, bold="*",
+                                     keycaps=":one:")
+        assert "*Best lines in this workspace*" in board and ":one:" in board
+        assert "Best lines in this channel" in await core.best_text(
+            here, channel_only=True, escape=str)
+    finally:
+        await core.close()

@@ -427,3 +427,13 @@ def test_headings_after_unicode_line_breaks_are_neutralised(text):
                                   "GEORGE: 1. # not at the start"])
 def test_plain_text_with_hashes_is_left_alone(line):
     assert neutralize(line) == line
+
+
+def test_config_defaults_are_the_dataclass_fields():
+    """No variable set: every setting is the dataclass default (written once, in Config)."""
+    from dataclasses import replace
+
+    from_env = Config.from_env({}, dotenv=False)
+    assert from_env == replace(Config(), db_path=Config().db_path.expanduser(),
+                               checkpoints_dir=Config().checkpoints_dir.expanduser())
+    assert from_env.humour_model == "humour" and from_env.slack_port == 3000

@@ -34,6 +34,9 @@ from slack_fake import (
 )
 
 from bot.slack.surface import escape, make_client
+from sitcom.settings import SceneSettings
+
+DEFAULT = SceneSettings()
 
 pytestmark = pytest.mark.asyncio
 HOSTILE = "Elaine: <!channel> <!here> <!everyone> <@U0BOSS> <#C0SECRET> & <https://x.io|y>"
@@ -187,7 +190,8 @@ async def test_settings_and_checkpoint_permissions(slack):
     listed = await command(fake, "/settings", "reset", user="U0LISTED")  # ADMIN_USER_IDS
     assert "Reset." in listed["text"]
     shown = await command(fake, "/settings", "show", user=USER)  # anyone may look
-    assert shown["response_type"] == "ephemeral" and "`temperature` = 0.8" in shown["text"]
+    assert shown["response_type"] == "ephemeral"
+    assert f"`temperature` = {DEFAULT.temperature:g}" in shown["text"]
 
     # Checkpoints: ADMIN_USER_IDS only; a workspace admin is not enough.
     for user in (USER, ADMIN):
@@ -457,7 +461,7 @@ async def test_item10_http_mode_acks_at_once_though_the_database_is_locked(
                                        timeout=30)
         assert "database is busy" in reply["text"] and reply["response_type"] == "ephemeral"
         locker.execute("ROLLBACK")
-        assert (await app.core.db.get_settings("slack", CHANNEL)).temperature == 0.8
+        assert (await app.core.db.get_settings("slack", CHANNEL)).temperature == DEFAULT.temperature
     finally:
         locker.close()
         await app.core.close()
@@ -545,7 +549,7 @@ async def test_item13_missing_users_read_scope_is_named(slack):
     reply = await command(fake, "/settings", "set temperature 1.3", user=ADMIN)
     assert "`users:read`" in reply["text"] and "admin or owner" not in reply["text"]
     assert reply["response_type"] == "ephemeral"
-    assert (await app.core.db.get_settings("slack", CHANNEL)).temperature == 0.8
+    assert (await app.core.db.get_settings("slack", CHANNEL)).temperature == DEFAULT.temperature
     assert [c.fault for c in fake.calls if c.method == "users.info"] == ["missing_scope"]
 
 
