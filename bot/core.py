@@ -41,6 +41,7 @@ MAX_PROMPT_CHARS = 1000  # the engine's limit and the /scene option's max_length
 CHECKPOINT_KEY = "active_checkpoint"
 HUMOUR_KEY = "active_humour"
 SETTINGS_TITLE = "Scene settings for this channel"
+FAILED = "😕 "  # how scene_command's update texts for a failure start
 LEASE_TTL_S = 30.0  # a process's lease outlives it by at most this; renewed every third
 
 
@@ -216,11 +217,11 @@ class Core:
             except GenerationTimeout as e:
                 scene = e.partial
                 if scene is None or not wrote_lines(job.prompt, scene.lines):
-                    await update("😕 " + surface.escape(str(e)))
+                    await update(FAILED + surface.escape(str(e)))
                     return
                 note = "⏱️ Stopped at the time limit; this is as far as it got."
             except EngineError as e:
-                await update("😕 " + surface.escape(str(e)))
+                await update(FAILED + surface.escape(str(e)))
                 return
             if wrote_lines(job.prompt, scene.lines):
                 break
@@ -228,13 +229,13 @@ class Core:
             log.info("scene for %s: nothing written beyond the prompt (attempt %d)",
                      user_key, attempt)
             if attempt == 2 or scene.partial:
-                await update("😕 The model wrote nothing beyond your lines this time; try "
-                             "again, perhaps with a different opening.")
+                await update(FAILED + "The model wrote nothing beyond your lines this time; "
+                             "try again, perhaps with a different opening.")
                 return
             try:
                 job = await self.submit(job.prompt, settings, user_key)
             except EngineError as e:
-                await update("😕 " + surface.escape(str(e)))
+                await update(FAILED + surface.escape(str(e)))
                 return
         # Stored before it is posted: whatever happens next, the scene is not lost.
         stored = await self.record(scene, place=place, user_id=user_id, prompt=job.prompt,
@@ -283,7 +284,7 @@ class Core:
     def _outcome(self, stored: StoredScene, delivery: Delivery, surface: Surface,
                  scene=None) -> str:
         if not delivery.posted:
-            return (f"😕 Scene {stored.id} is written and saved, but I couldn't post it: "
+            return (f"{FAILED}Scene {stored.id} is written and saved, but I couldn't post it: "
                     f"{surface.escape(delivery.problem or 'unknown error')}. "
                     f"Post it with `/scene #{stored.id}` once that is fixed.")
         where = surface.link(delivery.link, "here") if delivery.link else "in this channel"
