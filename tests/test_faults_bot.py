@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from discord_payloads import CHANNEL_ID, command_payload, invoke, option
-from helpers import make_config, start_bot
+from helpers import make_config, scripted_loader, start_bot
 
 from bot import checkpoints
 from bot.cogs.scenes import DiscordSurface
@@ -151,7 +151,8 @@ async def test_vote_ids_are_parsed_strictly(tmp_path, tiny_model_dir):
 
 @pytest.mark.asyncio
 async def test_lone_surrogate_prompt_is_cleaned_and_stored(tmp_path, tiny_model_dir):
-    core = await Core.start(make_config(tmp_path, tiny_model_dir))
+    # scripted: a random model may write nothing beyond the opening (then nothing is stored)
+    core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=scripted_loader())
     await core.db.save_settings(CONSOLE, "0", SHORT)
     out, err = io.StringIO(), io.StringIO()
     console = Console(core, out=out, err=err)
