@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Collection
 
 from safetensors import SafetensorError
 
-from sitcom.engine import EngineError, GenerationTimeout, Scene, SceneEngine
+from sitcom.engine import EngineError, Scene, SceneEngine
 from sitcom.humour import HumourModel, HumourModelError, load_default
 from sitcom.llamacpp import load_serving_model
 from sitcom.models import (
@@ -25,7 +25,6 @@ from sitcom.models import (
     served_model_name,
     tuned_default_fallback,
 )
-from sitcom.script import normalize_prompt
 from sitcom.settings import SceneSettings
 
 from . import checkpoints
@@ -179,7 +178,7 @@ class Core:
         return await self.db.add_scene(
             place=place, user_id=str(user_id), prompt=prompt,
             model_name=self.model_label(scene), lines=list(scene.lines),
-            prompt_lines=prompt_line_count(prompt, scene.lines),
+            prompt_lines=min(scene.prompt_lines, len(scene.lines)),
             new_tokens=int(scene.new_tokens), seconds=float(scene.seconds), note=note,
             claimed=claimed,
         )
@@ -214,16 +213,10 @@ class Core:
                 scene = await job.result()
                 if scene.partial:  # cut at the time limit or by a shutdown: posted as it is
                     note = f"⏱️ {scene.note}"
-            except GenerationTimeout as e:
-                scene = e.partial
-                if scene is None or not wrote_lines(job.prompt, scene.lines):
-                    await update(FAILED + surface.escape(str(e)))
-                    return
-                note = "⏱️ Stopped at the time limit; this is as far as it got."
-            except EngineError as e:
+            except EngineError as e:  # GenerationTimeout too: it wrote nothing by then
                 await update(FAILED + surface.escape(str(e)))
                 return
-            if wrote_lines(job.prompt, scene.lines):
+            if wrote_lines(scene):
                 break
             # The model ended the scene right after the user's own lines: once more.
             log.info("scene for %s: nothing written beyond the prompt (attempt %d)",
@@ -550,16 +543,9 @@ def load_humour(name: str, checkpoints_dir, operator: bool = False) -> HumourMod
         f"There is no humour model called `{shown}`; try /checkpoint list.")
 
 
-def wrote_lines(prompt: str, lines: list[str]) -> bool:
+def wrote_lines(scene: Scene) -> bool:
     """Whether the model wrote anything beyond the user's own opening lines."""
-    return len(lines) > prompt_line_count(prompt, lines)
-
-
-def prompt_line_count(prompt: str, lines: list[str]) -> int:
-    """How many of a scene's first lines are the user's own: the engine puts the normalised
-    prompt lines first (sitcom.generation.clean_lines)."""
-    own = [line for line in normalize_prompt(prompt).splitlines() if line.strip()]
-    return min(len(own), len(lines))
+    return len(scene.lines) > scene.prompt_lines
 
 
 def queue_text(job) -> str:

@@ -451,3 +451,24 @@ async def test_core_owns_settings_and_best_for_every_frontend(tmp_path, tiny_mod
             here, channel_only=True, escape=str)
     finally:
         await core.close()
+
+
+@pytest.mark.asyncio
+async def test_core_stores_the_engines_count_of_prompt_lines(tmp_path, tiny_model_dir):
+    """How many lines were the user's opening is the engine's Scene.prompt_lines, not worked
+    out again from the prompt text (the stored prompt may be anything)."""
+    from bot.core import wrote_lines
+    from bot.db import Place
+    from sitcom.jobs import Scene
+
+    core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=scripted_loader())
+    lines = ["JERRY: Hi.", "ELAINE: Hey.", "GEORGE: What?"]
+    try:
+        scene = Scene(lines, "\n".join(lines), 5, 0.1, core.engine.model_name, prompt_lines=2)
+        stored = await core.record(scene, place=Place("console", "0", "0"), user_id="0",
+                                   prompt="one line")
+        assert [line.from_prompt for line in stored.lines] == [True, True, False]
+        assert wrote_lines(scene)
+        assert not wrote_lines(Scene(lines[:2], "", 0, 0.1, "m", prompt_lines=2))
+    finally:
+        await core.close()
