@@ -25,8 +25,8 @@ from .checkpoints import CheckpointError
 from .commands import UsageError, parse_checkpoint, parse_settings
 from .core import FAILED, Core
 from .db import DatabaseError, Place
+from .markup import CONTROL_RE
 from .posting import Posted
-from .utils.formatting import CONTROL_RE
 
 log = logging.getLogger(__name__)
 

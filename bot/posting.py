@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from .db import Database, StoredLine, StoredScene
+from .markup import shorten
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,6 @@ async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: 
                         what, e, attempt, policy.attempts - 1, delay)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
-
-
-def shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)

@@ -322,7 +322,7 @@ def test_console_at_eof_says_how_to_start_the_real_bots(tmp_path, tiny_model_dir
     "JERRY: [a] [b](http://x.invalid)",
 ])
 def test_masked_links_are_neutralised(text):
-    from bot.utils.formatting import neutralize_markdown
+    from bot.markup import neutralize_markdown
 
     shown = neutralize(text)
     assert "](" not in shown and shown.replace("\u200b", "") == text  # nothing else changed

@@ -17,8 +17,8 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from ..markup import CONTROL_RE, neutralize_markdown
 from ..posting import Posted, Refused, Transient, scene_header
-from ..utils.formatting import CONTROL_RE, neutralize_markdown
 
 log = logging.getLogger(__name__)
 
