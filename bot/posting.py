@@ -56,7 +56,7 @@ class Posted:
 
 
 class Surface(Protocol):
-    """What a platform adapter provides; see bot.cogs.scenes, bot.slack.surface and
+    """What a platform adapter provides; see bot.discord.cogs.scenes, bot.slack.surface and
     bot.console."""
 
     platform: str

@@ -168,8 +168,8 @@ async def start_bot(config, sync: bool = False, loader=None):
     """A SitcomBot over a started Core, its HTTP recorded (discord_payloads.install)."""
     from discord_payloads import install
 
-    from bot.bot import SitcomBot
     from bot.core import Core
+    from bot.discord.bot import SitcomBot
     from bot.posting import RetryPolicy
 
     core = await Core.start(config, loader=loader or scripted_loader())

@@ -31,9 +31,9 @@ from discord_payloads import (
 )
 from helpers import make_config, scripted_loader, start_bot, teleprompter_model
 
-from bot.bot import SitcomBot
 from bot.core import Core
-from bot.utils.formatting import KEYCAPS
+from bot.discord.bot import SitcomBot
+from bot.discord.utils.formatting import KEYCAPS
 from sitcom.settings import SceneSettings
 
 
@@ -313,8 +313,8 @@ def test_every_slash_command_option_has_a_description(tmp_path, tiny_model_dir):
     bot = SitcomBot(make_config(tmp_path, tiny_model_dir))
 
     async def load():
-        for ext in ("bot.cogs.scenes", "bot.cogs.votes", "bot.cogs.settings",
-                    "bot.cogs.checkpoints"):
+        for ext in ("bot.discord.cogs.scenes", "bot.discord.cogs.votes",
+                    "bot.discord.cogs.settings", "bot.discord.cogs.checkpoints"):
             await bot.load_extension(ext)
 
     asyncio.run(load())

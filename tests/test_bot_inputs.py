@@ -28,9 +28,9 @@ from bot.config import LIMITS, Config, ConfigError
 from bot.console import Console
 from bot.core import Core
 from bot.db import Database, DatabaseError, Place
+from bot.discord.utils.formatting import neutralize
 from bot.slack.app import SlackFrontend
 from bot.slack.surface import make_client
-from bot.utils.formatting import neutralize
 from sitcom.engine import SceneEngine
 from sitcom.jobs import clean_prompt
 from sitcom.script import normalize_prompt

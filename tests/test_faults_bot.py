@@ -22,13 +22,13 @@ from discord_payloads import CHANNEL_ID, command_payload, invoke, option
 from helpers import make_config, scripted_loader, start_bot
 
 from bot import checkpoints
-from bot.cogs.scenes import DiscordSurface
 from bot.config import Config, ConfigError
 from bot.console import CommandError, Console
 from bot.core import Core
 from bot.db import Database, DatabaseError, Place, StoredLine, StoredScene, migrations
+from bot.discord.cogs.scenes import DiscordSurface
+from bot.discord.utils.formatting import neutralize
 from bot.posting import plan
-from bot.utils.formatting import neutralize
 from sitcom.engine import EngineError, SceneEngine
 from sitcom.settings import SceneSettings
 

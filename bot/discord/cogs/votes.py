@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from ..db import DatabaseError
+from ...db import DatabaseError
 from ..utils.formatting import neutralize, slot_of
 from .scenes import PLATFORM, place_of
 

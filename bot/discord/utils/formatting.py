@@ -7,7 +7,7 @@ import re
 
 import discord
 
-from ..markup import CONTROL_RE, neutralize_markdown
+from ...markup import CONTROL_RE, neutralize_markdown
 
 KEYCAPS = ("1️⃣", "2️⃣", "3️⃣", "4️⃣", "5️⃣", "6️⃣", "7️⃣", "8️⃣", "9️⃣", "🔟")
 MESSAGE_LIMIT = 2000

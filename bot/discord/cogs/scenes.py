@@ -20,11 +20,11 @@ from discord.ext import commands
 
 from sitcom.jobs import clean_prompt
 
-from ..commands import repost_id
-from ..core import MAX_PROMPT_CHARS
-from ..db import Place
-from ..markup import shorten
-from ..posting import Posted, Refused, Transient, retrying, scene_header
+from ...commands import repost_id
+from ...core import MAX_PROMPT_CHARS
+from ...db import Place
+from ...markup import shorten
+from ...posting import Posted, Refused, Transient, retrying, scene_header
 from ..utils.formatting import KEYCAPS, LINE_LIMIT, MESSAGE_LIMIT, neutralize
 
 log = logging.getLogger(__name__)
