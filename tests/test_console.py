@@ -9,22 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_config, scripted_loader
+from helpers import SCRIPTED_BOT, make_config, scripted_loader
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-# `python -m bot` with the model writing helpers.SCRIPT (a random tiny model may write
-# nothing beyond the opening, which the bot then reports as an error).
-SCRIPTED_BOT = """
-import sys
-sys.path.insert(0, {tests!r})
-import sitcom.llamacpp
-from helpers import scripted_loader
-sitcom.llamacpp.load_model = scripted_loader()
-from bot.__main__ import main
-sys.exit(main())
-"""
 
 
 def run_bot(stdin: str, tmp_path: Path, model: Path | str, scripted: bool = False, **env: str):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from discord_payloads import CHANNEL_ID, command_payload, invoke, option
-from helpers import make_config, scripted_loader, start_bot
+from helpers import SCRIPTED_BOT, make_config, scripted_loader, start_bot
 
 from bot import checkpoints
 from bot.config import Config, ConfigError
@@ -45,8 +45,11 @@ def bot_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_bot(stdin: bytes, tmp_path: Path, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bot"], input=stdin, capture_output=True,
+def run_bot(stdin: bytes, tmp_path: Path, scripted: bool = False,
+            **extra: str) -> subprocess.CompletedProcess:
+    command = (["-c", SCRIPTED_BOT.format(tests=str(ROOT / "tests"))] if scripted
+               else ["-m", "bot"])
+    return subprocess.run([sys.executable, *command], input=stdin, capture_output=True,
                           cwd=tmp_path, env=bot_env(tmp_path, **extra), timeout=240)
 
 
@@ -190,7 +193,7 @@ async def test_a_bug_in_one_command_is_one_line_not_a_dead_console(tmp_path, tin
 @pytest.mark.e2e
 def test_undecodable_stdin_bytes_do_not_hang_or_kill_the_console(tmp_path, tiny_model_dir):
     proc = run_bot(b"/settings set max_new_tokens 16\n/scene JERRY: caf\xff\xfe now\n/best\n",
-                   tmp_path, DEFAULT_CHECKPOINT=str(tiny_model_dir))
+                   tmp_path, scripted=True, DEFAULT_CHECKPOINT=str(tiny_model_dir))
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, err
     assert "Traceback" not in err and b"Scene 1" in proc.stdout
