@@ -104,7 +104,7 @@ async def run(config: Config, *, loader=None, slack_client=None,
                 print(f"error: {reason}", file=sys.stderr)
                 return 1
         if config.token:
-            from .bot import SitcomBot
+            from .discord.bot import SitcomBot
 
             bot = SitcomBot(config, core)
             discord_task = asyncio.create_task(bot.start(config.token), name="discord")

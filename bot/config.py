@@ -8,7 +8,7 @@ import os
 import re
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -89,6 +89,9 @@ class Config:
             value = env.get(name, "").strip()
             return value or None
 
+        # Every default is the dataclass field's, written once above.
+        default = {f.name: f.default for f in fields(cls)}
+
         def number(name: str, kind: type, default: float) -> float:
             raw = get(name)
             if raw is None:
@@ -152,7 +155,7 @@ class Config:
                               "again from the Developer Portal (Bot > Reset Token)")
         admins = get("ADMIN_USER_IDS") or ""
         guild = get("DEV_GUILD_ID")
-        level = (get("LOG_LEVEL") or "INFO").upper()
+        level = (get("LOG_LEVEL") or default["log_level"]).upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR (got {level!r})")
         slack_bot = secret("SLACK_BOT_TOKEN", "xoxb-")
@@ -181,13 +184,13 @@ class Config:
             slack_bot_token=slack_bot,
             slack_app_token=slack_app,
             slack_signing_secret=signing,
-            slack_port=int(number("SLACK_PORT", int, 3000)),
-            slack_host=host("SLACK_HOST", "127.0.0.1"),
+            slack_port=int(number("SLACK_PORT", int, default["slack_port"])),
+            slack_host=host("SLACK_HOST", default["slack_host"]),
             token=token,
-            db_path=Path(get("BOT_DB") or "sitcom.db").expanduser(),
-            checkpoints_dir=Path(get("CHECKPOINTS_DIR") or "checkpoints").expanduser(),
-            default_checkpoint=get("DEFAULT_CHECKPOINT") or DEFAULT_MODEL,
-            humour_model=get("HUMOUR_MODEL") or "humour",
+            db_path=Path(get("BOT_DB") or default["db_path"]).expanduser(),
+            checkpoints_dir=Path(get("CHECKPOINTS_DIR") or default["checkpoints_dir"]).expanduser(),
+            default_checkpoint=get("DEFAULT_CHECKPOINT") or default["default_checkpoint"],
+            humour_model=get("HUMOUR_MODEL") or default["humour_model"],
             admin_user_ids=frozenset(
                 user_id("ADMIN_USER_IDS", part.strip())
                 for part in admins.replace(",", " ").split()
@@ -195,10 +198,11 @@ class Config:
             dev_guild_id=snowflake("DEV_GUILD_ID", guild) if guild else None,
             shard_id=shard_id,
             shard_count=shard_count,
-            max_queue=int(number("QUEUE_SIZE", int, 32)),
-            per_user_limit=int(number("PER_USER_LIMIT", int, 2)),
-            timeout_s=float(number("GENERATION_TIMEOUT_S", float, 120.0)),
-            shutdown_timeout_s=float(number("SHUTDOWN_TIMEOUT_S", float, 25.0)),
-            db_timeout_s=float(number("DB_TIMEOUT_S", float, 5.0)),
+            max_queue=int(number("QUEUE_SIZE", int, default["max_queue"])),
+            per_user_limit=int(number("PER_USER_LIMIT", int, default["per_user_limit"])),
+            timeout_s=float(number("GENERATION_TIMEOUT_S", float, default["timeout_s"])),
+            shutdown_timeout_s=float(
+                number("SHUTDOWN_TIMEOUT_S", float, default["shutdown_timeout_s"])),
+            db_timeout_s=float(number("DB_TIMEOUT_S", float, default["db_timeout_s"])),
             log_level=level,
         )

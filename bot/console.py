@@ -13,22 +13,26 @@ import re
 import signal
 import sys
 import threading
+import uuid
+from collections.abc import Callable
 from typing import TextIO
 
 from sitcom.engine import EngineError
 from sitcom.models import ModelLoadError
-from sitcom.settings import RANGES, SceneSettings
+from sitcom.settings import RANGES
 
 from .checkpoints import CheckpointError
 from .commands import UsageError, parse_checkpoint, parse_settings
-from .core import Core
+from .core import FAILED, Core
 from .db import DatabaseError, Place
-from .texts import describe, leaderboard
+from .markup import CONTROL_RE
+from .posting import Posted
 
 log = logging.getLogger(__name__)
 
 LOCAL = Place("console", "0", "0")  # the console's "server" and "channel"
 USER = "0"
+SETTINGS_TITLE = "Scene settings"
 ID_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only (not ², ١) and within SQLite's int64
 NO_INPUT = (
     "the local console ended: no commands on stdin. It runs because DISCORD_TOKEN is not set; "
@@ -37,6 +41,7 @@ NO_INPUT = (
 )
 HELP = """Commands:
   /scene TEXT              write a scene that opens with TEXT, e.g. /scene Elaine: Jerry!
+  /scene #ID               show saved scene ID, if it was never shown
   /vote SCENE_ID LINE_NO   vote for a line of a scene
   /best                    the most-voted lines
   /settings show | set KEY VALUE [KEY VALUE ...] | reset     keys: """ + ", ".join(RANGES) + """
@@ -46,6 +51,40 @@ HELP = """Commands:
 
 class CommandError(UsageError):
     """Bad console input; the message is shown as is."""
+
+
+class ConsoleSurface:
+    """bot.posting.Surface for the terminal: a "message" is printed; lines are numbered with
+    their line number in the scene (what /vote takes), the user's own ones marked `you`."""
+
+    platform = LOCAL.platform
+    max_chars = 100_000  # no message limit; bot.posting still splits every 10 votable lines
+    line_chars = 2000
+    keycaps = "/vote SCENE_ID LINE_NO"
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+
+    def escape(self, text: str) -> str:
+        return _plain(text)
+
+    def header(self, scene_id: int, part: int, note: str | None) -> str:
+        text = f"Scene {scene_id}" + (f" (part {part})" if part > 1 else "")
+        text += f" — vote with /vote {scene_id} LINE_NO"
+        return text + (f"\n({_plain(note)})" if note and part == 1 else "")
+
+    def line(self, slot: int | None, text: str, line_no: int = 0) -> str:
+        return f"{'you' if slot is None else line_no:>3}. {text}"
+
+    def link(self, url: str, label: str) -> str:
+        return url
+
+    async def send(self, text: str) -> Posted:
+        self.say(text)
+        return Posted(f"console-{uuid.uuid4().hex}")
+
+    async def react(self, ref: str, slot: int) -> None:
+        pass  # /vote LINE_NO stands for the keycap
 
 
 class Console:
@@ -129,20 +168,26 @@ class Console:
         self.say(HELP)
 
     async def scene(self, prompt: str) -> None:
-        settings = await self.core.db.get_settings(LOCAL.platform, LOCAL.channel_id)
-        job = await self.core.submit(prompt, settings, f"console:{USER}")
-        if job.position > 1:
-            wait = f", ready in about {job.eta_s:.0f} s" if job.eta_s is not None else ""
-            self.say(f"(#{job.position} in the queue{wait})")
-        scene = await job.result()
-        stored = await self.core.record(scene, place=LOCAL, user_id=USER, prompt=job.prompt)
-        self.say(f"Scene {stored.id} ({self.core.model_label(scene)}, {scene.new_tokens} tokens, "
-                 f"{scene.seconds:.1f} s)")
-        for line in stored.lines:  # the user's own lines are shown, but not votable
-            self.say(f"{'you' if line.from_prompt else line.line_no:>3}. {line.text}")
-        if scene.partial:
-            self.say(f"({scene.note})")
-        self.say(f"Vote with /vote {stored.id} LINE_NO")
+        """`/scene TEXT` or `/scene #ID`: Core.scene_command, shown on this terminal. A
+        failure after the acknowledgement (the model wrote nothing, a timeout) is an error
+        line like any other (exit status 1 for piped input)."""
+        failure: list[str] = []
+
+        async def acknowledge(text: str) -> None:
+            self.say(text)
+
+        async def update(text: str) -> None:
+            if text.startswith(FAILED):
+                failure.append(text.removeprefix(FAILED))
+            else:
+                self.say(text)
+
+        await self.core.scene_command(
+            place=LOCAL, user_id=USER, prompt=prompt, surface=ConsoleSurface(self.say),
+            acknowledge=acknowledge, update=update,
+        )
+        if failure:
+            raise CommandError(failure[0])
 
     async def vote(self, args: str) -> None:
         parts = args.split()
@@ -154,31 +199,28 @@ class Console:
             raise CommandError(f"scene {scene_id} has no line {line_no}")
         if line.from_prompt:
             raise CommandError(f"line {line_no} is your own opening; vote for what the model wrote")
-        if await self.core.db.add_vote(USER, line.id):
+        if line.message_id is None or line.slot is None:
+            raise CommandError(f"scene {scene_id} is not shown yet; show it with "
+                               f"/scene #{scene_id}")
+        # The same path as a keycap reaction on Discord or Slack.
+        if await self.core.vote(platform=LOCAL.platform, message_id=line.message_id,
+                                slot=line.slot, user_id=USER, add=True):
             self.say(f"Voted for line {line_no} of scene {scene_id}.")
         else:
             self.say("You already voted for that line.")
 
     async def best(self, _: str) -> None:
-        self.say(leaderboard("Best lines", await self.core.db.best(LOCAL.platform, LOCAL.guild_id)))
+        self.say(await self.core.best_text(LOCAL, escape=_plain))
 
     async def settings(self, args: str) -> None:
         action, changes = parse_settings(args)
-        db = self.core.db
         if action == "show":
-            self.say(describe(await db.get_settings(LOCAL.platform, LOCAL.channel_id),
-                              "Scene settings"))
+            text = await self.core.show_settings(LOCAL, title=SETTINGS_TITLE)
         elif action == "reset":
-            await db.reset_settings(LOCAL.platform, LOCAL.channel_id)
-            self.say(describe(SceneSettings(), "Reset. Scene settings"))
+            text = await self.core.reset_settings(LOCAL, title=SETTINGS_TITLE)
         else:
-            try:
-                current = await db.get_settings(LOCAL.platform, LOCAL.channel_id)
-                settings = current.with_changes(**changes)
-            except ValueError as e:
-                raise CommandError(str(e)) from None
-            await db.save_settings(LOCAL, USER, settings)
-            self.say(describe(settings, "Saved. Scene settings"))
+            text = await self.core.change_settings(LOCAL, USER, changes, title=SETTINGS_TITLE)
+        self.say(text)
 
     async def checkpoint(self, args: str) -> None:
         action, name = parse_checkpoint(args)
@@ -187,6 +229,11 @@ class Console:
                 self.say(f"  {row}")
         else:
             self.say(self.core.switched_text(await self.core.use_checkpoint(name)))
+
+
+def _plain(text: str) -> str:
+    """Text for the terminal: as written, less control characters (escape sequences)."""
+    return CONTROL_RE.sub("", text)
 
 
 def _read_lines(stdin: TextIO) -> asyncio.Queue[str | None]:

@@ -10,7 +10,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Collection
 
-from sitcom.engine import EngineError, GenerationTimeout, Scene, SceneEngine
+from sitcom.engine import EngineError, Scene, SceneEngine
 from sitcom.humour import HumourModel, HumourModelError, load_default
 from sitcom.models import (
     ModelLoadError,
@@ -18,21 +18,23 @@ from sitcom.models import (
     served_model_name,
     tuned_default_fallback,
 )
-from sitcom.script import normalize_prompt
 from sitcom.serving import load_model
 from sitcom.settings import SceneSettings
 
 from . import checkpoints
-from .commands import repost_id
+from .commands import UsageError, repost_id
 from .config import Config
 from .db import Database, DatabaseError, LeaseHeld, Place, StoredScene
 from .posting import Delivery, RetryPolicy, Surface, deliver
+from .texts import describe, leaderboard
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 1000  # the engine's limit and the /scene option's max_length
 CHECKPOINT_KEY = "active_checkpoint"
 HUMOUR_KEY = "active_humour"
+SETTINGS_TITLE = "Scene settings for this channel"
+FAILED = "😕 "  # how scene_command's update texts for a failure start
 LEASE_TTL_S = 30.0  # a process's lease outlives it by at most this; renewed every third
 
 
@@ -143,7 +145,7 @@ class Core:
         return await self.db.add_scene(
             place=place, user_id=str(user_id), prompt=prompt,
             model_name=self.model_label(scene), lines=list(scene.lines),
-            prompt_lines=prompt_line_count(prompt, scene.lines),
+            prompt_lines=min(scene.prompt_lines, len(scene.lines)),
             new_tokens=int(scene.new_tokens), seconds=float(scene.seconds), note=note,
             claimed=claimed,
         )
@@ -178,28 +180,22 @@ class Core:
                 scene = await job.result()
                 if scene.partial:  # cut at the time limit or by a shutdown: posted as it is
                     note = f"⏱️ {scene.note}"
-            except GenerationTimeout as e:
-                scene = e.partial
-                if scene is None or not wrote_lines(job.prompt, scene.lines):
-                    await update("😕 " + surface.escape(str(e)))
-                    return
-                note = "⏱️ Stopped at the time limit; this is as far as it got."
-            except EngineError as e:
-                await update("😕 " + surface.escape(str(e)))
+            except EngineError as e:  # GenerationTimeout too: it wrote nothing by then
+                await update(FAILED + surface.escape(str(e)))
                 return
-            if wrote_lines(job.prompt, scene.lines):
+            if wrote_lines(scene):
                 break
             # The model ended the scene right after the user's own lines: once more.
             log.info("scene for %s: nothing written beyond the prompt (attempt %d)",
                      user_key, attempt)
             if attempt == 2 or scene.partial:
-                await update("😕 The model wrote nothing beyond your lines this time; try "
-                             "again, perhaps with a different opening.")
+                await update(FAILED + "The model wrote nothing beyond your lines this time; "
+                             "try again, perhaps with a different opening.")
                 return
             try:
                 job = await self.submit(job.prompt, settings, user_key)
             except EngineError as e:
-                await update("😕 " + surface.escape(str(e)))
+                await update(FAILED + surface.escape(str(e)))
                 return
         # Stored before it is posted: whatever happens next, the scene is not lost.
         stored = await self.record(scene, place=place, user_id=user_id, prompt=job.prompt,
@@ -248,7 +244,7 @@ class Core:
     def _outcome(self, stored: StoredScene, delivery: Delivery, surface: Surface,
                  scene=None) -> str:
         if not delivery.posted:
-            return (f"😕 Scene {stored.id} is written and saved, but I couldn't post it: "
+            return (f"{FAILED}Scene {stored.id} is written and saved, but I couldn't post it: "
                     f"{surface.escape(delivery.problem or 'unknown error')}. "
                     f"Post it with `/scene #{stored.id}` once that is fixed.")
         where = surface.link(delivery.link, "here") if delivery.link else "in this channel"
@@ -261,6 +257,47 @@ class Core:
                      f"{surface.escape(delivery.reactions_problem)}; react with "
                      f"{surface.keycaps} on a line yourselves to vote")
         return text + "."
+
+    # -- /settings and /best: the texts to send, ready for the platform's markup -------------
+
+    async def show_settings(self, place: Place, *, title: str = SETTINGS_TITLE,
+                            bold: str = "**") -> str:
+        """`/settings show`: the channel's scene settings."""
+        settings = await self.db.get_settings(place.platform, place.channel_id)
+        return describe(settings, title, bold=bold)
+
+    async def change_settings(self, place: Place, user_id: str, changes: dict[str, float], *,
+                              title: str = SETTINGS_TITLE, bold: str = "**") -> str:
+        """`/settings set`: the channel's settings with `changes`, saved (the caller has
+        checked the user may). UsageError (one line) for no change or a value out of range."""
+        if not changes:
+            raise UsageError("Give at least one setting to change, e.g. "
+                             "`/settings set temperature 0.9`.")
+        current = await self.db.get_settings(place.platform, place.channel_id)
+        try:
+            settings = current.with_changes(**changes)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        await self.db.save_settings(place, str(user_id), settings)
+        return describe(settings, f"Saved. {title}", bold=bold)
+
+    async def reset_settings(self, place: Place, *, title: str = SETTINGS_TITLE,
+                             bold: str = "**") -> str:
+        """`/settings reset`: back to the defaults (the caller has checked the user may)."""
+        await self.db.reset_settings(place.platform, place.channel_id)
+        return describe(SceneSettings(), f"Reset. {title}", bold=bold)
+
+    async def best_text(
+        self, place: Place, *, channel_only: bool = False, where: str | None = None,
+        escape: Callable[[str], str], bold: str = "**", keycaps: str = "1️⃣…🔟",
+    ) -> str:
+        """`/best`: the most-voted lines in `place`'s server/workspace (`where` names it in
+        the title), or in its channel only."""
+        channel = place.channel_id if channel_only else None
+        rows = await self.db.best(place.platform, place.guild_id, channel)
+        title = ("Best lines in this channel" if channel_only
+                 else f"Best lines in this {where}" if where else "Best lines")
+        return leaderboard(title, rows, escape=escape, bold=bold, keycaps=keycaps)
 
     # -- votes ------------------------------------------------------------------------------
 
@@ -473,16 +510,9 @@ def load_humour(name: str, checkpoints_dir, operator: bool = False) -> HumourMod
         f"There is no humour model called `{shown}`; try /checkpoint list.")
 
 
-def wrote_lines(prompt: str, lines: list[str]) -> bool:
+def wrote_lines(scene: Scene) -> bool:
     """Whether the model wrote anything beyond the user's own opening lines."""
-    return len(lines) > prompt_line_count(prompt, lines)
-
-
-def prompt_line_count(prompt: str, lines: list[str]) -> int:
-    """How many of a scene's first lines are the user's own: the engine puts the normalised
-    prompt lines first (sitcom.generation.clean_lines)."""
-    own = [line for line in normalize_prompt(prompt).splitlines() if line.strip()]
-    return min(len(own), len(lines))
+    return len(scene.lines) > scene.prompt_lines
 
 
 def queue_text(job) -> str:

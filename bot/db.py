@@ -67,6 +67,7 @@ class StoredLine:
     text: str
     from_prompt: bool  # the user's own opening line: shown, not votable
     message_id: str | None  # None until posted
+    slot: int | None = None  # the keycap that votes for it on message_id (scene_line only)
 
 
 @dataclass(frozen=True)
@@ -392,15 +393,15 @@ class Database:
 
     async def scene_line(self, platform: str, scene_id: int, line_no: int) -> StoredLine | None:
         rows = await self._fetch(
-            "SELECT l.id, l.line_no, l.text, l.from_prompt, l.message_id "
+            "SELECT l.id, l.line_no, l.text, l.from_prompt, l.message_id, l.slot "
             "FROM lines l JOIN scenes s ON s.id = l.scene_id "
             "WHERE l.scene_id = ? AND l.line_no = ? AND s.platform = ?",
             (scene_id, line_no, platform),
         )
         if not rows:
             return None
-        i, no, text, own, mid = rows[0]
-        return StoredLine(i, no, text, bool(own), mid)
+        i, no, text, own, mid, slot = rows[0]
+        return StoredLine(i, no, text, bool(own), mid, slot)
 
     # -- votes ---------------------------------------------------------------------------
 

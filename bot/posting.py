@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from .db import Database, StoredLine, StoredScene
+from .markup import shorten
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class Posted:
 
 
 class Surface(Protocol):
-    """What a platform adapter provides; see bot.cogs.scenes and bot.slack.surface."""
+    """What a platform adapter provides; see bot.discord.cogs.scenes, bot.slack.surface and
+    bot.console."""
 
     platform: str
     max_chars: int  # per message
@@ -64,7 +66,7 @@ class Surface(Protocol):
 
     def escape(self, text: str) -> str: ...
     def header(self, scene_id: int, part: int, note: str | None) -> str: ...
-    def line(self, slot: int | None, text: str) -> str: ...
+    def line(self, slot: int | None, text: str, line_no: int = 0) -> str: ...
     def link(self, url: str, label: str) -> str: ...
     async def send(self, text: str) -> Posted: ...
     async def react(self, ref: str, slot: int) -> None: ...
@@ -105,10 +107,6 @@ async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: 
     raise AssertionError("unreachable")
 
 
-def shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 @dataclass(frozen=True)
 class Message:
     text: str
@@ -137,11 +135,11 @@ def plan(scene: StoredScene, surface: Surface) -> list[Message]:
         if placed and row_slot is not None and row_slot > KEYCAP_SLOTS:
             close()
             row_slot = 1
-        row = surface.line(row_slot, shown)
+        row = surface.line(row_slot, shown, line.line_no)
         if placed and len(text) + 1 + len(row) > surface.max_chars:
             close()
             row_slot = None if line.from_prompt else 1
-            row = surface.line(row_slot, shown)
+            row = surface.line(row_slot, shown, line.line_no)
         if not placed:
             text = surface.header(scene.id, len(messages) + 1, scene.note)
         text += "\n" + row

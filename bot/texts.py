@@ -8,7 +8,7 @@ from collections.abc import Callable
 from sitcom.settings import RANGES, SceneSettings
 
 from .db import RankedLine
-from .utils.formatting import neutralize, shorten
+from .markup import shorten
 
 
 def describe(settings: SceneSettings, title: str, bold: str = "**") -> str:
@@ -20,10 +20,11 @@ def describe(settings: SceneSettings, title: str, bold: str = "**") -> str:
 
 
 def leaderboard(
-    title: str, rows: list[RankedLine], *, escape: Callable[[str], str] = neutralize,
+    title: str, rows: list[RankedLine], *, escape: Callable[[str], str],
     bold: str = "**", keycaps: str = "1️⃣…🔟",
 ) -> str:
-    """The /best text: the most-voted lines the model wrote."""
+    """The /best text: the most-voted lines the model wrote, each through the platform's
+    `escape`."""
     if not rows:
         return (f"🏆 {bold}{title}{bold}\nNo votes yet — react to a scene's lines with "
                 f"{keycaps} to vote.")

@@ -164,12 +164,25 @@ def scripted_loader(script: str = SCRIPT):
     return load
 
 
+# `python -c SCRIPTED_BOT.format(tests=...)`: the real `python -m bot`, its model writing
+# SCRIPT (a random tiny model may write nothing beyond the opening, which the bot reports).
+SCRIPTED_BOT = """
+import sys
+sys.path.insert(0, {tests!r})
+import sitcom.llamacpp
+from helpers import scripted_loader
+sitcom.llamacpp.load_model = scripted_loader()
+from bot.__main__ import main
+sys.exit(main())
+"""
+
+
 async def start_bot(config, sync: bool = False, loader=None):
     """A SitcomBot over a started Core, its HTTP recorded (discord_payloads.install)."""
     from discord_payloads import install
 
-    from bot.bot import SitcomBot
     from bot.core import Core
+    from bot.discord.bot import SitcomBot
     from bot.posting import RetryPolicy
 
     core = await Core.start(config, loader=loader or scripted_loader())

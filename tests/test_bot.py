@@ -31,9 +31,9 @@ from discord_payloads import (
 )
 from helpers import make_config, scripted_loader, start_bot, teleprompter_model
 
-from bot.bot import SitcomBot
 from bot.core import Core
-from bot.utils.formatting import KEYCAPS
+from bot.discord.bot import SitcomBot
+from bot.discord.utils.formatting import KEYCAPS
 from sitcom.settings import SceneSettings
 
 
@@ -313,8 +313,8 @@ def test_every_slash_command_option_has_a_description(tmp_path, tiny_model_dir):
     bot = SitcomBot(make_config(tmp_path, tiny_model_dir))
 
     async def load():
-        for ext in ("bot.cogs.scenes", "bot.cogs.votes", "bot.cogs.settings",
-                    "bot.cogs.checkpoints"):
+        for ext in ("bot.discord.cogs.scenes", "bot.discord.cogs.votes",
+                    "bot.discord.cogs.settings", "bot.discord.cogs.checkpoints"):
             await bot.load_extension(ext)
 
     asyncio.run(load())
@@ -420,3 +420,55 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
     (tokens,) = sqlite3.connect(tmp_path / "bot.db").execute(
         "SELECT new_tokens FROM scenes").fetchone()
     assert 0 < tokens < 400
+
+
+@pytest.mark.asyncio
+async def test_core_owns_settings_and_best_for_every_frontend(tmp_path, tiny_model_dir):
+    """The get -> change -> save -> describe sequence and /best live in Core: a frontend
+    passes its place, the user and its markup, and sends the text it gets back."""
+    from bot.commands import UsageError
+    from bot.db import Place
+
+    core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=scripted_loader())
+    here, there = Place("slack", "T1", "C1"), Place("discord", "1", "2")
+    try:
+        saved = await core.change_settings(here, "U1", {"temperature": 1.3}, bold="*")
+        assert saved.startswith("⚙️ *Saved. Scene settings for this channel*")
+        assert "`temperature` = 1.3" in saved
+        assert "`temperature` = 1.3" in await core.show_settings(here)
+        assert "`temperature` = 1.3" not in await core.show_settings(there)
+        with pytest.raises(UsageError, match="temperature must be between"):
+            await core.change_settings(here, "U1", {"temperature": 9})
+        with pytest.raises(UsageError, match="at least one setting"):
+            await core.change_settings(here, "U1", {})
+        reset = await core.reset_settings(here, title="Scene settings")
+        assert reset.startswith("⚙️ **Reset. Scene settings**")
+        assert (await core.db.get_settings("slack", "C1")) == SceneSettings()
+        board = await core.best_text(here, where="workspace", escape=str.upper, bold="*",
+                                     keycaps=":one:")
+        assert "*Best lines in this workspace*" in board and ":one:" in board
+        assert "Best lines in this channel" in await core.best_text(
+            here, channel_only=True, escape=str)
+    finally:
+        await core.close()
+
+
+@pytest.mark.asyncio
+async def test_core_stores_the_engines_count_of_prompt_lines(tmp_path, tiny_model_dir):
+    """How many lines were the user's opening is the engine's Scene.prompt_lines, not worked
+    out again from the prompt text (the stored prompt may be anything)."""
+    from bot.core import wrote_lines
+    from bot.db import Place
+    from sitcom.jobs import Scene
+
+    core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=scripted_loader())
+    lines = ["JERRY: Hi.", "ELAINE: Hey.", "GEORGE: What?"]
+    try:
+        scene = Scene(lines, "\n".join(lines), 5, 0.1, core.engine.model_name, prompt_lines=2)
+        stored = await core.record(scene, place=Place("console", "0", "0"), user_id="0",
+                                   prompt="one line")
+        assert [line.from_prompt for line in stored.lines] == [True, True, False]
+        assert wrote_lines(scene)
+        assert not wrote_lines(Scene(lines[:2], "", 0, 0.1, "m", prompt_lines=2))
+    finally:
+        await core.close()

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from bot.checkpoints import CheckpointError, available, resolve, startup_model
-from bot.cogs.scenes import DiscordSurface
 from bot.config import Config, ConfigError
 from bot.db import Place, StoredLine, StoredScene
+from bot.discord.cogs.scenes import DiscordSurface
+from bot.discord.utils.formatting import KEYCAPS, neutralize, slot_of
 from bot.posting import plan
-from bot.utils.formatting import KEYCAPS, neutralize, slot_of
 
 
 def scene(lines, prompt_lines=0, note=None):

@@ -9,18 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_config, scripted_loader
+from helpers import SCRIPTED_BOT, make_config, scripted_loader
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_bot(stdin: str, tmp_path: Path, model: Path | str, **env: str):
+def run_bot(stdin: str, tmp_path: Path, model: Path | str, scripted: bool = False, **env: str):
     full = {k: v for k, v in os.environ.items()
             if k != "DISCORD_TOKEN" and not k.startswith("SLACK_")}
     full.update(DEFAULT_CHECKPOINT=str(model), BOT_DB=str(tmp_path / "console.db"),
                 CHECKPOINTS_DIR=str(tmp_path / "checkpoints"), LOG_LEVEL="WARNING",
                 SITCOM_CACHE=str(tmp_path / "cache"), **env)
-    return subprocess.run([sys.executable, "-m", "bot"], input=stdin, capture_output=True,
+    command = (["-c", SCRIPTED_BOT.format(tests=str(ROOT / "tests"))] if scripted
+               else ["-m", "bot"])
+    return subprocess.run([sys.executable, *command], input=stdin, capture_output=True,
                           text=True, cwd=tmp_path, env=full, timeout=240)
 
 
@@ -30,7 +32,7 @@ def test_console_writes_a_scene_votes_and_keeps_settings(tmp_path, tiny_model_di
     first = run_bot(
         "/settings set max_new_tokens 16\n"
         "/scene Elaine: Jerry! George! You guys, listen!\n"
-        "/best\n", tmp_path, tiny_model_dir, **env)
+        "/best\n", tmp_path, tiny_model_dir, scripted=True, **env)
     assert first.returncode == 0, first.stderr
     out = first.stdout
     # The user's own line is shown but not numbered for voting.
@@ -199,13 +201,14 @@ def test_shutdown_is_bounded_and_stores_the_running_scene(
     assert bot.returncode == 0, err
     assert "Traceback" not in err and "stopped" in err
     assert "Scene 1" in out and "  2. ELAINE: Get out!" in out
-    assert "(The bot was shutting down, so the scene stops here.)" in out
+    assert "The bot was shutting down, so the scene stops here.)" in out
     assert not (tmp_path / "console.db-wal").exists()
     db = sqlite3.connect(tmp_path / "console.db")
     (tokens,) = db.execute("SELECT new_tokens FROM scenes").fetchone()
     assert 0 < tokens < 400
 
 
+@pytest.mark.e2e
 def test_humour_models_are_listed_switched_and_remembered_like_checkpoints(
     tmp_path, tiny_model_dir
 ):
@@ -219,7 +222,7 @@ def test_humour_models_are_listed_switched_and_remembered_like_checkpoints(
         "/checkpoint list\n/checkpoint use funny\n"
         "/settings set best_of 3 max_new_tokens 16\n"
         "/scene Elaine: Jerry! George! You guys, listen!\n",
-        tmp_path, tiny_model_dir, **env)
+        tmp_path, tiny_model_dir, scripted=True, **env)
     assert first.returncode == 0, first.stderr
     assert "humour model: humour  ← active" in first.stdout
     assert "humour model: funny" in first.stdout and "humour model: off" in first.stdout
@@ -238,3 +241,113 @@ def test_humour_models_are_listed_switched_and_remembered_like_checkpoints(
     assert "no checkpoint called `nothing-here`" in second.stderr
     assert "ranked by the coherence checks alone" in second.stdout
     assert "Traceback" not in second.stderr
+
+
+@pytest.mark.e2e
+def test_console_scene_hash_id_is_a_repost_not_a_new_scene(tmp_path, tiny_model_dir):
+    """`/scene #12` goes through Core.scene_command as on Discord and Slack: it re-posts
+    stored scene 12 and never writes a new scene opening with "#12"."""
+    import sqlite3
+
+    run = run_bot("/scene #12\n/scene #x\n", tmp_path, tiny_model_dir,
+                  PYTHONPATH=str(ROOT))
+    assert run.returncode == 1
+    errors = [e for e in run.stderr.splitlines() if e.startswith("error: ")]
+    assert errors[0] == "error: There is no scene 12 in this channel.", run.stderr
+    assert "`/scene #ID` posts saved scene ID again" in errors[1]
+    assert "Traceback" not in run.stderr
+    db = sqlite3.connect(tmp_path / "console.db")
+    assert db.execute("SELECT COUNT(*) FROM scenes").fetchone() == (0,)
+    db.close()
+
+
+@pytest.mark.asyncio
+async def test_console_reposts_a_stored_scene_that_was_never_shown(tmp_path, tiny_model_dir):
+    from bot.console import LOCAL, Console
+    from bot.core import Core
+    from sitcom.engine import EngineError
+    from sitcom.settings import SceneSettings
+
+    core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=scripted_loader())
+    out = io.StringIO()
+    console = Console(core, out=out)
+    try:
+        # Written and stored, never shown (the process stopped before it was printed).
+        job = await core.submit("Elaine: Jerry!", SceneSettings(max_new_tokens=20), "console:0")
+        stored = await core.record(await job.result(), place=LOCAL, user_id="0",
+                                   prompt=job.prompt)
+        await console.handle(f"/scene #{stored.id}")
+        text = out.getvalue()
+        assert f"Scene {stored.id}" in text and "you. ELAINE: Jerry!" in text
+        assert "  2. GEORGE: What is it?" in text
+        assert (await core.db.get_scene(stored.id)).posted
+        await console.handle(f"/vote {stored.id} 2")  # its lines are votable now
+        assert "Voted for line 2" in out.getvalue()
+        with pytest.raises(EngineError, match="posted already"):
+            await console.handle(f"/scene #{stored.id}")
+        with pytest.raises(EngineError, match="no scene 99"):
+            await console.handle("/scene #99")
+        assert await core.db.get_scene(stored.id + 1) is None  # nothing new written
+    finally:
+        await core.close()
+
+
+@pytest.mark.asyncio
+async def test_console_retries_a_scene_with_nothing_beyond_the_prompt_then_says_so(
+    tmp_path, tiny_model_dir, caplog
+):
+    """The model ends the scene right after the user's lines: tried once more, then one
+    error line, and nothing is stored (as on Discord and Slack)."""
+    import logging
+
+    from helpers import teleprompter_model
+
+    from bot.console import CommandError, Console
+    from bot.core import Core
+    from sitcom.models import load_model
+
+    def silent(name: str):
+        _, tokenizer = load_model(name)
+        return teleprompter_model(tokenizer, tokenizer.eos_token), tokenizer
+
+    core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=silent)
+    console = Console(core, out=io.StringIO())
+    caplog.set_level(logging.INFO, logger="bot.core")
+    try:
+        await console.handle("/settings set max_new_tokens 16 best_of 1")
+        with pytest.raises(CommandError, match="wrote nothing beyond your lines"):
+            await console.handle("/scene Elaine: Jerry!")
+        assert await core.db.get_scene(1) is None
+    finally:
+        await core.close()
+    attempts = [r.getMessage() for r in caplog.records if "nothing written" in r.getMessage()]
+    assert len(attempts) == 2, attempts
+
+
+@pytest.mark.asyncio
+async def test_console_votes_go_through_core_vote(tmp_path, tiny_model_dir):
+    from bot.console import Console
+    from bot.core import Core
+
+    core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=scripted_loader())
+    calls = []
+    real_vote = core.vote
+
+    async def vote(**kwargs):
+        calls.append(kwargs)
+        return await real_vote(**kwargs)
+
+    core.vote = vote
+    out = io.StringIO()
+    console = Console(core, out=out)
+    try:
+        await console.handle("/settings set max_new_tokens 20")
+        await console.handle("/scene Elaine: Jerry!")
+        await console.handle("/vote 1 2")
+        await console.handle("/vote 1 2")
+    finally:
+        await core.close()
+    assert [(c["platform"], c["slot"], c["user_id"], c["add"]) for c in calls] \
+        == [("console", 1, "0", True)] * 2
+    assert "Voted for line 2 of scene 1." in out.getvalue()
+    assert "already voted" in out.getvalue()

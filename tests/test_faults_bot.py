@@ -19,16 +19,16 @@ from pathlib import Path
 
 import pytest
 from discord_payloads import CHANNEL_ID, command_payload, invoke, option
-from helpers import make_config, start_bot
+from helpers import SCRIPTED_BOT, make_config, scripted_loader, start_bot
 
 from bot import checkpoints
-from bot.cogs.scenes import DiscordSurface
 from bot.config import Config, ConfigError
 from bot.console import CommandError, Console
 from bot.core import Core
 from bot.db import Database, DatabaseError, Place, StoredLine, StoredScene, migrations
+from bot.discord.cogs.scenes import DiscordSurface
+from bot.discord.utils.formatting import neutralize
 from bot.posting import plan
-from bot.utils.formatting import neutralize
 from sitcom.engine import EngineError, SceneEngine
 from sitcom.settings import SceneSettings
 
@@ -45,8 +45,11 @@ def bot_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_bot(stdin: bytes, tmp_path: Path, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bot"], input=stdin, capture_output=True,
+def run_bot(stdin: bytes, tmp_path: Path, scripted: bool = False,
+            **extra: str) -> subprocess.CompletedProcess:
+    command = (["-c", SCRIPTED_BOT.format(tests=str(ROOT / "tests"))] if scripted
+               else ["-m", "bot"])
+    return subprocess.run([sys.executable, *command], input=stdin, capture_output=True,
                           cwd=tmp_path, env=bot_env(tmp_path, **extra), timeout=240)
 
 
@@ -151,7 +154,8 @@ async def test_vote_ids_are_parsed_strictly(tmp_path, tiny_model_dir):
 
 @pytest.mark.asyncio
 async def test_lone_surrogate_prompt_is_cleaned_and_stored(tmp_path, tiny_model_dir):
-    core = await Core.start(make_config(tmp_path, tiny_model_dir))
+    # scripted: a random model may write nothing beyond the opening (then nothing is stored)
+    core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=scripted_loader())
     await core.db.save_settings(CONSOLE, "0", SHORT)
     out, err = io.StringIO(), io.StringIO()
     console = Console(core, out=out, err=err)
@@ -189,7 +193,7 @@ async def test_a_bug_in_one_command_is_one_line_not_a_dead_console(tmp_path, tin
 @pytest.mark.e2e
 def test_undecodable_stdin_bytes_do_not_hang_or_kill_the_console(tmp_path, tiny_model_dir):
     proc = run_bot(b"/settings set max_new_tokens 16\n/scene JERRY: caf\xff\xfe now\n/best\n",
-                   tmp_path, DEFAULT_CHECKPOINT=str(tiny_model_dir))
+                   tmp_path, scripted=True, DEFAULT_CHECKPOINT=str(tiny_model_dir))
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, err
     assert "Traceback" not in err and b"Scene 1" in proc.stdout
@@ -321,7 +325,7 @@ def test_console_at_eof_says_how_to_start_the_real_bots(tmp_path, tiny_model_dir
     "JERRY: [a] [b](http://x.invalid)",
 ])
 def test_masked_links_are_neutralised(text):
-    from bot.utils.formatting import neutralize_markdown
+    from bot.markup import neutralize_markdown
 
     shown = neutralize(text)
     assert "](" not in shown and shown.replace("\u200b", "") == text  # nothing else changed

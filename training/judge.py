@@ -370,7 +370,7 @@ def write_cli(args) -> int:
 async def _write_scenes(args, todo: list[dict], base: dict, settings) -> int:
     """Scenes for `todo` through the bot's engine, appended to OUT as each is done."""
     from bot import checkpoints
-    from bot.core import MAX_PROMPT_CHARS, load_humour, prompt_line_count
+    from bot.core import MAX_PROMPT_CHARS, load_humour
     from sitcom.engine import EngineError, SceneEngine
     from sitcom.models import ModelLoadError
     from sitcom.serving import load_model
@@ -407,7 +407,7 @@ async def _write_scenes(args, todo: list[dict], base: dict, settings) -> int:
                 failed += 1
                 print(f"{opening['id']}: {e}", file=sys.stderr)
                 return
-        own = prompt_line_count(job.prompt, scene.lines)
+        own = scene.prompt_lines  # the engine says how many lines were the opening
         _append(args.out, {
             "id": opening["id"], **base, "model_path": str(model),
             "opening": opening["opening"], "lines": list(scene.lines[own:]),

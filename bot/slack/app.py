@@ -34,7 +34,6 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from sitcom.engine import EngineError
 from sitcom.models import ModelLoadError
-from sitcom.settings import SceneSettings
 
 from ..checkpoints import CheckpointError
 from ..commands import UsageError, parse_best, parse_checkpoint, parse_settings
@@ -42,7 +41,6 @@ from ..config import Config
 from ..core import Core
 from ..db import DatabaseError, Place
 from ..permissions import NotAllowed, check_checkpoint, check_settings
-from ..texts import describe, leaderboard
 from .surface import (
     PLATFORM,
     SlackSurface,
@@ -241,35 +239,25 @@ class SlackFrontend:
 
     async def _best(self, command: dict, reply) -> None:
         scope = parse_best(command.get("text", ""))
-        place = self._place(command)
-        channel = place.channel_id if scope == "channel" else None
-        rows = await self.core.db.best(PLATFORM, place.guild_id, channel)
-        title = "Best lines in this channel" if channel else "Best lines in this workspace"
-        await reply(leaderboard(title, rows, escape=escape, bold="*",
-                                keycaps=":one:…:keycap_ten:"), public=True)
+        text = await self.core.best_text(
+            self._place(command), channel_only=scope == "channel", where="workspace",
+            escape=escape, bold="*", keycaps=SlackSurface.keycaps)
+        await reply(text, public=True)
 
     async def _settings(self, command: dict, reply) -> None:
         action, changes = parse_settings(command.get("text", ""))
-        place, db = self._place(command), self.core.db
+        place = self._place(command)
         if action == "show":
-            await reply(describe(await db.get_settings(PLATFORM, place.channel_id),
-                                 "Scene settings for this channel", bold="*"))
+            await reply(await self.core.show_settings(place, bold="*"))
             return
         user = command["user_id"]
         check_settings(user, platform_admin=await self._is_workspace_admin(user),
                        config=self.config, needs="to be a workspace admin or owner")
         if action == "reset":
-            await db.reset_settings(PLATFORM, place.channel_id)
-            await reply(describe(SceneSettings(), "Reset. Scene settings for this channel",
-                                 bold="*"), public=True)
-            return
-        try:
-            settings = (await db.get_settings(PLATFORM, place.channel_id)).with_changes(**changes)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        await db.save_settings(place, user, settings)
-        await reply(describe(settings, "Saved. Scene settings for this channel", bold="*"),
-                    public=True)
+            await reply(await self.core.reset_settings(place, bold="*"), public=True)
+        else:
+            await reply(await self.core.change_settings(place, user, changes, bold="*"),
+                        public=True)
 
     async def _is_workspace_admin(self, user: str) -> bool:
         if user in self.config.admin_user_ids:

@@ -17,8 +17,8 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from ..markup import CONTROL_RE, neutralize_markdown
 from ..posting import Posted, Refused, Transient, scene_header
-from ..utils.formatting import CONTROL_RE, neutralize_markdown
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ class SlackSurface:
     def header(self, scene_id: int, part: int, note: str | None) -> str:
         return scene_header(scene_id, part, note, bold="*")
 
-    def line(self, slot: int | None, text: str) -> str:
+    def line(self, slot: int | None, text: str, line_no: int = 0) -> str:
+        # line_no: unused; the keycap says which line a vote is for
         return f"💬 {text}" if slot is None else f":{REACTIONS[slot - 1]}: {text}"
 
     def link(self, url: str, label: str) -> str:

@@ -9,10 +9,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from ..db import DatabaseError
-from ..texts import leaderboard
-from ..utils.formatting import slot_of
-from .scenes import PLATFORM
+from ...db import DatabaseError
+from ..utils.formatting import neutralize, slot_of
+from .scenes import PLATFORM, place_of
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +45,11 @@ class Votes(commands.Cog):
     async def best(
         self, interaction: discord.Interaction, scope: Literal["server", "channel"] = "server"
     ) -> None:
-        channel = str(interaction.channel_id) if scope == "channel" else None
-        rows = await self.bot.core.db.best(PLATFORM, str(interaction.guild_id), channel)
-        title = "Best lines in this channel" if channel else "Best lines in this server"
+        text = await self.bot.core.best_text(
+            place_of(interaction), channel_only=scope == "channel", where="server",
+            escape=neutralize)
         await interaction.response.send_message(
-            leaderboard(title, rows), allowed_mentions=discord.AllowedMentions.none()
+            text, allowed_mentions=discord.AllowedMentions.none()
         )
 
 

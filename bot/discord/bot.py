@@ -9,13 +9,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from .config import Config
-from .core import Core
+from ..config import Config
+from ..core import Core
 from .utils.errors import reply_error
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.cogs.scenes", "bot.cogs.votes", "bot.cogs.settings", "bot.cogs.checkpoints")
+EXTENSIONS = ("bot.discord.cogs.scenes", "bot.discord.cogs.votes", "bot.discord.cogs.settings",
+              "bot.discord.cogs.checkpoints")
 
 
 def intents() -> discord.Intents:

@@ -20,11 +20,12 @@ from discord.ext import commands
 
 from sitcom.jobs import clean_prompt
 
-from ..commands import repost_id
-from ..core import MAX_PROMPT_CHARS
-from ..db import Place
-from ..posting import Posted, Refused, Transient, retrying, scene_header
-from ..utils.formatting import KEYCAPS, LINE_LIMIT, MESSAGE_LIMIT, neutralize, shorten
+from ...commands import repost_id
+from ...core import MAX_PROMPT_CHARS
+from ...db import Place
+from ...markup import shorten
+from ...posting import Posted, Refused, Transient, retrying, scene_header
+from ..utils.formatting import KEYCAPS, LINE_LIMIT, MESSAGE_LIMIT, neutralize
 
 log = logging.getLogger(__name__)
 NO_PINGS = discord.AllowedMentions.none()
@@ -53,7 +54,8 @@ class DiscordSurface:
     def header(self, scene_id: int, part: int, note: str | None) -> str:
         return scene_header(scene_id, part, note, bold="**")
 
-    def line(self, slot: int | None, text: str) -> str:
+    def line(self, slot: int | None, text: str, line_no: int = 0) -> str:
+        # line_no: unused; the keycap says which line a vote is for
         return f"💬 {text}" if slot is None else f"{KEYCAPS[slot - 1]} {text}"
 
     def link(self, url: str, label: str) -> str:

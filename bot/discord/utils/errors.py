@@ -10,10 +10,10 @@ from discord import app_commands
 from sitcom.engine import EngineError
 from sitcom.models import ModelLoadError
 
-from ..checkpoints import CheckpointError
-from ..commands import UsageError
-from ..db import DatabaseError
-from ..permissions import NotAllowed
+from ...checkpoints import CheckpointError
+from ...commands import UsageError
+from ...db import DatabaseError
+from ...permissions import NotAllowed
 
 log = logging.getLogger(__name__)
 

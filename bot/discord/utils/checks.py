@@ -5,7 +5,7 @@ from __future__ import annotations
 import discord
 from discord import app_commands
 
-from ..permissions import NotAllowed, check_checkpoint, check_settings
+from ...permissions import NotAllowed, check_checkpoint, check_settings
 
 
 class NotAdmin(app_commands.CheckFailure):

@@ -6,11 +6,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from sitcom.settings import RANGES, SceneSettings
+from sitcom.settings import RANGES
 
-from ..texts import describe
 from ..utils.checks import may_change_settings
-from .scenes import PLATFORM, place_of
+from .scenes import place_of
 
 NO_PINGS = discord.AllowedMentions.none()
 # What each setting does, for the option descriptions the Discord client shows.
@@ -50,11 +49,8 @@ class Settings(
 
     @app_commands.command(name="show", description="Show this channel's scene settings")
     async def show(self, interaction: discord.Interaction) -> None:
-        settings = await self.bot.core.db.get_settings(PLATFORM, str(interaction.channel_id))
-        await interaction.response.send_message(
-            describe(settings, "Scene settings for this channel"), ephemeral=True,
-            allowed_mentions=NO_PINGS,
-        )
+        text = await self.bot.core.show_settings(place_of(interaction))
+        await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_PINGS)
 
     @app_commands.command(name="set", description="Change scene settings for this channel")
     @app_commands.describe(**{
@@ -83,26 +79,15 @@ class Settings(
                 ephemeral=True,
             )
             return
-        db = self.bot.core.db
-        place = place_of(interaction)
-        try:
-            settings = (await db.get_settings(PLATFORM, place.channel_id)).with_changes(**given)
-        except ValueError as e:
-            await interaction.response.send_message(f"⚠️ {e}", ephemeral=True)
-            return
-        await db.save_settings(place, str(interaction.user.id), settings)
-        await interaction.response.send_message(
-            describe(settings, "Saved. Scene settings for this channel"), allowed_mentions=NO_PINGS
-        )
+        text = await self.bot.core.change_settings(
+            place_of(interaction), str(interaction.user.id), given)  # UsageError: out of range
+        await interaction.response.send_message(text, allowed_mentions=NO_PINGS)
 
     @app_commands.command(name="reset", description="Go back to the default scene settings")
     @may_change_settings()
     async def reset(self, interaction: discord.Interaction) -> None:
-        await self.bot.core.db.reset_settings(PLATFORM, str(interaction.channel_id))
-        await interaction.response.send_message(
-            describe(SceneSettings(), "Reset. Scene settings for this channel"),
-            allowed_mentions=NO_PINGS,
-        )
+        text = await self.bot.core.reset_settings(place_of(interaction))
+        await interaction.response.send_message(text, allowed_mentions=NO_PINGS)
 
 
 async def setup(bot) -> None:

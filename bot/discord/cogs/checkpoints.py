@@ -6,7 +6,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from .. import checkpoints
+from ... import checkpoints
 from ..utils.checks import is_bot_admin
 
 NO_PINGS = discord.AllowedMentions.none()
