@@ -414,10 +414,10 @@ async def test_processes_with_other_shards_run_side_by_side(tmp_path, tiny_model
 SLOW_MODEL = """
 import time
 sys.path.insert(0, {tests!r})
-import sitcom.llamacpp
+import sitcom.serving
 from helpers import teleprompter_model
 
-real = sitcom.llamacpp.load_model
+real = sitcom.serving.load_hf_model
 
 def slow(name):
     _, tokenizer = real(name)
@@ -425,10 +425,11 @@ def slow(name):
     model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
     return model, tokenizer
 
-sitcom.llamacpp.load_model = slow
+sitcom.serving.load_hf_model = slow
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.asyncio
 @pytest.mark.parametrize("signals", [("SIGTERM", "SIGTERM"), ("SIGINT", "SIGINT")],
                          ids=["sigterm-twice", "ctrl-c-twice"])
