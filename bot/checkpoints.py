@@ -30,13 +30,18 @@ class CheckpointError(ValueError):
 
 def available(checkpoints_dir: Path) -> list[str]:
     """The built-in models first, then every subdirectory holding a config.json, sorted."""
+    return _listing(checkpoints_dir, BUILT_IN, is_model_dir)
+
+
+def _listing(checkpoints_dir: Path, built_in: tuple[str, ...], kind) -> list[str]:
+    """`built_in` first, then the subdirectories of CHECKPOINTS_DIR that are `kind`, sorted."""
     names = []
     if checkpoints_dir.is_dir():
         names = sorted(
             p.name for p in checkpoints_dir.iterdir()
-            if _NAME_RE.fullmatch(p.name) and _inside(p, checkpoints_dir) and is_model_dir(p)
+            if _NAME_RE.fullmatch(p.name) and _inside(p, checkpoints_dir) and kind(p)
         )
-    return [*BUILT_IN, *(n for n in names if n not in BUILT_IN)]
+    return [*built_in, *(n for n in names if n not in built_in)]
 
 
 def is_humour_dir(path: Path) -> bool:
@@ -50,14 +55,7 @@ def is_humour_dir(path: Path) -> bool:
 
 def humour_available(checkpoints_dir: Path) -> list[str]:
     """The shipped humour model and `off` first, then every humour model directory, sorted."""
-    names = []
-    if checkpoints_dir.is_dir():
-        names = sorted(
-            p.name for p in checkpoints_dir.iterdir()
-            if _NAME_RE.fullmatch(p.name) and _inside(p, checkpoints_dir) and is_humour_dir(p)
-        )
-    built_in = (HUMOUR_DEFAULT, HUMOUR_OFF)
-    return [*built_in, *(n for n in names if n not in built_in)]
+    return _listing(checkpoints_dir, (HUMOUR_DEFAULT, HUMOUR_OFF), is_humour_dir)
 
 
 def _inside(entry: Path, checkpoints_dir: Path) -> bool:

@@ -257,3 +257,11 @@ def sign(secret: str, body: str, timestamp: int | None = None) -> dict:
     ts = str(timestamp or int(time.time()))
     digest = hmac.new(secret.encode(), f"v0:{ts}:{body}".encode(), hashlib.sha256).hexdigest()
     return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={digest}"}
+
+
+def tiny_args(corpus: Path, out: Path, model: Path, *extra: str) -> list[str]:
+    """`training finetune` arguments for a 3-step run on the tiny model."""
+    return ["finetune", "--data", str(corpus), "--out", str(out), "--base", str(model),
+            "--block-size", "64", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "3",
+            "--eval-steps", "1", "--save-steps", "1", "--precision", "fp32", "--log-steps", "1",
+            "--gguf", "none", *extra]

@@ -12,19 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import EPISODE, build_tiny_tokenizer, save_tiny_model_dir, write_corpus
+from helpers import EPISODE, build_tiny_tokenizer, save_tiny_model_dir, tiny_args, write_corpus
 
 from sitcom.models import load_model
 from training.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_args(corpus: Path, out: Path, model: Path, *extra: str) -> list[str]:
-    return ["finetune", "--data", str(corpus), "--out", str(out), "--base", str(model),
-            "--block-size", "64", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "3",
-            "--eval-steps", "1", "--save-steps", "1", "--precision", "fp32", "--log-steps", "1",
-            "--gguf", "none", *extra]
 
 
 @pytest.fixture
