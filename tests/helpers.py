@@ -169,9 +169,9 @@ def scripted_loader(script: str = SCRIPT):
 SCRIPTED_BOT = """
 import sys
 sys.path.insert(0, {tests!r})
-import sitcom.llamacpp
+import sitcom.serving
 from helpers import scripted_loader
-sitcom.llamacpp.load_model = scripted_loader()
+sitcom.serving.load_hf_model = scripted_loader()
 from bot.__main__ import main
 sys.exit(main())
 """

@@ -129,10 +129,10 @@ SLOW_BOT = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-import sitcom.llamacpp
+import sitcom.serving
 from helpers import teleprompter_model
 
-real = sitcom.llamacpp.load_model
+real = sitcom.serving.load_hf_model
 calls = 0
 
 def stall(module, args):
@@ -149,7 +149,7 @@ def slow(name):
     model.register_forward_pre_hook(stall)
     return model, tokenizer
 
-sitcom.llamacpp.load_model = slow
+sitcom.serving.load_hf_model = slow
 from bot.__main__ import main
 sys.exit(main())
 """
