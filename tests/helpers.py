@@ -265,3 +265,36 @@ def tiny_args(corpus: Path, out: Path, model: Path, *extra: str) -> list[str]:
             "--block-size", "64", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "3",
             "--eval-steps", "1", "--save-steps", "1", "--precision", "fp32", "--log-steps", "1",
             "--gguf", "none", *extra]
+
+
+def transition_model_dir(path: Path, tokenizer, steps) -> Path:
+    """A tiny Llama saved (with a GGUF) at `path` whose next-token logits follow `steps`,
+    (token, next token, logit) triples: its blocks add nothing to the residual stream, each
+    token of the steps embeds as its own unit vector and the LM head maps it to the logits
+    of its next tokens; tokens outside the steps get flat logits."""
+    import torch
+
+    from training.gguf_export import export_gguf
+
+    tokens = sorted({t for here, there, _ in steps for t in (here, there)})
+    model = build_tiny_model(tokenizer)
+    model.config.tie_word_embeddings = False
+    hidden = model.config.hidden_size
+    assert len(tokens) <= hidden, "one embedding dimension per token"
+    slot_of = {token: slot for slot, token in enumerate(tokens)}
+    with torch.no_grad():
+        emb = torch.zeros_like(model.model.embed_tokens.weight)
+        head = torch.zeros(model.config.vocab_size, hidden)
+        for token, slot in slot_of.items():
+            emb[token, slot] = 1.0
+        for here, there, logit in steps:
+            head[there, slot_of[here]] = logit
+        model.model.embed_tokens.weight = torch.nn.Parameter(emb)
+        model.lm_head.weight = torch.nn.Parameter(head)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    export_gguf(path, qtype="f32")
+    return path

@@ -7,13 +7,11 @@ import asyncio
 import time
 
 import pytest
-import torch
-from helpers import PROMPT, build_tiny_model, build_tiny_tokenizer
+from helpers import PROMPT, build_tiny_tokenizer, transition_model_dir
 
 from sitcom import llamacpp, serving
 from sitcom.engine import EngineError, SceneEngine
 from sitcom.settings import SceneSettings
-from training.gguf_export import export_gguf
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.asyncio
@@ -43,27 +41,7 @@ def endless_dir(tmp_path_factory):
     (what,) = tokenizer.encode(" What")
     steps = [(a, b, 10.0) for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True)]
     steps += [(cycle[-1], what, 5.0), (what, cycle[-1], 10.0)]
-    model = build_tiny_model(tokenizer)
-    model.config.tie_word_embeddings = False
-    hidden = model.config.hidden_size
-    with torch.no_grad():
-        emb = torch.zeros_like(model.model.embed_tokens.weight)
-        head = torch.zeros(model.config.vocab_size, hidden)
-        for slot, token in enumerate([*cycle, what]):
-            emb[token, slot] = 1.0
-        slot_of = {token: slot for slot, token in enumerate([*cycle, what])}
-        for here, there, logit in steps:
-            head[there, slot_of[here]] = logit
-        model.model.embed_tokens.weight = torch.nn.Parameter(emb)
-        model.lm_head.weight = torch.nn.Parameter(head)
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-    path = tmp_path_factory.mktemp("endless") / "m"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    export_gguf(path, qtype="f32")
-    return path
+    return transition_model_dir(tmp_path_factory.mktemp("endless") / "m", tokenizer, steps)
 
 
 def slow_loader(delay: float):
@@ -182,29 +160,8 @@ def branching_dir(tmp_path_factory):
     colon = tokenizer.encode(":")[0]
     speech_starts = {b for a, b in edges if a == colon}
     edges |= {(colon, b) for b in speech_starts}
-    tokens = sorted({t for e in edges for t in e})
-    model = build_tiny_model(tokenizer)
-    model.config.tie_word_embeddings = False
-    hidden = model.config.hidden_size
-    assert len(tokens) <= hidden
-    slot_of = {t: i for i, t in enumerate(tokens)}
-    with torch.no_grad():
-        emb = torch.zeros_like(model.model.embed_tokens.weight)
-        head = torch.zeros(model.config.vocab_size, hidden)
-        for t in tokens:
-            emb[t, slot_of[t]] = 1.0
-        for here, there in edges:
-            head[there, slot_of[here]] = 10.0
-        model.model.embed_tokens.weight = torch.nn.Parameter(emb)
-        model.lm_head.weight = torch.nn.Parameter(head)
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-    path = tmp_path_factory.mktemp("branching") / "m"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    export_gguf(path, qtype="f32")
-    return path
+    steps = [(here, there, 10.0) for here, there in sorted(edges)]
+    return transition_model_dir(tmp_path_factory.mktemp("branching") / "m", tokenizer, steps)
 
 
 @pytest.mark.parametrize("backend", ["llamacpp", "torch"])
