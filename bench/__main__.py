@@ -3,9 +3,9 @@
     python -m bench [--checkpoint DIR] [--tokens 200] [--out bench_results] [--quick]
 
 Single stream (greedy, one 200-token scene): plain transformers generate() fp32 is the
-baseline; the engine's torch path (sitcom.generation, bf16 autocast where the CPU has it);
+baseline; the engine's torch path (sitcom.decoding.generation, bf16 autocast where the CPU has it);
 llama.cpp through llama-cpp-python on the packaged Q4_1 GGUF and on our exported Q8_0,
-raw and through sitcom.llamacpp with all guards. Then 1, 4 and 8 concurrent requests through
+raw and through sitcom.model.llamacpp with all guards. Then 1, 4 and 8 concurrent requests through
 the real SceneEngine queue on both backends, beside raw llama.cpp decoding as many
 sequences (no guards: what continuous batching is measured against). Then contention: one
 scene per backend with the machine quiet and with one busy process (a Python spin loop)
@@ -99,7 +99,7 @@ def export_q8(model: str, out: Path) -> Path:
 
 
 def measure_model(label: str, model: str, q4: Path | None, q8: Path, args) -> dict:
-    from sitcom.models import resolve_model
+    from sitcom.model.catalog import resolve_model
 
     hf_dir = resolve_model(model)
     n = args.tokens
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from sitcom.models import ModelLoadError, packaged_gguf
+    from sitcom.model.catalog import ModelLoadError, packaged_gguf
 
     start = time.time()
     try:

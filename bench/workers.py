@@ -4,9 +4,9 @@
 
 Prints one JSON line. Kinds:
   hf_generate   plain transformers generate(), fp32, greedy (the baseline)
-  hf_scenes     sitcom.generation.generate_scenes (the engine's torch path), greedy
+  hf_scenes     sitcom.decoding.generation.generate_scenes (the engine's torch path), greedy
   llama_raw     llama-cpp-python's Llama.generate on a GGUF, greedy, no guards
-  llama_scenes  sitcom.llamacpp.generate_scenes on a GGUF, greedy, all guards
+  llama_scenes  sitcom.model.llamacpp.generate_scenes on a GGUF, greedy, all guards
   engine        the real SceneEngine queue: 1/4/8 concurrent requests (backend hf|llama)
   llama_multi   raw llama.cpp decoding 1/4/8 sequences at once, greedy, no guards (the
                 reference for continuous batching)
@@ -41,7 +41,7 @@ def _rss_mb() -> float:
 
 def _prompt_ids(tokenizer) -> list[int]:
     """The token ids the scene path feeds the model, so every engine decodes the same text."""
-    from sitcom.script import END_OF_TEXT, normalize_prompt
+    from sitcom.scenes.script import END_OF_TEXT, normalize_prompt
 
     eot = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     prefix = END_OF_TEXT + "\n" if eot != tokenizer.unk_token_id else ""
@@ -62,7 +62,7 @@ class _FirstLine:
 
 
 def _newline_ids(tokenizer) -> set[int]:
-    from sitcom.vocab import vocab_info
+    from sitcom.decoding.vocab import vocab_info
 
     return set(vocab_info(tokenizer).newline_ids.tolist())
 
@@ -71,7 +71,7 @@ def hf_generate(spec: dict) -> dict:
     import torch
     from transformers.generation.streamers import BaseStreamer
 
-    from sitcom.models import load_model
+    from sitcom.model.catalog import load_model
 
     torch.set_num_threads(THREADS)
     model, tok = load_model(spec["model"])
@@ -120,8 +120,8 @@ def hf_generate(spec: dict) -> dict:
 
 
 def _scenes(spec: dict, model, tok, generate) -> dict:
+    from sitcom.decoding.streaming import LineStreamer
     from sitcom.settings import SceneSettings
-    from sitcom.streaming import LineStreamer
 
     load_s = time.perf_counter() - T0
     settings = SceneSettings(max_new_tokens=spec["tokens"])
@@ -151,8 +151,8 @@ def _scenes(spec: dict, model, tok, generate) -> dict:
 def hf_scenes(spec: dict) -> dict:
     import torch
 
-    from sitcom.generation import generate_scenes
-    from sitcom.models import load_model
+    from sitcom.decoding.generation import generate_scenes
+    from sitcom.model.catalog import load_model
 
     torch.set_num_threads(THREADS)
     model, tok = load_model(spec["model"])
@@ -162,8 +162,8 @@ def hf_scenes(spec: dict) -> dict:
 def llama_scenes(spec: dict) -> dict:
     import torch
 
-    from sitcom.llamacpp import generate_scenes
-    from sitcom.serving import load_llamacpp
+    from sitcom.model.llamacpp import generate_scenes
+    from sitcom.model.serving import load_llamacpp
 
     torch.set_num_threads(THREADS)
     model, tok = load_llamacpp(spec["model"], gguf=spec["gguf"])
@@ -171,9 +171,9 @@ def llama_scenes(spec: dict) -> dict:
 
 
 def llama_raw(spec: dict) -> dict:
-    from sitcom.llamacpp import LlamaCppModel
-    from sitcom.models import load_tokenizer
-    from sitcom.threads import ThreadPolicy
+    from sitcom.decoding.threads import ThreadPolicy
+    from sitcom.model.catalog import load_tokenizer
+    from sitcom.model.llamacpp import LlamaCppModel
 
     # The thread count the engine would pick now (SITCOM_THREADS, auto by default), so raw
     # and engine runs compare at the same count on a busy machine too, fixed for the run.
@@ -182,7 +182,7 @@ def llama_raw(spec: dict) -> dict:
     time.sleep(0.5)
     threads = policy.threads()
     # sitcom's wrapper, not llama_cpp.Llama: it keeps llama.cpp off the AMX kernels that
-    # crash (sitcom.llamacpp_check); greedy argmax below is all a raw decode adds.
+    # crash (sitcom.model.llamacpp_check); greedy argmax below is all a raw decode adds.
     llm = LlamaCppModel(spec["gguf"], max_batch=1, n_ctx_per_seq=1024, n_threads=threads)
     tok = load_tokenizer(spec["model"])
     load_s = time.perf_counter() - T0
@@ -217,8 +217,8 @@ def llama_raw(spec: dict) -> dict:
 def llama_multi(spec: dict) -> dict:
     import numpy as np
 
-    from sitcom.llamacpp import LlamaCppModel
-    from sitcom.models import load_tokenizer
+    from sitcom.model.catalog import load_tokenizer
+    from sitcom.model.llamacpp import LlamaCppModel
 
     model = LlamaCppModel(spec["gguf"], max_batch=max(spec["concurrency"]))
     tok = load_tokenizer(spec["model"])
@@ -246,7 +246,7 @@ def engine(spec: dict) -> dict:
     import torch
 
     import sitcom.engine as engine_mod
-    from sitcom import serving
+    from sitcom.model import serving
     from sitcom.settings import SceneSettings
 
     torch.set_num_threads(THREADS)
@@ -256,7 +256,7 @@ def engine(spec: dict) -> dict:
         def loader(name):
             return serving.load_llamacpp(name, gguf=spec["gguf"])
     else:
-        from sitcom.models import load_model as loader
+        from sitcom.model.catalog import load_model as loader
 
     async def main() -> dict:
         eng = engine_mod.SceneEngine(spec["model"], loader=loader, per_user_limit=8, timeout_s=600)
@@ -320,7 +320,7 @@ def bpb(spec: dict) -> dict:
 
     import torch
 
-    from sitcom.models import load_model, load_tokenizer
+    from sitcom.model.catalog import load_model, load_tokenizer
 
     torch.set_num_threads(THREADS)
     text = open(spec["text"], encoding="utf-8").read()[: spec["max_tokens"] * 8]
@@ -330,7 +330,7 @@ def bpb(spec: dict) -> dict:
     windows = [w for w in windows if len(w) > 1]
     nll = 0.0
     if spec.get("gguf"):
-        from sitcom.llamacpp import LlamaCppModel
+        from sitcom.model.llamacpp import LlamaCppModel
 
         llm = LlamaCppModel(spec["gguf"], max_batch=1, n_ctx_per_seq=512, n_threads=THREADS)
         for w in windows:

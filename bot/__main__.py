@@ -56,7 +56,7 @@ async def run(config: Config, *, loader=None, slack_client=None,
     """Start the core and the configured frontends; run until a signal (or `stop`), then
     stop taking scenes, let the running ones post, and close everything once."""
     from sitcom.engine import EngineError
-    from sitcom.models import ModelLoadError
+    from sitcom.model.catalog import ModelLoadError
 
     from .core import Core
     from .db import DatabaseError

@@ -14,8 +14,8 @@ import json
 import re
 from pathlib import Path
 
-from sitcom.humour import CARD_FILE, FORMAT
-from sitcom.models import BASE_MODEL, TUNED_MODEL, is_model_dir
+from sitcom.model.catalog import BASE_MODEL, TUNED_MODEL, is_model_dir
+from sitcom.scenes.humour import CARD_FILE, FORMAT
 
 BUILT_IN = (TUNED_MODEL, BASE_MODEL)
 HUMOUR_DEFAULT = "humour"  # the shipped humour model (sitcom/humour_default)

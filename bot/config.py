@@ -13,8 +13,8 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
-from sitcom.models import DEFAULT_MODEL
-from sitcom.threads import parse_setting as parse_threads
+from sitcom.decoding.threads import parse_setting as parse_threads
+from sitcom.model.catalog import DEFAULT_MODEL
 
 # (lowest, highest) for every numeric setting, inclusive; .env.example documents them.
 # Past the maximum a limit is effectively switched off (GENERATION_TIMEOUT_S=1e308 never

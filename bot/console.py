@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from sitcom.engine import EngineError
-from sitcom.models import ModelLoadError
+from sitcom.model.catalog import ModelLoadError
 from sitcom.settings import RANGES
 
 from .checkpoints import CheckpointError

@@ -11,14 +11,14 @@ import socket
 from collections.abc import Awaitable, Callable, Collection
 
 from sitcom.engine import EngineError, Scene, SceneEngine
-from sitcom.humour import HumourModel, HumourModelError, load_default
-from sitcom.models import (
+from sitcom.model.catalog import (
     ModelLoadError,
     forget_tuned_fallback,
     served_model_name,
     tuned_default_fallback,
 )
-from sitcom.serving import load_model
+from sitcom.model.serving import load_model
+from sitcom.scenes.humour import HumourModel, HumourModelError, load_default
 from sitcom.settings import SceneSettings
 
 from . import checkpoints

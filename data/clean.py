@@ -1,4 +1,4 @@
-"""One raw transcript page -> clean episode lines in the `sitcom.script` format.
+"""One raw transcript page -> clean episode lines in the `sitcom.scenes.script` format.
 
 Pages come from many transcribers, so nothing here knows a layout by its file name: each
 line is classified by shape (turn, name alone, heading, direction, junk, plain text), the
@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sitcom.script import MAIN_CHARACTERS, normalize_speaker
+from sitcom.scenes.script import MAIN_CHARACTERS, normalize_speaker
 
 # Typographic characters the transcribers mixed freely; one ASCII form keeps the vocabulary small.
 _TRANSLATE = str.maketrans({

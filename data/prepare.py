@@ -21,7 +21,7 @@ from data.dedupe import find_duplicates
 from data.outputs import check_output_file
 from data.split import episode_groups, split_episodes
 from sitcom.files import atomic_path
-from sitcom.script import END_OF_TEXT, MAIN_CHARACTERS, is_turn, is_well_formed, speaker_of
+from sitcom.scenes.script import END_OF_TEXT, MAIN_CHARACTERS, is_turn, is_well_formed, speaker_of
 
 MIN_TURNS = 50  # fewer dialogue turns than this is a quote page or a stub, not an episode
 MAIN_CAST_SHARE = 0.05  # a speaker with at least this share of all turns is main cast

@@ -1,11 +1,11 @@
 """The SITCOM_* environment variables, read in one place.
 
     SITCOM_CACHE              model cache (default ~/.cache/sitcom)
-    SITCOM_BACKEND            auto | torch | llamacpp (sitcom.serving)
-    SITCOM_THREADS            auto | N: threads for decoding (sitcom.threads)
-    SITCOM_PRECISION          auto | fp32 | bf16: autocast (sitcom.generation)
+    SITCOM_BACKEND            auto | torch | llamacpp (sitcom.model.serving)
+    SITCOM_THREADS            auto | N: threads for decoding (sitcom.decoding.threads)
+    SITCOM_PRECISION          auto | fp32 | bf16: autocast (sitcom.decoding.generation)
     SITCOM_LLAMA_EXTRA_BUFTS  auto | on | off: llama.cpp's repacked/AMX kernels
-                              (sitcom.llamacpp_check)
+                              (sitcom.model.llamacpp_check)
 
 sitcom_config() reads them as they are now (a test or a start may change the environment);
 each value is checked where it is used, with that variable's own one-line error.

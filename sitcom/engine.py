@@ -24,12 +24,12 @@ API CONTRACT (frontends code against this; the implementation may change):
                                               # it had, and a one-line note for the user
     scene.prompt_lines                        # how many of scene.lines are the opening
     scene.candidates                          # settings.best_of > 1: that many scenes were
-        # written in the same batch and the best-ranked one (sitcom.ranking: coherence
+        # written in the same batch and the best-ranked one (sitcom.scenes.ranking: coherence
         # checks + engine.scorer, a humour model) is the result; stream() shows the first
     job.cancel()                              # stop generating it (result raises EngineError)
     await engine.swap(model)                  # hot swap; raises ModelLoadError, old stays
     engine.model_name                         # name of the active model
-    engine.served                             # sitcom.serving.Served: label, files, backend,
+    engine.served                             # sitcom.model.serving.Served: label, files, backend,
                                               # whether the tuned default fell back (or None)
     await engine.close()                      # stop taking jobs, cancel queued ones, give
         # running scenes until shutdown_timeout_s, then stop them and deliver them as partial
@@ -37,9 +37,9 @@ API CONTRACT (frontends code against this; the implementation may change):
 
 One worker thread runs every generation. A model with a GGUF (the packaged default, or a
 checkpoint holding model.gguf) is served by llama.cpp with continuous batching
-(sitcom.batcher): up to `max_batch` scenes share each forward pass, a queued scene takes a
+(sitcom.decoding.batcher): up to `max_batch` scenes share each forward pass, a queued scene takes a
 slot as soon as one frees, and each scene is delivered the moment it is done. Anything
-else is served by transformers (sitcom.generation) a batch at a time: up to `max_batch`
+else is served by transformers (sitcom.decoding.generation) a batch at a time: up to `max_batch`
 queued jobs written as one generate() call (continuous batching there would need per-row
 KV cache surgery inside transformers' generate()). Both run the same guards.
 SITCOM_BACKEND=torch forces transformers. Models load in other threads, never on the
@@ -58,9 +58,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sitcom.batcher import ContinuousBatcher
-from sitcom.generation import generate_scenes
-from sitcom.guards import DeadlineStop
+from sitcom.decoding.batcher import ContinuousBatcher
+from sitcom.decoding.generation import generate_scenes
+from sitcom.decoding.guards import DeadlineStop
+from sitcom.decoding.plan import GeneratedScene
+from sitcom.decoding.streaming import LineStreamer
+from sitcom.decoding.threads import ThreadPolicy
 from sitcom.jobs import (
     BadPrompt,
     EngineError,
@@ -72,14 +75,11 @@ from sitcom.jobs import (
     _Speed,
     clean_prompt,
 )
-from sitcom.models import DEFAULT_MODEL, ModelLoadError
-from sitcom.plan import GeneratedScene
-from sitcom.ranking import LineScorer, rank
-from sitcom.script import normalize_prompt
-from sitcom.serving import Served, backend_of, load_served
+from sitcom.model.catalog import DEFAULT_MODEL, ModelLoadError
+from sitcom.model.serving import Served, backend_of, load_served
+from sitcom.scenes.ranking import LineScorer, rank
+from sitcom.scenes.script import normalize_prompt
 from sitcom.settings import SceneSettings
-from sitcom.streaming import LineStreamer
-from sitcom.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class SceneEngine:
         scorer: LineScorer | None = None,
     ):
         self._requested = str(model)
-        # name -> (model, tokenizer, Served) as sitcom.serving.load_served, or (model,
+        # name -> (model, tokenizer, Served) as sitcom.model.serving.load_served, or (model,
         # tokenizer) whose backend is told from the model; tests wrap the real loader
         self._loader = loader
         self.scorer = scorer  # ranks best-of-n candidates (a humour model); swappable
@@ -154,7 +154,7 @@ class SceneEngine:
 
     @property
     def served(self) -> Served | None:
-        """What the active model is served as (sitcom.serving), when its loader said so."""
+        """What the active model is served as (sitcom.model.serving), when its loader said so."""
         return self._active.served if self._active else None
 
     @property

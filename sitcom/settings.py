@@ -21,7 +21,7 @@ RANGES: dict[str, tuple[float, float]] = {
 class SceneSettings:
     # The default preset (chosen by measurement, see sitcom/seinfeld_lora/MODEL_CARD.md):
     # a milder repetition penalty and temperature than before (1.15 / 0.8) keep a scene on
-    # its topic; two candidates ranked by sitcom.ranking cost ~1.5x one scene's time.
+    # its topic; two candidates ranked by sitcom.scenes.ranking cost ~1.5x one scene's time.
     max_new_tokens: int = 200
     repetition_penalty: float = 1.05
     temperature: float = 0.7

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sitcom.script import END_OF_TEXT
+from sitcom.scenes.script import END_OF_TEXT
 
 ROOT = Path(__file__).resolve().parent.parent
 RAW_CORPUS = ROOT.parent / "shared" / "data" / "seinfeld-raw"
@@ -91,8 +91,8 @@ def save_tiny_pair(root: Path) -> tuple[Path, Path]:
     change, and an adapter card with its steps and val_bpb."""
     import torch
 
-    from sitcom.adapters import ADAPTER_CARD
-    from sitcom.models import load_model
+    from sitcom.model.adapters import ADAPTER_CARD
+    from sitcom.model.catalog import load_model
 
     base = save_tiny_model_dir(root / "base")
     model, tok = load_model(base)
@@ -155,7 +155,7 @@ def make_config(tmp_path: Path, model_dir, **extra):
 def scripted_loader(script: str = SCRIPT):
     """The real loader's tokenizer with a tiny model that writes `script` (greedy-ish), so
     scenes have model-written lines to vote for."""
-    from sitcom.models import load_model
+    from sitcom.model.catalog import load_model
 
     def load(name: str):
         _, tokenizer = load_model(name)
@@ -169,9 +169,9 @@ def scripted_loader(script: str = SCRIPT):
 SCRIPTED_BOT = """
 import sys
 sys.path.insert(0, {tests!r})
-import sitcom.serving
+import sitcom.model.serving
 from helpers import scripted_loader
-sitcom.serving.load_hf_model = scripted_loader()
+sitcom.model.serving.load_hf_model = scripted_loader()
 from bot.__main__ import main
 sys.exit(main())
 """

@@ -385,7 +385,7 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
     note, and the database is closed."""
     import asyncio
 
-    from sitcom.models import load_model
+    from sitcom.model.catalog import load_model
 
     stall = stall_after(12, 0.05)  # the first line fast, then ~20 tokens/s
 

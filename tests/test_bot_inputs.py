@@ -33,7 +33,7 @@ from bot.slack.app import SlackFrontend
 from bot.slack.surface import make_client
 from sitcom.engine import SceneEngine
 from sitcom.jobs import clean_prompt
-from sitcom.script import normalize_prompt
+from sitcom.scenes.script import normalize_prompt
 from sitcom.settings import SceneSettings
 
 ROOT = Path(__file__).resolve().parent.parent

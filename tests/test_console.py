@@ -129,10 +129,10 @@ SLOW_BOT = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-import sitcom.serving
+import sitcom.model.serving
 from helpers import teleprompter_model
 
-real = sitcom.serving.load_hf_model
+real = sitcom.model.serving.load_hf_model
 calls = 0
 
 def stall(module, args):
@@ -149,7 +149,7 @@ def slow(name):
     model.register_forward_pre_hook(stall)
     return model, tokenizer
 
-sitcom.serving.load_hf_model = slow
+sitcom.model.serving.load_hf_model = slow
 from bot.__main__ import main
 sys.exit(main())
 """
@@ -214,7 +214,7 @@ def test_humour_models_are_listed_switched_and_remembered_like_checkpoints(
 ):
     import shutil
 
-    from sitcom.humour import DEFAULT_DIR
+    from sitcom.scenes.humour import DEFAULT_DIR
 
     shutil.copytree(DEFAULT_DIR, tmp_path / "checkpoints" / "funny")
     env = {"PYTHONPATH": str(ROOT)}
@@ -304,7 +304,7 @@ async def test_console_retries_a_scene_with_nothing_beyond_the_prompt_then_says_
 
     from bot.console import CommandError, Console
     from bot.core import Core
-    from sitcom.models import load_model
+    from sitcom.model.catalog import load_model
 
     def silent(name: str):
         _, tokenizer = load_model(name)

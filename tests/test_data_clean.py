@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from data.clean import is_junk, parse_page, tidy
-from sitcom.script import is_well_formed
+from sitcom.scenes.script import is_well_formed
 
 PAGES = Path(__file__).parent / "fixtures" / "data" / "sitcom"
 

@@ -8,7 +8,7 @@ from helpers import RAW_CORPUS
 
 from data.prepare import Options, episodes_text, prepare, write_outputs
 from data.split import split_episodes
-from sitcom.script import END_OF_TEXT, is_well_formed
+from sitcom.scenes.script import END_OF_TEXT, is_well_formed
 
 NOT_EPISODES = [
     "Highlights-of-100-1.txt", "Highlights-of-100-2.txt", "The-Clip-Show-1.txt",

@@ -10,7 +10,7 @@ import pytest
 
 from data.prepare import Options, prepare, write_outputs
 from data.split import episode_group, split_episodes
-from sitcom.script import END_OF_TEXT, is_well_formed
+from sitcom.scenes.script import END_OF_TEXT, is_well_formed
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "data"

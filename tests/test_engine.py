@@ -22,7 +22,7 @@ from sitcom.engine import (
     SceneEngine,
     TooManyPending,
 )
-from sitcom.models import ModelLoadError, load_model
+from sitcom.model.catalog import ModelLoadError, load_model
 from sitcom.settings import SceneSettings
 
 pytestmark = pytest.mark.asyncio

@@ -9,8 +9,8 @@ import time
 import pytest
 from helpers import PROMPT, build_tiny_tokenizer, transition_model_dir
 
-from sitcom import llamacpp, serving
 from sitcom.engine import EngineError, SceneEngine
+from sitcom.model import llamacpp, serving
 from sitcom.settings import SceneSettings
 
 pytest.importorskip("llama_cpp")
@@ -172,7 +172,7 @@ async def test_best_of_n_writes_candidates_in_one_batch_and_delivers_the_ranked_
 
     def loader(name: str):
         if backend == "torch":
-            from sitcom.serving import load_serving_model
+            from sitcom.model.serving import load_serving_model
 
             monkeypatch.setenv("SITCOM_BACKEND", "torch")
             return load_serving_model(name)

@@ -110,7 +110,7 @@ async def test_two_reposts_at_once_post_the_scene_once(running):
 
 def writes_nothing_at_first(generations: int):
     """The scripted model, except that its first `generations` scenes end at once."""
-    from sitcom.models import load_model
+    from sitcom.model.catalog import load_model
 
     def load(name: str):
         _, tokenizer = load_model(name)
@@ -221,7 +221,7 @@ async def test_an_interaction_answered_after_3_s_runs_no_job(running, caplog, mo
 async def test_wait_estimate_matches_the_engine(tiny_model_dir):
     """Scenes end long before their 400-token budget (as real ones do), at a steady
     ~50 ms a token: each job's estimate at submission is within 2x of its real wait."""
-    from sitcom.models import load_model
+    from sitcom.model.catalog import load_model
 
     def load(name: str):
         _, tokenizer = load_model(name)
@@ -414,10 +414,10 @@ async def test_processes_with_other_shards_run_side_by_side(tmp_path, tiny_model
 SLOW_MODEL = """
 import time
 sys.path.insert(0, {tests!r})
-import sitcom.serving
+import sitcom.model.serving
 from helpers import teleprompter_model
 
-real = sitcom.serving.load_hf_model
+real = sitcom.model.serving.load_hf_model
 
 def slow(name):
     _, tokenizer = real(name)
@@ -425,7 +425,7 @@ def slow(name):
     model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
     return model, tokenizer
 
-sitcom.serving.load_hf_model = slow
+sitcom.model.serving.load_hf_model = slow
 """
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import EPISODE, build_tiny_tokenizer, save_tiny_model_dir, tiny_args, write_corpus
 
-from sitcom.models import load_model
+from sitcom.model.catalog import load_model
 from training.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent

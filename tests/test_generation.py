@@ -1,4 +1,4 @@
-"""sitcom.generation on tiny models: batching, the format guards, stopping, cleaning."""
+"""sitcom.decoding.generation on tiny models: batching, the format guards, stopping, cleaning."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from sitcom.generation import autocast_dtype, generate_scenes, write_scenes
-from sitcom.guards import LoopGuard, ScriptRepetitionPenalty, _RowText
-from sitcom.lines import clean_lines, line_key
-from sitcom.sampling import PerRowSampling, _TopKThenTopP
-from sitcom.script import END_OF_TEXT
+from sitcom.decoding.generation import autocast_dtype, generate_scenes, write_scenes
+from sitcom.decoding.guards import LoopGuard, ScriptRepetitionPenalty, _RowText
+from sitcom.decoding.sampling import PerRowSampling, _TopKThenTopP
+from sitcom.decoding.streaming import LineStreamer
+from sitcom.decoding.vocab import speaker_token_ids, stop_token_ids
+from sitcom.decoding.vocab import vocab_info as _vocab_info
+from sitcom.scenes.lines import clean_lines, line_key
+from sitcom.scenes.script import END_OF_TEXT
 from sitcom.settings import SceneSettings
-from sitcom.streaming import LineStreamer
-from sitcom.vocab import speaker_token_ids, stop_token_ids
-from sitcom.vocab import vocab_info as _vocab_info
 
 GREEDY = dict(do_sample=False, precision="fp32")
 

@@ -10,7 +10,7 @@ from helpers import build_tiny_model, build_tiny_tokenizer
 from training.gguf_export import ExportError, export_gguf, main
 
 pytest.importorskip("llama_cpp")
-from sitcom.llamacpp import LlamaCppModel  # noqa: E402  (needs llama_cpp)
+from sitcom.model.llamacpp import LlamaCppModel  # noqa: E402  (needs llama_cpp)
 
 gguf = pytest.importorskip("gguf")
 

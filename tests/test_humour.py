@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sitcom.humour import (
+from sitcom.scenes.humour import (
     CARD_FILE,
     DEFAULT_DIR,
     WEIGHTS_FILE,
@@ -196,7 +196,7 @@ def test_cli_usage_errors(tmp_path, capsys):
 
 
 def small_model(dim: int = 64) -> HumourModel:
-    from sitcom.humour import DENSE_FEATURES
+    from sitcom.scenes.humour import DENSE_FEATURES
 
     rng = np.random.default_rng(0)
     k = len(DENSE_FEATURES)

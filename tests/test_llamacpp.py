@@ -1,4 +1,4 @@
-"""sitcom.llamacpp on tiny GGUF models: budgets, end-of-text, the loop guard, batching, and
+"""sitcom.model.llamacpp on tiny GGUF models: budgets, end-of-text, the loop guard, batching, and
 the same scenes as the transformers path."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers import PROMPT, build_tiny_model, build_tiny_tokenizer
 
-from sitcom import generation, llamacpp, serving
-from sitcom.lines import line_key
-from sitcom.sampling import sample
-from sitcom.script import END_OF_TEXT
+from sitcom.decoding import generation, llamacpp, serving
+from sitcom.decoding.sampling import sample
+from sitcom.scenes.lines import line_key
+from sitcom.scenes.script import END_OF_TEXT
 from sitcom.settings import SceneSettings
 from training.gguf_export import export_gguf
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from helpers import save_tiny_model_dir
 
-from sitcom import llamacpp, llamacpp_check, serving
-from sitcom.llamacpp_check import check_llamacpp, compare_logits, extra_bufts_allowed
-from sitcom.models import ModelLoadError
+from sitcom.model import llamacpp, llamacpp_check, serving
+from sitcom.model.catalog import ModelLoadError
+from sitcom.model.llamacpp_check import check_llamacpp, compare_logits, extra_bufts_allowed
 from training.gguf_export import export_gguf
 
 pytest.importorskip("llama_cpp")
@@ -42,10 +42,10 @@ def test_crashing_probe_means_transformers_with_one_log_line(gguf_dir, cache, ca
     # Remembered: the next start asks no child (this command would fail if it ran).
     again = check_llamacpp(gguf_dir / "model.gguf", str(gguf_dir), command=["false"])
     assert again.cached and not again.ok
-    with caplog.at_level(logging.WARNING, logger="sitcom.serving"):
+    with caplog.at_level(logging.WARNING, logger="sitcom.model.serving"):
         model, _ = serving.load_serving_model(str(gguf_dir))
     assert not isinstance(model, llamacpp.LlamaCppModel)
-    lines = [r.getMessage() for r in caplog.records if r.name == "sitcom.serving"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "sitcom.model.serving"]
     assert len(lines) == 1 and "crashed" in lines[0] and "SITCOM_BACKEND=llamacpp" in lines[0]
 
 

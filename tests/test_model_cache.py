@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from sitcom import models
-from sitcom.adapters import ADAPTER_CARD
-from sitcom.models import ModelLoadError, tuned_model_dir, verified_adapter
+from sitcom.model import catalog as models
+from sitcom.model.adapters import ADAPTER_CARD
+from sitcom.model.catalog import ModelLoadError, tuned_model_dir, verified_adapter
 from training.extract import extract
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,7 +147,7 @@ def test_a_cache_that_cannot_be_written_serves_the_base_labelled_so(adapter, bas
         "import logging, resource, signal, sys\n"
         "from pathlib import Path\n"
         "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
-        "from sitcom import models\n"
+        "from sitcom.model import catalog as models\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # EFBIG, as a full disk's ENOSPC
         "resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))\n"
         "models.SHIPPED_ADAPTER = Path(sys.argv[1])\n"
@@ -165,7 +165,7 @@ def test_a_cache_that_cannot_be_written_serves_the_base_labelled_so(adapter, bas
         "smollm2-135m-instruct"]  # no half-written merge left behind
 
 
-# -- one path from a name to a served model (sitcom.serving) --------------------------------
+# -- one path from a name to a served model (sitcom.model.serving) --------------------------------
 
 @pytest.mark.asyncio
 async def test_a_start_resolves_the_name_once(adapter, base, cache, monkeypatch):
@@ -200,7 +200,7 @@ async def test_a_start_resolves_the_name_once(adapter, base, cache, monkeypatch)
 
 def test_an_unusable_adapter_resolves_to_the_base_saying_why(adapter, base, cache,
                                                             monkeypatch):
-    from sitcom.serving import load_model, resolve
+    from sitcom.model.serving import load_model, resolve
 
     base_in_cache(cache, base)
     (adapter / "adapter_config.json").write_text("{}")  # not what the card's hash says
@@ -284,7 +284,7 @@ def test_a_damaged_cached_merge_is_built_again(adapter, base, cache, caplog):
     gguf, weights = merged / "model.gguf", merged / "model.safetensors"
     whole, size = gguf.read_bytes(), weights.stat().st_size
     gguf.write_bytes(whole[: len(whole) // 2])
-    with caplog.at_level(logging.WARNING, logger="sitcom.models"):
+    with caplog.at_level(logging.WARNING, logger="sitcom.model.catalog"):
         assert tuned_model_dir(adapter, base_dir=base) == merged
     assert gguf.stat().st_size == len(whole)  # built again (its general.name differs)
     [line] = [r.getMessage() for r in caplog.records]
@@ -294,7 +294,7 @@ def test_a_damaged_cached_merge_is_built_again(adapter, base, cache, caplog):
     assert weights.stat().st_size == size
 
     from sitcom.files import safetensors_problem
-    from sitcom.gguf_export import gguf_problem
+    from sitcom.model.gguf_export import gguf_problem
 
     assert gguf_problem(gguf) is None and safetensors_problem(weights) is None
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 16)
@@ -320,7 +320,7 @@ def gguf_copy(base, tmp_path):
 
 
 def test_verdicts_are_parsed_strictly(gguf_copy, cache):
-    from sitcom.llamacpp_check import check_llamacpp, probe_key
+    from sitcom.model.llamacpp_check import check_llamacpp, probe_key
 
     gguf = gguf_copy / "model.gguf"
     record = cache / "llamacpp-probe" / f"{probe_key(gguf)}.json"
@@ -334,7 +334,7 @@ def test_verdicts_are_parsed_strictly(gguf_copy, cache):
 
 
 def test_a_verdict_belongs_to_its_file(gguf_copy, cache):
-    from sitcom.llamacpp_check import check_llamacpp
+    from sitcom.model.llamacpp_check import check_llamacpp
 
     gguf = gguf_copy / "model.gguf"
     crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
@@ -349,18 +349,18 @@ def test_a_verdict_belongs_to_its_file(gguf_copy, cache):
 
 def test_a_truncated_gguf_with_an_ok_verdict_is_served_by_transformers(gguf_copy, cache,
                                                                        caplog, monkeypatch):
-    from sitcom import llamacpp, serving
-    from sitcom.llamacpp_check import check_llamacpp
+    from sitcom.model import llamacpp, serving
+    from sitcom.model.llamacpp_check import check_llamacpp
 
     gguf = gguf_copy / "model.gguf"
     assert check_llamacpp(gguf, str(gguf_copy), command=ok_command()).ok
     stat = gguf.stat()
     gguf.write_bytes(gguf.read_bytes()[: stat.st_size // 2])
     os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the mtime kept
-    with caplog.at_level(logging.WARNING, logger="sitcom.serving"):
+    with caplog.at_level(logging.WARNING, logger="sitcom.model.serving"):
         model, _ = serving.load_serving_model(str(gguf_copy))
     assert not isinstance(model, llamacpp.LlamaCppModel)
-    [line] = [r.getMessage() for r in caplog.records if r.name == "sitcom.serving"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "sitcom.model.serving"]
     assert "damaged" in line and "training.gguf_export" in line
     monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
     with pytest.raises(ModelLoadError, match="damaged"):
@@ -374,7 +374,7 @@ def test_a_deeply_nested_card_is_one_line(adapter, base, cache, caplog):
     with pytest.raises(ModelLoadError, match="unreadable"):
         verified_adapter(adapter)
     base_in_cache(cache, base)
-    with caplog.at_level(logging.WARNING, logger="sitcom.models"):
+    with caplog.at_level(logging.WARNING, logger="sitcom.model.catalog"):
         assert models.resolve_tuned_default(adapter) == str(cache / "smollm2-135m-instruct")
     assert len(caplog.records) == 1 and "unreadable" in caplog.records[0].getMessage()
 
@@ -388,7 +388,7 @@ def test_deeply_nested_json_in_the_cache_is_built_again(adapter, base, cache):
 
 
 def test_deeply_nested_verdicts_are_judged_again(gguf_copy, cache):
-    from sitcom.llamacpp_check import check_llamacpp, probe_key
+    from sitcom.model.llamacpp_check import check_llamacpp, probe_key
 
     gguf = gguf_copy / "model.gguf"
     record = cache / "llamacpp-probe" / f"{probe_key(gguf)}.json"
@@ -418,7 +418,7 @@ def test_an_unsupported_gguf_qtype_is_one_line_before_the_merge(adapter, base, c
     with pytest.raises(ModelLoadError, match="gguf_qtype 'q2_k'; supported: q8_0"):
         tuned_model_dir(adapter, base_dir=base)
     base_in_cache(cache, base)
-    with caplog.at_level(logging.WARNING, logger="sitcom.models"):
+    with caplog.at_level(logging.WARNING, logger="sitcom.model.catalog"):
         assert models.resolve_tuned_default(adapter) == str(cache / "smollm2-135m-instruct")
     [record] = caplog.records
     assert "gguf_qtype" in record.getMessage() and "untuned base" in record.getMessage()
@@ -433,7 +433,7 @@ def test_two_starts_at_once_build_the_cache_once(adapter, base, cache):
         "import logging, os, sys\n"
         "from pathlib import Path\n"
         "logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)\n"
-        "from sitcom.models import tuned_model_dir\n"
+        "from sitcom.model.catalog import tuned_model_dir\n"
         "print('ready', flush=True)\n"
         "d = tuned_model_dir(Path(sys.argv[1]), base_dir=Path(sys.argv[2]))\n"
         "print('inode', os.stat(d / 'model.gguf').st_ino, flush=True)\n"

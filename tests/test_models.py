@@ -1,4 +1,4 @@
-"""sitcom.models: the packaged default, local directories, hub ids, and what fails how."""
+"""sitcom.model.catalog: the packaged default, local directories, hub ids, and what fails how."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sitcom.models import DEFAULT_MODEL, ModelLoadError, load_model, load_tokenizer, resolve_model
+from sitcom.model.catalog import (
+    DEFAULT_MODEL,
+    ModelLoadError,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +61,7 @@ def test_corrupt_weights_are_a_model_load_error(tmp_path, tiny_model_dir):
 def test_unknown_hub_id_offline_is_one_clear_error():
     # huggingface_hub reads HF_HUB_OFFLINE at import, so this needs a fresh interpreter.
     code = (
-        "from sitcom.models import load_model, ModelLoadError\n"
+        "from sitcom.model.catalog import load_model, ModelLoadError\n"
         "try:\n    load_model('no-such-org/no-such-model')\n"
         "except ModelLoadError as e:\n    print(e)\n"
     )

@@ -1,4 +1,4 @@
-from sitcom.quality import SceneScore, distinct_n, is_known_speaker, score_scene, summarize
+from sitcom.scenes.quality import SceneScore, distinct_n, is_known_speaker, score_scene, summarize
 
 
 def test_well_formed_scene_scores_high():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sitcom.ranking import cast_of_prompt, coherence, rank
+from sitcom.scenes.ranking import cast_of_prompt, coherence, rank
 
 OPENING = ["ELAINE: Jerry! George! You guys, listen!"]
 GOOD = OPENING + [

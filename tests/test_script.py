@@ -1,6 +1,6 @@
 """The script-format contract shared by the corpus, training and the bot."""
 
-from sitcom.script import (
+from sitcom.scenes.script import (
     is_direction,
     is_heading,
     is_turn,

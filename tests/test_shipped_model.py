@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import EPISODE, write_corpus
 
-from sitcom import models
-from sitcom.adapters import (
+from sitcom.model import catalog as models
+from sitcom.model.adapters import (
     ADAPTER_CARD,
     ADAPTER_FILE,
     ADAPTER_INT4_FILE,
@@ -22,7 +22,7 @@ from sitcom.adapters import (
     load_adapter_state,
     quantize_int4,
 )
-from sitcom.models import (
+from sitcom.model.catalog import (
     SHIPPED_ADAPTER,
     ModelLoadError,
     file_sha256,
@@ -215,11 +215,11 @@ def test_tampered_or_missing_adapter_falls_back_to_the_base(pair, tmp_path, capl
     with pytest.raises(ModelLoadError, match="missing"):
         verified_adapter(adapter)
     models._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="sitcom.models"):
+    with caplog.at_level(logging.WARNING, logger="sitcom.model.catalog"):
         first = models.resolve_tuned_default(adapter)
         again = models.resolve_tuned_default(adapter)
     assert first == again == str(models.default_model_dir())
-    lines = [r.getMessage() for r in caplog.records if r.name == "sitcom.models"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "sitcom.model.catalog"]
     assert len(lines) == 1 and "missing" in lines[0] and "untuned base" in lines[0]
 
 
@@ -257,7 +257,7 @@ def test_a_trained_adapter_merges_into_what_training_saw(pair, tmp_path):
     only, merged once into the shared matrix) computes exactly what training computed."""
     from peft import LoraConfig
 
-    from sitcom.adapters import load_adapter, merge_adapter, save_adapter, tied_adapter_state
+    from sitcom.model.adapters import load_adapter, merge_adapter, save_adapter, tied_adapter_state
 
     base, tuned = pair
     model, tok = load_model(tuned)

@@ -50,7 +50,7 @@ def test_defaults_and_values(tmp_path):
 
 
 def test_the_environment_is_read_when_asked(monkeypatch, tmp_path):
-    from sitcom.models import cache_root
+    from sitcom.model.catalog import cache_root
 
     monkeypatch.setenv("SITCOM_CACHE", str(tmp_path))
     assert sitcom_config().cache == cache_root() == tmp_path

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT
 
-from sitcom.models import cache_root
+from sitcom.model.catalog import cache_root
 
 TESTS = ROOT / "tests"
 REAL_DEFAULT = Path.home() / ".cache" / "sitcom"

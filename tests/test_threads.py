@@ -1,11 +1,11 @@
-"""sitcom.threads: the thread count follows the CPU time other processes use."""
+"""sitcom.decoding.threads: the thread count follows the CPU time other processes use."""
 
 from __future__ import annotations
 
 import pytest
 
-from sitcom import threads
-from sitcom.threads import ThreadPolicy
+from sitcom.decoding import threads
+from sitcom.decoding.threads import ThreadPolicy
 
 
 class FakeClock:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import EPISODE, write_corpus
 
-from sitcom.script import END_OF_TEXT
+from sitcom.scenes.script import END_OF_TEXT
 from sitcom.settings import SceneSettings
 from training.__main__ import main
 from training.corpus import load_corpus, pack_eval, pack_train, token_stream, utf8_bytes
@@ -63,7 +63,7 @@ def test_block_nats_matches_log_softmax():
 
 @pytest.mark.parametrize("block_size", [1024, 40])
 def test_bpb_matches_direct_computation(tiny_model_dir, block_size):
-    from sitcom.models import load_model
+    from sitcom.model.catalog import load_model
     from training.evaluate import val_metrics
 
     model, tok = load_model(tiny_model_dir)

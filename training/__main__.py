@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sitcom.adapters import DTYPES
+from sitcom.model.adapters import DTYPES
 from training.judge import MAX_CHARS, MAX_LINES
 from training.outputs import check_json_path
 
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "humour":
         return humour_main(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from sitcom.models import ModelLoadError
+    from sitcom.model.catalog import ModelLoadError
     from training.corpus import CorpusError
     from training.extract import ExtractError
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sitcom.script import END_OF_TEXT, KNOWN_SPEAKERS
+from sitcom.scenes.script import END_OF_TEXT, KNOWN_SPEAKERS
 
 
 class CorpusError(ValueError):

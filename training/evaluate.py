@@ -1,6 +1,6 @@
 """Evaluate a checkpoint (or an untouched base model): val loss/ppl/BPB and scene quality.
 
-Scenes are sampled through sitcom.generation.write_scenes, the bot's own decoding, so the
+Scenes are sampled through sitcom.decoding.generation.write_scenes, the bot's own decoding, so the
 scores describe what users get.
 """
 
@@ -15,11 +15,11 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from data.outputs import check_output_file
+from sitcom.decoding.generation import write_scenes
 from sitcom.files import atomic_path
-from sitcom.generation import write_scenes
-from sitcom.models import load_model, resolve_model
-from sitcom.quality import SceneScore, score_scene, summarize
-from sitcom.script import normalize_prompt
+from sitcom.model.catalog import load_model, resolve_model
+from sitcom.scenes.quality import SceneScore, score_scene, summarize
+from sitcom.scenes.script import normalize_prompt
 from sitcom.settings import SceneSettings
 from training.card import CARD_NAME, card_block_size
 from training.corpus import load_corpus, pack_eval, token_stream, utf8_bytes

@@ -25,9 +25,9 @@ from data.outputs import (
     published_paths,
     refuse_overlap,
 )
-from sitcom.adapters import ADAPTER_CARD, DTYPES, merge_adapter, peft_model_for, save_adapter
 from sitcom.files import publish_dir
-from sitcom.models import BASE_MODEL, adapter_file_hashes, file_sha256, load_model
+from sitcom.model.adapters import ADAPTER_CARD, DTYPES, merge_adapter, peft_model_for, save_adapter
+from sitcom.model.catalog import BASE_MODEL, adapter_file_hashes, file_sha256, load_model
 from training.card import (
     base_lineage,
     card_block_size,

@@ -37,14 +37,14 @@ from data.outputs import (
     published_paths,
     refuse_overlap,
 )
-from sitcom.adapters import (
+from sitcom.model.adapters import (
     adapter_weights,
     load_adapter,
     merge_adapter,
     save_adapter,
     tied_adapter_state,
 )
-from sitcom.models import BASE_MODEL, is_base_model, load_model
+from sitcom.model.catalog import BASE_MODEL, is_base_model, load_model
 from training.callbacks import CompactProgressCallback, FinalEvalCallback, MetricsLogCallback
 from training.card import (
     export_checkpoint,

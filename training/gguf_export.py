@@ -3,7 +3,7 @@
     python -m training.gguf_export checkpoints/NAME [--qtype q8_0|f16|f32|q4_1] [--out FILE]
 
 Writes CHECKPOINT/model.gguf by default; the bot serves a checkpoint through llama.cpp
-when that file is there (see sitcom/llamacpp.py). The writer is sitcom.gguf_export.
+when that file is there (see sitcom/model/llamacpp.py). The writer is sitcom.model.gguf_export.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from data.outputs import OutputPathError, check_output_file, dir_files, refuse_overlap
-from sitcom import gguf_export
-from sitcom.gguf_export import QTYPES, ExportError
+from sitcom.model import gguf_export
+from sitcom.model.gguf_export import QTYPES, ExportError
 
 __all__ = ["ExportError", "QTYPES", "export_gguf", "main"]
 
@@ -26,8 +26,8 @@ def export_gguf(
     qtype: str = "q8_0",
 ) -> Path:
     """Load the checkpoint (a directory, or a built-in name) and write it as GGUF with
-    sitcom.gguf_export.export_gguf: to out_path, by default CHECKPOINT/model.gguf."""
-    from sitcom.models import load_model
+    sitcom.model.gguf_export.export_gguf: to out_path, by default CHECKPOINT/model.gguf."""
+    from sitcom.model.catalog import load_model
 
     if qtype not in QTYPES:
         raise ExportError(f"unknown qtype {qtype!r}; choose one of {', '.join(QTYPES)}")
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qtype", choices=QTYPES, default="q8_0")
     parser.add_argument("--out", help="output file (default: CHECKPOINT/model.gguf)")
     args = parser.parse_args(argv)
-    from sitcom.models import ModelLoadError
+    from sitcom.model.catalog import ModelLoadError
 
     if args.out is None and not Path(args.checkpoint).is_dir():
         print(f"error: {args.checkpoint} is not a directory; pass --out FILE", file=sys.stderr)

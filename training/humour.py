@@ -1,4 +1,4 @@
-"""Train the humour model (sitcom/humour.py) on real laughter, and update it with votes.
+"""Train the humour model (sitcom/scenes/humour.py) on real laughter, and update it with votes.
 
 Laughs: PyPI `seinfeld-laugh-corpus` (MIT) holds 96 episodes as `.merged` files: subtitle
 fragments under `# SPEAKER` headers, each with its start and end time, and `**LOL**` where the
@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from sitcom.files import publish_dir
-from sitcom.humour import (
+from sitcom.scenes.humour import (
     DEFAULT_DIR,
     DENSE_FEATURES,
     HumourModel,
     featurize,
 )
-from sitcom.script import HEADING_RE
+from sitcom.scenes.script import HEADING_RE
 
 DIM = 2**18  # hash buckets
 L2 = 3e-3  # chosen on a split of the training episodes (see the default's card)

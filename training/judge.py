@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sitcom.files import write_atomic
-from sitcom.script import HEADING_RE, is_heading, is_turn, normalize_prompt
+from sitcom.scenes.script import HEADING_RE, is_heading, is_turn, normalize_prompt
 from training.corpus import CorpusError, load_corpus
 
 MAX_LINES = 12  # lines of the real continuation
@@ -372,8 +372,8 @@ async def _write_scenes(args, todo: list[dict], base: dict, settings) -> int:
     from bot import checkpoints
     from bot.core import MAX_PROMPT_CHARS, load_humour
     from sitcom.engine import EngineError, SceneEngine
-    from sitcom.models import ModelLoadError
-    from sitcom.serving import load_model
+    from sitcom.model.catalog import ModelLoadError
+    from sitcom.model.serving import load_model
 
     checkpoints_dir = Path(os.environ.get("CHECKPOINTS_DIR") or "checkpoints").expanduser()
     _, model = checkpoints.startup_model(None, args.model, checkpoints_dir)

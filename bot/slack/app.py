@@ -33,7 +33,7 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from sitcom.engine import EngineError
-from sitcom.models import ModelLoadError
+from sitcom.model.catalog import ModelLoadError
 
 from ..checkpoints import CheckpointError
 from ..commands import UsageError, parse_best, parse_checkpoint, parse_settings

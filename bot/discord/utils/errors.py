@@ -8,7 +8,7 @@ import discord
 from discord import app_commands
 
 from sitcom.engine import EngineError
-from sitcom.models import ModelLoadError
+from sitcom.model.catalog import ModelLoadError
 
 from ...checkpoints import CheckpointError
 from ...commands import UsageError

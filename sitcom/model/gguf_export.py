@@ -5,7 +5,7 @@ bot also exports (the shipped tuned default is merged and exported on first star
 bot never imports training code.
 
 Writes CHECKPOINT/model.gguf by default; the bot serves a checkpoint through llama.cpp
-when that file is there (see sitcom/llamacpp.py).
+when that file is there (see sitcom/model/llamacpp.py).
 
 Hand-written because llama.cpp's convert_hf_to_gguf.py ships in no installed package; the
 `gguf` package still does the heavy lifting: the file writer, the HF->GGUF tensor name map
@@ -145,7 +145,7 @@ def _add_tokenizer(writer, tokenizer, config) -> None:
     for setter, token_id in (
         (writer.add_bos_token_id, tokenizer.bos_token_id),
         (writer.add_eos_token_id, tokenizer.eos_token_id),
-        # sitcom.models.load_tokenizer pads with EOS when a tokenizer names no pad token
+        # sitcom.model.catalog.load_tokenizer pads with EOS when a tokenizer names no pad token
         (writer.add_pad_token_id, _pad_token_id(tokenizer)),
         (writer.add_unk_token_id, tokenizer.unk_token_id),
     ):
@@ -223,7 +223,7 @@ def gguf_problem(path: str | os.PathLike) -> str | None:
     Reads only the header (not the tensor data), stepping over the metadata by hand:
     gguf.GGUFReader parses every field first, the 49k-entry vocabulary included (2-4 s).
     It catches truncation and a damaged header; damaged tensor data is the self-test's job
-    (sitcom.llamacpp_check ties its verdict to the file's size and mtime). Remembered per
+    (sitcom.model.llamacpp_check ties its verdict to the file's size and mtime). Remembered per
     process while the file's size and mtime stay the same."""
     path = Path(path)
     try:

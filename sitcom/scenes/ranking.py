@@ -1,7 +1,7 @@
 """Best of n: rank candidate scenes written for one opening and pick the one to post.
 
 A candidate's score is its coherence (cheap checks on the script, in [0, 1]) plus how funny
-a humour model finds its lines (`sitcom.humour`, P(laugh) per line; optional). The checks
+a humour model finds its lines (`sitcom.scenes.humour`, P(laugh) per line; optional). The checks
 are the failures blind readers named in today's scenes: the opening's characters never
 answer, one speaker talks to himself, invented strangers (AUDIENCE, BABY) take over, prose
 paragraphs instead of turns, filler loops ("Okay." "Yeah."), repeated lines, scenes that
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sitcom.script import KNOWN_SPEAKERS, MAIN_CHARACTERS, is_well_formed, speaker_of
+from sitcom.scenes.script import KNOWN_SPEAKERS, MAIN_CHARACTERS, is_well_formed, speaker_of
 
 FILLER = frozenset({
     "ok", "okay", "yeah", "yes", "no", "what", "oh", "uh", "um", "hmm", "well", "right",

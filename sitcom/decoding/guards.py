@@ -15,9 +15,9 @@ import torch
 from tokenizers import decoders
 from transformers import LogitsProcessor, StoppingCriteria
 
-from sitcom.lines import has_heading, line_key
-from sitcom.script import speaker_of
-from sitcom.vocab import speaker_token_ids, vocab_info
+from sitcom.decoding.vocab import speaker_token_ids, vocab_info
+from sitcom.scenes.lines import has_heading, line_key
+from sitcom.scenes.script import speaker_of
 
 
 class _RowText:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sitcom.script import END_OF_TEXT
+from sitcom.scenes.script import END_OF_TEXT
 
 
 @dataclass

@@ -34,16 +34,16 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from sitcom.adapters import ADAPTER_CARD, adapter_weights, merge_adapter
 from sitcom.config import sitcom_config
 from sitcom.files import file_lock, publish_dir, read_json, safetensors_problem, try_lock
+from sitcom.model.adapters import ADAPTER_CARD, adapter_weights, merge_adapter
 
 BASE_MODEL = "smollm2"  # the untouched packaged base
 TUNED_MODEL = "seinfeld"  # the base + the shipped adapter
 DEFAULT_MODEL = TUNED_MODEL  # what is served when nobody chose a model
 _BASE_ALIASES = {"smollm2", "smollm2-135m", "base"}
 _TUNED_ALIASES = {"seinfeld", "default"}
-SHIPPED_ADAPTER = Path(__file__).resolve().parent / "seinfeld_lora"
+SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "seinfeld_lora"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's LoraConfig
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def verified_adapter(adapter_dir: Path | None = None) -> tuple[Path, dict]:
 def _verified_adapter(adapter_dir: Path | None) -> tuple[Path, dict, str]:
     """verified_adapter plus the adapter's cache key: a hash of every file of it, the card
     included, so a changed config or card never reuses a merge cached for another."""
-    from sitcom.gguf_export import QTYPES
+    from sitcom.model.gguf_export import QTYPES
 
     adapter_dir = Path(adapter_dir or SHIPPED_ADAPTER)
     card_path = adapter_dir / ADAPTER_CARD
@@ -208,7 +208,7 @@ def tuned_model_dir(adapter_dir: Path | None = None, base_dir: Path | None = Non
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from sitcom.gguf_export import export_gguf
+        from sitcom.model.gguf_export import export_gguf
 
         base = base_dir or default_model_dir()
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -337,7 +337,7 @@ def cache_problem(target: Path, gguf: bool) -> str | None:
         elif path.suffix == ".safetensors":
             problem = safetensors_problem(path)
         elif path.name == "model.gguf" and gguf:
-            from sitcom.gguf_export import gguf_problem
+            from sitcom.model.gguf_export import gguf_problem
 
             problem = gguf_problem(path)
         if problem:

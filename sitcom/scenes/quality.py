@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from sitcom.script import KNOWN_SPEAKERS, is_well_formed, speaker_of
+from sitcom.scenes.script import KNOWN_SPEAKERS, is_well_formed, speaker_of
 
 _SPEAKER_JOIN_RE = re.compile(r" AND |, ")
 _WORD_RE = re.compile(r"\w+(?:'\w+)?|[^\w\s]")

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sitcom.script import HEADING_RE, MAIN_CHARACTERS, TURN_RE
+from sitcom.scenes.script import HEADING_RE, MAIN_CHARACTERS, TURN_RE
 
 FORMAT = "sitcom-humour"
 VERSION = 1
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.npz"
-DEFAULT_DIR = Path(__file__).with_name("humour_default")
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "humour_default"
 
 # The dense features, in the order of the model's `dense` weights.
 DENSE_FEATURES: tuple[str, ...] = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from sitcom.script import is_well_formed, normalize_prompt
+from sitcom.scenes.script import is_well_formed, normalize_prompt
 
 _SPEAKER_PREFIX_RE = re.compile(r"^\s*[A-Za-z][A-Za-z0-9.'#&\- ]{0,40}?:\s*")
 _PARENS_RE = re.compile(r"\([^)]*\)?")

@@ -1,8 +1,8 @@
-"""The llama.cpp self-test's child process (sitcom.llamacpp_check runs it once per machine
+"""The llama.cpp self-test's child process (sitcom.model.llamacpp_check runs it once per machine
 and kind of GGUF): decode PROBE_TEXT with llama.cpp, then with transformers, and print one
 JSON verdict line. Its own module so that the checker never imports the server it judges.
 
-    python -m sitcom.llamacpp_probe GGUF HF_SOURCE
+    python -m sitcom.model.llamacpp_probe GGUF HF_SOURCE
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ def probe_main(gguf_path: str, hf_source: str) -> int:
     """The child: decode PROBE_TEXT with llama.cpp, then with transformers; print one JSON."""
     import torch
 
-    from sitcom.llamacpp import LlamaCppModel
-    from sitcom.llamacpp_check import PROBE_TEXT, compare_logits
-    from sitcom.models import load_model
+    from sitcom.model.catalog import load_model
+    from sitcom.model.llamacpp import LlamaCppModel
+    from sitcom.model.llamacpp_check import PROBE_TEXT, compare_logits
 
     model, tokenizer = load_model(hf_source)
     ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:48]

@@ -3,9 +3,10 @@
 The original experiment (GPT-2 + HF run_generation.py) failed two ways: at repetition
 penalty 1.0 it looped (`JERRY: (to Elaine) I'm sorry.` / `ELAINE: (to Jerry) I'm sorry.` ...),
 at 5.0 it dissolved into prose because the penalty also hit speaker names, colons and
-newlines. The guards that fix that live in sitcom.guards, the per-row sampling in
-sitcom.sampling, the batch plan in sitcom.plan, line cleaning in sitcom.lines; this module
-is the transformers entry point (llama.cpp's is sitcom.llamacpp / sitcom.batcher).
+newlines. The guards that fix that live in sitcom.decoding.guards, the per-row sampling
+in sitcom.decoding.sampling, the batch plan in sitcom.decoding.plan, line cleaning in
+sitcom.scenes.lines; this module is the transformers entry point (llama.cpp's is
+sitcom.model.llamacpp / sitcom.decoding.batcher).
 
 Everything is synchronous; the asyncio side lives in sitcom.engine.
 """
@@ -22,20 +23,20 @@ from transformers.generation.streamers import BaseStreamer
 from sitcom.config import sitcom_config
 
 # Re-exported: the names callers imported from here before the split.
-from sitcom.guards import (  # noqa: F401
+from sitcom.decoding.guards import (  # noqa: F401
     DeadlineStop,
     LoopGuard,
     SceneStop,
     ScriptRepetitionPenalty,
 )
-from sitcom.lines import clean_lines, line_key  # noqa: F401
-from sitcom.plan import DecodePlan, GeneratedScene, plan_batch  # noqa: F401
-from sitcom.sampling import PerRowSampling  # noqa: F401
-from sitcom.script import KNOWN_SPEAKERS
+from sitcom.decoding.plan import DecodePlan, GeneratedScene, plan_batch  # noqa: F401
+from sitcom.decoding.sampling import PerRowSampling  # noqa: F401
+from sitcom.decoding.streaming import LineStreamer  # noqa: F401
+from sitcom.decoding.threads import use_torch_threads
+from sitcom.decoding.vocab import speaker_token_ids, stop_token_ids  # noqa: F401
+from sitcom.scenes.lines import clean_lines, line_key  # noqa: F401
+from sitcom.scenes.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
-from sitcom.streaming import LineStreamer  # noqa: F401
-from sitcom.threads import use_torch_threads
-from sitcom.vocab import speaker_token_ids, stop_token_ids  # noqa: F401
 
 
 def autocast_dtype(model, precision: str | None = None) -> torch.dtype | None:

@@ -1,7 +1,7 @@
 """Continuous batching on llama.cpp: scenes join and leave the running batch one by one.
 
 Each scene is a row with its own llama.cpp sequence (a KV cache slot), its own plan (guards,
-sampling settings, stops; see sitcom.plan) and its own streamer. Every `step()` is one
+sampling settings, stops; see sitcom.decoding.plan) and its own streamer. Every `step()` is one
 llama_decode call for all rows: a row that just joined feeds its whole prompt (prefill),
 the others their last token; then each row's guards run on its logits, one token is drawn
 per row, and rows that are done leave at once, their KV slot cleared for the next scene.
@@ -21,9 +21,9 @@ import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from sitcom.plan import DecodePlan, GeneratedScene, plan_batch
-from sitcom.sampling import sample
-from sitcom.script import KNOWN_SPEAKERS
+from sitcom.decoding.plan import DecodePlan, GeneratedScene, plan_batch
+from sitcom.decoding.sampling import sample
+from sitcom.scenes.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
 
 

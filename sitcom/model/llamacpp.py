@@ -1,12 +1,12 @@
 """Serve GGUF models with llama.cpp: the model and its KV cache slots, and the
 batch entry point. The decoding loop (continuous batching, the same guards as the
-transformers path) is sitcom.batcher.
+transformers path) is sitcom.decoding.batcher.
 
 On a 2-core CPU the transformers forward pass dominates a scene (~17 tok/s fp32); llama.cpp
-runs the same model from a GGUF file (sitcom/gguf_export.py writes CHECKPOINT/model.gguf)
+runs the same model from a GGUF file (sitcom/model/gguf_export.py writes CHECKPOINT/model.gguf)
 several times faster, and decodes several sequences in one llama_decode call, so scenes
-written together cost little more than one. sitcom.llamacpp_check decides whether llama.cpp
-is safe on this CPU; sitcom.serving decides which models it serves.
+written together cost little more than one. sitcom.model.llamacpp_check decides whether llama.cpp
+is safe on this CPU; sitcom.model.serving decides which models it serves.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import numpy as np
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from sitcom.batcher import ContinuousBatcher
-from sitcom.llamacpp_check import use_extra_bufts
-from sitcom.models import ModelLoadError
-from sitcom.plan import GeneratedScene
-from sitcom.script import KNOWN_SPEAKERS
+from sitcom.decoding.batcher import ContinuousBatcher
+from sitcom.decoding.plan import GeneratedScene
+from sitcom.decoding.threads import ThreadPolicy
+from sitcom.model.catalog import ModelLoadError
+from sitcom.model.llamacpp_check import use_extra_bufts
+from sitcom.scenes.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
-from sitcom.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class LlamaCppModel:
         *,
         max_batch: int = 8,
         n_ctx_per_seq: int = 1024,
-        n_threads: int | None = None,  # None: SITCOM_THREADS (sitcom.threads), auto by default
+        n_threads: int | None = None,  # None: SITCOM_THREADS (sitcom.decoding.threads), auto
         flash_attn: bool = True,  # measured: +10% single, +25% at 8 sequences (Q8_0)
         kv_unified: bool = False,
         verbose: bool = False,
@@ -183,10 +183,11 @@ def generate_scenes(
     stopping_criteria: Sequence[StoppingCriteria] = (),
     speakers: Sequence[str] = KNOWN_SPEAKERS,
 ) -> list[GeneratedScene]:
-    """sitcom.generation.generate_scenes on llama.cpp: up to model.max_batch prompts written
-    together (each row leaves the batch when it is done), settings per prompt, the same
-    guards, stops and post-processing. `streamer` and `stopping_criteria` see one row at a
-    time: the row's index is 0 (use sitcom.batcher directly for per-row streamers)."""
+    """sitcom.decoding.generation.generate_scenes on llama.cpp: up to model.max_batch
+    prompts written together (each row leaves the batch when it is done), settings per
+    prompt, the same guards, stops and post-processing. `streamer` and `stopping_criteria`
+    see one row at a time: the row's index is 0 (use sitcom.decoding.batcher directly for
+    per-row streamers)."""
     if not prompts:
         return []
     if len(prompts) > model.max_batch:
@@ -198,7 +199,7 @@ def generate_scenes(
     if len(settings) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(settings)} settings")
     if streamer is not None and len(prompts) > 1:
-        raise ValueError("a streamer follows one prompt here; use sitcom.batcher per row")
+        raise ValueError("a streamer follows one prompt here; use sitcom.decoding.batcher per row")
     with model.lock:
         batcher = ContinuousBatcher(
             model, tokenizer, seed=seed, do_sample=do_sample, speakers=speakers

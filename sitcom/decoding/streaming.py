@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from sitcom.lines import clean_lines
-from sitcom.script import normalize_prompt
-from sitcom.vocab import stop_token_ids, vocab_info
+from sitcom.decoding.vocab import stop_token_ids, vocab_info
+from sitcom.scenes.lines import clean_lines
+from sitcom.scenes.script import normalize_prompt
 
 
 class LineStreamer(BaseStreamer):

@@ -5,7 +5,7 @@
 
 resolve() works the name out once (the tuned default's adapter is hashed once), finds the
 GGUF that serves it, and decides the backend: llama.cpp when there is a whole GGUF and
-llama.cpp passed its self-test on this machine (sitcom.llamacpp_check), else transformers.
+llama.cpp passed its self-test on this machine (sitcom.model.llamacpp_check), else transformers.
 SITCOM_BACKEND=torch forces transformers; SITCOM_BACKEND=llamacpp skips the self-test.
 
 load_model() is the engine's loader for the frontends: resolve + load, with a model cache
@@ -21,10 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sitcom.config import sitcom_config
-from sitcom.gguf_export import gguf_problem
-from sitcom.llamacpp import LlamaCppModel
-from sitcom.llamacpp_check import check_llamacpp
-from sitcom.models import (
+from sitcom.model.catalog import (
     BASE_MODEL,
     DEFAULT_MODEL,
     ModelLoadError,
@@ -37,7 +34,10 @@ from sitcom.models import (
     resolve_model,
     tuned_default_fallback,
 )
-from sitcom.models import load_model as load_hf_model
+from sitcom.model.catalog import load_model as load_hf_model
+from sitcom.model.gguf_export import gguf_problem
+from sitcom.model.llamacpp import LlamaCppModel
+from sitcom.model.llamacpp_check import check_llamacpp
 
 GGUF_NAME = "model.gguf"
 BACKENDS = ("llamacpp", "torch")

@@ -8,7 +8,7 @@ kernels still run; ~10-25 % slower than a build without AMX, which keeps the rep
 kernels: see README "CPUs").
 
 Defence in depth against crashes we have not seen: the first time a GGUF of a given
-quantization is served on a machine, a child process (sitcom.llamacpp_probe) loads it with
+quantization is served on a machine, a child process (sitcom.model.llamacpp_probe) loads it with
 llama.cpp, decodes a short script and compares the logits with transformers'. A crash
 (segfault, abort, hang) or a disagreement makes the caller serve with transformers instead.
 The verdict is remembered in the cache dir, keyed by library version, CPU flags,
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from sitcom.config import sitcom_config
 from sitcom.files import load_json, read_json, write_atomic
-from sitcom.models import ModelLoadError, cache_root
+from sitcom.model.catalog import ModelLoadError, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def parse_verdict(data: object) -> tuple[bool, str] | None:
 
 
 def probe_command(gguf_path: Path, hf_source: str) -> list[str]:
-    return [sys.executable, "-m", "sitcom.llamacpp_probe", str(gguf_path), hf_source]
+    return [sys.executable, "-m", "sitcom.model.llamacpp_probe", str(gguf_path), hf_source]
 
 
 def check_llamacpp(

@@ -1,6 +1,6 @@
 """The batch plan: prompts tokenized and padded, with each row's guards, sampling and stops,
-shared by both backends (transformers' generate() in sitcom.generation, llama.cpp in
-sitcom.batcher), and the generated ids turned back into clean scenes."""
+shared by both backends (transformers' generate() in sitcom.decoding.generation, llama.cpp in
+sitcom.decoding.batcher), and the generated ids turned back into clean scenes."""
 
 from __future__ import annotations
 
@@ -10,12 +10,18 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria
 
-from sitcom.guards import LoopGuard, SceneStop, ScriptRepetitionPenalty, _RecordingStop, _RowText
-from sitcom.lines import clean_lines, has_heading
-from sitcom.sampling import PerRowSampling
-from sitcom.script import END_OF_TEXT, KNOWN_SPEAKERS, normalize_prompt, speaker_of
+from sitcom.decoding.guards import (
+    LoopGuard,
+    SceneStop,
+    ScriptRepetitionPenalty,
+    _RecordingStop,
+    _RowText,
+)
+from sitcom.decoding.sampling import PerRowSampling
+from sitcom.decoding.vocab import speaker_token_ids, stop_token_ids, vocab_info
+from sitcom.scenes.lines import clean_lines, has_heading
+from sitcom.scenes.script import END_OF_TEXT, KNOWN_SPEAKERS, normalize_prompt, speaker_of
 from sitcom.settings import SceneSettings
-from sitcom.vocab import speaker_token_ids, stop_token_ids, vocab_info
 
 
 @dataclass
@@ -30,7 +36,7 @@ class GeneratedScene:
 @dataclass
 class DecodePlan:
     """Everything one batch needs besides the forward pass; shared by both backends
-    (transformers' generate() here, llama.cpp in sitcom.llamacpp)."""
+    (transformers' generate() here, llama.cpp in sitcom.model.llamacpp)."""
 
     prompt_texts: list[str]
     row_ids: list[list[int]]  # each prompt's token ids, unpadded
