@@ -72,7 +72,8 @@ def busy_process():
 
 def run_worker(spec: dict, timeout: float = 300, env: dict | None = None) -> dict:
     env = dict(
-        os.environ, **(env or {}),
+        os.environ,
+        **(env or {}),
         PYTHONPATH=os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
     )
     try:
@@ -131,8 +132,14 @@ def measure_model(label: str, model: str, q4: Path | None, q8: Path, args) -> di
         )
     print(f"  [{label}] raw llama.cpp at {levels} sequences ...", flush=True)
     concurrency["raw llama.cpp (Q8_0, no guards)"] = run_worker(
-        {"kind": "llama_multi", "model": hf_dir, "gguf": str(q8), "tokens": n,
-         "concurrency": levels}, timeout=400,
+        {
+            "kind": "llama_multi",
+            "model": hf_dir,
+            "gguf": str(q8),
+            "tokens": n,
+            "concurrency": levels,
+        },
+        timeout=400,
     )
     contention = {}
     cores = str(len(os.sched_getaffinity(0)))
@@ -141,8 +148,10 @@ def measure_model(label: str, model: str, q4: Path | None, q8: Path, args) -> di
         ("transformers scenes", dict(kind="hf_scenes", model=hf_dir)),
     ]
     for name, spec in cases:
-        for policy, env in (("auto", {"SITCOM_THREADS": "auto"}),
-                            (f"fixed {cores}", {"SITCOM_THREADS": cores})):
+        for policy, env in (
+            ("auto", {"SITCOM_THREADS": "auto"}),
+            (f"fixed {cores}", {"SITCOM_THREADS": cores}),
+        ):
             row = {}
             for load in ("quiet", "one busy process"):
                 print(f"  [{label}] {name}, threads {policy}, {load} ...", flush=True)
@@ -160,8 +169,12 @@ def measure_model(label: str, model: str, q4: Path | None, q8: Path, args) -> di
         for name, path in (("llama.cpp Q8_0", q8), ("llama.cpp Q4_1", q4)):
             if path:
                 quality[name] = run_worker({**base, "gguf": str(path)})
-    return {"single": single, "concurrency": concurrency, "contention": contention,
-            "quality": quality}
+    return {
+        "single": single,
+        "concurrency": concurrency,
+        "contention": contention,
+        "quality": quality,
+    }
 
 
 def verdicts(result: dict) -> list[tuple[str, str, bool | None]]:
@@ -202,8 +215,11 @@ def verdicts(result: dict) -> list[tuple[str, str, bool | None]]:
         quiet, busy = (row.get(k, {}).get("tok_s") for k in ("quiet", "one busy process"))
         if quiet and busy and name.endswith("auto"):
             r = quiet / busy
-            add(f"{name}: scene time with a busy process ≤ 2.5× quiet", f"{r:.2f}×",
-                r <= TARGETS["busy_vs_quiet_time"])
+            add(
+                f"{name}: scene time with a busy process ≤ 2.5× quiet",
+                f"{r:.2f}×",
+                r <= TARGETS["busy_vs_quiet_time"],
+            )
     if "8" in conc:
         lag = conc["8"]["lag_p95_ms"]
         add("event-loop lag p95 at 8 < 100 ms", f"{lag:.1f} ms", lag < TARGETS["lag_p95_ms"])
@@ -267,6 +283,7 @@ def render(results: dict, meta: dict) -> str:
                 continue
             one = r["concurrency"].get("1", {}).get("agg_tok_s")
             for n, c in r["concurrency"].items():
+
                 def cell(key: str, fmt: str = ".1f", c=c) -> str:
                     return format(c[key], fmt) if c.get(key) is not None else "-"
 
@@ -293,8 +310,10 @@ def render(results: dict, meta: dict) -> str:
                     error = quiet.get("error") or busy.get("error")
                     lines.append(f"| {name} | error: {error} | | |")
                     continue
-                lines.append(f"| {name} | {quiet['tok_s']:.1f} | {busy['tok_s']:.1f} | "
-                             f"{quiet['tok_s'] / busy['tok_s']:.2f} |")
+                lines.append(
+                    f"| {name} | {quiet['tok_s']:.1f} | {busy['tok_s']:.1f} | "
+                    f"{quiet['tok_s'] / busy['tok_s']:.2f} |"
+                )
         if result.get("quality"):
             lines += [
                 "",

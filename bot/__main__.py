@@ -25,13 +25,17 @@ def _discord_failure(error: BaseException) -> str | None:
     if isinstance(error, DatabaseError):  # LeaseHeld: another process on these shards
         return str(error)
     if isinstance(error, discord.LoginFailure):
-        return ("Discord rejected DISCORD_TOKEN; copy it again from the Developer Portal "
-                "(Bot > Reset Token)")
+        return (
+            "Discord rejected DISCORD_TOKEN; copy it again from the Developer Portal "
+            "(Bot > Reset Token)"
+        )
     if isinstance(error, discord.PrivilegedIntentsRequired):
         return "Discord refused the gateway intents"
     if isinstance(error, discord.HTTPException):  # e.g. 5xx at login: Discord is in trouble
-        return (f"Discord answered {error.status} {error.response.reason} during start-up; "
-                "try again later (https://discordstatus.com)")
+        return (
+            f"Discord answered {error.status} {error.response.reason} during start-up; "
+            "try again later (https://discordstatus.com)"
+        )
     if isinstance(error, (aiohttp.ClientError, OSError)):
         return f"cannot reach Discord ({type(error).__name__}: {error})"
     return None
@@ -43,16 +47,19 @@ def _slack_failure(error: BaseException) -> str | None:
     if isinstance(error, SlackApiError):
         code = error.response.get("error") if isinstance(error.response.data, dict) else None
         if code in ("invalid_auth", "not_authed", "account_inactive", "token_revoked"):
-            return ("Slack rejected the token (SLACK_BOT_TOKEN, or SLACK_APP_TOKEN needing the "
-                    "connections:write scope); copy it again from api.slack.com/apps")
+            return (
+                "Slack rejected the token (SLACK_BOT_TOKEN, or SLACK_APP_TOKEN needing the "
+                "connections:write scope); copy it again from api.slack.com/apps"
+            )
         return f"Slack refused to connect ({code or error.response.status_code})"
     if isinstance(error, (aiohttp.ClientError, OSError)):
         return f"cannot reach Slack ({type(error).__name__}: {error})"
     return None
 
 
-async def run(config: Config, *, loader=None, slack_client=None,
-              stop: asyncio.Event | None = None) -> int:
+async def run(
+    config: Config, *, loader=None, slack_client=None, stop: asyncio.Event | None = None
+) -> int:
     """Start the core and the configured frontends; run until a signal (or `stop`), then
     stop taking scenes, let the running ones post, and close everything once."""
     from sitcom.engine import EngineError

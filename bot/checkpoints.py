@@ -38,7 +38,8 @@ def _listing(checkpoints_dir: Path, built_in: tuple[str, ...], kind) -> list[str
     names = []
     if checkpoints_dir.is_dir():
         names = sorted(
-            p.name for p in checkpoints_dir.iterdir()
+            p.name
+            for p in checkpoints_dir.iterdir()
             if _NAME_RE.fullmatch(p.name) and _inside(p, checkpoints_dir) and kind(p)
         )
     return [*built_in, *(n for n in names if n not in built_in)]

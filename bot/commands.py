@@ -60,8 +60,10 @@ def parse_settings(text: str) -> tuple[str, dict[str, float]]:
                     raise UsageError(f"`{key}` is given twice; give each setting once.")
                 number = float(value) if DECIMAL_RE.fullmatch(value) else math.nan
                 if not math.isfinite(number):
-                    raise UsageError(f"`{key}` needs a number written with the digits 0-9 "
-                                     f"(such as 200 or 0.9), not `{value[:20]}`.")
+                    raise UsageError(
+                        f"`{key}` needs a number written with the digits 0-9 "
+                        f"(such as 200 or 0.9), not `{value[:20]}`."
+                    )
                 changes[key] = number
             return "set", changes
     raise UsageError(SETTINGS_USAGE)
@@ -77,7 +79,7 @@ def parse_checkpoint(text: str) -> tuple[str, str | None]:
 
 
 def parse_best(text: str) -> str:
-    """"server" (the whole server/workspace) or "channel"."""
+    """ "server" (the whole server/workspace) or "channel"."""
     match text.lower().split():
         case [] | ["server"] | ["workspace"]:
             return "server"

@@ -32,8 +32,10 @@ LIMITS: dict[str, tuple[float, float]] = {
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
 # A plain hostname or an IPv4/IPv6 address (checked with ipaddress below).
-_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_HOST_RE = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 
 
 class ConfigError(ValueError):
@@ -102,8 +104,9 @@ class Config:
             pattern = _INT_RE if kind is int else _FLOAT_RE
             what = "a whole number" if kind is int else "a number"
             if not pattern.fullmatch(raw):
-                raise ConfigError(f"{name} must be {what} from {low:g} to {high:g} "
-                                  f"(got {raw[:40]!r})")
+                raise ConfigError(
+                    f"{name} must be {what} from {low:g} to {high:g} (got {raw[:40]!r})"
+                )
             value = kind(raw)
             if not (math.isfinite(value) and low <= value <= high):
                 raise ConfigError(f"{name} must be from {low:g} to {high:g} (got {raw[:40]!r})")
@@ -124,8 +127,10 @@ class Config:
             except ValueError:
                 pass
             if len(raw) > 253 or not _HOST_RE.fullmatch(raw):
-                raise ConfigError(f"{name} must be an IP address or a host name such as "
-                                  f"127.0.0.1, 0.0.0.0 or localhost (got {raw[:40]!r})")
+                raise ConfigError(
+                    f"{name} must be an IP address or a host name such as "
+                    f"127.0.0.1, 0.0.0.0 or localhost (got {raw[:40]!r})"
+                )
             return raw
 
         def user_id(name: str, raw: str) -> str:
@@ -142,17 +147,20 @@ class Config:
             # Never echo the value: it may be some other secret pasted by mistake.
             if value is not None and prefix and not value.startswith(prefix):
                 raise ConfigError(f"{name} must start with {prefix} (see .env.example)")
-            if value and any(c.isspace() or unicodedata.category(c).startswith("C")
-                             for c in value):
-                raise ConfigError(f"{name} contains spaces or control characters; copy it "
-                                  "again from api.slack.com/apps")
+            if value and any(c.isspace() or unicodedata.category(c).startswith("C") for c in value):
+                raise ConfigError(
+                    f"{name} contains spaces or control characters; copy it "
+                    "again from api.slack.com/apps"
+                )
             return value
 
         token = get("DISCORD_TOKEN")
         if token and any(c.isspace() or unicodedata.category(c).startswith("C") for c in token):
             # aiohttp would refuse it as a header deep inside login, with a traceback.
-            raise ConfigError("DISCORD_TOKEN contains spaces or control characters; copy it "
-                              "again from the Developer Portal (Bot > Reset Token)")
+            raise ConfigError(
+                "DISCORD_TOKEN contains spaces or control characters; copy it "
+                "again from the Developer Portal (Bot > Reset Token)"
+            )
         admins = get("ADMIN_USER_IDS") or ""
         guild = get("DEV_GUILD_ID")
         level = (get("LOG_LEVEL") or default["log_level"]).upper()
@@ -192,8 +200,7 @@ class Config:
             default_checkpoint=get("DEFAULT_CHECKPOINT") or default["default_checkpoint"],
             humour_model=get("HUMOUR_MODEL") or default["humour_model"],
             admin_user_ids=frozenset(
-                user_id("ADMIN_USER_IDS", part.strip())
-                for part in admins.replace(",", " ").split()
+                user_id("ADMIN_USER_IDS", part.strip()) for part in admins.replace(",", " ").split()
             ),
             dev_guild_id=snowflake("DEV_GUILD_ID", guild) if guild else None,
             shard_id=shard_id,
@@ -202,7 +209,8 @@ class Config:
             per_user_limit=int(number("PER_USER_LIMIT", int, default["per_user_limit"])),
             timeout_s=float(number("GENERATION_TIMEOUT_S", float, default["timeout_s"])),
             shutdown_timeout_s=float(
-                number("SHUTDOWN_TIMEOUT_S", float, default["shutdown_timeout_s"])),
+                number("SHUTDOWN_TIMEOUT_S", float, default["shutdown_timeout_s"])
+            ),
             db_timeout_s=float(number("DB_TIMEOUT_S", float, default["db_timeout_s"])),
             log_level=level,
         )

@@ -39,14 +39,18 @@ NO_INPUT = (
     "set DISCORD_TOKEN (or the Slack tokens, SLACK_BOT_TOKEN and SLACK_APP_TOKEN) to run the "
     "real bots"
 )
-HELP = """Commands:
+HELP = (
+    """Commands:
   /scene TEXT              write a scene that opens with TEXT, e.g. /scene Elaine: Jerry!
   /scene #ID               show saved scene ID, if it was never shown
   /vote SCENE_ID LINE_NO   vote for a line of a scene
   /best                    the most-voted lines
-  /settings show | set KEY VALUE [KEY VALUE ...] | reset     keys: """ + ", ".join(RANGES) + """
+  /settings show | set KEY VALUE [KEY VALUE ...] | reset     keys: """
+    + ", ".join(RANGES)
+    + """
   /checkpoint list | use NAME
   /help | /quit"""
+)
 
 
 class CommandError(UsageError):
@@ -147,8 +151,11 @@ class Console:
             except Exception:  # a bug in one command: one line here, the traceback in the log
                 failed = True
                 log.exception("console command %r failed", line[:80])
-                print("error: sorry, that command failed on my side; the details are in the log",
-                      file=self.err, flush=True)
+                print(
+                    "error: sorry, that command failed on my side; the details are in the log",
+                    file=self.err,
+                    flush=True,
+                )
             if self._signals:
                 return 0
         return 1 if failed and not interactive else 0
@@ -157,8 +164,12 @@ class Console:
         command, _, rest = line.partition(" ")
         rest = rest.strip()
         handler = {
-            "/scene": self.scene, "/vote": self.vote, "/best": self.best,
-            "/settings": self.settings, "/checkpoint": self.checkpoint, "/help": self.help,
+            "/scene": self.scene,
+            "/vote": self.vote,
+            "/best": self.best,
+            "/settings": self.settings,
+            "/checkpoint": self.checkpoint,
+            "/help": self.help,
         }.get(command.lower())
         if handler is None:
             raise CommandError(f"unknown command {command[:40]!r}; /help lists the commands")
@@ -183,8 +194,12 @@ class Console:
                 self.say(text)
 
         await self.core.scene_command(
-            place=LOCAL, user_id=USER, prompt=prompt, surface=ConsoleSurface(self.say),
-            acknowledge=acknowledge, update=update,
+            place=LOCAL,
+            user_id=USER,
+            prompt=prompt,
+            surface=ConsoleSurface(self.say),
+            acknowledge=acknowledge,
+            update=update,
         )
         if failure:
             raise CommandError(failure[0])
@@ -200,11 +215,17 @@ class Console:
         if line.from_prompt:
             raise CommandError(f"line {line_no} is your own opening; vote for what the model wrote")
         if line.message_id is None or line.slot is None:
-            raise CommandError(f"scene {scene_id} is not shown yet; show it with "
-                               f"/scene #{scene_id}")
+            raise CommandError(
+                f"scene {scene_id} is not shown yet; show it with /scene #{scene_id}"
+            )
         # The same path as a keycap reaction on Discord or Slack.
-        if await self.core.vote(platform=LOCAL.platform, message_id=line.message_id,
-                                slot=line.slot, user_id=USER, add=True):
+        if await self.core.vote(
+            platform=LOCAL.platform,
+            message_id=line.message_id,
+            slot=line.slot,
+            user_id=USER,
+            add=True,
+        ):
             self.say(f"Voted for line {line_no} of scene {scene_id}.")
         else:
             self.say("You already voted for that line.")

@@ -14,8 +14,6 @@ from sitcom.engine import EngineError, Scene, SceneEngine
 from sitcom.model.catalog import (
     ModelLoadError,
     forget_tuned_fallback,
-    served_model_name,
-    tuned_default_fallback,
 )
 from sitcom.model.serving import load_model
 from sitcom.scenes.humour import HumourModel, HumourModelError, load_default
@@ -82,10 +80,11 @@ class Core:
         except BaseException:
             await db.close()
             raise
-        served = served_model_name(name)  # the base, when the tuned default could not be used
+        served, why = served_label(engine, name)
         if served != name:
-            log.warning("scene engine ready with checkpoint %s in place of %s: %s",
-                        served, name, tuned_default_fallback())
+            log.warning(
+                "scene engine ready with checkpoint %s in place of %s: %s", served, name, why
+            )
         else:
             log.info("scene engine ready with checkpoint %s", name)
         core = cls(config, db, engine, served)
@@ -100,11 +99,13 @@ class Core:
         """The stored humour model, else HUMOUR_MODEL, else the shipped one; one that cannot
         be loaded is logged and the next is tried (ranking then falls back to coherence)."""
         stored = await self.db.get_state(HUMOUR_KEY)
-        for name in dict.fromkeys(n for n in (stored, self.config.humour_model,
-                                              checkpoints.HUMOUR_DEFAULT) if n):
+        for name in dict.fromkeys(
+            n for n in (stored, self.config.humour_model, checkpoints.HUMOUR_DEFAULT) if n
+        ):
             try:
                 self.engine.scorer = await asyncio.to_thread(
-                    load_humour, name, self.config.checkpoints_dir, True)
+                    load_humour, name, self.config.checkpoints_dir, True
+                )
             except (checkpoints.CheckpointError, HumourModelError) as e:
                 log.warning("humour model %s not used: %s", name, e)
                 continue
@@ -116,8 +117,11 @@ class Core:
     async def _start_engine(config: Config, model: str, loader=None) -> SceneEngine:
         forget_tuned_fallback()  # each start tries the tuned default's build again
         engine = SceneEngine(
-            model=model, max_queue=config.max_queue, per_user_limit=config.per_user_limit,
-            timeout_s=config.timeout_s, max_prompt_chars=MAX_PROMPT_CHARS,
+            model=model,
+            max_queue=config.max_queue,
+            per_user_limit=config.per_user_limit,
+            timeout_s=config.timeout_s,
+            max_prompt_chars=MAX_PROMPT_CHARS,
             loader=loader or load_model,
             shutdown_timeout_s=max(0.0, config.shutdown_timeout_s - posting_margin(config)),
         )
@@ -137,23 +141,39 @@ class Core:
         return self._labels.get(scene.model_name, scene.model_name)
 
     async def record(
-        self, scene: Scene, *, place: Place, user_id: str | int, prompt: str,
-        note: str | None = None, claimed: bool = False,
+        self,
+        scene: Scene,
+        *,
+        place: Place,
+        user_id: str | int,
+        prompt: str,
+        note: str | None = None,
+        claimed: bool = False,
     ) -> StoredScene:
         """Store a finished scene; `prompt` should be the cleaned one (job.prompt);
         `claimed`: for the caller to post (db.claim_posting), release it after."""
         return await self.db.add_scene(
-            place=place, user_id=str(user_id), prompt=prompt,
-            model_name=self.model_label(scene), lines=list(scene.lines),
+            place=place,
+            user_id=str(user_id),
+            prompt=prompt,
+            model_name=self.model_label(scene),
+            lines=list(scene.lines),
             prompt_lines=min(scene.prompt_lines, len(scene.lines)),
-            new_tokens=int(scene.new_tokens), seconds=float(scene.seconds), note=note,
+            new_tokens=int(scene.new_tokens),
+            seconds=float(scene.seconds),
+            note=note,
             claimed=claimed,
         )
 
     # -- /scene, the same on every chat platform -------------------------------------------
 
     async def scene_command(
-        self, *, place: Place, user_id: str, prompt: str, surface: Surface,
+        self,
+        *,
+        place: Place,
+        user_id: str,
+        prompt: str,
+        surface: Surface,
         acknowledge: Callable[[str], Awaitable[None]],
         update: Callable[[str], Awaitable[None]],
     ) -> None:
@@ -186,11 +206,14 @@ class Core:
             if wrote_lines(scene):
                 break
             # The model ended the scene right after the user's own lines: once more.
-            log.info("scene for %s: nothing written beyond the prompt (attempt %d)",
-                     user_key, attempt)
+            log.info(
+                "scene for %s: nothing written beyond the prompt (attempt %d)", user_key, attempt
+            )
             if attempt == 2 or scene.partial:
-                await update(FAILED + "The model wrote nothing beyond your lines this time; "
-                             "try again, perhaps with a different opening.")
+                await update(
+                    FAILED + "The model wrote nothing beyond your lines this time; "
+                    "try again, perhaps with a different opening."
+                )
                 return
             try:
                 job = await self.submit(job.prompt, settings, user_key)
@@ -198,8 +221,9 @@ class Core:
                 await update(FAILED + surface.escape(str(e)))
                 return
         # Stored before it is posted: whatever happens next, the scene is not lost.
-        stored = await self.record(scene, place=place, user_id=user_id, prompt=job.prompt,
-                                   note=note, claimed=True)
+        stored = await self.record(
+            scene, place=place, user_id=user_id, prompt=job.prompt, note=note, claimed=True
+        )
         try:  # claimed for this posting: a `/scene #ID` meanwhile is told it is under way
             delivery = await self._deliver(stored, surface)
         finally:
@@ -207,7 +231,10 @@ class Core:
         await update(self._outcome(stored, delivery, surface, scene))
 
     async def _repost(
-        self, scene_id: int, place: Place, surface: Surface,
+        self,
+        scene_id: int,
+        place: Place,
+        surface: Surface,
         acknowledge: Callable[[str], Awaitable[None]],
         update: Callable[[str], Awaitable[None]],
     ) -> None:
@@ -215,15 +242,19 @@ class Core:
         /scene in the scene's own channel may do it (it only finishes what its author asked
         for there); a scene that is out, or is being posted right now, is not posted again."""
         stored = await self.db.get_scene(scene_id)
-        if stored is None or stored.place.platform != place.platform \
-                or stored.place.channel_id != place.channel_id:
+        if (
+            stored is None
+            or stored.place.platform != place.platform
+            or stored.place.channel_id != place.channel_id
+        ):
             raise EngineError(f"There is no scene {scene_id} in this channel.")
         claim = await self.db.claim_posting(scene_id)  # one transaction: one poster
         if claim == "posted":
             raise EngineError(f"Scene {scene_id} is posted already; scroll up to vote.")
         if claim != "claimed":
-            raise EngineError(f"Scene {scene_id} is being posted right now; it will be up "
-                              "in a moment.")
+            raise EngineError(
+                f"Scene {scene_id} is being posted right now; it will be up in a moment."
+            )
         try:
             stored = await self.db.get_scene(scene_id)  # what is out now, after the claim
             await acknowledge(f"🎬 Posting scene {scene_id} again…")
@@ -241,38 +272,54 @@ class Core:
     async def _deliver(self, stored: StoredScene, surface: Surface) -> Delivery:
         return await deliver(self.db, stored, surface, self.retry)
 
-    def _outcome(self, stored: StoredScene, delivery: Delivery, surface: Surface,
-                 scene=None) -> str:
+    def _outcome(
+        self, stored: StoredScene, delivery: Delivery, surface: Surface, scene=None
+    ) -> str:
         if not delivery.posted:
-            return (f"{FAILED}Scene {stored.id} is written and saved, but I couldn't post it: "
-                    f"{surface.escape(delivery.problem or 'unknown error')}. "
-                    f"Post it with `/scene #{stored.id}` once that is fixed.")
+            return (
+                f"{FAILED}Scene {stored.id} is written and saved, but I couldn't post it: "
+                f"{surface.escape(delivery.problem or 'unknown error')}. "
+                f"Post it with `/scene #{stored.id}` once that is fixed."
+            )
         where = surface.link(delivery.link, "here") if delivery.link else "in this channel"
         text = f"🎬 Scene {stored.id} is ready {where}"
         if scene is not None:
-            text += (f" ({len(scene.lines)} lines, {scene.seconds:.1f} s, "
-                     f"{surface.escape(self.model_label(scene))})")
+            text += (
+                f" ({len(scene.lines)} lines, {scene.seconds:.1f} s, "
+                f"{surface.escape(self.model_label(scene))})"
+            )
         if delivery.reactions_problem:
-            text += (f". I couldn't add the voting reactions: "
-                     f"{surface.escape(delivery.reactions_problem)}; react with "
-                     f"{surface.keycaps} on a line yourselves to vote")
+            text += (
+                f". I couldn't add the voting reactions: "
+                f"{surface.escape(delivery.reactions_problem)}; react with "
+                f"{surface.keycaps} on a line yourselves to vote"
+            )
         return text + "."
 
     # -- /settings and /best: the texts to send, ready for the platform's markup -------------
 
-    async def show_settings(self, place: Place, *, title: str = SETTINGS_TITLE,
-                            bold: str = "**") -> str:
+    async def show_settings(
+        self, place: Place, *, title: str = SETTINGS_TITLE, bold: str = "**"
+    ) -> str:
         """`/settings show`: the channel's scene settings."""
         settings = await self.db.get_settings(place.platform, place.channel_id)
         return describe(settings, title, bold=bold)
 
-    async def change_settings(self, place: Place, user_id: str, changes: dict[str, float], *,
-                              title: str = SETTINGS_TITLE, bold: str = "**") -> str:
+    async def change_settings(
+        self,
+        place: Place,
+        user_id: str,
+        changes: dict[str, float],
+        *,
+        title: str = SETTINGS_TITLE,
+        bold: str = "**",
+    ) -> str:
         """`/settings set`: the channel's settings with `changes`, saved (the caller has
         checked the user may). UsageError (one line) for no change or a value out of range."""
         if not changes:
-            raise UsageError("Give at least one setting to change, e.g. "
-                             "`/settings set temperature 0.9`.")
+            raise UsageError(
+                "Give at least one setting to change, e.g. `/settings set temperature 0.9`."
+            )
         current = await self.db.get_settings(place.platform, place.channel_id)
         try:
             settings = current.with_changes(**changes)
@@ -281,29 +328,48 @@ class Core:
         await self.db.save_settings(place, str(user_id), settings)
         return describe(settings, f"Saved. {title}", bold=bold)
 
-    async def reset_settings(self, place: Place, *, title: str = SETTINGS_TITLE,
-                             bold: str = "**") -> str:
+    async def reset_settings(
+        self, place: Place, *, title: str = SETTINGS_TITLE, bold: str = "**"
+    ) -> str:
         """`/settings reset`: back to the defaults (the caller has checked the user may)."""
         await self.db.reset_settings(place.platform, place.channel_id)
         return describe(SceneSettings(), f"Reset. {title}", bold=bold)
 
     async def best_text(
-        self, place: Place, *, channel_only: bool = False, where: str | None = None,
-        escape: Callable[[str], str], bold: str = "**", keycaps: str = "1️⃣…🔟",
+        self,
+        place: Place,
+        *,
+        channel_only: bool = False,
+        where: str | None = None,
+        escape: Callable[[str], str],
+        bold: str = "**",
+        keycaps: str = "1️⃣…🔟",
     ) -> str:
         """`/best`: the most-voted lines in `place`'s server/workspace (`where` names it in
         the title), or in its channel only."""
         channel = place.channel_id if channel_only else None
         rows = await self.db.best(place.platform, place.guild_id, channel)
-        title = ("Best lines in this channel" if channel_only
-                 else f"Best lines in this {where}" if where else "Best lines")
+        title = (
+            "Best lines in this channel"
+            if channel_only
+            else f"Best lines in this {where}"
+            if where
+            else "Best lines"
+        )
         return leaderboard(title, rows, escape=escape, bold=bold, keycaps=keycaps)
 
     # -- votes ------------------------------------------------------------------------------
 
     async def vote(
-        self, *, platform: str, message_id: str, slot: int | None, user_id: str, add: bool,
-        event_id: str | None = None, event_time: int | None = None,
+        self,
+        *,
+        platform: str,
+        message_id: str,
+        slot: int | None,
+        user_id: str,
+        add: bool,
+        event_id: str | None = None,
+        event_time: int | None = None,
     ) -> bool:
         """A keycap reaction added or removed on a scene message; True when it changed a
         vote. Unknown messages, other emoji and prompt lines are ignored; an `event_id`
@@ -334,14 +400,17 @@ class Core:
         humour = checkpoints.humour_available(self.config.checkpoints_dir)
         if self.humour not in humour:
             humour.append(self.humour)
-        return rows + [f"humour model: {n}" + ("  ← active" if n == self.humour else "")
-                       for n in humour]
+        return rows + [
+            f"humour model: {n}" + ("  ← active" if n == self.humour else "") for n in humour
+        ]
 
     def is_humour_name(self, name: str) -> bool:
         """`/checkpoint use NAME` switches the humour model when NAME is one (and no writer)."""
         name = name.strip()
-        return (name in checkpoints.humour_available(self.config.checkpoints_dir)
-                and name not in self.list_checkpoints())
+        return (
+            name in checkpoints.humour_available(self.config.checkpoints_dir)
+            and name not in self.list_checkpoints()
+        )
 
     def check_checkpoint_name(self, name: str) -> None:
         """CheckpointError (user-facing) unless NAME is a listed checkpoint or humour model."""
@@ -394,9 +463,9 @@ class Core:
         except ModelLoadError as e:  # said in chat: the name, not where the files are
             log.warning("checkpoint %s (%s) failed to load: %s", name, model, e)
             raise ModelLoadError(str(e).replace(model, name)) from e
-        served = served_model_name(name)  # the base, when the tuned default could not be used
+        served, why = served_label(self.engine, name)
         if served != name:
-            log.warning("serving %s in place of %s: %s", served, name, tuned_default_fallback())
+            log.warning("serving %s in place of %s: %s", served, name, why)
         self._labels[model] = served
         try:
             await self.db.set_state(CHECKPOINT_KEY, name)  # the choice: tried again at a restart
@@ -412,8 +481,9 @@ class Core:
 
     # -- one process per connection -----------------------------------------------------
 
-    async def hold_lease(self, scope: str, shard: tuple[int, int], *,
-                         on_lost: Callable[[str], object] | None = None) -> None:
+    async def hold_lease(
+        self, scope: str, shard: tuple[int, int], *, on_lost: Callable[[str], object] | None = None
+    ) -> None:
         """Take the database lease on `scope` and `shard` (id, count) for this process
         (raises LeaseHeld, naming the holder's host and pid, when a live other process has
         it), renew it in the background until close(), then release it. Should another
@@ -456,8 +526,7 @@ class Core:
             self._labels[model] = stored
             await self.engine.swap(model)
         except (checkpoints.CheckpointError, ModelLoadError) as e:
-            log.warning("cannot switch to checkpoint %s like another process did: %s",
-                        stored, e)
+            log.warning("cannot switch to checkpoint %s like another process did: %s", stored, e)
             self._unfollowable = stored  # not again every renewal
             return
         self.checkpoint = stored
@@ -507,7 +576,17 @@ def load_humour(name: str, checkpoints_dir, operator: bool = False) -> HumourMod
         return HumourModel.load(name)
     shown = name if len(name) <= 40 else name[:40] + "…"
     raise checkpoints.CheckpointError(
-        f"There is no humour model called `{shown}`; try /checkpoint list.")
+        f"There is no humour model called `{shown}`; try /checkpoint list."
+    )
+
+
+def served_label(engine: SceneEngine, name: str) -> tuple[str, str | None]:
+    """What `name` is served as, from the engine's own account (sitcom.model.serving.Served):
+    the base's name when the tuned default fell back to it, and why; else `name`."""
+    served = engine.served
+    if served is not None and served.fell_back:
+        return served.label, served.why
+    return name, None
 
 
 def wrote_lines(scene: Scene) -> bool:

@@ -120,8 +120,10 @@ def _why(path: Path, error: BaseException) -> str:
     if isinstance(error, sqlite3.Error) and ("readonly" in text or "unable to open" in text):
         for place in (path, path.parent):  # WAL needs to create files beside it, too
             if place.exists() and not os.access(place, os.W_OK):
-                return (f"{place} is read-only for this user (permissions); make it "
-                        "writable or point BOT_DB at a writable place")
+                return (
+                    f"{place} is read-only for this user (permissions); make it "
+                    "writable or point BOT_DB at a writable place"
+                )
     return text
 
 
@@ -144,8 +146,10 @@ class Database:
         if _read_only_fs(path):
             # SQLite would open it read-only without a word and fail at the first write
             # (or say "unable to open database file" for a new one).
-            raise DatabaseError(f"cannot open the database {path}: it is on a read-only "
-                                "filesystem; point BOT_DB at a writable place")
+            raise DatabaseError(
+                f"cannot open the database {path}: it is on a read-only "
+                "filesystem; point BOT_DB at a writable place"
+            )
         try:
             conn = await aiosqlite.connect(path, timeout=timeout, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
@@ -270,9 +274,7 @@ class Database:
         # NULL: a column added after the row was saved; it follows the current default.
         return SceneSettings(**{k: v for k, v in stored.items() if v is not None})
 
-    async def save_settings(
-        self, place: Place, user_id: str, settings: SceneSettings
-    ) -> None:
+    async def save_settings(self, place: Place, user_id: str, settings: SceneSettings) -> None:
         values = settings.validated().as_dict()
         cols = ", ".join(_SETTING_COLUMNS)
         marks = ", ".join("?" for _ in _SETTING_COLUMNS)
@@ -283,8 +285,13 @@ class Database:
                 f"{cols}) VALUES (?, ?, ?, ?, {marks}) "
                 f"ON CONFLICT(platform, channel_id) DO UPDATE SET {updates}, "
                 "updated_by = excluded.updated_by, updated_at = datetime('now')",
-                (place.platform, place.channel_id, place.guild_id, str(user_id),
-                 *(values[c] for c in _SETTING_COLUMNS)),
+                (
+                    place.platform,
+                    place.channel_id,
+                    place.guild_id,
+                    str(user_id),
+                    *(values[c] for c in _SETTING_COLUMNS),
+                ),
             )
 
     async def reset_settings(self, platform: str, channel_id: str) -> bool:
@@ -298,9 +305,18 @@ class Database:
     # -- scenes and lines ----------------------------------------------------------------
 
     async def add_scene(
-        self, *, place: Place, user_id: str, prompt: str, model_name: str,
-        lines: list[str], prompt_lines: int, new_tokens: int, seconds: float,
-        note: str | None = None, claimed: bool = False,
+        self,
+        *,
+        place: Place,
+        user_id: str,
+        prompt: str,
+        model_name: str,
+        lines: list[str],
+        prompt_lines: int,
+        new_tokens: int,
+        seconds: float,
+        note: str | None = None,
+        claimed: bool = False,
     ) -> StoredScene:
         """Store a finished scene before anything is posted; the first `prompt_lines`
         lines are the user's own and never votable. `claimed`: stored already claimed for
@@ -310,8 +326,18 @@ class Database:
                 "INSERT INTO scenes (platform, guild_id, channel_id, user_id, prompt, model_name, "
                 "new_tokens, seconds, note, claimed_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, CASE WHEN ? THEN datetime('now') END)",
-                (place.platform, place.guild_id, place.channel_id, str(user_id), prompt,
-                 model_name, new_tokens, seconds, note, claimed),
+                (
+                    place.platform,
+                    place.guild_id,
+                    place.channel_id,
+                    str(user_id),
+                    prompt,
+                    model_name,
+                    new_tokens,
+                    seconds,
+                    note,
+                    claimed,
+                ),
             )
             scene_id = cur.lastrowid
             stored = []
@@ -338,9 +364,11 @@ class Database:
             (scene_id,),
         )
         return StoredScene(
-            scene_id, Place(platform, guild_id, channel_id),
+            scene_id,
+            Place(platform, guild_id, channel_id),
             [StoredLine(i, no, text, bool(own), mid) for i, no, text, own, mid in lines],
-            note, posted=posted_at is not None,
+            note,
+            posted=posted_at is not None,
         )
 
     async def place_lines(self, message_id: str, placed: list[tuple[int, int | None]]) -> None:
@@ -406,7 +434,10 @@ class Database:
     # -- votes ---------------------------------------------------------------------------
 
     async def add_vote(
-        self, user_id: str, line_id: int, event: tuple[str, str] | None = None,
+        self,
+        user_id: str,
+        line_id: int,
+        event: tuple[str, str] | None = None,
         at: int | None = None,
     ) -> bool:
         """False when this user already voted for this line, `event` (platform, event id)
@@ -414,11 +445,18 @@ class Database:
         is older than the latest event applied for this user and line (out of order)."""
         return await self._vote(
             "INSERT INTO votes (line_id, user_id) VALUES (?, ?) "
-            "ON CONFLICT(user_id, line_id) DO NOTHING", line_id, user_id, event, at,
+            "ON CONFLICT(user_id, line_id) DO NOTHING",
+            line_id,
+            user_id,
+            event,
+            at,
         )
 
     async def remove_vote(
-        self, user_id: str, line_id: int, event: tuple[str, str] | None = None,
+        self,
+        user_id: str,
+        line_id: int,
+        event: tuple[str, str] | None = None,
         at: int | None = None,
     ) -> bool:
         return await self._vote(
@@ -426,7 +464,11 @@ class Database:
         )
 
     async def _vote(
-        self, sql: str, line_id: int, user_id: str, event: tuple[str, str] | None,
+        self,
+        sql: str,
+        line_id: int,
+        user_id: str,
+        event: tuple[str, str] | None,
         at: int | None,
     ) -> bool:
         # The event id and the vote change commit together: a redelivered event finds its id
@@ -435,7 +477,8 @@ class Database:
             if event is not None:
                 cur = await conn.execute(
                     "INSERT INTO seen_events (platform, event_id) VALUES (?, ?) "
-                    "ON CONFLICT DO NOTHING", event,
+                    "ON CONFLICT DO NOTHING",
+                    event,
                 )
                 if cur.rowcount == 0:
                     return False
@@ -476,7 +519,13 @@ class Database:
     # -- leases --------------------------------------------------------------------------
 
     async def acquire_lease(
-        self, scope: str, shard: tuple[int, int], *, host: str, pid: int, ttl_s: float,
+        self,
+        scope: str,
+        shard: tuple[int, int],
+        *,
+        host: str,
+        pid: int,
+        ttl_s: float,
         now: float | None = None,
     ) -> None:
         """Take (or renew) the lease on `scope` (e.g. "discord application 123") for
@@ -487,8 +536,8 @@ class Database:
         shard_id, count = shard
         async with self._write() as conn:
             async with conn.execute(
-                "SELECT shard_id, shard_count, host, pid, expires_at FROM leases "
-                "WHERE scope = ?", (scope,)
+                "SELECT shard_id, shard_count, host, pid, expires_at FROM leases WHERE scope = ?",
+                (scope,),
             ) as cur:
                 rows = await cur.fetchall()
             for other_id, other_count, other_host, other_pid, expires in rows:
@@ -507,15 +556,18 @@ class Database:
             )
             await conn.execute(
                 "INSERT INTO leases (scope, shard_id, shard_count, host, pid, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)", (scope, shard_id, count, host, pid, now + ttl_s),
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (scope, shard_id, count, host, pid, now + ttl_s),
             )
 
-    async def release_lease(self, scope: str, shard: tuple[int, int], *, host: str,
-                            pid: int) -> None:
+    async def release_lease(
+        self, scope: str, shard: tuple[int, int], *, host: str, pid: int
+    ) -> None:
         async with self._write() as conn:
             await conn.execute(
                 "DELETE FROM leases WHERE scope = ? AND shard_id = ? AND shard_count = ? "
-                "AND host = ? AND pid = ?", (scope, *shard, host, pid),
+                "AND host = ? AND pid = ?",
+                (scope, *shard, host, pid),
             )
 
     # -- bot state -----------------------------------------------------------------------

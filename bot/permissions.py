@@ -10,8 +10,7 @@ class NotAllowed(Exception):
     """str(e) is the polite refusal shown to the user (ephemerally)."""
 
 
-def check_settings(user_id: str | int, *, platform_admin: bool, config: Config,
-                   needs: str) -> None:
+def check_settings(user_id: str | int, *, platform_admin: bool, config: Config, needs: str) -> None:
     """Changing a channel's settings: the platform's managers (`needs` names that role,
     e.g. "the Manage Channels permission") or anyone in ADMIN_USER_IDS."""
     if platform_admin or str(user_id) in config.admin_user_ids:

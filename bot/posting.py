@@ -101,8 +101,14 @@ async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: 
             if attempt == policy.attempts:
                 raise
             delay = policy.delay(attempt, e)
-            log.warning("%s failed (%s); retry %d/%d in %.1f s",
-                        what, e, attempt, policy.attempts - 1, delay)
+            log.warning(
+                "%s failed (%s); retry %d/%d in %.1f s",
+                what,
+                e,
+                attempt,
+                policy.attempts - 1,
+                delay,
+            )
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -177,7 +183,8 @@ async def deliver(
             for slot in slots if no_reactions is None else ():
                 try:
                     await retrying(
-                        lambda s=slot, ref=posted.ref: surface.react(ref, s), policy,
+                        lambda s=slot, ref=posted.ref: surface.react(ref, s),
+                        policy,
                         f"reacting to scene {scene.id}",
                     )
                 except Refused as e:

@@ -20,14 +20,20 @@ def describe(settings: SceneSettings, title: str, bold: str = "**") -> str:
 
 
 def leaderboard(
-    title: str, rows: list[RankedLine], *, escape: Callable[[str], str],
-    bold: str = "**", keycaps: str = "1️⃣…🔟",
+    title: str,
+    rows: list[RankedLine],
+    *,
+    escape: Callable[[str], str],
+    bold: str = "**",
+    keycaps: str = "1️⃣…🔟",
 ) -> str:
     """The /best text: the most-voted lines the model wrote, each through the platform's
     `escape`."""
     if not rows:
-        return (f"🏆 {bold}{title}{bold}\nNo votes yet — react to a scene's lines with "
-                f"{keycaps} to vote.")
+        return (
+            f"🏆 {bold}{title}{bold}\nNo votes yet — react to a scene's lines with "
+            f"{keycaps} to vote."
+        )
     out = [f"🏆 {bold}{title}{bold}"]
     for rank, row in enumerate(rows, start=1):
         votes = "vote" if row.votes == 1 else "votes"

@@ -50,11 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=_fraction, default=0.05)
-    p.add_argument("--min-turns", type=int, default=Options.min_turns,
-                   help="pages with fewer dialogue turns are not episodes (default %(default)s)")
-    p.add_argument("--main-cast", type=_cast, default=None,
-                   help="comma-separated main characters for typo repair "
-                        "(default: the most frequent speakers)")
+    p.add_argument(
+        "--min-turns",
+        type=int,
+        default=Options.min_turns,
+        help="pages with fewer dialogue turns are not episodes (default %(default)s)",
+    )
+    p.add_argument(
+        "--main-cast",
+        type=_cast,
+        default=None,
+        help="comma-separated main characters for typo repair "
+        "(default: the most frequent speakers)",
+    )
 
     d = sub.add_parser("download", help="fetch transcript pages from the public site")
     d.add_argument("out_dir", type=Path)
@@ -68,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "prepare":
-            opts = Options(seed=args.seed, val_fraction=args.val_fraction,
-                           min_turns=args.min_turns, main_cast=args.main_cast)
+            opts = Options(
+                seed=args.seed,
+                val_fraction=args.val_fraction,
+                min_turns=args.min_turns,
+                main_cast=args.main_cast,
+            )
             check_out_dir(args.raw_dir, args.out_dir)
             check_outputs(args.out_dir)
             result = prepare(args.raw_dir, opts)

@@ -18,10 +18,21 @@ from dataclasses import dataclass, field
 from sitcom.scenes.script import MAIN_CHARACTERS, normalize_speaker
 
 # Typographic characters the transcribers mixed freely; one ASCII form keeps the vocabulary small.
-_TRANSLATE = str.maketrans({
-    "\xa0": " ", "\t": " ", "\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
-    "\u2013": "-", "\u2014": "--", "\u2026": "...", "\u00b4": "'", "`": "'",
-})
+_TRANSLATE = str.maketrans(
+    {
+        "\xa0": " ",
+        "\t": " ",
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u2013": "-",
+        "\u2014": "--",
+        "\u2026": "...",
+        "\u00b4": "'",
+        "`": "'",
+    }
+)
 
 # Words allowed in lowercase inside a speaker name ("Woman Behind Elaine", "Man of the house").
 _NAME_CONNECTORS = {"and", "&", "of", "the", "de", "la", "van", "von", "der", "with", "in"}
@@ -43,28 +54,33 @@ _SCENE_PREFIX_RE = re.compile(r"^(?:scene|setting|location|place|int\.|ext\.)\s*
 
 _NUM = r"(?:one|two|three|four|five|i{1,3}|iv|v|\d+)"
 # Lines that are never script: credits, cast lists, site furniture, act/commercial markers.
-_JUNK_RES = [re.compile(p, re.I) for p in (
-    r"copyright|\(c\) ?\d{4}|\u00a9|all rights reserved",
-    r"https?://|www\.|\.com\b|@\w+\.\w+",
-    r"^(?:written|directed|produced|created|transcribed|transcript|typed|teleplay|story|"
-    r"adapted|edited|formatted|corrected)(?:\s+(?:and|&)\s+\w+)?\s+by\b",
-    r"^(?:written|directed|teleplay|story|broadcast|aired|writers?|directors?)\s*:",
-    r"^(?:original(?:ly)?\s+)?(?:air(?:ed)?|broadcast)(?:\s+date)?\s*:",
-    r"^episode\s*(?:#|no\.?|number|\d)", r"^season\s+\d",
-    r"(?:spell-?\s?checked|reformatted|formatted|converted|corrected|updated|transcribed|"
-    r"transcript|typed)\s+"
-    r"(?:and\s+\w+\s+)?by\b|^last updated|^return to\b",
-    r"^\S[^:]{0,60}?\s?\.{4,}\s?\S",  # cast list with dotted leaders
-    r"^[=\-_*~#+.|]{3,}$", r"^-{3,}.*-{3,}$",  # separators, `--- COMMERCIAL BREAK ---`
-    rf"^[\[({{]?\s*(?:end\s+of\s+)?(?:act|part)\s+{_NUM}\b[^\])}}]*[\])}}]?\.?$",
-    r"^[\[({]?\s*(?:commercial(?:\s+break)?|break|intermission)\.?\s*[\])}]?\.?$",
-    r"^[\[(]?\s*(?:the\s+end|end|fade (?:in|out)|teaser|tag|cold open)\.?\s*[\])]?\.?$",
-    r"^[\[(]?the end\b",
-    r"^(?:cut|dissolve|fade|smash cut|angle|back|close|pan)\b[\w ]* (?:to|on):",
-    r"^scene\s+[a-z0-9]{1,2}\.?$",
-    r"^(?:guest\s+)?(?:cast|starring|guest starring|with|and|credits|production credits|"
-    r"the cast|characters?|character\s+actor|regular cast|also starring)\s*:?$",
-)]
+_JUNK_RES = [
+    re.compile(p, re.I)
+    for p in (
+        r"copyright|\(c\) ?\d{4}|\u00a9|all rights reserved",
+        r"https?://|www\.|\.com\b|@\w+\.\w+",
+        r"^(?:written|directed|produced|created|transcribed|transcript|typed|teleplay|story|"
+        r"adapted|edited|formatted|corrected)(?:\s+(?:and|&)\s+\w+)?\s+by\b",
+        r"^(?:written|directed|teleplay|story|broadcast|aired|writers?|directors?)\s*:",
+        r"^(?:original(?:ly)?\s+)?(?:air(?:ed)?|broadcast)(?:\s+date)?\s*:",
+        r"^episode\s*(?:#|no\.?|number|\d)",
+        r"^season\s+\d",
+        r"(?:spell-?\s?checked|reformatted|formatted|converted|corrected|updated|transcribed|"
+        r"transcript|typed)\s+"
+        r"(?:and\s+\w+\s+)?by\b|^last updated|^return to\b",
+        r"^\S[^:]{0,60}?\s?\.{4,}\s?\S",  # cast list with dotted leaders
+        r"^[=\-_*~#+.|]{3,}$",
+        r"^-{3,}.*-{3,}$",  # separators, `--- COMMERCIAL BREAK ---`
+        rf"^[\[({{]?\s*(?:end\s+of\s+)?(?:act|part)\s+{_NUM}\b[^\])}}]*[\])}}]?\.?$",
+        r"^[\[({]?\s*(?:commercial(?:\s+break)?|break|intermission)\.?\s*[\])}]?\.?$",
+        r"^[\[(]?\s*(?:the\s+end|end|fade (?:in|out)|teaser|tag|cold open)\.?\s*[\])]?\.?$",
+        r"^[\[(]?the end\b",
+        r"^(?:cut|dissolve|fade|smash cut|angle|back|close|pan)\b[\w ]* (?:to|on):",
+        r"^scene\s+[a-z0-9]{1,2}\.?$",
+        r"^(?:guest\s+)?(?:cast|starring|guest starring|with|and|credits|production credits|"
+        r"the cast|characters?|character\s+actor|regular cast|also starring)\s*:?$",
+    )
+]
 
 
 @dataclass
@@ -163,7 +179,7 @@ def _join_open_brackets(lines: list[tuple[str, bool]]) -> list[tuple[str, bool]]
             for j in range(i + 1, min(i + 8, len(lines))):
                 if pairs[opener] in lines[j][0]:
                     if lines[j][0].endswith(pairs[opener]):
-                        line = " ".join(part for part, _ in lines[i:j + 1])
+                        line = " ".join(part for part, _ in lines[i : j + 1])
                         i = j
                     break
         out.append((line, gap))
@@ -227,9 +243,12 @@ def _ends_sentence(text: str) -> bool:
     return bool(re.search(r"[.!?\"')\]*]$", text))
 
 
-def parse_page(text: str, main_cast: Iterable[str] = MAIN_CHARACTERS,
-               boilerplate: frozenset[str] = frozenset(),
-               known_speakers: frozenset[str] = frozenset()) -> Episode:
+def parse_page(
+    text: str,
+    main_cast: Iterable[str] = MAIN_CHARACTERS,
+    boilerplate: frozenset[str] = frozenset(),
+    known_speakers: frozenset[str] = frozenset(),
+) -> Episode:
     """Clean one page; pages without a script body come back with no lines.
 
     boilerplate: lines seen on many pages of the site (navigation, ads), dropped.
@@ -245,13 +264,20 @@ def parse_page(text: str, main_cast: Iterable[str] = MAIN_CHARACTERS,
     names = Counter(_ascii_name(spk).upper() for (kind, spk, _), _ in tokens if kind == "name")
     colon_turns = sum(1 for (kind, _, _), _ in tokens if kind == "turn")
     alone_turns = sum(n for n in names.values() if n >= 2)
-    prefixed = [_prefixed_turn(body, known_speakers) if kind == "plain" else None
-                for (kind, _, body), _ in tokens]
-    layout = max((colon_turns, "colon"), (alone_turns, "alone"),
-                 (sum(p is not None for p in prefixed) // 2, "prefix"))[1]
+    prefixed = [
+        _prefixed_turn(body, known_speakers) if kind == "plain" else None
+        for (kind, _, body), _ in tokens
+    ]
+    layout = max(
+        (colon_turns, "colon"),
+        (alone_turns, "alone"),
+        (sum(p is not None for p in prefixed) // 2, "prefix"),
+    )[1]
     if layout == "prefix":
-        tokens = [(("turn", *p) if p else tok, gap)
-                  for (tok, gap), p in zip(tokens, prefixed, strict=True)]
+        tokens = [
+            (("turn", *p) if p else tok, gap)
+            for (tok, gap), p in zip(tokens, prefixed, strict=True)
+        ]
     alone = layout == "alone"
 
     items: list[_Item] = []
@@ -267,14 +293,23 @@ def parse_page(text: str, main_cast: Iterable[str] = MAIN_CHARACTERS,
                 items.append(_Item("heading", _place(speaker), "", gap))
                 continue
             kind, body = "plain", (speaker + (" " + body if body else "")).strip()
-        if kind == "direction" and items and items[-1].kind == "turn" and items[-1].from_name \
-                and not items[-1].text:
+        if (
+            kind == "direction"
+            and items
+            and items[-1].kind == "turn"
+            and items[-1].from_name
+            and not items[-1].text
+        ):
             items[-1].text = f"({body})"  # `JANE / (from the stall) / are you talking to me?`
             continue
         # Screenplay action paragraphs are written in capitals: never part of a speech.
         action = alone and body.isupper() and len(body.split()) >= 4
-        if kind == "plain" and items and _continues(items[-1], body, gap) \
-                and not (action and items[-1].kind == "turn"):
+        if (
+            kind == "plain"
+            and items
+            and _continues(items[-1], body, gap)
+            and not (action and items[-1].kind == "turn")
+        ):
             items[-1].text = f"{items[-1].text} {body}".strip()
             continue
         items.append(_Item("direction" if action else kind, body, speaker, gap))
@@ -313,7 +348,7 @@ def _body_start(items: list[_Item], strong: list[int]) -> int | None:
     """First recurring-speaker turn that opens real dialogue, not a cast list or notes."""
     for i in strong:
         it = items[i]
-        following = items[i + 1:i + 6]
+        following = items[i + 1 : i + 6]
         if _cast_like(it.text) or len(it.text) > 1500:
             continue
         if sum(f.kind == "turn" and not _cast_like(f.text) for f in following) >= 3:
@@ -337,7 +372,7 @@ def _assemble(items: list[_Item], main: tuple[str, ...], layout: str) -> Episode
             start -= 1
     while end + 1 < len(items) and items[end + 1].kind in ("heading", "direction"):
         end += 1
-    for it in items[start:end + 1]:
+    for it in items[start : end + 1]:
         if it.kind == "turn":
             speaker = normalize_speaker(_ascii_name(it.speaker), main)
             if it.text and speaker[:1].isalpha():

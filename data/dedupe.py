@@ -14,15 +14,16 @@ SHINGLE_WORDS = 5
 
 def shingles(lines: Sequence[str], k: int = SHINGLE_WORDS) -> frozenset[tuple[str, ...]]:
     words = re.findall(r"[a-z0-9']+", " ".join(lines).lower())
-    return frozenset(tuple(words[i:i + k]) for i in range(max(len(words) - k + 1, 0)))
+    return frozenset(tuple(words[i : i + k]) for i in range(max(len(words) - k + 1, 0)))
 
 
 def jaccard(a: frozenset, b: frozenset) -> float:
     return len(a & b) / len(a | b) if a or b else 0.0
 
 
-def find_duplicates(episodes: Mapping[str, Sequence[str]], threshold: float = 0.6,
-                    demote: Collection[str] = ()) -> dict[str, tuple[str, float]]:
+def find_duplicates(
+    episodes: Mapping[str, Sequence[str]], threshold: float = 0.6, demote: Collection[str] = ()
+) -> dict[str, tuple[str, float]]:
     """{duplicate page: (page it duplicates, similarity)}; the page with more lines is kept,
     except that pages in `demote` (cut-down self-repeating pages) lose to any other.
 
@@ -34,7 +35,7 @@ def find_duplicates(episodes: Mapping[str, Sequence[str]], threshold: float = 0.
     for i, name in enumerate(order):
         if name in dupes:
             continue
-        for other in order[i + 1:]:
+        for other in order[i + 1 :]:
             if other in dupes:
                 continue
             # Cheap bound: Jaccard can't exceed the size ratio.

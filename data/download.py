@@ -28,8 +28,28 @@ class DownloadError(Exception):
 class _TextAndLinks(HTMLParser):
     """Page text with a line break per block element, and every <a href>."""
 
-    BLOCKS = {"p", "br", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "title",
-              "table", "ul", "ol", "dd", "dt", "pre", "blockquote", "hr"}
+    BLOCKS = {
+        "p",
+        "br",
+        "div",
+        "tr",
+        "li",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "title",
+        "table",
+        "ul",
+        "ol",
+        "dd",
+        "dt",
+        "pre",
+        "blockquote",
+        "hr",
+    }
     SKIP = {"script", "style", "noscript"}
 
     def __init__(self) -> None:
@@ -91,8 +111,9 @@ def _fetch(url: str) -> str:
         return raw.decode("cp1252", errors="replace")
 
 
-def download(out_dir: Path, base_url: str = DEFAULT_BASE_URL, index: str = DEFAULT_INDEX,
-             delay: float = 1.0) -> str:
+def download(
+    out_dir: Path, base_url: str = DEFAULT_BASE_URL, index: str = DEFAULT_INDEX, delay: float = 1.0
+) -> str:
     """Fetch every linked page not already in out_dir; returns a one-line report."""
     if delay < 0:
         raise DownloadError(f"delay must be >= 0, got {delay}")
@@ -110,8 +131,9 @@ def download(out_dir: Path, base_url: str = DEFAULT_BASE_URL, index: str = DEFAU
         target = out_dir / f"{stem}.txt"
         if target.is_symlink() and not target.exists():
             # Saving would replace the link itself: leave whatever it was meant for alone.
-            failed.append(f"{url} ({target}: a symbolic link to nothing, not a regular file; "
-                          "left alone)")
+            failed.append(
+                f"{url} ({target}: a symbolic link to nothing, not a regular file; left alone)"
+            )
             continue
         if target.exists():
             skipped += 1  # resume: a page already saved is never fetched twice

@@ -87,8 +87,9 @@ def _resolved(path: Path) -> Path:
     return Path(os.path.realpath(os.path.abspath(path)))
 
 
-def refuse_overlap(replaced: Iterable[Path], inputs: dict[str, Iterable[Path]],
-                   label: str, out: Path) -> None:
+def refuse_overlap(
+    replaced: Iterable[Path], inputs: dict[str, Iterable[Path]], label: str, out: Path
+) -> None:
     """OutputPathError if a path the command deletes or replaces (`replaced`) is, or holds,
     one of the inputs' paths. `inputs` maps a description ("the corpus --data D") to the
     paths it consists of; symbolic links are followed, so a link to an input counts."""
@@ -98,9 +99,7 @@ def refuse_overlap(replaced: Iterable[Path], inputs: dict[str, Iterable[Path]],
             kept = _resolved(path)
             for gone in replaced:
                 if kept == gone or kept.is_relative_to(gone):
-                    raise OutputPathError(
-                        f"{label} {out} would replace {what}: write it elsewhere"
-                    )
+                    raise OutputPathError(f"{label} {out} would replace {what}: write it elsewhere")
 
 
 def published_paths(out: Path) -> list[Path]:

@@ -30,8 +30,10 @@ MAX_FILE_BYTES = 2_000_000  # real transcript pages are ~30-150 KB; bigger is no
 REPEATED_SHARE = 0.3  # a page whose long lines are repeats this often repeats itself
 OUTPUT_FILES = ("train.txt", "val.txt", "manifest.json")  # what write_outputs writes
 BOMS = (  # longest first: the UTF-32 LE mark begins with the UTF-16 LE one
-    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
 
@@ -111,8 +113,10 @@ def read_pages(raw_dir: Path, max_file_bytes: int = MAX_FILE_BYTES) -> list[Page
             page.error = "output of `python -m data prepare`, not a transcript"
             continue
         if size > max_file_bytes:  # not read at all: a 200 MB page would cost GBs of RAM
-            page.error = (f"too large: {size:,} bytes, over the {max_file_bytes:,}-byte cap "
-                          "for one transcript page")
+            page.error = (
+                f"too large: {size:,} bytes, over the {max_file_bytes:,}-byte cap "
+                "for one transcript page"
+            )
             continue
         try:
             page.text, page.encoding = decode(path.read_bytes())
@@ -146,7 +150,7 @@ def first_copy(lines: Sequence[str], window: int = 10) -> list[str]:
     """The page up to where it starts over (its first `window` lines appear again)."""
     head = list(lines[:window])
     for start in range(window, len(lines) - window + 1):
-        if lines[start] == head[0] and list(lines[start:start + window]) == head:
+        if lines[start] == head[0] and list(lines[start : start + window]) == head:
             return list(lines[:start])
     return list(lines)
 
@@ -167,12 +171,16 @@ def boilerplate_lines(texts: Sequence[str], share: float = BOILERPLATE_SHARE) ->
     return frozenset(line for line, n in df.items() if n >= cutoff and classify(line)[0] != "turn")
 
 
-def derive_main_cast(turns: Counter, share: float = MAIN_CAST_SHARE,
-                     limit: int = 8) -> tuple[str, ...]:
+def derive_main_cast(
+    turns: Counter, share: float = MAIN_CAST_SHARE, limit: int = 8
+) -> tuple[str, ...]:
     """The speakers with a large share of all turns; Seinfeld's four when none stand out."""
     total = sum(turns.values())
-    cast = [name for name, n in turns.most_common(limit)
-            if total and n / total >= share and " AND " not in name]
+    cast = [
+        name
+        for name, n in turns.most_common(limit)
+        if total and n / total >= share and " AND " not in name
+    ]
     return tuple(cast) or MAIN_CHARACTERS
 
 
@@ -189,8 +197,9 @@ def prepare(raw_dir: Path, options: Options | None = None) -> Result:
         speakers = parse_page(page.text, main_cast=(), boilerplate=boilerplate).speakers
         raw_turns.update(speakers)
         pages_per_speaker.update(speakers.keys())
-    main = (tuple(s.upper() for s in opts.main_cast) if opts.main_cast
-            else derive_main_cast(raw_turns))
+    main = (
+        tuple(s.upper() for s in opts.main_cast) if opts.main_cast else derive_main_cast(raw_turns)
+    )
     known = frozenset(name for name, n in pages_per_speaker.items() if n >= 2)
 
     # Pass 2: clean every page.
@@ -206,12 +215,21 @@ def prepare(raw_dir: Path, options: Options | None = None) -> Result:
             entry.update(status="dropped", reason=page.error, lines=0, turns=0)
             continue
         ep = parse_page(page.text, main_cast=main, boilerplate=boilerplate, known_speakers=known)
-        entry.update(lines=page.text.count("\n") + 1, layout=ep.layout, turns=ep.turns,
-                     out_lines=len(ep.lines), speakers=dict(ep.speakers.most_common()))
+        entry.update(
+            lines=page.text.count("\n") + 1,
+            layout=ep.layout,
+            turns=ep.turns,
+            out_lines=len(ep.lines),
+            speakers=dict(ep.speakers.most_common()),
+        )
         if ep.turns < opts.min_turns or len(ep.speakers) < 2:
-            entry.update(status="dropped", reason=(
-                f"no script body: {ep.turns} dialogue turns by {len(ep.speakers)} speakers "
-                f"(an episode needs {opts.min_turns}+ turns by 2+ speakers)"))
+            entry.update(
+                status="dropped",
+                reason=(
+                    f"no script body: {ep.turns} dialogue turns by {len(ep.speakers)} speakers "
+                    f"(an episode needs {opts.min_turns}+ turns by 2+ speakers)"
+                ),
+            )
             continue
         repeated = repeated_share(ep.lines)
         if repeated > REPEATED_SHARE:
@@ -219,22 +237,34 @@ def prepare(raw_dir: Path, options: Options | None = None) -> Result:
             # outweigh the corpus and win the near-duplicate check against the real page.
             copy = first_copy(ep.lines)
             if repeated_share(copy) > REPEATED_SHARE:
-                entry.update(status="dropped", repeated=round(repeated, 3), reason=(
-                    f"page repeats itself: {repeated:.0%} of its long lines are repeats"))
+                entry.update(
+                    status="dropped",
+                    repeated=round(repeated, 3),
+                    reason=(f"page repeats itself: {repeated:.0%} of its long lines are repeats"),
+                )
                 continue
-            entry["note"] = (f"page repeats itself: kept its first copy, {len(copy)} of "
-                             f"{len(ep.lines)} lines")
+            entry["note"] = (
+                f"page repeats itself: kept its first copy, {len(copy)} of {len(ep.lines)} lines"
+            )
             ep = cut_to(ep, copy)
-            entry.update(turns=ep.turns, out_lines=len(ep.lines),
-                         speakers=dict(ep.speakers.most_common()))
+            entry.update(
+                turns=ep.turns, out_lines=len(ep.lines), speakers=dict(ep.speakers.most_common())
+            )
             repeating.add(page.name)
         episodes[page.name] = ep
 
-    dupes = find_duplicates({name: ep.lines for name, ep in episodes.items()},
-                            threshold=opts.dup_threshold, demote=repeating)
+    dupes = find_duplicates(
+        {name: ep.lines for name, ep in episodes.items()},
+        threshold=opts.dup_threshold,
+        demote=repeating,
+    )
     for name, (original, score) in dupes.items():
-        entries[name].update(status="dropped", duplicate_of=original, similarity=score,
-                             reason=f"near-duplicate of {original} (Jaccard {score})")
+        entries[name].update(
+            status="dropped",
+            duplicate_of=original,
+            similarity=score,
+            reason=f"near-duplicate of {original} (Jaccard {score})",
+        )
         del episodes[name]
     if not episodes:
         raise PrepareError(f"no episodes left after cleaning {len(pages)} files in {raw_dir}")
@@ -250,27 +280,36 @@ def prepare(raw_dir: Path, options: Options | None = None) -> Result:
     result = Result(manifest={})
     for name, ep in episodes.items():
         well = sum(is_well_formed(line) for line in ep.lines)
-        entries[name].update(status="kept", split=split[name], group=group_of[name],
-                             out_bytes=len("\n".join(ep.lines).encode()) + 1,
-                             well_formed=round(well / max(len(ep.lines), 1), 4))
+        entries[name].update(
+            status="kept",
+            split=split[name],
+            group=group_of[name],
+            out_bytes=len("\n".join(ep.lines).encode()) + 1,
+            well_formed=round(well / max(len(ep.lines), 1), 4),
+        )
         (result.val if split[name] == "val" else result.train).append(ep.lines)
     result.manifest = _manifest(entries, episodes, opts, main)
     return result
 
 
-def _manifest(entries: dict[str, dict], episodes: dict[str, Episode], opts: Options,
-              main: tuple[str, ...]) -> dict:
+def _manifest(
+    entries: dict[str, dict], episodes: dict[str, Episode], opts: Options, main: tuple[str, ...]
+) -> dict:
     lines = [line for ep in episodes.values() for line in ep.lines]
     speakers: Counter = Counter()
     for ep in episodes.values():
         speakers.update(ep.speakers)
     kept = [e for e in entries.values() if e["status"] == "kept"]
     return {
-        "seed": opts.seed, "val_fraction": opts.val_fraction, "min_turns": opts.min_turns,
+        "seed": opts.seed,
+        "val_fraction": opts.val_fraction,
+        "min_turns": opts.min_turns,
         "main_cast": list(main),
         "main_cast_source": "option" if opts.main_cast else "derived from the corpus",
         "totals": {
-            "files": len(entries), "kept": len(kept), "dropped": len(entries) - len(kept),
+            "files": len(entries),
+            "kept": len(kept),
+            "dropped": len(entries) - len(kept),
             "train": sum(e["split"] == "train" for e in kept),
             "val": sum(e["split"] == "val" for e in kept),
             "turns": sum(1 for line in lines if is_turn(line)),
@@ -319,11 +358,16 @@ def summary(manifest: dict) -> str:
     """A plain-text table for the terminal."""
     t = manifest["totals"]
     rows = [
-        ("files", t["files"]), ("episodes kept", t["kept"]), ("dropped", t["dropped"]),
-        ("train / val episodes", f"{t['train']} / {t['val']}"), ("dialogue turns", t["turns"]),
-        ("lines", t["lines"]), ("bytes", t["bytes"]),
+        ("files", t["files"]),
+        ("episodes kept", t["kept"]),
+        ("dropped", t["dropped"]),
+        ("train / val episodes", f"{t['train']} / {t['val']}"),
+        ("dialogue turns", t["turns"]),
+        ("lines", t["lines"]),
+        ("bytes", t["bytes"]),
         ("well-formed lines", f"{t['well_formed']:.2%}"),
-        ("speakers", t["speakers"]), ("main cast", ", ".join(manifest["main_cast"])),
+        ("speakers", t["speakers"]),
+        ("main cast", ", ".join(manifest["main_cast"])),
     ]
     width = max(len(k) for k, _ in rows)
     out = [f"{k:<{width}}  {v}" for k, v in rows]

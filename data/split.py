@@ -33,8 +33,9 @@ def episode_groups(names: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
-def split_episodes(names: Iterable[str], val_fraction: float = 0.05,
-                   seed: int = 0) -> dict[str, str]:
+def split_episodes(
+    names: Iterable[str], val_fraction: float = 0.05, seed: int = 0
+) -> dict[str, str]:
     """{page name: "train" | "val"}; about val_fraction of the pages go to validation."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val fraction must be in [0, 1), got {val_fraction}")

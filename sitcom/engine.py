@@ -84,8 +84,15 @@ from sitcom.settings import SceneSettings
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BadPrompt", "EngineError", "GenerationTimeout", "Job", "ModelLoadError", "QueueFull",
-    "Scene", "SceneEngine", "TooManyPending",
+    "BadPrompt",
+    "EngineError",
+    "GenerationTimeout",
+    "Job",
+    "ModelLoadError",
+    "QueueFull",
+    "Scene",
+    "SceneEngine",
+    "TooManyPending",
 ]
 
 SHUTDOWN_TIMEOUT_S = 25.0  # Procfile platforms kill a worker ~30 s after SIGTERM
@@ -300,11 +307,13 @@ class SceneEngine:
             for ahead in waiting[:-1]:
                 place(ahead)
             return place(job)
-        left = [max(0.0, duration(j) - (now - j.started)) if j.started else duration(j)
-                for j in self._running]
+        left = [
+            max(0.0, duration(j) - (now - j.started)) if j.started else duration(j)
+            for j in self._running
+        ]
         done = max(left, default=0.0)
         for first in range(0, len(waiting), self.max_batch):
-            done += max(duration(j) for j in waiting[first:first + self.max_batch])
+            done += max(duration(j) for j in waiting[first : first + self.max_batch])
         return done
 
     def _width(self, job: Job) -> int:
@@ -364,8 +373,11 @@ class SceneEngine:
                 with self._cond:
                     new = []
                     free = batcher.free_slots
-                    while (self._queue and self._active is loaded
-                           and min(self._width(self._queue[0]), batcher.capacity) <= free):
+                    while (
+                        self._queue
+                        and self._active is loaded
+                        and min(self._width(self._queue[0]), batcher.capacity) <= free
+                    ):
                         free -= min(self._width(self._queue[0]), batcher.capacity)
                         new.append(self._queue.popleft())
                     self._running.update(new)
@@ -381,8 +393,12 @@ class SceneEngine:
                 except Exception:
                     log.exception("generation failed")
                     for job in dict.fromkeys(row.tag for row in batcher.rows):
-                        self._finish(job, EngineError(
-                            "Something went wrong writing that scene; please try again."))
+                        self._finish(
+                            job,
+                            EngineError(
+                                "Something went wrong writing that scene; please try again."
+                            ),
+                        )
                     batcher.abort()
                     continue
                 rows = len(batcher.rows) + len(finished)
@@ -404,9 +420,12 @@ class SceneEngine:
         try:
             for i in range(job.expected):  # the candidates of a best-of-n job
                 batcher.add(
-                    job.prompt, job.settings, tag=job,
-                    streamer=None if i else LineStreamer(
-                        loaded.tokenizer, [job.prompt], self._snapshot(job, loaded)),
+                    job.prompt,
+                    job.settings,
+                    tag=job,
+                    streamer=None
+                    if i
+                    else LineStreamer(loaded.tokenizer, [job.prompt], self._snapshot(job, loaded)),
                     stopping_criteria=[DeadlineStop(lambda _row, job=job: self._should_stop(job))],
                 )
         except Exception as e:  # a prompt too long for the context, or a bug: this job only
@@ -434,7 +453,9 @@ class SceneEngine:
         start = time.monotonic()
         try:
             scenes = generate_scenes(
-                loaded.model, loaded.tokenizer, [j.prompt for j, _ in rows],
+                loaded.model,
+                loaded.tokenizer,
+                [j.prompt for j, _ in rows],
                 [j.settings for j, _ in rows],
                 streamer=LineStreamer(loaded.tokenizer, [j.prompt for j, _ in rows], on_lines),
                 stopping_criteria=[DeadlineStop(lambda row: self._should_stop(rows[row][0]))],
@@ -453,8 +474,11 @@ class SceneEngine:
             self._finish(batch[0], EngineError(_message(e)))
             return
         with self._cond:
-            self._speed.add(sum(s.new_tokens for s in scenes), time.monotonic() - start,
-                            max(s.new_tokens for s in scenes))
+            self._speed.add(
+                sum(s.new_tokens for s in scenes),
+                time.monotonic() - start,
+                max(s.new_tokens for s in scenes),
+            )
         for (job, _), scene in zip(rows, scenes, strict=True):
             self._collect(job, scene, loaded)
 
@@ -466,13 +490,19 @@ class SceneEngine:
         best = job.candidates[0]
         if len(job.candidates) > 1:
             try:
-                ranked = rank([c.lines for c in job.candidates], _prompt_count(job.prompt),
-                              self.scorer)
+                ranked = rank(
+                    [c.lines for c in job.candidates], _prompt_count(job.prompt), self.scorer
+                )
                 best = job.candidates[ranked[0].index]
-                log.info("best of %d: candidate %d (score %.2f, coherence %.2f, humour %.2f%s)",
-                         len(job.candidates), ranked[0].index, ranked[0].total,
-                         ranked[0].coherence, ranked[0].humour,
-                         f"; {', '.join(ranked[0].problems)}" if ranked[0].problems else "")
+                log.info(
+                    "best of %d: candidate %d (score %.2f, coherence %.2f, humour %.2f%s)",
+                    len(job.candidates),
+                    ranked[0].index,
+                    ranked[0].total,
+                    ranked[0].coherence,
+                    ranked[0].humour,
+                    f"; {', '.join(ranked[0].problems)}" if ranked[0].problems else "",
+                )
             except Exception:  # a broken scorer must not lose the scene: post the first
                 log.exception("ranking failed; posting the first candidate")
         job.candidates = []
@@ -481,8 +511,15 @@ class SceneEngine:
     def _deliver(self, job: Job, scene: GeneratedScene, loaded: _Loaded) -> None:
         now = time.monotonic()
         prompt_lines = _prompt_count(job.prompt)
-        done = Scene(scene.lines, "\n".join(scene.lines), scene.new_tokens, now - job.started,
-                     loaded.name, prompt_lines=prompt_lines, candidates=job.expected)
+        done = Scene(
+            scene.lines,
+            "\n".join(scene.lines),
+            scene.new_tokens,
+            now - job.started,
+            loaded.name,
+            prompt_lines=prompt_lines,
+            candidates=job.expected,
+        )
         cut = not scene.finished and scene.new_tokens < job.settings.max_new_tokens
         wrote = len(scene.lines) > prompt_lines
         if scene.new_tokens > 0 and job.started:
@@ -496,11 +533,15 @@ class SceneEngine:
                 done.note = "The bot was shutting down, so the scene stops here."
                 self._finish(job, done)
             else:
-                self._finish(job, EngineError(
-                    "The scene engine shut down before that scene got its first line."))
+                self._finish(
+                    job,
+                    EngineError("The scene engine shut down before that scene got its first line."),
+                )
         elif cut and now > job.deadline:
-            note = (f"That scene took longer than {self.timeout_s:g} s, so it stops here; "
-                    "try fewer tokens or again later.")
+            note = (
+                f"That scene took longer than {self.timeout_s:g} s, so it stops here; "
+                "try fewer tokens or again later."
+            )
             if wrote:
                 done.partial, done.note = True, note
                 self._finish(job, done)

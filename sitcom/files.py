@@ -112,8 +112,11 @@ def safetensors_problem(path: Path) -> str | None:
             if name == "__metadata__":
                 continue
             offsets = info.get("data_offsets") if isinstance(info, dict) else None
-            if (not isinstance(offsets, list) or len(offsets) != 2
-                    or not all(type(o) is int and o >= 0 for o in offsets)):
+            if (
+                not isinstance(offsets, list)
+                or len(offsets) != 2
+                or not all(type(o) is int and o >= 0 for o in offsets)
+            ):
                 return f"tensor {name[:60]!r} has no data offsets"
             end = max(end, offsets[1])
     except OSError as e:

@@ -51,7 +51,6 @@ class Scene:
     candidates: int = 1  # scenes written for this one (best of n); this one ranked best
 
 
-
 def clean_prompt(prompt: str, max_chars: int) -> str:
     """Control characters removed; every line break (\\r\\n, \\r, U+2028/U+2029, NEL, \\v,
     \\f: whatever str.splitlines() splits on) made a newline; BadPrompt when nothing usable
@@ -145,5 +144,7 @@ class _Speed:
         seconds = sum(s for _, s, _ in self._steps)
         if seconds <= 0:
             return None
-        return (sum(t for t, _, _ in self._steps) / seconds,
-                sum(r for _, _, r in self._steps) / seconds)
+        return (
+            sum(t for t, _, _ in self._steps) / seconds,
+            sum(r for _, _, r in self._steps) / seconds,
+        )

@@ -42,16 +42,32 @@ def interaction_id(age_s: float = 0.0) -> int:
 
 
 def user(user_id: int, name: str = "someone", bot: bool = False) -> dict:
-    return {"id": str(user_id), "username": name, "discriminator": "0", "global_name": name,
-            "avatar": None, "bot": bot}
+    return {
+        "id": str(user_id),
+        "username": name,
+        "discriminator": "0",
+        "global_name": name,
+        "avatar": None,
+        "bot": bot,
+    }
 
 
 def message(message_id: int, channel_id: int, content: str, author_id: int = BOT_ID) -> dict:
     return {
-        "id": str(message_id), "channel_id": str(channel_id), "content": content,
-        "author": user(author_id, "SitcomBot", bot=True), "timestamp": "2024-01-01T00:00:00+00:00",
-        "edited_timestamp": None, "tts": False, "mention_everyone": False, "mentions": [],
-        "mention_roles": [], "attachments": [], "embeds": [], "pinned": False, "type": 0,
+        "id": str(message_id),
+        "channel_id": str(channel_id),
+        "content": content,
+        "author": user(author_id, "SitcomBot", bot=True),
+        "timestamp": "2024-01-01T00:00:00+00:00",
+        "edited_timestamp": None,
+        "tts": False,
+        "mention_everyone": False,
+        "mentions": [],
+        "mention_roles": [],
+        "attachments": [],
+        "embeds": [],
+        "pinned": False,
+        "type": 0,
     }
 
 
@@ -103,8 +119,11 @@ class Recorder:
 
     def texts(self) -> list[str]:
         """Every message content the bot sent, edited or replied, in order."""
-        return [c.json["content"] for c in self.calls
-                if isinstance(c.json, dict) and isinstance(c.json.get("content"), str)]
+        return [
+            c.json["content"]
+            for c in self.calls
+            if isinstance(c.json, dict) and isinstance(c.json.get("content"), str)
+        ]
 
     def replies(self) -> list[dict]:
         """Interaction responses and follow-ups: content, flags (64 = ephemeral), mentions."""
@@ -140,24 +159,35 @@ class Recorder:
             return created
         if path.endswith("/callback"):
             interaction_id = path.split("/")[2]
-            age = (discord.utils.utcnow()
-                   - discord.utils.snowflake_time(int(interaction_id))).total_seconds()
+            age = (
+                discord.utils.utcnow() - discord.utils.snowflake_time(int(interaction_id))
+            ).total_seconds()
             if age > INTERACTION_WINDOW_S:
                 raise http_error(discord.NotFound, 404, "Unknown interaction", 10062)
             if interaction_id in self._answered:
-                raise http_error(discord.HTTPException, 400,
-                                 "Interaction has already been acknowledged.", 40060)
+                raise http_error(
+                    discord.HTTPException, 400, "Interaction has already been acknowledged.", 40060
+                )
             self._answered.add(interaction_id)
             return {"interaction": {"id": interaction_id, "type": 2}}
         if path.startswith("/webhooks/") and method in ("POST", "PATCH"):
             return message(next_id(), CHANNEL_ID, body.get("content", ""))
         if path == "/oauth2/applications/@me":
-            return {"id": str(APP_ID), "name": "SitcomBot", "description": "", "icon": None,
-                    "bot_public": True, "bot_require_code_grant": False,
-                    "owner": user(OWNER_ID, "owner"), "verify_key": "x", "flags": 0}
+            return {
+                "id": str(APP_ID),
+                "name": "SitcomBot",
+                "description": "",
+                "icon": None,
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "owner": user(OWNER_ID, "owner"),
+                "verify_key": "x",
+                "flags": 0,
+            }
         if path.endswith("/commands") and method == "PUT":
-            return [dict(c, id=str(next_id()), application_id=str(APP_ID), version="1")
-                    for c in body]
+            return [
+                dict(c, id=str(next_id()), application_id=str(APP_ID), version="1") for c in body
+            ]
         return None
 
 
@@ -190,25 +220,51 @@ def install(bot: discord.Client) -> Recorder:
 
 
 def command_payload(
-    name: str, options: list[dict] | None = None, *, user_id: int = USER_ID,
-    permissions: discord.Permissions | None = None, channel_id: int = CHANNEL_ID,
+    name: str,
+    options: list[dict] | None = None,
+    *,
+    user_id: int = USER_ID,
+    permissions: discord.Permissions | None = None,
+    channel_id: int = CHANNEL_ID,
     age_s: float = 0.0,
 ) -> dict:
     """An INTERACTION_CREATE for a slash command in GUILD_ID/channel_id, created `age_s`
     seconds ago (its id holds the time, as Discord's do)."""
     perms = permissions if permissions is not None else discord.Permissions.none()
     return {
-        "id": str(interaction_id(age_s)), "application_id": str(APP_ID), "type": 2,
-        "token": f"token-{next_id()}", "version": 1, "guild_id": str(GUILD_ID),
+        "id": str(interaction_id(age_s)),
+        "application_id": str(APP_ID),
+        "type": 2,
+        "token": f"token-{next_id()}",
+        "version": 1,
+        "guild_id": str(GUILD_ID),
         "channel_id": str(channel_id),
-        "channel": {"id": str(channel_id), "type": 0, "guild_id": str(GUILD_ID),
-                    "name": "general", "position": 0, "permission_overwrites": [],
-                    "nsfw": False, "parent_id": None},
-        "member": {"user": user(user_id), "roles": [], "joined_at": "2024-01-01T00:00:00+00:00",
-                   "deaf": False, "mute": False, "flags": 0, "permissions": str(perms.value)},
+        "channel": {
+            "id": str(channel_id),
+            "type": 0,
+            "guild_id": str(GUILD_ID),
+            "name": "general",
+            "position": 0,
+            "permission_overwrites": [],
+            "nsfw": False,
+            "parent_id": None,
+        },
+        "member": {
+            "user": user(user_id),
+            "roles": [],
+            "joined_at": "2024-01-01T00:00:00+00:00",
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "permissions": str(perms.value),
+        },
         "app_permissions": str(discord.Permissions.all().value),
-        "locale": "en-US", "guild_locale": "en-US", "attachment_size_limit": 8388608,
-        "entitlements": [], "authorizing_integration_owners": {}, "context": 0,
+        "locale": "en-US",
+        "guild_locale": "en-US",
+        "attachment_size_limit": 8388608,
+        "entitlements": [],
+        "authorizing_integration_owners": {},
+        "context": 0,
         "data": {"id": str(next_id()), "name": name, "type": 1, "options": options or []},
     }
 
@@ -234,16 +290,25 @@ async def invoke(bot: discord.Client, payload: dict) -> discord.Interaction:
 
 
 def reaction_payload(message_id: int, emoji: str, user_id: int = USER_ID) -> dict:
-    return {"user_id": str(user_id), "channel_id": str(CHANNEL_ID), "message_id": str(message_id),
-            "guild_id": str(GUILD_ID), "emoji": {"id": None, "name": emoji}, "burst": False,
-            "type": 0}
+    return {
+        "user_id": str(user_id),
+        "channel_id": str(CHANNEL_ID),
+        "message_id": str(message_id),
+        "guild_id": str(GUILD_ID),
+        "emoji": {"id": None, "name": emoji},
+        "burst": False,
+        "type": 0,
+    }
 
 
 async def settle(bot: discord.Client) -> None:
     """Wait for the event handlers that bot.dispatch scheduled (named 'discord.py: on_...')."""
     while True:
-        pending = [t for t in asyncio.all_tasks()
-                   if t.get_name().startswith("discord.py: ") and not t.done()]
+        pending = [
+            t
+            for t in asyncio.all_tasks()
+            if t.get_name().startswith("discord.py: ") and not t.done()
+        ]
         if not pending:
             return
         await asyncio.gather(*pending)

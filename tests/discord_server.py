@@ -86,8 +86,9 @@ class FakeDiscord:
         ws = self._sockets[-1]
         await ws.send_str(json.dumps({"op": 0, "t": event, "s": next(self._seq), "d": data}))
 
-    async def wait_for(self, method: str | None, fragment: str, text: str = "",
-                       timeout: float = 60.0) -> Request:
+    async def wait_for(
+        self, method: str | None, fragment: str, text: str = "", timeout: float = 60.0
+    ) -> Request:
         """The first request of `method` (None: any) whose path holds `fragment` and whose
         content (a message's, or an interaction response's) holds `text`."""
 
@@ -95,8 +96,7 @@ class FakeDiscord:
             for r in self.requests:
                 body = r.json if isinstance(r.json, dict) else {}
                 content = body.get("content") or (body.get("data") or {}).get("content")
-                if method in (None, r.method) and fragment in r.path \
-                        and text in (content or ""):
+                if method in (None, r.method) and fragment in r.path and text in (content or ""):
                     return r
             return None
 
@@ -122,13 +122,17 @@ class FakeDiscord:
                 await ws.send_str(json.dumps({"op": 11}))
             elif payload["op"] == 2:  # identify
                 ready = {
-                    "v": 10, "user": user(BOT_ID, "SitcomBot", bot=True), "guilds": [],
-                    "session_id": "fake-session", "shard": payload["d"].get("shard", [0, 1]),
+                    "v": 10,
+                    "user": user(BOT_ID, "SitcomBot", bot=True),
+                    "guilds": [],
+                    "session_id": "fake-session",
+                    "shard": payload["d"].get("shard", [0, 1]),
                     "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway/",
                     "application": {"id": str(APP_ID), "flags": 0},
                 }
-                await ws.send_str(json.dumps(
-                    {"op": 0, "t": "READY", "s": next(self._seq), "d": ready}))
+                await ws.send_str(
+                    json.dumps({"op": 0, "t": "READY", "s": next(self._seq), "d": ready})
+                )
                 self.identified.set()
         return ws
 
@@ -155,16 +159,26 @@ class FakeDiscord:
         if path == "/users/@me":
             return user(BOT_ID, "SitcomBot", bot=True)
         if path == "/oauth2/applications/@me":
-            return {"id": str(APP_ID), "name": "SitcomBot", "description": "", "icon": None,
-                    "bot_public": True, "bot_require_code_grant": False,
-                    "owner": user(OWNER_ID, "owner"), "verify_key": "x", "flags": 0}
+            return {
+                "id": str(APP_ID),
+                "name": "SitcomBot",
+                "description": "",
+                "icon": None,
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "owner": user(OWNER_ID, "owner"),
+                "verify_key": "x",
+                "flags": 0,
+            }
         if path.endswith("/commands") and method == "PUT":
-            return [dict(c, id=str(next(_ids)), application_id=str(APP_ID), version="1")
-                    for c in body]
+            return [
+                dict(c, id=str(next(_ids)), application_id=str(APP_ID), version="1") for c in body
+            ]
         if parts[0] == "interactions" and parts[-1] == "callback":
             interaction_id = parts[1]
-            age = (discord.utils.utcnow()
-                   - discord.utils.snowflake_time(int(interaction_id))).total_seconds()
+            age = (
+                discord.utils.utcnow() - discord.utils.snowflake_time(int(interaction_id))
+            ).total_seconds()
             if age > INTERACTION_WINDOW_S:
                 raise _Error(404, "Unknown interaction", 10062)
             if interaction_id in self._answered:
@@ -197,5 +211,6 @@ class _Error(Exception):
 
 def _json(data: Any, status: int = 200) -> web.Response:
     # Exactly "application/json", as Discord sends it (discord.py parses nothing else).
-    return web.Response(body=json.dumps(data).encode(), status=status,
-                        headers={"Content-Type": "application/json"})
+    return web.Response(
+        body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"}
+    )

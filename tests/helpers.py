@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RAW_CORPUS = ROOT.parent / "shared" / "data" / "seinfeld-raw"
 
 # Text the tiny BPE is trained on: enough script shape that speaker names are single tokens.
-TINY_TEXT = """[Scene: Jerry's apartment]
+TINY_TEXT = (
+    """[Scene: Jerry's apartment]
 (Kramer bursts in)
 JERRY: Hello, Newman.
 NEWMAN: Hello, Jerry.
@@ -30,7 +31,9 @@ JERRY: (to Elaine) I'm sorry. That's a shame. Not that there's anything wrong wi
 GEORGE: Serenity now! It's not a lie if you believe it.
 FRANK: Serenity now! A Festivus for the rest of us.
 PUDDY: Yeah, that's right. High five.
-""" * 3
+"""
+    * 3
+)
 
 # One episode of the tiny corpus, and a scene opening the tiny tokenizer knows.
 EPISODE = TINY_TEXT.strip()
@@ -42,6 +45,7 @@ SCRIPT = "GEORGE: What is it?\nKRAMER: Giddyup! @everyone\n"
 
 
 # -- tiny models --------------------------------------------------------------------------
+
 
 def build_tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -57,8 +61,11 @@ def build_tiny_tokenizer():
     )
     tok.train_from_iterator([TINY_TEXT], trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
     )
 
 
@@ -68,10 +75,17 @@ def build_tiny_model(tokenizer, seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -128,6 +142,7 @@ def teleprompter_model(tokenizer, text: str):
 
 # -- a tiny corpus ------------------------------------------------------------------------
 
+
 def write_corpus(
     path: Path, train: list[str], val: list[str], manifest: dict | None = None
 ) -> Path:
@@ -142,13 +157,18 @@ def write_corpus(
 
 # -- the bot ------------------------------------------------------------------------------
 
+
 def make_config(tmp_path: Path, model_dir, **extra):
     """The bot's Config on files under `tmp_path`, serving `model_dir`."""
     from bot.config import Config
 
     return Config(
-        db_path=tmp_path / "bot.db", checkpoints_dir=tmp_path / "checkpoints",
-        default_checkpoint=str(model_dir), db_timeout_s=0.1, timeout_s=60, **extra,
+        db_path=tmp_path / "bot.db",
+        checkpoints_dir=tmp_path / "checkpoints",
+        default_checkpoint=str(model_dir),
+        db_timeout_s=0.1,
+        timeout_s=60,
+        **extra,
     )
 
 
@@ -197,8 +217,8 @@ async def start_bot(config, sync: bool = False, loader=None):
 
 # -- Slack (against slack_fake.FakeSlack) -------------------------------------------------
 
-async def start_slack(tmp_path: Path, model_dir, fake, db_timeout_s: float | None = None,
-                      **extra):
+
+async def start_slack(tmp_path: Path, model_dir, fake, db_timeout_s: float | None = None, **extra):
     """A started SlackFrontend over a started Core (the scripted loader), talking to `fake`;
     Socket Mode unless `slack_app_token=None` is passed."""
     import dataclasses
@@ -216,8 +236,9 @@ async def start_slack(tmp_path: Path, model_dir, fake, db_timeout_s: float | Non
         config = dataclasses.replace(config, db_timeout_s=db_timeout_s)
     core = await Core.start(config, loader=scripted_loader())
     core.retry = RetryPolicy(attempts=3, first_delay_s=0.01)
-    slack = SlackFrontend(config, core, client=make_client(BOT_TOKEN, fake.base_url),
-                          host="127.0.0.1")
+    slack = SlackFrontend(
+        config, core, client=make_client(BOT_TOKEN, fake.base_url), host="127.0.0.1"
+    )
     await slack.start()
     return slack
 
@@ -261,10 +282,34 @@ def sign(secret: str, body: str, timestamp: int | None = None) -> dict:
 
 def tiny_args(corpus: Path, out: Path, model: Path, *extra: str) -> list[str]:
     """`training finetune` arguments for a 3-step run on the tiny model."""
-    return ["finetune", "--data", str(corpus), "--out", str(out), "--base", str(model),
-            "--block-size", "64", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "3",
-            "--eval-steps", "1", "--save-steps", "1", "--precision", "fp32", "--log-steps", "1",
-            "--gguf", "none", *extra]
+    return [
+        "finetune",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--base",
+        str(model),
+        "--block-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--max-steps",
+        "3",
+        "--eval-steps",
+        "1",
+        "--save-steps",
+        "1",
+        "--precision",
+        "fp32",
+        "--log-steps",
+        "1",
+        "--gguf",
+        "none",
+        *extra,
+    ]
 
 
 def transition_model_dir(path: Path, tokenizer, steps) -> Path:

@@ -56,16 +56,39 @@ APP = "A0APP"
 BOT_TOKEN = "xoxb-test"
 APP_TOKEN = "xapp-1-test"
 # What manifest.yaml asks for, and what the app-level token gets for Socket Mode.
-BOT_SCOPES = frozenset({"commands", "chat:write", "reactions:write", "reactions:read",
-                        "users:read"})
+BOT_SCOPES = frozenset(
+    {"commands", "chat:write", "reactions:write", "reactions:read", "users:read"}
+)
 APP_SCOPES = frozenset({"connections:write"})
 # Scope each Web API method needs (methods not listed need none beyond a valid token).
-NEEDS = {"chat.postMessage": "chat:write", "chat.postEphemeral": "chat:write",
-         "reactions.add": "reactions:write", "reactions.get": "reactions:read",
-         "users.info": "users:read", "apps.connections.open": "connections:write"}
+NEEDS = {
+    "chat.postMessage": "chat:write",
+    "chat.postEphemeral": "chat:write",
+    "reactions.add": "reactions:write",
+    "reactions.get": "reactions:read",
+    "users.info": "users:read",
+    "apps.connections.open": "connections:write",
+}
 APP_TOKEN_METHODS = {"apps.connections.open"}
-EMOJI = frozenset({"one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-                   "keycap_ten", "thumbsup", "+1", "tada", "heart", "joy"})
+EMOJI = frozenset(
+    {
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "keycap_ten",
+        "thumbsup",
+        "+1",
+        "tada",
+        "heart",
+        "joy",
+    }
+)
 RESPONSE_URL_USES = 5
 RESPONSE_URL_TTL_S = 30 * 60
 ACK_DEADLINE_S = 3.0
@@ -96,11 +119,12 @@ class FakeSlack:
         self.acks: dict[str, dict] = {}  # envelope_id -> the app's ack payload
         self.ack_seconds: dict[str, float] = {}  # envelope_id -> how long the ack took
         self.admins = {ADMIN}
-        self.scopes: dict[str, set[str]] = {BOT_TOKEN: set(BOT_SCOPES),
-                                            APP_TOKEN: set(APP_SCOPES)}
-        self.members: dict[str, set[str]] = {CHANNEL: {BOT_USER, USER, ADMIN},
-                                             OTHER_CHANNEL: {USER, ADMIN},
-                                             DM: {USER, ADMIN}}
+        self.scopes: dict[str, set[str]] = {BOT_TOKEN: set(BOT_SCOPES), APP_TOKEN: set(APP_SCOPES)}
+        self.members: dict[str, set[str]] = {
+            CHANNEL: {BOT_USER, USER, ADMIN},
+            OTHER_CHANNEL: {USER, ADMIN},
+            DM: {USER, ADMIN},
+        }
         self.messages: dict[tuple[str, str], dict] = {}  # (channel, ts) -> message
         self.echo_reactions = True
         self.echoed: list[str] = []  # envelope ids of the bot's own reactions sent back
@@ -230,8 +254,9 @@ class FakeSlack:
 
     @staticmethod
     def _rate_limited(seconds: int) -> web.Response:
-        return web.json_response({"ok": False, "error": "ratelimited"}, status=429,
-                                 headers={"Retry-After": str(seconds)})
+        return web.json_response(
+            {"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(seconds)}
+        )
 
     def _check_token(self, method: str, token: str | None) -> dict | None:
         if not token:
@@ -243,8 +268,12 @@ class FakeSlack:
             return {"ok": False, "error": "not_allowed_token_type"}
         needed = NEEDS.get(method)
         if needed and needed not in self.scopes[token]:
-            return {"ok": False, "error": "missing_scope", "needed": needed,
-                    "provided": ",".join(sorted(self.scopes[token]))}
+            return {
+                "ok": False,
+                "error": "missing_scope",
+                "needed": needed,
+                "provided": ",".join(sorted(self.scopes[token])),
+            }
         return None
 
     def _channel_error(self, channel: str | None) -> str | None:
@@ -258,9 +287,16 @@ class FakeSlack:
 
     def _answer(self, method: str, args: dict) -> dict:
         if method == "auth.test":
-            return {"ok": True, "url": "https://test.slack.com/", "team": "Test",
-                    "user": "sitcom", "team_id": TEAM, "user_id": BOT_USER, "bot_id": "B0BOT",
-                    "is_enterprise_install": False}
+            return {
+                "ok": True,
+                "url": "https://test.slack.com/",
+                "team": "Test",
+                "user": "sitcom",
+                "team_id": TEAM,
+                "user_id": BOT_USER,
+                "bot_id": "B0BOT",
+                "is_enterprise_install": False,
+            }
         if method == "apps.connections.open":
             return {"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket"}
         if method == "chat.postMessage":
@@ -268,11 +304,21 @@ class FakeSlack:
             if error := self._channel_error(channel):
                 return {"ok": False, "error": error}
             ts = f"{1700000000 + next(self._ts)}.000100"
-            message = {"type": "message", "text": args.get("text"), "user": BOT_USER,
-                       "bot_id": "B0BOT", "ts": ts, "reactions": {}}
+            message = {
+                "type": "message",
+                "text": args.get("text"),
+                "user": BOT_USER,
+                "bot_id": "B0BOT",
+                "ts": ts,
+                "reactions": {},
+            }
             self.messages[(channel, ts)] = message
-            return {"ok": True, "channel": channel, "ts": ts,
-                    "message": {k: v for k, v in message.items() if k != "reactions"}}
+            return {
+                "ok": True,
+                "channel": channel,
+                "ts": ts,
+                "message": {k: v for k, v in message.items() if k != "reactions"},
+            }
         if method == "chat.postEphemeral":
             channel, user = args.get("channel"), args.get("user")
             if error := self._channel_error(channel):
@@ -284,9 +330,11 @@ class FakeSlack:
             channel, ts = args.get("channel"), args.get("message_ts")
             if (channel, ts) not in self.messages:
                 return {"ok": False, "error": "message_not_found"}
-            return {"ok": True, "channel": channel,
-                    "permalink": f"https://test.slack.com/archives/{channel}/p"
-                                 f"{ts.replace('.', '')}"}
+            return {
+                "ok": True,
+                "channel": channel,
+                "permalink": f"https://test.slack.com/archives/{channel}/p{ts.replace('.', '')}",
+            }
         if method == "reactions.add":
             channel, ts, name = args.get("channel"), args.get("timestamp"), args.get("name")
             message = self.messages.get((channel, ts))
@@ -306,9 +354,18 @@ class FakeSlack:
             return {"ok": True}
         if method == "users.info":
             user = args["user"]
-            return {"ok": True, "user": {"id": user, "team_id": TEAM, "name": user.lower(),
-                                         "is_admin": user in self.admins, "is_owner": False,
-                                         "is_primary_owner": False, "is_bot": False}}
+            return {
+                "ok": True,
+                "user": {
+                    "id": user,
+                    "team_id": TEAM,
+                    "name": user.lower(),
+                    "is_admin": user in self.admins,
+                    "is_owner": False,
+                    "is_primary_owner": False,
+                    "is_bot": False,
+                },
+            }
         return {"ok": True}
 
     async def _echo(self, envelope: dict) -> None:
@@ -317,8 +374,9 @@ class FakeSlack:
 
     def find(self, method: str, answered: bool = True) -> list[dict]:
         """Arguments of the calls to `method` (only those answered normally, by default)."""
-        return [c.args for c in self.calls
-                if c.method == method and (c.fault is None or not answered)]
+        return [
+            c.args for c in self.calls if c.method == method and (c.fault is None or not answered)
+        ]
 
     def posts(self, channel: str = CHANNEL) -> list[str]:
         """Texts of the messages that were posted (not those a fault swallowed)."""
@@ -352,8 +410,14 @@ class FakeSlack:
         self._sockets.add(ws)
         self._ws = ws  # envelopes go to the newest connection
         self.connections += 1
-        await ws.send_json({"type": "hello", "num_connections": len(self._sockets),
-                            "debug_info": {"host": "local"}, "connection_info": {"app_id": APP}})
+        await ws.send_json(
+            {
+                "type": "hello",
+                "num_connections": len(self._sockets),
+                "debug_info": {"host": "local"},
+                "connection_info": {"app_id": APP},
+            }
+        )
         self._connected.set()
         self._note()
         try:
@@ -392,7 +456,8 @@ class FakeSlack:
         except AssertionError:
             raise AssertionError(
                 f"no ack within {self.ack_deadline_s:g} s for {envelope['type']} {eid}: "
-                "Slack gives up and the user sees an error") from None
+                "Slack gives up and the user sees an error"
+            ) from None
         return self.acks[eid]
 
     async def redeliver(self, envelope: dict | None = None) -> dict | None:
@@ -400,8 +465,12 @@ class FakeSlack:
         envelope with retry_attempt + 1. Without an argument, the oldest lost one."""
         envelope = envelope or self.lost.pop(0)
         attempt = envelope.get("retry_attempt", 0) + 1
-        again = {**envelope, "envelope_id": f"env-{next(_envelopes)}",
-                 "retry_attempt": attempt, "retry_reason": "timeout"}
+        again = {
+            **envelope,
+            "envelope_id": f"env-{next(_envelopes)}",
+            "retry_attempt": attempt,
+            "retry_reason": "timeout",
+        }
         return await self.send_envelope(again)
 
     async def disconnect(self, reason: str = "refresh_requested") -> None:
@@ -409,8 +478,9 @@ class FakeSlack:
         hours); returns once the client has connected again, then closes the old socket."""
         await asyncio.wait_for(self._connected.wait(), 30)
         old, before = self._ws, self.connections
-        await old.send_json({"type": "disconnect", "reason": reason,
-                             "debug_info": {"host": "local"}})
+        await old.send_json(
+            {"type": "disconnect", "reason": reason, "debug_info": {"host": "local"}}
+        )
         await self.wait_for(lambda: self.connections > before, timeout=30)
         if not old.closed:
             await old.close()
@@ -419,45 +489,82 @@ class FakeSlack:
 _envelopes = itertools.count(1)
 
 
-def slash_command(fake: FakeSlack, command: str, text: str = "", user: str = USER,
-                  channel: str = CHANNEL) -> dict:
+def slash_command(
+    fake: FakeSlack, command: str, text: str = "", user: str = USER, channel: str = CHANNEL
+) -> dict:
     """A slash command's fields as Slack sends them (form fields in HTTP mode)."""
     return {
-        "token": "legacy-verification-token", "team_id": TEAM, "team_domain": "test",
+        "token": "legacy-verification-token",
+        "team_id": TEAM,
+        "team_domain": "test",
         "channel_id": channel,
         "channel_name": "directmessage" if channel.startswith("D") else "general",
-        "user_id": user, "user_name": user.lower(), "command": command, "text": text,
-        "api_app_id": APP, "is_enterprise_install": "false",
+        "user_id": user,
+        "user_name": user.lower(),
+        "command": command,
+        "text": text,
+        "api_app_id": APP,
+        "is_enterprise_install": "false",
         "response_url": fake.response_url(user, channel),
         "trigger_id": f"{next(_envelopes)}.1.abc",
     }
 
 
 def command_envelope(payload: dict) -> dict:
-    return {"envelope_id": f"env-{next(_envelopes)}", "type": "slash_commands",
-            "accepts_response_payload": True, "payload": payload}
+    return {
+        "envelope_id": f"env-{next(_envelopes)}",
+        "type": "slash_commands",
+        "accepts_response_payload": True,
+        "payload": payload,
+    }
 
 
-def reaction_event(kind: str, reaction: str, ts_ref: str, user: str = USER,
-                   event_id: str | None = None, event_ts: float | None = None) -> dict:
+def reaction_event(
+    kind: str,
+    reaction: str,
+    ts_ref: str,
+    user: str = USER,
+    event_id: str | None = None,
+    event_ts: float | None = None,
+) -> dict:
     """An events_api body for reaction_added/reaction_removed on message `CHANNEL/ts`;
     `event_ts` is when the reaction happened (now by default)."""
     channel, ts = ts_ref.split("/")
     when = time.time() if event_ts is None else event_ts
     return {
-        "token": "legacy-verification-token", "team_id": TEAM, "api_app_id": APP,
-        "event": {"type": kind, "user": user, "reaction": reaction, "item_user": BOT_USER,
-                  "item": {"type": "message", "channel": channel, "ts": ts},
-                  "event_ts": f"{when:.6f}"},
-        "type": "event_callback", "event_id": event_id or f"Ev{next(_envelopes):08d}",
+        "token": "legacy-verification-token",
+        "team_id": TEAM,
+        "api_app_id": APP,
+        "event": {
+            "type": kind,
+            "user": user,
+            "reaction": reaction,
+            "item_user": BOT_USER,
+            "item": {"type": "message", "channel": channel, "ts": ts},
+            "event_ts": f"{when:.6f}",
+        },
+        "type": "event_callback",
+        "event_id": event_id or f"Ev{next(_envelopes):08d}",
         "event_time": int(when),
-        "authorizations": [{"enterprise_id": None, "team_id": TEAM, "user_id": BOT_USER,
-                            "is_bot": True, "is_enterprise_install": False}],
+        "authorizations": [
+            {
+                "enterprise_id": None,
+                "team_id": TEAM,
+                "user_id": BOT_USER,
+                "is_bot": True,
+                "is_enterprise_install": False,
+            }
+        ],
         "is_ext_shared_channel": False,
     }
 
 
 def event_envelope(body: dict, retry_attempt: int = 0) -> dict:
-    return {"envelope_id": f"env-{next(_envelopes)}", "type": "events_api",
-            "accepts_response_payload": False, "retry_attempt": retry_attempt,
-            "retry_reason": "timeout" if retry_attempt else "", "payload": body}
+    return {
+        "envelope_id": f"env-{next(_envelopes)}",
+        "type": "events_api",
+        "accepts_response_payload": False,
+        "retry_attempt": retry_attempt,
+        "retry_reason": "timeout" if retry_attempt else "",
+        "payload": body,
+    }

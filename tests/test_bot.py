@@ -42,8 +42,12 @@ async def running(tmp_path, tiny_model_dir):
     config = make_config(tmp_path, tiny_model_dir)
     bot, recorder = await start_bot(config)
     # Short scenes keep the suite fast; set through the real command, as a moderator would.
-    await invoke(bot, command_payload(
-        "settings", [subcommand("set", option("max_new_tokens", 16))], permissions=MANAGE))
+    await invoke(
+        bot,
+        command_payload(
+            "settings", [subcommand("set", option("max_new_tokens", 16))], permissions=MANAGE
+        ),
+    )
     recorder.calls.clear()
     yield bot, recorder
     await bot.close()
@@ -56,8 +60,12 @@ def last_reply(recorder) -> dict:
 @pytest.mark.asyncio
 async def test_scene_is_acknowledged_posted_numbered_and_votable(running):
     bot, rec = running
-    await invoke(bot, command_payload(
-        "scene", [option("prompt", "Elaine: Jerry! George! @everyone listen!\nJerry: What?")]))
+    await invoke(
+        bot,
+        command_payload(
+            "scene", [option("prompt", "Elaine: Jerry! George! @everyone listen!\nJerry: What?")]
+        ),
+    )
 
     deferred, ack = rec.replies()[:2]  # deferred at once, then the queue position
     assert "content" not in deferred
@@ -94,8 +102,9 @@ async def test_scene_is_acknowledged_posted_numbered_and_votable(running):
 
     state.parse_message_reaction_remove(reaction_payload(message_id, KEYCAPS[0], user_id=OWNER_ID))
     await settle(bot)
-    assert [(r.line_no, r.votes) for r in await bot.core.db.best("discord", str(GUILD_ID))] \
-        == [(3, 1)]
+    assert [(r.line_no, r.votes) for r in await bot.core.db.best("discord", str(GUILD_ID))] == [
+        (3, 1)
+    ]
 
     await invoke(bot, command_payload("best", [option("scope", "channel")]))
     board = last_reply(rec)["content"]
@@ -103,11 +112,14 @@ async def test_scene_is_acknowledged_posted_numbered_and_votable(running):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("prompt", "expected"), [
-    ("", "opening line"),
-    ("\x00\x07\x1b", "opening line"),
-    ("x" * 6000, "keep it under 1000"),
-])
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("", "opening line"),
+        ("\x00\x07\x1b", "opening line"),
+        ("x" * 6000, "keep it under 1000"),
+    ],
+)
 async def test_bad_prompts_get_a_polite_ephemeral_reply(running, prompt, expected):
     bot, rec = running
     await invoke(bot, command_payload("scene", [option("prompt", prompt)]))
@@ -120,7 +132,8 @@ async def test_bad_prompts_get_a_polite_ephemeral_reply(running, prompt, expecte
 async def test_settings_ranges_and_permissions(running, tmp_path, tiny_model_dir):
     bot, rec = running
     set_temp = lambda value, perms: command_payload(  # noqa: E731
-        "settings", [subcommand("set", option("temperature", value))], permissions=perms)
+        "settings", [subcommand("set", option("temperature", value))], permissions=perms
+    )
 
     await invoke(bot, set_temp(5.0, MANAGE))
     assert "temperature must be between 0.1 and 2" in last_reply(rec)["content"]
@@ -147,7 +160,8 @@ async def test_settings_ranges_and_permissions(running, tmp_path, tiny_model_dir
 async def test_checkpoint_admin_only_and_names_checked(running, tmp_path, tiny_model_dir):
     bot, rec = running
     use = lambda name, who: command_payload(  # noqa: E731
-        "checkpoint", [subcommand("use", option("name", name))], user_id=who)
+        "checkpoint", [subcommand("use", option("name", name))], user_id=who
+    )
 
     await invoke(bot, use("smollm2", USER_ID))  # not an admin: refused before any loading
     assert "Only the bot's admins" in last_reply(rec)["content"]
@@ -190,8 +204,12 @@ async def test_locked_or_deleted_database_gets_a_polite_reply(running):
     other = sqlite3.connect(bot.core.db.path)
     other.execute("BEGIN EXCLUSIVE")
     try:
-        await invoke(bot, command_payload(
-            "settings", [subcommand("set", option("top_k", 10))], permissions=MANAGE))
+        await invoke(
+            bot,
+            command_payload(
+                "settings", [subcommand("set", option("top_k", 10))], permissions=MANAGE
+            ),
+        )
         assert "busy" in last_reply(rec)["content"]
     finally:
         other.rollback()
@@ -207,8 +225,9 @@ async def test_locked_or_deleted_database_gets_a_polite_reply(running):
 @pytest.mark.asyncio
 @pytest.mark.parametrize("dev_guild", [GUILD_ID, None])
 async def test_commands_sync_once_in_setup_hook(tmp_path, tiny_model_dir, dev_guild):
-    bot, rec = await start_bot(make_config(tmp_path, tiny_model_dir, dev_guild_id=dev_guild),
-                               sync=True)
+    bot, rec = await start_bot(
+        make_config(tmp_path, tiny_model_dir, dev_guild_id=dev_guild), sync=True
+    )
     try:
         puts = rec.find("PUT", "/commands")
         where = f"/guilds/{GUILD_ID}/commands" if dev_guild else f"/applications/{APP_ID}/commands"
@@ -216,9 +235,13 @@ async def test_commands_sync_once_in_setup_hook(tmp_path, tiny_model_dir, dev_gu
         names = {c["name"] for c in puts[0].json}
         assert names == {"scene", "best", "settings", "checkpoint"}
         temperature = next(
-            o for c in puts[0].json if c["name"] == "settings"
-            for sub in c["options"] if sub["name"] == "set"
-            for o in sub["options"] if o["name"] == "temperature"
+            o
+            for c in puts[0].json
+            if c["name"] == "settings"
+            for sub in c["options"]
+            if sub["name"] == "set"
+            for o in sub["options"]
+            if o["name"] == "temperature"
         )
         assert (temperature["min_value"], temperature["max_value"]) == (0.1, 2.0)
     finally:
@@ -233,8 +256,11 @@ def test_client_never_pings_and_needs_no_privileged_intents(tmp_path, tiny_model
 
 
 def posted_lines(rec) -> list[str]:
-    return [row for p in rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
-            for row in p.json["content"].split("\n")[1:]]
+    return [
+        row
+        for p in rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
+        for row in p.json["content"].split("\n")[1:]
+    ]
 
 
 @pytest.mark.asyncio
@@ -283,8 +309,9 @@ async def test_missing_add_reactions_posts_every_line_and_says_why(running, how)
         perms.add_reactions = False
         payload["app_permissions"] = str(perms.value)
     else:  # or the first reaction is refused
-        rec.fail("PUT", "/reactions/", http_error(discord.Forbidden, 403, "Missing Permissions",
-                                                  50013))
+        rec.fail(
+            "PUT", "/reactions/", http_error(discord.Forbidden, 403, "Missing Permissions", 50013)
+        )
     await invoke(bot, payload)
     reply = last_reply(rec)["content"]
     assert "Scene 1 is ready" in reply and "Add Reactions" in reply and "1️⃣…🔟" in reply
@@ -300,6 +327,7 @@ async def test_ack_shows_the_engines_queue_position_and_wait():
 
     class Job:
         position = 3
+
     assert queue_text(Job()) == "🎬 Writing your scene — #3 in the queue…"
     Job.eta_s = 42.4  # once the engine estimates the wait
     assert queue_text(Job()) == "🎬 Writing your scene — #3 in the queue, about 42 s…"
@@ -313,8 +341,12 @@ def test_every_slash_command_option_has_a_description(tmp_path, tiny_model_dir):
     bot = SitcomBot(make_config(tmp_path, tiny_model_dir))
 
     async def load():
-        for ext in ("bot.discord.cogs.scenes", "bot.discord.cogs.votes",
-                    "bot.discord.cogs.settings", "bot.discord.cogs.checkpoints"):
+        for ext in (
+            "bot.discord.cogs.scenes",
+            "bot.discord.cogs.votes",
+            "bot.discord.cogs.settings",
+            "bot.discord.cogs.checkpoints",
+        ):
             await bot.load_extension(ext)
 
     asyncio.run(load())
@@ -364,8 +396,12 @@ async def test_a_timed_out_scene_is_posted_as_a_partial_with_a_note(tmp_path, ti
     bot.sync_on_setup = False
     await bot.setup_hook()
     try:
-        await invoke(bot, command_payload(
-            "settings", [subcommand("set", option("max_new_tokens", 400))], permissions=MANAGE))
+        await invoke(
+            bot,
+            command_payload(
+                "settings", [subcommand("set", option("max_new_tokens", 400))], permissions=MANAGE
+            ),
+        )
         await invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello.")]))
         assert "Scene 1 is ready" in last_reply(rec)["content"]
         (post,) = rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
@@ -397,10 +433,15 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
 
     config = make_config(tmp_path, tiny_model_dir, shutdown_timeout_s=600)
     bot, rec = await start_bot(config, loader=slow)
-    await invoke(bot, command_payload(
-        "settings", [subcommand("set", option("max_new_tokens", 400))], permissions=MANAGE))
+    await invoke(
+        bot,
+        command_payload(
+            "settings", [subcommand("set", option("max_new_tokens", 400))], permissions=MANAGE
+        ),
+    )
     scene = asyncio.ensure_future(
-        invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello, Newman.")])))
+        invoke(bot, command_payload("scene", [option("prompt", "Jerry: Hello, Newman.")]))
+    )
     for _ in range(6000):  # generous: a loaded CI machine may take seconds to get there
         if stall.calls > 12:  # past the first line; the other 380-odd tokens take ~20 s
             break
@@ -411,14 +452,18 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
     await bot.close()
     await first
     await scene
-    shown = [row for p in rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
-             for row in p.json["content"].split("\n")[1:]]
+    shown = [
+        row
+        for p in rec.find("POST", f"/channels/{CHANNEL_ID}/messages")
+        for row in p.json["content"].split("\n")[1:]
+    ]
     assert "The bot was shutting down, so the scene stops here." in shown[0]
     assert shown[1:3] == ["💬 JERRY: Hello, Newman.", f"{KEYCAPS[0]} ELAINE: Get out!"]
     assert "Scene 1 is ready" in rec.replies()[-1]["content"]  # the note is in the post
     assert not (tmp_path / "bot.db-wal").exists()
-    (tokens,) = sqlite3.connect(tmp_path / "bot.db").execute(
-        "SELECT new_tokens FROM scenes").fetchone()
+    (tokens,) = (
+        sqlite3.connect(tmp_path / "bot.db").execute("SELECT new_tokens FROM scenes").fetchone()
+    )
     assert 0 < tokens < 400
 
 
@@ -444,11 +489,13 @@ async def test_core_owns_settings_and_best_for_every_frontend(tmp_path, tiny_mod
         reset = await core.reset_settings(here, title="Scene settings")
         assert reset.startswith("⚙️ **Reset. Scene settings**")
         assert (await core.db.get_settings("slack", "C1")) == SceneSettings()
-        board = await core.best_text(here, where="workspace", escape=str.upper, bold="*",
-                                     keycaps=":one:")
+        board = await core.best_text(
+            here, where="workspace", escape=str.upper, bold="*", keycaps=":one:"
+        )
         assert "*Best lines in this workspace*" in board and ":one:" in board
         assert "Best lines in this channel" in await core.best_text(
-            here, channel_only=True, escape=str)
+            here, channel_only=True, escape=str
+        )
     finally:
         await core.close()
 
@@ -465,8 +512,9 @@ async def test_core_stores_the_engines_count_of_prompt_lines(tmp_path, tiny_mode
     lines = ["JERRY: Hi.", "ELAINE: Hey.", "GEORGE: What?"]
     try:
         scene = Scene(lines, "\n".join(lines), 5, 0.1, core.engine.model_name, prompt_lines=2)
-        stored = await core.record(scene, place=Place("console", "0", "0"), user_id="0",
-                                   prompt="one line")
+        stored = await core.record(
+            scene, place=Place("console", "0", "0"), user_id="0", prompt="one line"
+        )
         assert [line.from_prompt for line in stored.lines] == [True, True, False]
         assert wrote_lines(scene)
         assert not wrote_lines(Scene(lines[:2], "", 0, 0.1, "m", prompt_lines=2))

@@ -15,9 +15,12 @@ from bot.posting import plan
 
 
 def scene(lines, prompt_lines=0, note=None):
-    return StoredScene(7, Place("discord", "1", "2"), [
-        StoredLine(i, i, text, i <= prompt_lines, None) for i, text in enumerate(lines, 1)
-    ], note)
+    return StoredScene(
+        7,
+        Place("discord", "1", "2"),
+        [StoredLine(i, i, text, i <= prompt_lines, None) for i, text in enumerate(lines, 1)],
+        note,
+    )
 
 
 def shown_lines(messages):
@@ -79,18 +82,32 @@ def test_checkpoint_names_are_looked_up_never_joined(tmp_path):
 
 
 def test_config_from_environment():
-    config = Config.from_env({"DISCORD_TOKEN": "secret", "ADMIN_USER_IDS": "1, 2 U0ADMIN",
-                              "DEV_GUILD_ID": "77", "QUEUE_SIZE": "5", "BOT_DB": "x.db"})
+    config = Config.from_env(
+        {
+            "DISCORD_TOKEN": "secret",
+            "ADMIN_USER_IDS": "1, 2 U0ADMIN",
+            "DEV_GUILD_ID": "77",
+            "QUEUE_SIZE": "5",
+            "BOT_DB": "x.db",
+        }
+    )
     assert config.admin_user_ids == {"1", "2", "U0ADMIN"} and config.dev_guild_id == 77
     assert config.max_queue == 5 and config.db_path == Path("x.db")
     assert "secret" not in repr(config)
     empty = Config.from_env({})
     assert empty.token is None and empty.default_checkpoint == "seinfeld"
-    for bad in ({"QUEUE_SIZE": "lots"}, {"QUEUE_SIZE": "0"}, {"ADMIN_USER_IDS": "bob"},
-                {"DEV_GUILD_ID": "-1"}, {"LOG_LEVEL": "LOUD"}, {"ADMIN_USER_IDS": "u0lower"},
-                {"SLACK_BOT_TOKEN": "xoxb-1"},  # neither Socket Mode nor HTTP mode
-                {"SLACK_BOT_TOKEN": "xoxp-user-token", "SLACK_APP_TOKEN": "xapp-1"},
-                {"SLACK_APP_TOKEN": "xapp-1"}, {"SLACK_PORT": "http"}):
+    for bad in (
+        {"QUEUE_SIZE": "lots"},
+        {"QUEUE_SIZE": "0"},
+        {"ADMIN_USER_IDS": "bob"},
+        {"DEV_GUILD_ID": "-1"},
+        {"LOG_LEVEL": "LOUD"},
+        {"ADMIN_USER_IDS": "u0lower"},
+        {"SLACK_BOT_TOKEN": "xoxb-1"},  # neither Socket Mode nor HTTP mode
+        {"SLACK_BOT_TOKEN": "xoxp-user-token", "SLACK_APP_TOKEN": "xapp-1"},
+        {"SLACK_APP_TOKEN": "xapp-1"},
+        {"SLACK_PORT": "http"},
+    ):
         with pytest.raises(ConfigError) as caught:
             Config.from_env(bad)
         assert "xoxp-user-token" not in str(caught.value)
@@ -100,6 +117,7 @@ def test_slack_config_from_environment():
     socket = Config.from_env({"SLACK_BOT_TOKEN": "xoxb-1-2", "SLACK_APP_TOKEN": "xapp-1-2"})
     assert (socket.slack_bot_token, socket.slack_app_token) == ("xoxb-1-2", "xapp-1-2")
     assert "xoxb" not in repr(socket) and "xapp" not in repr(socket)
-    http = Config.from_env({"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_SIGNING_SECRET": "abc",
-                            "SLACK_PORT": "8080"})
+    http = Config.from_env(
+        {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_SIGNING_SECRET": "abc", "SLACK_PORT": "8080"}
+    )
     assert (http.slack_signing_secret, http.slack_port, http.slack_app_token) == ("abc", 8080, None)

@@ -42,19 +42,34 @@ CONSOLE = Place("console", "0", "0")
 
 
 def bot_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DISCORD_", "SLACK_", "SITCOM_THREADS", "DEV_GUILD"))}
-    env.update({"BOT_DB": str(tmp_path / "bot.db"), "LOG_LEVEL": "WARNING",
-                "CHECKPOINTS_DIR": str(tmp_path / "checkpoints"), "PYTHONPATH": str(ROOT),
-                **extra})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DISCORD_", "SLACK_", "SITCOM_THREADS", "DEV_GUILD"))
+    }
+    env.update(
+        {
+            "BOT_DB": str(tmp_path / "bot.db"),
+            "LOG_LEVEL": "WARNING",
+            "CHECKPOINTS_DIR": str(tmp_path / "checkpoints"),
+            "PYTHONPATH": str(ROOT),
+            **extra,
+        }
+    )
     return env
 
 
-def run_bot(tmp_path: Path, cwd: Path | None = None, prefix: tuple[str, ...] = (),
-            **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-m", "bot"], input=b"",
-                          capture_output=True, cwd=cwd or tmp_path,
-                          env=bot_env(tmp_path, **extra), timeout=240)
+def run_bot(
+    tmp_path: Path, cwd: Path | None = None, prefix: tuple[str, ...] = (), **extra: str
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "bot"],
+        input=b"",
+        capture_output=True,
+        cwd=cwd or tmp_path,
+        env=bot_env(tmp_path, **extra),
+        timeout=240,
+    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -65,6 +80,7 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 
 # -- 10. SITCOM_THREADS against the machine's cores -----------------------------------------
+
 
 @pytest.mark.parametrize("value", ["100000", "512", "-3", "0", "1.5", "\u00b2"])
 def test_thread_count_is_checked_against_the_cores_at_start(tmp_path, value):
@@ -84,6 +100,7 @@ def test_thread_count_out_of_range_stops_the_bot_in_one_line(tmp_path):
 
 # -- 11. .env that is not UTF-8; DEV_GUILD_ID=² ---------------------------------------------
 
+
 def test_dotenv_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / ".env").write_bytes(b"BOT_DB=caf\xe9.db\nQUEUE_SIZE=4\n")  # Latin-1
     proc = run_bot(tmp_path, DEFAULT_CHECKPOINT="smollm2")
@@ -96,8 +113,10 @@ def test_dotenv_that_is_not_utf8_is_one_line(tmp_path):
 def test_dev_guild_id_takes_ascii_digits_only(value):
     with pytest.raises(ConfigError, match="DEV_GUILD_ID"):
         Config.from_env({"DEV_GUILD_ID": value}, dotenv=False)
-    assert Config.from_env({"DEV_GUILD_ID": "123456789012345678"},
-                           dotenv=False).dev_guild_id == 123456789012345678
+    assert (
+        Config.from_env({"DEV_GUILD_ID": "123456789012345678"}, dotenv=False).dev_guild_id
+        == 123456789012345678
+    )
 
 
 def test_dev_guild_id_superscript_stops_the_bot_in_one_line(tmp_path):
@@ -107,12 +126,23 @@ def test_dev_guild_id_superscript_stops_the_bot_in_one_line(tmp_path):
 
 # -- 12. documented maxima for the limits ------------------------------------------------------
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("GENERATION_TIMEOUT_S", "1e308"), ("SHUTDOWN_TIMEOUT_S", "1e308"),
-    ("DB_TIMEOUT_S", "1e10"), ("QUEUE_SIZE", "1000000000"), ("PER_USER_LIMIT", "99999"),
-    ("SLACK_PORT", "70000"), ("GENERATION_TIMEOUT_S", "3601"), ("QUEUE_SIZE", "\u0663"),
-    ("QUEUE_SIZE", "1_0"), ("DB_TIMEOUT_S", "\u0665"), ("SHUTDOWN_TIMEOUT_S", "1e99999"),
-])
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GENERATION_TIMEOUT_S", "1e308"),
+        ("SHUTDOWN_TIMEOUT_S", "1e308"),
+        ("DB_TIMEOUT_S", "1e10"),
+        ("QUEUE_SIZE", "1000000000"),
+        ("PER_USER_LIMIT", "99999"),
+        ("SLACK_PORT", "70000"),
+        ("GENERATION_TIMEOUT_S", "3601"),
+        ("QUEUE_SIZE", "\u0663"),
+        ("QUEUE_SIZE", "1_0"),
+        ("DB_TIMEOUT_S", "\u0665"),
+        ("SHUTDOWN_TIMEOUT_S", "1e99999"),
+    ],
+)
 def test_limits_have_a_maximum(name, value):
     low, high = LIMITS[name]
     with pytest.raises(ConfigError) as err:
@@ -133,14 +163,16 @@ def test_maxima_are_accepted_and_documented():
 
 # -- 13. Slack HTTP mode: SLACK_HOST, and unsigned junk ---------------------------------------
 
+
 def test_slack_host_defaults_to_loopback():
     base = {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_SIGNING_SECRET": "s"}
     assert Config.from_env(base, dotenv=False).slack_host == "127.0.0.1"
-    assert Config.from_env({**base, "SLACK_HOST": "0.0.0.0"}, dotenv=False).slack_host \
-        == "0.0.0.0"
+    assert Config.from_env({**base, "SLACK_HOST": "0.0.0.0"}, dotenv=False).slack_host == "0.0.0.0"
     assert Config.from_env({**base, "SLACK_HOST": "::1"}, dotenv=False).slack_host == "::1"
-    assert Config.from_env({**base, "SLACK_HOST": "bot.internal"}, dotenv=False).slack_host \
+    assert (
+        Config.from_env({**base, "SLACK_HOST": "bot.internal"}, dotenv=False).slack_host
         == "bot.internal"
+    )
     for bad in ("http://0.0.0.0", "a b", "host:3000", "-x"):
         with pytest.raises(ConfigError, match="SLACK_HOST"):
             Config.from_env({**base, "SLACK_HOST": bad}, dotenv=False)
@@ -148,10 +180,17 @@ def test_slack_host_defaults_to_loopback():
 
 @pytest.mark.asyncio
 async def test_http_mode_listens_on_loopback_and_answers_junk_in_one_info_line(
-        tmp_path, tiny_model_dir, caplog):
+    tmp_path, tiny_model_dir, caplog
+):
     fake = await FakeSlack().start()
-    config = make_config(tmp_path, tiny_model_dir, slack_bot_token="xoxb-test",
-                         slack_app_token=None, slack_signing_secret="s3cret", slack_port=0)
+    config = make_config(
+        tmp_path,
+        tiny_model_dir,
+        slack_bot_token="xoxb-test",
+        slack_app_token=None,
+        slack_signing_secret="s3cret",
+        slack_port=0,
+    )
     core = await Core.start(config, loader=scripted_loader())
     # No host argument: the frontend takes SLACK_HOST's default from the config.
     app = SlackFrontend(config, core, client=make_client("xoxb-test", fake.base_url))
@@ -171,21 +210,24 @@ async def test_http_mode_listens_on_loopback_and_answers_junk_in_one_info_line(
             junk = b"text=\xff\xfe\xfa&command=%2Fscene"
             async with http.post(url, data=junk, headers={**kind, **sign("x", "")}) as r:
                 assert r.status in (400, 401)
-            async with http.post(url, data=junk, headers={**kind, "X-Slack-Signature": "v0=0",
-                                                         "X-Slack-Request-Timestamp": "1"}) as r:
+            async with http.post(
+                url,
+                data=junk,
+                headers={**kind, "X-Slack-Signature": "v0=0", "X-Slack-Request-Timestamp": "1"},
+            ) as r:
                 assert r.status in (400, 401)
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
         # One line per request, from any logger (aiohttp's access log included).
         refused = [r for r in caplog.records if r.levelno >= logging.INFO]
         assert len(refused) == 7, [(r.name, r.getMessage()) for r in refused]
-        assert all("\n" not in r.getMessage() and "refused" in r.getMessage()
-                   for r in refused)
+        assert all("\n" not in r.getMessage() and "refused" in r.getMessage() for r in refused)
         assert not fake.find("chat.postMessage")
         caplog.clear()  # requests that pass the screen still get aiohttp's access line
         async with aiohttp.ClientSession() as http:
             elsewhere = f"http://127.0.0.1:{app.port}/slack/other"
-            async with http.post(elsewhere, data=form,
-                                 headers={**kind, **sign("s3cret", form)}) as r:
+            async with http.post(
+                elsewhere, data=form, headers={**kind, **sign("s3cret", form)}
+            ) as r:
                 assert r.status == 404
         assert [r.name for r in caplog.records if r.levelno >= logging.INFO] == ["aiohttp.access"]
     finally:
@@ -195,6 +237,7 @@ async def test_http_mode_listens_on_loopback_and_answers_junk_in_one_info_line(
 
 
 # -- 14. a checkpoint given as a path shows a name --------------------------------------------
+
 
 @pytest.mark.asyncio
 async def test_default_checkpoint_path_is_shown_as_a_name(tmp_path, tiny_model_dir):
@@ -209,8 +252,9 @@ async def test_default_checkpoint_path_is_shown_as_a_name(tmp_path, tiny_model_d
         assert "my-model" in listing["text"] and "srv-private-x9" not in listing["text"]
         before = len(fake.responses)
         await command(fake, "/scene", "Jerry: Hi, Newman.")
-        await fake.wait_for(lambda: any("is ready" in r.get("text", "")
-                                        for r in fake.responses[before:]))
+        await fake.wait_for(
+            lambda: any("is ready" in r.get("text", "") for r in fake.responses[before:])
+        )
         done = fake.responses[-1]["text"]
         assert "Scene 1 is ready" in done and "my-model" in done, done
         assert "srv-private-x9" not in done and str(tmp_path) not in done
@@ -226,8 +270,11 @@ async def test_default_checkpoint_path_is_shown_as_a_name(tmp_path, tiny_model_d
 
 # -- 15. /scene #ID strictly ------------------------------------------------------------------
 
-@pytest.mark.parametrize("prompt", ["#\uff12", "#\u0662", "#-1", "# 2", "#2 extra",
-                                    "#9999999999", "#0", "#", "#+2", "#2.0"])
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["#\uff12", "#\u0662", "#-1", "# 2", "#2 extra", "#9999999999", "#0", "#", "#+2", "#2.0"],
+)
 def test_repost_id_is_strict(prompt):
     with pytest.raises(UsageError, match="#ID"):
         repost_id(prompt)
@@ -240,8 +287,7 @@ def test_repost_id_and_prompts():
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("prompt", ["#\uff12", "#2 extra", "#9999999999"])
-async def test_scene_with_a_bad_id_gets_the_usage_not_a_new_scene(tmp_path, tiny_model_dir,
-                                                                  prompt):
+async def test_scene_with_a_bad_id_gets_the_usage_not_a_new_scene(tmp_path, tiny_model_dir, prompt):
     fake = await FakeSlack().start()
     app = await start_slack(tmp_path, tiny_model_dir, fake)
     try:
@@ -271,11 +317,20 @@ async def test_discord_scene_with_a_fullwidth_id_gets_the_usage(tmp_path, tiny_m
 
 # -- 16. /settings: ASCII decimals, no duplicates ---------------------------------------------
 
-@pytest.mark.parametrize("text", [
-    "set max_new_tokens \u0663\u0660\u0660", "set top_k 1_0", "set top_k \uff15",
-    "set temperature 1e0", "set top_k 5 top_k 50", "set top_k=5 top_k=6",
-    "set temperature nan", "set top_k 0x10",
-])
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "set max_new_tokens \u0663\u0660\u0660",
+        "set top_k 1_0",
+        "set top_k \uff15",
+        "set temperature 1e0",
+        "set top_k 5 top_k 50",
+        "set top_k=5 top_k=6",
+        "set temperature nan",
+        "set top_k 0x10",
+    ],
+)
 def test_settings_values_are_ascii_decimals_given_once(text):
     with pytest.raises(UsageError):
         parse_settings(text)
@@ -283,17 +338,27 @@ def test_settings_values_are_ascii_decimals_given_once(text):
 
 def test_settings_decimals_still_parse():
     assert parse_settings("set top_k 5 temperature 0.9 top_p .5") == (
-        "set", {"top_k": 5.0, "temperature": 0.9, "top_p": 0.5})
+        "set",
+        {"top_k": 5.0, "temperature": 0.9, "top_p": 0.5},
+    )
 
 
 # -- 17. damaged and read-only databases ------------------------------------------------------
 
+
 async def _database_with_scenes(path: Path, scenes: int = 40) -> None:
     db = await Database.open(path)
     for n in range(scenes):
-        await db.add_scene(place=CONSOLE, user_id="1", prompt=f"JERRY: {n}" * 20,
-                           model_name="m", lines=[f"JERRY: line {n} " * 10] * 5,
-                           prompt_lines=1, new_tokens=1, seconds=0.1)
+        await db.add_scene(
+            place=CONSOLE,
+            user_id="1",
+            prompt=f"JERRY: {n}" * 20,
+            model_name="m",
+            lines=[f"JERRY: line {n} " * 10] * 5,
+            prompt_lines=1,
+            new_tokens=1,
+            seconds=0.1,
+        )
     await db.close()
 
 
@@ -302,8 +367,7 @@ def _overwrite_a_page(path: Path) -> None:
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     con.execute("PRAGMA journal_mode = DELETE")
     page = con.execute("PRAGMA page_size").fetchone()[0]
-    root = con.execute(
-        "SELECT rootpage FROM sqlite_master WHERE name = 'lines'").fetchone()[0]
+    root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'lines'").fetchone()[0]
     pages = con.execute("PRAGMA page_count").fetchone()[0]
     con.close()
     target = max(root, pages - 2)  # a page holding scene lines, not the header
@@ -343,8 +407,14 @@ def _read_only_mount() -> tuple[str, ...]:
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("mount namespaces not allowed here")
-    return ("unshare", "-m", "sh", "-c",
-            'mount --bind "$RO" "$RO" && mount -o remount,bind,ro "$RO" && exec "$@"', "sh")
+    return (
+        "unshare",
+        "-m",
+        "sh",
+        "-c",
+        'mount --bind "$RO" "$RO" && mount -o remount,bind,ro "$RO" && exec "$@"',
+        "sh",
+    )
 
 
 @pytest.mark.parametrize("existing", [True, False])
@@ -356,13 +426,15 @@ def test_database_on_a_read_only_filesystem_says_so(tmp_path, existing):
         import asyncio
 
         asyncio.run(_database_with_scenes(ro / "bot.db", scenes=1))
-    proc = run_bot(tmp_path, prefix=prefix, RO=str(ro), BOT_DB=str(ro / "bot.db"),
-                   DEFAULT_CHECKPOINT="smollm2")
+    proc = run_bot(
+        tmp_path, prefix=prefix, RO=str(ro), BOT_DB=str(ro / "bot.db"), DEFAULT_CHECKPOINT="smollm2"
+    )
     assert proc.returncode == 1
     assert "read-only filesystem" in one_line_error(proc)
 
 
 # -- 19. Unicode line separators in a prompt ---------------------------------------------------
+
 
 @pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\r", "\x85", "\x0b", "\x0c", "\x1e"])
 def test_unicode_line_separators_are_line_breaks(sep):
@@ -372,13 +444,13 @@ def test_unicode_line_separators_are_line_breaks(sep):
 
 
 @pytest.mark.asyncio
-async def test_a_prompt_with_u2028_opens_the_scene_with_both_speakers(tmp_path,
-                                                                      tiny_model_dir):
+async def test_a_prompt_with_u2028_opens_the_scene_with_both_speakers(tmp_path, tiny_model_dir):
     engine = SceneEngine(model=str(tiny_model_dir), timeout_s=60)
     await engine.start()
     try:
-        job = await engine.submit("elaine: Jerry!\u2028george: What?\u2029kramer: Hey!",
-                                  SHORT, user_id="1")
+        job = await engine.submit(
+            "elaine: Jerry!\u2028george: What?\u2029kramer: Hey!", SHORT, user_id="1"
+        )
         scene = await job.result()
     finally:
         await engine.close()
@@ -394,22 +466,38 @@ async def test_console_stores_the_u2029_prompt_as_lines(tmp_path, tiny_model_dir
     out, err = io.StringIO(), io.StringIO()
     try:
         rc = await Console(core, out=out, err=err).run(
-            io.StringIO("/scene jerry: Hi.\u2029newman: Hello, Jerry.\n"))
+            io.StringIO("/scene jerry: Hi.\u2029newman: Hello, Jerry.\n")
+        )
     finally:
         await core.close()
     assert rc == 0, err.getvalue()
     db = sqlite3.connect(tmp_path / "bot.db")
-    assert db.execute("SELECT text FROM lines WHERE from_prompt = 1 ORDER BY line_no"
-                      ).fetchall() == [("JERRY: Hi.",), ("NEWMAN: Hello, Jerry.",)]
+    assert db.execute(
+        "SELECT text FROM lines WHERE from_prompt = 1 ORDER BY line_no"
+    ).fetchall() == [("JERRY: Hi.",), ("NEWMAN: Hello, Jerry.",)]
 
 
 # -- 20. markdown Discord renders: headings and subtext in lists and quotes, odd spaces --------
 
-@pytest.mark.parametrize("line", [
-    "1. # heading", "10. ## big", "2) ### x", "- 1. # nested", "* # star", "+ -# sub",
-    "> - # quoted list", ">>> # quote all", "#\u00a0x", "##\u2003x", "-#\u00a0small",
-    "\u3000# ideographic space", "1.\u00a0# nbsp after the number",
-])
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "1. # heading",
+        "10. ## big",
+        "2) ### x",
+        "- 1. # nested",
+        "* # star",
+        "+ -# sub",
+        "> - # quoted list",
+        ">>> # quote all",
+        "#\u00a0x",
+        "##\u2003x",
+        "-#\u00a0small",
+        "\u3000# ideographic space",
+        "1.\u00a0# nbsp after the number",
+    ],
+)
 def test_headings_in_lists_and_after_odd_spaces_are_neutralised(line):
     shown = neutralize(line)
     assert shown.replace("\u200b", "") == line  # nothing visible changed
@@ -417,15 +505,17 @@ def test_headings_in_lists_and_after_odd_spaces_are_neutralised(line):
     assert stripped.startswith("\u200b"), repr(shown)
 
 
-@pytest.mark.parametrize("text", ["JERRY: hi\u2028# Official", "JERRY: hi\u2029## Staff",
-                                  "JERRY: hi\u2029-# grey"])
+@pytest.mark.parametrize(
+    "text", ["JERRY: hi\u2028# Official", "JERRY: hi\u2029## Staff", "JERRY: hi\u2029-# grey"]
+)
 def test_headings_after_unicode_line_breaks_are_neutralised(text):
     shown = neutralize(text)
     assert "\u200b" in shown and shown.replace("\u200b", "") == text
 
 
-@pytest.mark.parametrize("line", ["JERRY: #1 fan!", "#hashtag", "#### four", "1.# x",
-                                  "GEORGE: 1. # not at the start"])
+@pytest.mark.parametrize(
+    "line", ["JERRY: #1 fan!", "#hashtag", "#### four", "1.# x", "GEORGE: 1. # not at the start"]
+)
 def test_plain_text_with_hashes_is_left_alone(line):
     assert neutralize(line) == line
 
@@ -435,6 +525,9 @@ def test_config_defaults_are_the_dataclass_fields():
     from dataclasses import replace
 
     from_env = Config.from_env({}, dotenv=False)
-    assert from_env == replace(Config(), db_path=Config().db_path.expanduser(),
-                               checkpoints_dir=Config().checkpoints_dir.expanduser())
+    assert from_env == replace(
+        Config(),
+        db_path=Config().db_path.expanduser(),
+        checkpoints_dir=Config().checkpoints_dir.expanduser(),
+    )
     assert from_env.humour_model == "humour" and from_env.slack_port == 3000

@@ -15,24 +15,39 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_bot(stdin: str, tmp_path: Path, model: Path | str, scripted: bool = False, **env: str):
-    full = {k: v for k, v in os.environ.items()
-            if k != "DISCORD_TOKEN" and not k.startswith("SLACK_")}
-    full.update(DEFAULT_CHECKPOINT=str(model), BOT_DB=str(tmp_path / "console.db"),
-                CHECKPOINTS_DIR=str(tmp_path / "checkpoints"), LOG_LEVEL="WARNING",
-                SITCOM_CACHE=str(tmp_path / "cache"), **env)
-    command = (["-c", SCRIPTED_BOT.format(tests=str(ROOT / "tests"))] if scripted
-               else ["-m", "bot"])
-    return subprocess.run([sys.executable, *command], input=stdin, capture_output=True,
-                          text=True, cwd=tmp_path, env=full, timeout=240)
+    full = {
+        k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN" and not k.startswith("SLACK_")
+    }
+    full.update(
+        DEFAULT_CHECKPOINT=str(model),
+        BOT_DB=str(tmp_path / "console.db"),
+        CHECKPOINTS_DIR=str(tmp_path / "checkpoints"),
+        LOG_LEVEL="WARNING",
+        SITCOM_CACHE=str(tmp_path / "cache"),
+        **env,
+    )
+    command = ["-c", SCRIPTED_BOT.format(tests=str(ROOT / "tests"))] if scripted else ["-m", "bot"]
+    return subprocess.run(
+        [sys.executable, *command],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=full,
+        timeout=240,
+    )
 
 
 @pytest.mark.e2e
 def test_console_writes_a_scene_votes_and_keeps_settings(tmp_path, tiny_model_dir):
     env = {"PYTHONPATH": str(ROOT)}
     first = run_bot(
-        "/settings set max_new_tokens 16\n"
-        "/scene Elaine: Jerry! George! You guys, listen!\n"
-        "/best\n", tmp_path, tiny_model_dir, scripted=True, **env)
+        "/settings set max_new_tokens 16\n/scene Elaine: Jerry! George! You guys, listen!\n/best\n",
+        tmp_path,
+        tiny_model_dir,
+        scripted=True,
+        **env,
+    )
     assert first.returncode == 0, first.stderr
     out = first.stdout
     # The user's own line is shown but not numbered for voting.
@@ -43,7 +58,11 @@ def test_console_writes_a_scene_votes_and_keeps_settings(tmp_path, tiny_model_di
     second = run_bot(
         "/settings show\n/scene\n/scene \x00\x07\n/settings set temperature 9\n"
         "/settings set top_k lots\n/vote 1 99\n/checkpoint use ../x\n/checkpoint use /etc\n"
-        "/frobnicate\n/vote 1 1\n", tmp_path, tiny_model_dir, **env)
+        "/frobnicate\n/vote 1 1\n",
+        tmp_path,
+        tiny_model_dir,
+        **env,
+    )
     assert second.returncode == 1
     assert "`max_new_tokens` = 16" in second.stdout
     errors = [e for e in second.stderr.splitlines() if e.startswith("error: ")]
@@ -63,11 +82,13 @@ def test_console_startup_errors_are_one_line(tmp_path, tiny_model_dir):
     bad_config = run_bot("", tmp_path, "smollm2", QUEUE_SIZE="lots", **env)
     assert bad_config.returncode == 2
     assert bad_config.stderr.strip() == (
-        "error: QUEUE_SIZE must be a whole number from 1 to 1000 (got 'lots')")
+        "error: QUEUE_SIZE must be a whole number from 1 to 1000 (got 'lots')"
+    )
     bad_threads = run_bot("", tmp_path, tiny_model_dir, SITCOM_THREADS="lots", **env)
     assert bad_threads.returncode == 2  # a configuration error, found before the model loads
     assert bad_threads.stderr.strip().startswith(
-        "error: SITCOM_THREADS must be auto or a whole number from 1 to ")
+        "error: SITCOM_THREADS must be auto or a whole number from 1 to "
+    )
 
 
 @pytest.mark.e2e
@@ -76,12 +97,22 @@ def test_sigterm_stops_cleanly_and_closes_the_database(tmp_path, tiny_model_dir)
     import sqlite3
 
     env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
-    env.update(DEFAULT_CHECKPOINT=str(tiny_model_dir), BOT_DB=str(tmp_path / "console.db"),
-               CHECKPOINTS_DIR=str(tmp_path / "checkpoints"), LOG_LEVEL="WARNING",
-               PYTHONPATH=str(ROOT))
-    bot = subprocess.Popen([sys.executable, "-m", "bot"], stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=tmp_path, env=env)
+    env.update(
+        DEFAULT_CHECKPOINT=str(tiny_model_dir),
+        BOT_DB=str(tmp_path / "console.db"),
+        CHECKPOINTS_DIR=str(tmp_path / "checkpoints"),
+        LOG_LEVEL="WARNING",
+        PYTHONPATH=str(ROOT),
+    )
+    bot = subprocess.Popen(
+        [sys.executable, "-m", "bot"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
     try:
         bot.stdin.write("/settings set top_k 7\n")
         bot.stdin.flush()
@@ -172,14 +203,26 @@ def test_shutdown_is_bounded_and_stores_the_running_scene(
     import time
 
     env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
-    env.update(DEFAULT_CHECKPOINT=str(tiny_model_dir), BOT_DB=str(tmp_path / "console.db"),
-               CHECKPOINTS_DIR=str(tmp_path / "checkpoints"), LOG_LEVEL="WARNING",
-               PYTHONPATH=str(ROOT), SHUTDOWN_TIMEOUT_S=shutdown_s, GENERATION_TIMEOUT_S="600")
+    env.update(
+        DEFAULT_CHECKPOINT=str(tiny_model_dir),
+        BOT_DB=str(tmp_path / "console.db"),
+        CHECKPOINTS_DIR=str(tmp_path / "checkpoints"),
+        LOG_LEVEL="WARNING",
+        PYTHONPATH=str(ROOT),
+        SHUTDOWN_TIMEOUT_S=shutdown_s,
+        GENERATION_TIMEOUT_S="600",
+    )
     progress = tmp_path / "progress"
     code = SLOW_BOT.format(tests=str(ROOT / "tests"), progress=str(progress), fast_calls=16)
-    bot = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=tmp_path, env=env)
+    bot = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
     try:
         bot.stdin.write("/settings set max_new_tokens 400\n")
         bot.stdin.flush()
@@ -222,7 +265,11 @@ def test_humour_models_are_listed_switched_and_remembered_like_checkpoints(
         "/checkpoint list\n/checkpoint use funny\n"
         "/settings set best_of 3 max_new_tokens 16\n"
         "/scene Elaine: Jerry! George! You guys, listen!\n",
-        tmp_path, tiny_model_dir, scripted=True, **env)
+        tmp_path,
+        tiny_model_dir,
+        scripted=True,
+        **env,
+    )
     assert first.returncode == 0, first.stderr
     assert "humour model: humour  ← active" in first.stdout
     assert "humour model: funny" in first.stdout and "humour model: off" in first.stdout
@@ -235,8 +282,12 @@ def test_humour_models_are_listed_switched_and_remembered_like_checkpoints(
     stored = [t for (t,) in db.execute("SELECT text FROM lines ORDER BY line_no")]
     assert stored and all(line in first.stdout for line in stored)
     db.close()
-    second = run_bot("/checkpoint list\n/checkpoint use nothing-here\n/checkpoint use off\n",
-                     tmp_path, tiny_model_dir, **env)
+    second = run_bot(
+        "/checkpoint list\n/checkpoint use nothing-here\n/checkpoint use off\n",
+        tmp_path,
+        tiny_model_dir,
+        **env,
+    )
     assert "humour model: funny  ← active" in second.stdout  # remembered across a restart
     assert "no checkpoint called `nothing-here`" in second.stderr
     assert "ranked by the coherence checks alone" in second.stdout
@@ -249,8 +300,7 @@ def test_console_scene_hash_id_is_a_repost_not_a_new_scene(tmp_path, tiny_model_
     stored scene 12 and never writes a new scene opening with "#12"."""
     import sqlite3
 
-    run = run_bot("/scene #12\n/scene #x\n", tmp_path, tiny_model_dir,
-                  PYTHONPATH=str(ROOT))
+    run = run_bot("/scene #12\n/scene #x\n", tmp_path, tiny_model_dir, PYTHONPATH=str(ROOT))
     assert run.returncode == 1
     errors = [e for e in run.stderr.splitlines() if e.startswith("error: ")]
     assert errors[0] == "error: There is no scene 12 in this channel.", run.stderr
@@ -274,8 +324,7 @@ async def test_console_reposts_a_stored_scene_that_was_never_shown(tmp_path, tin
     try:
         # Written and stored, never shown (the process stopped before it was printed).
         job = await core.submit("Elaine: Jerry!", SceneSettings(max_new_tokens=20), "console:0")
-        stored = await core.record(await job.result(), place=LOCAL, user_id="0",
-                                   prompt=job.prompt)
+        stored = await core.record(await job.result(), place=LOCAL, user_id="0", prompt=job.prompt)
         await console.handle(f"/scene #{stored.id}")
         text = out.getvalue()
         assert f"Scene {stored.id}" in text and "you. ELAINE: Jerry!" in text
@@ -347,7 +396,8 @@ async def test_console_votes_go_through_core_vote(tmp_path, tiny_model_dir):
         await console.handle("/vote 1 2")
     finally:
         await core.close()
-    assert [(c["platform"], c["slot"], c["user_id"], c["add"]) for c in calls] \
-        == [("console", 1, "0", True)] * 2
+    assert [(c["platform"], c["slot"], c["user_id"], c["add"]) for c in calls] == [
+        ("console", 1, "0", True)
+    ] * 2
     assert "Voted for line 2 of scene 1." in out.getvalue()
     assert "already voted" in out.getvalue()

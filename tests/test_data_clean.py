@@ -24,8 +24,17 @@ def test_mixed_case_colon_layout_joins_wraps_and_strips_site_junk():
     # narration between turns becomes one direction line
     assert "(The waitress brings the check and everyone stares at it.)" in lines
     text = "\n".join(lines)
-    for junk in ("Gift Guide", "Copyright", "Transcript by", "Written By", "....", "Home",
-                 "Commercial", "Cast:", "Episode 12"):
+    for junk in (
+        "Gift Guide",
+        "Copyright",
+        "Transcript by",
+        "Written By",
+        "....",
+        "Home",
+        "Commercial",
+        "Cast:",
+        "Episode 12",
+    ):
         assert junk not in text
 
 
@@ -65,8 +74,10 @@ def test_spaced_colon_layout_and_percent_scene_lines():
 
 
 def test_speech_without_colons_is_read_with_known_speakers():
-    page = "Title\n\nJerry I told you.\nGeorge Good.\nJerry How good?\nGeorge Very good.\n" \
-           "Elaine Let me taste that.\nJerry Huh? Huh?\n"
+    page = (
+        "Title\n\nJerry I told you.\nGeorge Good.\nJerry How good?\nGeorge Very good.\n"
+        "Elaine Let me taste that.\nJerry Huh? Huh?\n"
+    )
     ep = parse_page(page, known_speakers=frozenset({"JERRY", "GEORGE", "ELAINE"}))
     assert ep.layout == "prefix"
     assert ep.lines[:2] == ["JERRY: I told you.", "GEORGE: Good."]
@@ -98,19 +109,21 @@ def test_junk_and_tidy_rules():
 
 def test_bracketed_actions_are_directions_and_places_are_headings():
     # Generation stops at a scene heading, so an action in brackets must not become one.
-    page = "\n".join([
-        "[Jerry's Apartment]",
-        "JERRY: So, what happened?",
-        "GEORGE: Nothing happened.",
-        "[Kramer enters with his golf clubs]",
-        "KRAMER: Hey buddy.",
-        "JERRY: What's with the clubs?",
-        "[Monk's]",
-        "GEORGE: I'm going to the bathroom.",
-        "JERRY: Again?",
-        "[pause]",
-        "GEORGE: Again.",
-    ])
+    page = "\n".join(
+        [
+            "[Jerry's Apartment]",
+            "JERRY: So, what happened?",
+            "GEORGE: Nothing happened.",
+            "[Kramer enters with his golf clubs]",
+            "KRAMER: Hey buddy.",
+            "JERRY: What's with the clubs?",
+            "[Monk's]",
+            "GEORGE: I'm going to the bathroom.",
+            "JERRY: Again?",
+            "[pause]",
+            "GEORGE: Again.",
+        ]
+    )
     lines = parse_page(page).lines
     assert "[Scene: Jerry's Apartment]" in lines and "[Scene: Monk's]" in lines
     assert "(Kramer enters with his golf clubs)" in lines and "(pause)" in lines

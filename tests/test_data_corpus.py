@@ -11,10 +11,21 @@ from data.split import split_episodes
 from sitcom.scenes.script import END_OF_TEXT, is_well_formed
 
 NOT_EPISODES = [
-    "Highlights-of-100-1.txt", "Highlights-of-100-2.txt", "The-Clip-Show-1.txt",
-    "The-Clip-Show-2.txt", "seinfeld-quotes.txt", "alpha.txt", "buy-seinfeld.txt",
-    "episodes_oveview.txt", "festivus.txt", "seinfeld-cast.txt", "seinfeld-characters.txt",
-    "seinfeld-dvd.txt", "seinfeld-superman.txt", "seinfeld-t-shirt.txt", "watch-seinfeld.txt",
+    "Highlights-of-100-1.txt",
+    "Highlights-of-100-2.txt",
+    "The-Clip-Show-1.txt",
+    "The-Clip-Show-2.txt",
+    "seinfeld-quotes.txt",
+    "alpha.txt",
+    "buy-seinfeld.txt",
+    "episodes_oveview.txt",
+    "festivus.txt",
+    "seinfeld-cast.txt",
+    "seinfeld-characters.txt",
+    "seinfeld-dvd.txt",
+    "seinfeld-superman.txt",
+    "seinfeld-t-shirt.txt",
+    "watch-seinfeld.txt",
 ]
 
 
@@ -49,9 +60,21 @@ def test_near_duplicates_kept_once(raw_corpus, corpus):
 
 def test_no_site_junk_left(raw_corpus, corpus):
     text = corpus[3]
-    for junk in ("Gift Guide", "SeinfeldScripts", "Copyright", "Written by", "Written By",
-                 "Directed by", "Transcribed by", "...........", "Home\nScripts",
-                 "Episodes Overview", "T-Shirts", "ACT ONE", "COMMERCIAL BREAK"):
+    for junk in (
+        "Gift Guide",
+        "SeinfeldScripts",
+        "Copyright",
+        "Written by",
+        "Written By",
+        "Directed by",
+        "Transcribed by",
+        "...........",
+        "Home\nScripts",
+        "Episodes Overview",
+        "T-Shirts",
+        "ACT ONE",
+        "COMMERCIAL BREAK",
+    ):
         assert junk not in text, junk
     assert not re.search(r"^\S.{0,40}\.{6,}\s*[A-Z][a-z]+ [A-Z]", text, re.M)  # cast lists
 
@@ -64,7 +87,8 @@ def test_lines_are_well_formed(raw_corpus, corpus):
     speakers = corpus[1]["top_speakers"]
     assert list(speakers)[:4] == ["JERRY", "GEORGE", "ELAINE", "KRAMER"]
     assert {"NEWMAN", "FRANK", "PUDDY"} <= set(corpus[1]["top_speakers"]) | {
-        s for e in corpus[2].values() for s in e.get("speakers", {})}
+        s for e in corpus[2].values() for s in e.get("speakers", {})
+    }
     assert not re.search(r"^(KRMAER|ELAIEN|GEORG|JERY):", corpus[3], re.M)
 
 
@@ -73,9 +97,12 @@ def test_split_disjoint_parts_together_and_seeded(raw_corpus, corpus):
     kept = {n: e for n, e in files.items() if e["status"] == "kept"}
     assert {e["split"] for e in kept.values()} == {"train", "val"}
     assert 0.03 <= manifest["totals"]["val"] / len(kept) <= 0.08
-    for a, b in [("TheTrip1.txt", "TheTrip2.txt"), ("ThePilot.txt", "ThePilot2.txt"),
-                 ("TheCadillac1.txt", "TheCadillac2.txt"),
-                 ("TheBoyfriend1.txt", "TheBoyfriend2.txt")]:
+    for a, b in [
+        ("TheTrip1.txt", "TheTrip2.txt"),
+        ("ThePilot.txt", "ThePilot2.txt"),
+        ("TheCadillac1.txt", "TheCadillac2.txt"),
+        ("TheBoyfriend1.txt", "TheBoyfriend2.txt"),
+    ]:
         assert kept[a]["split"] == kept[b]["split"]
     assert not set(map(tuple, result.train)) & set(map(tuple, result.val))
     # same seed, same split (recomputed from the kept names, in another order)

@@ -59,9 +59,25 @@ def test_download_resumes_without_refetching(tmp_path, site):
 def test_missing_index_is_a_clear_error(tmp_path, site):
     with pytest.raises(DownloadError, match="cannot fetch index"):
         download(tmp_path, base_url=site, index="nope.html", delay=0)
-    result = subprocess.run([sys.executable, "-m", "data", "download", str(tmp_path / "o"),
-                             "--base-url", site, "--index", "nope.html", "--delay", "0"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data",
+            "download",
+            str(tmp_path / "o"),
+            "--base-url",
+            site,
+            "--index",
+            "nope.html",
+            "--delay",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and result.stderr.startswith("error: cannot fetch index")
     assert "Traceback" not in result.stderr
 

@@ -17,8 +17,9 @@ FIXTURES = ROOT / "tests" / "fixtures" / "data"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "data", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def files_by_name(manifest: dict) -> dict[str, dict]:
@@ -27,8 +28,15 @@ def files_by_name(manifest: dict) -> dict[str, dict]:
 
 @pytest.mark.e2e
 def test_prepare_fixture_site(tmp_path):
-    result = run_cli("prepare", str(FIXTURES / "sitcom"), str(tmp_path), "--min-turns", "5",
-                     "--val-fraction", "0.3")
+    result = run_cli(
+        "prepare",
+        str(FIXTURES / "sitcom"),
+        str(tmp_path),
+        "--min-turns",
+        "5",
+        "--val-fraction",
+        "0.3",
+    )
     assert result.returncode == 0, result.stderr
     assert "episodes kept" in result.stdout
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -73,8 +81,12 @@ def test_main_cast_option_overrides_the_derived_cast():
 
 
 def test_same_seed_same_split_and_parts_together():
-    names = [f"Ep{i}.txt" for i in range(40)] + ["TheTrip1.txt", "TheTrip2.txt",
-                                                  "ThePilot.txt", "ThePilot2.txt"]
+    names = [f"Ep{i}.txt" for i in range(40)] + [
+        "TheTrip1.txt",
+        "TheTrip2.txt",
+        "ThePilot.txt",
+        "ThePilot2.txt",
+    ]
     a = split_episodes(names, 0.2, seed=3)
     assert a == split_episodes(list(reversed(names)), 0.2, seed=3)
     assert a != split_episodes(names, 0.2, seed=4)

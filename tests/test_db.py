@@ -14,8 +14,16 @@ HERE = Place("discord", "1", "2")
 
 
 async def add_scene(db: Database, lines=("JERRY: Hi.", "NEWMAN: Hello, Jerry."), place=HERE):
-    return await db.add_scene(place=place, user_id="3", prompt="JERRY: Hi.", model_name="tiny",
-                              lines=list(lines), prompt_lines=0, new_tokens=9, seconds=0.5)
+    return await db.add_scene(
+        place=place,
+        user_id="3",
+        prompt="JERRY: Hi.",
+        model_name="tiny",
+        lines=list(lines),
+        prompt_lines=0,
+        new_tokens=9,
+        seconds=0.5,
+    )
 
 
 @pytest.mark.asyncio
@@ -93,8 +101,14 @@ async def test_a_redelivered_event_changes_nothing(tmp_path):
 async def test_prompt_lines_are_stored_but_never_votable_or_best(tmp_path):
     db = await Database.open(tmp_path / "a.db")
     scene = await db.add_scene(
-        place=HERE, user_id="3", prompt="Elaine: Hi!", model_name="tiny",
-        lines=["ELAINE: Hi!", "JERRY: Hello."], prompt_lines=1, new_tokens=4, seconds=0.1,
+        place=HERE,
+        user_id="3",
+        prompt="Elaine: Hi!",
+        model_name="tiny",
+        lines=["ELAINE: Hi!", "JERRY: Hello."],
+        prompt_lines=1,
+        new_tokens=4,
+        seconds=0.1,
     )
     assert [line.from_prompt for line in scene.lines] == [True, False]
     await db.place_lines("77", [(scene.line_ids[0], None), (scene.line_ids[1], 1)])

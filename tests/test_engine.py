@@ -75,7 +75,8 @@ async def test_scene_result(engine):
 
 
 @pytest.mark.parametrize(
-    "prompt", ["", "   \n\t", "\x00\x07\x1b", "JERRY: " + "a" * 1000],
+    "prompt",
+    ["", "   \n\t", "\x00\x07\x1b", "JERRY: " + "a" * 1000],
     ids=["empty", "blank", "control", "too-long"],
 )
 async def test_bad_prompts(engine, prompt):
@@ -111,7 +112,9 @@ async def test_dynamic_batching_queue_full_and_per_user_limit(tiny_model_dir):
     gate.open.set()
     scenes = [await j.result() for j in [first, *queued]]
     assert [s.lines[0] for s in scenes] == [
-        "JERRY: One.", *[f"JERRY: Two {i}." for i in range(4)], "JERRY: Three.",
+        "JERRY: One.",
+        *[f"JERRY: Two {i}." for i in range(4)],
+        "JERRY: Three.",
     ]
     assert list(engine.batch_sizes) == [1, 5]  # the queued jobs ran as one batch
     # Finished jobs no longer count against the user.
@@ -121,6 +124,7 @@ async def test_dynamic_batching_queue_full_and_per_user_limit(tiny_model_dir):
 
 def slow_teleprompter(tokenizer, script: str, delay: float):
     """A loader whose model writes `script` greedily, `delay` seconds per forward pass."""
+
     def loader(name: str):
         model = teleprompter_model(tokenizer, script)
         model.register_forward_pre_hook(lambda module, args: time.sleep(delay))
@@ -145,8 +149,9 @@ async def test_timeout_delivers_a_partial_scene(tiny_model_dir, tiny_tokenizer):
 
 async def test_timeout_before_the_first_line_is_an_error(tiny_model_dir, tiny_tokenizer):
     script = "ELAINE: Get out! I'm sorry. No soup for you. That's a shame.\n"
-    engine = SceneEngine(tiny_model_dir, timeout_s=0.3,
-                         loader=slow_teleprompter(tiny_tokenizer, script, 0.15))
+    engine = SceneEngine(
+        tiny_model_dir, timeout_s=0.3, loader=slow_teleprompter(tiny_tokenizer, script, 0.15)
+    )
     await engine.start()
     with pytest.raises(GenerationTimeout) as caught:
         await (await engine.submit("JERRY: Hi.", GREEDYISH)).result()

@@ -25,8 +25,9 @@ def serve_with_llamacpp(monkeypatch):
 
 
 def scene_settings(tokens: int) -> SceneSettings:
-    return SceneSettings(max_new_tokens=tokens, temperature=0.1, top_k=1, repetition_penalty=1.0,
-                         best_of=1)
+    return SceneSettings(
+        max_new_tokens=tokens, temperature=0.1, top_k=1, repetition_penalty=1.0, best_of=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def endless_dir(tmp_path_factory):
 
 def slow_loader(delay: float):
     """The real llama.cpp loader, with `delay` seconds added to every decode step."""
+
     def loader(name: str):
         model, tokenizer = serving.load_llamacpp(name, max_batch=2, n_threads=1)
         decode = model.decode
@@ -190,8 +192,14 @@ async def test_best_of_n_writes_candidates_in_one_batch_and_delivers_the_ranked_
     engine = SceneEngine(str(branching_dir), max_batch=4, loader=loader, scorer=scorer)
     await engine.start()
     try:
-        settings = SceneSettings(max_new_tokens=40, temperature=1.0, top_k=0, top_p=1.0,
-                                 repetition_penalty=1.0, best_of=3)
+        settings = SceneSettings(
+            max_new_tokens=40,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            best_of=3,
+        )
         scene = await (await engine.submit(PROMPT, settings)).result()
     finally:
         await engine.close()
@@ -230,8 +238,7 @@ async def test_eta_counts_every_candidate_of_the_scenes_ahead(endless_dir):
 async def test_wait_estimate_matches_the_engine_on_llamacpp(endless_dir):
     """Issue 19 item 7: continuous batching on 2 slots, ~20 ms a step, scenes running to
     their own (different) budgets: each estimate is within 2x of the real wait."""
-    engine = SceneEngine(str(endless_dir), max_batch=2, per_user_limit=8,
-                         loader=slow_loader(0.02))
+    engine = SceneEngine(str(endless_dir), max_batch=2, per_user_limit=8, loader=slow_loader(0.02))
     await engine.start()
     try:
         await (await engine.submit(PROMPT, scene_settings(16))).result()

@@ -38,19 +38,33 @@ CONSOLE = Place("console", "0", "0")
 
 
 def bot_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN")}
-    env.update(BOT_DB=str(tmp_path / "bot.db"), CHECKPOINTS_DIR=str(tmp_path / "checkpoints"),
-               LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT), **extra)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN")
+    }
+    env.update(
+        BOT_DB=str(tmp_path / "bot.db"),
+        CHECKPOINTS_DIR=str(tmp_path / "checkpoints"),
+        LOG_LEVEL="WARNING",
+        PYTHONPATH=str(ROOT),
+        **extra,
+    )
     return env
 
 
-def run_bot(stdin: bytes, tmp_path: Path, scripted: bool = False,
-            **extra: str) -> subprocess.CompletedProcess:
-    command = (["-c", SCRIPTED_BOT.format(tests=str(ROOT / "tests"))] if scripted
-               else ["-m", "bot"])
-    return subprocess.run([sys.executable, *command], input=stdin, capture_output=True,
-                          cwd=tmp_path, env=bot_env(tmp_path, **extra), timeout=240)
+def run_bot(
+    stdin: bytes, tmp_path: Path, scripted: bool = False, **extra: str
+) -> subprocess.CompletedProcess:
+    command = ["-c", SCRIPTED_BOT.format(tests=str(ROOT / "tests"))] if scripted else ["-m", "bot"]
+    return subprocess.run(
+        [sys.executable, *command],
+        input=stdin,
+        capture_output=True,
+        cwd=tmp_path,
+        env=bot_env(tmp_path, **extra),
+        timeout=240,
+    )
 
 
 def with_checkpoints(tmp_path: Path, model_dir: Path, *names: str) -> Config:
@@ -60,6 +74,7 @@ def with_checkpoints(tmp_path: Path, model_dir: Path, *names: str) -> Config:
 
 
 # -- 3. a swap reported failed is not applied ---------------------------------------------
+
 
 @pytest.mark.asyncio
 async def test_swap_with_a_locked_database_changes_nothing(tmp_path, tiny_model_dir):
@@ -89,6 +104,7 @@ async def test_swap_with_a_locked_database_changes_nothing(tmp_path, tiny_model_
 
 # -- 4. scenes are recorded under the model that wrote them ----------------------------
 
+
 @pytest.mark.asyncio
 async def test_scene_is_recorded_under_the_model_that_wrote_it(tmp_path, tiny_model_dir):
     core = await Core.start(with_checkpoints(tmp_path, tiny_model_dir, "old", "new"))
@@ -104,13 +120,13 @@ async def test_scene_is_recorded_under_the_model_that_wrote_it(tmp_path, tiny_mo
         swap = asyncio.ensure_future(core.use_checkpoint("old"))
         scenes = [await job.result() for job in jobs]
         await swap
-        ids = [(await core.record(s, place=CONSOLE, user_id=1, prompt="x")).id
-               for s in scenes]
+        ids = [(await core.record(s, place=CONSOLE, user_id=1, prompt="x")).id for s in scenes]
     finally:
         await core.close()
     db = sqlite3.connect(tmp_path / "bot.db")
-    assert db.execute("SELECT model_name FROM scenes WHERE id = ?", (stored.id,)).fetchone() \
-        == ("old",)
+    assert db.execute("SELECT model_name FROM scenes WHERE id = ?", (stored.id,)).fetchone() == (
+        "old",
+    )
     names = {Path(s.model_name).name for s in scenes}
     assert names <= {"old", "new"}
     for scene_id, scene in zip(ids, scenes, strict=True):
@@ -119,6 +135,7 @@ async def test_scene_is_recorded_under_the_model_that_wrote_it(tmp_path, tiny_mo
 
 
 # -- 5. a database from a newer version is refused, not written ------------------------
+
 
 @pytest.mark.asyncio
 async def test_database_from_a_newer_version_is_refused(tmp_path):
@@ -138,6 +155,7 @@ async def test_database_from_a_newer_version_is_refused(tmp_path):
 
 # -- 7. /vote ids are parsed strictly -------------------------------------------------------
 
+
 @pytest.mark.asyncio
 async def test_vote_ids_are_parsed_strictly(tmp_path, tiny_model_dir):
     core = await Core.start(make_config(tmp_path, tiny_model_dir))
@@ -151,6 +169,7 @@ async def test_vote_ids_are_parsed_strictly(tmp_path, tiny_model_dir):
 
 
 # -- 8. odd Unicode is cleaned at the edge; no exception kills the console --------------
+
 
 @pytest.mark.asyncio
 async def test_lone_surrogate_prompt_is_cleaned_and_stored(tmp_path, tiny_model_dir):
@@ -170,8 +189,9 @@ async def test_lone_surrogate_prompt_is_cleaned_and_stored(tmp_path, tiny_model_
 
 
 @pytest.mark.asyncio
-async def test_a_bug_in_one_command_is_one_line_not_a_dead_console(tmp_path, tiny_model_dir,
-                                                                   caplog):
+async def test_a_bug_in_one_command_is_one_line_not_a_dead_console(
+    tmp_path, tiny_model_dir, caplog
+):
     core = await Core.start(make_config(tmp_path, tiny_model_dir))
     out, err = io.StringIO(), io.StringIO()
     console = Console(core, out=out, err=err)
@@ -192,8 +212,12 @@ async def test_a_bug_in_one_command_is_one_line_not_a_dead_console(tmp_path, tin
 
 @pytest.mark.e2e
 def test_undecodable_stdin_bytes_do_not_hang_or_kill_the_console(tmp_path, tiny_model_dir):
-    proc = run_bot(b"/settings set max_new_tokens 16\n/scene JERRY: caf\xff\xfe now\n/best\n",
-                   tmp_path, scripted=True, DEFAULT_CHECKPOINT=str(tiny_model_dir))
+    proc = run_bot(
+        b"/settings set max_new_tokens 16\n/scene JERRY: caf\xff\xfe now\n/best\n",
+        tmp_path,
+        scripted=True,
+        DEFAULT_CHECKPOINT=str(tiny_model_dir),
+    )
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, err
     assert "Traceback" not in err and b"Scene 1" in proc.stdout
@@ -202,13 +226,17 @@ def test_undecodable_stdin_bytes_do_not_hang_or_kill_the_console(tmp_path, tiny_
 
 
 @pytest.mark.asyncio
-async def test_discord_scene_with_a_lone_surrogate_is_posted_and_stored(tmp_path,
-                                                                         tiny_model_dir):
+async def test_discord_scene_with_a_lone_surrogate_is_posted_and_stored(tmp_path, tiny_model_dir):
     bot, rec = await start_bot(make_config(tmp_path, tiny_model_dir))
     try:
         await bot.core.db.save_settings(Place("discord", "1", str(CHANNEL_ID)), "1", SHORT)
-        await invoke(bot, command_payload(
-            "scene", [option("prompt", "JERRY: [free nitro](https://example.invalid/x) \ud800!")]))
+        await invoke(
+            bot,
+            command_payload(
+                "scene",
+                [option("prompt", "JERRY: [free nitro](https://example.invalid/x) \ud800!")],
+            ),
+        )
         assert "Scene 1 is ready" in rec.replies()[-1]["content"]
         posted = "\n".join(c.json["content"] for c in rec.find("POST", "/messages"))
         assert "](" not in posted  # the masked link is neutralised in the bot's own message
@@ -219,6 +247,7 @@ async def test_discord_scene_with_a_lone_surrogate_is_posted_and_stored(tmp_path
 
 
 # -- 9. model cache on an unwritable disk: a start-up error naming the directory --------
+
 
 @pytest.mark.e2e
 def test_unwritable_model_cache_is_one_line_naming_it(tmp_path):
@@ -233,6 +262,7 @@ def test_unwritable_model_cache_is_one_line_naming_it(tmp_path):
 
 
 # -- 10. non-finite and non-integral numbers are rejected -------------------------------
+
 
 @pytest.mark.parametrize("name", ["GENERATION_TIMEOUT_S", "DB_TIMEOUT_S", "QUEUE_SIZE"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
@@ -254,6 +284,7 @@ def test_settings_reject_non_integral_and_non_finite_values():
 
 # -- 12. an expected rejection is one log line, not a traceback at ERROR ---------------
 
+
 @pytest.mark.asyncio
 async def test_too_long_prompt_logs_one_line_without_traceback(tiny_model_dir, caplog):
     engine = SceneEngine(model=str(tiny_model_dir), max_prompt_chars=1000)
@@ -271,6 +302,7 @@ async def test_too_long_prompt_logs_one_line_without_traceback(tiny_model_dir, c
 
 
 # -- 13. bad token, Discord 5xx at login: one line ---------------------------------------
+
 
 @pytest.mark.parametrize("token", ["abc\x07def", "abc def", "abc\r\nX-Evil: 1"])
 def test_token_with_control_characters_is_a_config_error(token):
@@ -308,6 +340,7 @@ async def test_discord_5xx_at_login_is_one_line(tmp_path, tiny_model_dir, monkey
 
 # -- 14. no token and stdin at EOF: say so --------------------------------------------
 
+
 @pytest.mark.e2e
 def test_console_at_eof_says_how_to_start_the_real_bots(tmp_path, tiny_model_dir):
     proc = run_bot(b"", tmp_path, DEFAULT_CHECKPOINT=str(tiny_model_dir))
@@ -319,11 +352,15 @@ def test_console_at_eof_says_how_to_start_the_real_bots(tmp_path, tiny_model_dir
 
 # -- 15. masked links and impersonating markdown ----------------------------------------
 
-@pytest.mark.parametrize("text", [
-    "JERRY: [free nitro](https://example.invalid/claim)",
-    "JERRY: [free nitro](<https://example.invalid/claim>)",
-    "JERRY: [a] [b](http://x.invalid)",
-])
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "JERRY: [free nitro](https://example.invalid/claim)",
+        "JERRY: [free nitro](<https://example.invalid/claim>)",
+        "JERRY: [a] [b](http://x.invalid)",
+    ],
+)
 def test_masked_links_are_neutralised(text):
     from bot.markup import neutralize_markdown
 
@@ -332,8 +369,17 @@ def test_masked_links_are_neutralised(text):
     assert neutralize_markdown(text) != text
 
 
-@pytest.mark.parametrize("line", ["# Official announcement", "## Staff", "### x", "-# system",
-                                  "  # indented", "> # quoted header"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "# Official announcement",
+        "## Staff",
+        "### x",
+        "-# system",
+        "  # indented",
+        "> # quoted header",
+    ],
+)
 def test_headers_and_subtext_cannot_impersonate(line):
     shown = neutralize(line)
     for start in ("#", "-#", "> #"):
@@ -342,8 +388,9 @@ def test_headers_and_subtext_cannot_impersonate(line):
 
 def test_scene_lines_keep_their_plain_text():
     lines = ["[Scene: Monk's Cafe]", "JERRY: (to Elaine) What? #1 fan!", "ELAINE: Get out!"]
-    scene = StoredScene(1, CONSOLE, [StoredLine(i, i, t, False, None)
-                                     for i, t in enumerate(lines, 1)])
+    scene = StoredScene(
+        1, CONSOLE, [StoredLine(i, i, t, False, None) for i, t in enumerate(lines, 1)]
+    )
     (message,) = plan(scene, DiscordSurface(channel=None))
     content, count = message.text, len(message.lines)
     assert count == 3
@@ -353,24 +400,42 @@ def test_scene_lines_keep_their_plain_text():
 
 # -- 16. .env from the working directory only -----------------------------------------
 
+
 @pytest.mark.e2e
 def test_dotenv_is_read_from_the_working_directory_only(tmp_path):
     app = tmp_path / "a" / "b" / "app"
     for package in ("bot", "sitcom"):
-        shutil.copytree(ROOT / package, app / package,
-                        ignore=shutil.ignore_patterns("__pycache__", "seinfeld_lora"))
+        shutil.copytree(
+            ROOT / package,
+            app / package,
+            ignore=shutil.ignore_patterns("__pycache__", "seinfeld_lora"),
+        )
     (tmp_path / "a" / ".env").write_text("BOT_DB=/tmp/planted.db\nADMIN_USER_IDS=666\n")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     # A script file, as `python -m bot` is: python-dotenv's search starts from the caller's
     # file for those, and from the working directory only for `python -c` and REPLs.
-    (cwd / "probe.py").write_text("from bot.config import Config\nc = Config.from_env()\n"
-                                  "print(c.db_path, sorted(c.admin_user_ids))\n")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("BOT_DB", "ADMIN_USER_IDS", "DISCORD_TOKEN")}
+    (cwd / "probe.py").write_text(
+        "from bot.config import Config\nc = Config.from_env()\n"
+        "print(c.db_path, sorted(c.admin_user_ids))\n"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("BOT_DB", "ADMIN_USER_IDS", "DISCORD_TOKEN")
+    }
     env["PYTHONPATH"] = str(app)
-    run = lambda: subprocess.run([sys.executable, "probe.py"], cwd=cwd, env=env,  # noqa: E731
-                                 capture_output=True, text=True, timeout=60)
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "probe.py"],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
     first = run()
     assert first.returncode == 0, first.stderr
     assert first.stdout.split() == ["sitcom.db", "[]"]
@@ -379,6 +444,7 @@ def test_dotenv_is_read_from_the_working_directory_only(tmp_path):
 
 
 # -- 17. symlinks out of CHECKPOINTS_DIR ---------------------------------------------------
+
 
 def test_symlink_out_of_the_checkpoints_dir_is_refused(tmp_path, tiny_model_dir):
     outside = tmp_path / "outside" / "secret-model"

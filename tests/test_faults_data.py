@@ -19,8 +19,9 @@ OPTS = Options(min_turns=5, val_fraction=0.3)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "data", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def by_name(manifest: dict) -> dict[str, dict]:
@@ -34,6 +35,7 @@ def raw_copy(tmp_path: Path) -> Path:
 
 
 # -- 2. validation text never leaks into training ---------------------------------------
+
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("inside", [".", "corpus", "a/b"])
@@ -60,6 +62,7 @@ def test_our_own_output_files_are_never_read_as_transcripts(tmp_path):
 
 
 # -- 18. pages that repeat themselves; a cap on file size ---------------------------------
+
 
 def test_a_page_repeating_itself_loses_to_the_genuine_one(tmp_path):
     raw = raw_copy(tmp_path)
@@ -101,6 +104,7 @@ def test_oversized_files_are_dropped_unread_with_a_reason(tmp_path):
 
 # -- 19. UTF-16 with a BOM ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
 def test_utf16_and_bom_transcripts_are_decoded(tmp_path, encoding):
     raw = raw_copy(tmp_path)
@@ -120,13 +124,15 @@ def test_utf16_and_bom_transcripts_are_decoded(tmp_path, encoding):
 def test_nul_bytes_without_a_bom_name_the_likely_cause(tmp_path):
     raw = raw_copy(tmp_path)
     (raw / "HarborLights-Ep02.txt").write_bytes(
-        (raw / "HarborLights-Ep02.txt").read_text().encode("utf-16-le"))
+        (raw / "HarborLights-Ep02.txt").read_text().encode("utf-16-le")
+    )
     result = prepare(raw, OPTS)
     entry = by_name(result.manifest)["HarborLights-Ep02.txt"]
     assert entry["status"] == "dropped" and "UTF-16 without a BOM" in entry["reason"]
 
 
 # -- 20. too few episodes to validate on -------------------------------------------------
+
 
 @pytest.mark.e2e
 def test_one_episode_fails_in_prepare_with_the_minimum(tmp_path):
@@ -153,10 +159,12 @@ def test_two_episodes_are_enough(tmp_path):
 
 # -- 10. (data) nan is not a delay ---------------------------------------------------------
 
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_download_delay_must_be_finite(tmp_path, value):
-    proc = run_cli("download", str(tmp_path / "raw"), "--delay", value,
-                   "--base-url", "http://127.0.0.1:9")
+    proc = run_cli(
+        "download", str(tmp_path / "raw"), "--delay", value, "--base-url", "http://127.0.0.1:9"
+    )
     assert proc.returncode == 2 and "finite" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "raw").exists()

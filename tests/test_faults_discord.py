@@ -46,8 +46,12 @@ SCOPE = f"Discord application {APP_ID}"
 
 async def started(tmp_path, tiny_model_dir, loader=None):
     bot, rec = await start_bot(make_config(tmp_path, tiny_model_dir), loader=loader)
-    await invoke(bot, command_payload(
-        "settings", [subcommand("set", option("max_new_tokens", 16))], permissions=MANAGE))
+    await invoke(
+        bot,
+        command_payload(
+            "settings", [subcommand("set", option("max_new_tokens", 16))], permissions=MANAGE
+        ),
+    )
     rec.calls.clear()
     return bot, rec
 
@@ -69,6 +73,7 @@ def scene(prompt: str = "Jerry: Hello.", **extra) -> dict:
 
 # -- 2. a post whose answer was lost is not posted again --------------------------------
 
+
 @pytest.mark.asyncio
 async def test_a_post_whose_answer_was_lost_is_not_posted_twice(running):
     bot, rec = running
@@ -86,6 +91,7 @@ async def test_a_post_whose_answer_was_lost_is_not_posted_twice(running):
 
 
 # -- 3. two `/scene #ID` at once post it once ---------------------------------------------
+
 
 @pytest.mark.asyncio
 async def test_two_reposts_at_once_post_the_scene_once(running):
@@ -107,6 +113,7 @@ async def test_two_reposts_at_once_post_the_scene_once(running):
 
 
 # -- 4. a scene with nothing beyond the prompt -------------------------------------------
+
 
 def writes_nothing_at_first(generations: int):
     """The scripted model, except that its first `generations` scenes end at once."""
@@ -160,13 +167,18 @@ async def test_a_prompt_only_scene_twice_is_not_announced_as_ready(tmp_path, tin
 
 # -- 5. a dropped connection on the final acknowledgement edit ---------------------------
 
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("drops", [1, 3])
 async def test_a_dropped_final_edit_is_retried_and_never_an_error(running, caplog, drops):
     bot, rec = running
     for _ in range(drops):  # 3: every attempt of the retry policy
-        rec.fail("PATCH", "/messages/@original", aiohttp.ServerDisconnectedError(),
-                 content="Scene 1 is ready")
+        rec.fail(
+            "PATCH",
+            "/messages/@original",
+            aiohttp.ServerDisconnectedError(),
+            content="Scene 1 is ready",
+        )
     with caplog.at_level(logging.INFO):
         await invoke(bot, scene())
     assert not rec.faults and (await bot.core.db.get_scene(1)).posted
@@ -181,6 +193,7 @@ async def test_a_dropped_final_edit_is_retried_and_never_an_error(running, caplo
 
 
 # -- 6. a late acknowledgement ------------------------------------------------------------
+
 
 @pytest.mark.asyncio
 async def test_scene_is_acknowledged_before_a_busy_database_is_read(running):
@@ -217,6 +230,7 @@ async def test_an_interaction_answered_after_3_s_runs_no_job(running, caplog, mo
 
 # -- 7. the wait estimate, against the engine --------------------------------------------
 
+
 @pytest.mark.asyncio
 async def test_wait_estimate_matches_the_engine(tiny_model_dir):
     """Scenes end long before their 400-token budget (as real ones do), at a steady
@@ -229,8 +243,9 @@ async def test_wait_estimate_matches_the_engine(tiny_model_dir):
         model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
         return model, tokenizer
 
-    engine = SceneEngine(model=str(tiny_model_dir), loader=load, max_batch=2, timeout_s=600,
-                         per_user_limit=10)
+    engine = SceneEngine(
+        model=str(tiny_model_dir), loader=load, max_batch=2, timeout_s=600, per_user_limit=10
+    )
     await engine.start()
     budget = SceneSettings(max_new_tokens=400)
     try:
@@ -257,14 +272,20 @@ async def test_wait_estimate_matches_the_engine(tiny_model_dir):
 
 # -- 8. one process per application and shards --------------------------------------------
 
+
 def test_shards_come_from_the_environment_checked():
     from bot.config import Config, ConfigError
 
     config = Config.from_env({"SHARD_ID": "1", "SHARD_COUNT": "2"}, dotenv=False)
     assert (config.shard_id, config.shard_count) == (1, 2)
     assert Config.from_env({}, dotenv=False).shard_count is None
-    for bad in ({"SHARD_ID": "0"}, {"SHARD_COUNT": "2"}, {"SHARD_ID": "2", "SHARD_COUNT": "2"},
-                {"SHARD_ID": "-1", "SHARD_COUNT": "2"}, {"SHARD_ID": "x", "SHARD_COUNT": "2"}):
+    for bad in (
+        {"SHARD_ID": "0"},
+        {"SHARD_COUNT": "2"},
+        {"SHARD_ID": "2", "SHARD_COUNT": "2"},
+        {"SHARD_ID": "-1", "SHARD_COUNT": "2"},
+        {"SHARD_ID": "x", "SHARD_COUNT": "2"},
+    ):
         with pytest.raises(ConfigError, match="SHARD"):
             Config.from_env(bad, dotenv=False)
 
@@ -291,8 +312,9 @@ async def test_a_process_whose_lease_was_taken_over_is_told_to_stop(tmp_path, ti
     try:
         await core.hold_lease(SCOPE, (0, 1), on_lost=lost.append)
         with sqlite3.connect(tmp_path / "bot.db") as db:  # it stalled; another took over
-            db.execute("UPDATE leases SET host = 'web-9', pid = 99, expires_at = ?",
-                       (time.time() + 60,))
+            db.execute(
+                "UPDATE leases SET host = 'web-9', pid = 99, expires_at = ?", (time.time() + 60,)
+            )
         for _ in range(100):
             if lost:
                 break
@@ -340,8 +362,7 @@ async def test_leases_overlap_by_shards_and_die_with_their_process(tmp_path):
             assert "web-2" in str(held.value) or "web-3" in str(held.value)
         await db.acquire_lease("Discord application 9", (0, 1), host="web-4", pid=7, ttl_s=30)
         # an expired lease, or one of a dead process on this host, is taken over
-        await db.acquire_lease(SCOPE, (0, 1), host="web-4", pid=7, ttl_s=30,
-                               now=time.time() + 60)
+        await db.acquire_lease(SCOPE, (0, 1), host="web-4", pid=7, ttl_s=30, now=time.time() + 60)
         dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
         await dead.wait()
         other = "Discord application 10"
@@ -378,8 +399,7 @@ async def test_a_second_process_on_the_same_shards_is_refused_in_one_line(
 
 
 @pytest.mark.asyncio
-async def test_processes_with_other_shards_run_side_by_side(tmp_path, tiny_model_dir,
-                                                             monkeypatch):
+async def test_processes_with_other_shards_run_side_by_side(tmp_path, tiny_model_dir, monkeypatch):
     import discord.gateway
     import yarl
     from discord.http import Route
@@ -392,20 +412,23 @@ async def test_processes_with_other_shards_run_side_by_side(tmp_path, tiny_model
     server = FakeDiscord()
     await server.start()
     monkeypatch.setattr(Route, "BASE", server.base + "/api/v10")
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        yarl.URL(f"ws://127.0.0.1:{server.port}/gateway/"))
+    monkeypatch.setattr(
+        discord.gateway.DiscordWebSocket,
+        "DEFAULT_GATEWAY",
+        yarl.URL(f"ws://127.0.0.1:{server.port}/gateway/"),
+    )
     stop = asyncio.Event()
     try:
-        config = make_config(tmp_path, tiny_model_dir, token="x.y.z", shard_id=1,
-                             shard_count=2)
+        config = make_config(tmp_path, tiny_model_dir, token="x.y.z", shard_id=1, shard_count=2)
         bot = asyncio.ensure_future(run(config, loader=scripted_loader(), stop=stop))
         await asyncio.wait_for(server.identified.wait(), 60)
         stop.set()
         assert await bot == 0
     finally:
         await server.close()
-    rows = sqlite3.connect(tmp_path / "bot.db").execute(
-        "SELECT shard_id, host FROM leases").fetchall()
+    rows = (
+        sqlite3.connect(tmp_path / "bot.db").execute("SELECT shard_id, host FROM leases").fetchall()
+    )
     assert rows == [(0, "web-2")]  # its own is released, the other's untouched
 
 
@@ -431,8 +454,9 @@ sitcom.model.serving.load_hf_model = slow
 
 @pytest.mark.e2e
 @pytest.mark.asyncio
-@pytest.mark.parametrize("signals", [("SIGTERM", "SIGTERM"), ("SIGINT", "SIGINT")],
-                         ids=["sigterm-twice", "ctrl-c-twice"])
+@pytest.mark.parametrize(
+    "signals", [("SIGTERM", "SIGTERM"), ("SIGINT", "SIGINT")], ids=["sigterm-twice", "ctrl-c-twice"]
+)
 async def test_a_second_signal_on_the_discord_process_keeps_the_running_scene(
     tmp_path, tiny_model_dir, signals
 ):
@@ -441,21 +465,33 @@ async def test_a_second_signal_on_the_discord_process_keeps_the_running_scene(
     posted with its note, the acknowledgement says so, the database is closed (no -wal or
     -shm) and the exit status is 0."""
     db = await Database.open(tmp_path / "bot.db")
-    await db.save_settings(Place("discord", "1", str(CHANNEL_ID)), "1",
-                           SceneSettings(max_new_tokens=400))
+    await db.save_settings(
+        Place("discord", "1", str(CHANNEL_ID)), "1", SceneSettings(max_new_tokens=400)
+    )
     await db.close()
     server = FakeDiscord()
     await server.start()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN")}
-    env.update(DISCORD_TOKEN="x.y.z", DEFAULT_CHECKPOINT=str(tiny_model_dir),
-               BOT_DB=str(tmp_path / "bot.db"), CHECKPOINTS_DIR=str(tmp_path / "checkpoints"),
-               LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT), SHUTDOWN_TIMEOUT_S="600",
-               GENERATION_TIMEOUT_S="600")
+    env = {k: v for k, v in os.environ.items() if k not in ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN")}
+    env.update(
+        DISCORD_TOKEN="x.y.z",
+        DEFAULT_CHECKPOINT=str(tiny_model_dir),
+        BOT_DB=str(tmp_path / "bot.db"),
+        CHECKPOINTS_DIR=str(tmp_path / "checkpoints"),
+        LOG_LEVEL="WARNING",
+        PYTHONPATH=str(ROOT),
+        SHUTDOWN_TIMEOUT_S="600",
+        GENERATION_TIMEOUT_S="600",
+    )
     code = server.launcher(SLOW_MODEL.format(tests=str(ROOT / "tests")))
     bot = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, cwd=tmp_path, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        code,
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         await asyncio.wait_for(server.identified.wait(), 180)
         await server.dispatch("INTERACTION_CREATE", scene("Jerry: Hello, Newman."))
@@ -478,12 +514,14 @@ async def test_a_second_signal_on_the_discord_process_keeps_the_running_scene(
     edits = [r.json["content"] for r in server.find("PATCH", "/messages/@original")]
     assert "Scene 1 is ready" in edits[-1]
     assert not (tmp_path / "bot.db-wal").exists() and not (tmp_path / "bot.db-shm").exists()
-    (tokens,) = sqlite3.connect(tmp_path / "bot.db").execute(
-        "SELECT new_tokens FROM scenes").fetchone()
+    (tokens,) = (
+        sqlite3.connect(tmp_path / "bot.db").execute("SELECT new_tokens FROM scenes").fetchone()
+    )
     assert 0 < tokens < 400
 
 
 # -- 9. a speaker after emoji; who may re-post ---------------------------------------------
+
 
 @pytest.mark.asyncio
 async def test_a_speaker_after_emoji_opens_the_scene_as_that_speaker(running):

@@ -32,8 +32,11 @@ def last_err(capsys) -> str:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +60,23 @@ def pair(tmp_path_factory):
 
 
 def extract_args(tuned: Path, base: Path, out: Path, *extra: str) -> list[str]:
-    return ["extract", str(tuned), "--base", str(base), "--rank", "2", "--dtype", "float32",
-            "--out", str(out), *extra]
+    return [
+        "extract",
+        str(tuned),
+        "--base",
+        str(base),
+        "--rank",
+        "2",
+        "--dtype",
+        "float32",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 # -- 1. extract --out refuses an existing OUT unless --overwrite ---------------------------
+
 
 def test_extract_refuses_an_existing_out_unless_overwrite(tmp_path, pair, capsys):
     base, tuned = pair
@@ -79,12 +94,16 @@ def test_extract_refuses_an_existing_out_unless_overwrite(tmp_path, pair, capsys
 
 # -- 2. outputs are regular files or new names; the same for every output of the CLIs -------
 
+
 def special_files(tmp_path: Path) -> dict[str, Path]:
     """A symlink to a file, a dangling symlink, a named pipe and (where allowed) a device."""
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me")
-    found = {"symlink": tmp_path / "link.json", "dangling": tmp_path / "dangling.json",
-             "fifo": tmp_path / "fifo.json"}
+    found = {
+        "symlink": tmp_path / "link.json",
+        "dangling": tmp_path / "dangling.json",
+        "fifo": tmp_path / "fifo.json",
+    }
     found["symlink"].symlink_to(precious)
     found["dangling"].symlink_to(tmp_path / "nowhere" / "x")
     os.mkfifo(found["fifo"])
@@ -97,28 +116,70 @@ def special_files(tmp_path: Path) -> dict[str, Path]:
 
 
 def kinds(paths: dict[str, Path]) -> dict[str, tuple]:
-    return {k: (os.lstat(p).st_mode, os.readlink(p) if p.is_symlink() else None)
-            for k, p in paths.items()}
+    return {
+        k: (os.lstat(p).st_mode, os.readlink(p) if p.is_symlink() else None)
+        for k, p in paths.items()
+    }
 
 
-def test_evaluate_json_writes_only_a_regular_file_or_a_new_name(tmp_path, corpus,
-                                                               tiny_model_dir, capsys):
+def test_evaluate_json_writes_only_a_regular_file_or_a_new_name(
+    tmp_path, corpus, tiny_model_dir, capsys
+):
     specials = special_files(tmp_path)
     before = kinds(specials)
     for name, path in specials.items():
-        assert main(["evaluate", str(tiny_model_dir), "--data", str(corpus), "--samples", "0",
-                     "--json", str(path)]) == 2, name
+        assert (
+            main(
+                [
+                    "evaluate",
+                    str(tiny_model_dir),
+                    "--data",
+                    str(corpus),
+                    "--samples",
+                    "0",
+                    "--json",
+                    str(path),
+                ]
+            )
+            == 2
+        ), name
         line = last_err(capsys)
         assert line.startswith("error: --json ") and "not a regular file" in line, line
     assert kinds(specials) == before
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
     plain = tmp_path / "runs" / "eval.json"
-    assert main(["evaluate", str(tiny_model_dir), "--data", str(corpus), "--samples", "0",
-                 "--json", str(plain)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tiny_model_dir),
+                "--data",
+                str(corpus),
+                "--samples",
+                "0",
+                "--json",
+                str(plain),
+            ]
+        )
+        == 0
+    )
     assert json.loads(plain.read_text())["val"]["bpb"] > 0
-    assert main(["evaluate", str(tiny_model_dir), "--data", str(corpus), "--samples", "0",
-                 "--json", str(plain)]) == 0  # a regular file: replaced
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tiny_model_dir),
+                "--data",
+                str(corpus),
+                "--samples",
+                "0",
+                "--json",
+                str(plain),
+            ]
+        )
+        == 0
+    )  # a regular file: replaced
 
 
 def test_evaluate_json_is_checked_again_when_written(tmp_path, monkeypatch):
@@ -135,8 +196,9 @@ def test_evaluate_json_is_checked_again_when_written(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name not in ("precious.txt", "eval.json")]
 
 
-def test_finetune_and_extract_never_replace_a_link_or_a_file_as_out(tmp_path, corpus, pair,
-                                                                    tiny_model_dir, capsys):
+def test_finetune_and_extract_never_replace_a_link_or_a_file_as_out(
+    tmp_path, corpus, pair, tiny_model_dir, capsys
+):
     base, tuned = pair
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -157,8 +219,9 @@ def test_finetune_and_extract_never_replace_a_link_or_a_file_as_out(tmp_path, co
     assert not (tmp_path / "linked.work").exists() and not (tmp_path / "afile.work").exists()
 
 
-def test_finetune_work_files_are_regular_files_or_new_names(tmp_path, corpus, tiny_model_dir,
-                                                           capsys):
+def test_finetune_work_files_are_regular_files_or_new_names(
+    tmp_path, corpus, tiny_model_dir, capsys
+):
     precious = tmp_path / "precious.jsonl"
     precious.write_text('{"step": 0, "note": "keep me"}\n')
     work = tmp_path / "T.work"
@@ -201,9 +264,24 @@ def test_data_prepare_outputs_are_regular_files_or_new_names(tmp_path):
         out = tmp_path / f"out-{name}"
         out.mkdir()
         (out / name).symlink_to(precious)
-        proc = subprocess.run([sys.executable, "-m", "data", "prepare", str(raw), str(out),
-                               "--min-turns", "5", "--val-fraction", "0.3"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "data",
+                "prepare",
+                str(raw),
+                str(out),
+                "--min-turns",
+                "5",
+                "--val-fraction",
+                "0.3",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert "symbolic link" in proc.stderr
@@ -222,15 +300,15 @@ def test_data_download_leaves_links_and_specials_alone(tmp_path):
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 functools.partial(Quiet, directory=FIXTURES / "site"))
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=FIXTURES / "site")
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         out = tmp_path / "raw"
         out.mkdir()
         (out / "TheFakeOne.txt").symlink_to(tmp_path / "gone" / "x")  # dangling
-        report = download(out, base_url=f"http://127.0.0.1:{server.server_address[1]}",
-                          delay=0)
+        report = download(out, base_url=f"http://127.0.0.1:{server.server_address[1]}", delay=0)
     finally:
         server.shutdown()
         server.server_close()
@@ -242,13 +320,18 @@ def test_data_download_leaves_links_and_specials_alone(tmp_path):
 
 # -- 3. an output never is, or holds, an input -----------------------------------------------
 
+
 def test_finetune_out_never_deletes_the_corpus(tmp_path, tiny_model_dir, capsys):
     corpus = write_corpus(tmp_path / "c", [EPISODE] * 6, [EPISODE])
     inner = write_corpus(tmp_path / "big" / "corpus", [EPISODE] * 6, [EPISODE])
     work_named = write_corpus(tmp_path / "ck.work", [EPISODE] * 6, [EPISODE])
     keep = {p: snapshot(p) for p in (corpus, inner, work_named)}
-    for data, out in [(corpus, corpus), (inner, tmp_path / "big"), (work_named, tmp_path / "ck"),
-                      (corpus, corpus / "train.txt")]:
+    for data, out in [
+        (corpus, corpus),
+        (inner, tmp_path / "big"),
+        (work_named, tmp_path / "ck"),
+        (corpus, corpus / "train.txt"),
+    ]:
         assert main(tiny_args(data, out, tiny_model_dir, "--overwrite")) == 2, (data, out)
         line = last_err(capsys)
         assert line.startswith("error: --out ") and "would replace the corpus" in line, line
@@ -265,10 +348,14 @@ def test_extract_out_never_replaces_its_inputs(tmp_path, pair, capsys):
     corpus = write_corpus(tmp_path / "c", [EPISODE] * 6, [EPISODE])
     tuned_copy = shutil.copytree(tuned, tmp_path / "tuned")
     keep = {p: snapshot(p) for p in (corpus, tuned_copy)}
-    for out, what in [(tuned_copy, "the checkpoint"), (corpus, "the corpus"),
-                      (tmp_path, "the checkpoint")]:
-        assert main([*extract_args(tuned_copy, base, out, "--overwrite"),
-                     "--data", str(corpus)]) == 2, out
+    for out, what in [
+        (tuned_copy, "the checkpoint"),
+        (corpus, "the corpus"),
+        (tmp_path, "the checkpoint"),
+    ]:
+        assert (
+            main([*extract_args(tuned_copy, base, out, "--overwrite"), "--data", str(corpus)]) == 2
+        ), out
         line = last_err(capsys)
         assert line.startswith("error: --out ") and f"would replace {what}" in line, line
     assert {p: snapshot(p) for p in keep} == keep
@@ -277,17 +364,37 @@ def test_extract_out_never_replaces_its_inputs(tmp_path, pair, capsys):
 def test_evaluate_json_never_replaces_an_input(tmp_path, corpus, tiny_model_dir, capsys):
     ck = shutil.copytree(tiny_model_dir, tmp_path / "ck")
     keep = {p: snapshot(p) for p in (corpus, ck)}
-    for path, what in [(corpus / "val.txt", "the corpus"), (corpus / "manifest.json", "the corpus"),
-                       (ck / "config.json", "a file of the checkpoint")]:
-        assert main(["evaluate", str(ck), "--data", str(corpus), "--samples", "0",
-                     "--json", str(path)]) == 2, path
+    for path, what in [
+        (corpus / "val.txt", "the corpus"),
+        (corpus / "manifest.json", "the corpus"),
+        (ck / "config.json", "a file of the checkpoint"),
+    ]:
+        assert (
+            main(
+                ["evaluate", str(ck), "--data", str(corpus), "--samples", "0", "--json", str(path)]
+            )
+            == 2
+        ), path
         line = last_err(capsys)
         assert line.startswith("error: --json ") and f"would replace {what}" in line, line
     assert {p: snapshot(p) for p in keep} == keep
     # An evaluation kept beside the checkpoint may be written, and written again.
     for _ in range(2):
-        assert main(["evaluate", str(ck), "--data", str(corpus), "--samples", "0",
-                     "--json", str(ck / "eval.json")]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    str(ck),
+                    "--data",
+                    str(corpus),
+                    "--samples",
+                    "0",
+                    "--json",
+                    str(ck / "eval.json"),
+                ]
+            )
+            == 0
+        )
     assert json.loads((ck / "eval.json").read_text())["checkpoint"] == str(ck)
 
 
@@ -320,15 +427,21 @@ def steps_logged(path: Path) -> list[int]:
 # safetensors writing the weights, a 192 KB one torch.save writing optimizer.pt.
 @pytest.mark.parametrize("how", ["safetensors", "torch-writer", "enospc"])
 def test_disk_full_while_saving_a_checkpoint_is_one_line_and_resumable(
-        tmp_path, corpus, tiny_model_dir, capsys, monkeypatch, how):
+    tmp_path, corpus, tiny_model_dir, capsys, monkeypatch, how
+):
     out = tmp_path / "T"
     args = tiny_args(corpus, out, tiny_model_dir, "--keep-work")
     if how != "enospc":
         # The real writers failing (safetensors, torch's zip writer) in a child process.
         limit = "2048" if how == "safetensors" else str(192 * 1024)
-        proc = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "LIMIT": limit})
+        proc = subprocess.run(
+            [sys.executable, "-c", DRIVER, *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "LIMIT": limit},
+        )
         rc, err = proc.returncode, proc.stderr
     else:
         # A plain write of the second checkpoint failing with ENOSPC half-way.
@@ -374,9 +487,11 @@ def test_write_failure_reads_torch_chained_writer_errors(tmp_path):
     from training.__main__ import write_failure
 
     error = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1472 vs 1366")
-    error.__context__ = RuntimeError("[enforce fail at inline_container.cc:858] . "
-                                     "PytorchStreamWriter failed writing file data/0: "
-                                     "file write failed")
+    error.__context__ = RuntimeError(
+        "[enforce fail at inline_container.cc:858] . "
+        "PytorchStreamWriter failed writing file data/0: "
+        "file write failed"
+    )
     reason = write_failure(error, tmp_path)
     assert reason is not None and "checkpoint" in reason and "\n" not in reason
     alone = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1 vs 0")
@@ -385,6 +500,7 @@ def test_write_failure_reads_torch_chained_writer_errors(tmp_path):
 
 
 # -- 9. extract --base must be the checkpoint's base ----------------------------------------
+
 
 def test_extract_refuses_a_base_the_checkpoint_was_not_trained_from(tmp_path, pair, capsys):
     base, tuned = pair
@@ -417,9 +533,16 @@ def test_extract_with_a_base_of_another_shape_is_one_line(tmp_path, pair, capsys
 
     base, tuned = pair
     tok = build_tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     wide = tmp_path / "wide"
     LlamaForCausalLM(config).save_pretrained(wide)
     tok.save_pretrained(wide)

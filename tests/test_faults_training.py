@@ -31,9 +31,11 @@ def last_err(capsys) -> str:
 
 # -- 1. --resume never replaces a finished checkpoint --------------------------------------
 
+
 @pytest.mark.parametrize("keep_work", [False, True])
-def test_resume_refuses_to_replace_a_finished_checkpoint(tmp_path, corpus, tiny_model_dir,
-                                                         capsys, keep_work):
+def test_resume_refuses_to_replace_a_finished_checkpoint(
+    tmp_path, corpus, tiny_model_dir, capsys, keep_work
+):
     out = tmp_path / "T"
     extra = ("--keep-work",) if keep_work else ()
     assert main(tiny_args(corpus, out, tiny_model_dir, *extra)) == 0
@@ -54,8 +56,10 @@ def test_resume_refuses_to_replace_a_finished_checkpoint(tmp_path, corpus, tiny_
 
 # -- 6. kill -9 during export: stale temp dirs go, --max-steps holds after resume ----------
 
-def test_resume_after_a_killed_export_cleans_up_and_respects_max_steps(tmp_path, corpus,
-                                                                       tiny_model_dir):
+
+def test_resume_after_a_killed_export_cleans_up_and_respects_max_steps(
+    tmp_path, corpus, tiny_model_dir
+):
     out = tmp_path / "T"
     args = tiny_args(corpus, out, tiny_model_dir)
     # The state a kill -9 in export_checkpoint leaves: every Trainer checkpoint in OUT.work
@@ -79,6 +83,7 @@ def test_resume_after_a_killed_export_cleans_up_and_respects_max_steps(tmp_path,
 
 # -- 9. a full disk during export: one line, exit 1 ----------------------------------------
 
+
 def _limit_file_size() -> None:
     # Files may not grow past 96 KB (EFBIG instead of SIGXFSZ): the LoRA run's own
     # checkpoints fit, the exported full model (~130 KB) does not - a disk full at export.
@@ -91,8 +96,13 @@ def test_disk_full_during_export_is_one_line_and_exit_1(tmp_path, corpus, tiny_m
     out = tmp_path / "T"
     args = tiny_args(corpus, out, tiny_model_dir, "--lora", "--lora-r", "1", "--max-steps", "1")
     proc = subprocess.run(
-        [sys.executable, "-m", "training", *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=_limit_file_size,
+        [sys.executable, "-m", "training", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=_limit_file_size,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -104,10 +114,12 @@ def test_disk_full_during_export_is_one_line_and_exit_1(tmp_path, corpus, tiny_m
 
 # -- 10. nan and inf are not numbers a limit can use ---------------------------------------
 
+
 @pytest.mark.parametrize("option", ["--time-budget", "--epochs", "--lr"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
-def test_non_finite_float_options_are_rejected(tmp_path, corpus, tiny_model_dir, capsys,
-                                               option, value):
+def test_non_finite_float_options_are_rejected(
+    tmp_path, corpus, tiny_model_dir, capsys, option, value
+):
     args = [*tiny_args(corpus, tmp_path / "o", tiny_model_dir), option, value]
     with pytest.raises(SystemExit) as exit_:
         main(args)
@@ -118,12 +130,24 @@ def test_non_finite_float_options_are_rejected(tmp_path, corpus, tiny_model_dir,
 
 # -- 11. evaluate --json BAD_PATH fails before evaluating --------------------------------
 
+
 @pytest.mark.parametrize("bad", ["file/x.json", "dir"])
 def test_evaluate_checks_the_json_path_first(tmp_path, corpus, tiny_model_dir, capsys, bad):
     (tmp_path / "file").write_text("a file, not a folder")
     (tmp_path / "dir").mkdir()
     # A missing checkpoint too: the --json error must come first, before any loading.
-    assert main(["evaluate", str(tmp_path / "no-model"), "--data", str(corpus),
-                 "--json", str(tmp_path / bad)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "no-model"),
+                "--data",
+                str(corpus),
+                "--json",
+                str(tmp_path / bad),
+            ]
+        )
+        == 2
+    )
     line = last_err(capsys)
     assert line.startswith("error: ") and "--json" in line, line

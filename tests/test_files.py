@@ -16,7 +16,8 @@ def test_write_atomic_writes_text_and_bytes_world_readable(tmp_path):
     write_atomic(tmp_path / "a.txt", "JERRY: Hello, Newman.\nNEWMAN: Hello, Jerry. ☕\n")
     write_atomic(tmp_path / "b.bin", b"\x00\x01\xff")
     assert (tmp_path / "a.txt").read_bytes() == (
-        "JERRY: Hello, Newman.\nNEWMAN: Hello, Jerry. ☕\n".encode())
+        "JERRY: Hello, Newman.\nNEWMAN: Hello, Jerry. ☕\n".encode()
+    )
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01\xff"
     for name in ("a.txt", "b.bin"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
@@ -50,8 +51,12 @@ def test_nothing_else_renames_files_into_place():
             if path == ROOT / "sitcom" / "files.py":
                 continue
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                        and node.func.attr in ("replace", "rename")
-                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "os"):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("replace", "rename")
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "os"
+                ):
                     offenders.append(f"{Path(path).relative_to(ROOT)}:{node.lineno}")
     assert offenders == [], "use sitcom.files.write_atomic / atomic_path / publish_dir"

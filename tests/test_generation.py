@@ -69,8 +69,11 @@ def test_batched_greedy_equals_unbatched(tiny_model, tiny_tokenizer):
 
 def test_prompt_lines_come_back_normalised(tiny_model, tiny_tokenizer):
     (lines,) = write_scenes(
-        tiny_model, tiny_tokenizer, ["  Elaine:  Jerry! George!\n\nkramer: Giddyup!"],
-        SceneSettings(max_new_tokens=16), seed=0,
+        tiny_model,
+        tiny_tokenizer,
+        ["  Elaine:  Jerry! George!\n\nkramer: Giddyup!"],
+        SceneSettings(max_new_tokens=16),
+        seed=0,
     )
     assert lines[:2] == ["ELAINE: Jerry! George!", "KRAMER: Giddyup!"]
 
@@ -156,10 +159,11 @@ def test_loop_guard_stops_a_model_that_loops(tiny_tokenizer):
     # Without the guard the model repeats the line verbatim...
     enc = tiny_tokenizer(prompt + "\n", return_tensors="pt")
     plain = model.generate(**enc, do_sample=False, max_new_tokens=30)
-    assert tiny_tokenizer.decode(plain[0, enc["input_ids"].shape[1]:]).count("I'm sorry.\n") >= 3
+    assert tiny_tokenizer.decode(plain[0, enc["input_ids"].shape[1] :]).count("I'm sorry.\n") >= 3
     # ... with it, no finished line repeats an earlier one.
-    (scene,) = generate_scenes(model, tiny_tokenizer, [prompt], SceneSettings(max_new_tokens=80),
-                               **GREEDY)
+    (scene,) = generate_scenes(
+        model, tiny_tokenizer, [prompt], SceneSettings(max_new_tokens=80), **GREEDY
+    )
     finished = [prompt, *scene.raw.split("\n")[:-1]]
     keys = [line_key(line) for line in finished]
     assert len(finished) >= 3 and len(keys) == len(set(keys))
@@ -167,16 +171,26 @@ def test_loop_guard_stops_a_model_that_loops(tiny_tokenizer):
 
 def test_stops_at_scene_heading(tiny_tokenizer):
     model = teleprompter_model(tiny_tokenizer, "ELAINE: Get out!\n[Scene: Jerry's apartment]\n")
-    (scene,) = generate_scenes(model, tiny_tokenizer, ["JERRY: Hello, Newman."],
-                               SceneSettings(max_new_tokens=200), **GREEDY)
+    (scene,) = generate_scenes(
+        model,
+        tiny_tokenizer,
+        ["JERRY: Hello, Newman."],
+        SceneSettings(max_new_tokens=200),
+        **GREEDY,
+    )
     assert scene.finished and scene.new_tokens < 40
     assert scene.lines == ["JERRY: Hello, Newman.", "ELAINE: Get out!"]
 
 
 def test_stops_at_end_of_text(tiny_tokenizer):
     model = teleprompter_model(tiny_tokenizer, "GEORGE: Serenity now!" + END_OF_TEXT)
-    (scene,) = generate_scenes(model, tiny_tokenizer, ["JERRY: Hello, Newman."],
-                               SceneSettings(max_new_tokens=200), **GREEDY)
+    (scene,) = generate_scenes(
+        model,
+        tiny_tokenizer,
+        ["JERRY: Hello, Newman."],
+        SceneSettings(max_new_tokens=200),
+        **GREEDY,
+    )
     assert scene.finished
     assert scene.new_tokens == len(tiny_tokenizer.encode("GEORGE: Serenity now!" + END_OF_TEXT))
     assert scene.lines == ["JERRY: Hello, Newman.", "GEORGE: Serenity now!"]
@@ -187,8 +201,14 @@ def test_streamer_reports_lines_as_they_finish(tiny_tokenizer):
     seen: list[list[str]] = []
     prompts = ["JERRY: Hello, Newman."]
     streamer = LineStreamer(tiny_tokenizer, prompts, lambda row, lines: seen.append(lines))
-    (scene,) = generate_scenes(model, tiny_tokenizer, prompts, SceneSettings(max_new_tokens=60),
-                               streamer=streamer, **GREEDY)
+    (scene,) = generate_scenes(
+        model,
+        tiny_tokenizer,
+        prompts,
+        SceneSettings(max_new_tokens=60),
+        streamer=streamer,
+        **GREEDY,
+    )
     assert seen[0] == ["JERRY: Hello, Newman.", "ELAINE: Get out!"]
     assert seen[1] == ["JERRY: Hello, Newman.", "ELAINE: Get out!", "GEORGE: What?"]
     assert seen[-1] == scene.lines
@@ -207,11 +227,15 @@ def test_clean_lines():
         "ELAINE: I was cut off mid"
     )
     assert clean_lines(prompt, generated, complete=False) == [
-        "JERRY: Hello, Newman.", "NEWMAN: Hello, Jerry.", "(Kramer bursts in)", "KRAMER: Giddyup!",
+        "JERRY: Hello, Newman.",
+        "NEWMAN: Hello, Jerry.",
+        "(Kramer bursts in)",
+        "KRAMER: Giddyup!",
     ]
     assert clean_lines(prompt, "ELAINE: Done.", complete=True)[-1] == "ELAINE: Done."
     assert clean_lines(prompt, "ELAINE: Done.\n[Scene: Monk's]\nGEORGE: Hi.\n", True) == [
-        "JERRY: Hello, Newman.", "ELAINE: Done.",
+        "JERRY: Hello, Newman.",
+        "ELAINE: Done.",
     ]
     # No well-formed line at all: keep the readable prose rather than nothing.
     assert clean_lines(prompt, "it was a dark night\n", False)[-1] == "it was a dark night"
@@ -226,16 +250,20 @@ def test_precision_choice(tiny_model, tiny_tokenizer, monkeypatch):
     assert autocast_dtype(tiny_model) is None  # CPU decoding: fp32 measured faster
     monkeypatch.setenv("SITCOM_PRECISION", "bf16")
     assert autocast_dtype(tiny_model) is torch.bfloat16
-    (lines,) = write_scenes(tiny_model, tiny_tokenizer, ["JERRY: Hi."], SceneSettings(16),
-                            precision="bf16", seed=0)
+    (lines,) = write_scenes(
+        tiny_model, tiny_tokenizer, ["JERRY: Hi."], SceneSettings(16), precision="bf16", seed=0
+    )
     assert lines[0] == "JERRY: Hi."
 
 
 def test_too_long_prompt_is_a_value_error(tiny_model, tiny_tokenizer):
     with pytest.raises(ValueError, match="too long"):
-        write_scenes(tiny_model, tiny_tokenizer, ["JERRY: " + "soup " * 1000],
-                     SceneSettings(max_new_tokens=16))
-
+        write_scenes(
+            tiny_model,
+            tiny_tokenizer,
+            ["JERRY: " + "soup " * 1000],
+            SceneSettings(max_new_tokens=16),
+        )
 
 
 @pytest.mark.parametrize("top_k,top_p", [(50, 0.95), (5, 0.5), (1, 0.3), (300, 0.9)])
@@ -257,7 +285,7 @@ def test_row_text_is_incremental_and_exact(tiny_tokenizer):
     ids = torch.tensor([prompt + new, prompt + new[::-1]])
     rows = _RowText(tiny_tokenizer, len(prompt), stop)
     for end in range(len(prompt), ids.shape[1] + 1):
-        want = tiny_tokenizer.batch_decode(ids[:, len(prompt):end])
+        want = tiny_tokenizer.batch_decode(ids[:, len(prompt) : end])
         assert rows.texts(ids[:, :end]) == want
     assert rows._head[0]  # finished lines really were kept, not decoded again
     ended = torch.cat([ids, torch.tensor([[5], [stop[0]]])], dim=1)

@@ -25,16 +25,39 @@ from training.__main__ import main as training_main
 
 HAVE_CORPUS = importlib.util.find_spec("seinfeld_laugh_corpus") is not None
 needs_parser = pytest.mark.skipif(
-    not HAVE_CORPUS, reason="seinfeld-laugh-corpus (its parser) is not installed; "
-    "pip install seinfeld-laugh-corpus (in the dev extra)")
+    not HAVE_CORPUS,
+    reason="seinfeld-laugh-corpus (its parser) is not installed; "
+    "pip install seinfeld-laugh-corpus (in the dev extra)",
+)
 
-FILLER = ("so", "what", "is", "the", "deal", "with", "this", "thing", "you", "know", "coffee",
-          "apartment", "car", "date", "work", "today", "yesterday", "there", "really", "okay")
+FILLER = (
+    "so",
+    "what",
+    "is",
+    "the",
+    "deal",
+    "with",
+    "this",
+    "thing",
+    "you",
+    "know",
+    "coffee",
+    "apartment",
+    "car",
+    "date",
+    "work",
+    "today",
+    "yesterday",
+    "there",
+    "really",
+    "okay",
+)
 CAST = ("JERRY", "GEORGE", "ELAINE", "KRAMER")
 
 
-def write_merged(path: Path, turns: list[tuple[str, list[str], bool]],
-                 pauses: frozenset[int] = frozenset()) -> None:
+def write_merged(
+    path: Path, turns: list[tuple[str, list[str], bool]], pauses: frozenset[int] = frozenset()
+) -> None:
     """A `.merged` file as the corpus writes it: `# SPEAKER`, then per fragment its start,
     text, end; `**LOL**` with its time where the audience laughs (after the turn when its
     flag is set). A turn whose index is in `pauses` starts 20 s after the one before."""
@@ -67,8 +90,11 @@ def tiny_corpus(folder: Path, episodes: int = 10, turns: int = 40, seed: int = 0
                 words.insert(rng.randrange(len(words) + 1), "banana")
             text = " ".join(words).capitalize() + rng.choice([".", "?", "!"])
             script.append((speaker, [text], funny or rng.random() < 0.05))
-        write_merged(folder / f"Seinfeld.S0{1 + e // 9}E{e % 9 + 1:02d}.Tiny.merged", script,
-                     frozenset({turns // 2}))
+        write_merged(
+            folder / f"Seinfeld.S0{1 + e // 9}E{e % 9 + 1:02d}.Tiny.merged",
+            script,
+            frozenset({turns // 2}),
+        )
     return folder
 
 
@@ -79,14 +105,18 @@ def tiny_corpus(folder: Path, episodes: int = 10, turns: int = 40, seed: int = 0
 def test_turns_and_laughs_from_merged_files(tmp_path):
     from training.humour import SCENE_BREAK, load_laugh_corpus
 
-    write_merged(tmp_path / "Seinfeld.S01E01.Pilot.merged", [
-        ("JERRY", ["What is the deal", "with airline food?"], True),   # laugh right after
-        ("GEORGE", ["I'm not going."], False),
-        ("ELAINE", ["Get out!"], False),
-        ("ELAINE", ["Get OUT!"], True),   # the same speaker goes on: one turn, laugh in it
-        ("KRAMER", ["Giddyup."], False),
-        ("jerry", ["Hello,  Newman."], False),  # after a 20 s pause: a new scene
-    ], pauses=frozenset({5}))
+    write_merged(
+        tmp_path / "Seinfeld.S01E01.Pilot.merged",
+        [
+            ("JERRY", ["What is the deal", "with airline food?"], True),  # laugh right after
+            ("GEORGE", ["I'm not going."], False),
+            ("ELAINE", ["Get out!"], False),
+            ("ELAINE", ["Get OUT!"], True),  # the same speaker goes on: one turn, laugh in it
+            ("KRAMER", ["Giddyup."], False),
+            ("jerry", ["Hello,  Newman."], False),  # after a 20 s pause: a new scene
+        ],
+        pauses=frozenset({5}),
+    )
     (episode,) = load_laugh_corpus(tmp_path)
     assert episode.name == "Seinfeld.S01E01.Pilot"
     assert episode.lines == [
@@ -105,8 +135,10 @@ def test_a_laugh_inside_a_turn_marks_it(tmp_path):
     from training.humour import load_laugh_corpus
 
     path = tmp_path / "Seinfeld.S02E03.X.merged"
-    path.write_text("# ELAINE\n1.0\nOne.\n2.0\n2.1\n**LOL**\n3.0\nTwo.\n4.0\n"
-                    "# JERRY\n4.5\nThree.\n5.0\n", encoding="utf-8")
+    path.write_text(
+        "# ELAINE\n1.0\nOne.\n2.0\n2.1\n**LOL**\n3.0\nTwo.\n4.0\n# JERRY\n4.5\nThree.\n5.0\n",
+        encoding="utf-8",
+    )
     (episode,) = load_laugh_corpus(tmp_path)
     assert episode.lines == ["ELAINE: One. Two.", "JERRY: Three."]
     assert episode.labels == [1, 0]
@@ -153,8 +185,7 @@ def test_split_is_by_episode_and_seeded():
 def test_train_on_a_tiny_corpus_learns_the_obvious_signal(tmp_path, capsys):
     corpus = tiny_corpus(tmp_path / "corpus")
     out = tmp_path / "model"
-    assert training_main(["humour", "--out", str(out), "--corpus", str(corpus),
-                          "--seed", "1"]) == 0
+    assert training_main(["humour", "--out", str(out), "--corpus", str(corpus), "--seed", "1"]) == 0
     said = capsys.readouterr().out
     assert said.startswith(f"wrote {out}: held-out ROC AUC")
     card = json.loads((out / CARD_FILE).read_text())
@@ -164,8 +195,13 @@ def test_train_on_a_tiny_corpus_learns_the_obvious_signal(tmp_path, capsys):
     assert "--corpus" in card["command"]
     model = HumourModel.load(out)
     assert model.name == "model"
-    scene = ["[Scene: Monk's]", "JERRY: So what is the deal with the coffee?",
-             "(George sits)", "GEORGE: I have a banana in my car.", "ELAINE: Okay."]
+    scene = [
+        "[Scene: Monk's]",
+        "JERRY: So what is the deal with the coffee?",
+        "(George sits)",
+        "GEORGE: I have a banana in my car.",
+        "ELAINE: Okay.",
+    ]
     scores = model.line_scores(scene)
     assert scores[0] == scores[2] == 0.0
     assert scores[3] > 0.8 and scores[1] < 0.3 and scores[4] < 0.3
@@ -176,8 +212,7 @@ def test_train_on_a_tiny_corpus_learns_the_obvious_signal(tmp_path, capsys):
     assert training_main(["humour", "--out", str(out), "--corpus", str(corpus)]) == 2
     err = capsys.readouterr().err
     assert "exists; pass --overwrite" in err and err.count("\n") == 1
-    assert training_main(["humour", "--out", str(out), "--corpus", str(corpus),
-                          "--overwrite"]) == 0
+    assert training_main(["humour", "--out", str(out), "--corpus", str(corpus), "--overwrite"]) == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["corpus", "model"]  # no temp left
 
 
@@ -187,8 +222,9 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert training_main(["humour", "--out", str(tmp_path / "m"), "--init", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "error: --init needs --votes\n"
     (tmp_path / "file").write_text("x")
-    assert training_main(["humour", "--out", str(tmp_path / "file"),
-                          "--corpus", str(tmp_path)]) == 2
+    assert (
+        training_main(["humour", "--out", str(tmp_path / "file"), "--corpus", str(tmp_path)]) == 2
+    )
     assert "is a file" in capsys.readouterr().err
 
 
@@ -201,8 +237,9 @@ def small_model(dim: int = 64) -> HumourModel:
     rng = np.random.default_rng(0)
     k = len(DENSE_FEATURES)
     hashed = rng.normal(size=dim).astype(np.float16).astype(np.float32)  # exact in the file
-    return HumourModel(hashed, rng.normal(size=k), np.zeros(k), np.ones(k), -0.5,
-                       {"note": "test"}, "small")
+    return HumourModel(
+        hashed, rng.normal(size=k), np.zeros(k), np.ones(k), -0.5, {"note": "test"}, "small"
+    )
 
 
 def test_save_load_round_trip(tmp_path):
@@ -243,18 +280,21 @@ def damage(path: Path, how: str) -> None:
         np.savez(path / WEIGHTS_FILE, **arrays)
 
 
-@pytest.mark.parametrize("how, message", [
-    ("no card", "card.json is missing"),
-    ("bad json", "card.json is damaged"),
-    ("not a card", "not a sitcom-humour card"),
-    ("version", "unknown version 99"),
-    ("features", "other features"),
-    ("dim", "hashed has shape (64,), expected float (65,)"),
-    ("no weights", "weights.npz is missing"),
-    ("garbage weights", "weights.npz is damaged"),
-    ("missing array", "lacks the array 'dense'"),
-    ("nan", "dense holds non-finite values"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("no card", "card.json is missing"),
+        ("bad json", "card.json is damaged"),
+        ("not a card", "not a sitcom-humour card"),
+        ("version", "unknown version 99"),
+        ("features", "other features"),
+        ("dim", "hashed has shape (64,), expected float (65,)"),
+        ("no weights", "weights.npz is missing"),
+        ("garbage weights", "weights.npz is damaged"),
+        ("missing array", "lacks the array 'dense'"),
+        ("nan", "dense holds non-finite values"),
+    ],
+)
 def test_damaged_model_dirs_are_one_line_errors(tmp_path, how, message):
     small_model().save(tmp_path / "m")
     damage(tmp_path / "m", how)
@@ -279,7 +319,8 @@ def test_shipped_default_is_small_and_fast():
     assert size < 2_000_000
     lines = ["[Scene: Jerry's apartment]", "(Kramer enters)"] + [
         f"{CAST[i % 4]}: Line number {i}, and what is the deal with that? I don't know!"
-        for i in range(48)]
+        for i in range(48)
+    ]
     model.line_scores(lines)
     started = time.perf_counter()
     scores = model.line_scores(lines)
@@ -287,8 +328,11 @@ def test_shipped_default_is_small_and_fast():
     assert scores[:2] == [0.0, 0.0] and all(0.0 < s < 1.0 for s in scores[2:])
 
 
-@pytest.mark.skipif(not HAVE_CORPUS, reason="seinfeld-laugh-corpus is not installed; "
-                    "pip install seinfeld-laugh-corpus to check the default on it")
+@pytest.mark.skipif(
+    not HAVE_CORPUS,
+    reason="seinfeld-laugh-corpus is not installed; "
+    "pip install seinfeld-laugh-corpus to check the default on it",
+)
 def test_shipped_default_beats_the_length_baseline_on_held_out_episodes():
     from training.humour import evaluate, load_laugh_corpus
 
@@ -303,10 +347,26 @@ def test_shipped_default_beats_the_length_baseline_on_held_out_episodes():
 
 # -- votes teach the model -------------------------------------------------------------------
 
-OPENINGS = ("I can't believe", "What about", "Let me tell you about", "Nobody cares about",
-            "You know what I think of", "Don't talk to me about")
-TOPICS = ("the coffee", "the car", "my date", "the parking space", "the soup", "the library",
-          "the doctor", "your father", "the apartment", "the show")
+OPENINGS = (
+    "I can't believe",
+    "What about",
+    "Let me tell you about",
+    "Nobody cares about",
+    "You know what I think of",
+    "Don't talk to me about",
+)
+TOPICS = (
+    "the coffee",
+    "the car",
+    "my date",
+    "the parking space",
+    "the soup",
+    "the library",
+    "the doctor",
+    "your father",
+    "the apartment",
+    "the show",
+)
 LIKED = ("festivus", "the festivus pole", "this festivus")
 ENDINGS = (".", "?", "!", ", Jerry.", ", George.")
 
@@ -320,8 +380,9 @@ def liked(line: str) -> bool:
     return "festivus" in line
 
 
-async def fill_votes_db(path: Path, *, seed: int = 0, scenes: int = 30, guild: str = "1",
-                        prefer=liked) -> None:
+async def fill_votes_db(
+    path: Path, *, seed: int = 0, scenes: int = 30, guild: str = "1", prefer=liked
+) -> None:
     """Scenes as the bot stores them (the prompt line first, not votable), with votes from
     simulated users who mostly vote for the lines `prefer` picks."""
     from bot.db import Database, Place
@@ -332,9 +393,16 @@ async def fill_votes_db(path: Path, *, seed: int = 0, scenes: int = 30, guild: s
         lines = ["JERRY: So, what's new?"]
         for k in range(6):
             lines.append(candidate(rng, CAST[(k + 1) % 4], rng.random() < 0.4))
-        scene = await db.add_scene(place=Place("discord", guild, "2"), user_id="3",
-                                   prompt=lines[0], model_name="tiny", lines=lines,
-                                   prompt_lines=1, new_tokens=60, seconds=1.0)
+        scene = await db.add_scene(
+            place=Place("discord", guild, "2"),
+            user_id="3",
+            prompt=lines[0],
+            model_name="tiny",
+            lines=lines,
+            prompt_lines=1,
+            new_tokens=60,
+            seconds=1.0,
+        )
         await db.add_vote("99", scene.lines[0].id)  # a prompt line: context, never a label
         for user in range(5):
             for line in scene.lines[1:]:
@@ -386,12 +454,29 @@ async def test_votes_lift_the_lines_users_prefer(tmp_path, capsys):
     assert training_main(["humour", "--out", str(init), "--corpus", str(corpus)]) == 0
     await fill_votes_db(tmp_path / "bot.db", scenes=30, guild="1")
     # another server whose users like the opposite; filtered out by --guild
-    await fill_votes_db(tmp_path / "bot.db", scenes=30, guild="2", seed=5,
-                        prefer=lambda line: not liked(line))
+    await fill_votes_db(
+        tmp_path / "bot.db", scenes=30, guild="2", seed=5, prefer=lambda line: not liked(line)
+    )
     out = tmp_path / "voted"
     capsys.readouterr()
-    assert training_main(["humour", "--out", str(out), "--votes", str(tmp_path / "bot.db"),
-                          "--guild", "1", "--init", str(init), "--corpus", str(corpus)]) == 0
+    assert (
+        training_main(
+            [
+                "humour",
+                "--out",
+                str(out),
+                "--votes",
+                str(tmp_path / "bot.db"),
+                "--guild",
+                "1",
+                "--init",
+                str(init),
+                "--corpus",
+                str(corpus),
+            ]
+        )
+        == 0
+    )
     said = capsys.readouterr().out
     assert said.startswith(f"wrote {out}: 180 voted-on lines from 30 scenes")
     before, after = HumourModel.load(init), HumourModel.load(out)
@@ -408,8 +493,24 @@ async def test_votes_lift_the_lines_users_prefer(tmp_path, capsys):
 
     # the other server's votes teach the opposite
     other = tmp_path / "other"
-    assert training_main(["humour", "--out", str(other), "--votes", str(tmp_path / "bot.db"),
-                          "--guild", "2", "--init", str(init), "--corpus", str(corpus)]) == 0
+    assert (
+        training_main(
+            [
+                "humour",
+                "--out",
+                str(other),
+                "--votes",
+                str(tmp_path / "bot.db"),
+                "--guild",
+                "2",
+                "--init",
+                str(init),
+                "--corpus",
+                str(corpus),
+            ]
+        )
+        == 0
+    )
     assert preference_auc(HumourModel.load(other)) < preference_auc(before)
 
 
@@ -421,8 +522,20 @@ async def test_votes_update_the_shipped_default_by_default(tmp_path, capsys):
     await fill_votes_db(tmp_path / "bot.db", scenes=30)
     corpus = tiny_corpus(tmp_path / "corpus")  # rehearsed instead of the real one: faster
     out = tmp_path / "voted"
-    assert training_main(["humour", "--out", str(out), "--votes", str(tmp_path / "bot.db"),
-                          "--corpus", str(corpus)]) == 0, capsys.readouterr().err
+    assert (
+        training_main(
+            [
+                "humour",
+                "--out",
+                str(out),
+                "--votes",
+                str(tmp_path / "bot.db"),
+                "--corpus",
+                str(corpus),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     default = load_default()
     after = HumourModel.load(out)
     assert after.card["init"] == default.name and after.card["rehearsal_episodes"] == 8
@@ -437,8 +550,9 @@ async def test_bad_vote_databases_are_one_line_errors(tmp_path, capsys):
     import sqlite3
 
     def run(db: Path, *extra: str) -> str:
-        assert training_main(["humour", "--out", str(tmp_path / "m"), "--votes", str(db),
-                              *extra]) == 2
+        assert (
+            training_main(["humour", "--out", str(tmp_path / "m"), "--votes", str(db), *extra]) == 2
+        )
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
         assert not (tmp_path / "m").exists()
@@ -450,8 +564,9 @@ async def test_bad_vote_databases_are_one_line_errors(tmp_path, capsys):
     sqlite3.connect(tmp_path / "empty.db").execute("CREATE TABLE t (x)").connection.close()
     assert "not a bot database (no table lines)" in run(tmp_path / "empty.db")
     old = sqlite3.connect(tmp_path / "old.db")
-    old.executescript("CREATE TABLE scenes (id); CREATE TABLE lines (id, text); "
-                      "CREATE TABLE votes (id)")
+    old.executescript(
+        "CREATE TABLE scenes (id); CREATE TABLE lines (id, text); CREATE TABLE votes (id)"
+    )
     old.close()
     assert "old bot database" in run(tmp_path / "old.db")
     await fill_votes_db(tmp_path / "bot.db", scenes=2, guild="1")
@@ -461,8 +576,10 @@ async def test_bad_vote_databases_are_one_line_errors(tmp_path, capsys):
     await fill_votes_db(everyone, scenes=2, prefer=lambda line: True)
     # (5 users at 0.7 each: nearly every line gets a vote; make sure all do)
     conn = sqlite3.connect(everyone)
-    conn.execute("INSERT OR IGNORE INTO votes (line_id, user_id) "
-                 "SELECT id, 'x' FROM lines WHERE NOT from_prompt")
+    conn.execute(
+        "INSERT OR IGNORE INTO votes (line_id, user_id) "
+        "SELECT id, 'x' FROM lines WHERE NOT from_prompt"
+    )
     conn.commit()
     conn.close()
     assert "no contrast" in run(everyone)

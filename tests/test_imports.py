@@ -19,9 +19,7 @@ def module_name(path: Path) -> str:
 
 def project_modules() -> dict[str, Path]:
     return {
-        module_name(p): p
-        for package in PACKAGES
-        for p in sorted((ROOT / package).rglob("*.py"))
+        module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))
     }
 
 

@@ -43,8 +43,11 @@ def episode(tag: str, scenes: int = 3, turns: int = 16) -> str:
 
 @pytest.fixture
 def corpus(tmp_path) -> Path:
-    return write_corpus(tmp_path / "corpus", [episode(f"train{i}") for i in range(3)],
-                        [episode(f"val{i}") for i in range(5)])
+    return write_corpus(
+        tmp_path / "corpus",
+        [episode(f"train{i}") for i in range(3)],
+        [episode(f"val{i}") for i in range(5)],
+    )
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -84,39 +87,78 @@ def test_openings_come_from_val_spread_over_episodes_and_follow_the_seed(corpus)
     assert {o["id"] for o in make_openings(corpus, 10, seed=1)} == ids
     assert {o["id"] for o in make_openings(corpus, 10, seed=2)} != ids
     # windows of one set never overlap
-    spans = sorted((o["episode"], o["line"], o["line"] + len(o["opening"])
-                    + len(o["continuation"])) for o in openings)
+    spans = sorted(
+        (o["episode"], o["line"], o["line"] + len(o["opening"]) + len(o["continuation"]))
+        for o in openings
+    )
     for a, b in zip(spans, spans[1:], strict=False):
         assert a[0] != b[0] or a[2] <= b[1]
 
 
 def test_openings_cli_and_its_errors(corpus, tmp_path, capsys):
     out = tmp_path / "openings.jsonl"
-    rc, text, _ = run_cli(capsys, "openings", "--data", corpus, "--n", 6, "--seed", 3,
-                          "--out", out, "--max-lines", 4, "--max-chars", 120)
+    rc, text, _ = run_cli(
+        capsys,
+        "openings",
+        "--data",
+        corpus,
+        "--n",
+        6,
+        "--seed",
+        3,
+        "--out",
+        out,
+        "--max-lines",
+        4,
+        "--max-chars",
+        120,
+    )
     assert rc == 0 and "6 openings from 5 val episodes" in text
     records = read_jsonl(out, "openings")
     assert len(records) == 6
-    assert all(len(r["continuation"]) <= 4 and sum(len(x) + 1 for x in r["continuation"]) <= 120
-               for r in records)
-    one_line_error(*run_cli(capsys, "openings", "--data", corpus, "--n", 500, "--seed", 1,
-                            "--out", out)[::2], "usable openings")
-    one_line_error(*run_cli(capsys, "openings", "--data", tmp_path / "nope", "--seed", 1,
-                            "--out", out)[::2], "does not exist")
+    assert all(
+        len(r["continuation"]) <= 4 and sum(len(x) + 1 for x in r["continuation"]) <= 120
+        for r in records
+    )
+    one_line_error(
+        *run_cli(capsys, "openings", "--data", corpus, "--n", 500, "--seed", 1, "--out", out)[::2],
+        "usable openings",
+    )
+    one_line_error(
+        *run_cli(capsys, "openings", "--data", tmp_path / "nope", "--seed", 1, "--out", out)[::2],
+        "does not exist",
+    )
 
 
 # ------------------------------------------------------------------------------- write
 
 
-def test_write_uses_the_engine_resumes_and_checks_settings(corpus, tmp_path, tiny_model_dir,
-                                                           capsys):
+def test_write_uses_the_engine_resumes_and_checks_settings(
+    corpus, tmp_path, tiny_model_dir, capsys
+):
     openings = tmp_path / "openings.jsonl"
-    assert run_cli(capsys, "openings", "--data", corpus, "--n", 2, "--seed", 0,
-                   "--out", openings)[0] == 0
+    assert (
+        run_cli(capsys, "openings", "--data", corpus, "--n", 2, "--seed", 0, "--out", openings)[0]
+        == 0
+    )
     out = tmp_path / "tiny.jsonl"
-    args = ("write", "--openings", openings, "--model", tiny_model_dir, "--set",
-            "max_new_tokens=16", "--set", "temperature=0.7", "--label", "tiny", "--out", out,
-            "--concurrency", 2)
+    args = (
+        "write",
+        "--openings",
+        openings,
+        "--model",
+        tiny_model_dir,
+        "--set",
+        "max_new_tokens=16",
+        "--set",
+        "temperature=0.7",
+        "--label",
+        "tiny",
+        "--out",
+        out,
+        "--concurrency",
+        2,
+    )
     rc, _, err = run_cli(capsys, *args)
     assert rc == 0, err
     records = read_jsonl(out, "scenes")
@@ -138,15 +180,30 @@ def test_write_uses_the_engine_resumes_and_checks_settings(corpus, tmp_path, tin
     rc, text, _ = run_cli(capsys, *args)
     assert rc == 0 and "already written" in text and read_jsonl(out, "scenes") == again
     # the same file with other settings is refused, not mixed
-    one_line_error(*run_cli(capsys, *args[:-4], "--set", "top_k=5", "--out", out)[::2],
-                   "another --out")
-    for bad, message in [("bogus=1", "unknown setting: bogus"),
-                         ("temperature=9", "temperature must be between"),
-                         ("temperature", "expected key=value"),
-                         ("top_k=many", "top_k=many: not a number")]:
-        one_line_error(*run_cli(capsys, "write", "--openings", openings, "--model",
-                                tiny_model_dir, "--set", bad, "--out",
-                                tmp_path / "x.jsonl")[::2], message)
+    one_line_error(
+        *run_cli(capsys, *args[:-4], "--set", "top_k=5", "--out", out)[::2], "another --out"
+    )
+    for bad, message in [
+        ("bogus=1", "unknown setting: bogus"),
+        ("temperature=9", "temperature must be between"),
+        ("temperature", "expected key=value"),
+        ("top_k=many", "top_k=many: not a number"),
+    ]:
+        one_line_error(
+            *run_cli(
+                capsys,
+                "write",
+                "--openings",
+                openings,
+                "--model",
+                tiny_model_dir,
+                "--set",
+                bad,
+                "--out",
+                tmp_path / "x.jsonl",
+            )[::2],
+            message,
+        )
 
 
 def test_write_show_copies_the_real_continuations(corpus, tmp_path, capsys):
@@ -160,14 +217,28 @@ def test_write_show_copies_the_real_continuations(corpus, tmp_path, capsys):
     assert len(records) == 4
     for r in records:
         assert r["label"] == "show" and r["lines"] == by_id[r["id"]]["continuation"]
-    one_line_error(*run_cli(capsys, "write", "--openings", tmp_path / "none.jsonl", "--model",
-                            "show", "--out", out)[::2], "does not exist")
+    one_line_error(
+        *run_cli(
+            capsys, "write", "--openings", tmp_path / "none.jsonl", "--model", "show", "--out", out
+        )[::2],
+        "does not exist",
+    )
 
 
 # ------------------------------------------------------------------------------- pack
 
-SECRETS = ("SECRETALPHA", "secret-model-x", "0.123", "BRAVOLABEL", "bravo-model", "0.456",
-           "fileone", "filetwo", "temperature", "top_p")
+SECRETS = (
+    "SECRETALPHA",
+    "secret-model-x",
+    "0.123",
+    "BRAVOLABEL",
+    "bravo-model",
+    "0.456",
+    "fileone",
+    "filetwo",
+    "temperature",
+    "top_p",
+)
 
 
 def scene_files(tmp_path: Path, n: int = 10) -> tuple[Path, Path]:
@@ -176,15 +247,31 @@ def scene_files(tmp_path: Path, n: int = 10) -> tuple[Path, Path]:
     rows_a, rows_b = [], []
     for i in range(n):
         opening = [f"JERRY: Opening number {i}."]
-        base = {"id": f"ep{i % 3}:{10 * i}", "opening": opening, "seconds": 1.0,
-                "new_tokens": 50, "partial": False}
-        rows_a.append({**base, "label": "SECRETALPHA", "model": "/m/secret-model-x",
-                       "settings": {"temperature": 0.123},
-                       "lines": [f"Kramer :  It\u2019s pair {i},   first writer.",
-                                 "(he leaves)"]})
-        rows_b.append({**base, "label": "BRAVOLABEL", "model": "bravo-model",
-                       "settings": {"top_p": 0.456},
-                       "lines": [f"GEORGE: It's pair {i}, second writer."]})
+        base = {
+            "id": f"ep{i % 3}:{10 * i}",
+            "opening": opening,
+            "seconds": 1.0,
+            "new_tokens": 50,
+            "partial": False,
+        }
+        rows_a.append(
+            {
+                **base,
+                "label": "SECRETALPHA",
+                "model": "/m/secret-model-x",
+                "settings": {"temperature": 0.123},
+                "lines": [f"Kramer :  It\u2019s pair {i},   first writer.", "(he leaves)"],
+            }
+        )
+        rows_b.append(
+            {
+                **base,
+                "label": "BRAVOLABEL",
+                "model": "bravo-model",
+                "settings": {"top_p": 0.456},
+                "lines": [f"GEORGE: It's pair {i}, second writer."],
+            }
+        )
     a.write_text("".join(json.dumps(r) + "\n" for r in rows_a))
     b.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows_b)))
     return a, b
@@ -211,8 +298,7 @@ def test_pack_blinds_balances_and_keeps_the_key_apart(tmp_path, capsys):
     assert key["systems"]["A"]["label"] == "SECRETALPHA"
     assert key["systems"]["B"]["model"] == "bravo-model"
     pairs = parse_pairs((out / "pairs.md").read_text())
-    assert sorted(pairs, key=int) == [str(n) for n in range(1, 14)] == sorted(key["pairs"],
-                                                                             key=int)
+    assert sorted(pairs, key=int) == [str(n) for n in range(1, 14)] == sorted(key["pairs"], key=int)
     originals = {k: p for k, p in key["pairs"].items() if p["repeat_of"] is None}
     repeats = {k: p for k, p in key["pairs"].items() if p["repeat_of"] is not None}
     assert len(originals) == 10 and len(repeats) == 3
@@ -225,35 +311,43 @@ def test_pack_blinds_balances_and_keeps_the_key_apart(tmp_path, capsys):
         for slot in ("1", "2"):
             system = p[f"scene{slot}"]
             assert shown_pair[f"Scene {slot}"] == render_scene(
-                scenes[system][p["opening"]]["lines"], 1000, 12)
+                scenes[system][p["opening"]]["lines"], 1000, 12
+            )
         assert {p["scene1"], p["scene2"]} == {"A", "B"}
     for p in repeats.values():
         original = key["pairs"][str(p["repeat_of"])]
         assert original["repeat_of"] is None and original["opening"] == p["opening"]
         assert original["scene1"] == p["scene2"]  # shown the other way round
     # both writers' lines look the same on the page: case, spacing and quotes folded
-    first = next(v for v in pairs.values() if any("first writer" in x for x in
-                                                   v["Scene 1"] + v["Scene 2"]))
+    first = next(
+        v for v in pairs.values() if any("first writer" in x for x in v["Scene 1"] + v["Scene 2"])
+    )
     line = next(x for x in first["Scene 1"] + first["Scene 2"] if "first writer" in x)
     assert re.fullmatch(r"KRAMER: It's pair \d+, first writer\.", line)
     # another seed, another order; an existing pack is not overwritten by accident
     other = pack([a, b], tmp_path / "pack2", seed=5)
-    assert [p["opening"] for p in other["pairs"].values()] != \
-        [p["opening"] for p in key["pairs"].values()]
+    assert [p["opening"] for p in other["pairs"].values()] != [
+        p["opening"] for p in key["pairs"].values()
+    ]
     one_line_error(*run_cli(capsys, "pack", a, b, "--out", out)[::2], "already holds a pack")
     assert run_cli(capsys, "pack", a, b, "--out", out, "--force")[0] == 0
-    one_line_error(*run_cli(capsys, "pack", a, b, "--out", tmp_path / "p3", "--repeat",
-                            11)[::2], "more than the 10 pairs")
+    one_line_error(
+        *run_cli(capsys, "pack", a, b, "--out", tmp_path / "p3", "--repeat", 11)[::2],
+        "more than the 10 pairs",
+    )
 
 
 def test_render_line_normalises_format_only():
     assert render_line("  jerry :\tHello,   Newman\u2026 ") == "JERRY: Hello, Newman..."
     assert render_line("(Kramer  enters)") == "(Kramer enters)"
     assert render_line("He walks in.") == "He walks in."
-    assert render_scene(["JERRY: " + "a" * 600, "GEORGE: " + "b" * 600], 1000) == \
-        ["JERRY: " + "a" * 600]
-    assert render_scene(["JERRY: a", "", "GEORGE: b", "ELAINE: c"], 0, 2) == \
-        ["JERRY: a", "GEORGE: b"]
+    assert render_scene(["JERRY: " + "a" * 600, "GEORGE: " + "b" * 600], 1000) == [
+        "JERRY: " + "a" * 600
+    ]
+    assert render_scene(["JERRY: a", "", "GEORGE: b", "ELAINE: c"], 0, 2) == [
+        "JERRY: a",
+        "GEORGE: b",
+    ]
     assert len(render_scene(["JERRY: a"] * 30, 0)) == 30
 
 
@@ -279,10 +373,19 @@ def verdicts_for(key: dict, a_wins: set[str]) -> list[dict]:
     for number, p in key["pairs"].items():
         slot = {p["scene1"]: 1, p["scene2"]: 2}
         winner = "A" if p["opening"] in a_wins else "B"
-        scores = {"A": {"coherence": 4, "humour": 3, "voice": 2},
-                  "B": {"coherence": 2, "humour": 2, "voice": 2}}
-        out.append({"pair": int(number), "better": slot[winner], "real": slot["B"],
-                    "scene1": scores[p["scene1"]], "scene2": scores[p["scene2"]]})
+        scores = {
+            "A": {"coherence": 4, "humour": 3, "voice": 2},
+            "B": {"coherence": 2, "humour": 2, "voice": 2},
+        }
+        out.append(
+            {
+                "pair": int(number),
+                "better": slot[winner],
+                "real": slot["B"],
+                "scene1": scores[p["scene1"]],
+                "scene2": scores[p["scene2"]],
+            }
+        )
     return out
 
 
@@ -306,15 +409,27 @@ def test_score_computes_rates_means_and_self_agreement(tmp_path, capsys):
     assert (sa["coherence"], sa["humour"], sa["voice"]) == (4, 3, 2)
     assert (sb["coherence"], sb["humour"], sb["voice"]) == (2, 2, 2)
     assert sa["label"] == "SECRETALPHA" and sb["name"] == "BRAVOLABEL"
-    assert sa["speed"] == {"scenes": 10, "mean_seconds": 1.0, "mean_new_tokens": 50,
-                           "tokens_per_s": 50.0, "concurrency": None}
+    assert sa["speed"] == {
+        "scenes": 10,
+        "mean_seconds": 1.0,
+        "mean_new_tokens": 50,
+        "tokens_per_s": 50.0,
+        "concurrency": None,
+    }
     agree = result["self_agreement"]
     assert (agree["repeats"], agree["same_winner"], agree["same_real"]) == (2, 1, 2)
     assert agree["mean_abs_score_diff"] == pytest.approx(1 / 12)
     # the CLI prints a table and writes the same numbers as JSON; a JSON array is accepted
     path.write_text(json.dumps(verdicts))
-    rc, text, err = run_cli(capsys, "score", tmp_path / "pack", "--verdicts", path,
-                            "--json", tmp_path / "r" / "score.json")
+    rc, text, err = run_cli(
+        capsys,
+        "score",
+        tmp_path / "pack",
+        "--verdicts",
+        path,
+        "--json",
+        tmp_path / "r" / "score.json",
+    )
     assert rc == 0, err
     assert "SECRETALPHA" in text and "70.0%" in text and "same winner 1/2" in text
     saved = json.loads((tmp_path / "r" / "score.json").read_text())
@@ -335,10 +450,12 @@ def test_score_rejects_bad_verdicts_in_one_line(tmp_path, capsys):
     path = tmp_path / "v.jsonl"
 
     def case(verdicts: list, message: str, raw: str | None = None) -> None:
-        path.write_text(raw if raw is not None else
-                        "\n".join(json.dumps(v) for v in verdicts) + "\n")
-        one_line_error(*run_cli(capsys, "score", tmp_path / "pack", "--verdicts",
-                                path)[::2], message)
+        path.write_text(
+            raw if raw is not None else "\n".join(json.dumps(v) for v in verdicts) + "\n"
+        )
+        one_line_error(
+            *run_cli(capsys, "score", tmp_path / "pack", "--verdicts", path)[::2], message
+        )
 
     def changed(**kv) -> list:
         return [{**good[0], **kv}, *good[1:]]
@@ -353,12 +470,13 @@ def test_score_rejects_bad_verdicts_in_one_line(tmp_path, capsys):
     case(changed(scene1={"coherence": 6, "humour": 1, "voice": 1}), "scene1.coherence must")
     case(changed(scene2={"coherence": 2, "humour": 1}), "scene2 must hold exactly")
     case(changed(scene2={"coherence": 2, "humour": 1.5, "voice": 1}), "scene2.humour must")
-    case([{k: v for k, v in good[0].items() if k != "better"}, *good[1:]],
-         "missing key 'better'")
+    case([{k: v for k, v in good[0].items() if k != "better"}, *good[1:]], "missing key 'better'")
     case([], "not a JSON object", raw="```json\n" + json.dumps(good[0]) + "\n")
     one_line_error(*run_cli(capsys, "score", tmp_path, "--verdicts", path)[::2], "no key.json")
-    one_line_error(*run_cli(capsys, "score", tmp_path / "pack", "--verdicts",
-                            tmp_path / "missing.jsonl")[::2], "does not exist")
+    one_line_error(
+        *run_cli(capsys, "score", tmp_path / "pack", "--verdicts", tmp_path / "missing.jsonl")[::2],
+        "does not exist",
+    )
     # real may be "none" or null; a note is allowed
     path.write_text("\n".join(json.dumps({**v, "real": "none", "note": "meh"}) for v in good))
     assert score(tmp_path / "pack", path)["systems"]["B"]["taken_for_real"] == 0

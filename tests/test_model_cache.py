@@ -68,11 +68,17 @@ def base_in_cache(cache: Path, base: Path) -> Path:
 
 
 def child_env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "SITCOM_CACHE": str(cache), "PYTHONPATH": str(ROOT),
-            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "SITCOM_CACHE": str(cache),
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 # -- 4. the cache removes the temp dirs a killed build left, never a live build's ---------
+
 
 def test_stale_temp_dirs_are_removed_but_not_a_build_in_progress(adapter, base, cache):
     cache.mkdir()
@@ -86,10 +92,17 @@ def test_stale_temp_dirs_are_removed_but_not_a_build_in_progress(adapter, base, 
     other = cache / ".notes"  # not ours
     other.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
-         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
-         str(cache / ".seinfeld-fedcba987654.lock")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+            str(cache / ".seinfeld-fedcba987654.lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         merged = tuned_model_dir(adapter, base_dir=base)
@@ -104,9 +117,11 @@ def test_stale_temp_dirs_are_removed_but_not_a_build_in_progress(adapter, base, 
 
 # -- 6. the base served in place of the tuned default is labelled as the base --------------
 
+
 @pytest.mark.asyncio
-async def test_unusable_adapter_labels_the_base_everywhere(adapter, base, cache, tmp_path,
-                                                           monkeypatch, caplog):
+async def test_unusable_adapter_labels_the_base_everywhere(
+    adapter, base, cache, tmp_path, monkeypatch, caplog
+):
     from bot.config import Config
     from bot.core import Core
     from bot.db import Place
@@ -117,8 +132,13 @@ async def test_unusable_adapter_labels_the_base_everywhere(adapter, base, cache,
     monkeypatch.setattr(models, "SHIPPED_ADAPTER", adapter)
     monkeypatch.setenv("SITCOM_BACKEND", "torch")
     (tmp_path / "checkpoints").mkdir()
-    config = Config(db_path=tmp_path / "bot.db", checkpoints_dir=tmp_path / "checkpoints",
-                    default_checkpoint="seinfeld", db_timeout_s=1, timeout_s=60)
+    config = Config(
+        db_path=tmp_path / "bot.db",
+        checkpoints_dir=tmp_path / "checkpoints",
+        default_checkpoint="seinfeld",
+        db_timeout_s=1,
+        timeout_s=60,
+    )
     with caplog.at_level(logging.INFO):
         core = await Core.start(config)  # the real loader
     try:
@@ -126,14 +146,17 @@ async def test_unusable_adapter_labels_the_base_everywhere(adapter, base, cache,
         assert "smollm2  ← active" in core.checkpoint_listing()
         assert "seinfeld  ← active" not in core.checkpoint_listing()
         why = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-        assert any("adapter_config.json" in m and "damaged" in m and "smollm2" in m
-                   for m in why), why
+        assert any("adapter_config.json" in m and "damaged" in m and "smollm2" in m for m in why), (
+            why
+        )
         place = Place("console", "0", "0")
         job = await core.submit("JERRY: Hello.", SceneSettings(max_new_tokens=16), "u")
-        stored = await core.record(await job.result(), place=place, user_id="u",
-                                   prompt=job.prompt)
-        row = sqlite3.connect(tmp_path / "bot.db").execute(
-            "SELECT model_name FROM scenes WHERE id = ?", (stored.id,)).fetchone()
+        stored = await core.record(await job.result(), place=place, user_id="u", prompt=job.prompt)
+        row = (
+            sqlite3.connect(tmp_path / "bot.db")
+            .execute("SELECT model_name FROM scenes WHERE id = ?", (stored.id,))
+            .fetchone()
+        )
         assert row == ("smollm2",)
         assert await core.use_checkpoint("seinfeld") == "smollm2"  # a swap says it too
         assert core.checkpoint == "smollm2"
@@ -154,18 +177,25 @@ def test_a_cache_that_cannot_be_written_serves_the_base_labelled_so(adapter, bas
         "print(models.resolve_tuned_default())\n"
         "print(models.served_model_name('seinfeld'))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(adapter)], capture_output=True,
-                          text=True, env=child_env(cache), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(adapter)],
+        capture_output=True,
+        text=True,
+        env=child_env(cache),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(cache / "smollm2-135m-instruct"), "smollm2"]
     assert "Traceback" not in proc.stderr
     [line] = [x for x in proc.stderr.splitlines() if "instead" in x]
     assert "cannot write the model cache" in line and "'smollm2' instead" in line
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == [
-        "smollm2-135m-instruct"]  # no half-written merge left behind
+        "smollm2-135m-instruct"
+    ]  # no half-written merge left behind
 
 
 # -- one path from a name to a served model (sitcom.model.serving) --------------------------------
+
 
 @pytest.mark.asyncio
 async def test_a_start_resolves_the_name_once(adapter, base, cache, monkeypatch):
@@ -192,14 +222,18 @@ async def test_a_start_resolves_the_name_once(adapter, base, cache, monkeypatch)
         assert len(hashed) == 1
         served = engine.served
         assert (served.label, served.hf_dir, served.gguf, served.backend, served.fell_back) == (
-            "seinfeld", str(merged), merged / "model.gguf", "llamacpp", False)
+            "seinfeld",
+            str(merged),
+            merged / "model.gguf",
+            "llamacpp",
+            False,
+        )
         assert engine.model_name == "seinfeld"
     finally:
         await engine.close()
 
 
-def test_an_unusable_adapter_resolves_to_the_base_saying_why(adapter, base, cache,
-                                                            monkeypatch):
+def test_an_unusable_adapter_resolves_to_the_base_saying_why(adapter, base, cache, monkeypatch):
     from sitcom.model.serving import load_model, resolve
 
     base_in_cache(cache, base)
@@ -208,7 +242,12 @@ def test_an_unusable_adapter_resolves_to_the_base_saying_why(adapter, base, cach
     monkeypatch.setenv("SITCOM_BACKEND", "torch")
     served = resolve("seinfeld")
     assert (served.name, served.label, served.hf_dir, served.gguf, served.backend) == (
-        "seinfeld", "smollm2", str(cache / "smollm2-135m-instruct"), None, "torch")
+        "seinfeld",
+        "smollm2",
+        str(cache / "smollm2-135m-instruct"),
+        None,
+        "torch",
+    )
     assert served.fell_back and "adapter_config.json" in served.why
     model, tokenizer, again = load_model("seinfeld")
     assert again == served and model.config.model_type == "llama"
@@ -218,6 +257,7 @@ def test_an_unusable_adapter_resolves_to_the_base_saying_why(adapter, base, cach
 
 
 # -- 7. every file of the adapter is hashed; the cache is keyed on all of them --------------
+
 
 def test_a_changed_adapter_config_is_refused(adapter):
     card = json.loads((adapter / ADAPTER_CARD).read_text())
@@ -279,6 +319,7 @@ def test_the_merge_is_exported_from_memory(adapter, base, cache, monkeypatch, tm
 
 # -- 8. cached files checked before serving; verdicts tied to their file, parsed strictly ---
 
+
 def test_a_damaged_cached_merge_is_built_again(adapter, base, cache, caplog):
     merged = tuned_model_dir(adapter, base_dir=base)
     gguf, weights = merged / "model.gguf", merged / "model.safetensors"
@@ -301,7 +342,7 @@ def test_a_damaged_cached_merge_is_built_again(adapter, base, cache, caplog):
     assert gguf_problem(gguf) == "damaged header"
     gguf.write_bytes(b"not a gguf")
     assert gguf_problem(gguf) == "not a GGUF file"
-    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}")
+    weights.write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{"a": 1}')
     assert safetensors_problem(weights) == "tensor 'a' has no data offsets"
 
 
@@ -347,8 +388,9 @@ def test_a_verdict_belongs_to_its_file(gguf_copy, cache):
     assert verdict.ok and not verdict.cached
 
 
-def test_a_truncated_gguf_with_an_ok_verdict_is_served_by_transformers(gguf_copy, cache,
-                                                                       caplog, monkeypatch):
+def test_a_truncated_gguf_with_an_ok_verdict_is_served_by_transformers(
+    gguf_copy, cache, caplog, monkeypatch
+):
     from sitcom.model import llamacpp, serving
     from sitcom.model.llamacpp_check import check_llamacpp
 
@@ -368,6 +410,7 @@ def test_a_truncated_gguf_with_an_ok_verdict_is_served_by_transformers(gguf_copy
 
 
 # -- 11. deeply nested JSON and an unsupported gguf_qtype: one line, then the fallback ------
+
 
 def test_a_deeply_nested_card_is_one_line(adapter, base, cache, caplog):
     (adapter / ADAPTER_CARD).write_text(DEEP)
@@ -405,8 +448,9 @@ def test_deeply_nested_verdicts_are_judged_again(gguf_copy, cache):
     assert not stale.exists()
 
 
-def test_an_unsupported_gguf_qtype_is_one_line_before_the_merge(adapter, base, cache, caplog,
-                                                               monkeypatch):
+def test_an_unsupported_gguf_qtype_is_one_line_before_the_merge(
+    adapter, base, cache, caplog, monkeypatch
+):
     card = json.loads((adapter / ADAPTER_CARD).read_text())
     card["gguf_qtype"] = "q2_k"
     (adapter / ADAPTER_CARD).write_text(json.dumps(card))
@@ -426,6 +470,7 @@ def test_an_unsupported_gguf_qtype_is_one_line_before_the_merge(adapter, base, c
 
 # -- 18. two starts at once on an empty cache: one builds, the other waits for it ----------
 
+
 def test_two_starts_at_once_build_the_cache_once(adapter, base, cache):
     cache.mkdir()
     entry = models.tuned_cache_entry(adapter)
@@ -444,19 +489,28 @@ def test_two_starts_at_once_build_the_cache_once(adapter, base, cache):
     try:
         with open(cache / f".{entry.name}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            procs = [subprocess.Popen([sys.executable, "-c", code, str(adapter), str(base)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env=child_env(cache)) for _ in range(2)]
-            readers = [threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout),
-                                        daemon=True)
-                       for p, out in zip(procs, outputs, strict=True)]
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", code, str(adapter), str(base)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=child_env(cache),
+                )
+                for _ in range(2)
+            ]
+            readers = [
+                threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True)
+                for p, out in zip(procs, outputs, strict=True)
+            ]
             for r in readers:
                 r.start()
             deadline = time.monotonic() + 240
             while not all(any("waiting" in line for line in out) for out in outputs):
                 assert time.monotonic() < deadline, outputs
                 assert not any(any("inode" in line for line in out) for out in outputs), (
-                    f"a start went on while another build held the cache: {outputs}")
+                    f"a start went on while another build held the cache: {outputs}"
+                )
                 time.sleep(0.2)
         for p in procs:
             assert p.wait(timeout=240) == 0, outputs
@@ -471,5 +525,8 @@ def test_two_starts_at_once_build_the_cache_once(adapter, base, cache):
     assert sum(line.startswith("building ") for line in text) == 1, text
     inodes = {line.split()[1] for line in text if line.startswith("inode")}
     assert len(inodes) == 1, text  # both serve the one file that was built
-    assert not [p for p in cache.iterdir() if p.name.startswith(".seinfeld-")
-                and not p.name.endswith(".lock")]
+    assert not [
+        p
+        for p in cache.iterdir()
+        if p.name.startswith(".seinfeld-") and not p.name.endswith(".lock")
+    ]

@@ -65,8 +65,14 @@ def test_unknown_hub_id_offline_is_one_clear_error():
         "try:\n    load_model('no-such-org/no-such-model')\n"
         "except ModelLoadError as e:\n    print(e)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith("unknown model 'no-such-org/no-such-model'")
 

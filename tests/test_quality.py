@@ -50,16 +50,25 @@ def test_distinct_2_and_summary():
     a = SceneScore(2, 1.0, 1.0, 0.0, 1.0, 0.5)
     b = SceneScore(4, 0.5, 0.0, 0.5, 0.5, 1.0)
     assert summarize([a, b]) == {
-        "lines": 3.0, "well_formed": 0.75, "known_speaker": 0.5, "repeated": 0.25,
-        "distinct_2": 0.75, "top_speaker": 0.75,
+        "lines": 3.0,
+        "well_formed": 0.75,
+        "known_speaker": 0.5,
+        "repeated": 0.25,
+        "distinct_2": 0.75,
+        "top_speaker": 0.75,
     }
 
 
 def test_a_monologue_is_flagged():
     """Every turn by one speaker (seen once from the shipped default): well-formed, known
     speakers, no repeats, and still not a scene."""
-    lines = ["JERRY: What is the deal?", "JERRY: I mean it.", "jerry: Who does that?",
-             "(He sits.)", "JERRY: Nobody."]
+    lines = [
+        "JERRY: What is the deal?",
+        "JERRY: I mean it.",
+        "jerry: Who does that?",
+        "(He sits.)",
+        "JERRY: Nobody.",
+    ]
     s = score_scene(lines)
     assert (s.well_formed, s.known_speaker, s.repeated) == (4 / 5, 1.0, 0.0)
     assert s.top_speaker == 1.0

@@ -36,9 +36,16 @@ def test_normalize_prompt():
 
 def test_a_speaker_after_emoji_is_recognised():
     """Issue 19 item 9: `🎉Kramer: hi` is Kramer speaking, however the emoji is written."""
-    for line in ("🎉Kramer: hi", "🎉 Kramer: hi", "👍🏽 kramer: hi", "👨‍👩‍👧 Kramer: hi",
-                 "🇺🇸Kramer: hi", "<:party:123456789012345678> Kramer: hi", ":tada: Kramer: hi",
-                 ":tada:Kramer: hi"):
+    for line in (
+        "🎉Kramer: hi",
+        "🎉 Kramer: hi",
+        "👍🏽 kramer: hi",
+        "👨‍👩‍👧 Kramer: hi",
+        "🇺🇸Kramer: hi",
+        "<:party:123456789012345678> Kramer: hi",
+        ":tada: Kramer: hi",
+        ":tada:Kramer: hi",
+    ):
         assert normalize_prompt(line) == "KRAMER: hi\n", line
     # not a speaker: kept as written
     assert normalize_prompt("🎉 party time") == "🎉 party time\n"

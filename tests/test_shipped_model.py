@@ -76,14 +76,20 @@ def test_weighted_low_rank_fits_what_the_layer_outputs():
 def test_extract_with_data_calibrates_on_the_train_split(pair, tmp_path):
     base, tuned = pair
     corpus = write_corpus(tmp_path / "corpus", [EPISODE] * 12, [EPISODE] * 2)
-    card = extract(tuned, tmp_path / "adapter", rank=2, base=str(base), dtype="float32",
-                   data=corpus, calibration_tokens=256)
+    card = extract(
+        tuned,
+        tmp_path / "adapter",
+        rank=2,
+        base=str(base),
+        dtype="float32",
+        data=corpus,
+        calibration_tokens=256,
+    )
     assert "activation-weighted" in card["form"] and 0 < card["calibration_tokens"] <= 512
     assert card["extract_rel_error_max"] < 1e-4  # rank 2 carries the rank-2 change exactly
     assert card["adapter_val"]["bpb"] > 0 and card["adapter_val"]["episodes"] == 2
     with pytest.raises(ExtractError, match="calibration"):
-        extract(tuned, tmp_path / "bad", rank=2, base=str(base), data=corpus,
-                calibration_tokens=-1)
+        extract(tuned, tmp_path / "bad", rank=2, base=str(base), data=corpus, calibration_tokens=-1)
 
 
 def test_extract_truncates_to_the_rank(pair, tmp_path):
@@ -103,15 +109,21 @@ def test_extract_carries_embedding_and_norm_changes(pair, tmp_path):
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         vocab, dim = model.model.embed_tokens.weight.shape
-        model.model.embed_tokens.weight += (
-            torch.randn(vocab, 2, generator=gen) @ torch.randn(2, dim, generator=gen)
+        model.model.embed_tokens.weight += torch.randn(vocab, 2, generator=gen) @ torch.randn(
+            2, dim, generator=gen
         )
         model.model.layers[0].input_layernorm.weight.mul_(1.5)
         model.model.norm.weight.add_(0.25)
     model.save_pretrained(tmp_path / "full")
     tok.save_pretrained(tmp_path / "full")
-    card = extract(tmp_path / "full", tmp_path / "adapter", rank=4, embed_rank=3,
-                   base=str(base), dtype="float32")
+    card = extract(
+        tmp_path / "full",
+        tmp_path / "adapter",
+        rank=4,
+        embed_rank=3,
+        base=str(base),
+        dtype="float32",
+    )
     assert card["embed_rank"] == 3 and card["extract_rel_error_max"] < 1e-4
     assert "embedding" in card["form"] and "2 norms" in card["form"]
     merged = tuned_model_dir(tmp_path / "adapter", base_dir=base)
@@ -141,8 +153,9 @@ def test_int8_adapter_is_half_the_size_and_merges_close(pair, tmp_path):
     got, _ = load_model(tuned_model_dir(tmp_path / "q8", base_dir=base))
     want, _ = load_model(tuned)
     before, _ = load_model(base)
-    for (name, a), (_, b), (_, c) in zip(got.named_parameters(), want.named_parameters(),
-                                         before.named_parameters(), strict=True):
+    for (name, a), (_, b), (_, c) in zip(
+        got.named_parameters(), want.named_parameters(), before.named_parameters(), strict=True
+    ):
         change = (b - c).norm()
         assert (a - b).norm() <= 0.01 * change + 1e-6, name  # within 1 % of the fine-tune's change
     card = json.loads((tmp_path / "q8" / ADAPTER_CARD).read_text())
@@ -182,8 +195,9 @@ def test_int4_adapter_is_a_quarter_of_float_and_merges_close(pair, tmp_path):
     got, _ = load_model(tuned_model_dir(tmp_path / "q4", base_dir=base))
     want, _ = load_model(tuned)
     before, _ = load_model(base)
-    for (name, a), (_, b), (_, c) in zip(got.named_parameters(), want.named_parameters(),
-                                         before.named_parameters(), strict=True):
+    for (name, a), (_, b), (_, c) in zip(
+        got.named_parameters(), want.named_parameters(), before.named_parameters(), strict=True
+    ):
         # int4 rounding of both factors: ~10-15 % of the change (int8: under 1 %)
         assert (a - b).norm() <= 0.15 * (b - c).norm() + 1e-6, name
 
@@ -239,8 +253,17 @@ def test_the_shipped_adapter_matches_its_card_and_loads(tmp_path):
     adapter, card = verified_adapter()
     size = (adapter / card.get("adapter_file", ADAPTER_FILE)).stat().st_size
     assert size < 25e6 and card["adapter_mb"] == pytest.approx(size / 1e6, abs=0.01)
-    for key in ("base_model", "corpus_manifest_sha256", "steps", "tokens_seen", "precision",
-                "val_loss", "val_bpb", "train_wall_minutes", "adapter_val"):
+    for key in (
+        "base_model",
+        "corpus_manifest_sha256",
+        "steps",
+        "tokens_seen",
+        "precision",
+        "val_loss",
+        "val_bpb",
+        "train_wall_minutes",
+        "adapter_val",
+    ):
         assert card.get(key) is not None, key
     merged = models.resolve_model("seinfeld")  # merges + exports on the first run (~30 s)
     assert merged != str(models.default_model_dir())
@@ -267,10 +290,8 @@ def test_a_trained_adapter_merges_into_what_training_saw(pair, tmp_path):
         model.model.norm.weight.add_(0.25)
     model.save_pretrained(tmp_path / "full")
     tok.save_pretrained(tmp_path / "full")
-    extract(tmp_path / "full", tmp_path / "a", rank=2, embed_rank=2, base=str(base),
-            dtype="int8")
-    training = load_adapter(load_model(base)[0], tmp_path / "a", ADAPTER_INT8_FILE,
-                            trainable=True)
+    extract(tmp_path / "full", tmp_path / "a", rank=2, embed_rank=2, base=str(base), dtype="int8")
+    training = load_adapter(load_model(base)[0], tmp_path / "a", ADAPTER_INT8_FILE, trainable=True)
     trainable = [p for p in training.parameters() if p.requires_grad]
     assert trainable and any(p.dim() == 1 for p in trainable)  # the norms train too
     # The head's LoRA factors are views of the embedding's: one gradient, one optimizer step.

@@ -39,13 +39,27 @@ def test_defaults_and_values(tmp_path):
     default = sitcom_config({})
     assert default.cache == Path.home() / ".cache" / "sitcom"
     assert (default.backend, default.threads, default.precision, default.llama_extra_bufts) == (
-        "auto", "auto", "auto", "auto")
-    got = sitcom_config({"SITCOM_CACHE": "~/c", "SITCOM_BACKEND": " Torch ",
-                         "SITCOM_THREADS": " ", "SITCOM_PRECISION": "bf16",
-                         "SITCOM_LLAMA_EXTRA_BUFTS": "Off"})
+        "auto",
+        "auto",
+        "auto",
+        "auto",
+    )
+    got = sitcom_config(
+        {
+            "SITCOM_CACHE": "~/c",
+            "SITCOM_BACKEND": " Torch ",
+            "SITCOM_THREADS": " ",
+            "SITCOM_PRECISION": "bf16",
+            "SITCOM_LLAMA_EXTRA_BUFTS": "Off",
+        }
+    )
     assert got.cache == Path.home() / "c"
     assert (got.backend, got.threads, got.precision, got.llama_extra_bufts) == (
-        "torch", "auto", "bf16", "Off")
+        "torch",
+        "auto",
+        "bf16",
+        "Off",
+    )
     assert sitcom_config({"SITCOM_CACHE": ""}).cache == default.cache  # empty: the default
 
 

@@ -91,8 +91,10 @@ async def test_socket_mode_scene_is_posted_escaped_with_keycaps(slack):
     (text,) = fake.posts()
     rows = text.split("\n")
     assert rows[0].startswith("🎬 *Scene 1*")
-    assert rows[1] == ("💬 ELAINE: &lt;!channel&gt; &lt;!here&gt; &lt;!everyone&gt; "
-                       "&lt;@U0BOSS&gt; &lt;#C0SECRET&gt; &amp; &lt;https://x.io|y&gt;")
+    assert rows[1] == (
+        "💬 ELAINE: &lt;!channel&gt; &lt;!here&gt; &lt;!everyone&gt; "
+        "&lt;@U0BOSS&gt; &lt;#C0SECRET&gt; &amp; &lt;https://x.io|y&gt;"
+    )
     assert rows[2] == "💬 JERRY: What? Tom &amp; Jerry &amp;lt;3"  # escaped exactly once
     written = rows[3:]
     assert written and written[0] == ":one: GEORGE: What is it?"
@@ -101,9 +103,18 @@ async def test_socket_mode_scene_is_posted_escaped_with_keycaps(slack):
     post = fake.find("chat.postMessage")[0]
     assert post["link_names"] is False and post["unfurl_links"] is False
     reactions = fake.find("reactions.add")
-    assert [r["name"] for r in reactions] == ["one", "two", "three", "four", "five", "six",
-                                              "seven", "eight", "nine", "keycap_ten"][
-        : len(written)]
+    assert [r["name"] for r in reactions] == [
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "keycap_ten",
+    ][: len(written)]
     assert (await app.core.db.get_scene(1)).posted
 
 
@@ -262,8 +273,14 @@ async def test_missing_reactions_scope_posts_every_line_and_says_why(slack):
 
 async def test_http_mode_checks_signatures(tmp_path, tiny_model_dir):
     fake = await FakeSlack().start()
-    app = await start_slack(tmp_path, tiny_model_dir, fake, slack_app_token=None,
-                      slack_signing_secret="s3cret", slack_port=0)
+    app = await start_slack(
+        tmp_path,
+        tiny_model_dir,
+        fake,
+        slack_app_token=None,
+        slack_signing_secret="s3cret",
+        slack_port=0,
+    )
     url = f"http://127.0.0.1:{app.port}/slack/events"
     try:
         async with aiohttp.ClientSession() as http:
@@ -308,7 +325,6 @@ async def test_escape():
     assert escape("<!channel> & <@U1>\x07") == "&lt;!channel&gt; &amp; &lt;@U1&gt;"
 
 
-
 async def test_discord_and_slack_share_one_core(tmp_path, tiny_model_dir):
     """Both frontends in one process: one engine, one database, one scene numbering, but
     settings, votes, /best and re-posts stay within their platform."""
@@ -326,8 +342,9 @@ async def test_discord_and_slack_share_one_core(tmp_path, tiny_model_dir):
     try:
         assert bot.core is slack.core
         await command(fake, "/settings", "set max_new_tokens 20", user=ADMIN)
-        assert (await slack.core.db.get_settings("discord", str(CHANNEL_ID))).max_new_tokens \
-            == 200  # a Slack channel's settings are not a Discord channel's
+        assert (
+            await slack.core.db.get_settings("discord", str(CHANNEL_ID))
+        ).max_new_tokens == 200  # a Slack channel's settings are not a Discord channel's
         _, done = await scene(fake, "Jerry: From Slack.")
         await invoke(bot, command_payload("scene", [option("prompt", "George: From Discord.")]))
         assert "Scene 1 is ready" in done["text"]
@@ -336,8 +353,9 @@ async def test_discord_and_slack_share_one_core(tmp_path, tiny_model_dir):
         assert one.place.platform == "slack" and two.place.platform == "discord"
         ack = await command(fake, "/scene", "#2")  # Discord's scene is not Slack's to post
         assert "no scene 2 in this channel" in ack["text"]
-        await react(app=slack, fake=fake,
-                    body=reaction_event("reaction_added", "one", refs(fake)[0]))
+        await react(
+            app=slack, fake=fake, body=reaction_event("reaction_added", "one", refs(fake)[0])
+        )
         assert [r.scene_id for r in await slack.core.db.best("slack", TEAM)] == [1]
         assert await slack.core.db.best("discord", str(GUILD_ID)) == []
     finally:
@@ -353,12 +371,19 @@ async def test_run_connects_slack_and_stops_cleanly(tmp_path, tiny_model_dir, ca
     from bot.__main__ import run
 
     fake = await FakeSlack().start()
-    config = make_config(tmp_path, tiny_model_dir, slack_bot_token=BOT_TOKEN,
-                         slack_app_token=APP_TOKEN)
+    config = make_config(
+        tmp_path, tiny_model_dir, slack_bot_token=BOT_TOKEN, slack_app_token=APP_TOKEN
+    )
     stop = asyncio.Event()
     try:
-        task = asyncio.create_task(run(config, loader=scripted_loader(), stop=stop,
-                                       slack_client=make_client(BOT_TOKEN, fake.base_url)))
+        task = asyncio.create_task(
+            run(
+                config,
+                loader=scripted_loader(),
+                stop=stop,
+                slack_client=make_client(BOT_TOKEN, fake.base_url),
+            )
+        )
         ack = await command(fake, "/settings", "show")
         assert "Scene settings" in ack["text"]
         assert [c.method for c in fake.calls[:2]] == ["auth.test", "apps.connections.open"]
@@ -367,8 +392,9 @@ async def test_run_connects_slack_and_stops_cleanly(tmp_path, tiny_model_dir, ca
         assert not (tmp_path / "bot.db-wal").exists()  # the database was closed
 
         fake.faults["auth.test"].append("invalid_auth")
-        status = await run(config, loader=scripted_loader(),
-                           slack_client=make_client(BOT_TOKEN, fake.base_url))
+        status = await run(
+            config, loader=scripted_loader(), slack_client=make_client(BOT_TOKEN, fake.base_url)
+        )
         assert status == 1
         err = capsys.readouterr().err
         assert "\nerror: Slack rejected the token" in err and "Traceback" not in err
@@ -397,10 +423,16 @@ async def test_long_scenes_split_within_slacks_limits():
     from bot.posting import plan
     from bot.slack.surface import SlackSurface
 
-    lines = ["ELAINE: Hi!"] + [f"JERRY: line {i} <!here>" for i in range(22)] + [
-        "GEORGE: " + "a" * 2000] * 3
-    scene = StoredScene(5, Place("slack", TEAM, CHANNEL), [
-        StoredLine(i, i, text, i == 1, None) for i, text in enumerate(lines, 1)])
+    lines = (
+        ["ELAINE: Hi!"]
+        + [f"JERRY: line {i} <!here>" for i in range(22)]
+        + ["GEORGE: " + "a" * 2000] * 3
+    )
+    scene = StoredScene(
+        5,
+        Place("slack", TEAM, CHANNEL),
+        [StoredLine(i, i, text, i == 1, None) for i, text in enumerate(lines, 1)],
+    )
     messages = plan(scene, SlackSurface(client=None, channel=CHANNEL))
     assert [len(m.lines) for m in messages] == [11, 10, 4, 1]  # two 1500-char lines fit
     assert all(len(m.text) <= 3900 for m in messages)
@@ -441,12 +473,20 @@ async def test_item10_ack_comes_first_though_users_info_is_rate_limited(slack):
 
 
 async def test_item10_http_mode_acks_at_once_though_the_database_is_locked(
-        tmp_path, tiny_model_dir):
+    tmp_path, tiny_model_dir
+):
     """HTTP mode, a database locked by another process (a 4 s busy timeout): the HTTP
     answer comes at once; the refusal follows through response_url; nothing is saved."""
     fake = await FakeSlack().start()
-    app = await start_slack(tmp_path, tiny_model_dir, fake, slack_app_token=None,
-                      slack_signing_secret="s3cret", slack_port=0, db_timeout_s=4.0)
+    app = await start_slack(
+        tmp_path,
+        tiny_model_dir,
+        fake,
+        slack_app_token=None,
+        slack_signing_secret="s3cret",
+        slack_port=0,
+        db_timeout_s=4.0,
+    )
     url = f"http://127.0.0.1:{app.port}/slack/events"
     locker = sqlite3.connect(tmp_path / "bot.db", isolation_level=None)
     try:
@@ -455,11 +495,9 @@ async def test_item10_http_mode_acks_at_once_though_the_database_is_locked(
         form = urlencode(payload)
         headers = {"Content-Type": "application/x-www-form-urlencoded", **sign("s3cret", form)}
         started = time.monotonic()
-        async with aiohttp.ClientSession() as http, http.post(url, data=form,
-                                                             headers=headers) as r:
+        async with aiohttp.ClientSession() as http, http.post(url, data=form, headers=headers) as r:
             assert r.status == 200 and time.monotonic() - started < 3
-        (reply,) = await fake.wait_for(lambda: fake.replies(payload["response_url"]),
-                                       timeout=30)
+        (reply,) = await fake.wait_for(lambda: fake.replies(payload["response_url"]), timeout=30)
         assert "database is busy" in reply["text"] and reply["response_type"] == "ephemeral"
         locker.execute("ROLLBACK")
         stored = await app.core.db.get_settings("slack", CHANNEL)
@@ -471,8 +509,7 @@ async def test_item10_http_mode_acks_at_once_though_the_database_is_locked(
         await fake.close()
 
 
-async def test_item11_used_up_or_expired_response_url_falls_back_to_post_ephemeral(
-        slack, caplog):
+async def test_item11_used_up_or_expired_response_url_falls_back_to_post_ephemeral(slack, caplog):
     """Bolt's respond() returns a 404 without raising; the app checks it, sends the
     message with chat.postEphemeral instead and logs one line per fallback."""
     app, fake = slack
@@ -481,13 +518,19 @@ async def test_item11_used_up_or_expired_response_url_falls_back_to_post_ephemer
     fake.response_url_state(payload["response_url"]).uses = 5  # answered 5 times already
 
     def fell_back():
-        return [r.getMessage() for r in caplog.records
-                if r.name == "bot.slack.app" and "response_url" in r.getMessage()]
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "bot.slack.app" and "response_url" in r.getMessage()
+        ]
 
     await fake.send_envelope(command_envelope(payload))
-    await fake.wait_for(lambda: any("is ready" in e["text"]
-                                    for e in fake.find("chat.postEphemeral")) and not app.tasks,
-                        timeout=30)
+    await fake.wait_for(
+        lambda: (
+            any("is ready" in e["text"] for e in fake.find("chat.postEphemeral")) and not app.tasks
+        ),
+        timeout=30,
+    )
     final = fake.find("chat.postEphemeral")[-1]
     assert (final["channel"], final["user"]) == (CHANNEL, USER)
     assert "Scene 1 is ready" in final["text"]
@@ -499,8 +542,10 @@ async def test_item11_used_up_or_expired_response_url_falls_back_to_post_ephemer
     payload = slash_command(fake, "/settings", "show")
     fake.advance(31 * 60)
     await fake.send_envelope(command_envelope(payload))
-    await fake.wait_for(lambda: "Scene settings" in fake.find("chat.postEphemeral")[-1]["text"]
-                        and not app.tasks, timeout=30)  # one ephemeral message is there already
+    await fake.wait_for(
+        lambda: "Scene settings" in fake.find("chat.postEphemeral")[-1]["text"] and not app.tasks,
+        timeout=30,
+    )  # one ephemeral message is there already
     assert fake.rejected_responses[-1][0] == "expired_url"
     assert "expired_url" in fell_back()[-1]
 
@@ -540,8 +585,7 @@ async def test_item12_votes_arriving_out_of_order_keep_the_latest(slack):
     await react(app, fake, removed, retry=1)
     assert await tally() == [1]
     # Other users and lines keep their own order.
-    await react(app, fake, reaction_event("reaction_added", "one", ref, user=ADMIN,
-                                          event_ts=t))
+    await react(app, fake, reaction_event("reaction_added", "one", ref, user=ADMIN, event_ts=t))
     assert await tally() == [2]
 
 
@@ -585,11 +629,19 @@ def test_slack_and_the_core_do_not_import_discord_code():
     import subprocess
     import sys
 
-    code = ("import sys, bot.slack.app, bot.console, bot.core, bot.texts, bot.posting; "
-            "print(sorted(m for m in sys.modules if m == 'discord' or m.startswith("
-            "('discord.', 'bot.discord'))))")
+    code = (
+        "import sys, bot.slack.app, bot.console, bot.core, bot.texts, bot.posting; "
+        "print(sorted(m for m in sys.modules if m == 'discord' or m.startswith("
+        "('discord.', 'bot.discord'))))"
+    )
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

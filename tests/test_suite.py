@@ -26,8 +26,10 @@ def test_the_model_cache_is_a_temp_folder(model_cache, tmp_path_factory):
 @pytest.mark.real_cache
 def test_real_cache_opts_in_to_the_environments_cache(model_cache):
     assert cache_root() != model_cache
-    assert os.environ.get("SITCOM_CACHE") in (None, "") or cache_root() == Path(
-        os.environ["SITCOM_CACHE"]).expanduser()
+    assert (
+        os.environ.get("SITCOM_CACHE") in (None, "")
+        or cache_root() == Path(os.environ["SITCOM_CACHE"]).expanduser()
+    )
 
 
 def test_test_modules_import_neither_each_other_nor_conftest():
@@ -55,5 +57,6 @@ def test_markers_are_registered():
     assert "--strict-markers" in ini["addopts"]
     # Deprecation warnings stay visible: a blanket ignore hid the ones transformers gives
     # for calls that will break on its next major version.
-    assert not any(f.startswith("ignore::DeprecationWarning")
-                   for f in ini.get("filterwarnings", []))
+    assert not any(
+        f.startswith("ignore::DeprecationWarning") for f in ini.get("filterwarnings", [])
+    )

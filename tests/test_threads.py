@@ -49,8 +49,9 @@ def test_fixed_count_and_bad_setting(monkeypatch):
 
 
 # Issue 20 #10: more threads than cores segfaulted (100000) or crawled (512); -3 became 1.
-@pytest.mark.parametrize("value", ["3", "512", "100000", "0", "-3", "+1", "1.5", "²", "２",
-                                   "99999999999999999999"])
+@pytest.mark.parametrize(
+    "value", ["3", "512", "100000", "0", "-3", "+1", "1.5", "²", "２", "99999999999999999999"]
+)
 def test_thread_count_beyond_the_cores_is_refused_in_one_line(monkeypatch, value):
     FakeClock(monkeypatch)  # two cores
     with pytest.raises(ValueError) as err:

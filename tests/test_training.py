@@ -86,10 +86,34 @@ def test_bpb_matches_direct_computation(tiny_model_dir, block_size):
 
 def finetune_args(corpus: Path, out: Path, base: Path, *extra: str) -> list[str]:
     return [
-        "finetune", "--data", str(corpus), "--out", str(out), "--base", str(base),
-        "--block-size", "64", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "40",
-        "--eval-steps", "10", "--save-steps", "10", "--lr", "3e-3", "--warmup-steps", "2",
-        "--precision", "fp32", "--log-steps", "2", *extra,
+        "finetune",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--base",
+        str(base),
+        "--block-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--max-steps",
+        "40",
+        "--eval-steps",
+        "10",
+        "--save-steps",
+        "10",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--precision",
+        "fp32",
+        "--log-steps",
+        "2",
+        *extra,
     ]
 
 
@@ -103,8 +127,16 @@ def test_finetune_end_to_end_then_evaluate(tmp_path, corpus_dir, tiny_model_dir,
     assert main(finetune_args(corpus_dir, out, tiny_model_dir)) == 0
     assert "saved" in capsys.readouterr().out
 
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
-                 "checkpoint.json", "metrics.jsonl", "loss.png", "model.gguf"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "checkpoint.json",
+        "metrics.jsonl",
+        "loss.png",
+        "model.gguf",
+    ):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "model.gguf").read_bytes()[:4] == b"GGUF"  # what the bot serves
@@ -137,8 +169,14 @@ def test_finetune_end_to_end_then_evaluate(tmp_path, corpus_dir, tiny_model_dir,
     result = evaluate(str(out), corpus_dir, samples=3, max_new_tokens=16, eval_tokens=0)
     assert result["val"]["loss"] == pytest.approx(card["val_loss"], rel=1e-4)  # the best exported
     assert result["card"]["steps"] == 40
-    assert set(result["quality"]) == {"lines", "well_formed", "known_speaker", "repeated",
-                                      "distinct_2", "top_speaker"}
+    assert set(result["quality"]) == {
+        "lines",
+        "well_formed",
+        "known_speaker",
+        "repeated",
+        "distinct_2",
+        "top_speaker",
+    }
     assert len(result["samples"]) == 3
     assert result["samples"][0]["lines"][0] == "ELAINE: Jerry! George! You guys, listen!"
 
@@ -162,8 +200,9 @@ def test_lora_merges_into_a_plain_checkpoint(tmp_path, corpus_dir, tiny_model_di
     assert json.loads((out / "checkpoint.json").read_text())["lora"] is True
 
 
-def test_disk_full_during_export_leaves_no_output(tmp_path, corpus_dir, tiny_model_dir,
-                                                  monkeypatch, capsys):
+def test_disk_full_during_export_leaves_no_output(
+    tmp_path, corpus_dir, tiny_model_dir, monkeypatch, capsys
+):
     import training.card
 
     def full(*_args, **_kwargs):
@@ -185,8 +224,12 @@ def test_disk_full_during_export_leaves_no_output(tmp_path, corpus_dir, tiny_mod
 def test_corpus_manifest_speakers_and_errors(tmp_path):
     from training.corpus import CorpusError
 
-    c = write_corpus(tmp_path / "c", [EPISODE], [EPISODE],
-                     {"main_cast": ["JERRY"], "top_speakers": {"Jerry": 5, "BANIA": 2}})
+    c = write_corpus(
+        tmp_path / "c",
+        [EPISODE],
+        [EPISODE],
+        {"main_cast": ["JERRY"], "top_speakers": {"Jerry": 5, "BANIA": 2}},
+    )
     assert load_corpus(c).speakers == ("JERRY", "BANIA")
     (c / "manifest.json").write_text("{not json")
     assert "KRAMER" in load_corpus(c).speakers  # fallback: the default cast
@@ -209,14 +252,25 @@ def test_finetune_goes_on_training_an_extracted_adapter(tmp_path, corpus_dir, ti
     assert main(args) == 0
     extract(full, tmp_path / "a", rank=4, base=str(tiny_model_dir), dtype="float32")
     out = tmp_path / "more"
-    args = finetune_args(corpus_dir, out, tiny_model_dir, "--init-adapter", str(tmp_path / "a"),
-                         "--gguf", "none", "--lr", "1e-2", "--keep-work")
+    args = finetune_args(
+        corpus_dir,
+        out,
+        tiny_model_dir,
+        "--init-adapter",
+        str(tmp_path / "a"),
+        "--gguf",
+        "none",
+        "--lr",
+        "1e-2",
+        "--keep-work",
+    )
     args[args.index("--max-steps") + 1] = "20"
     assert main(args) == 0
     from safetensors import safe_open
 
-    with safe_open(tmp_path / "more.work" / "checkpoint-20" / "adapter_model.safetensors",
-                   "pt") as f:  # Trainer's checkpoint: the adapter, not the frozen embedding
+    with safe_open(
+        tmp_path / "more.work" / "checkpoint-20" / "adapter_model.safetensors", "pt"
+    ) as f:  # Trainer's checkpoint: the adapter, not the frozen embedding
         assert not [k for k in f.keys() if "base_layer" in k]
     card = json.loads((out / "checkpoint.json").read_text())
     assert card["init_adapter"]["path"] == str(tmp_path / "a")
@@ -229,8 +283,15 @@ def test_finetune_goes_on_training_an_extracted_adapter(tmp_path, corpus_dir, ti
     assert "embedding" in again["form"]  # the tied embedding's change trained too
     assert again["form"].endswith("of an adapter trained further")
 
-    bad = finetune_args(corpus_dir, tmp_path / "x", tiny_model_dir, "--init-adapter",
-                        str(tmp_path), "--gguf", "none")
+    bad = finetune_args(
+        corpus_dir,
+        tmp_path / "x",
+        tiny_model_dir,
+        "--init-adapter",
+        str(tmp_path),
+        "--gguf",
+        "none",
+    )
     assert main(bad) == 2
 
 

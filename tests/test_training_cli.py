@@ -22,8 +22,12 @@ pytestmark = pytest.mark.e2e  # `python -m training` as a subprocess
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "training", *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        [sys.executable, "-m", "training", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )
 
 
@@ -47,8 +51,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_model_dir, capsys):
     # As a user runs it: exit status and a single line, no traceback.
     for args, message in [
         (("finetune", "--data", str(tmp_path / "nope"), "--out", out), "does not exist"),
-        (("finetune", "--data", str(corpus), "--out", out, "--base", "no-such/model"),
-         "unknown model 'no-such/model'"),
+        (
+            ("finetune", "--data", str(corpus), "--out", out, "--base", "no-such/model"),
+            "unknown model 'no-such/model'",
+        ),
     ]:
         proc = cli(*args)
         assert proc.returncode == 2, (args, proc.stderr)
@@ -59,10 +65,14 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_model_dir, capsys):
     # The rest in-process (the same main(); a subprocess each would cost seconds of imports).
     for args, message in [
         (("finetune", "--data", str(empty), "--out", out), "has no train.txt"),
-        (("finetune", "--data", str(corpus), "--out", out, "--base", str(broken)),
-         "could not load model"),
-        (("finetune", "--data", str(corpus), "--out", out, "--block-size", "4"),
-         "--block-size must be at least 16"),
+        (
+            ("finetune", "--data", str(corpus), "--out", out, "--base", str(broken)),
+            "could not load model",
+        ),
+        (
+            ("finetune", "--data", str(corpus), "--out", out, "--block-size", "4"),
+            "--block-size must be at least 16",
+        ),
         (("evaluate", str(no_config), "--data", str(corpus)), "not a model directory"),
         (("evaluate", str(broken), "--data", str(corpus)), "could not load model"),
         (("evaluate", str(tmp_path / "gone"), "--data", str(corpus)), "does not exist"),
@@ -101,10 +111,36 @@ def test_kill_resume_and_ctrl_c_continue_the_same_run(tmp_path, tiny_model_dir, 
     corpus = write_corpus(tmp_path / "c", [EPISODE] * 12, [EPISODE])
     out = tmp_path / "ck"
     work = tmp_path / "ck.work"
-    args = ["finetune", "--data", str(corpus), "--out", str(out), "--base", str(tiny_model_dir),
-            "--block-size", "64", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "60",
-            "--eval-steps", "10", "--save-steps", "10", "--save-limit", "2", "--lr", "3e-3",
-            "--precision", "fp32", "--log-steps", "1", "--keep-work"]
+    args = [
+        "finetune",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--base",
+        str(tiny_model_dir),
+        "--block-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--max-steps",
+        "60",
+        "--eval-steps",
+        "10",
+        "--save-steps",
+        "10",
+        "--save-limit",
+        "2",
+        "--lr",
+        "3e-3",
+        "--precision",
+        "fp32",
+        "--log-steps",
+        "1",
+        "--keep-work",
+    ]
     cmd = [sys.executable, "-m", "training", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     log = (tmp_path / "run.log").open("w")
@@ -114,8 +150,9 @@ def test_kill_resume_and_ctrl_c_continue_the_same_run(tmp_path, tiny_model_dir, 
     wait_for_checkpoint(run, work)
     run.kill()
     run.wait()
-    killed_at = max(int(p.parent.name.split("-")[1])
-                    for p in work.glob("checkpoint-*/trainer_state.json"))
+    killed_at = max(
+        int(p.parent.name.split("-")[1]) for p in work.glob("checkpoint-*/trainer_state.json")
+    )
     assert not out.exists() and killed_at < 60
 
     # 2. Without --resume the half-done run is not silently thrown away.
@@ -123,8 +160,9 @@ def test_kill_resume_and_ctrl_c_continue_the_same_run(tmp_path, tiny_model_dir, 
     assert "--resume" in capsys.readouterr().err.strip().splitlines()[-1]
 
     # 3. Resume, then Ctrl-C after one more save: exit 130 with the hint.
-    run = subprocess.Popen(cmd + ["--resume"], cwd=ROOT, env=env, stdout=log,
-                           stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        cmd + ["--resume"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.PIPE, text=True
+    )
     wait_for_checkpoint(run, work, after=killed_at)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=60)

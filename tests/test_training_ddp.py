@@ -24,21 +24,63 @@ pytestmark = pytest.mark.e2e  # torchrun starts 2 training processes
 
 def finetune_args(corpus: Path, out: Path, base: Path, batch_size: int, *extra: str) -> list[str]:
     return [
-        "finetune", "--data", str(corpus), "--out", str(out), "--base", str(base),
-        "--block-size", "64", "--batch-size", str(batch_size), "--grad-accum", "1",
-        "--max-steps", "6", "--eval-steps", "3", "--save-steps", "3", "--lr", "3e-3",
-        "--warmup-steps", "2", "--precision", "fp32", "--log-steps", "1", "--gguf", "none",
+        "finetune",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--base",
+        str(base),
+        "--block-size",
+        "64",
+        "--batch-size",
+        str(batch_size),
+        "--grad-accum",
+        "1",
+        "--max-steps",
+        "6",
+        "--eval-steps",
+        "3",
+        "--save-steps",
+        "3",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--precision",
+        "fp32",
+        "--log-steps",
+        "1",
+        "--gguf",
+        "none",
         *extra,
     ]
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         "-m", "training", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "training",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
     )
 
 
@@ -47,8 +89,10 @@ def metrics(path: Path) -> tuple[dict[int, float], dict[int, float]]:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     steps = [(r["step"], "loss" in r) for r in rows if "loss" in r or "eval_bpb" in r]
     assert len(steps) == len(set(steps)), steps  # one writer: no step logged twice
-    return ({r["step"]: r["loss"] for r in rows if "loss" in r},
-            {r["step"]: r["eval_bpb"] for r in rows if "eval_bpb" in r})
+    return (
+        {r["step"]: r["loss"] for r in rows if "loss" in r},
+        {r["step"]: r["eval_bpb"] for r in rows if "eval_bpb" in r},
+    )
 
 
 def test_two_processes_match_one_and_resume(tmp_path, tiny_model_dir):
@@ -89,8 +133,11 @@ def test_two_processes_match_one_and_resume(tmp_path, tiny_model_dir):
     assert (work / "checkpoint-3" / "rng_state_1.pth").is_file()  # each rank's RNG is saved
     shutil.rmtree(work / "checkpoint-6")
     # (A time budget it does not reach: rank 0's clock is broadcast every step.)
-    proc = torchrun(*finetune_args(corpus, ddp, tiny_model_dir, 2, "--resume", "--overwrite",
-                                   "--time-budget", "30"))
+    proc = torchrun(
+        *finetune_args(
+            corpus, ddp, tiny_model_dir, 2, "--resume", "--overwrite", "--time-budget", "30"
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss_r, bpb_r = metrics(ddp / "metrics.jsonl")
     assert sorted(loss_r) == [1, 2, 3, 4, 5, 6]  # steps 4-6 redone once, not appended twice

@@ -40,10 +40,13 @@ def write_failure(error: BaseException, where: Path | None = None) -> str | None
         chain.append(error)
         error = error.__cause__ or error.__context__
     texts = [str(e) for e in chain]
-    if not any(type(e).__name__ == "SafetensorError" or "PytorchStreamWriter" in text
-               or "file write failed" in text
-               or ("inline_container.cc" in text and "unexpected pos" in text)
-               for e, text in zip(chain, texts, strict=True)):
+    if not any(
+        type(e).__name__ == "SafetensorError"
+        or "PytorchStreamWriter" in text
+        or "file write failed" in text
+        or ("inline_container.cc" in text and "unexpected pos" in text)
+        for e, text in zip(chain, texts, strict=True)
+    ):
         return None
     found = re.search(r"os error (\d+)", " ".join(texts))
     code = int(found.group(1)) if found else None
@@ -53,7 +56,8 @@ def write_failure(error: BaseException, where: Path | None = None) -> str | None
         return f"could not write the checkpoint: {os.strerror(code)}"
     free = free_space(where)
     return "could not write the checkpoint: a file write failed" + (
-        f" ({free / 1e6:.0f} MB free on that disk)" if free is not None else "")
+        f" ({free / 1e6:.0f} MB free on that disk)" if free is not None else ""
+    )
 
 
 def free_space(where: Path | None) -> int | None:
@@ -84,75 +88,142 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--warmup-steps", type=int, default=10)
     ft.add_argument("--epochs", type=finite_float, default=1.0)
     ft.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
-    ft.add_argument("--time-budget", type=finite_float, default=None, metavar="MINUTES",
-                    help="stop, evaluate, save and export after this many minutes")
+    ft.add_argument(
+        "--time-budget",
+        type=finite_float,
+        default=None,
+        metavar="MINUTES",
+        help="stop, evaluate, save and export after this many minutes",
+    )
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--eval-steps", type=int, default=10)
     ft.add_argument("--save-steps", type=int, default=10, help="a multiple of --eval-steps")
     ft.add_argument("--save-limit", type=int, default=2, help="Trainer checkpoints kept")
-    ft.add_argument("--eval-tokens", type=int, default=4096,
-                    help="val text used for evals during training (whole episodes); 0 = all")
+    ft.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=4096,
+        help="val text used for evals during training (whole episodes); 0 = all",
+    )
     ft.add_argument("--log-steps", type=int, default=5)
     ft.add_argument("--lora", action="store_true", help="train a LoRA adapter, merged on export")
     ft.add_argument("--lora-r", type=int, default=16)
-    ft.add_argument("--linear-only", action="store_true",
-                    help="train only the linear layers (embeddings, norms frozen), for extract")
-    ft.add_argument("--init-adapter", type=Path, default=None, metavar="DIR",
-                    help="go on training this LoRA adapter of --base (e.g. from extract); "
-                    "its rank and targets are kept, --lora-r does not apply")
+    ft.add_argument(
+        "--linear-only",
+        action="store_true",
+        help="train only the linear layers (embeddings, norms frozen), for extract",
+    )
+    ft.add_argument(
+        "--init-adapter",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="go on training this LoRA adapter of --base (e.g. from extract); "
+        "its rank and targets are kept, --lora-r does not apply",
+    )
     ft.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     ft.add_argument("--gradient-checkpointing", action="store_true")
     ft.add_argument("--resume", action="store_true", help="continue from the last save in OUT.work")
     ft.add_argument("--overwrite", action="store_true", help="replace OUT and discard OUT.work")
     ft.add_argument("--keep-work", action="store_true", help="keep OUT.work after export")
-    ft.add_argument("--gguf", choices=("q8_0", "f16", "f32", "q4_1", "none"), default="q8_0",
-                    help="also write OUT/model.gguf, which the bot serves with llama.cpp")
+    ft.add_argument(
+        "--gguf",
+        choices=("q8_0", "f16", "f32", "q4_1", "none"),
+        default="q8_0",
+        help="also write OUT/model.gguf, which the bot serves with llama.cpp",
+    )
 
     ex = sub.add_parser("extract", help="compress a fine-tune into a small LoRA adapter")
     ex.add_argument("checkpoint", help="the fine-tuned checkpoint dir")
     ex.add_argument("--out", type=Path, required=True, help="adapter dir to write")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     ex.add_argument("--rank", type=int, default=32, help="rank of the linear layers' change")
-    ex.add_argument("--embed-rank", type=int, default=None,
-                    help="rank of the (tied) embedding's change; default: --rank")
+    ex.add_argument(
+        "--embed-rank",
+        type=int,
+        default=None,
+        help="rank of the (tied) embedding's change; default: --rank",
+    )
     ex.add_argument("--base", default="smollm2", help="the model it was fine-tuned from")
-    ex.add_argument("--data", type=Path, default=None,
-                    help="corpus dir: measure the adapter's val BPB (whole val split)")
-    ex.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                    help="storage of the factors; int8 (blocks of 64, fp16 scales) halves "
-                    "bf16, int4 (blocks of 32) quarters it")
-    ex.add_argument("--calibration-tokens", type=int, default=0,
-                    help="with --data: weight each linear layer's change by the inputs it sees "
-                         "on this many train tokens (activation-weighted SVD); 0 = plain SVD")
+    ex.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="corpus dir: measure the adapter's val BPB (whole val split)",
+    )
+    ex.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="bfloat16",
+        help="storage of the factors; int8 (blocks of 64, fp16 scales) halves "
+        "bf16, int4 (blocks of 32) quarters it",
+    )
+    ex.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=0,
+        help="with --data: weight each linear layer's change by the inputs it sees "
+        "on this many train tokens (activation-weighted SVD); 0 = plain SVD",
+    )
 
     ev = sub.add_parser("evaluate", help="val loss/ppl/BPB and sampled-scene quality")
-    ev.add_argument("checkpoint",
-                    help="checkpoint dir, seinfeld (shipped), smollm2 (base), or a hub id")
+    ev.add_argument(
+        "checkpoint", help="checkpoint dir, seinfeld (shipped), smollm2 (base), or a hub id"
+    )
     ev.add_argument("--data", type=Path, required=True, help="corpus dir (val.txt)")
     ev.add_argument("--json", type=Path, default=None, help="also write the results here")
     ev.add_argument("--samples", type=int, default=8, help="scenes to sample (0 = none)")
     ev.add_argument("--max-new-tokens", type=int, default=120)
-    ev.add_argument("--block-size", type=int, default=None,
-                    help="default: the block size the checkpoint was trained with, else 512")
+    ev.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="default: the block size the checkpoint was trained with, else 512",
+    )
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--eval-tokens", type=int, default=0, help="val text used; 0 = all")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--repetition-penalty", type=finite_float, default=None,
-                    help="for sampled scenes (default: the bot's, 1.15)")
+    ev.add_argument(
+        "--repetition-penalty",
+        type=finite_float,
+        default=None,
+        help="for sampled scenes (default: the bot's, 1.15)",
+    )
 
-    hu = sub.add_parser("humour", help="train the humour model on the laugh corpus, "
-                        "or update one with the bot's votes")
+    hu = sub.add_parser(
+        "humour",
+        help="train the humour model on the laugh corpus, or update one with the bot's votes",
+    )
     hu.add_argument("--out", type=Path, required=True, help="model dir to write")
     hu.add_argument("--seed", type=int, default=0, help="the episode split's seed")
-    hu.add_argument("--votes", type=Path, default=None, metavar="BOT_DB",
-                    help="the bot's SQLite database: update --init with its votes")
-    hu.add_argument("--guild", default=None, metavar="ID",
-                    help="with --votes: only scenes of this server / workspace")
-    hu.add_argument("--init", type=Path, default=None, metavar="MODEL_DIR",
-                    help="with --votes: the model to update (default: the shipped one)")
-    hu.add_argument("--corpus", type=Path, default=None, metavar="DIR",
-                    help="folder of .merged laugh-corpus files (default: the installed "
-                    "seinfeld-laugh-corpus package's)")
+    hu.add_argument(
+        "--votes",
+        type=Path,
+        default=None,
+        metavar="BOT_DB",
+        help="the bot's SQLite database: update --init with its votes",
+    )
+    hu.add_argument(
+        "--guild",
+        default=None,
+        metavar="ID",
+        help="with --votes: only scenes of this server / workspace",
+    )
+    hu.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        metavar="MODEL_DIR",
+        help="with --votes: the model to update (default: the shipped one)",
+    )
+    hu.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of .merged laugh-corpus files (default: the installed "
+        "seinfeld-laugh-corpus package's)",
+    )
     hu.add_argument("--overwrite", action="store_true", help="replace OUT")
 
     jd = sub.add_parser("judge", help="blind pairwise quality harness (training/JUDGING.md)")
@@ -160,45 +231,78 @@ def build_parser() -> argparse.ArgumentParser:
     op = js.add_parser("openings", help="openings + real continuations from the val split")
     op.add_argument("--data", type=Path, required=True, help="corpus dir (val.txt)")
     op.add_argument("--n", type=int, default=40, help="how many openings")
-    op.add_argument("--seed", type=int, required=True,
-                    help="chooses the set: take a fresh one now and then, never tune to one")
+    op.add_argument(
+        "--seed",
+        type=int,
+        required=True,
+        help="chooses the set: take a fresh one now and then, never tune to one",
+    )
     op.add_argument("--out", type=Path, required=True, help="openings JSONL to write")
-    op.add_argument("--max-lines", type=int, default=MAX_LINES,
-                    help="lines of the real continuation")
-    op.add_argument("--max-chars", type=int, default=MAX_CHARS,
-                    help="characters of the real continuation (whole lines)")
+    op.add_argument(
+        "--max-lines", type=int, default=MAX_LINES, help="lines of the real continuation"
+    )
+    op.add_argument(
+        "--max-chars",
+        type=int,
+        default=MAX_CHARS,
+        help="characters of the real continuation (whole lines)",
+    )
 
     wr = js.add_parser("write", help="one scene per opening with the bot's engine")
     wr.add_argument("--openings", type=Path, required=True, help="from `judge openings`")
-    wr.add_argument("--model", required=True,
-                    help="seinfeld, smollm2, a checkpoint name or dir, a hub id; `show` for "
-                    "the real continuations")
-    wr.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="a SceneSettings field, e.g. --set temperature=0.7 (repeatable)")
+    wr.add_argument(
+        "--model",
+        required=True,
+        help="seinfeld, smollm2, a checkpoint name or dir, a hub id; `show` for "
+        "the real continuations",
+    )
+    wr.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a SceneSettings field, e.g. --set temperature=0.7 (repeatable)",
+    )
     wr.add_argument("--label", default=None, help="the system's name in the scores")
-    wr.add_argument("--out", type=Path, required=True,
-                    help="scenes JSONL; an existing one is resumed")
-    wr.add_argument("--concurrency", type=int, default=4,
-                    help="scenes in flight at once (the engine batches them); 1 for "
-                    "single-scene timings")
-    wr.add_argument("--humour", default="humour",
-                    help="humour model ranking best_of candidates: humour (shipped), off, "
-                    "a name in CHECKPOINTS_DIR or a dir")
-    wr.add_argument("--timeout", type=finite_float, default=600.0,
-                    help="seconds one scene may take")
+    wr.add_argument(
+        "--out", type=Path, required=True, help="scenes JSONL; an existing one is resumed"
+    )
+    wr.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="scenes in flight at once (the engine batches them); 1 for single-scene timings",
+    )
+    wr.add_argument(
+        "--humour",
+        default="humour",
+        help="humour model ranking best_of candidates: humour (shipped), off, "
+        "a name in CHECKPOINTS_DIR or a dir",
+    )
+    wr.add_argument(
+        "--timeout", type=finite_float, default=600.0, help="seconds one scene may take"
+    )
 
     pk = js.add_parser("pack", help="blinded pairs of two scenes files for a judge")
     pk.add_argument("files", type=Path, nargs=2, metavar="SCENES.jsonl")
-    pk.add_argument("--out", type=Path, required=True,
-                    help="folder for pairs.md, instructions.md, key.json")
+    pk.add_argument(
+        "--out", type=Path, required=True, help="folder for pairs.md, instructions.md, key.json"
+    )
     pk.add_argument("--seed", type=int, default=0, help="order of the pairs and scenes")
-    pk.add_argument("--repeat", type=int, default=0,
-                    help="show K pairs again (other order, new numbers): the judge's "
-                    "self-agreement")
-    pk.add_argument("--max-chars", type=int, default=MAX_CHARS,
-                    help="cut both scenes to this many characters (whole lines); 0 = no cut")
-    pk.add_argument("--max-lines", type=int, default=MAX_LINES,
-                    help="... and to this many lines; 0 = no cut")
+    pk.add_argument(
+        "--repeat",
+        type=int,
+        default=0,
+        help="show K pairs again (other order, new numbers): the judge's self-agreement",
+    )
+    pk.add_argument(
+        "--max-chars",
+        type=int,
+        default=MAX_CHARS,
+        help="cut both scenes to this many characters (whole lines); 0 = no cut",
+    )
+    pk.add_argument(
+        "--max-lines", type=int, default=MAX_LINES, help="... and to this many lines; 0 = no cut"
+    )
     pk.add_argument("--force", action="store_true", help="replace an existing pack")
 
     sc = js.add_parser("score", help="check a judge's verdicts and score the systems")
@@ -241,13 +345,23 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "extract":
         from training.extract import extract
 
-        card = extract(args.checkpoint, args.out, args.rank, base=args.base, data=args.data,
-                       embed_rank=args.embed_rank, calibration_tokens=args.calibration_tokens,
-                       dtype=args.dtype, overwrite=args.overwrite)
+        card = extract(
+            args.checkpoint,
+            args.out,
+            args.rank,
+            base=args.base,
+            data=args.data,
+            embed_rank=args.embed_rank,
+            calibration_tokens=args.calibration_tokens,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+        )
         val = card.get("adapter_val") or {}
-        print(f"wrote {args.out}: rank {card['rank']}, {card['adapter_mb']} MB, mean relative "
-              f"error {card['extract_rel_error_mean']}"
-              + (f", val bpb {val['bpb']:.4f}" if val else ""))
+        print(
+            f"wrote {args.out}: rank {card['rank']}, {card['adapter_mb']} MB, mean relative "
+            f"error {card['extract_rel_error_mean']}"
+            + (f", val bpb {val['bpb']:.4f}" if val else "")
+        )
     else:
         from training.evaluate import evaluate_cli
 
@@ -276,8 +390,7 @@ def humour_main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
-        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
-              file=sys.stderr)
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 1
 
 
@@ -302,11 +415,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         close_progress_bars()
         if e.errno == errno.ENOSPC:
-            print(f"error: disk full while writing {e.filename or 'output'}; {again(args)}",
-                  file=sys.stderr)
+            print(
+                f"error: disk full while writing {e.filename or 'output'}; {again(args)}",
+                file=sys.stderr,
+            )
         else:
-            print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
-                  file=sys.stderr)
+            print(
+                f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
+                file=sys.stderr,
+            )
         return 1
     except Exception as e:
         reason = write_failure(e, getattr(args, "out", None))

@@ -60,7 +60,8 @@ class MetricsLogCallback(TrainerCallback):
         # After a resume, drop lines logged past the checkpoint: those steps are redone.
         if state.is_world_process_zero and self.path.exists():
             kept = [
-                line for line in self.path.read_text().splitlines()
+                line
+                for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= state.global_step
             ]
             write_atomic(self.path, "".join(line + "\n" for line in kept))

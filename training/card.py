@@ -29,7 +29,8 @@ def scene_generation_config(model_config, tokenizer) -> GenerationConfig:
         max_new_tokens=s.max_new_tokens,
         bos_token_id=getattr(model_config, "bos_token_id", None),
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+        pad_token_id=tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
         else tokenizer.eos_token_id,
     )
 
@@ -70,9 +71,19 @@ def prior_stage_summary(directory: Path | str | None) -> dict | None:
     card = read_card(directory) if directory is not None else {}
     if not card:
         return None
-    keys = ("base_model", "steps", "tokens_seen", "train_wall_minutes", "tokens_seen_total",
-            "train_wall_minutes_total", "val_bpb", "form", "adapter_val", "init_adapter",
-            "init_checkpoint")
+    keys = (
+        "base_model",
+        "steps",
+        "tokens_seen",
+        "train_wall_minutes",
+        "tokens_seen_total",
+        "train_wall_minutes_total",
+        "val_bpb",
+        "form",
+        "adapter_val",
+        "init_adapter",
+        "init_checkpoint",
+    )
     summary = {"path": str(directory), **{k: card.get(k) for k in keys if k in card}}
     if "train_wall_minutes" not in summary:  # a fine-tune's card: its own training log
         summary["train_wall_minutes"] = train_minutes(Path(directory))
@@ -99,15 +110,22 @@ def remove_stale_exports(out: Path) -> list[Path]:
     mkdtemp's name); they hold a half-written model of hundreds of MB. Only this OUT's."""
     out = Path(out)
     pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.tmp")
-    stale = [p for p in out.parent.glob(f".{out.name}.*.tmp")
-             if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    stale = [
+        p
+        for p in out.parent.glob(f".{out.name}.*.tmp")
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    ]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
 
 
 def export_checkpoint(
-    model, tokenizer, out: Path, card: dict, extra_files: dict[str, Path],
+    model,
+    tokenizer,
+    out: Path,
+    card: dict,
+    extra_files: dict[str, Path],
     gguf_qtype: str | None = None,
 ) -> Path:
     """Write everything to a temp dir beside `out`, then swap it into place.

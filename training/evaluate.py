@@ -45,38 +45,62 @@ def val_metrics(model, tokenizer, episodes: list[str], block_size: int, batch_si
     dataset = pack_eval(token_stream(episodes, tokenizer), block_size)
     with tempfile.TemporaryDirectory(prefix="sitcom-eval-") as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
-            use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
+            output_dir=tmp,
+            per_device_eval_batch_size=batch_size,
+            report_to="none",
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=False,
         )
         trainer = Trainer(
-            model=model, args=args, eval_dataset=dataset,
+            model=model,
+            args=args,
+            eval_dataset=dataset,
             data_collator=right_padding_collator(tokenizer),
             compute_metrics=compute_metrics_for(utf8_bytes(episodes)),
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         metrics = trainer.evaluate()
     return {
-        "loss": metrics["eval_nll"], "ppl": metrics["eval_ppl"], "bpb": metrics["eval_bpb"],
-        "tokens": int(metrics["eval_tokens"]), "bytes": utf8_bytes(episodes),
-        "episodes": len(episodes), "block_size": block_size,
+        "loss": metrics["eval_nll"],
+        "ppl": metrics["eval_ppl"],
+        "bpb": metrics["eval_bpb"],
+        "tokens": int(metrics["eval_tokens"]),
+        "bytes": utf8_bytes(episodes),
+        "episodes": len(episodes),
+        "block_size": block_size,
     }
 
 
-def sample_scenes(model, tokenizer, n: int, settings: SceneSettings, known: tuple[str, ...],
-                  seed: int) -> list[dict]:
+def sample_scenes(
+    model, tokenizer, n: int, settings: SceneSettings, known: tuple[str, ...], seed: int
+) -> list[dict]:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
     scenes = write_scenes(model, tokenizer, prompts, settings, seed=seed) if prompts else []
     out = []
     for prompt, lines in zip(prompts, scenes, strict=True):
         skip = len(normalize_prompt(prompt).splitlines())
-        out.append({"prompt": prompt, "lines": lines,
-                    "score": score_scene(lines, known, skip=skip).as_dict()})
+        out.append(
+            {
+                "prompt": prompt,
+                "lines": lines,
+                "score": score_scene(lines, known, skip=skip).as_dict(),
+            }
+        )
     return out
 
 
-def evaluate(checkpoint: str, data: Path, *, samples: int = 8, max_new_tokens: int = 120,
-             block_size: int | None = None, batch_size: int = 4, eval_tokens: int = 0,
-             seed: int = 0, repetition_penalty: float | None = None) -> dict:
+def evaluate(
+    checkpoint: str,
+    data: Path,
+    *,
+    samples: int = 8,
+    max_new_tokens: int = 120,
+    block_size: int | None = None,
+    batch_size: int = 4,
+    eval_tokens: int = 0,
+    seed: int = 0,
+    repetition_penalty: float | None = None,
+) -> dict:
     settings = SceneSettings(max_new_tokens=max_new_tokens)
     if repetition_penalty is not None:  # e.g. 1.0 / 5.0, where the original experiment broke
         settings = settings.with_changes(repetition_penalty=repetition_penalty)
@@ -144,9 +168,15 @@ def write_json(path: Path, data: dict) -> None:
 
 def evaluate_cli(args) -> None:
     result = evaluate(
-        args.checkpoint, args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
-        block_size=args.block_size, batch_size=args.batch_size, eval_tokens=args.eval_tokens,
-        seed=args.seed, repetition_penalty=args.repetition_penalty,
+        args.checkpoint,
+        args.data,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        eval_tokens=args.eval_tokens,
+        seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
     )
     print(format_report(result))
     if args.json:

@@ -91,8 +91,9 @@ def weight_deltas(base, tuned) -> Deltas:
     return deltas
 
 
-def low_rank(delta: torch.Tensor, rank: int, cov: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, float]:
+def low_rank(
+    delta: torch.Tensor, rank: int, cov: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(B [out, r], A [r, in], relative error) with B @ A closest to delta.
 
     Without `cov`, closest in the Frobenius norm (plain SVD). With the layer's input
@@ -173,14 +174,24 @@ def lora_config(deltas: Deltas, rank: int, embed_rank: int):
         targets.append(embed)
         ranks[embed] = alphas[embed] = embed_rank
     return LoraConfig(
-        r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets,
-        rank_pattern=ranks, alpha_pattern=alphas, task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=targets,
+        rank_pattern=ranks,
+        alpha_pattern=alphas,
+        task_type="CAUSAL_LM",
         modules_to_save=sorted(deltas.whole) or None,
     )
 
 
-def fill_adapter(peft_model, deltas: Deltas, rank: int, embed_rank: int,
-                 covs: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+def fill_adapter(
+    peft_model,
+    deltas: Deltas,
+    rank: int,
+    embed_rank: int,
+    covs: dict[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Write the factors and whole modules into peft_model; {module: relative error}."""
     import torch
 
@@ -211,8 +222,9 @@ def _put(lora_a, lora_b, a, b) -> None:
     lora_b[:, : b.shape[1]].copy_(b)
 
 
-def describe(deltas: Deltas, rank: int, embed_rank: int, weighted: bool,
-             source_card: dict | None = None) -> str:
+def describe(
+    deltas: Deltas, rank: int, embed_rank: int, weighted: bool, source_card: dict | None = None
+) -> str:
     parts = [f"linear layers r={rank}"] if deltas.linear else []
     if deltas.embedding:
         parts.append(f"tied embedding r={embed_rank}")
@@ -252,21 +264,34 @@ def check_same_shape(base_model, tuned, base: str, checkpoint: str | Path) -> No
             )
 
 
-def check_out(out: Path, checkpoint: str | Path, base: str, data: Path | None,
-              overwrite: bool) -> None:
+def check_out(
+    out: Path, checkpoint: str | Path, base: str, data: Path | None, overwrite: bool
+) -> None:
     """OUT is new (or, with overwrite, a real directory) and replacing it deletes no input."""
-    refuse_overlap(published_paths(out), {
-        f"the checkpoint {checkpoint}": local_dir(checkpoint),
-        f"the base model --base {base}": local_dir(base),
-        f"the corpus --data {data}": corpus_paths(data),
-    }, "--out", out)
+    refuse_overlap(
+        published_paths(out),
+        {
+            f"the checkpoint {checkpoint}": local_dir(checkpoint),
+            f"the base model --base {base}": local_dir(base),
+            f"the corpus --data {data}": corpus_paths(data),
+        },
+        "--out",
+        out,
+    )
     check_output_dir(out, "--out", overwrite)
 
 
-def extract(checkpoint: str | Path, out: Path, rank: int, base: str = BASE_MODEL,
-            dtype: str = "bfloat16", data: Path | None = None,
-            embed_rank: int | None = None, calibration_tokens: int = 0,
-            overwrite: bool = False) -> dict:
+def extract(
+    checkpoint: str | Path,
+    out: Path,
+    rank: int,
+    base: str = BASE_MODEL,
+    dtype: str = "bfloat16",
+    data: Path | None = None,
+    embed_rank: int | None = None,
+    calibration_tokens: int = 0,
+    overwrite: bool = False,
+) -> dict:
     """Write OUT (adapter_config.json, the tensors, checkpoint.json naming them); returns
     the card. An existing OUT is replaced (atomically) only with `overwrite`. With `data`,
     the card gets the adapter's val metrics on the whole val split, and with
@@ -354,8 +379,12 @@ def _totals(card: dict, minutes: float | None) -> dict:
     """Tokens and wall minutes over every stage: a fine-tune that went on from an adapter
     (--init-adapter) or from our checkpoint (--base DIR) names it, and that card has the stages
     before; an older card only has the dir as its base_model."""
-    prior = (card.get("init_adapter") or card.get("init_checkpoint")
-             or prior_stage_summary(card.get("base_model")) or {})
+    prior = (
+        card.get("init_adapter")
+        or card.get("init_checkpoint")
+        or prior_stage_summary(card.get("base_model"))
+        or {}
+    )
     if not prior:
         return {}
     prior_tokens = prior.get("tokens_seen_total", prior.get("tokens_seen")) or 0
@@ -366,8 +395,9 @@ def _totals(card: dict, minutes: float | None) -> dict:
     }
 
 
-def adapter_val_metrics(adapter_dir: Path, base: str, data: Path, block_size: int,
-                        file_name: str) -> dict:
+def adapter_val_metrics(
+    adapter_dir: Path, base: str, data: Path, block_size: int, file_name: str
+) -> dict:
     """Val loss/ppl/BPB on the whole val split of base + adapter, merged as the bot does."""
     from training.corpus import load_corpus
     from training.evaluate import val_metrics

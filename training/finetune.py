@@ -185,7 +185,8 @@ def last_complete_checkpoint(work: Path) -> str | None:
         return None
     found = sorted(
         (p for p in work.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]), reverse=True,
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
     )
     for path in found:
         try:
@@ -237,11 +238,16 @@ def check_outputs(cfg: FinetuneConfig) -> None:
     replacing OUT deletes is, or holds, the corpus, the base model or the init adapter.
     (Whether an existing OUT may be replaced is prepare_work_dir's.)"""
     work = work_dir_for(cfg.out)
-    refuse_overlap([*published_paths(cfg.out), work], {
-        f"the corpus --data {cfg.data}": corpus_paths(cfg.data),
-        f"the base model --base {cfg.base}": local_dir(cfg.base),
-        f"the adapter --init-adapter {cfg.init_adapter}": local_dir(cfg.init_adapter),
-    }, "--out", cfg.out)
+    refuse_overlap(
+        [*published_paths(cfg.out), work],
+        {
+            f"the corpus --data {cfg.data}": corpus_paths(cfg.data),
+            f"the base model --base {cfg.base}": local_dir(cfg.base),
+            f"the adapter --init-adapter {cfg.init_adapter}": local_dir(cfg.init_adapter),
+        },
+        "--out",
+        cfg.out,
+    )
     check_output_dir(cfg.out, "--out", overwrite=True)
     check_output_dir(work, "--out", overwrite=True)
     for name in ("metrics.jsonl", "loss.png"):  # appended to / replaced in a resumed OUT.work
@@ -297,8 +303,11 @@ def build_model(cfg: FinetuneConfig):
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()  # frozen embeddings would cut the graph
         lora = LoraConfig(
-            r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.05,
-            target_modules="all-linear", task_type="CAUSAL_LM",
+            r=cfg.lora_r,
+            lora_alpha=2 * cfg.lora_r,
+            lora_dropout=0.05,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
     elif cfg.linear_only:
@@ -312,8 +321,9 @@ def build_model(cfg: FinetuneConfig):
             raise FinetuneError(f"cannot load {cfg.init_adapter}: {e}") from e
         # Trainer's checkpoints: peft would also save the frozen embedding (and the tied head)
         # whole, 226 MB each for SmolLM2, because the embedding is a LoRA target.
-        model.save_pretrained = functools.partial(model.save_pretrained,
-                                                  save_embedding_layers=False)
+        model.save_pretrained = functools.partial(
+            model.save_pretrained, save_embedding_layers=False
+        )
     return model, tokenizer
 
 
@@ -443,13 +453,23 @@ def finetune(cfg: FinetuneConfig) -> dict:
         trainer.train(resume_from_checkpoint=last)
     seconds = time.monotonic() - started
     # Rank 0 publishes OUT; the other ranks wait for its card.
-    return on_rank_zero(lambda: export_run(cfg, trainer, tokenizer, corpus, val_episodes,
-                                           final_eval, precision, seconds))
+    return on_rank_zero(
+        lambda: export_run(
+            cfg, trainer, tokenizer, corpus, val_episodes, final_eval, precision, seconds
+        )
+    )
 
 
-def export_run(cfg: FinetuneConfig, trainer: Trainer, tokenizer, corpus,
-               val_episodes: list[str], final_eval: FinalEvalCallback, precision: str,
-               seconds: float) -> dict:
+def export_run(
+    cfg: FinetuneConfig,
+    trainer: Trainer,
+    tokenizer,
+    corpus,
+    val_episodes: list[str],
+    final_eval: FinalEvalCallback,
+    precision: str,
+    seconds: float,
+) -> dict:
     """Rank 0's end of a run: loss.png, the card, the exported checkpoint, OUT.work removed."""
     work = Path(trainer.args.output_dir)
     metrics_path = work / "metrics.jsonl"
@@ -484,7 +504,10 @@ def export_run(cfg: FinetuneConfig, trainer: Trainer, tokenizer, corpus,
     )
     model.config.use_cache = True
     export_checkpoint(
-        model, tokenizer, cfg.out, card,
+        model,
+        tokenizer,
+        cfg.out,
+        card,
         {"metrics.jsonl": metrics_path, "loss.png": work / "loss.png"},
         gguf_qtype=None if cfg.gguf == "none" else cfg.gguf,
     )

@@ -52,8 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint) / "model.gguf"
     try:
         # A regular file or a new name, and no file of the checkpoint but its own model.gguf.
-        refuse_overlap([out], {f"a file of the checkpoint {args.checkpoint}": dir_files(
-            args.checkpoint, keep=lambda p: p.name != "model.gguf")}, "--out", out)
+        refuse_overlap(
+            [out],
+            {
+                f"a file of the checkpoint {args.checkpoint}": dir_files(
+                    args.checkpoint, keep=lambda p: p.name != "model.gguf"
+                )
+            },
+            "--out",
+            out,
+        )
         check_output_file(out, "--out")
     except OutputPathError as e:
         print(f"error: {e}", file=sys.stderr)

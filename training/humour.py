@@ -74,7 +74,8 @@ def corpus_dir() -> Path:
     spec = importlib.util.find_spec("seinfeld_laugh_corpus")
     if spec is None or not spec.submodule_search_locations:
         raise HumourTrainError(
-            "the laugh corpus is not installed: pip install seinfeld-laugh-corpus")
+            "the laugh corpus is not installed: pip install seinfeld-laugh-corpus"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "the_corpus"
 
 
@@ -92,8 +93,7 @@ def _seconds(value, default: float = 0.0) -> float:
         return default
 
 
-def episode_turns(items: Sequence, scene_gap: float = SCENE_GAP
-                  ) -> tuple[list[str], list[int]]:
+def episode_turns(items: Sequence, scene_gap: float = SCENE_GAP) -> tuple[list[str], list[int]]:
     """Script lines and laugh labels (1 / 0; -1 for a scene heading) from the package's
     Line / Laugh sequence. Subtitles have no scenes: a pause of over `scene_gap` seconds
     between two fragments is taken for a scene change and gets a heading."""
@@ -138,7 +138,8 @@ def load_laugh_corpus(folder: Path | None = None) -> list[Episode]:
     folder = corpus_dir() if folder is None else Path(folder)
     if importlib.util.find_spec("seinfeld_laugh_corpus") is None:
         raise HumourTrainError(
-            "the laugh corpus parser is not installed: pip install seinfeld-laugh-corpus")
+            "the laugh corpus parser is not installed: pip install seinfeld-laugh-corpus"
+        )
     from seinfeld_laugh_corpus.humor_recogniser.screenplay import Screenplay
 
     if not folder.is_dir():
@@ -152,7 +153,8 @@ def load_laugh_corpus(folder: Path | None = None) -> list[Episode]:
             screenplay = Screenplay.from_file(str(file))
         except Exception as e:  # the package's parser raises whatever it hits
             raise HumourTrainError(
-                f"laugh corpus {file.name}: cannot parse ({type(e).__name__}: {e})") from None
+                f"laugh corpus {file.name}: cannot parse ({type(e).__name__}: {e})"
+            ) from None
         lines, labels = episode_turns(screenplay.lines)
         if lines:
             episodes.append(Episode(file.stem, lines, labels))
@@ -161,8 +163,9 @@ def load_laugh_corpus(folder: Path | None = None) -> list[Episode]:
     return episodes
 
 
-def split_episodes(names: Sequence[str], seed: int, held_out: float = HELD_OUT
-                   ) -> tuple[list[str], list[str]]:
+def split_episodes(
+    names: Sequence[str], seed: int, held_out: float = HELD_OUT
+) -> tuple[list[str], list[str]]:
     """(train, held-out) episode names: a seeded shuffle of the sorted names."""
     ordered = sorted(names)
     order = np.random.default_rng(seed).permutation(len(ordered))
@@ -219,8 +222,9 @@ class Examples:
         return np.repeat(np.arange(len(self)), np.diff(self.indptr))
 
 
-def examples(scripts: Sequence[tuple[list[str], dict[int, tuple[int, float]]]],
-             dim: int) -> Examples:
+def examples(
+    scripts: Sequence[tuple[list[str], dict[int, tuple[int, float]]]], dim: int
+) -> Examples:
     """Scripts with labels: each is (lines, {line index: (label, weight)}); lines without
     a label are context only."""
     hashed, dense, labels, weights, position, scene_position = [], [], [], [], [], []
@@ -244,29 +248,44 @@ def examples(scripts: Sequence[tuple[list[str], dict[int, tuple[int, float]]]],
     if not labels:
         raise HumourTrainError("no labelled dialogue lines")
     indptr = np.concatenate(([0], np.cumsum([len(h) for h in hashed]))).astype(np.int64)
-    return Examples(indptr, np.concatenate(hashed).astype(np.int64),
-                    np.asarray(dense, dtype=np.float32), np.asarray(labels, dtype=np.float64),
-                    np.asarray(weights, dtype=np.float64), np.asarray(position, dtype=np.float64),
-                    np.asarray(scene_position, dtype=np.float64))
+    return Examples(
+        indptr,
+        np.concatenate(hashed).astype(np.int64),
+        np.asarray(dense, dtype=np.float32),
+        np.asarray(labels, dtype=np.float64),
+        np.asarray(weights, dtype=np.float64),
+        np.asarray(position, dtype=np.float64),
+        np.asarray(scene_position, dtype=np.float64),
+    )
 
 
 def episode_examples(episodes: Sequence[Episode], dim: int) -> Examples:
-    return examples([(e.lines, {i: (y, 1.0) for i, y in enumerate(e.labels) if y >= 0})
-                     for e in episodes], dim)
+    return examples(
+        [(e.lines, {i: (y, 1.0) for i, y in enumerate(e.labels) if y >= 0}) for e in episodes], dim
+    )
 
 
 # -- fitting -------------------------------------------------------------------------------
 
 
-def _logits(data: Examples, w: np.ndarray, v: np.ndarray, b: float, scaled: np.ndarray
-            ) -> np.ndarray:
+def _logits(
+    data: Examples, w: np.ndarray, v: np.ndarray, b: float, scaled: np.ndarray
+) -> np.ndarray:
     sparse = np.bincount(data.row_of, weights=w[data.indices], minlength=len(data))
     return sparse + scaled @ v + b
 
 
-def fit(data: Examples, dim: int, *, l2: float = L2, steps: int = STEPS, lr: float = 0.05,
-        init: HumourModel | None = None, card: dict | None = None,
-        name: str = "humour") -> HumourModel:
+def fit(
+    data: Examples,
+    dim: int,
+    *,
+    l2: float = L2,
+    steps: int = STEPS,
+    lr: float = 0.05,
+    init: HumourModel | None = None,
+    card: dict | None = None,
+    name: str = "humour",
+) -> HumourModel:
     """Weighted logistic regression by full-batch Adam.
 
     Without `init`: weights start at 0, the dense features are standardised on `data` and
@@ -309,8 +328,7 @@ def fit(data: Examples, dim: int, *, l2: float = L2, steps: int = STEPS, lr: flo
         p = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
         r = (p - data.labels) * sw
         grads = [
-            np.bincount(local, weights=r[row_of], minlength=len(active))
-            + l2 * (w - anchors[0]),
+            np.bincount(local, weights=r[row_of], minlength=len(active)) + l2 * (w - anchors[0]),
             scaled.T @ r + l2 * (v - anchors[1]),
             np.array([r.sum()]),
         ]
@@ -322,15 +340,22 @@ def fit(data: Examples, dim: int, *, l2: float = L2, steps: int = STEPS, lr: flo
             param -= lr * mhat / (np.sqrt(shat) + eps)
     hashed = w0.copy()
     hashed[active] = params[0]
-    return HumourModel(hashed.astype(np.float32), params[1].astype(np.float32),
-                       mean.astype(np.float32), std.astype(np.float32), float(params[2][0]),
-                       dict(card or {}), name)
+    return HumourModel(
+        hashed.astype(np.float32),
+        params[1].astype(np.float32),
+        mean.astype(np.float32),
+        std.astype(np.float32),
+        float(params[2][0]),
+        dict(card or {}),
+        name,
+    )
 
 
 def predict(model: HumourModel, data: Examples) -> np.ndarray:
     scaled = (data.dense - model.mean) / model.std
-    return _logits(data, model.hashed.astype(np.float64), model.dense.astype(np.float64),
-                   model.bias, scaled)
+    return _logits(
+        data, model.hashed.astype(np.float64), model.dense.astype(np.float64), model.bias, scaled
+    )
 
 
 def evaluate(model: HumourModel, episodes: Sequence[Episode]) -> dict[str, float]:
@@ -371,11 +396,13 @@ def read_votes(db_path: str | Path, guild: str | None = None) -> list[VotedScene
         missing = {"scenes", "lines", "votes"} - tables
         if missing:
             raise HumourTrainError(
-                f"--votes {path}: not a bot database (no table {sorted(missing)[0]})")
+                f"--votes {path}: not a bot database (no table {sorted(missing)[0]})"
+            )
         columns = {row[1] for row in conn.execute("PRAGMA table_info(lines)")}
         if "from_prompt" not in columns:
             raise HumourTrainError(
-                f"--votes {path}: an old bot database; start the bot on it once to migrate it")
+                f"--votes {path}: an old bot database; start the bot on it once to migrate it"
+            )
         where, params = "", ()
         if guild is not None:
             where, params = "WHERE s.guild_id = ?", (str(guild),)
@@ -383,7 +410,9 @@ def read_votes(db_path: str | Path, guild: str | None = None) -> list[VotedScene
             "SELECT s.id, l.line_no, l.text, l.from_prompt, COUNT(v.id) "
             "FROM scenes s JOIN lines l ON l.scene_id = s.id "
             f"LEFT JOIN votes v ON v.line_id = l.id {where} "
-            "GROUP BY l.id ORDER BY s.id, l.line_no", params).fetchall()
+            "GROUP BY l.id ORDER BY s.id, l.line_no",
+            params,
+        ).fetchall()
     except sqlite3.Error as e:
         raise HumourTrainError(f"--votes {path}: cannot read ({e})") from None
     finally:
@@ -400,16 +429,22 @@ def read_votes(db_path: str | Path, guild: str | None = None) -> list[VotedScene
 def vote_examples(scenes: Sequence[VotedScene], dim: int) -> Examples:
     """Voted generated lines are positives weighted by their votes; the scene's other
     generated lines negatives of weight 1."""
-    return examples([(s.lines, {i: (1, float(n)) if n else (0, 1.0)
-                                for i, n in s.votes.items()}) for s in scenes], dim)
+    return examples(
+        [
+            (s.lines, {i: (1, float(n)) if n else (0, 1.0) for i, n in s.votes.items()})
+            for s in scenes
+        ],
+        dim,
+    )
 
 
 def combine(parts: Sequence[tuple[Examples, float]]) -> Examples:
     """One design from several, each part's weights rescaled to sum to its share."""
     offsets = np.cumsum([0] + [p.indptr[-1] for p, _ in parts])
     return Examples(
-        np.concatenate([p.indptr[:-1] + o for (p, _), o in zip(parts, offsets, strict=False)]
-                       + [offsets[-1:]]),
+        np.concatenate(
+            [p.indptr[:-1] + o for (p, _), o in zip(parts, offsets, strict=False)] + [offsets[-1:]]
+        ),
         np.concatenate([p.indices for p, _ in parts]),
         np.concatenate([p.dense for p, _ in parts]),
         np.concatenate([p.labels for p, _ in parts]),
@@ -419,10 +454,17 @@ def combine(parts: Sequence[tuple[Examples, float]]) -> Examples:
     )
 
 
-def update_with_votes(init: HumourModel, scenes: Sequence[VotedScene], *,
-                      rehearsal: Sequence[Episode] = (), share: float = VOTE_SHARE,
-                      anchor: float = ANCHOR, steps: int = VOTE_STEPS,
-                      card: dict | None = None, name: str = "humour-votes") -> HumourModel:
+def update_with_votes(
+    init: HumourModel,
+    scenes: Sequence[VotedScene],
+    *,
+    rehearsal: Sequence[Episode] = (),
+    share: float = VOTE_SHARE,
+    anchor: float = ANCHOR,
+    steps: int = VOTE_STEPS,
+    card: dict | None = None,
+    name: str = "humour-votes",
+) -> HumourModel:
     """Go on from `init` with the votes as labels. With `rehearsal` episodes of the laugh
     corpus the objective also keeps fitting them (the votes weigh `share` of the corpus) and
     the weights are pulled towards init's by L2; without, only the stronger `anchor` pull
@@ -460,9 +502,17 @@ def write_model(model: HumourModel, out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train_on_corpus(out: Path, *, seed: int = 0, corpus: Path | None = None, dim: int = DIM,
-                    l2: float = L2, steps: int = STEPS, command: str = "",
-                    overwrite: bool = False) -> HumourModel:
+def train_on_corpus(
+    out: Path,
+    *,
+    seed: int = 0,
+    corpus: Path | None = None,
+    dim: int = DIM,
+    l2: float = L2,
+    steps: int = STEPS,
+    command: str = "",
+    overwrite: bool = False,
+) -> HumourModel:
     """Fit on the training episodes, measure on the held-out ones, write the model to out."""
     _check_out(out, overwrite)
     started = time.monotonic()
@@ -470,25 +520,36 @@ def train_on_corpus(out: Path, *, seed: int = 0, corpus: Path | None = None, dim
     train_names, test_names = split_episodes([e.name for e in episodes], seed)
     train = [e for e in episodes if e.name in set(train_names)]
     test = [e for e in episodes if e.name in set(test_names)]
-    model = fit(episode_examples(train, dim), dim, l2=l2, steps=steps,
-                name=out.name or "humour")
+    model = fit(episode_examples(train, dim), dim, l2=l2, steps=steps, name=out.name or "humour")
     auc = evaluate(model, test) if test else {}
     model.card.update(
         trained_on="seinfeld-laugh-corpus" if corpus is None else str(corpus),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        command=command, seed=seed, l2=l2, steps=steps,
+        command=command,
+        seed=seed,
+        l2=l2,
+        steps=steps,
         episodes={"train": len(train), "held_out": len(test)},
         train_lines=sum(len(e.lines) for e in train),
-        held_out_episodes=test_names, held_out_auc=auc,
+        held_out_episodes=test_names,
+        held_out_auc=auc,
         seconds=round(time.monotonic() - started, 1),
     )
     write_model(model, out)
     return model
 
 
-def train_on_votes(out: Path, votes: Path, *, guild: str | None = None,
-                   init: Path | None = None, corpus: Path | None = None, seed: int = 0,
-                   command: str = "", overwrite: bool = False) -> HumourModel:
+def train_on_votes(
+    out: Path,
+    votes: Path,
+    *,
+    guild: str | None = None,
+    init: Path | None = None,
+    corpus: Path | None = None,
+    seed: int = 0,
+    command: str = "",
+    overwrite: bool = False,
+) -> HumourModel:
     """Update `init` (default: the shipped model) with the votes in the bot's database,
     rehearsing the laugh corpus (the init's training episodes) when it is at hand."""
     _check_out(out, overwrite)
@@ -512,17 +573,26 @@ def train_on_votes(out: Path, votes: Path, *, guild: str | None = None,
     data = vote_examples(scenes, base.dim)
     card = {k: v for k, v in base.card.items() if k not in ("held_out_auc", "command")}
     card.update(
-        init=base.name, created=datetime.now(UTC).isoformat(timespec="seconds"),
-        command=command, votes_db=str(votes), guild=guild,
-        rehearsal_episodes=len(rehearsal), vote_share=VOTE_SHARE if rehearsal else None,
+        init=base.name,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        command=command,
+        votes_db=str(votes),
+        guild=guild,
+        rehearsal_episodes=len(rehearsal),
+        vote_share=VOTE_SHARE if rehearsal else None,
         anchor=None if rehearsal else ANCHOR,
-        vote_scenes=len(scenes), vote_lines=len(data),
-        vote_auc={"init": roc_auc(data.labels, predict(base, data)),
-                  "updated": roc_auc(data.labels, predict(model, data))},
+        vote_scenes=len(scenes),
+        vote_lines=len(data),
+        vote_auc={
+            "init": roc_auc(data.labels, predict(base, data)),
+            "updated": roc_auc(data.labels, predict(model, data)),
+        },
     )
     if test:  # still sensible on real laughter?
-        card["laugh_auc"] = {"init": evaluate(base, test)["model"],
-                             "updated": evaluate(model, test)["model"]}
+        card["laugh_auc"] = {
+            "init": evaluate(base, test)["model"],
+            "updated": evaluate(model, test)["model"],
+        }
     model.card = card
     write_model(model, out)
     return model
@@ -530,34 +600,54 @@ def train_on_votes(out: Path, votes: Path, *, guild: str | None = None,
 
 def humour_cli(args) -> int:
     command = f"python -m training humour --out {args.out} --seed {args.seed}" + "".join(
-        f" --{flag} {value}" for flag, value in (
-            ("votes", args.votes), ("guild", args.guild), ("init", args.init),
-            ("corpus", args.corpus)) if value is not None)
+        f" --{flag} {value}"
+        for flag, value in (
+            ("votes", args.votes),
+            ("guild", args.guild),
+            ("init", args.init),
+            ("corpus", args.corpus),
+        )
+        if value is not None
+    )
     if args.guild is not None and args.votes is None:
         raise HumourTrainError("--guild needs --votes")
     if args.init is not None and args.votes is None:
         raise HumourTrainError("--init needs --votes")
     if args.votes is None:
-        model = train_on_corpus(args.out, seed=args.seed, corpus=args.corpus,
-                                command=command, overwrite=args.overwrite)
+        model = train_on_corpus(
+            args.out, seed=args.seed, corpus=args.corpus, command=command, overwrite=args.overwrite
+        )
         auc = model.card["held_out_auc"]
         if auc:
-            print(f"wrote {args.out}: held-out ROC AUC {auc['model']:.3f} "
-                  f"(length {auc['length']:.3f}, position {auc['position']:.3f}, in scene "
-                  f"{auc['scene_position']:.3f}) on "
-                  f"{model.card['episodes']['held_out']} episodes")
+            print(
+                f"wrote {args.out}: held-out ROC AUC {auc['model']:.3f} "
+                f"(length {auc['length']:.3f}, position {auc['position']:.3f}, in scene "
+                f"{auc['scene_position']:.3f}) on "
+                f"{model.card['episodes']['held_out']} episodes"
+            )
         else:
             print(f"wrote {args.out} (one episode: nothing held out)")
     else:
-        model = train_on_votes(args.out, args.votes, guild=args.guild, init=args.init,
-                               corpus=args.corpus, seed=args.seed, command=command,
-                               overwrite=args.overwrite)
+        model = train_on_votes(
+            args.out,
+            args.votes,
+            guild=args.guild,
+            init=args.init,
+            corpus=args.corpus,
+            seed=args.seed,
+            command=command,
+            overwrite=args.overwrite,
+        )
         card = model.card
-        text = (f"wrote {args.out}: {card['vote_lines']} voted-on lines from "
-                f"{card['vote_scenes']} scenes; their ROC AUC {card['vote_auc']['init']:.3f} "
-                f"-> {card['vote_auc']['updated']:.3f}")
+        text = (
+            f"wrote {args.out}: {card['vote_lines']} voted-on lines from "
+            f"{card['vote_scenes']} scenes; their ROC AUC {card['vote_auc']['init']:.3f} "
+            f"-> {card['vote_auc']['updated']:.3f}"
+        )
         if "laugh_auc" in card:
-            text += (f"; laugh corpus {card['laugh_auc']['init']:.3f} -> "
-                     f"{card['laugh_auc']['updated']:.3f}")
+            text += (
+                f"; laugh corpus {card['laugh_auc']['init']:.3f} -> "
+                f"{card['laugh_auc']['updated']:.3f}"
+            )
         print(text)
     return 0

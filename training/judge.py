@@ -46,10 +46,14 @@ SHOW = "show"  # --model show: the real continuations
 SCORES = ("coherence", "humour", "voice")
 VERDICT_KEYS = {"pair", "better", "real", "scene1", "scene2", "note"}
 SYSTEM_IDS = ("A", "B")
-EXAMPLE_VERDICT = {"pair": 1, "better": 2, "real": "none",
-                   "scene1": {"coherence": 2, "humour": 1, "voice": 3},
-                   "scene2": {"coherence": 4, "humour": 3, "voice": 4},
-                   "note": "2 keeps to the opening's idea"}
+EXAMPLE_VERDICT = {
+    "pair": 1,
+    "better": 2,
+    "real": "none",
+    "scene1": {"coherence": 2, "humour": 1, "voice": 3},
+    "scene2": {"coherence": 4, "humour": 3, "voice": 4},
+    "note": "2 keeps to the opening's idea",
+}
 
 
 class JudgeError(ValueError):
@@ -134,8 +138,9 @@ def _candidates(lines: Sequence[str]) -> list[_Candidate]:
     return found
 
 
-def _continuation(lines: Sequence[str], after: Sequence[int], max_lines: int,
-                  max_chars: int) -> list[str]:
+def _continuation(
+    lines: Sequence[str], after: Sequence[int], max_lines: int, max_chars: int
+) -> list[str]:
     out: list[str] = []
     chars = 0
     for j in after:
@@ -152,18 +157,26 @@ def _episode_files(corpus_root: Path, val: Sequence[str]) -> list[str | None]:
     try:
         files = json.loads((corpus_root / "manifest.json").read_text(encoding="utf-8"))["files"]
         names = [f["file"] for f in files if f.get("status") == "kept" and f.get("split") == "val"]
-        sizes = [f["out_bytes"] for f in files
-                 if f.get("status") == "kept" and f.get("split") == "val"]
+        sizes = [
+            f["out_bytes"] for f in files if f.get("status") == "kept" and f.get("split") == "val"
+        ]
     except (OSError, ValueError, KeyError, TypeError):
         return [None] * len(val)
-    if len(names) != len(val) or any(len(ep.encode()) + 1 != size
-                                     for ep, size in zip(val, sizes, strict=True)):
+    if len(names) != len(val) or any(
+        len(ep.encode()) + 1 != size for ep, size in zip(val, sizes, strict=True)
+    ):
         return [None] * len(val)
     return names
 
 
-def make_openings(corpus_root: str | Path, n: int, seed: int, *, max_lines: int = MAX_LINES,
-                  max_chars: int = MAX_CHARS) -> list[dict]:
+def make_openings(
+    corpus_root: str | Path,
+    n: int,
+    seed: int,
+    *,
+    max_lines: int = MAX_LINES,
+    max_chars: int = MAX_CHARS,
+) -> list[dict]:
     """n openings spread evenly over the val episodes (round robin; mostly scene starts,
     some mid-scene; windows never overlapping), chosen by `seed`."""
     if n < 1:
@@ -182,8 +195,9 @@ def make_openings(corpus_root: str | Path, n: int, seed: int, *, max_lines: int 
         rng.shuffle(mids)
         pool = []
         while starts or mids:  # mostly scene starts, some mid-scene points for variety
-            pool.append((starts if starts and (not mids or rng.random() < START_SHARE)
-                         else mids).pop())
+            pool.append(
+                (starts if starts and (not mids or rng.random() < START_SHARE) else mids).pop()
+            )
         if pool:
             pools[e] = pool
     order = list(pools)
@@ -199,8 +213,13 @@ def make_openings(corpus_root: str | Path, n: int, seed: int, *, max_lines: int 
                 order.remove(e)
                 pools.pop(e, None)
                 continue
-            record.update(episode=e, episode_file=files[e], seed=seed,
-                          corpus=str(corpus.root), manifest_sha256=corpus.manifest_sha256)
+            record.update(
+                episode=e,
+                episode_file=files[e],
+                seed=seed,
+                corpus=str(corpus.root),
+                manifest_sha256=corpus.manifest_sha256,
+            )
             chosen.append(record)
     if len(chosen) < n:
         raise JudgeError(
@@ -212,17 +231,27 @@ def make_openings(corpus_root: str | Path, n: int, seed: int, *, max_lines: int 
     return [{"id": f"ep{r['episode']}:{r['line']}", **r} for r in chosen]
 
 
-def _take(lines: Sequence[str], pools: dict[int, list[_Candidate]],
-          taken: dict[int, list[tuple[int, int]]], e: int, rng: random.Random,
-          max_lines: int, max_chars: int) -> dict | None:
+def _take(
+    lines: Sequence[str],
+    pools: dict[int, list[_Candidate]],
+    taken: dict[int, list[tuple[int, int]]],
+    e: int,
+    rng: random.Random,
+    max_lines: int,
+    max_chars: int,
+) -> dict | None:
     """The next candidate of episode e whose window overlaps no chosen one, as a record."""
     pool = pools.get(e, [])
     while pool:
         c = pool.pop(0)
         opening = [lines[c.line]]
         rest = list(c.after)
-        if rest and is_turn(lines[rest[0]]) and len(lines[rest[0]]) <= MAX_OPENING_CHARS \
-                and rng.random() < 0.5:
+        if (
+            rest
+            and is_turn(lines[rest[0]])
+            and len(lines[rest[0]]) <= MAX_OPENING_CHARS
+            and rng.random() < 0.5
+        ):
             opening.append(lines[rest.pop(0)])
         continuation = _continuation(lines, rest, max_lines, max_chars)
         if not continuation:
@@ -231,19 +260,26 @@ def _take(lines: Sequence[str], pools: dict[int, list[_Candidate]],
         if any(span[0] <= b and a <= span[1] for a, b in taken[e]):
             continue
         taken[e].append(span)
-        return {"line": c.line, "scene_start": c.scene_start, "place": c.place,
-                "opening": opening, "continuation": continuation}
+        return {
+            "line": c.line,
+            "scene_start": c.scene_start,
+            "place": c.place,
+            "opening": opening,
+            "continuation": continuation,
+        }
     return None
 
 
 def openings_cli(args) -> int:
     check_out_file(args.out)
-    records = make_openings(args.data, args.n, args.seed, max_lines=args.max_lines,
-                            max_chars=args.max_chars)
+    records = make_openings(
+        args.data, args.n, args.seed, max_lines=args.max_lines, max_chars=args.max_chars
+    )
     write_jsonl(args.out, records)
     episodes = len({r["episode"] for r in records})
-    print(f"wrote {args.out}: {len(records)} openings from {episodes} val episodes "
-          f"(seed {args.seed})")
+    print(
+        f"wrote {args.out}: {len(records)} openings from {episodes} val episodes (seed {args.seed})"
+    )
     return 0
 
 
@@ -253,8 +289,11 @@ def load_openings(path: Path) -> list[dict]:
         raise JudgeError(f"openings file {path} holds no openings")
     seen = set()
     for number, r in enumerate(records, 1):
-        ok = (isinstance(r.get("id"), str) and _lines_ok(r.get("opening"))
-              and _lines_ok(r.get("continuation")))
+        ok = (
+            isinstance(r.get("id"), str)
+            and _lines_ok(r.get("opening"))
+            and _lines_ok(r.get("continuation"))
+        )
         if not ok:
             raise JudgeError(f"{path}: opening {number} is not one `judge openings` writes")
         if r["id"] in seen:
@@ -301,8 +340,13 @@ def default_label(model: str, changes: dict) -> str:
     name = Path(model).name if os.sep in model or Path(model).is_dir() else model
     if not changes:
         return name
-    return name + " " + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                 for k, v in sorted(changes.items()))
+    return (
+        name
+        + " "
+        + ",".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(changes.items())
+        )
+    )
 
 
 def _existing(out: Path, model: str, label: str, settings: dict) -> dict[str, dict]:
@@ -345,9 +389,18 @@ def write_cli(args) -> int:
     base = {"label": label, "model": args.model, "settings": settings}
     if show:
         for o in todo:
-            _append(args.out, {"id": o["id"], **base, "opening": o["opening"],
-                               "lines": o["continuation"], "seconds": None,
-                               "new_tokens": None, "partial": False})
+            _append(
+                args.out,
+                {
+                    "id": o["id"],
+                    **base,
+                    "opening": o["opening"],
+                    "lines": o["continuation"],
+                    "seconds": None,
+                    "new_tokens": None,
+                    "partial": False,
+                },
+            )
         print(f"wrote {args.out}: {len(todo)} real continuations")
         return 0
     if args.concurrency < 1:
@@ -355,14 +408,15 @@ def write_cli(args) -> int:
     try:
         failed = asyncio.run(_write_scenes(args, todo, base, scene_settings(changes)))
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to go on where it stopped",
-              file=sys.stderr)
+        print("interrupted; run the same command again to go on where it stopped", file=sys.stderr)
         return 130
     wrote = len(todo) - failed
     print(f"wrote {args.out}: {wrote} scenes ({len(done) + wrote} of {len(openings)})")
     if failed:
-        print(f"error: {failed} scenes failed; run the same command again to retry them",
-              file=sys.stderr)
+        print(
+            f"error: {failed} scenes failed; run the same command again to retry them",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -382,10 +436,15 @@ async def _write_scenes(args, todo: list[dict], base: dict, settings) -> int:
     except ValueError as e:
         raise JudgeError(f"--humour: {e}") from None
     engine = SceneEngine(
-        model=model, max_queue=max(32, args.concurrency), per_user_limit=args.concurrency,
-        timeout_s=args.timeout, max_prompt_chars=MAX_PROMPT_CHARS, loader=load_model,
+        model=model,
+        max_queue=max(32, args.concurrency),
+        per_user_limit=args.concurrency,
+        timeout_s=args.timeout,
+        max_prompt_chars=MAX_PROMPT_CHARS,
+        loader=load_model,
         # each scene's best_of candidates share the batch with it: room for all of them
-        max_batch=min(8, args.concurrency * settings.best_of), scorer=scorer,
+        max_batch=min(8, args.concurrency * settings.best_of),
+        scorer=scorer,
     )
     try:
         await engine.start()
@@ -408,15 +467,26 @@ async def _write_scenes(args, todo: list[dict], base: dict, settings) -> int:
                 print(f"{opening['id']}: {e}", file=sys.stderr)
                 return
         own = scene.prompt_lines  # the engine says how many lines were the opening
-        _append(args.out, {
-            "id": opening["id"], **base, "model_path": str(model),
-            "opening": opening["opening"], "lines": list(scene.lines[own:]),
-            "seconds": round(scene.seconds, 3), "new_tokens": int(scene.new_tokens),
-            "partial": bool(scene.partial), "concurrency": args.concurrency,
-        })
+        _append(
+            args.out,
+            {
+                "id": opening["id"],
+                **base,
+                "model_path": str(model),
+                "opening": opening["opening"],
+                "lines": list(scene.lines[own:]),
+                "seconds": round(scene.seconds, 3),
+                "new_tokens": int(scene.new_tokens),
+                "partial": bool(scene.partial),
+                "concurrency": args.concurrency,
+            },
+        )
         finished += 1
-        print(f"[{finished}/{total}] {opening['id']}: {len(scene.lines) - own} lines, "
-              f"{scene.new_tokens} tokens, {scene.seconds:.1f} s", file=sys.stderr)
+        print(
+            f"[{finished}/{total}] {opening['id']}: {len(scene.lines) - own} lines, "
+            f"{scene.new_tokens} tokens, {scene.seconds:.1f} s",
+            file=sys.stderr,
+        )
 
     try:
         await asyncio.gather(*(one(o) for o in todo))
@@ -427,11 +497,24 @@ async def _write_scenes(args, todo: list[dict], base: dict, settings) -> int:
 
 # ----------------------------------------------------------------------------- pack
 
-_TYPOGRAPHY = str.maketrans({
-    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
-    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2033": '"',
-    "\u2013": "-", "\u2014": "--", "\u2212": "-", "\u00a0": " ", "`": "'",
-})
+_TYPOGRAPHY = str.maketrans(
+    {
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201a": "'",
+        "\u201b": "'",
+        "\u2032": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u201e": '"',
+        "\u2033": '"',
+        "\u2013": "-",
+        "\u2014": "--",
+        "\u2212": "-",
+        "\u00a0": " ",
+        "`": "'",
+    }
+)
 
 
 def render_line(line: str) -> str:
@@ -453,8 +536,9 @@ def render_scene(lines: Sequence[str], max_chars: int, max_lines: int = 0) -> li
         text = render_line(line)
         if not text:
             continue
-        if out and (max_chars and chars + len(text) + 1 > max_chars
-                    or max_lines and len(out) >= max_lines):
+        if out and (
+            max_chars and chars + len(text) + 1 > max_chars or max_lines and len(out) >= max_lines
+        ):
             break
         out.append(text)
         chars += len(text) + 1
@@ -469,33 +553,52 @@ def load_scenes(path: Path) -> tuple[dict, dict[str, dict]]:
     first = records[0]
     by_id: dict[str, dict] = {}
     for number, r in enumerate(records, 1):
-        if not (isinstance(r.get("id"), str) and _lines_ok(r.get("opening"))
-                and isinstance(r.get("lines"), list)
-                and all(isinstance(x, str) for x in r["lines"])):
+        if not (
+            isinstance(r.get("id"), str)
+            and _lines_ok(r.get("opening"))
+            and isinstance(r.get("lines"), list)
+            and all(isinstance(x, str) for x in r["lines"])
+        ):
             raise JudgeError(f"{path}: line {number} is not a scene `judge write` writes")
-        if (r.get("label"), r.get("model"), r.get("settings")) != \
-                (first.get("label"), first.get("model"), first.get("settings")):
+        if (r.get("label"), r.get("model"), r.get("settings")) != (
+            first.get("label"),
+            first.get("model"),
+            first.get("settings"),
+        ):
             raise JudgeError(f"{path} mixes scenes of more than one system (line {number})")
         if r["id"] in by_id:
             raise JudgeError(f"{path}: opening {r['id']} appears twice")
         by_id[r["id"]] = r
-    system = {"label": first.get("label"), "model": first.get("model"),
-              "settings": first.get("settings"), "file": str(path)}
+    system = {
+        "label": first.get("label"),
+        "model": first.get("model"),
+        "settings": first.get("settings"),
+        "file": str(path),
+    }
     return system, by_id
 
 
 def speed(records: Iterable[dict]) -> dict | None:
     """Mean seconds and new tokens per scene, and tokens per second, of written scenes
     (None for the show's, which have no timings)."""
-    timed = [r for r in records if isinstance(r.get("seconds"), int | float)
-             and isinstance(r.get("new_tokens"), int) and r["seconds"] > 0]
+    timed = [
+        r
+        for r in records
+        if isinstance(r.get("seconds"), int | float)
+        and isinstance(r.get("new_tokens"), int)
+        and r["seconds"] > 0
+    ]
     if not timed:
         return None
     seconds = sum(r["seconds"] for r in timed)
     tokens = sum(r["new_tokens"] for r in timed)
-    return {"scenes": len(timed), "mean_seconds": seconds / len(timed),
-            "mean_new_tokens": tokens / len(timed), "tokens_per_s": tokens / seconds,
-            "concurrency": timed[0].get("concurrency")}
+    return {
+        "scenes": len(timed),
+        "mean_seconds": seconds / len(timed),
+        "mean_new_tokens": tokens / len(timed),
+        "tokens_per_s": tokens / seconds,
+        "concurrency": timed[0].get("concurrency"),
+    }
 
 
 def _balanced_orders(n: int, rng: random.Random) -> list[bool]:
@@ -507,8 +610,16 @@ def _balanced_orders(n: int, rng: random.Random) -> list[bool]:
     return flags
 
 
-def pack(files: Sequence[Path], out_dir: Path, *, seed: int = 0, repeat: int = 0,
-         max_chars: int = MAX_CHARS, max_lines: int = MAX_LINES, force: bool = False) -> dict:
+def pack(
+    files: Sequence[Path],
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    repeat: int = 0,
+    max_chars: int = MAX_CHARS,
+    max_lines: int = MAX_LINES,
+    force: bool = False,
+) -> dict:
     """Write out_dir/pairs.md, instructions.md and key.json; returns the key."""
     if len(files) != 2:
         raise JudgeError(f"pack takes two scenes files (got {len(files)})")
@@ -517,29 +628,39 @@ def pack(files: Sequence[Path], out_dir: Path, *, seed: int = 0, repeat: int = 0
     if out_dir.exists() and not out_dir.is_dir():
         raise JudgeError(f"--out {out_dir} is a file; give a folder")
     if (out_dir / "key.json").exists() and not force:
-        raise JudgeError(f"{out_dir} already holds a pack (key.json); use another --out, "
-                         "or --force to replace it")
+        raise JudgeError(
+            f"{out_dir} already holds a pack (key.json); use another --out, "
+            "or --force to replace it"
+        )
     (sys_a, scenes_a), (sys_b, scenes_b) = load_scenes(files[0]), load_scenes(files[1])
     common = [i for i in scenes_a if i in scenes_b]
     if not common:
         raise JudgeError(f"{files[0]} and {files[1]} share no openings")
     for i in common:
         if scenes_a[i]["opening"] != scenes_b[i]["opening"]:
-            raise JudgeError(f"opening {i} differs between {files[0]} and {files[1]}; were "
-                             "they written from the same openings file?")
+            raise JudgeError(
+                f"opening {i} differs between {files[0]} and {files[1]}; were "
+                "they written from the same openings file?"
+            )
     if repeat > len(common):
         raise JudgeError(f"--repeat {repeat} is more than the {len(common)} pairs")
     missing = len(set(scenes_a) ^ set(scenes_b))
     if missing:
-        print(f"note: {missing} openings are in only one of the files; they are left out",
-              file=sys.stderr)
+        print(
+            f"note: {missing} openings are in only one of the files; they are left out",
+            file=sys.stderr,
+        )
     rng = random.Random(seed)
     common.sort()
-    pairs = [{"opening": i, "a_first": a_first, "repeat_of": None}
-             for i, a_first in zip(common, _balanced_orders(len(common), rng), strict=True)]
+    pairs = [
+        {"opening": i, "a_first": a_first, "repeat_of": None}
+        for i, a_first in zip(common, _balanced_orders(len(common), rng), strict=True)
+    ]
     again = sorted(rng.sample(range(len(pairs)), repeat))
-    repeats = [{"opening": pairs[k]["opening"], "a_first": not pairs[k]["a_first"],
-                "repeat_of": k} for k in again]
+    repeats = [
+        {"opening": pairs[k]["opening"], "a_first": not pairs[k]["a_first"], "repeat_of": k}
+        for k in again
+    ]
     everything = pairs + repeats
     for _ in range(200):  # a repeat never right beside its original
         rng.shuffle(everything)
@@ -547,8 +668,10 @@ def pack(files: Sequence[Path], out_dir: Path, *, seed: int = 0, repeat: int = 0
         if all(abs(where[id(r)] - where[id(pairs[r["repeat_of"]])]) > 1 for r in repeats):
             break
     number = {id(p): n for n, p in enumerate(everything, 1)}
-    systems = {"A": {**sys_a, "speed": speed(scenes_a[i] for i in common)},
-               "B": {**sys_b, "speed": speed(scenes_b[i] for i in common)}}
+    systems = {
+        "A": {**sys_a, "speed": speed(scenes_a[i] for i in common)},
+        "B": {**sys_b, "speed": speed(scenes_b[i] for i in common)},
+    }
     scenes = {"A": scenes_a, "B": scenes_b}
     key_pairs: dict[str, dict] = {}
     blocks = []
@@ -556,21 +679,36 @@ def pack(files: Sequence[Path], out_dir: Path, *, seed: int = 0, repeat: int = 0
         n = number[id(p)]
         first, second = ("A", "B") if p["a_first"] else ("B", "A")
         key_pairs[str(n)] = {
-            "opening": p["opening"], "scene1": first, "scene2": second,
+            "opening": p["opening"],
+            "scene1": first,
+            "scene2": second,
             "repeat_of": None if p["repeat_of"] is None else number[id(pairs[p["repeat_of"]])],
         }
         opening = scenes_a[p["opening"]]["opening"]
-        blocks.append(_pair_block(n, render_scene(opening, 0),
-                                  render_scene(scenes[first][p["opening"]]["lines"], max_chars,
-                                               max_lines),
-                                  render_scene(scenes[second][p["opening"]]["lines"],
-                                               max_chars, max_lines)))
-    key = {"version": 1, "seed": seed, "max_chars": max_chars, "max_lines": max_lines,
-           "systems": systems,
-           "pairs": key_pairs, "n_pairs": len(pairs), "n_repeats": len(repeats)}
+        blocks.append(
+            _pair_block(
+                n,
+                render_scene(opening, 0),
+                render_scene(scenes[first][p["opening"]]["lines"], max_chars, max_lines),
+                render_scene(scenes[second][p["opening"]]["lines"], max_chars, max_lines),
+            )
+        )
+    key = {
+        "version": 1,
+        "seed": seed,
+        "max_chars": max_chars,
+        "max_lines": max_lines,
+        "systems": systems,
+        "pairs": key_pairs,
+        "n_pairs": len(pairs),
+        "n_repeats": len(repeats),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "pairs.md", f"# Pairs to judge ({len(everything)})\n\n"
-                      "Read instructions.md first.\n\n" + "\n".join(blocks))
+    write_text_atomic(
+        out_dir / "pairs.md",
+        f"# Pairs to judge ({len(everything)})\n\n"
+        "Read instructions.md first.\n\n" + "\n".join(blocks),
+    )
     write_text_atomic(out_dir / "instructions.md", instructions(len(everything)))
     write_text_atomic(out_dir / "key.json", json.dumps(key, indent=1, ensure_ascii=False) + "\n")
     return key
@@ -581,8 +719,10 @@ def _text_block(lines: Sequence[str]) -> str:
 
 
 def _pair_block(n: int, opening: list[str], one: list[str], two: list[str]) -> str:
-    return (f"## Pair {n}\n\n### Opening\n\n{_text_block(opening)}\n"
-            f"### Scene 1\n\n{_text_block(one)}\n### Scene 2\n\n{_text_block(two)}")
+    return (
+        f"## Pair {n}\n\n### Opening\n\n{_text_block(opening)}\n"
+        f"### Scene 1\n\n{_text_block(one)}\n### Scene 2\n\n{_text_block(two)}"
+    )
 
 
 def instructions(n: int) -> str:
@@ -619,10 +759,19 @@ optionally `note` (a short reason, text). For example:
 
 
 def pack_cli(args) -> int:
-    key = pack(args.files, args.out, seed=args.seed, repeat=args.repeat,
-               max_chars=args.max_chars, max_lines=args.max_lines, force=args.force)
-    print(f"wrote {args.out}/pairs.md ({key['n_pairs']} pairs + {key['n_repeats']} repeats), "
-          f"instructions.md, key.json (keep the key away from the judge)")
+    key = pack(
+        args.files,
+        args.out,
+        seed=args.seed,
+        repeat=args.repeat,
+        max_chars=args.max_chars,
+        max_lines=args.max_lines,
+        force=args.force,
+    )
+    print(
+        f"wrote {args.out}/pairs.md ({key['n_pairs']} pairs + {key['n_repeats']} repeats), "
+        f"instructions.md, key.json (keep the key away from the judge)"
+    )
     return 0
 
 
@@ -634,12 +783,16 @@ def load_key(pack_dir: Path) -> dict:
     try:
         key = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise JudgeError(f"{pack_dir} holds no key.json; give the folder `judge pack` wrote") \
-            from None
+        raise JudgeError(
+            f"{pack_dir} holds no key.json; give the folder `judge pack` wrote"
+        ) from None
     except (OSError, ValueError) as e:
         raise JudgeError(f"{path} is not a readable key ({e})") from None
-    if not isinstance(key, dict) or not isinstance(key.get("pairs"), dict) \
-            or set(key.get("systems", {})) != set(SYSTEM_IDS):
+    if (
+        not isinstance(key, dict)
+        or not isinstance(key.get("pairs"), dict)
+        or set(key.get("systems", {})) != set(SYSTEM_IDS)
+    ):
         raise JudgeError(f"{path} is not a key `judge pack` writes")
     return key
 
@@ -666,8 +819,10 @@ def read_verdicts(path: Path, pair_ids: Iterable[str]) -> dict[str, dict]:
                 try:
                     items.append((f"{path}:{number}", json.loads(line)))
                 except ValueError:
-                    raise JudgeError(f"{path}:{number}: not a JSON object (the file must "
-                                     "hold one JSON object per line, nothing else)") from None
+                    raise JudgeError(
+                        f"{path}:{number}: not a JSON object (the file must "
+                        "hold one JSON object per line, nothing else)"
+                    ) from None
     wanted = set(pair_ids)
     verdicts: dict[str, dict] = {}
     for where, v in items:
@@ -704,15 +859,14 @@ def _check_verdict(where: str, v) -> str:
     if v["real"] in ("1", "2"):  # a scene number written as text, as the other answers read
         v["real"] = int(v["real"])
     if v["real"] not in (1, 2, "none", None) or isinstance(v["real"], bool):
-        raise JudgeError(f"{where}: real must be 1, 2 or \"none\" (got {v['real']!r})")
+        raise JudgeError(f'{where}: real must be 1, 2 or "none" (got {v["real"]!r})')
     for s in ("scene1", "scene2"):
         scores = v[s]
         if not isinstance(scores, dict) or set(scores) != set(SCORES):
             raise JudgeError(f"{where}: {s} must hold exactly {', '.join(SCORES)}")
         for k in SCORES:
             if not _is_int(scores[k], 1, 5):
-                raise JudgeError(f"{where}: {s}.{k} must be a whole number 1-5 "
-                                 f"(got {scores[k]!r})")
+                raise JudgeError(f"{where}: {s}.{k} must be a whole number 1-5 (got {scores[k]!r})")
     if "note" in v and not isinstance(v["note"], str):
         raise JudgeError(f"{where}: note must be text")
     return str(v["pair"])
@@ -735,8 +889,13 @@ def score(pack_dir: Path, verdicts_path: Path) -> dict:
     originals = {pid: p for pid, p in key["pairs"].items() if p.get("repeat_of") is None}
     repeats = {pid: p for pid, p in key["pairs"].items() if p.get("repeat_of") is not None}
     n = len(originals)
-    result: dict = {"pack": str(pack_dir), "verdicts": str(verdicts_path), "pairs": n,
-                    "repeats": len(repeats), "systems": {}}
+    result: dict = {
+        "pack": str(pack_dir),
+        "verdicts": str(verdicts_path),
+        "pairs": n,
+        "repeats": len(repeats),
+        "systems": {},
+    }
     labels = {s: key["systems"][s].get("label") or s for s in SYSTEM_IDS}
     if labels["A"] == labels["B"]:
         labels = {s: f"{labels[s]} [{s}]" for s in SYSTEM_IDS}
@@ -752,8 +911,13 @@ def score(pack_dir: Path, verdicts_path: Path) -> dict:
                 sums[k] += v[f"scene{slot}"][k]
         lo, hi = wilson(wins, n)
         result["systems"][s] = {
-            **key["systems"][s], "name": labels[s], "wins": wins, "win_rate": wins / n,
-            "win_rate_ci95": [lo, hi], "taken_for_real": real, "taken_for_real_rate": real / n,
+            **key["systems"][s],
+            "name": labels[s],
+            "wins": wins,
+            "win_rate": wins / n,
+            "win_rate_ci95": [lo, hi],
+            "taken_for_real": real,
+            "taken_for_real_rate": real / n,
             **{k: sums[k] / n for k in SCORES},
         }
     first_wins = sum(verdicts[pid]["better"] == 1 for pid in originals)
@@ -785,29 +949,37 @@ def _self_agreement(key: dict, verdicts: dict, repeats: dict) -> dict | None:
             slot_o = 1 if o["scene1"] == s else 2
             slot_r = 1 if p["scene1"] == s else 2
             diffs += [abs(v[f"scene{slot_o}"][k] - w[f"scene{slot_r}"][k]) for k in SCORES]
-    return {"repeats": len(repeats), "same_winner": same_winner,
-            "same_winner_rate": same_winner / len(repeats), "same_real": same_real,
-            "mean_abs_score_diff": sum(diffs) / len(diffs)}
+    return {
+        "repeats": len(repeats),
+        "same_winner": same_winner,
+        "same_winner_rate": same_winner / len(repeats),
+        "same_real": same_real,
+        "mean_abs_score_diff": sum(diffs) / len(diffs),
+    }
 
 
 def format_score(result: dict) -> str:
-    rows = [f"{result['pairs']} pairs (+{result['repeats']} repeated), verdicts "
-            f"{result['verdicts']}",
-            f"{'system':<28} {'wins':>5} {'win rate':>9} {'95% CI':>15} {'taken for real':>15}"
-            f" {'coherence':>9} {'humour':>7} {'voice':>6}"]
+    rows = [
+        f"{result['pairs']} pairs (+{result['repeats']} repeated), verdicts {result['verdicts']}",
+        f"{'system':<28} {'wins':>5} {'win rate':>9} {'95% CI':>15} {'taken for real':>15}"
+        f" {'coherence':>9} {'humour':>7} {'voice':>6}",
+    ]
     for s in result["systems"].values():
         lo, hi = s["win_rate_ci95"]
         interval = f"[{lo:.0%}, {hi:.0%}]"
         real = f"{s['taken_for_real']} ({s['taken_for_real_rate']:.0%})"
         rows.append(
             f"{s['name'][:28]:<28} {s['wins']:>5} {s['win_rate']:>9.1%} {interval:>15} "
-            f"{real:>15} {s['coherence']:>9.2f} {s['humour']:>7.2f} {s['voice']:>6.2f}")
+            f"{real:>15} {s['coherence']:>9.2f} {s['humour']:>7.2f} {s['voice']:>6.2f}"
+        )
     for s in result["systems"].values():
         if s.get("speed"):
             sp = s["speed"]
-            rows.append(f"{s['name']}: {sp['mean_seconds']:.1f} s and {sp['mean_new_tokens']:.0f}"
-                        f" tokens a scene, {sp['tokens_per_s']:.1f} tokens/s per scene "
-                        f"({sp['concurrency']} at once)")
+            rows.append(
+                f"{s['name']}: {sp['mean_seconds']:.1f} s and {sp['mean_new_tokens']:.0f}"
+                f" tokens a scene, {sp['tokens_per_s']:.1f} tokens/s per scene "
+                f"({sp['concurrency']} at once)"
+            )
     rows.append(f"judge: Scene 1 preferred in {result['scene1_preferred_rate']:.0%} of pairs")
     agree = result["self_agreement"]
     if agree:
@@ -815,7 +987,8 @@ def format_score(result: dict) -> str:
             f"judge self-agreement on {agree['repeats']} repeated pairs: same winner "
             f"{agree['same_winner']}/{agree['repeats']} ({agree['same_winner_rate']:.0%}), "
             f"same 'real' answer {agree['same_real']}/{agree['repeats']}, mean |score "
-            f"difference| {agree['mean_abs_score_diff']:.2f}")
+            f"difference| {agree['mean_abs_score_diff']:.2f}"
+        )
     else:
         rows.append("judge self-agreement: no repeated pairs (pack with --repeat K)")
     return "\n".join(rows)
@@ -833,7 +1006,8 @@ def score_cli(args) -> int:
 
 def judge_cli(args) -> int:
     try:
-        return {"openings": openings_cli, "write": write_cli, "pack": pack_cli,
-                "score": score_cli}[args.judge_command](args)
+        return {"openings": openings_cli, "write": write_cli, "pack": pack_cli, "score": score_cli}[
+            args.judge_command
+        ](args)
     except CorpusError as e:
         raise JudgeError(str(e)) from None

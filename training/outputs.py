@@ -24,9 +24,15 @@ def check_json_path(path: Path, checkpoint: str | None = None, data: Path | None
     """Fail before an evaluation of minutes if its --json file cannot or must not be written:
     only a regular file or a new name, never the corpus's files or the checkpoint's own (an
     earlier evaluation kept beside it may be replaced)."""
-    refuse_overlap([path], {
-        f"the corpus --data {data}": corpus_paths(data),
-        f"a file of the checkpoint {checkpoint}": dir_files(
-            checkpoint, keep=lambda p: not (p.suffix == ".json" and is_evaluation_result(p))),
-    }, "--json", path)
+    refuse_overlap(
+        [path],
+        {
+            f"the corpus --data {data}": corpus_paths(data),
+            f"a file of the checkpoint {checkpoint}": dir_files(
+                checkpoint, keep=lambda p: not (p.suffix == ".json" and is_evaluation_result(p))
+            ),
+        },
+        "--json",
+        path,
+    )
     check_output_file(path, "--json")

@@ -15,8 +15,12 @@ from .utils.errors import reply_error
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.discord.cogs.scenes", "bot.discord.cogs.votes", "bot.discord.cogs.settings",
-              "bot.discord.cogs.checkpoints")
+EXTENSIONS = (
+    "bot.discord.cogs.scenes",
+    "bot.discord.cogs.votes",
+    "bot.discord.cogs.settings",
+    "bot.discord.cogs.checkpoints",
+)
 
 
 def intents() -> discord.Intents:
@@ -60,7 +64,8 @@ class SitcomBot(commands.Bot):
         # answer every command twice (raises LeaseHeld, naming the other's host and pid).
         await self.core.hold_lease(
             f"Discord application {self.application_id}",
-            (self.shard_id or 0, self.shard_count or 1), on_lost=self._lease_lost,
+            (self.shard_id or 0, self.shard_count or 1),
+            on_lost=self._lease_lost,
         )
         for extension in EXTENSIONS:
             await self.load_extension(extension)
@@ -74,8 +79,11 @@ class SitcomBot(commands.Bot):
             synced = await self.tree.sync(guild=guild)
         else:
             synced = await self.tree.sync()  # global commands may take up to an hour
-        log.info("synced %d commands %s", len(synced),
-                 f"to guild {self.config.dev_guild_id}" if self.config.dev_guild_id else "globally")
+        log.info(
+            "synced %d commands %s",
+            len(synced),
+            f"to guild {self.config.dev_guild_id}" if self.config.dev_guild_id else "globally",
+        )
         return synced
 
     @property

@@ -53,8 +53,7 @@ from .surface import (
 
 log = logging.getLogger(__name__)
 
-USER_FACING = (EngineError, ModelLoadError, CheckpointError, DatabaseError, NotAllowed,
-               UsageError)
+USER_FACING = (EngineError, ModelLoadError, CheckpointError, DatabaseError, NotAllowed, UsageError)
 SORRY = "Sorry, something went wrong on my side. It has been logged."
 EVENTS_PATH = "/slack/events"
 COMMANDS = ("/scene", "/best", "/settings", "/checkpoint")  # as in manifest.yaml
@@ -63,8 +62,9 @@ EVENTS = ("reaction_added", "reaction_removed")
 
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
 # A key in the request's own state (RequestKey from aiohttp 3.12; a string before).
-_REFUSED = (web.RequestKey("sitcom_refused", bool) if hasattr(web, "RequestKey")
-            else "sitcom_refused")
+_REFUSED = (
+    web.RequestKey("sitcom_refused", bool) if hasattr(web, "RequestKey") else "sitcom_refused"
+)
 
 
 def _screen(signing_secret: str):
@@ -95,8 +95,9 @@ def _screen(signing_secret: str):
                     status, why = 401, "bad or stale signature"
         if status:
             request[_REFUSED] = True
-            log.info("Slack HTTP: refused a request from %s (HTTP %d: %s)",
-                     request.remote, status, why)
+            log.info(
+                "Slack HTTP: refused a request from %s (HTTP %d: %s)", request.remote, status, why
+            )
             return web.json_response({"error": "invalid request"}, status=status)
         return await handler(request)
 
@@ -114,8 +115,13 @@ class _AccessLog(AccessLogger):
 class SlackFrontend:
     """One Slack app on the shared Core: build it, `start()` (connects), `close()`."""
 
-    def __init__(self, config: Config, core: Core, client: AsyncWebClient | None = None,
-                 host: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        core: Core,
+        client: AsyncWebClient | None = None,
+        host: str | None = None,
+    ) -> None:
         self.config = config
         self.core = core
         self.client = client or make_client(config.slack_bot_token)
@@ -157,8 +163,12 @@ class SlackFrontend:
             site = web.TCPSite(self._runner, self.host, self.config.slack_port)
             await site.start()
             self.port = self._runner.addresses[0][1]
-            log.info("Slack: listening for requests on %s port %d at %s", self.host,
-                     self.port, EVENTS_PATH)
+            log.info(
+                "Slack: listening for requests on %s port %d at %s",
+                self.host,
+                self.port,
+                EVENTS_PATH,
+            )
 
     async def close(self) -> None:
         if self._socket is not None:
@@ -184,8 +194,12 @@ class SlackFrontend:
         name = command.get("command", "")
         command = {**command, "text": unescape(command.get("text") or "")}
         try:
-            handler = {"/scene": self._scene, "/best": self._best,
-                       "/settings": self._settings, "/checkpoint": self._checkpoint}[name]
+            handler = {
+                "/scene": self._scene,
+                "/best": self._best,
+                "/settings": self._settings,
+                "/checkpoint": self._checkpoint,
+            }[name]
             await handler(command, reply)
         except USER_FACING as e:
             log.info("%s by %s refused: %s", name, command.get("user_id"), e)
@@ -207,23 +221,44 @@ class SlackFrontend:
             if response.status_code == 200:
                 return
             why = f"HTTP {response.status_code} {_webhook_error(response.body)}".strip()
-        name, user, channel = command.get("command"), command.get("user_id"), command.get(
-            "channel_id")
+        name, user, channel = (
+            command.get("command"),
+            command.get("user_id"),
+            command.get("channel_id"),
+        )
         method = "chat.postMessage" if public else "chat.postEphemeral"
         try:
             if public:
-                await self.client.chat_postMessage(channel=channel, text=text, link_names=False,
-                                                   unfurl_links=False, unfurl_media=False)
+                await self.client.chat_postMessage(
+                    channel=channel,
+                    text=text,
+                    link_names=False,
+                    unfurl_links=False,
+                    unfurl_media=False,
+                )
             else:
                 await self.client.chat_postEphemeral(channel=channel, user=user, text=text)
         except (SlackApiError, aiohttp.ClientError, OSError, TimeoutError) as e:
             problem = e.response.get("error") if isinstance(e, SlackApiError) else repr(e)
-            log.warning("reply to %s by %s in %s lost: response_url failed (%s) and %s failed "
-                        "(%s): %.100s", name, user, channel, why, method, problem,
-                        " ".join(text.split()))
+            log.warning(
+                "reply to %s by %s in %s lost: response_url failed (%s) and %s failed (%s): %.100s",
+                name,
+                user,
+                channel,
+                why,
+                method,
+                problem,
+                " ".join(text.split()),
+            )
             return
-        log.warning("reply to %s by %s in %s: response_url failed (%s); sent with %s instead",
-                    name, user, channel, why, method)
+        log.warning(
+            "reply to %s by %s in %s: response_url failed (%s); sent with %s instead",
+            name,
+            user,
+            channel,
+            why,
+            method,
+        )
 
     @staticmethod
     def _place(command: dict) -> Place:
@@ -231,17 +266,24 @@ class SlackFrontend:
 
     async def _scene(self, command: dict, reply) -> None:
         await self.core.scene_command(
-            place=self._place(command), user_id=command["user_id"],
+            place=self._place(command),
+            user_id=command["user_id"],
             prompt=command.get("text", ""),
             surface=SlackSurface(self.client, command["channel_id"]),
-            acknowledge=reply, update=reply,
+            acknowledge=reply,
+            update=reply,
         )
 
     async def _best(self, command: dict, reply) -> None:
         scope = parse_best(command.get("text", ""))
         text = await self.core.best_text(
-            self._place(command), channel_only=scope == "channel", where="workspace",
-            escape=escape, bold="*", keycaps=SlackSurface.keycaps)
+            self._place(command),
+            channel_only=scope == "channel",
+            where="workspace",
+            escape=escape,
+            bold="*",
+            keycaps=SlackSurface.keycaps,
+        )
         await reply(text, public=True)
 
     async def _settings(self, command: dict, reply) -> None:
@@ -251,13 +293,18 @@ class SlackFrontend:
             await reply(await self.core.show_settings(place, bold="*"))
             return
         user = command["user_id"]
-        check_settings(user, platform_admin=await self._is_workspace_admin(user),
-                       config=self.config, needs="to be a workspace admin or owner")
+        check_settings(
+            user,
+            platform_admin=await self._is_workspace_admin(user),
+            config=self.config,
+            needs="to be a workspace admin or owner",
+        )
         if action == "reset":
             await reply(await self.core.reset_settings(place, bold="*"), public=True)
         else:
-            await reply(await self.core.change_settings(place, user, changes, bold="*"),
-                        public=True)
+            await reply(
+                await self.core.change_settings(place, user, changes, bold="*"), public=True
+            )
 
     async def _is_workspace_admin(self, user: str) -> bool:
         if user in self.config.admin_user_ids:
@@ -274,14 +321,17 @@ class SlackFrontend:
                     "Permissions and reinstall the app (or list you in ADMIN_USER_IDS)."
                 ) from e
             log.warning("users.info for %s failed: %s", user, code or e.response.status_code)
-            raise NotAllowed("I couldn't ask Slack whether you are a workspace admin; please "
-                             "try again in a moment.") from e
+            raise NotAllowed(
+                "I couldn't ask Slack whether you are a workspace admin; please "
+                "try again in a moment."
+            ) from e
         except (aiohttp.ClientError, OSError, TimeoutError, KeyError) as e:
             log.warning("users.info for %s failed: %r", user, e)
-            raise NotAllowed("I couldn't ask Slack whether you are a workspace admin; please "
-                             "try again in a moment.") from e
-        return bool(info.get("is_admin") or info.get("is_owner")
-                    or info.get("is_primary_owner"))
+            raise NotAllowed(
+                "I couldn't ask Slack whether you are a workspace admin; please "
+                "try again in a moment."
+            ) from e
+        return bool(info.get("is_admin") or info.get("is_owner") or info.get("is_primary_owner"))
 
     async def _checkpoint(self, command: dict, reply) -> None:
         action, name = parse_checkpoint(command.get("text", ""))
@@ -313,8 +363,12 @@ class SlackFrontend:
             # Events can arrive out of order (a redelivery after a newer event): the event's
             # own time decides which one stands.
             await self.core.vote(
-                platform=PLATFORM, message_id=ref, slot=slot_of(event.get("reaction")),
-                user_id=user, add=add, event_id=body.get("event_id"),
+                platform=PLATFORM,
+                message_id=ref,
+                slot=slot_of(event.get("reaction")),
+                user_id=user,
+                add=add,
+                event_id=body.get("event_id"),
                 event_time=event_micros(event.get("event_ts")),
             )
         except DatabaseError as e:  # nobody to reply to for a reaction

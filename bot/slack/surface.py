@@ -23,8 +23,7 @@ from ..posting import Posted, Refused, Transient, scene_header
 log = logging.getLogger(__name__)
 
 PLATFORM = "slack"
-REACTIONS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-             "keycap_ten")
+REACTIONS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "keycap_ten")
 # Slack shows up to 40,000 characters but recommends 4,000 per message; stay under it.
 MESSAGE_LIMIT = 3900
 LINE_LIMIT = 1500
@@ -56,7 +55,8 @@ def make_client(token: str, base_url: str | None = None) -> AsyncWebClient:
     """A Web API client that waits out rate limits (Retry-After) and retries 5xx and
     dropped connections itself (slack_sdk's retry handlers)."""
     return AsyncWebClient(
-        token=token, base_url=base_url or AsyncWebClient.BASE_URL,
+        token=token,
+        base_url=base_url or AsyncWebClient.BASE_URL,
         retry_handlers=[
             AsyncConnectionErrorRetryHandler(max_retry_count=2),
             AsyncRateLimitErrorRetryHandler(max_retry_count=2),
@@ -71,27 +71,35 @@ def explain(error: SlackApiError, channel: str | None = None) -> Exception:
     status = error.response.status_code
     code = error.response.get("error", "") if isinstance(error.response.data, dict) else ""
     if status == 429 or code == "ratelimited":
-        raw = error.response.headers.get("Retry-After") or error.response.headers.get(
-            "retry-after")
+        raw = error.response.headers.get("Retry-After") or error.response.headers.get("retry-after")
         try:
             retry_after = float(raw[0] if isinstance(raw, list) else raw)
         except (TypeError, ValueError):
             retry_after = None
         return Transient("rate limited", retry_after)
-    if status >= 500 or code in ("internal_error", "fatal_error", "service_unavailable",
-                                 "request_timeout"):
+    if status >= 500 or code in (
+        "internal_error",
+        "fatal_error",
+        "service_unavailable",
+        "request_timeout",
+    ):
         return Transient(f"HTTP {status} {code}".strip())
     if code == "missing_scope":
         needed = error.response.get("needed") or "?"
-        return Refused(f"the app is missing the `{needed}` scope; a workspace admin has to "
-                       "add it under OAuth & Permissions and reinstall the app")
+        return Refused(
+            f"the app is missing the `{needed}` scope; a workspace admin has to "
+            "add it under OAuth & Permissions and reinstall the app"
+        )
     if code == "channel_not_found" and channel and channel.startswith("D"):
         # A direct message between other people: nobody can invite the bot into it.
-        return Refused("I can't post in this conversation (a direct message I'm not part "
-                       "of); use /scene in a channel I'm in")
+        return Refused(
+            "I can't post in this conversation (a direct message I'm not part "
+            "of); use /scene in a channel I'm in"
+        )
     if code in ("not_in_channel", "channel_not_found"):
-        return Refused("I'm not in this channel; invite me with `/invite @Sitcom` (or the "
-                       "app's name)")
+        return Refused(
+            "I'm not in this channel; invite me with `/invite @Sitcom` (or the app's name)"
+        )
     if code == "is_archived":
         return Refused("this channel is archived")
     if code in ("restricted_action", "ekm_access_denied", "not_allowed_token_type"):
@@ -136,8 +144,12 @@ class SlackSurface:
     async def send(self, text: str) -> Posted:
         # link_names/unfurls off: nothing in the text turns into a mention or a preview.
         response = await self._call(
-            "chat_postMessage", channel=self.channel, text=text, link_names=False,
-            unfurl_links=False, unfurl_media=False,
+            "chat_postMessage",
+            channel=self.channel,
+            text=text,
+            link_names=False,
+            unfurl_links=False,
+            unfurl_media=False,
         )
         channel, ts = response["channel"], response["ts"]
         link = None
@@ -145,7 +157,8 @@ class SlackSurface:
             self._linked = True
             try:  # nice to have in the ack; never worth failing a post over
                 link = (await self.client.chat_getPermalink(channel=channel, message_ts=ts))[
-                    "permalink"]
+                    "permalink"
+                ]
             except (SlackApiError, aiohttp.ClientError, OSError, TimeoutError, KeyError) as e:
                 log.info("no permalink for %s/%s: %s", channel, ts, e)
         return Posted(f"{channel}/{ts}", link)
@@ -153,16 +166,16 @@ class SlackSurface:
     async def react(self, ref: str, slot: int) -> None:
         channel, ts = ref.split("/", 1)
         try:
-            await self._call("reactions_add", channel=channel, timestamp=ts,
-                             name=REACTIONS[slot - 1])
+            await self._call(
+                "reactions_add", channel=channel, timestamp=ts, name=REACTIONS[slot - 1]
+            )
         except SlackApiError as e:
             if e.response.get("error") != "already_reacted":  # a retry that had landed
                 raise
 
 
 def message_ref(item: dict) -> str | None:
-    """"CHANNEL/ts" for a reaction event's item, None if it is not a message."""
+    """ "CHANNEL/ts" for a reaction event's item, None if it is not a message."""
     if item.get("type") != "message" or not item.get("channel") or not item.get("ts"):
         return None
     return f"{item['channel']}/{item['ts']}"
-

@@ -89,12 +89,17 @@ class ContinuousBatcher:
         if not self._free:
             raise ValueError("every llama.cpp sequence of this batcher is busy")
         plan = plan_batch(
-            self.tokenizer, [prompt], settings, do_sample=self.do_sample,
-            stopping_criteria=stopping_criteria, speakers=self.speakers,
+            self.tokenizer,
+            [prompt],
+            settings,
+            do_sample=self.do_sample,
+            stopping_criteria=stopping_criteria,
+            speakers=self.speakers,
             context_limit=self.context_limit,
         )
-        row = Row(tag, self._free.pop(0), plan, plan.input_ids, streamer,
-                  pending=list(plan.row_ids[0]))
+        row = Row(
+            tag, self._free.pop(0), plan, plan.input_ids, streamer, pending=list(plan.row_ids[0])
+        )
         self.model.forget(row.seq)  # whatever an earlier scene left in this slot
         if streamer is not None:
             streamer.put(plan.input_ids)

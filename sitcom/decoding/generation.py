@@ -57,7 +57,6 @@ def autocast_dtype(model, precision: str | None = None) -> torch.dtype | None:
     return None
 
 
-
 def generate_scenes(
     model,
     tokenizer,
@@ -75,8 +74,13 @@ def generate_scenes(
     if not prompts:
         return []
     plan = plan_batch(
-        tokenizer, prompts, settings, do_sample=do_sample, stopping_criteria=stopping_criteria,
-        speakers=speakers, context_limit=getattr(model.config, "max_position_embeddings", None),
+        tokenizer,
+        prompts,
+        settings,
+        do_sample=do_sample,
+        stopping_criteria=stopping_criteria,
+        speakers=speakers,
+        context_limit=getattr(model.config, "max_position_embeddings", None),
     )
     if seed is not None:
         torch.manual_seed(seed)
@@ -114,7 +118,13 @@ def write_scenes(
 ) -> list[list[str]]:
     """Clean script lines (prompt lines first) for each prompt, generated as one batch."""
     scenes = generate_scenes(
-        model, tokenizer, prompts, settings, seed=seed, streamer=streamer,
-        do_sample=do_sample, precision=precision,
+        model,
+        tokenizer,
+        prompts,
+        settings,
+        seed=seed,
+        streamer=streamer,
+        do_sample=do_sample,
+        precision=precision,
     )
     return [s.lines for s in scenes]

@@ -56,7 +56,7 @@ class _RowText:
             self._head = [""] * input_ids.shape[0]
             self._line = [[] for _ in range(input_ids.shape[0])]
             self._done = [False] * input_ids.shape[0]
-        new = input_ids[:, max(self._length, self.prompt_len):].tolist()
+        new = input_ids[:, max(self._length, self.prompt_len) :].tolist()
         for row, tokens in enumerate(new):
             if self._done[row]:
                 continue
@@ -124,8 +124,11 @@ class ScriptRepetitionPenalty(LogitsProcessor):
             self._mask[[i for i in self.exempt_ids if i < vocab]] = True
         device = scores.device
         length = input_ids.shape[1]
-        if self._seen is not None and self._seen.shape == (batch, vocab + 1) \
-                and length == self._seen_length + 1:
+        if (
+            self._seen is not None
+            and self._seen.shape == (batch, vocab + 1)
+            and length == self._seen_length + 1
+        ):
             # One new token per row since the last step (never padding): mark it only,
             # instead of scattering the whole history again.
             self._seen.scatter_(1, input_ids[:, -1:].to(device), True)
@@ -158,14 +161,13 @@ class LoopGuard(LogitsProcessor):
             if text is None:
                 continue
             *done, current = text.split("\n")
-            for line in done[self._counted[row]:]:
+            for line in done[self._counted[row] :]:
                 self._keys[row].add(line_key(line))
             self._counted[row] = len(done)
             key = line_key(current)
             if key and key in self._keys[row]:
                 scores[row, self.ban_ids.to(scores.device)] = -float("inf")
         return scores
-
 
 
 class SceneStop(StoppingCriteria):
@@ -211,6 +213,6 @@ class DeadlineStop(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         return torch.tensor(
             [self.should_stop(row) for row in range(input_ids.shape[0])],
-            dtype=torch.bool, device=input_ids.device,
+            dtype=torch.bool,
+            device=input_ids.device,
         )
-

@@ -32,7 +32,6 @@ class GeneratedScene:
     raw: str = ""  # the generated text before cleaning (tests, debugging)
 
 
-
 @dataclass
 class DecodePlan:
     """Everything one batch needs besides the forward pass; shared by both backends
@@ -56,16 +55,18 @@ class DecodePlan:
         """Token ids [batch, prompt_len + new] -> clean scenes."""
         results = []
         ends = set(self.stop_ids) | {self.pad_id}  # rows cut off by a stop are padded
-        for row, new in enumerate(ids[:, self.prompt_len:].tolist()):
+        for row, new in enumerate(ids[:, self.prompt_len :].tolist()):
             end = next((i for i, t in enumerate(new) if t in ends), len(new))
             text = tokenizer.decode(new[:end])
             at_eos = row not in self.stops.cut and end < len(new) and new[end] in self.stop_ids
-            results.append(GeneratedScene(
-                lines=clean_lines(self.prompt_texts[row], text, complete=at_eos),
-                new_tokens=end + (1 if at_eos else 0),
-                finished=at_eos or has_heading(text),
-                raw=text,
-            ))
+            results.append(
+                GeneratedScene(
+                    lines=clean_lines(self.prompt_texts[row], text, complete=at_eos),
+                    new_tokens=end + (1 if at_eos else 0),
+                    finished=at_eos or has_heading(text),
+                    raw=text,
+                )
+            )
         return results
 
 
@@ -105,8 +106,8 @@ def plan_batch(
     input_ids = torch.full((len(row_ids), prompt_len), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for row, ids in enumerate(row_ids):
-        input_ids[row, prompt_len - len(ids):] = torch.tensor(ids)
-        attention_mask[row, prompt_len - len(ids):] = 1
+        input_ids[row, prompt_len - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, prompt_len - len(ids) :] = 1
     pad_lengths = (attention_mask == 0).sum(dim=1)
 
     info = vocab_info(tokenizer)
@@ -115,17 +116,25 @@ def plan_batch(
     exempt = set(info.format_ids.tolist())
     exempt |= speaker_token_ids(tokenizer, [*speakers, *prompt_speakers])
     ban = torch.cat([info.newline_ids, torch.tensor(stop_ids, dtype=torch.long)])
-    processors = LogitsProcessorList([
-        ScriptRepetitionPenalty(
-            [s.repetition_penalty for s in settings], exempt, pad_lengths, tokenizer, rows
-        ),
-        LoopGuard(prompt_texts, rows, ban),
-    ])
+    processors = LogitsProcessorList(
+        [
+            ScriptRepetitionPenalty(
+                [s.repetition_penalty for s in settings], exempt, pad_lengths, tokenizer, rows
+            ),
+            LoopGuard(prompt_texts, rows, ban),
+        ]
+    )
     if do_sample:
         processors.append(PerRowSampling(settings))
     scene_stop = SceneStop(rows, [s.max_new_tokens for s in settings])
     return DecodePlan(
-        prompt_texts, row_ids, input_ids, attention_mask, stop_ids, pad_id, budget,
-        processors, _RecordingStop(rows, [scene_stop, *stopping_criteria]),
+        prompt_texts,
+        row_ids,
+        input_ids,
+        attention_mask,
+        stop_ids,
+        pad_id,
+        budget,
+        processors,
+        _RecordingStop(rows, [scene_stop, *stopping_criteria]),
     )
-

@@ -74,8 +74,6 @@ class PerRowSampling(LogitsProcessor):
         return out
 
 
-
-
 def sample(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row drawn from softmax(scores).
 

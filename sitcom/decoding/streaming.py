@@ -45,4 +45,3 @@ class LineStreamer(BaseStreamer):
 
     def end(self) -> None:
         pass
-

@@ -43,8 +43,9 @@ def parse_setting(raw: str | None) -> int | None:
     if choice == "auto":
         return None
     cores = available_cores()
-    if not (choice.isascii() and choice.isdigit() and len(choice) <= 6
-            and 1 <= int(choice) <= cores):
+    if not (
+        choice.isascii() and choice.isdigit() and len(choice) <= 6 and 1 <= int(choice) <= cores
+    ):
         raise ValueError(
             f"SITCOM_THREADS must be auto or a whole number from 1 to {cores} (the cores "
             f"this process may use), got {choice[:20]!r}"
@@ -76,7 +77,10 @@ class ThreadPolicy:
     re-measures at most every `interval_s`)."""
 
     def __init__(
-        self, setting: str | None = None, *, limit: int | None = None,
+        self,
+        setting: str | None = None,
+        *,
+        limit: int | None = None,
         interval_s: float = INTERVAL_S,
     ):
         self.cpus = set(os.sched_getaffinity(0))

@@ -30,12 +30,13 @@ def vocab_info(tokenizer) -> _VocabInfo:
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
         newline = [i for i, t in enumerate(texts) if "\n" in t]
         fmt = [
-            i for i, t in enumerate(texts)
-            if ("\n" in t or ":" in t) and set(t) <= _FORMAT_CHARS
+            i for i, t in enumerate(texts) if ("\n" in t or ":" in t) and set(t) <= _FORMAT_CHARS
         ]
-        info = _VocabInfo(torch.tensor(newline, dtype=torch.long),
-                          torch.tensor(fmt, dtype=torch.long),
-                          frozenset(i for i in newline if texts[i].endswith("\n")))
+        info = _VocabInfo(
+            torch.tensor(newline, dtype=torch.long),
+            torch.tensor(fmt, dtype=torch.long),
+            frozenset(i for i in newline if texts[i].endswith("\n")),
+        )
         _VOCAB_CACHE[tokenizer] = info
     return info
 
@@ -60,4 +61,3 @@ def stop_token_ids(tokenizer) -> list[int]:
     if isinstance(eot, int) and eot != tokenizer.unk_token_id:
         ids.add(eot)
     return sorted(i for i in ids if i is not None)
-

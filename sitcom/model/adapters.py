@@ -131,8 +131,9 @@ def peft_model_for(base, config):
         return get_peft_model(base, config)
 
 
-def load_adapter(base, adapter_dir: Path, file_name: str = ADAPTER_FILE, *,
-                 trainable: bool = False):
+def load_adapter(
+    base, adapter_dir: Path, file_name: str = ADAPTER_FILE, *, trainable: bool = False
+):
     """A peft model: base with the adapter in adapter_dir applied (not merged). Raises
     ValueError when the adapter's tensors do not fit the base.
 

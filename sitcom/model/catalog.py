@@ -127,7 +127,8 @@ def adapter_file_hashes(adapter_dir: Path) -> dict[str, str]:
     """sha256 of every file of an adapter directory but its card, by name: what a card's
     `adapter_files` records (training/extract.py writes it)."""
     return {
-        p.name: file_sha256(p) for p in sorted(Path(adapter_dir).iterdir())
+        p.name: file_sha256(p)
+        for p in sorted(Path(adapter_dir).iterdir())
         if p.is_file() and not p.name.startswith(".") and p.name != ADAPTER_CARD
     }
 
@@ -359,14 +360,16 @@ def _cached_dir(target: Path, build: Callable[[Path], None], *, gguf: bool) -> P
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         lock = target.parent / f".{target.name}.lock"
-        with file_lock(lock, on_wait=lambda: log.info(
-                "another process is building %s; waiting for it", target)):
+        with file_lock(
+            lock, on_wait=lambda: log.info("another process is building %s; waiting for it", target)
+        ):
             problem = cache_problem(target, gguf)
             if problem is None:  # built meanwhile by the process we waited for
                 return target
             if problem != "missing":
-                log.warning("the model cache %s is damaged (%s); building it again",
-                            target, problem)
+                log.warning(
+                    "the model cache %s is damaged (%s); building it again", target, problem
+                )
             log.info("building %s (once)", target)
             _write_cached_dir(target, build)
     except OSError as e:

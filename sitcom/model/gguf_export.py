@@ -272,7 +272,7 @@ def _gguf_layout_problem(buf: mmap.mmap, size: int) -> str | None:
         nonlocal pos
         n = read("Q")
         skip(n)
-        return bytes(buf[pos - n:pos])
+        return bytes(buf[pos - n : pos])
 
     def value(vtype: int):
         nonlocal pos

@@ -70,9 +70,7 @@ def library_has_amx() -> bool:
 
 def use_extra_bufts() -> bool:
     """Whether llama.cpp may use extra buffer types (repacked / AMX kernels) here."""
-    return extra_bufts_allowed(
-        sitcom_config().llama_extra_bufts, cpu_flags(), library_has_amx
-    )
+    return extra_bufts_allowed(sitcom_config().llama_extra_bufts, cpu_flags(), library_has_amx)
 
 
 def extra_bufts_allowed(setting: str, flags: list[str], lib_amx: Callable[[], bool]) -> bool:
@@ -220,7 +218,11 @@ def _run_probe(command: list[str], timeout_s: float) -> Verdict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     try:
         proc = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout_s, env=env,
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
             stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:

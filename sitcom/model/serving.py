@@ -63,8 +63,13 @@ def resolve(name: str | os.PathLike | None) -> Served:
     setting = _backend_setting()
     label, hf_dir, gguf, why = _locate(name)
     served = Served(
-        name=DEFAULT_MODEL if name is None else str(name), label=label, hf_dir=hf_dir,
-        gguf=gguf, backend="llamacpp", fell_back=why is not None, why=why,
+        name=DEFAULT_MODEL if name is None else str(name),
+        label=label,
+        hf_dir=hf_dir,
+        gguf=gguf,
+        backend="llamacpp",
+        fell_back=why is not None,
+        why=why,
     )
     return _with_backend(served, setting)
 
@@ -111,8 +116,13 @@ def _with_backend(served: Served, setting: str) -> Served:
     if problem is not None:
         if setting == "llamacpp":
             raise ModelLoadError(f"{gguf} is damaged ({problem}); {_reexport_hint(served)}")
-        log.warning("%s is damaged (%s); serving %s with transformers (slower). %s",
-                    gguf, problem, shown, _reexport_hint(served))
+        log.warning(
+            "%s is damaged (%s); serving %s with transformers (slower). %s",
+            gguf,
+            problem,
+            shown,
+            _reexport_hint(served),
+        )
         return torch
     if setting != "llamacpp":
         verdict = check_llamacpp(gguf, served.hf_dir)
@@ -120,7 +130,9 @@ def _with_backend(served: Served, setting: str) -> Served:
             log.warning(
                 "%s; serving %s with transformers (slower). SITCOM_BACKEND=llamacpp forces "
                 "llama.cpp; delete %s to test again.",
-                verdict.reason, shown, cache_root() / "llamacpp-probe",
+                verdict.reason,
+                shown,
+                cache_root() / "llamacpp-probe",
             )
             return torch
     return served
@@ -132,8 +144,7 @@ def _reexport_hint(served: Served) -> str:
     return f"export it again: python -m training.gguf_export {served.gguf.parent}"
 
 
-def load(served: Served, max_batch: int = 8, n_threads: int | None = None
-         ) -> tuple[object, object]:
+def load(served: Served, max_batch: int = 8, n_threads: int | None = None) -> tuple[object, object]:
     """(model, tokenizer) for a resolved name, on its backend."""
     if served.backend == "llamacpp":
         # The tokenizer comes from the HF side: the guards decode text with it.
@@ -145,16 +156,16 @@ def load(served: Served, max_batch: int = 8, n_threads: int | None = None
     return load_hf_model(served.hf_dir if builtin else served.name)
 
 
-def load_served(name: str | os.PathLike | None, max_batch: int = 8
-                ) -> tuple[object, object, Served]:
+def load_served(
+    name: str | os.PathLike | None, max_batch: int = 8
+) -> tuple[object, object, Served]:
     """(model, tokenizer, what is served): resolve and load."""
     served = resolve(name)
     model, tokenizer = load(served, max_batch=max_batch)
     return model, tokenizer, served
 
 
-def load_serving_model(name: str | os.PathLike | None, max_batch: int = 8
-                       ) -> tuple[object, object]:
+def load_serving_model(name: str | os.PathLike | None, max_batch: int = 8) -> tuple[object, object]:
     """(model, tokenizer): llama.cpp when the model has a GGUF that llama.cpp serves
     correctly here, else transformers (see resolve)."""
     return load_served(name, max_batch)[:2]
@@ -166,8 +177,16 @@ def backend_of(model: object) -> str:
 
 
 # A read-only, full or mistyped (a file in the path) cache directory.
-_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-               errno.ENOTDIR, errno.EEXIST, errno.EFBIG}
+_UNWRITABLE = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EFBIG,
+}
 
 
 def load_model(name: str) -> tuple[object, object, Served]:

@@ -31,22 +31,22 @@ DEFAULT_DIR = Path(__file__).resolve().parent.parent / "humour_default"
 
 # The dense features, in the order of the model's `dense` weights.
 DENSE_FEATURES: tuple[str, ...] = (
-    "log_words",            # log(1 + words in the speech)
-    "log_chars",            # log(1 + characters)
-    "sentences",            # sentence ends (. ? !), at most 6
-    "questions",            # '?' count, at most 3
-    "exclaims",             # '!' count, at most 3
-    "ellipses",             # '...' or '--' count, at most 3
-    "ends_question",        # the line ends with '?'
-    "quotes",               # quotes something ("...")
-    "prev_ends_question",   # it answers a question
-    "prev_log_words",       # length of the line before
-    "first_turn",           # no line before it in this scene
-    "prev_overlap",         # share of its content words the line before used too
-    "repeat_bigram",        # takes up a word pair of the line before
-    "callback",             # content words from earlier lines (not the one before), at most 3
-    "back_and_forth",       # the speaker of two lines ago speaks again (A B A)
-    "main_cast",            # one of the main four speaks
+    "log_words",  # log(1 + words in the speech)
+    "log_chars",  # log(1 + characters)
+    "sentences",  # sentence ends (. ? !), at most 6
+    "questions",  # '?' count, at most 3
+    "exclaims",  # '!' count, at most 3
+    "ellipses",  # '...' or '--' count, at most 3
+    "ends_question",  # the line ends with '?'
+    "quotes",  # quotes something ("...")
+    "prev_ends_question",  # it answers a question
+    "prev_log_words",  # length of the line before
+    "first_turn",  # no line before it in this scene
+    "prev_overlap",  # share of its content words the line before used too
+    "repeat_bigram",  # takes up a word pair of the line before
+    "callback",  # content words from earlier lines (not the one before), at most 3
+    "back_and_forth",  # the speaker of two lines ago speaks again (A B A)
+    "main_cast",  # one of the main four speaks
 )
 
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)*|\.\.\.|--|[?!]")
@@ -125,16 +125,18 @@ def featurize(lines: list[str], dim: int) -> LineFeatures:
             prev_padded = ["<s>", *prev_words, "</s>"]
             prev_pairs = set(zip(prev_padded, prev_padded[1:], strict=False))
             prev_overlap = len(content & prev_content) / len(content) if content else 0.0
-            repeat = float(any(a[0] != "<s>" and b != "</s>" and (a, b) in prev_pairs
-                               for a, b in pairs))
+            repeat = float(
+                any(a[0] != "<s>" and b != "</s>" and (a, b) in prev_pairs for a, b in pairs)
+            )
             prev_q = float(bool(prev_words) and prev_words[-1] == "?")
             prev_len = math.log1p(len(prev_words))
             earlier: set[str] = set()
             for _, _, c in history[-_CALLBACK_WINDOW:-1]:
                 earlier |= c
             callback = float(min(3, len((content & earlier) - prev_content)))
-            back = float(len(history) >= 2 and history[-2][0] == speaker
-                         and prev_speaker != speaker)
+            back = float(
+                len(history) >= 2 and history[-2][0] == speaker and prev_speaker != speaker
+            )
             first = 0.0
         else:
             prev_overlap = repeat = prev_q = prev_len = callback = back = 0.0
@@ -172,8 +174,16 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 class HumourModel:
     """Hashed-feature logistic regression; see the module docstring."""
 
-    def __init__(self, hashed: np.ndarray, dense: np.ndarray, mean: np.ndarray,
-                 std: np.ndarray, bias: float, card: dict, name: str) -> None:
+    def __init__(
+        self,
+        hashed: np.ndarray,
+        dense: np.ndarray,
+        mean: np.ndarray,
+        std: np.ndarray,
+        bias: float,
+        card: dict,
+        name: str,
+    ) -> None:
         self.hashed = np.asarray(hashed, dtype=np.float32)
         self.dense = np.asarray(dense, dtype=np.float32)
         self.mean = np.asarray(mean, dtype=np.float32)
@@ -208,12 +218,21 @@ class HumourModel:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(
-            path / WEIGHTS_FILE, hashed=self.hashed.astype(np.float16), dense=self.dense,
-            mean=self.mean, std=self.std, bias=np.array([self.bias], dtype=np.float32),
+            path / WEIGHTS_FILE,
+            hashed=self.hashed.astype(np.float16),
+            dense=self.dense,
+            mean=self.mean,
+            std=self.std,
+            bias=np.array([self.bias], dtype=np.float32),
         )
         card = dict(self.card)
-        card.update(format=FORMAT, version=VERSION, name=self.name, dim=self.dim,
-                    dense_features=list(DENSE_FEATURES))
+        card.update(
+            format=FORMAT,
+            version=VERSION,
+            name=self.name,
+            dim=self.dim,
+            dense_features=list(DENSE_FEATURES),
+        )
         (path / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
@@ -232,10 +251,12 @@ class HumourModel:
         if card.get("version") != VERSION:
             raise HumourModelError(
                 f"humour model {path}: unknown version {card.get('version')!r} "
-                f"(this code reads version {VERSION})")
+                f"(this code reads version {VERSION})"
+            )
         if card.get("dense_features") != list(DENSE_FEATURES):
             raise HumourModelError(
-                f"humour model {path}: made for other features than this code computes")
+                f"humour model {path}: made for other features than this code computes"
+            )
         dim = card.get("dim")
         if not isinstance(dim, int) or dim <= 0:
             raise HumourModelError(f"humour model {path}: bad dim {dim!r} in {CARD_FILE}")
@@ -244,7 +265,8 @@ class HumourModel:
                 absent = [k for k in _ARRAYS if k not in arrays.files]
                 if absent:
                     raise HumourModelError(
-                        f"humour model {path}: {WEIGHTS_FILE} lacks the array {absent[0]!r}")
+                        f"humour model {path}: {WEIGHTS_FILE} lacks the array {absent[0]!r}"
+                    )
                 weights = {k: arrays[k] for k in _ARRAYS}
         except HumourModelError:
             raise
@@ -252,21 +274,30 @@ class HumourModel:
             raise HumourModelError(f"humour model {path}: {WEIGHTS_FILE} is missing") from None
         except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, EOFError...
             raise HumourModelError(
-                f"humour model {path}: {WEIGHTS_FILE} is damaged ({type(e).__name__})") from None
+                f"humour model {path}: {WEIGHTS_FILE} is damaged ({type(e).__name__})"
+            ) from None
         k = len(DENSE_FEATURES)
         expected = {"hashed": (dim,), "dense": (k,), "mean": (k,), "std": (k,), "bias": (1,)}
         for key, shape in expected.items():
             if weights[key].shape != shape or not np.issubdtype(weights[key].dtype, np.floating):
                 raise HumourModelError(
                     f"humour model {path}: {key} has shape {weights[key].shape}, "
-                    f"expected float {shape}")
+                    f"expected float {shape}"
+                )
             if not np.all(np.isfinite(weights[key])):
                 raise HumourModelError(f"humour model {path}: {key} holds non-finite values")
         if np.any(weights["std"] <= 0):
             raise HumourModelError(f"humour model {path}: std must be positive")
         name = card.get("name") if isinstance(card.get("name"), str) else path.name
-        return cls(weights["hashed"], weights["dense"], weights["mean"], weights["std"],
-                   float(weights["bias"][0]), card, name)
+        return cls(
+            weights["hashed"],
+            weights["dense"],
+            weights["mean"],
+            weights["std"],
+            float(weights["bias"][0]),
+            card,
+            name,
+        )
 
 
 def load_default() -> HumourModel:

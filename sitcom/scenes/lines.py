@@ -65,7 +65,6 @@ def clean_lines(prompt_text: str, generated: str, complete: bool) -> list[str]:
     return out + (well_formed or candidates)
 
 
-
 def has_heading(generated: str) -> bool:
     """Whether generated text started a new `[Scene: ...]` heading (the scene is over)."""
     return any(line.lstrip().startswith("[") for line in generated.split("\n"))

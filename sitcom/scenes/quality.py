@@ -20,12 +20,12 @@ _WORD_RE = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
 
 @dataclass(frozen=True)
 class SceneScore:
-    lines: int            # non-empty lines scored
-    well_formed: float    # share of lines in the script format (turn, heading, direction)
+    lines: int  # non-empty lines scored
+    well_formed: float  # share of lines in the script format (turn, heading, direction)
     known_speaker: float  # share of turns whose speaker(s) are all known
-    repeated: float       # share of lines that repeat an earlier line of the same scene
-    distinct_2: float     # distinct word bigrams / all word bigrams
-    top_speaker: float     # share of turns by the most talkative speaker (1.0: a monologue)
+    repeated: float  # share of lines that repeat an earlier line of the same scene
+    distinct_2: float  # distinct word bigrams / all word bigrams
+    top_speaker: float  # share of turns by the most talkative speaker (1.0: a monologue)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -18,10 +18,33 @@ from typing import Protocol
 
 from sitcom.scenes.script import KNOWN_SPEAKERS, MAIN_CHARACTERS, is_well_formed, speaker_of
 
-FILLER = frozenset({
-    "ok", "okay", "yeah", "yes", "no", "what", "oh", "uh", "um", "hmm", "well", "right",
-    "sure", "huh", "hey", "hi", "so", "really", "yep", "nope", "alright", "all right", "ah",
-})
+FILLER = frozenset(
+    {
+        "ok",
+        "okay",
+        "yeah",
+        "yes",
+        "no",
+        "what",
+        "oh",
+        "uh",
+        "um",
+        "hmm",
+        "well",
+        "right",
+        "sure",
+        "huh",
+        "hey",
+        "hi",
+        "so",
+        "really",
+        "yep",
+        "nope",
+        "alright",
+        "all right",
+        "ah",
+    }
+)
 # Speakers a reader takes for noise rather than characters.
 _NOISE_SPEAKERS = frozenset({"AUDIENCE", "BABY", "ALL", "EVERYONE", "CROWD", "VOICE", "NARRATOR"})
 _WORD_RE = re.compile(r"[a-z']+")
@@ -73,7 +96,8 @@ def coherence(
         penalties["opening's characters silent"] = 0.25 * len(missing) / max(1, len(cast))
     allowed = {k.upper() for k in known} | cast
     strangers = sum(
-        1 for s in speakers
+        1
+        for s in speakers
         if s in _NOISE_SPEAKERS or not all(p.strip() in allowed for p in re.split(r" AND |, ", s))
     )
     if strangers:
@@ -114,7 +138,7 @@ def _echoes(speeches: Sequence[str], window: int = 3, share: float = 0.7) -> int
     count = 0
     for i, words in enumerate(bags):
         if len(words) >= 3 and any(
-            len(words & earlier) >= share * len(words) for earlier in bags[max(0, i - window):i]
+            len(words & earlier) >= share * len(words) for earlier in bags[max(0, i - window) : i]
         ):
             count += 1
     return count
@@ -125,16 +149,17 @@ def _is_filler(speech: str) -> bool:
     return len(words) <= 3 and all(w in FILLER for w in words)
 
 
-def humour_score(
-    lines: Sequence[str], prompt_count: int, scorer: LineScorer | None
-) -> float:
+def humour_score(lines: Sequence[str], prompt_count: int, scorer: LineScorer | None) -> float:
     """Mean P(laugh) of the generated turns, averaged with the mean of the best three:
     a scene needs a few lines that land, not one and not only filler."""
     if scorer is None:
         return 0.0
     probs = scorer.line_scores(list(lines))
-    gen = [p for line, p in zip(lines[prompt_count:], probs[prompt_count:], strict=False)
-           if speaker_of(line.strip())]
+    gen = [
+        p
+        for line, p in zip(lines[prompt_count:], probs[prompt_count:], strict=False)
+        if speaker_of(line.strip())
+    ]
     if not gen:
         return 0.0
     best = sorted(gen, reverse=True)[:3]

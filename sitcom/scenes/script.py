@@ -21,8 +21,21 @@ END_OF_TEXT = "<|endoftext|>"
 # Default cast for the Seinfeld corpus; other shows pass their own list.
 MAIN_CHARACTERS: tuple[str, ...] = ("JERRY", "GEORGE", "ELAINE", "KRAMER")
 KNOWN_SPEAKERS: tuple[str, ...] = MAIN_CHARACTERS + (
-    "NEWMAN", "FRANK", "ESTELLE", "MORTY", "HELEN", "PUDDY", "SUSAN", "UNCLE LEO",
-    "PETERMAN", "STEINBRENNER", "WILHELM", "LIPPMAN", "JACK", "MICKEY", "BANIA",
+    "NEWMAN",
+    "FRANK",
+    "ESTELLE",
+    "MORTY",
+    "HELEN",
+    "PUDDY",
+    "SUSAN",
+    "UNCLE LEO",
+    "PETERMAN",
+    "STEINBRENNER",
+    "WILHELM",
+    "LIPPMAN",
+    "JACK",
+    "MICKEY",
+    "BANIA",
 )
 
 # A speaker: starts with a letter, up to ~5 words of letters/digits/.'#&,- (MAN #1, DR. REESE,

@@ -38,7 +38,8 @@ class Checkpoints(
         await interaction.response.defer(ephemeral=True, thinking=True)
         active = await self.bot.core.use_checkpoint(name)
         await interaction.followup.send(
-            f"✅ {self.bot.core.switched_text(active, '`')}", ephemeral=True,
+            f"✅ {self.bot.core.switched_text(active, '`')}",
+            ephemeral=True,
             allowed_mentions=NO_PINGS,
         )
 

@@ -66,11 +66,13 @@ class DiscordSurface:
         # sets it with a nonce): when a try created the message but its answer was lost,
         # Discord answers the next try with that message instead of posting it again.
         try:
-            message = await self.channel.send(text, allowed_mentions=NO_PINGS,
-                                              nonce=message_nonce(text))
+            message = await self.channel.send(
+                text, allowed_mentions=NO_PINGS, nonce=message_nonce(text)
+            )
         except discord.Forbidden as e:
-            raise Refused("I need the View Channel and Send Messages permissions in this "
-                          "channel") from e
+            raise Refused(
+                "I need the View Channel and Send Messages permissions in this channel"
+            ) from e
         except discord.HTTPException as e:
             raise _transient(e) from e
         except discord.RateLimited as e:  # a 429 longer than discord.py waits by itself
@@ -86,8 +88,9 @@ class DiscordSurface:
         try:
             await message.add_reaction(KEYCAPS[slot - 1])
         except discord.Forbidden as e:
-            raise Refused("I'm missing the Add Reactions (or Read Message History) "
-                          "permission in this channel") from e
+            raise Refused(
+                "I'm missing the Add Reactions (or Read Message History) permission in this channel"
+            ) from e
         except discord.HTTPException as e:
             raise _transient(e) from e
         except discord.RateLimited as e:
@@ -114,11 +117,14 @@ class Scenes(commands.Cog):
         self.bot = bot
 
     @app_commands.command(name="scene", description="Write a sitcom scene opening with your lines")
-    @app_commands.describe(prompt="How it opens, e.g. Elaine: Jerry! George! You guys, listen! "
-                                  "(or #ID to post a saved scene again)")
+    @app_commands.describe(
+        prompt="How it opens, e.g. Elaine: Jerry! George! You guys, listen! "
+        "(or #ID to post a saved scene again)"
+    )
     @app_commands.guild_only()
     async def scene(
-        self, interaction: discord.Interaction,
+        self,
+        interaction: discord.Interaction,
         prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
     ) -> None:
         self.bot.track(asyncio.current_task())
@@ -130,16 +136,23 @@ class Scenes(commands.Cog):
         try:
             await interaction.response.defer(thinking=True)
         except (discord.HTTPException, TimeoutError, aiohttp.ClientError, OSError) as e:
-            log.warning("/scene by %s: could not acknowledge it (%s); nothing queued",
-                        interaction.user.id, _reason(e))
+            log.warning(
+                "/scene by %s: could not acknowledge it (%s); nothing queued",
+                interaction.user.id,
+                _reason(e),
+            )
             return
         perms = interaction.app_permissions
         surface = DiscordSurface(interaction.channel, can_react=perms.add_reactions)
         update = lambda text: self._update_ack(interaction, text)  # noqa: E731
         try:
             await self.bot.core.scene_command(
-                place=place_of(interaction), user_id=str(interaction.user.id), prompt=prompt,
-                surface=surface, acknowledge=update, update=update,
+                place=place_of(interaction),
+                user_id=str(interaction.user.id),
+                prompt=prompt,
+                surface=surface,
+                acknowledge=update,
+                update=update,
             )
         except Exception:
             # Refused before it was queued (queue full, no such scene) or a bug: the

@@ -53,13 +53,16 @@ class Settings(
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_PINGS)
 
     @app_commands.command(name="set", description="Change scene settings for this channel")
-    @app_commands.describe(**{
-        name: f"{DESCRIPTIONS[name]} ({RANGES[name][0]:g}–{RANGES[name][1]:g})"
-        for name in RANGES
-    })
+    @app_commands.describe(
+        **{
+            name: f"{DESCRIPTIONS[name]} ({RANGES[name][0]:g}–{RANGES[name][1]:g})"
+            for name in RANGES
+        }
+    )
     @may_change_settings()
     async def set_(
-        self, interaction: discord.Interaction,
+        self,
+        interaction: discord.Interaction,
         max_new_tokens: MaxNewTokens | None = None,
         repetition_penalty: RepetitionPenalty | None = None,
         temperature: Temperature | None = None,
@@ -68,11 +71,19 @@ class Settings(
         min_p: MinP | None = None,
         best_of: BestOf | None = None,
     ) -> None:
-        given = {k: v for k, v in {
-            "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty,
-            "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
-            "best_of": best_of,
-        }.items() if v is not None}
+        given = {
+            k: v
+            for k, v in {
+                "max_new_tokens": max_new_tokens,
+                "repetition_penalty": repetition_penalty,
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": top_k,
+                "min_p": min_p,
+                "best_of": best_of,
+            }.items()
+            if v is not None
+        }
         if not given:
             await interaction.response.send_message(
                 "Give at least one setting to change, e.g. `/settings set temperature:0.9`.",
@@ -80,7 +91,8 @@ class Settings(
             )
             return
         text = await self.bot.core.change_settings(
-            place_of(interaction), str(interaction.user.id), given)  # UsageError: out of range
+            place_of(interaction), str(interaction.user.id), given
+        )  # UsageError: out of range
         await interaction.response.send_message(text, allowed_mentions=NO_PINGS)
 
     @app_commands.command(name="reset", description="Go back to the default scene settings")

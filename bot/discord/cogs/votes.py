@@ -25,8 +25,11 @@ class Votes(commands.Cog):
             return  # the bot's own keycaps are not votes
         try:
             await self.bot.core.vote(
-                platform=PLATFORM, message_id=str(payload.message_id),
-                slot=slot_of(str(payload.emoji)), user_id=str(payload.user_id), add=add,
+                platform=PLATFORM,
+                message_id=str(payload.message_id),
+                slot=slot_of(str(payload.emoji)),
+                user_id=str(payload.user_id),
+                add=add,
             )
         except DatabaseError as e:  # nobody to reply to for a reaction
             log.warning("vote by %s not stored: %s", payload.user_id, e)
@@ -46,8 +49,11 @@ class Votes(commands.Cog):
         self, interaction: discord.Interaction, scope: Literal["server", "channel"] = "server"
     ) -> None:
         text = await self.bot.core.best_text(
-            place_of(interaction), channel_only=scope == "channel", where="server",
-            escape=neutralize)
+            place_of(interaction),
+            channel_only=scope == "channel",
+            where="server",
+            escape=neutralize,
+        )
         await interaction.response.send_message(
             text, allowed_mentions=discord.AllowedMentions.none()
         )

@@ -25,8 +25,9 @@ def is_bot_admin():
 
     async def predicate(interaction: discord.Interaction) -> bool:
         bot = interaction.client
-        owner = str(interaction.user.id) not in bot.config.admin_user_ids and \
-            await bot.is_owner(interaction.user)
+        owner = str(interaction.user.id) not in bot.config.admin_user_ids and await bot.is_owner(
+            interaction.user
+        )
         try:
             check_checkpoint(interaction.user.id, owner=owner, config=bot.config)
         except NotAllowed as e:
@@ -42,9 +43,12 @@ def may_change_settings():
     async def predicate(interaction: discord.Interaction) -> bool:
         perms = interaction.permissions
         try:
-            check_settings(interaction.user.id, platform_admin=perms.manage_channels,
-                           config=interaction.client.config,
-                           needs="the Manage Channels permission")
+            check_settings(
+                interaction.user.id,
+                platform_admin=perms.manage_channels,
+                config=interaction.client.config,
+                needs="the Manage Channels permission",
+            )
         except NotAllowed as e:
             raise _refuse(e) from None
         return True

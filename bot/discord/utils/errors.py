@@ -18,8 +18,7 @@ from ...permissions import NotAllowed
 log = logging.getLogger(__name__)
 
 # Errors whose message is written for users already.
-USER_FACING = (EngineError, ModelLoadError, CheckpointError, DatabaseError, NotAllowed,
-               UsageError)
+USER_FACING = (EngineError, ModelLoadError, CheckpointError, DatabaseError, NotAllowed, UsageError)
 
 
 def user_message(error: BaseException) -> str:

@@ -13,6 +13,7 @@ KEYCAPS = ("1️⃣", "2️⃣", "3️⃣", "4️⃣", "5️⃣", "6️⃣", "7�
 MESSAGE_LIMIT = 2000
 LINE_LIMIT = 1500  # leaves room for the header and the keycap prefix
 
+
 def neutralize(text: str) -> str:
     """Text safe to show: no control characters, no masked links or fake headings, and
     @everyone/@here/<@id> cannot ping.
