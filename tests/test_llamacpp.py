@@ -7,8 +7,9 @@ import pytest
 import torch
 from helpers import PROMPT, build_tiny_model, build_tiny_tokenizer
 
-from sitcom.decoding import generation, llamacpp, serving
+from sitcom.decoding import generation
 from sitcom.decoding.sampling import sample
+from sitcom.model import llamacpp, serving
 from sitcom.scenes.lines import line_key
 from sitcom.scenes.script import END_OF_TEXT
 from sitcom.settings import SceneSettings
