@@ -26,6 +26,9 @@ API CONTRACT (frontends code against this; the implementation may change):
     scene.candidates                          # settings.best_of > 1: that many scenes were
         # written in the same batch and the best-ranked one (sitcom.scenes.ranking: coherence
         # checks + engine.scorer, a humour model) is the result; stream() shows the first
+        # candidate. With engine.trim (default) every scene ends before the first turn that
+        # derails it (sitcom.scenes.ranking.keep_lines): the final Scene can have fewer
+        # lines than the stream showed.
     job.cancel()                              # stop generating it (result raises EngineError)
     await engine.swap(model)                  # hot swap; raises ModelLoadError, old stays
     engine.model_name                         # name of the active model
@@ -49,6 +52,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import logging
 import threading
@@ -77,7 +81,7 @@ from sitcom.jobs import (
 )
 from sitcom.model.catalog import DEFAULT_MODEL, ModelLoadError
 from sitcom.model.serving import Served, backend_of, load_served
-from sitcom.scenes.ranking import LineScorer, rank
+from sitcom.scenes.ranking import LineScorer, keep_lines, rank
 from sitcom.scenes.script import normalize_prompt
 from sitcom.settings import SceneSettings
 
@@ -121,12 +125,14 @@ class SceneEngine:
         precision: str | None = None,
         loader: Callable[[str], tuple] = load_served,
         scorer: LineScorer | None = None,
+        trim: bool = True,
     ):
         self._requested = str(model)
         # name -> (model, tokenizer, Served) as sitcom.model.serving.load_served, or (model,
         # tokenizer) whose backend is told from the model; tests wrap the real loader
         self._loader = loader
         self.scorer = scorer  # ranks best-of-n candidates (a humour model); swappable
+        self.trim = trim  # post a scene only up to the turn before it derails (ranking)
         self.max_queue = max_queue
         self.per_user_limit = per_user_limit
         self.timeout_s = timeout_s
@@ -488,12 +494,11 @@ class SceneEngine:
         if len(job.candidates) < job.expected:
             return
         best = job.candidates[0]
-        if len(job.candidates) > 1:
-            try:
-                ranked = rank(
-                    [c.lines for c in job.candidates], _prompt_count(job.prompt), self.scorer
-                )
-                best = job.candidates[ranked[0].index]
+        try:
+            prompt_count = _prompt_count(job.prompt)
+            if len(job.candidates) > 1:
+                ranked = rank([c.lines for c in job.candidates], prompt_count, self.scorer)
+                best, keep = job.candidates[ranked[0].index], ranked[0].keep
                 log.info(
                     "best of %d: candidate %d (score %.2f, coherence %.2f, humour %.2f%s)",
                     len(job.candidates),
@@ -503,8 +508,12 @@ class SceneEngine:
                     ranked[0].humour,
                     f"; {', '.join(ranked[0].problems)}" if ranked[0].problems else "",
                 )
-            except Exception:  # a broken scorer must not lose the scene: post the first
-                log.exception("ranking failed; posting the first candidate")
+            else:
+                keep = keep_lines(best.lines, prompt_count) if self.trim else len(best.lines)
+            if self.trim and keep < len(best.lines):  # the scene ends before it derails
+                best = dataclasses.replace(best, lines=best.lines[:keep], finished=True)
+        except Exception:  # a broken scorer must not lose the scene: post the first
+            log.exception("ranking failed; posting the first candidate")
         job.candidates = []
         self._deliver(job, best, loaded)
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from sitcom.scenes.ranking import cast_of_prompt, coherence, rank
+from sitcom.scenes.ranking import (
+    cast_of_prompt,
+    coherence,
+    derails,
+    keep_lines,
+    on_premise,
+    premise_words,
+    rank,
+)
 
 OPENING = ["ELAINE: Jerry! George! You guys, listen!"]
 GOOD = OPENING + [
@@ -116,3 +124,70 @@ def test_the_humour_model_breaks_ties_between_coherent_scenes():
 
 def test_ties_keep_the_given_order():
     assert [r.index for r in rank([GOOD, list(GOOD)], 1)] == [0, 1]
+
+
+# -- second round: what readers rewarded (keeping to the opening) and trimming ---------------
+
+VAN_BUREN = ["KRAMER: I'm gonna sell my Van Buren Boys jacket to Peterman."]
+ON_TOPIC = VAN_BUREN + [
+    "JERRY: Peterman wants a gang jacket?",
+    "KRAMER: He's putting the Van Buren Boys in the catalogue.",
+    "ELAINE: He's not putting a jacket from a street gang in my catalogue.",
+    "JERRY: What's the catalogue gonna call it?",
+    "KRAMER: The Urban Sombrero of jackets.",
+]
+OFF_TOPIC = VAN_BUREN + [
+    "JERRY: I had lunch with my uncle.",
+    "ELAINE: Your uncle is a dentist?",
+    "GEORGE: My mother called me at work.",
+    "JERRY: What did she say?",
+    "GEORGE: She wants a new couch.",
+]
+
+
+def test_turns_that_drop_the_opening_cost():
+    assert coherence(ON_TOPIC, 1) == (1.0, ())
+    score, problems = coherence(OFF_TOPIC, 1)
+    assert "drops the opening" in problems and score < 1.0
+    assert premise_words(VAN_BUREN) >= {"buren", "jacket", "peterman"}
+    assert "kramer" not in premise_words(VAN_BUREN)  # every scene names the regulars
+    assert on_premise(["Everyone is stealing."], {"steam"}) == 0.0
+    assert on_premise(["He's stealing it."], {"stealer"}) == 1.0
+
+
+def test_turns_that_derail_are_named():
+    assert derails("JERRY", " Jerry, listen to me.") == "talks to himself"
+    assert derails("JERRY", " (to Jerry) What?") == "talks to himself"
+    assert derails("JERRY", " What is it, Jerry?") == "talks to himself"
+    assert derails("KRAMER", " My name is Elaine.") == "mixed-up names"
+    assert derails("GEORGE", " Hey hey hey!") == "loops"
+    assert derails("GEORGE", " It's not. It's not. It's not.") == "loops"
+    for fine in [("GEORGE", " Jerry, I can't."), ("KRAMER", " I'm Kramer."), ("JERRY", " Hey.")]:
+        assert derails(*fine) is None, fine
+
+
+def test_a_scene_is_posted_up_to_the_turn_before_it_derails():
+    good = GOOD[:4]  # the opening and three fine turns
+    for bad in [
+        "GEORGE: George, what are you doing?",  # talks to himself
+        "KRAMER: My name is Elaine.",  # mixed-up names
+        "JERRY: Hey hey hey hey!",  # loops
+        "JERRY: What is it?",  # repeats an earlier turn
+        "AUDIENCE: (laughs)",  # a stranger
+        "It was a cold day in New York and everyone walked to work.",  # prose
+    ]:
+        lines = good + [bad, "ELAINE: Head of the whole mail room."]
+        assert keep_lines(lines, 1) == len(good), bad
+    # a run of filler goes from its first turn; one filler turn alone stays
+    assert keep_lines(good + ["JERRY: Okay.", "GEORGE: Yeah.", "JERRY: So?"], 1) == len(good)
+    assert keep_lines(good + ["JERRY: Okay.", "GEORGE: The mail room!"], 1) == len(good) + 2
+    assert keep_lines(GOOD, 1) == len(GOOD)  # nothing derails: all of it
+    # never fewer than two turns: a scene that derails at once is left to the ranking
+    assert keep_lines(OPENING + ["JERRY: What?", "JERRY: What?", "GEORGE: Hm."], 1) == 4
+
+
+def test_rank_scores_and_keeps_the_trimmed_scene():
+    runs_on = GOOD + ["JERRY: Jerry, Jerry, Jerry.", "KRAMER: Hey hey hey hey!"]
+    ranked = rank([runs_on], prompt_count=1)
+    assert ranked[0].keep == len(GOOD)
+    assert (ranked[0].coherence, ranked[0].problems) == (1.0, ())  # scored as posted
