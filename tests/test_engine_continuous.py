@@ -258,3 +258,22 @@ async def test_wait_estimate_matches_the_engine_on_llamacpp(endless_dir):
         await engine.close()
     for eta, real in waits:
         assert eta is not None and real / 2 <= eta <= real * 2, waits
+
+
+@pytest.mark.parametrize("trim", [True, False])
+async def test_a_scene_is_delivered_up_to_the_turn_before_it_derails(endless_dir, trim):
+    # endless_dir writes `GEORGE: Serenity now! What! What! ...`: by the third line a phrase
+    # loops inside the turn (What! What! What!), so the scene ends on the line before it.
+    engine = SceneEngine(str(endless_dir), max_batch=2, trim=trim)
+    await engine.start()
+    try:
+        scene = await (await engine.submit(PROMPT, scene_settings(60))).result()
+    finally:
+        await engine.close()
+    looping = [i for i, line in enumerate(scene.lines) if "What! What! What!" in line]
+    if trim:
+        assert not looping and len(scene.lines) >= 3  # the opening and two turns at least
+        assert scene.lines[-1].startswith("GEORGE: Serenity now!")
+        assert scene.text == "\n".join(scene.lines) and not scene.partial
+    else:
+        assert looping  # without trimming the loop is posted
