@@ -317,3 +317,60 @@ def test_a_fine_tune_of_our_checkpoint_counts_both_stages(tmp_path, corpus_dir, 
     assert adapter["tokens_seen_total"] == 5 * 4 * 128 + 10 * 4 * 64
     assert adapter["base_model"] == str(tiny_model_dir)
     assert json.loads((first / "checkpoint.json").read_text()).get("init_checkpoint") is None
+
+
+# -- --corpus-vocab: the softmax over the corpus's tokens while training ------------------------
+
+
+def test_corpus_vocab_head_and_loss(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.corpus_vocab import causal_lm_loss, corpus_token_ids, restrict_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.tensor([tokenizer.encode(EPISODE)[:48]])
+    keep = corpus_token_ids(ids.tolist(), tokenizer)
+    assert 1 < len(keep) < vocab and keep.tolist() == sorted(set(keep.tolist()))
+    with torch.no_grad():
+        full = model(ids, labels=ids)
+    restrict_head(model, keep)
+    loss_func = causal_lm_loss(keep, vocab)
+    model.train()
+    with torch.no_grad():
+        out = model(ids)
+    assert out.logits.shape[-1] == len(keep)  # only the corpus's tokens are computed
+    assert torch.allclose(out.logits, full.logits[..., keep])
+    restricted = loss_func(out, ids)
+    # the same cross-entropy, by hand, over the kept tokens
+    logp = torch.log_softmax(full.logits[0, :-1, keep], -1)
+    targets = torch.searchsorted(keep, ids[0, 1:])
+    assert restricted == pytest.approx(-logp[torch.arange(47), targets].mean().item(), rel=1e-5)
+    assert restricted < full.loss  # fewer tokens share the probability
+    # summed over the accumulated batch's tokens when Trainer says how many there are
+    assert loss_func(out, ids, num_items_in_batch=94) == pytest.approx(restricted / 2, rel=1e-5)
+    model.eval()  # evaluation sees the whole head: the honest full-vocabulary loss
+    with torch.no_grad():
+        again = model(ids)
+    assert again.logits.shape[-1] == vocab
+    assert loss_func(again, ids) == pytest.approx(full.loss.item(), rel=1e-5)
+    assert "lm_head.weight" in model.state_dict()  # nothing of it is saved
+
+
+def test_finetune_with_corpus_vocab_reports_full_vocabulary_bpb(
+    tmp_path, corpus_dir, tiny_model_dir, capsys
+):
+    from training.evaluate import evaluate
+
+    out = tmp_path / "ck"
+    args = finetune_args(corpus_dir, out, tiny_model_dir, "--lora", "--corpus-vocab")
+    args[args.index("--max-steps") + 1] = "10"
+    assert main(args) == 0
+    assert "softmax over the corpus's" in capsys.readouterr().out
+    card = json.loads((out / "checkpoint.json").read_text())
+    assert card["settings"]["corpus_vocab"] is True
+    before = evaluate(str(tiny_model_dir), corpus_dir, samples=0)["val"]
+    after = evaluate(str(out), corpus_dir, samples=0, eval_tokens=0)["val"]
+    assert after["bpb"] < before["bpb"]  # it learned, measured over the whole vocabulary
+    assert after["loss"] == pytest.approx(card["val_loss"], rel=1e-4)  # evals were full-vocab

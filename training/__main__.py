@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     ft.add_argument("--gradient-checkpointing", action="store_true")
+    ft.add_argument(
+        "--corpus-vocab",
+        action="store_true",
+        help="train with the softmax over the corpus's tokens only (fast for big "
+        "vocabularies such as Gemma 3's; evals stay full-vocabulary)",
+    )
     ft.add_argument("--resume", action="store_true", help="continue from the last save in OUT.work")
     ft.add_argument("--overwrite", action="store_true", help="replace OUT and discard OUT.work")
     ft.add_argument("--keep-work", action="store_true", help="keep OUT.work after export")

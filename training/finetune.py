@@ -61,6 +61,7 @@ from training.corpus import (
     token_stream,
     utf8_bytes,
 )
+from training.corpus_vocab import causal_lm_loss, corpus_token_ids, restrict_head
 from training.metrics import compute_metrics_for, preprocess_logits_for_metrics
 from training.plot import plot_loss_curve
 
@@ -125,6 +126,7 @@ class FinetuneConfig:
     init_adapter: Path | None = None  # go on training this LoRA adapter (e.g. an extracted one)
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    corpus_vocab: bool = False  # softmax over the corpus's tokens while training (corpus_vocab.py)
     resume: bool = False
     overwrite: bool = False
     keep_work: bool = False
@@ -409,6 +411,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
     train_set = pack_train(token_stream(corpus.train, tokenizer), cfg.block_size)
     val_episodes = first_episodes(corpus.val, tokenizer, cfg.eval_tokens)
     val_set: BlockDataset = pack_eval(token_stream(val_episodes, tokenizer), cfg.block_size)
+    loss_func, vocab_note = None, ""
+    if cfg.corpus_vocab:
+        keep = corpus_token_ids(train_set.blocks + val_set.blocks, tokenizer)
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        restrict_head(model, keep)
+        loss_func = causal_lm_loss(keep, vocab_size)
+        vocab_note = f" | softmax over the corpus's {len(keep):,} of {vocab_size:,} tokens"
     if is_rank_zero():
         processes = f" | {args.world_size} processes" if args.world_size > 1 else ""
         print(
@@ -416,7 +425,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             f"val: {len(val_episodes)}/{len(corpus.val)} episodes, {len(val_set)} blocks | "
             f"precision {precision}{' | LoRA' if cfg.lora else ''}"
             f"{' | linear layers only' if cfg.linear_only else ''}"
-            f"{f' | adapter {cfg.init_adapter}' if cfg.init_adapter else ''}{processes}"
+            f"{f' | adapter {cfg.init_adapter}' if cfg.init_adapter else ''}{processes}{vocab_note}"
         )
 
     final_eval = FinalEvalCallback(cfg.time_budget)
@@ -430,6 +439,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         processing_class=tokenizer,
         compute_metrics=compute_metrics_for(utf8_bytes(val_episodes)),
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        compute_loss_func=loss_func,
         callbacks=[final_eval, MetricsLogCallback(metrics_path)],
     )
     trainer.remove_callback(ProgressCallback)
