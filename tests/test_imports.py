@@ -4,7 +4,12 @@ inside a function) never gets imported back by it, directly or through others.""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("sitcom", "bot", "data", "training", "bench")
@@ -105,3 +110,43 @@ def test_cycles_are_found():
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+@pytest.mark.e2e
+def test_only_the_library_is_installed_into_site_packages(tmp_path):
+    """The wheel holds `sitcom` alone (with its shipped model files): the programs' short
+    names (bot, data, training, bench) never reach site-packages, and the library never
+    imports them."""
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr
+    [wheel] = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {
+        "sitcom"
+    }
+    assert any(n.startswith("sitcom/seinfeld_lora/") for n in names)
+    assert any(n.startswith("sitcom/humour_default/") for n in names)
+    library = {m for m in project_modules() if m.split(".")[0] == "sitcom"}
+    for name in library:
+        outside = {
+            m
+            for m in imported_modules(name, project_modules()[name], set(project_modules()))
+            if m.split(".")[0] != "sitcom"
+        }
+        assert not outside, (name, outside)
