@@ -35,7 +35,7 @@ from discord_server import FakeDiscord
 from helpers import make_config, scripted_loader, start_bot, teleprompter_model
 
 from bot.core import Core
-from bot.db import Database, LeaseHeld, Place
+from bot.db import Database, LeaseHeld, Place, open_database
 from sitcom.engine import SceneEngine
 from sitcom.settings import SceneSettings
 
@@ -350,8 +350,8 @@ async def test_processes_on_other_shards_follow_a_checkpoint_switch(tmp_path, ti
 
 
 @pytest.mark.asyncio
-async def test_leases_overlap_by_shards_and_die_with_their_process(tmp_path):
-    db = await Database.open(tmp_path / "bot.db")
+async def test_leases_overlap_by_shards_and_die_with_their_process(db_target):
+    db = await open_database(db_target)
     here = socket.gethostname()
     try:
         await db.acquire_lease(SCOPE, (0, 2), host="web-2", pid=4242, ttl_s=30)
