@@ -60,9 +60,7 @@ class Core:
     async def start(cls, config: Config, loader=None) -> Core:
         """Open the database, then load the stored checkpoint (or DEFAULT_CHECKPOINT).
         `loader` replaces SceneEngine's model loader (tests use scripted models)."""
-        db = await open_database(
-            config.database_url or config.db_path, timeout=config.db_timeout_s
-        )
+        db = await open_database(config.database_url or config.db_path, timeout=config.db_timeout_s)
         try:
             stored = await db.get_state(CHECKPOINT_KEY)
             name, model = checkpoints.startup_model(

@@ -632,9 +632,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-async def open_database(
-    target: str | Path, timeout: float = 5.0
-) -> Database:
+async def open_database(target: str | Path, timeout: float = 5.0) -> Database:
     """The bot's storage: a postgresql:// (or postgres://) URL opens PostgreSQL
     (bot.pg.PostgresDatabase), anything else is a SQLite file path (Database)."""
     if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):

@@ -128,7 +128,7 @@ def _reason(error: BaseException) -> str:
     """One line for a failed connection."""
     if isinstance(error, ConnectionRefusedError):
         return "connection refused (is PostgreSQL running there, on that port?)"
-    if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
+    if isinstance(error, TimeoutError):
         return "no answer in time (a firewall, or the wrong host?)"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
@@ -161,7 +161,7 @@ class PostgresDatabase(Database):
                 timeout=max(timeout, 1.0),
                 server_settings=settings,
             )
-        except (OSError, TimeoutError, asyncio.TimeoutError, asyncpg.PostgresError) as e:
+        except (OSError, TimeoutError, asyncpg.PostgresError) as e:
             raise DatabaseError(f"cannot open the database {where}: {_reason(e)}") from e
         except (asyncpg.InterfaceError, ValueError) as e:  # e.g. a malformed URL
             raise DatabaseError(f"cannot open the database {where}: {_reason(e)}") from e
@@ -176,7 +176,7 @@ class PostgresDatabase(Database):
     async def close(self) -> None:
         try:
             await asyncio.wait_for(self._pool.close(), max(self._timeout, 1.0))
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             self._pool.terminate()
 
     async def schema_version(self) -> int:
@@ -230,7 +230,6 @@ class PostgresDatabase(Database):
             asyncpg.SerializationError,
             asyncpg.TooManyConnectionsError,
             TimeoutError,
-            asyncio.TimeoutError,
         ) as e:
             log.warning("database busy: %s", e)
             raise DatabaseError(

@@ -327,11 +327,15 @@ async def test_a_process_whose_lease_was_taken_over_is_told_to_stop(tmp_path, ti
 
 
 @pytest.mark.asyncio
-async def test_processes_on_other_shards_follow_a_checkpoint_switch(tmp_path, tiny_model_dir):
+async def test_processes_on_other_shards_follow_a_checkpoint_switch(
+    tmp_path, tiny_model_dir, db_target
+):
     import shutil
 
     shutil.copytree(tiny_model_dir, tmp_path / "checkpoints" / "ft-1")
-    config = make_config(tmp_path, tiny_model_dir)
+    # on SQLite (db_target is then make_config's own file) or a PostgreSQL database
+    url = db_target if isinstance(db_target, str) else None
+    config = make_config(tmp_path, tiny_model_dir, database_url=url)
     first, second = [await Core.start(config) for _ in range(2)]
     try:
         for core, shard in ((first, (0, 2)), (second, (1, 2))):

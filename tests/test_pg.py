@@ -156,8 +156,13 @@ async def test_votes_from_several_processes_count_once(db_target):
         script = VOTER.format(root=str(ROOT))
         procs = [
             await asyncio.create_subprocess_exec(
-                sys.executable, "-c", script, str(db_target), str(line),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                sys.executable,
+                "-c",
+                script,
+                str(db_target),
+                str(line),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )  # fmt: skip
             for _ in range(3)
         ]
@@ -189,9 +194,7 @@ def test_database_url_is_validated_in_one_line_without_the_password():
 
 
 @pytest.mark.asyncio
-async def test_core_runs_on_postgresql_when_database_url_is_set(
-    tmp_path, tiny_model_dir, pg_url
-):
+async def test_core_runs_on_postgresql_when_database_url_is_set(tmp_path, tiny_model_dir, pg_url):
     from bot.core import Core
     from bot.pg import PostgresDatabase
 
