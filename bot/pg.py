@@ -25,6 +25,7 @@ import asyncio
 import logging
 import re
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -330,6 +331,13 @@ async def copy_sqlite_to_postgres(
         target = await PostgresDatabase.open(url, timeout=timeout)
         try:
             return await _copy(source, target)
+        except asyncpg.LockNotAvailableError as e:
+            raise DatabaseError(
+                f"the target's tables stayed locked for {timeout:g} s (is a bot running on "
+                "it?); nothing was copied"
+            ) from e
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+            raise DatabaseError(f"the copy failed, nothing was copied: {_reason(e)}") from e
         finally:
             await target.close()
     finally:
@@ -339,7 +347,7 @@ async def copy_sqlite_to_postgres(
 async def _copy(
     source: Database, target: PostgresDatabase
 ) -> tuple[str, list[tuple[str, int, int]]]:
-    async with target._guard(), target._pool.acquire() as conn, conn.transaction():
+    async with target._pool.acquire() as conn, conn.transaction():
         # No bot (or second migrate-db) writes while the copy runs.
         await conn.execute(f"LOCK TABLE {', '.join(TABLES)} IN ACCESS EXCLUSIVE MODE")
         columns: dict[str, list[tuple[str, str]]] = {}
@@ -404,8 +412,6 @@ async def _copy(
 async def migrate_db_main(sqlite_path: str, url: str) -> int:
     """`python -m bot migrate-db SQLITE_FILE postgresql://…`: prints the row counts; one
     line on stderr and 1 for any failure."""
-    import sys
-
     try:
         outcome, counts = await copy_sqlite_to_postgres(sqlite_path, url)
     except DatabaseError as e:

@@ -69,6 +69,27 @@ class PgServer:
             timeout=120,
         )
 
+    def start(self) -> None:
+        """pg_ctl start (again, after stop()); waits until it accepts connections.
+        fsync off is safe while the machine itself does not crash; synchronous_commit stays
+        on, or an immediate stop would lose the last commits."""
+        options = (
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
+        log = self.base / "log"
+        started = self.tool(
+            "pg_ctl", "-D", str(self.base / "data"), "-l", str(log), "-o", options, "-w",
+            "-t", "60", "start",
+        )  # fmt: skip
+        if started.returncode:
+            tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
+            raise RuntimeError(f"pg_ctl start failed: {started.stderr.strip()[-300:]} {tail}")
+
+    def stop(self) -> None:
+        """pg_ctl stop -m immediate: every connection is cut at once (a crash, for clients)."""
+        self.tool("pg_ctl", "-D", str(self.base / "data"), "-m", "immediate", "-w", "stop")
+
     def admin(self, sql: str) -> None:
         """Run one statement as the postgres role (in a thread: a test's event loop may be
         running or about to be)."""
@@ -102,23 +123,16 @@ def start_server() -> PgServer:
     if init.returncode:
         shutil.rmtree(base, ignore_errors=True)
         raise RuntimeError(f"initdb failed: {init.stderr.strip()[-500:]}")
-    options = (
-        f"-p {server.port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
-        "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-    )
-    started = server.tool(
-        "pg_ctl", "-D", str(base / "data"), "-l", str(base / "log"), "-o", options, "-w",
-        "-t", "60", "start",
-    )  # fmt: skip
-    if started.returncode:
-        log = (base / "log").read_text(errors="replace")[-500:] if (base / "log").exists() else ""
+    try:
+        server.start()
+    except RuntimeError:
         shutil.rmtree(base, ignore_errors=True)
-        raise RuntimeError(f"pg_ctl start failed: {started.stderr.strip()[-300:]} {log}")
+        raise
     return server
 
 
 def stop_server(server: PgServer) -> None:
-    server.tool("pg_ctl", "-D", str(server.base / "data"), "-m", "immediate", "-w", "stop")
+    server.stop()
     shutil.rmtree(server.base, ignore_errors=True)
 
 

@@ -218,6 +218,35 @@ async def test_an_unreachable_server_is_one_line(tmp_path):
     assert "s3cret" not in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.asyncio
+async def test_a_server_that_goes_away_is_a_polite_error_and_then_comes_back():
+    """PostgreSQL restarted under a running bot (its own server here): the bot's calls say
+    "unavailable" while it is down, and work again once it is back, without reopening."""
+    from pg_server import pg_bin_dir, start_server, stop_server
+
+    from bot.db import DatabaseError
+
+    if pg_bin_dir() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
+    server = start_server()
+    try:
+        db = await open_database(server.url(), timeout=2)
+        try:
+            await db.set_state("k", "v")
+            server.stop()
+            for call in (db.get_state("k"), db.set_state("k", "w")):
+                with pytest.raises(DatabaseError, match="unavailable|busy"):
+                    await call
+            server.start()
+            assert await db.get_state("k") == "v"
+            await db.set_state("k", "w")
+            assert await db.get_state("k") == "w"
+        finally:
+            await db.close()
+    finally:
+        stop_server(server)
+
+
 # -- python -m bot migrate-db ---------------------------------------------------------------
 
 
