@@ -78,6 +78,29 @@ def test_every_migration_has_text_for_both_dialects():
         for_dialect(text, "mysql")
 
 
+@pytest.mark.asyncio
+async def test_processes_starting_at_once_migrate_once(pg_url):
+    dbs = await asyncio.gather(*(open_database(pg_url) for _ in range(4)))
+    try:
+        rows = await dbs[0]._fetch("SELECT version FROM schema_migrations ORDER BY version")
+        assert [r[0] for r in rows] == [v for v, _, _ in migrations("postgresql")]
+    finally:
+        for db in dbs:
+            await db.close()
+
+
+@pytest.mark.asyncio
+async def test_a_newer_postgresql_schema_is_refused_in_one_line(pg_url):
+    from bot.db import DatabaseError
+
+    db = await open_database(pg_url)
+    async with db._write() as conn:
+        await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (99, 'future')")
+    await db.close()
+    with pytest.raises(DatabaseError, match="schema version 99, newer than this bot's"):
+        await open_database(pg_url)
+
+
 # -- concurrency ----------------------------------------------------------------------------
 
 
