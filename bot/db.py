@@ -6,6 +6,9 @@ One connection per process, WAL mode, foreign keys on. Every write runs in its o
 `BEGIN IMMEDIATE` transaction; the schema comes from bot/migrations/NNNN_name.sql, applied in
 order and tracked with PRAGMA user_version. Any SQLite failure surfaces as DatabaseError,
 whose message is fit to show a user.
+
+The same API runs on PostgreSQL (bot/pg.py, DATABASE_URL); open_database picks the backend.
+The queries here are written once for both (`?` placeholders, datetime('now'), ON CONFLICT).
 """
 
 from __future__ import annotations
