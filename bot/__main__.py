@@ -1,7 +1,10 @@
 """`python -m bot`: every chat frontend whose credentials are set, on one engine and one
 database — DISCORD_TOKEN → Discord; SLACK_BOT_TOKEN + SLACK_APP_TOKEN → Slack over Socket
 Mode (or + SLACK_SIGNING_SECRET → Slack's HTTP mode on SLACK_PORT); both → both in this
-process; none → the local console."""
+process; none → the local console.
+
+`python -m bot migrate-db SQLITE_FILE postgresql://…` copies a SQLite bot's every row into
+PostgreSQL (see bot.pg.copy_sqlite_to_postgres)."""
 
 from __future__ import annotations
 
@@ -148,7 +151,36 @@ async def run(
     return status
 
 
-def main() -> int:
+def migrate_db(argv: list[str]) -> int:
+    """`migrate-db SQLITE_FILE URL`: 0 when copied (or already there), 1 on a bad input or
+    a failed copy (one line), 2 on bad usage."""
+    import argparse
+
+    from .config import check_database_url
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bot migrate-db",
+        description="Copy every row of a SQLite bot database into an empty PostgreSQL "
+        "database, in one transaction; a second run with the same data changes nothing.",
+    )
+    parser.add_argument("sqlite_file", help="the bot's SQLite file (BOT_DB)")
+    parser.add_argument("url", help="postgresql://user:password@host:5432/dbname")
+    args = parser.parse_args(argv)
+    try:
+        url = check_database_url(args.url, name="the target")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    from .pg import migrate_db_main
+
+    return asyncio.run(migrate_db_main(args.sqlite_file, url))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["migrate-db"]:
+        logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+        return migrate_db(argv[1:])
     try:
         config = Config.from_env()
     except ConfigError as e:

@@ -10,6 +10,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
 
@@ -42,6 +43,26 @@ class ConfigError(ValueError):
     """A bad environment variable; the message names it."""
 
 
+def check_database_url(raw: str, name: str = "DATABASE_URL") -> str:
+    """A PostgreSQL URL (postgresql://user:password@host:5432/dbname) as asyncpg reads
+    it; ConfigError naming `name` otherwise. The value itself is never echoed: it holds
+    a password."""
+    example = "postgresql://user:password@host:5432/dbname"
+    if any(c.isspace() or unicodedata.category(c).startswith("C") for c in raw):
+        raise ConfigError(f"{name} contains spaces or control characters (expected {example})")
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not 0-65535)
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL (expected {example})") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        got = f"scheme {parts.scheme!r}" if parts.scheme else "no postgresql:// scheme"
+        raise ConfigError(f"{name} must be a PostgreSQL URL such as {example} (got {got})")
+    if not (parts.hostname or "host=" in parts.query):
+        raise ConfigError(f"{name} names no host (expected {example})")
+    return raw
+
+
 def _load_dotenv(path: Path) -> None:
     """./.env into os.environ (real variables win), its faults as one ConfigError."""
     try:
@@ -64,6 +85,8 @@ class Config:
     slack_port: int = 3000
     slack_host: str = "127.0.0.1"  # HTTP mode listens here; loopback behind a reverse proxy
     db_path: Path = Path("sitcom.db")
+    # DATABASE_URL: PostgreSQL instead of the SQLite file db_path (holds a password)
+    database_url: str | None = field(default=None, repr=False)
     checkpoints_dir: Path = Path("checkpoints")
     default_checkpoint: str = DEFAULT_MODEL
     humour_model: str = "humour"  # ranks best-of-n candidates; "off": coherence checks only
@@ -196,6 +219,7 @@ class Config:
             slack_host=host("SLACK_HOST", default["slack_host"]),
             token=token,
             db_path=Path(get("BOT_DB") or default["db_path"]).expanduser(),
+            database_url=check_database_url(url) if (url := get("DATABASE_URL")) else None,
             checkpoints_dir=Path(get("CHECKPOINTS_DIR") or default["checkpoints_dir"]).expanduser(),
             default_checkpoint=get("DEFAULT_CHECKPOINT") or default["default_checkpoint"],
             humour_model=get("HUMOUR_MODEL") or default["humour_model"],

@@ -22,7 +22,7 @@ from sitcom.settings import SceneSettings
 from . import checkpoints
 from .commands import UsageError, repost_id
 from .config import Config
-from .db import Database, DatabaseError, LeaseHeld, Place, StoredScene
+from .db import Database, DatabaseError, LeaseHeld, Place, StoredScene, open_database
 from .posting import Delivery, RetryPolicy, Surface, deliver
 from .texts import describe, leaderboard
 
@@ -60,7 +60,7 @@ class Core:
     async def start(cls, config: Config, loader=None) -> Core:
         """Open the database, then load the stored checkpoint (or DEFAULT_CHECKPOINT).
         `loader` replaces SceneEngine's model loader (tests use scripted models)."""
-        db = await Database.open(config.db_path, timeout=config.db_timeout_s)
+        db = await open_database(config.database_url or config.db_path, timeout=config.db_timeout_s)
         try:
             stored = await db.get_state(CHECKPOINT_KEY)
             name, model = checkpoints.startup_model(

@@ -6,6 +6,9 @@ One connection per process, WAL mode, foreign keys on. Every write runs in its o
 `BEGIN IMMEDIATE` transaction; the schema comes from bot/migrations/NNNN_name.sql, applied in
 order and tracked with PRAGMA user_version. Any SQLite failure surfaces as DatabaseError,
 whose message is fit to show a user.
+
+The same API runs on PostgreSQL (bot/pg.py, DATABASE_URL); open_database picks the backend.
+The queries here are written once for both (`?` placeholders, datetime('now'), ON CONFLICT).
 """
 
 from __future__ import annotations
@@ -92,13 +95,42 @@ class RankedLine:
     channel_id: str
 
 
-def migrations() -> list[tuple[int, str, str]]:
-    """(version, name, sql) for every bundled migration, in order."""
+DIALECTS = ("sqlite", "postgresql")
+_DIALECT_MARK = re.compile(r"-- dialect: (sqlite|postgresql|all)[ \t]*")
+
+
+def for_dialect(sql: str, dialect: str) -> str:
+    """The text of one migration as `dialect` runs it.
+
+    Both backends run the same numbered files, bot/migrations/NNNN_name.sql. Most
+    statements are the same text for both; where the dialects differ (SQLite's INTEGER
+    PRIMARY KEY rowids vs PostgreSQL identity columns, REAL meaning float4 on PostgreSQL,
+    SQLite-only functions), the file holds both texts in marked sections: a line
+    `-- dialect: sqlite` or `-- dialect: postgresql` starts a section only that backend
+    runs, `-- dialect: all` goes back to text both run. Marker lines are comments
+    between statements, so the SQLite schema (sqlite_master) is byte-for-byte what it
+    was before the PostgreSQL sections were added."""
+    if dialect not in DIALECTS:
+        raise ValueError(f"unknown SQL dialect {dialect!r}")
+    kept, current = [], "all"
+    for line in sql.splitlines(keepends=True):
+        mark = _DIALECT_MARK.fullmatch(line.rstrip("\r\n"))
+        if mark:
+            current = mark.group(1)
+        elif current in ("all", dialect):
+            kept.append(line)
+    return "".join(kept)
+
+
+def migrations(dialect: str = "sqlite") -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every bundled migration, in order, as `dialect` runs it
+    (see for_dialect)."""
     found = []
     for entry in resources.files("bot").joinpath("migrations").iterdir():
         m = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
         if m:
-            found.append((int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
+            text = for_dialect(entry.read_text(encoding="utf-8"), dialect)
+            found.append((int(m.group(1)), m.group(2), text))
     return sorted(found)
 
 
@@ -254,6 +286,10 @@ class Database:
                 raise
             await self._conn.execute("COMMIT")
 
+    async def _serialize(self, conn: aiosqlite.Connection, key: str) -> None:
+        """Make transactions on `key` run one after another across processes. SQLite:
+        nothing to do, BEGIN IMMEDIATE already admits one writer at a time."""
+
     async def _fetch(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
         async with self._lock, self._guard():
             self._check_file()
@@ -325,7 +361,8 @@ class Database:
             cur = await conn.execute(
                 "INSERT INTO scenes (platform, guild_id, channel_id, user_id, prompt, model_name, "
                 "new_tokens, seconds, note, claimed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, CASE WHEN ? THEN datetime('now') END)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, CASE WHEN ? THEN datetime('now') END) "
+                "RETURNING id",
                 (
                     place.platform,
                     place.guild_id,
@@ -339,15 +376,16 @@ class Database:
                     claimed,
                 ),
             )
-            scene_id = cur.lastrowid
+            scene_id = (await cur.fetchall())[0][0]
             stored = []
             for no, text in enumerate(lines, start=1):
                 own = no <= prompt_lines
                 cur = await conn.execute(
-                    "INSERT INTO lines (scene_id, line_no, text, from_prompt) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO lines (scene_id, line_no, text, from_prompt) VALUES (?, ?, ?, ?) "
+                    "RETURNING id",
                     (scene_id, no, text, own),
                 )
-                stored.append(StoredLine(cur.lastrowid, no, text, own, None))
+                stored.append(StoredLine((await cur.fetchall())[0][0], no, text, own, None))
         return StoredScene(scene_id, place, stored, note, posted=False)
 
     async def get_scene(self, scene_id: int) -> StoredScene | None:
@@ -511,7 +549,7 @@ class Database:
             "SELECT s.id, l.line_no, l.text, COUNT(v.id) AS n, s.channel_id "
             "FROM votes v JOIN lines l ON l.id = v.line_id JOIN scenes s ON s.id = l.scene_id "
             f"WHERE {where} AND NOT l.from_prompt "
-            "GROUP BY l.id ORDER BY n DESC, MIN(v.id) LIMIT ?",
+            "GROUP BY l.id, s.id ORDER BY n DESC, MIN(v.id) LIMIT ?",
             (*params, limit),
         )
         return [RankedLine(*row) for row in rows]
@@ -535,6 +573,7 @@ class Database:
         now = time.time() if now is None else now
         shard_id, count = shard
         async with self._write() as conn:
+            await self._serialize(conn, f"lease {scope}")
             async with conn.execute(
                 "SELECT shard_id, shard_count, host, pid, expires_at FROM leases WHERE scope = ?",
                 (scope,),
@@ -594,3 +633,13 @@ def _alive(pid: int) -> bool:
     except OSError:  # e.g. EPERM: it exists, under another user
         return True
     return True
+
+
+async def open_database(target: str | Path, timeout: float = 5.0) -> Database:
+    """The bot's storage: a postgresql:// (or postgres://) URL opens PostgreSQL
+    (bot.pg.PostgresDatabase), anything else is a SQLite file path (Database)."""
+    if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):
+        from .pg import PostgresDatabase
+
+        return await PostgresDatabase.open(target, timeout=timeout)
+    return await Database.open(target, timeout=timeout)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from helpers import RAW_CORPUS, build_tiny_tokenizer, save_tiny_model_dir, save_tiny_pair
+from pg_server import db_target, pg_url, postgres_server  # noqa: F401  (fixtures)
 
 # Keep torch from fighting the other tests for the machine's two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,4 +1,6 @@
-"""bot.db on real SQLite files: migrations, constraints, persistence, locked/deleted files."""
+"""bot.db on real SQLite files and bot.pg on a real PostgreSQL server (tests/pg_server.py):
+migrations, constraints, persistence; SQLite's locked/deleted files. Tests taking
+`db_target` run once per backend."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from bot.db import Database, DatabaseError, Place, migrations
+from bot.db import Database, DatabaseError, Place, migrations, open_database
 from sitcom.settings import SceneSettings
 
 HERE = Place("discord", "1", "2")
@@ -27,23 +29,28 @@ async def add_scene(db: Database, lines=("JERRY: Hi.", "NEWMAN: Hello, Jerry."),
 
 
 @pytest.mark.asyncio
-async def test_schema_is_migrated_once_with_wal_and_foreign_keys(tmp_path):
-    db = await Database.open(tmp_path / "a.db")
+async def test_schema_is_migrated_once_with_foreign_keys(db_target):
+    db = await open_database(db_target)
     latest = migrations()[-1][0]
     assert await db.schema_version() == latest
     await db.close()
-    db = await Database.open(tmp_path / "a.db")  # reopening applies nothing twice
+    db = await open_database(db_target)  # reopening applies nothing twice
     assert await db.schema_version() == latest
-    assert (await db._fetch("PRAGMA journal_mode"))[0][0] == "wal"
-    assert (await db._fetch("PRAGMA foreign_keys"))[0][0] == 1
+    if isinstance(db_target, os.PathLike):
+        assert (await db._fetch("PRAGMA journal_mode"))[0][0] == "wal"
+        assert (await db._fetch("PRAGMA foreign_keys"))[0][0] == 1
+    else:
+        assert [r[0] for r in await db._fetch("SELECT version FROM schema_migrations")] == [
+            v for v, _, _ in migrations("postgresql")
+        ]
     with pytest.raises(DatabaseError):  # a vote for a line that does not exist
         await db.add_vote("5", 999)
     await db.close()
 
 
 @pytest.mark.asyncio
-async def test_everything_survives_a_restart(tmp_path):
-    db = await Database.open(tmp_path / "a.db")
+async def test_everything_survives_a_restart(db_target):
+    db = await open_database(db_target)
     await db.save_settings(HERE, "3", SceneSettings(temperature=1.25, top_k=7))
     scene = await add_scene(db)
     await db.place_lines("555", [(line_id, slot) for slot, line_id in enumerate(scene.line_ids, 1)])
@@ -51,7 +58,7 @@ async def test_everything_survives_a_restart(tmp_path):
     await db.set_state("active_checkpoint", "ft-1")
     await db.close()
 
-    db = await Database.open(tmp_path / "a.db")
+    db = await open_database(db_target)
     settings = await db.get_settings("discord", "2")
     assert (settings.temperature, settings.top_k) == (1.25, 7)
     assert await db.get_settings("slack", "2") == SceneSettings()  # keyed per platform
@@ -69,8 +76,8 @@ async def test_everything_survives_a_restart(tmp_path):
 
 
 @pytest.mark.asyncio
-async def test_one_vote_per_user_per_line(tmp_path):
-    db = await Database.open(tmp_path / "a.db")
+async def test_one_vote_per_user_per_line(db_target):
+    db = await open_database(db_target)
     scene = await add_scene(db)
     line = scene.line_ids[0]
     assert await db.add_vote("9", line) is True
@@ -85,8 +92,8 @@ async def test_one_vote_per_user_per_line(tmp_path):
 
 
 @pytest.mark.asyncio
-async def test_a_redelivered_event_changes_nothing(tmp_path):
-    db = await Database.open(tmp_path / "a.db")
+async def test_a_redelivered_event_changes_nothing(db_target):
+    db = await open_database(db_target)
     line = (await add_scene(db, place=Place("slack", "T1", "C1"))).line_ids[1]
     assert await db.add_vote("U1", line, event=("slack", "Ev1"))
     assert await db.remove_vote("U1", line, event=("slack", "Ev2"))
@@ -98,8 +105,8 @@ async def test_a_redelivered_event_changes_nothing(tmp_path):
 
 
 @pytest.mark.asyncio
-async def test_prompt_lines_are_stored_but_never_votable_or_best(tmp_path):
-    db = await Database.open(tmp_path / "a.db")
+async def test_prompt_lines_are_stored_but_never_votable_or_best(db_target):
+    db = await open_database(db_target)
     scene = await db.add_scene(
         place=HERE,
         user_id="3",

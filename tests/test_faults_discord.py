@@ -35,7 +35,7 @@ from discord_server import FakeDiscord
 from helpers import make_config, scripted_loader, start_bot, teleprompter_model
 
 from bot.core import Core
-from bot.db import Database, LeaseHeld, Place
+from bot.db import Database, LeaseHeld, Place, open_database
 from sitcom.engine import SceneEngine
 from sitcom.settings import SceneSettings
 
@@ -327,11 +327,15 @@ async def test_a_process_whose_lease_was_taken_over_is_told_to_stop(tmp_path, ti
 
 
 @pytest.mark.asyncio
-async def test_processes_on_other_shards_follow_a_checkpoint_switch(tmp_path, tiny_model_dir):
+async def test_processes_on_other_shards_follow_a_checkpoint_switch(
+    tmp_path, tiny_model_dir, db_target
+):
     import shutil
 
     shutil.copytree(tiny_model_dir, tmp_path / "checkpoints" / "ft-1")
-    config = make_config(tmp_path, tiny_model_dir)
+    # on SQLite (db_target is then make_config's own file) or a PostgreSQL database
+    url = db_target if isinstance(db_target, str) else None
+    config = make_config(tmp_path, tiny_model_dir, database_url=url)
     first, second = [await Core.start(config) for _ in range(2)]
     try:
         for core, shard in ((first, (0, 2)), (second, (1, 2))):
@@ -350,8 +354,8 @@ async def test_processes_on_other_shards_follow_a_checkpoint_switch(tmp_path, ti
 
 
 @pytest.mark.asyncio
-async def test_leases_overlap_by_shards_and_die_with_their_process(tmp_path):
-    db = await Database.open(tmp_path / "bot.db")
+async def test_leases_overlap_by_shards_and_die_with_their_process(db_target):
+    db = await open_database(db_target)
     here = socket.gethostname()
     try:
         await db.acquire_lease(SCOPE, (0, 2), host="web-2", pid=4242, ttl_s=30)

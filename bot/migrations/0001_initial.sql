@@ -1,3 +1,4 @@
+-- dialect: sqlite
 -- Per-channel decoding settings; a channel without a row uses SceneSettings() defaults.
 CREATE TABLE channel_settings (
     channel_id         INTEGER PRIMARY KEY,
@@ -46,6 +47,17 @@ CREATE TABLE votes (
 CREATE INDEX votes_line ON votes(line_id);
 CREATE INDEX scenes_place ON scenes(guild_id, channel_id);
 
+-- dialect: postgresql
+-- PostgreSQL support began at schema 5, so no PostgreSQL database ever held the tables
+-- of this first layout: 0002 creates them there directly in their platform-keyed form.
+-- SQLite's datetime('now'[, modifier]) for PostgreSQL: the same 'YYYY-MM-DD HH:MM:SS' UTC
+-- text, so the queries and the stored timestamps are the same on both.
+CREATE FUNCTION datetime(moment TEXT, modifier TEXT DEFAULT '0 seconds') RETURNS TEXT
+    LANGUAGE sql STABLE
+    AS $$ SELECT to_char(CASE WHEN moment = 'now' THEN now() AT TIME ZONE 'UTC'
+                              ELSE CAST(moment AS timestamp) END + CAST(modifier AS interval),
+                         'YYYY-MM-DD HH24:MI:SS') $$;
+-- dialect: all
 -- Small key/value state, e.g. the active checkpoint.
 CREATE TABLE bot_state (
     key   TEXT PRIMARY KEY,

@@ -8,6 +8,7 @@ ALTER TABLE scenes ADD COLUMN claimed_at TEXT;
 -- second process on the same token and shards is refused instead of answering every command
 -- twice. The holder renews expires_at (unix seconds) while it runs and deletes the row when
 -- it stops; a row past expires_at belongs to a process that died.
+-- dialect: sqlite
 CREATE TABLE leases (
     scope       TEXT    NOT NULL,
     shard_id    INTEGER NOT NULL,
@@ -17,3 +18,14 @@ CREATE TABLE leases (
     expires_at  REAL    NOT NULL,
     PRIMARY KEY (scope, shard_id, shard_count)
 );
+-- dialect: postgresql
+CREATE TABLE leases (
+    scope       TEXT    NOT NULL,
+    shard_id    INTEGER NOT NULL,
+    shard_count INTEGER NOT NULL,
+    host        TEXT    NOT NULL,
+    pid         INTEGER NOT NULL,
+    expires_at  DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (scope, shard_id, shard_count)
+);
+-- dialect: all
