@@ -11,6 +11,7 @@ is safe on this CPU; sitcom.model.serving decides which models it serves.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -47,6 +48,7 @@ class LlamaCppModel:
         n_threads: int | None = None,  # None: SITCOM_THREADS (sitcom.decoding.threads), auto
         flash_attn: bool = True,  # measured: +10% single, +25% at 8 sequences (Q8_0)
         kv_unified: bool = False,
+        lora: str | os.PathLike | None = None,  # an adapter GGUF (sitcom.model.lora_gguf)
         verbose: bool = False,
     ):
         import llama_cpp
@@ -89,6 +91,15 @@ class LlamaCppModel:
             raise ModelLoadError(f"llama.cpp could not make a context for {self.path}")
         self._batch_size = cparams.n_batch
         self._batch = llama_cpp.llama_batch_init(cparams.n_batch, 0, 1)
+        self.lora = Path(lora) if lora else None
+        if self.lora:  # freed with the model
+            adapter = llama_cpp.llama_adapter_lora_init(self._model, str(self.lora).encode())
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+            if not adapter or llama_cpp.llama_set_adapters_lora(
+                self._ctx, adapters, 1, (ctypes.c_float * 1)(1.0)
+            ):
+                self.close()
+                raise ModelLoadError(f"llama.cpp could not apply the adapter {self.lora}")
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):

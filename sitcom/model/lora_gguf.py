@@ -1,0 +1,116 @@
+"""A peft LoRA adapter as a llama.cpp adapter GGUF, applied at run time over a GGUF base.
+
+This is how a writer on a base that only exists as a quantized GGUF (Gemma 3 270M, Q4_K_M from
+PyPI) is served: llama.cpp loads the base file as it is and adds the adapter's low-rank
+change to its linear layers while decoding (`LlamaCppModel(..., lora=PATH)`), so there is no
+dequantize → merge → export → quantize round trip and the adapter file stays small.
+
+The file follows llama.cpp's adapter format: `general.type = adapter`, `adapter.type = lora`,
+`adapter.lora.alpha`, and for each adapted weight `NAME.lora_a` (rank x in) and `NAME.lora_b`
+(out x rank) under the base's own tensor name (gguf-py's name map); llama.cpp scales the
+product by alpha / rank, as peft does. Llama-architecture q/k rows are stored permuted in
+GGUF (sitcom.model.gguf_export), so lora_b's rows get the same permutation there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sitcom.files import atomic_path
+from sitcom.model.catalog import ModelLoadError
+
+
+def base_gguf_facts(path: str | os.PathLike) -> dict:
+    """Architecture, block count and head counts of a GGUF model file."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+
+    def field(key: str):
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        value = f.parts[f.data[0]]
+        return bytes(value).decode() if f.types[0] == gguf.GGUFValueType.STRING else value[0]
+
+    arch = field("general.architecture")
+    if arch is None:
+        raise ModelLoadError(f"{path} has no general.architecture: not a GGUF model")
+    return {
+        "arch": arch,
+        "blocks": int(field(f"{arch}.block_count")),
+        "heads": int(field(f"{arch}.attention.head_count")),
+        "kv_heads": int(
+            field(f"{arch}.attention.head_count_kv") or field(f"{arch}.attention.head_count")
+        ),
+        "tensors": {t.name for t in reader.tensors},
+    }
+
+
+def _permute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def export_lora_gguf(
+    adapter_dir: str | os.PathLike, base_gguf: str | os.PathLike, out: str | os.PathLike
+) -> Path:
+    """Write the peft adapter in `adapter_dir` (adapter_config.json + adapter_model.safetensors)
+    as a llama.cpp adapter GGUF for `base_gguf` at `out`; returns `out`. ModelLoadError (one
+    line) when the adapter does not fit the base."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the adapter in {adapter_dir}: {e}") from None
+    facts = base_gguf_facts(base_gguf)
+    arch_name = facts["arch"]
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
+    if arch is None:
+        raise ModelLoadError(f"gguf-py does not know the architecture {arch_name!r}")
+    names = gguf.get_tensor_name_map(arch, facts["blocks"])
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}.weight"
+            if key.endswith(marker):
+                hf = key[: -len(marker)].removeprefix("base_model.model.") + ".weight"
+                pairs.setdefault(hf, {})[part] = value.astype(np.float32)
+    if not pairs:
+        raise ModelLoadError(f"{adapter_dir} holds no LoRA weights")
+    alpha = float(config.get("lora_alpha", config.get("r", 1)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch_name)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for hf, ab in sorted(pairs.items()):
+            if set(ab) != {"lora_A", "lora_B"}:
+                raise ModelLoadError(f"{adapter_dir}: {hf} lacks one of lora_A / lora_B")
+            name = names.get_name(hf, try_suffixes=(".weight",))
+            if name is None or name not in facts["tensors"]:
+                raise ModelLoadError(f"{adapter_dir}: {hf} has no tensor in the base {base_gguf}")
+            a, b = ab["lora_A"], ab["lora_B"]
+            if arch_name == "llama" and hf.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = facts["heads"] if hf.endswith("q_proj.weight") else facts["kv_heads"]
+                b = _permute_rows(b, heads)
+            writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a))
+            writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out
