@@ -525,9 +525,7 @@ class Core:
                     await asyncio.sleep(self.lease_ttl_s / 3)
                     try:
                         for shard in shards:
-                            await self.db.acquire_lease(
-                                scope, shard, ttl_s=self.lease_ttl_s, **who
-                            )
+                            await self.db.acquire_lease(scope, shard, ttl_s=self.lease_ttl_s, **who)
                         await self._follow_checkpoint()
                     except LeaseHeld as e:
                         log.error("lost the lease: %s", e)
@@ -541,9 +539,7 @@ class Core:
                 await release(shards)
                 raise
 
-        self._leases[(scope, tuple(shards))] = asyncio.create_task(
-            renew(), name=f"lease {scope}"
-        )
+        self._leases[(scope, tuple(shards))] = asyncio.create_task(renew(), name=f"lease {scope}")
 
     async def _follow_checkpoint(self) -> None:
         """Processes on other shards share this database: a checkpoint one of them switched

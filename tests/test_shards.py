@@ -8,20 +8,30 @@ real engine on the tiny models; the network edge is the Discord stand-in
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import socket
 import sqlite3
+import sys
+from pathlib import Path
 
+import discord.gateway
 import pytest
+import yarl
 from discord.ext import commands
-from discord_payloads import APP_ID, Recorder
+from discord.http import Route
+from discord_payloads import APP_ID, GUILD_ID, Recorder, command_payload
+from discord_server import FakeDiscord
 from helpers import make_config, scripted_loader, start_bot
 
+from bot.__main__ import run
 from bot.config import Config, ConfigError
 from bot.core import Core
 from bot.db import Database, LeaseHeld
 
 SCOPE = f"Discord application {APP_ID}"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def shards(**env: str) -> tuple[tuple[int, ...] | None, int | None]:
@@ -119,3 +129,120 @@ async def test_one_held_shard_refuses_them_all_and_keeps_none(tmp_path, tiny_mod
     said = str(held.value)
     assert "web-2" in said and "4242" in said and "shard 2 of 4" in said and "SHARD_IDS" in said
     assert leases(tmp_path) == [(2, 4, "web-2", 4242)]  # its own first one given back
+
+
+# -- a cluster: gateway processes on the Discord stand-in --------------------------------
+
+
+def bot_env(tmp_path, tiny_model_dir, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "SHARD_"))}
+    env.update(
+        DISCORD_TOKEN="x.y.z",
+        DEFAULT_CHECKPOINT=str(tiny_model_dir),
+        BOT_DB=str(tmp_path / "bot.db"),
+        CHECKPOINTS_DIR=str(tmp_path / "checkpoints"),
+        LOG_LEVEL="WARNING",
+        PYTHONPATH=str(ROOT),
+        **extra,
+    )
+    return env
+
+
+async def gateway_process(server: FakeDiscord, tmp_path, env: dict[str, str]):
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        server.launcher(),
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
+async def test_gateway_processes_split_the_shards_and_overlaps_are_refused(
+    tmp_path, tiny_model_dir
+):
+    """`python -m bot` twice on one token and database, SHARD_IDS=0,1 and 2,3 of
+    SHARD_COUNT=4: both start, each IDENTIFYs only its own shards, only shard 0's process
+    syncs the commands, an interaction reaches the process of its guild's shard; a third
+    with SHARD_IDS=1,2 exits 1 with one line naming the holder's host and pid."""
+    server = FakeDiscord(shards=4, required_shards=4)
+    await server.start()
+    running = []
+    try:
+        first = await gateway_process(
+            server, tmp_path, bot_env(tmp_path, tiny_model_dir, SHARD_IDS="0,1", SHARD_COUNT="4")
+        )
+        running.append(first)
+        assert sorted(await server.wait_identified(2)) == [(0, 4), (1, 4)]
+        second = await gateway_process(
+            server, tmp_path, bot_env(tmp_path, tiny_model_dir, SHARD_IDS="2, 3", SHARD_COUNT="4")
+        )
+        running.append(second)
+        assert sorted((await server.wait_identified(4))[2:]) == [(2, 4), (3, 4)]
+        host = socket.gethostname()
+        assert leases(tmp_path) == [
+            (0, 4, host, first.pid),
+            (1, 4, host, first.pid),
+            (2, 4, host, second.pid),
+            (3, 4, host, second.pid),
+        ]
+        assert len(server.find("PUT", "/commands")) == 1
+
+        # GUILD_ID is on shard 2: Discord sends its interactions to the second process
+        assert (GUILD_ID >> 22) % 4 == 2
+        await server.dispatch("INTERACTION_CREATE", command_payload("best"))
+        await server.wait_for("POST", "/callback")
+
+        third = await gateway_process(
+            server, tmp_path, bot_env(tmp_path, tiny_model_dir, SHARD_IDS="1,2", SHARD_COUNT="4")
+        )
+        running.append(third)
+        _, err = await asyncio.wait_for(third.communicate(), 180)
+        err = err.decode()
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert third.returncode == 1 and len(errors) == 1 and "Traceback" not in err, err
+        assert f"pid {first.pid} on host {host}" in errors[0] and "shard 1 of 4" in errors[0]
+        assert len(server.identifies) == 4  # it connected nothing
+
+        for process in (first, second):
+            process.send_signal(signal.SIGTERM)
+        for process in (first, second):
+            _, err = await asyncio.wait_for(process.communicate(), 90)
+            assert process.returncode == 0 and "Traceback" not in err.decode(), err.decode()
+        assert leases(tmp_path) == []
+    finally:
+        for process in running:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        await server.close()
+
+
+@pytest.mark.asyncio
+async def test_too_few_shards_for_discord_is_one_line(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """Discord closes the gateway with 4011 Sharding required when the bot is in more
+    servers than its shards may hold: `python -m bot` says to raise SHARD_COUNT."""
+    server = FakeDiscord(shards=2, required_shards=2)
+    await server.start()
+    monkeypatch.setattr(Route, "BASE", server.base + "/api/v10")
+    monkeypatch.setattr(
+        discord.gateway.DiscordWebSocket,
+        "DEFAULT_GATEWAY",
+        yarl.URL(f"ws://127.0.0.1:{server.port}/gateway/"),
+    )
+    try:
+        config = make_config(tmp_path, tiny_model_dir, token="x.y.z", shard_count=1)
+        status = await asyncio.wait_for(run(config, loader=scripted_loader()), 120)
+    finally:
+        await server.close()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert status == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert "Sharding required" in errors[0] and "SHARD_COUNT" in errors[0]
+    assert leases(tmp_path) == []
