@@ -62,6 +62,10 @@ def _discord_failure(error: BaseException) -> str | None:
 def _slack_failure(error: BaseException) -> str | None:
     from slack_sdk.errors import SlackApiError
 
+    from .db import DatabaseError
+
+    if isinstance(error, DatabaseError):  # SocketModeTaken: another Socket Mode process
+        return str(error)
     if isinstance(error, SlackApiError):
         code = error.response.get("error") if isinstance(error.response.data, dict) else None
         if code in ("invalid_auth", "not_authed", "account_inactive", "token_revoked"):

@@ -9,13 +9,16 @@ real engine on the tiny models; the network edge is the Discord stand-in
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import sqlite3
 import sys
 from pathlib import Path
+from urllib.parse import urlencode
 
+import aiohttp
 import discord.gateway
 import pytest
 import yarl
@@ -23,12 +26,24 @@ from discord.ext import commands
 from discord.http import Route
 from discord_payloads import APP_ID, GUILD_ID, Recorder, command_payload
 from discord_server import FakeDiscord
-from helpers import make_config, scripted_loader, start_bot
+from helpers import command, make_config, refs, scripted_loader, sign, start_bot, start_slack
+from slack_fake import (
+    ADMIN,
+    APP_TOKEN,
+    BOT_TOKEN,
+    TEAM,
+    USER,
+    FakeSlack,
+    reaction_event,
+    slash_command,
+)
 
 from bot.__main__ import run
 from bot.config import Config, ConfigError
 from bot.core import Core
 from bot.db import Database, LeaseHeld
+from bot.slack.app import socket_mode_scope
+from bot.slack.surface import make_client
 
 SCOPE = f"Discord application {APP_ID}"
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,3 +261,122 @@ async def test_too_few_shards_for_discord_is_one_line(
     assert status == 1 and len(errors) == 1 and "Traceback" not in err, err
     assert "Sharding required" in errors[0] and "SHARD_COUNT" in errors[0]
     assert leases(tmp_path) == []
+
+
+# -- Slack: HTTP instances behind a load balancer; one Socket Mode connection ---------------
+
+
+async def post_signed(http, app, body: str, kind: str, retry: str = "") -> str:
+    headers = {"Content-Type": kind, **sign("s3cret", body)}
+    if retry:  # how Slack marks a redelivery (same event_id)
+        headers |= {"X-Slack-Retry-Num": retry, "X-Slack-Retry-Reason": "http_timeout"}
+    async with http.post(
+        f"http://127.0.0.1:{app.port}/slack/events", data=body, headers=headers
+    ) as r:
+        assert r.status == 200
+        return await r.text()
+
+
+async def handled(app, goal: int) -> None:
+    for _ in range(1000):
+        if app.reactions_handled >= goal:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{app.reactions_handled} reaction events handled, not {goal}")
+
+
+@pytest.mark.asyncio
+async def test_slack_http_instances_share_one_database(tmp_path, tiny_model_dir):
+    """Two HTTP-mode instances (A and B, as behind a load balancer) on one database: a
+    /scene on A, a vote on B, a vote on A whose retried delivery lands on B (counted once),
+    /best and `/scene #1` on B know A's scene."""
+    fake = await FakeSlack().start()
+    http_mode = dict(slack_app_token=None, slack_signing_secret="s3cret", slack_port=0)
+    a = await start_slack(tmp_path, tiny_model_dir, fake, **http_mode)
+    b = await start_slack(tmp_path, tiny_model_dir, fake, **http_mode)
+    form = "application/x-www-form-urlencoded"
+    try:
+        async with aiohttp.ClientSession() as http:
+            opening = slash_command(fake, "/scene", "Elaine: Jerry! George!")
+            await post_signed(http, a, urlencode(opening), form)
+            await fake.wait_for(
+                lambda: any("is ready" in r["text"] for r in fake.replies(opening["response_url"]))
+            )
+            ref = refs(fake)[0]
+
+            async def vote(app, user: str, event_id: str | None = None, retry: str = "") -> str:
+                body = reaction_event("reaction_added", "one", ref, user=user, event_id=event_id)
+                goal = app.reactions_handled + 1
+                await post_signed(http, app, json.dumps(body), "application/json", retry)
+                await handled(app, goal)
+                return body["event_id"]
+
+            async def tally() -> list[tuple[int, int]]:
+                return [(r.line_no, r.votes) for r in await b.core.db.best("slack", TEAM)]
+
+            await vote(b, USER)
+            assert await tally() == [(2, 1)]
+            taken = await vote(a, ADMIN)  # A took it, Slack timed out waiting: a retry ...
+            await vote(b, ADMIN, event_id=taken, retry="1")  # ... that the balancer sends to B
+            assert await tally() == [(2, 2)]
+            assert (a.reactions_handled, b.reactions_handled) == (1, 2)
+
+            async def first_answer(app, name: str, text: str) -> str:
+                payload = slash_command(fake, name, text)
+                said = await post_signed(http, app, urlencode(payload), form)
+                if said and json.loads(said).get("text"):
+                    return json.loads(said)["text"]
+                url = payload["response_url"]
+                return (await fake.wait_for(lambda: fake.replies(url)))[0]["text"]
+
+            assert "GEORGE: What is it?" in await first_answer(b, "/best", "channel")
+            assert "Best lines in this workspace" in await first_answer(b, "/best", "")
+            assert "posted already" in await first_answer(b, "/scene", "#1")
+    finally:
+        for app in (a, b):
+            await app.core.close()
+            await app.close()
+        await fake.close()
+
+
+@pytest.mark.asyncio
+async def test_a_second_socket_mode_process_is_refused_in_one_line(
+    tmp_path, tiny_model_dir, capsys
+):
+    """Slack sends each event to one of an app's Socket Mode connections at random: a
+    second process connecting with the same app is refused, naming the first."""
+    fake = await FakeSlack().start()
+    db = await Database.open(tmp_path / "bot.db")
+    await db.acquire_lease(socket_mode_scope(APP_TOKEN), (0, 1), host="web-2", pid=4242, ttl_s=60)
+    await db.close()
+    config = make_config(
+        tmp_path, tiny_model_dir, slack_bot_token=BOT_TOKEN, slack_app_token=APP_TOKEN
+    )
+    try:
+        client = make_client(BOT_TOKEN, fake.base_url)
+        assert await run(config, loader=scripted_loader(), slack_client=client) == 1
+    finally:
+        await fake.close()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "Socket Mode" in errors[0] and "pid 4242 on host web-2" in errors[0]
+    assert "SHARD" not in errors[0]
+    assert not fake.find("apps.connections.open")  # it connected nothing
+    assert leases(tmp_path) == [(0, 1, "web-2", 4242)]
+
+
+@pytest.mark.asyncio
+async def test_a_socket_mode_process_holds_its_lease_until_it_stops(tmp_path, tiny_model_dir):
+    fake = await FakeSlack().start()
+    app = await start_slack(tmp_path, tiny_model_dir, fake)
+    try:
+        assert leases(tmp_path) == [(0, 1, *HERE)]
+        ack = await command(fake, "/settings", "show")
+        assert "Scene settings" in ack["text"]
+    finally:
+        await app.core.close()
+        await app.close()
+        await fake.close()
+    assert leases(tmp_path) == []
+    assert socket_mode_scope("xapp-1-A0123ABCD-1234-abcd") == "Slack app A0123ABCD, Socket Mode"
