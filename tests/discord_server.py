@@ -44,6 +44,7 @@ class FakeDiscord:
     shards: int = 1  # what GET /gateway/bot recommends
     required_shards: int = 1  # fewer: 4011 Sharding required (Discord: past 2,500 servers)
     identifies: list[tuple[int, int]] = field(default_factory=list)  # [id, count] of each
+    gateway_bot_status: int = 200  # e.g. 503: GET /gateway/bot fails (Discord in trouble)
 
     def __post_init__(self) -> None:
         self._runner: web.AppRunner | None = None
@@ -203,6 +204,8 @@ class FakeDiscord:
         if path == "/users/@me":
             return user(BOT_ID, "SitcomBot", bot=True)
         if path == "/gateway/bot" and method == "GET":
+            if self.gateway_bot_status != 200:
+                raise _Error(self.gateway_bot_status, "Service Unavailable", 0)
             return {
                 "url": f"ws://127.0.0.1:{self.port}/gateway/",
                 "shards": self.shards,

@@ -15,6 +15,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -42,7 +43,7 @@ from bot.__main__ import run
 from bot.config import Config, ConfigError
 from bot.core import Core
 from bot.db import Database, LeaseHeld
-from bot.slack.app import socket_mode_scope
+from bot.slack.app import SlackFrontend, socket_mode_scope
 from bot.slack.surface import make_client
 
 SCOPE = f"Discord application {APP_ID}"
@@ -380,3 +381,75 @@ async def test_a_socket_mode_process_holds_its_lease_until_it_stops(tmp_path, ti
         await fake.close()
     assert leases(tmp_path) == []
     assert socket_mode_scope("xapp-1-A0123ABCD-1234-abcd") == "Slack app A0123ABCD, Socket Mode"
+
+
+@pytest.mark.asyncio
+async def test_no_recommended_shard_count_is_one_line(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """GET /gateway/bot answered 503: `python -m bot` (no SHARD_COUNT) says so in one line."""
+    server = FakeDiscord(gateway_bot_status=503)
+    await server.start()
+    monkeypatch.setattr(Route, "BASE", server.base + "/api/v10")
+    try:
+        config = make_config(tmp_path, tiny_model_dir, token="x.y.z")
+        status = await asyncio.wait_for(run(config, loader=scripted_loader()), 120)
+    finally:
+        await server.close()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert status == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert "GET /gateway/bot (503 Service Unavailable)" in errors[0]
+    assert not server.identifies and leases(tmp_path) == []
+
+
+@pytest.mark.asyncio
+async def test_losing_one_shard_stops_the_process_and_gives_back_the_rest(tmp_path, tiny_model_dir):
+    core = await Core.start(make_config(tmp_path, tiny_model_dir), loader=scripted_loader())
+    core.lease_ttl_s = 0.3
+    lost: list[str] = []
+    try:
+        await core.hold_leases(SCOPE, [(0, 4), (1, 4)], on_lost=lost.append)
+        with sqlite3.connect(tmp_path / "bot.db") as db:  # it stalled; shard 1 was taken over
+            db.execute(
+                "UPDATE leases SET host = 'web-9', pid = 99, expires_at = ? WHERE shard_id = 1",
+                (time.time() + 60,),
+            )
+        for _ in range(100):
+            if lost:
+                break
+            await asyncio.sleep(0.05)
+        assert len(lost) == 1 and "pid 99 on host web-9" in lost[0]
+        assert leases(tmp_path) == [(1, 4, "web-9", 99)]  # shard 0 given back at once
+    finally:
+        await core.close()
+    assert leases(tmp_path) == [(1, 4, "web-9", 99)]
+
+
+@pytest.mark.asyncio
+async def test_a_socket_mode_process_whose_lease_was_taken_over_disconnects(
+    tmp_path, tiny_model_dir
+):
+    fake = await FakeSlack().start()
+    config = make_config(
+        tmp_path, tiny_model_dir, slack_bot_token=BOT_TOKEN, slack_app_token=APP_TOKEN
+    )
+    core = await Core.start(config, loader=scripted_loader())
+    core.lease_ttl_s = 0.3
+    app = SlackFrontend(config, core, client=make_client(BOT_TOKEN, fake.base_url))
+    try:
+        await app.start()
+        assert app._socket is not None
+        with sqlite3.connect(tmp_path / "bot.db") as db:
+            db.execute(
+                "UPDATE leases SET host = 'web-9', pid = 99, expires_at = ?", (time.time() + 60,)
+            )
+        for _ in range(100):
+            if app._socket is None:
+                break
+            await asyncio.sleep(0.05)
+        assert app._socket is None  # the other process serves the app now
+    finally:
+        await core.close()
+        await app.close()
+        await fake.close()
