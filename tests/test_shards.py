@@ -151,7 +151,9 @@ async def test_one_held_shard_refuses_them_all_and_keeps_none(tmp_path, tiny_mod
 
 
 def bot_env(tmp_path, tiny_model_dir, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "SHARD_"))}
+    # on BOT_DB (the leases are read from it), in-process writing: no DATABASE_URL/REDIS_URL
+    skip = ("SLACK_", "SHARD_", "DATABASE_URL", "REDIS_URL")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
     env.update(
         DISCORD_TOKEN="x.y.z",
         DEFAULT_CHECKPOINT=str(tiny_model_dir),
