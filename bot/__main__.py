@@ -34,6 +34,24 @@ def _discord_failure(error: BaseException) -> str | None:
         )
     if isinstance(error, discord.PrivilegedIntentsRequired):
         return "Discord refused the gateway intents"
+    if isinstance(error, discord.ConnectionClosed) and error.code == 4011:
+        return (
+            "Discord closed the gateway: 4011 Sharding required (the bot is in too many "
+            "servers for SHARD_COUNT shards); raise SHARD_COUNT, or unset it (and SHARD_IDS) "
+            "to run Discord's recommended count"
+        )
+    if isinstance(error, discord.ConnectionClosed) and error.code == 4010:
+        return (
+            f"Discord closed the gateway: 4010 Invalid shard (shard {error.shard_id}); "
+            "check SHARD_IDS and SHARD_COUNT"
+        )
+    if isinstance(error, discord.GatewayNotFound):  # GET /gateway/bot failed
+        cause = error.__cause__
+        why = f" ({cause.status} {cause.response.reason})" if cause is not None else ""
+        return (
+            f"Discord did not say how many shards to run (GET /gateway/bot{why}); "
+            "try again later (https://discordstatus.com)"
+        )
     if isinstance(error, discord.HTTPException):  # e.g. 5xx at login: Discord is in trouble
         return (
             f"Discord answered {error.status} {error.response.reason} during start-up; "
@@ -47,6 +65,10 @@ def _discord_failure(error: BaseException) -> str | None:
 def _slack_failure(error: BaseException) -> str | None:
     from slack_sdk.errors import SlackApiError
 
+    from .db import DatabaseError
+
+    if isinstance(error, DatabaseError):  # SocketModeTaken: another Socket Mode process
+        return str(error)
     if isinstance(error, SlackApiError):
         code = error.response.get("error") if isinstance(error.response.data, dict) else None
         if code in ("invalid_auth", "not_authed", "account_inactive", "token_revoked"):

@@ -92,8 +92,10 @@ class Config:
     humour_model: str = "humour"  # ranks best-of-n candidates; "off": coherence checks only
     admin_user_ids: frozenset[str] = frozenset()  # Discord ids (digits) and Slack ids (U…)
     dev_guild_id: int | None = None
-    shard_id: int | None = None  # SHARD_ID of SHARD_COUNT: this process's share of the
-    shard_count: int | None = None  # Discord servers (several processes on one token)
+    # Discord shards this process runs (SHARD_IDS of SHARD_COUNT; a cluster of processes on
+    # one token splits them). None: every shard; a None count: Discord's recommended one.
+    shard_ids: tuple[int, ...] | None = None
+    shard_count: int | None = None
     max_queue: int = 32
     per_user_limit: int = 2
     timeout_s: float = 120.0
@@ -134,6 +136,46 @@ class Config:
             if not (math.isfinite(value) and low <= value <= high):
                 raise ConfigError(f"{name} must be from {low:g} to {high:g} (got {raw[:40]!r})")
             return value
+
+        def shards(
+            ids: str | None, one: str | None, count: str | None
+        ) -> tuple[tuple[int, ...] | None, int | None]:
+            # SHARD_IDS=0,1 of SHARD_COUNT=4; SHARD_ID=1 is the one-shard form of SHARD_IDS;
+            # SHARD_COUNT alone: every shard in this process.
+            if ids is not None and one is not None:
+                raise ConfigError("set SHARD_IDS or SHARD_ID, not both (SHARD_IDS=0,1)")
+            name, raw = ("SHARD_ID", one) if one is not None else ("SHARD_IDS", ids)
+            if raw is not None and count is None:
+                raise ConfigError(
+                    f"{name} needs SHARD_COUNT beside it (e.g. SHARD_IDS=0,1 SHARD_COUNT=4)"
+                )
+            if count is None:
+                return None, None
+            total = int(number("SHARD_COUNT", int, 1))
+            if raw is None:
+                return None, total
+            if name == "SHARD_ID":
+                shard = int(number("SHARD_ID", int, 0))
+                if shard >= total:
+                    raise ConfigError(f"SHARD_ID must be below SHARD_COUNT ({total})")
+                return (shard,), total
+            parts = [part.strip() for part in raw.split(",")]
+            if not all(re.fullmatch(r"[0-9]{1,6}", part) for part in parts):
+                raise ConfigError(
+                    f"SHARD_IDS must be shard numbers separated by commas, such as 0,1 "
+                    f"(got {raw[:40]!r})"
+                )
+            found: list[int] = []
+            for shard in map(int, parts):
+                if shard >= total:
+                    raise ConfigError(
+                        f"SHARD_IDS: shard {shard} is not below SHARD_COUNT ({total}); "
+                        f"shards are numbered 0 to {total - 1}"
+                    )
+                if shard in found:
+                    raise ConfigError(f"SHARD_IDS names shard {shard} twice")
+                found.append(shard)
+            return tuple(found), total
 
         def snowflake(name: str, raw: str) -> int:
             # ASCII digits: str.isdigit() also accepts "²", which int() then refuses.
@@ -197,14 +239,7 @@ class Config:
                 "SLACK_BOT_TOKEN needs SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET "
                 "(HTTP mode) beside it"
             )
-        shard_id, shard_count = get("SHARD_ID"), get("SHARD_COUNT")
-        if (shard_id is None) != (shard_count is None):
-            raise ConfigError("SHARD_ID and SHARD_COUNT go together (e.g. 0 and 2)")
-        if shard_count is not None:
-            shard_count = int(number("SHARD_COUNT", int, 1))
-            shard_id = int(number("SHARD_ID", int, 0))
-            if shard_id >= shard_count:
-                raise ConfigError(f"SHARD_ID must be below SHARD_COUNT ({shard_count})")
+        shard_ids, shard_count = shards(get("SHARD_IDS"), get("SHARD_ID"), get("SHARD_COUNT"))
         if (slack_app or signing) and not slack_bot:
             raise ConfigError("SLACK_APP_TOKEN / SLACK_SIGNING_SECRET need SLACK_BOT_TOKEN")
         try:  # read by the engine from os.environ; checked here so the bot stops at once
@@ -227,7 +262,7 @@ class Config:
                 user_id("ADMIN_USER_IDS", part.strip()) for part in admins.replace(",", " ").split()
             ),
             dev_guild_id=snowflake("DEV_GUILD_ID", guild) if guild else None,
-            shard_id=shard_id,
+            shard_ids=shard_ids,
             shard_count=shard_count,
             max_queue=int(number("QUEUE_SIZE", int, default["max_queue"])),
             per_user_limit=int(number("PER_USER_LIMIT", int, default["per_user_limit"])),

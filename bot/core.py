@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from sitcom.engine import EngineError, Scene, SceneEngine
 from sitcom.model.catalog import (
@@ -50,7 +50,7 @@ class Core:
         self.retry = RetryPolicy()
         self._closing: asyncio.Future | None = None
         self._hurrying: asyncio.Future | None = None
-        self._leases: dict[tuple[str, tuple[int, int]], asyncio.Task] = {}
+        self._leases: dict[tuple[str, tuple[tuple[int, int], ...]], asyncio.Task] = {}
         self.lease_ttl_s = LEASE_TTL_S
         self._switching = 0  # use_checkpoint calls in progress
         self._unfollowable: str | None = None  # a checkpoint another process chose that
@@ -484,36 +484,62 @@ class Core:
     async def hold_lease(
         self, scope: str, shard: tuple[int, int], *, on_lost: Callable[[str], object] | None = None
     ) -> None:
-        """Take the database lease on `scope` and `shard` (id, count) for this process
-        (raises LeaseHeld, naming the holder's host and pid, when a live other process has
-        it), renew it in the background until close(), then release it. Should another
-        process take it over (this one stalled past lease_ttl_s), `on_lost` is called with
-        a one-line reason: the caller stops serving."""
+        """hold_leases for one shard."""
+        await self.hold_leases(scope, [shard], on_lost=on_lost)
+
+    async def hold_leases(
+        self,
+        scope: str,
+        shards: Sequence[tuple[int, int]],
+        *,
+        on_lost: Callable[[str], object] | None = None,
+    ) -> None:
+        """Take the database lease on `scope` for each of `shards` (id, count) for this
+        process, all or none (raises LeaseHeld, naming the holder's host and pid, when a
+        live other process has one of them: those taken already are given back), renew
+        them in the background until close(), then release them. Should another process
+        take one over (this one stalled past lease_ttl_s), `on_lost` is called with a
+        one-line reason: the caller stops serving."""
         who = {"host": socket.gethostname(), "pid": os.getpid()}
-        await self.db.acquire_lease(scope, shard, ttl_s=self.lease_ttl_s, **who)
+        shards = sorted(set(shards))  # one order for every process: no two take half each
+        taken: list[tuple[int, int]] = []
+
+        async def release(held: Sequence[tuple[int, int]]) -> None:
+            for shard in held:
+                try:
+                    await self.db.release_lease(scope, shard, **who)
+                except DatabaseError as e:  # it expires by itself
+                    log.warning("could not release the lease on %s: %s", scope, e)
+
+        try:
+            for shard in shards:
+                await self.db.acquire_lease(scope, shard, ttl_s=self.lease_ttl_s, **who)
+                taken.append(shard)
+        except DatabaseError:
+            await release(taken)
+            raise
 
         async def renew() -> None:
             try:
                 while True:
                     await asyncio.sleep(self.lease_ttl_s / 3)
                     try:
-                        await self.db.acquire_lease(scope, shard, ttl_s=self.lease_ttl_s, **who)
+                        for shard in shards:
+                            await self.db.acquire_lease(scope, shard, ttl_s=self.lease_ttl_s, **who)
                         await self._follow_checkpoint()
                     except LeaseHeld as e:
                         log.error("lost the lease: %s", e)
+                        await release(shards)  # the rest: only rows still ours go
                         if on_lost is not None:
                             on_lost(str(e))
                         return
                     except DatabaseError as e:  # busy: the next renewal is well in time
                         log.warning("could not renew the lease on %s: %s", scope, e)
             except asyncio.CancelledError:
-                try:
-                    await self.db.release_lease(scope, shard, **who)
-                except DatabaseError as e:  # it expires by itself
-                    log.warning("could not release the lease on %s: %s", scope, e)
+                await release(shards)
                 raise
 
-        self._leases[(scope, shard)] = asyncio.create_task(renew(), name=f"lease {scope}")
+        self._leases[(scope, tuple(shards))] = asyncio.create_task(renew(), name=f"lease {scope}")
 
     async def _follow_checkpoint(self) -> None:
         """Processes on other shards share this database: a checkpoint one of them switched

@@ -47,7 +47,7 @@ class LeaseHeld(DatabaseError):
         super().__init__(
             f"another process already runs this bot ({scope}, shard {shard[0]} of {shard[1]}): "
             f"pid {pid} on host {host}; stop it first, or give each process its own shards "
-            "(SHARD_ID, SHARD_COUNT)"
+            "(SHARD_IDS, SHARD_COUNT)"
         )
 
 

@@ -85,7 +85,9 @@ class Recorder:
     """As strict as Discord where the bot relies on it: an interaction is answered once,
     within 3 s of its creation (its id's timestamp), or 10062 Unknown interaction; a
     message create with a nonce and enforce_nonce that repeats one returns the message
-    created before instead of a new one."""
+    created before instead of a new one. GET /gateway/bot recommends `shards` shards."""
+
+    shards = 1
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
@@ -188,6 +190,17 @@ class Recorder:
             return [
                 dict(c, id=str(next_id()), application_id=str(APP_ID), version="1") for c in body
             ]
+        if path == "/gateway/bot" and method == "GET":
+            return {
+                "url": "wss://gateway.discord.gg",
+                "shards": self.shards,
+                "session_start_limit": {
+                    "total": 1000,
+                    "remaining": 999,
+                    "reset_after": 14400000,
+                    "max_concurrency": 1,
+                },
+            }
         return None
 
 

@@ -5,7 +5,12 @@ setting discord.py's REST base and gateway URL before it starts (see `launcher`)
 
 As strict as Discord where the bot relies on it: an interaction is answered once, within
 3 s of its creation (10062 Unknown interaction after that); a message create repeating a
-nonce with enforce_nonce returns the message created before.
+nonce with enforce_nonce returns the message created before. Sharding as Discord documents
+it (discord.com/developers/docs/topics/gateway#sharding): GET /gateway/bot recommends
+`shards`; an IDENTIFY's `shard` must be [shard_id, num_shards] with shard_id below
+num_shards (else close 4010 Invalid shard) and num_shards at least `required_shards` (else
+4011 Sharding required); a guild's events go to shard (guild_id >> 22) % num_shards, DMs to
+shard 0.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ class FakeDiscord:
     requests: list[Request] = field(default_factory=list)
     created: list[dict] = field(default_factory=list)
     identified: asyncio.Event = field(default_factory=asyncio.Event)
+    shards: int = 1  # what GET /gateway/bot recommends
+    required_shards: int = 1  # fewer: 4011 Sharding required (Discord: past 2,500 servers)
+    identifies: list[tuple[int, int]] = field(default_factory=list)  # [id, count] of each
+    gateway_bot_status: int = 200  # e.g. 503: GET /gateway/bot fails (Discord in trouble)
 
     def __post_init__(self) -> None:
         self._runner: web.AppRunner | None = None
@@ -44,6 +53,7 @@ class FakeDiscord:
         self._by_nonce: dict[tuple[str, str], dict] = {}
         self._answered: set[str] = set()
         self._changed = asyncio.Condition()
+        self._sessions: dict[tuple[int, int], web.WebSocketResponse] = {}
 
     @property
     def base(self) -> str:
@@ -81,10 +91,28 @@ class FakeDiscord:
     # -- what tests do ---------------------------------------------------------------------
 
     async def dispatch(self, event: str, data: dict) -> None:
-        """Send a gateway DISPATCH (e.g. INTERACTION_CREATE) to the connected bot."""
+        """Send a gateway DISPATCH (e.g. INTERACTION_CREATE) to the session of the shard
+        its guild belongs to (shard 0 without a guild), as Discord routes events."""
         await self.identified.wait()
-        ws = self._sockets[-1]
+        live = {key: ws for key, ws in self._sessions.items() if not ws.closed}
+        counts = {count for _, count in live}
+        if len(counts) != 1:
+            raise AssertionError(f"sessions disagree on the shard count: {sorted(live)}")
+        (count,) = counts
+        guild = data.get("guild_id")
+        shard = (int(guild) >> 22) % count if guild else 0
+        ws = live.get((shard, count))
+        if ws is None:
+            raise AssertionError(f"no session runs shard {shard} of {count}: {sorted(live)}")
         await ws.send_str(json.dumps({"op": 0, "t": event, "s": next(self._seq), "d": data}))
+
+    async def wait_identified(self, count: int, timeout: float = 180.0) -> list[tuple[int, int]]:
+        """The [id, count] of every IDENTIFY so far, once there are `count` of them."""
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: len(self.identifies) >= count), timeout
+            )
+            return list(self.identifies)
 
     async def wait_for(
         self, method: str | None, fragment: str, text: str = "", timeout: float = 60.0
@@ -121,12 +149,29 @@ class FakeDiscord:
             if payload["op"] == 1:  # heartbeat
                 await ws.send_str(json.dumps({"op": 11}))
             elif payload["op"] == 2:  # identify
+                shard = payload["d"].get("shard", [0, 1])
+                valid = (
+                    isinstance(shard, list)
+                    and len(shard) == 2
+                    and all(type(n) is int for n in shard)
+                    and 0 <= shard[0] < shard[1]
+                )
+                if not valid:
+                    await ws.close(code=4010, message=b"Invalid shard.")
+                    break
+                if shard[1] < self.required_shards:
+                    await ws.close(code=4011, message=b"Sharding required.")
+                    break
+                async with self._changed:
+                    self.identifies.append((shard[0], shard[1]))
+                    self._sessions[(shard[0], shard[1])] = ws
+                    self._changed.notify_all()
                 ready = {
                     "v": 10,
                     "user": user(BOT_ID, "SitcomBot", bot=True),
                     "guilds": [],
                     "session_id": "fake-session",
-                    "shard": payload["d"].get("shard", [0, 1]),
+                    "shard": shard,
                     "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway/",
                     "application": {"id": str(APP_ID), "flags": 0},
                 }
@@ -158,6 +203,19 @@ class FakeDiscord:
         parts = path.strip("/").split("/")
         if path == "/users/@me":
             return user(BOT_ID, "SitcomBot", bot=True)
+        if path == "/gateway/bot" and method == "GET":
+            if self.gateway_bot_status != 200:
+                raise _Error(self.gateway_bot_status, "Service Unavailable", 0)
+            return {
+                "url": f"ws://127.0.0.1:{self.port}/gateway/",
+                "shards": self.shards,
+                "session_start_limit": {
+                    "total": 1000,
+                    "remaining": 999,
+                    "reset_after": 14400000,
+                    "max_concurrency": 1,
+                },
+            }
         if path == "/oauth2/applications/@me":
             return {
                 "id": str(APP_ID),

@@ -277,11 +277,10 @@ def test_shards_come_from_the_environment_checked():
     from bot.config import Config, ConfigError
 
     config = Config.from_env({"SHARD_ID": "1", "SHARD_COUNT": "2"}, dotenv=False)
-    assert (config.shard_id, config.shard_count) == (1, 2)
+    assert (config.shard_ids, config.shard_count) == ((1,), 2)
     assert Config.from_env({}, dotenv=False).shard_count is None
     for bad in (
         {"SHARD_ID": "0"},
-        {"SHARD_COUNT": "2"},
         {"SHARD_ID": "2", "SHARD_COUNT": "2"},
         {"SHARD_ID": "-1", "SHARD_COUNT": "2"},
         {"SHARD_ID": "x", "SHARD_COUNT": "2"},
@@ -423,7 +422,7 @@ async def test_processes_with_other_shards_run_side_by_side(tmp_path, tiny_model
     )
     stop = asyncio.Event()
     try:
-        config = make_config(tmp_path, tiny_model_dir, token="x.y.z", shard_id=1, shard_count=2)
+        config = make_config(tmp_path, tiny_model_dir, token="x.y.z", shard_ids=(1,), shard_count=2)
         bot = asyncio.ensure_future(run(config, loader=scripted_loader(), stop=stop))
         await asyncio.wait_for(server.identified.wait(), 60)
         stop.set()

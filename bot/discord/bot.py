@@ -38,7 +38,11 @@ class SitcomTree(app_commands.CommandTree):
         await reply_error(interaction, error)
 
 
-class SitcomBot(commands.Bot):
+class SitcomBot(commands.AutoShardedBot):
+    """The shards `config.shard_ids` of `config.shard_count` in this process (None: every
+    shard; no count: as many as Discord recommends); a cluster of processes on one token
+    splits the shards between them (SHARD_IDS), each holding a database lease per shard."""
+
     def __init__(self, config: Config, core: Core | None = None) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,  # unused: every command is a slash command
@@ -46,7 +50,7 @@ class SitcomBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions.none(),
             tree_cls=SitcomTree,
             help_command=None,
-            shard_id=config.shard_id,
+            shard_ids=list(config.shard_ids) if config.shard_ids is not None else None,
             shard_count=config.shard_count,
         )
         self.config = config
@@ -60,16 +64,21 @@ class SitcomBot(commands.Bot):
         # Runs once per process (not on reconnects), so commands are synced once here.
         if self.core is None:
             self.core = await Core.start(self.config)
-        # One process per application and shard: a second one on the same token would
+        if self.shard_count is None:
+            # Discord's recommended count (GET /gateway/bot), asked here rather than when
+            # the shards connect, so that the leases below are for the shards that will run.
+            self.shard_count, _, _ = await self.http.get_bot_gateway()
+        shards = list(self.shard_ids) if self.shard_ids is not None else range(self.shard_count)
+        # One process per application and shard: a second one on the same shards would
         # answer every command twice (raises LeaseHeld, naming the other's host and pid).
-        await self.core.hold_lease(
+        await self.core.hold_leases(
             f"Discord application {self.application_id}",
-            (self.shard_id or 0, self.shard_count or 1),
+            [(shard, self.shard_count) for shard in shards],
             on_lost=self._lease_lost,
         )
         for extension in EXTENSIONS:
             await self.load_extension(extension)
-        if self.sync_on_setup:
+        if self.sync_on_setup and 0 in shards:  # once per cluster: by shard 0's process
             await self.sync_commands()
 
     async def sync_commands(self) -> list[app_commands.AppCommand]:

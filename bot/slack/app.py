@@ -18,6 +18,7 @@ checkpoints needs ADMIN_USER_IDS.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -39,7 +40,7 @@ from ..checkpoints import CheckpointError
 from ..commands import UsageError, parse_best, parse_checkpoint, parse_settings
 from ..config import Config
 from ..core import Core
-from ..db import DatabaseError, Place
+from ..db import DatabaseError, LeaseHeld, Place
 from ..permissions import NotAllowed, check_checkpoint, check_settings
 from .surface import (
     PLATFORM,
@@ -61,6 +62,32 @@ EVENTS = ("reaction_added", "reaction_removed")
 
 
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
+# An app-level token: xapp-1-A0123ABCD-…, the app's id in its second field.
+_APP_TOKEN_RE = re.compile(r"xapp-[0-9]+-(A[A-Z0-9]{2,30})-")
+
+
+def socket_mode_scope(app_token: str) -> str:
+    """The lease (see Core.hold_leases) of an app's one Socket Mode process: by the app's
+    id, read from its app-level token (a hash of the token when it has none)."""
+    found = _APP_TOKEN_RE.match(app_token)
+    if found:
+        return f"Slack app {found.group(1)}, Socket Mode"
+    digest = hashlib.sha256(app_token.encode()).hexdigest()[:12]
+    return f"Slack app token sha256:{digest}, Socket Mode"
+
+
+class SocketModeTaken(DatabaseError):
+    """Another live process holds this app's Socket Mode lease."""
+
+    def __init__(self, held: LeaseHeld) -> None:
+        super().__init__(
+            f"another process already runs this Slack app over Socket Mode: pid {held.pid} "
+            f"on host {held.host}; Slack sends each event to one of an app's connections at "
+            "random, so run one Socket Mode process (for several, use HTTP mode: "
+            "docs/slack.md)"
+        )
+
+
 # A key in the request's own state (RequestKey from aiohttp 3.12; a string before).
 _REFUSED = (
     web.RequestKey("sitcom_refused", bool) if hasattr(web, "RequestKey") else "sitcom_refused"
@@ -140,6 +167,7 @@ class SlackFrontend:
         self.app.event("reaction_removed")(self._reaction_removed)
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
+        self._stopping: asyncio.Task | None = None
         self.port: int | None = None
 
     # -- connection ---------------------------------------------------------------------
@@ -150,6 +178,14 @@ class SlackFrontend:
         auth = await self.client.auth_test()
         log.info("Slack: signed in as %s in workspace %s", auth.get("user"), auth.get("team"))
         if self.config.slack_app_token:
+            try:  # one Socket Mode process per app and database
+                await self.core.hold_leases(
+                    socket_mode_scope(self.config.slack_app_token),
+                    [(0, 1)],
+                    on_lost=self._lease_lost,
+                )
+            except LeaseHeld as e:
+                raise SocketModeTaken(e) from None
             # Checked once here: the Socket Mode client itself retries a bad token forever.
             await self.client.apps_connections_open(app_token=self.config.slack_app_token)
             self._socket = AsyncSocketModeHandler(self.app, self.config.slack_app_token)
@@ -169,6 +205,13 @@ class SlackFrontend:
                 self.port,
                 EVENTS_PATH,
             )
+
+    def _lease_lost(self, reason: str) -> None:
+        # Another process took the lease over (this one stalled past its expiry): it
+        # serves the app now; this one stops listening.
+        log.error("Slack: stopping Socket Mode: %s", reason)
+        if self._socket is not None:
+            self._stopping = asyncio.get_running_loop().create_task(self.close())
 
     async def close(self) -> None:
         if self._socket is not None:
