@@ -14,6 +14,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "top_k": (0, 200),
     "min_p": (0.0, 0.5),  # drop tokens below min_p x the likeliest token's probability
     "best_of": (1, 8),  # candidates written together; the best-ranked one is posted
+    "premise": (0.0, 3.0),  # nats added to the opening's own words (decoding.guards.PremiseBias)
 }
 
 
@@ -29,6 +30,7 @@ class SceneSettings:
     top_k: int = 50
     min_p: float = 0.0
     best_of: int = 2
+    premise: float = 0.0
 
     def validated(self) -> SceneSettings:
         """Raise ValueError naming the first field outside its range."""

@@ -47,7 +47,8 @@ SCRIPT = "GEORGE: What is it?\nKRAMER: Giddyup! @everyone\n"
 # -- tiny models --------------------------------------------------------------------------
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(extra: str = ""):
+    """A byte-level BPE trained on TINY_TEXT (+ `extra`, for words a test needs whole)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,7 +60,7 @@ def build_tiny_tokenizer():
         special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator([TINY_TEXT], trainer=trainer)
+    tok.train_from_iterator([TINY_TEXT + extra], trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|endoftext|>",

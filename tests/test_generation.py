@@ -303,3 +303,27 @@ def test_repetition_penalty_step_by_step_equals_from_scratch():
         torch.testing.assert_close(
             stepwise(ids[:, :end], scores.clone()), fresh(ids[:, :end], scores.clone())
         )
+
+
+def test_premise_bias_raises_the_openings_own_words_by_the_rows_setting():
+    from helpers import build_tiny_tokenizer
+
+    from sitcom.decoding.guards import PremiseBias
+
+    tiny_tokenizer = build_tiny_tokenizer(" jacket Peterman jacket Peterman selling" * 50)
+
+    prompts = ["KRAMER: I'm selling my jacket to Peterman.", "JERRY: Hello, Newman."]
+    guard = PremiseBias(tiny_tokenizer, prompts, [1.5, 1.5])
+    raised = guard.rows[0][0].tolist()
+    jacket = tiny_tokenizer.encode(" jacket", add_special_tokens=False)[0]
+    assert jacket in raised
+    assert tiny_tokenizer.encode(" Jerry", add_special_tokens=False)[0] not in raised
+    for word in raised:  # a whole word's start, never a one- or two-letter piece
+        assert len(tiny_tokenizer.decode([word]).strip()) >= 3
+    scores = torch.zeros(2, len(tiny_tokenizer))
+    out = guard(torch.zeros(2, 1, dtype=torch.long), scores)
+    assert out[0, jacket] == 1.5 and out[0].sum() == 1.5 * len(raised)
+    assert out[1].sum() == 1.5 * len(guard.rows[1][0])  # each row its own opening's words
+    assert scores.sum() == 0  # the input is not changed in place
+    off = PremiseBias(tiny_tokenizer, prompts, [0.0, 0.0])  # the default: nothing raised
+    assert off(torch.zeros(2, 1, dtype=torch.long), scores) is scores

@@ -12,6 +12,7 @@ from transformers import LogitsProcessorList, StoppingCriteria
 
 from sitcom.decoding.guards import (
     LoopGuard,
+    PremiseBias,
     SceneStop,
     ScriptRepetitionPenalty,
     _RecordingStop,
@@ -122,6 +123,7 @@ def plan_batch(
                 [s.repetition_penalty for s in settings], exempt, pad_lengths, tokenizer, rows
             ),
             LoopGuard(prompt_texts, rows, ban),
+            PremiseBias(tokenizer, prompt_texts, [s.premise for s in settings]),
         ]
     )
     if do_sample:

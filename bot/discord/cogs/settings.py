@@ -21,6 +21,7 @@ DESCRIPTIONS = {
     "top_k": "Sample from the k likeliest tokens (0 = all)",
     "min_p": "Drop tokens below this share of the likeliest (0 = off)",
     "best_of": "Write this many scenes at once and post the best",
+    "premise": "Keep to the opening's own words: higher stays closer (0 = off)",
 }
 
 
@@ -38,6 +39,7 @@ TopP = _range(float, "top_p")
 TopK = _range(int, "top_k")
 MinP = _range(float, "min_p")
 BestOf = _range(int, "best_of")
+Premise = _range(float, "premise")
 
 
 @app_commands.guild_only()
@@ -70,6 +72,7 @@ class Settings(
         top_k: TopK | None = None,
         min_p: MinP | None = None,
         best_of: BestOf | None = None,
+        premise: Premise | None = None,
     ) -> None:
         given = {
             k: v
@@ -81,6 +84,7 @@ class Settings(
                 "top_k": top_k,
                 "min_p": min_p,
                 "best_of": best_of,
+                "premise": premise,
             }.items()
             if v is not None
         }
