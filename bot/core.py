@@ -22,8 +22,9 @@ from sitcom.settings import SceneSettings
 from . import checkpoints
 from .commands import UsageError, repost_id
 from .config import Config
-from .db import Database, DatabaseError, LeaseHeld, Place, StoredScene, open_database
+from .db import Database, DatabaseError, LeaseHeld, Place, StoredScene
 from .posting import Delivery, RetryPolicy, Surface, deliver
+from .storage import open_database
 from .texts import describe, leaderboard
 
 log = logging.getLogger(__name__)

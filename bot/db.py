@@ -7,7 +7,8 @@ One connection per process, WAL mode, foreign keys on. Every write runs in its o
 order and tracked with PRAGMA user_version. Any SQLite failure surfaces as DatabaseError,
 whose message is fit to show a user.
 
-The same API runs on PostgreSQL (bot/pg.py, DATABASE_URL); open_database picks the backend.
+The same API runs on PostgreSQL (bot/pg.py, DATABASE_URL); bot.storage.open_database picks
+the backend.
 The queries here are written once for both (`?` placeholders, datetime('now'), ON CONFLICT).
 """
 
@@ -633,13 +634,3 @@ def _alive(pid: int) -> bool:
     except OSError:  # e.g. EPERM: it exists, under another user
         return True
     return True
-
-
-async def open_database(target: str | Path, timeout: float = 5.0) -> Database:
-    """The bot's storage: a postgresql:// (or postgres://) URL opens PostgreSQL
-    (bot.pg.PostgresDatabase), anything else is a SQLite file path (Database)."""
-    if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):
-        from .pg import PostgresDatabase
-
-        return await PostgresDatabase.open(target, timeout=timeout)
-    return await Database.open(target, timeout=timeout)

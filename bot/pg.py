@@ -1,6 +1,6 @@
 """PostgreSQL storage (asyncpg): the same `Database` API over a server many processes share.
 
-`DATABASE_URL=postgresql://…` selects it (bot.db.open_database); SQLite stays the default.
+`DATABASE_URL=postgresql://…` selects it (bot.storage.open_database); SQLite stays the default.
 The queries are bot/db.py's own: each runs through a thin adapter that gives an asyncpg
 connection the few aiosqlite calls Database uses (execute → cursor with fetchall/fetchone
 and rowcount, executemany), with `?` placeholders numbered `$1, $2, …`. The schema is the

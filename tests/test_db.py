@@ -9,7 +9,8 @@ import sqlite3
 
 import pytest
 
-from bot.db import Database, DatabaseError, Place, migrations, open_database
+from bot.db import Database, DatabaseError, Place, migrations
+from bot.storage import open_database
 from sitcom.settings import SceneSettings
 
 HERE = Place("discord", "1", "2")

@@ -35,7 +35,8 @@ from discord_server import FakeDiscord
 from helpers import make_config, scripted_loader, start_bot, teleprompter_model
 
 from bot.core import Core
-from bot.db import Database, LeaseHeld, Place, open_database
+from bot.db import Database, LeaseHeld, Place
+from bot.storage import open_database
 from sitcom.engine import SceneEngine
 from sitcom.settings import SceneSettings
 

@@ -19,7 +19,8 @@ from helpers import make_config, scripted_loader
 
 from bot.__main__ import main
 from bot.config import Config, ConfigError
-from bot.db import Database, LeaseHeld, Place, for_dialect, migrations, open_database
+from bot.db import Database, LeaseHeld, Place, for_dialect, migrations
+from bot.storage import open_database
 from sitcom.settings import SceneSettings
 
 ROOT = Path(__file__).resolve().parent.parent
