@@ -9,7 +9,7 @@ PostgreSQL case skips with the reason; CI installs them (Debian: postgresql).
 
 `pg_url` (per test): a fresh database on that server, dropped afterwards.
 `db_target` (per test, parametrized): a SQLite path or a PostgreSQL URL for
-bot.db.open_database, so one storage test runs against both backends.
+bot.storage.open_database, so one storage test runs against both backends.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def pg_url(postgres_server: PgServer):
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_target(request, tmp_path) -> str | Path:
-    """Where bot.db.open_database opens the store: a SQLite file, or a fresh PostgreSQL
+    """Where bot.storage.open_database opens the store: a SQLite file, or a fresh PostgreSQL
     database; reopening the same target finds the same data."""
     if request.param == "sqlite":
         return tmp_path / "a.db"
