@@ -1,7 +1,8 @@
 """`python -m bot`: every chat frontend whose credentials are set, on one engine and one
 database — DISCORD_TOKEN → Discord; SLACK_BOT_TOKEN + SLACK_APP_TOKEN → Slack over Socket
 Mode (or + SLACK_SIGNING_SECRET → Slack's HTTP mode on SLACK_PORT); both → both in this
-process; none → the local console."""
+process; none → the local console. With REDIS_URL set these are gateways (no model; scenes queued in
+Redis) and `python -m bot worker` writes the scenes (`worker --status` lists the workers)."""
 
 from __future__ import annotations
 
@@ -149,6 +150,10 @@ async def run(
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["worker"]:
+        from .worker import main as worker_main
+
+        return worker_main(sys.argv[2:])
     try:
         config = Config.from_env()
     except ConfigError as e:
