@@ -4,6 +4,7 @@ write them with the real engine on the tiny test model, and each is posted exact
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ from helpers import PROMPT, make_config, scripted_loader
 
 from bot import queue as q
 from bot.config import Config, ConfigError
-from bot.console import LOCAL, ConsoleSurface
+from bot.console import LOCAL, Console, ConsoleSurface
 from bot.core import Core
 from bot.worker import Worker
 from sitcom.jobs import TooManyPending
@@ -223,13 +224,14 @@ async def test_a_gateway_restart_loses_no_queued_scene(tmp_path, tiny_model_dir,
     assert chat.updates == [q.HANDED_OVER]
 
     second = await Core.start(config)  # the restarted gateway
-    said: list[str] = []
-    second.surfaces["console"] = lambda place: ConsoleSurface(said.append)
+    out = io.StringIO()
+    Console(second, out=out)  # registers its surface: it shows adopted scenes
     worker, stop, task = await start_worker(config)
     try:
-        await until(lambda: said, timeout=120)
-        await asyncio.sleep(3 * CLAIM_S / 3)  # more sweeps: nothing posted twice
-        assert [s.splitlines()[0] for s in said] == ["Scene 1 — vote with /vote 1 LINE_NO"]
+        await until(lambda: out.getvalue(), timeout=120)
+        await asyncio.sleep(CLAIM_S)  # more sweeps: nothing posted twice
+        assert out.getvalue().count("Scene 1 — vote with /vote 1 LINE_NO") == 1
+        assert "Scene 2" not in out.getvalue()
         rows = await scene_rows(second)
         assert len(rows) == 1 and rows[0][1] is not None
         assert await second.queue.client.zcard(q.UNPOSTED) == 0
@@ -237,6 +239,40 @@ async def test_a_gateway_restart_loses_no_queued_scene(tmp_path, tiny_model_dir,
         await stop_worker(stop, task)
         await second.close()
     assert chat.said == []  # the first gateway posted nothing
+
+
+@pytest.mark.asyncio
+async def test_a_scene_whose_gateway_died_is_posted_once_by_another(
+    tmp_path, tiny_model_dir, redis_url
+):
+    config = config_for(tmp_path, tiny_model_dir, redis_url)
+    dying, other = await Core.start(config), await Core.start(config)
+    out = io.StringIO()
+    Console(other, out=out)
+    chat = Chat()
+    asking = asyncio.create_task(scene(dying, chat))
+    await until(lambda: chat.acks)
+    # The asking gateway dies (as with kill -9): nothing of it runs any more, but its
+    # heartbeat stays in Redis until it expires.
+    asking.cancel()
+    for task in dying.queue._tasks:
+        task.cancel()
+    worker, stop, task = await start_worker(config)
+    try:
+        client = other.queue.client
+        await until(lambda: client.zcard(q.UNPOSTED), timeout=120)  # written, not posted
+        assert await client.exists(q.gateway_key(dying.queue.id))  # not known dead yet
+        assert out.getvalue() == ""
+        await until(lambda: out.getvalue(), timeout=5 * CLAIM_S)  # once its heartbeat expired
+        await asyncio.sleep(CLAIM_S)
+        assert out.getvalue().count("Scene 1 — vote with /vote 1 LINE_NO") == 1
+        assert chat.said == [] and chat.updates == []
+        rows = await scene_rows(other)
+        assert len(rows) == 1 and rows[0][1] is not None
+    finally:
+        await stop_worker(stop, task)
+        await other.close()
+        await dying.close()
 
 
 @pytest.mark.asyncio
