@@ -24,8 +24,9 @@ Keys (all under the {sitcom} hash tag, so a Redis Cluster keeps them in one slot
                   the queue position is its size when a job joins
     seq           counter behind `open`'s order
     user:KEY      set of a user's unfinished job ids (PER_USER_LIMIT across gateways)
-    job:ID        hash: payload (JSON), attempts, scene (id once stored), result (JSON),
-                  cancelled; expires a day after it is posted
+    job:ID        hash: payload (JSON), attempts, scene + stored (its id and result once
+                  it is in the database), result (JSON, once finished), cancelled;
+                  expires a day after it is posted
     results       stream (capped): one entry per finished job; every gateway reads it
     unposted      zset job id -> finish time: finished jobs no gateway has posted yet; a
                   gateway whose asking gateway is gone (no heartbeat) adopts them

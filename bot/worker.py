@@ -148,8 +148,8 @@ class Worker:
         if data.get("cancelled"):
             await self._finish(entry_id, job_id, q.Result(error="cancelled"))
             return
-        if data.get("scene"):  # stored by a worker that died before handing it back
-            await self._finish(entry_id, job_id, await self._stored(int(data["scene"])))
+        if data.get("stored"):  # stored by a worker that died before handing it back
+            await self._finish(entry_id, job_id, q.Result.loads(data["stored"]))
             return
         if attempts > q.MAX_ATTEMPTS:
             await self._finish(entry_id, job_id, q.Result(error=CRASHED.format(n=attempts - 1)))
@@ -196,21 +196,19 @@ class Worker:
             prompt=engine_job.prompt,
             note=note,
         )
-        await self.client.hset(q.job_key(job_id), "scene", stored.id)
-        self._recent.append((scene.seconds, scene.new_tokens))
-        return q.Result(
+        result = q.Result(
             scene_id=stored.id,
             lines=tuple(scene.lines),
             seconds=scene.seconds,
             model=self.core.model_label(scene),
             new_tokens=scene.new_tokens,
         )
-
-    async def _stored(self, scene_id: int) -> q.Result:
-        stored = await self.core.db.get_scene(scene_id)
-        if stored is None:
-            return q.Result(error="The scene was lost; please ask again.")
-        return q.Result(scene_id=scene_id, lines=tuple(line.text for line in stored.lines))
+        # Stored: should this worker die now, the next one hands this back, not a copy.
+        await self.client.hset(
+            q.job_key(job_id), mapping={"scene": stored.id, "stored": result.dumps()}
+        )
+        self._recent.append((scene.seconds, scene.new_tokens))
+        return result
 
     async def _finish(self, entry_id: str, job_id: str, result: q.Result | None) -> None:
         finished = await self.client.eval(

@@ -4,6 +4,7 @@ write them with the real engine on the tiny test model, and each is posted exact
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import os
 import shutil
@@ -100,7 +101,9 @@ async def until(check, timeout: float = 60.0, step: float = 0.1):
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while True:
-        value = await check() if asyncio.iscoroutinefunction(check) else check()
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if loop.time() > end:
@@ -252,24 +255,32 @@ async def test_a_scene_whose_gateway_died_is_posted_once_by_another(
     chat = Chat()
     asking = asyncio.create_task(scene(dying, chat))
     await until(lambda: chat.acks)
-    # The asking gateway dies (as with kill -9): nothing of it runs any more, but its
-    # heartbeat stays in Redis until it expires.
+    # The asking gateway hangs: it reads no results any more, but its heartbeat goes on.
     asking.cancel()
     for task in dying.queue._tasks:
         task.cancel()
+
+    async def beating() -> None:
+        while True:
+            await dying.queue._beat()
+            await asyncio.sleep(0.2)
+
+    beat = asyncio.create_task(beating())
     worker, stop, task = await start_worker(config)
     try:
         client = other.queue.client
         await until(lambda: client.zcard(q.UNPOSTED), timeout=120)  # written, not posted
-        assert await client.exists(q.gateway_key(dying.queue.id))  # not known dead yet
+        assert await other.queue.sweep_once() == 0  # its gateway counts as alive
         assert out.getvalue() == ""
-        await until(lambda: out.getvalue(), timeout=5 * CLAIM_S)  # once its heartbeat expired
+        beat.cancel()  # now it is dead (kill -9): its heartbeat expires
+        await until(lambda: out.getvalue(), timeout=5 * CLAIM_S)
         await asyncio.sleep(CLAIM_S)
         assert out.getvalue().count("Scene 1 — vote with /vote 1 LINE_NO") == 1
         assert chat.said == [] and chat.updates == []
         rows = await scene_rows(other)
         assert len(rows) == 1 and rows[0][1] is not None
     finally:
+        beat.cancel()
         await stop_worker(stop, task)
         await other.close()
         await dying.close()
