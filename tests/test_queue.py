@@ -330,8 +330,8 @@ async def test_queue_position_counts_every_workers_scenes(tmp_path, tiny_model_d
     config = config_for(tmp_path, tiny_model_dir, redis_url)
     gateway = await Core.start(config)
     client = gateway.queue.client
-    one, stop1, task1 = await start_worker(config, slow_loader(0.05), slots=1)
-    two, stop2, task2 = await start_worker(config, slow_loader(0.05), slots=1)
+    one, stop1, task1 = await start_worker(config, slow_loader(0.02), slots=1)
+    two, stop2, task2 = await start_worker(config, slow_loader(0.02), slots=1)
     chats = [Chat() for _ in range(3)]
     asking = [asyncio.create_task(scene(gateway, chats[0], user="1"))]
     try:
@@ -467,6 +467,7 @@ def test_a_bad_redis_url_is_one_line_that_never_shows_the_password(url, says):
     assert says in str(e.value) and "secret" not in str(e.value)
 
 
+@pytest.mark.e2e
 def test_a_bad_redis_url_stops_the_worker_with_one_line(tmp_path):
     done = run_module("worker", cwd=tmp_path, REDIS_URL="http://x")
     assert done.returncode == 2 and "Traceback" not in done.stderr
