@@ -20,19 +20,17 @@ from sitcom.scenes.humour import HumourModel, HumourModelError, load_default
 from sitcom.settings import SceneSettings
 
 from . import checkpoints
-from .commands import UsageError, repost_id
+from .commands import MAX_PROMPT_CHARS, UsageError, repost_id
 from .config import Config
 from .db import Database, DatabaseError, LeaseHeld, Place, StoredScene
 from .posting import Delivery, RetryPolicy, Surface, deliver
-from .texts import describe, leaderboard
+from .texts import FAILED, describe, leaderboard, queue_text
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 1000  # the engine's limit and the /scene option's max_length
 CHECKPOINT_KEY = "active_checkpoint"
 HUMOUR_KEY = "active_humour"
 SETTINGS_TITLE = "Scene settings for this channel"
-FAILED = "😕 "  # how scene_command's update texts for a failure start
 LEASE_TTL_S = 30.0  # a process's lease outlives it by at most this; renewed every third
 
 
@@ -636,16 +634,6 @@ def served_label(engine: SceneEngine, name: str) -> tuple[str, str | None]:
 def wrote_lines(scene: Scene) -> bool:
     """Whether the model wrote anything beyond the user's own opening lines."""
     return len(scene.lines) > scene.prompt_lines
-
-
-def queue_text(job) -> str:
-    """The acknowledgement: the queue position the engine reports and, when it gives one,
-    the estimated wait."""
-    text = f"🎬 Writing your scene — #{job.position} in the queue"
-    eta = getattr(job, "eta_s", None)
-    if isinstance(eta, int | float) and eta > 0:
-        text += f", about {eta:.0f} s" if eta < 90 else f", about {eta / 60:.0f} min"
-    return text + "…"
 
 
 def posting_margin(config: Config) -> float:

@@ -49,7 +49,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -58,11 +58,12 @@ from redis.exceptions import RedisError, ResponseError
 from sitcom.jobs import EngineError, QueueFull, Scene, TooManyPending, clean_prompt
 from sitcom.settings import SceneSettings
 
+from .commands import MAX_PROMPT_CHARS
 from .db import DatabaseError, Place, StoredScene
 from .posting import Surface
+from .texts import FAILED, queue_text
 
-if TYPE_CHECKING:
-    from .core import Core
+Core = Any  # bot.core.Core (which imports this module): its db, surfaces and posting steps
 
 log = logging.getLogger(__name__)
 
@@ -393,8 +394,6 @@ class Gateway:
     ) -> None:
         """Core.scene_command with a worker writing the scene: queue, acknowledge with
         the position across every worker, wait for the stored scene, post it here."""
-        from .core import FAILED, MAX_PROMPT_CHARS, queue_text
-
         if not core.accepting or self._closed:
             raise EngineError("I'm shutting down for a moment; please try again shortly.")
         prompt = clean_prompt(prompt, MAX_PROMPT_CHARS)  # BadPrompt before anything queues
