@@ -486,3 +486,42 @@ def test_redis_settings_read_from_the_environment():
     assert Config.from_env({}, dotenv=False).redis_url is None
     with pytest.raises(ConfigError, match="QUEUE_CLAIM_TIMEOUT_S"):
         Config.from_env({"QUEUE_CLAIM_TIMEOUT_S": "0"}, dotenv=False)
+
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
+async def test_the_console_as_a_gateway_process_gets_its_scene_from_a_worker(
+    tmp_path, tiny_model_dir, redis_url
+):
+    config = config_for(tmp_path, tiny_model_dir, redis_url)
+    worker, stop, task = await start_worker(config)
+    env = {
+        k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN" and not k.startswith("SLACK_")
+    }
+    env.update(
+        PYTHONPATH=str(ROOT),
+        REDIS_URL=redis_url,
+        BOT_DB=str(config.db_path),
+        CHECKPOINTS_DIR=str(config.checkpoints_dir),
+        DEFAULT_CHECKPOINT=str(tiny_model_dir),
+        LOG_LEVEL="WARNING",
+    )
+    try:  # the real `python -m bot`: no model loaded (the scripted loader is not there)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot",
+            env=env,
+            cwd=tmp_path,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(f"/scene {PROMPT}\n".encode()), 180)
+    finally:
+        await stop_worker(stop, task)
+    assert proc.returncode == 0, err.decode()
+    text = out.decode()
+    assert "Writing your scene — #1 in the queue" in text
+    assert text.count("Scene 1 — vote with /vote 1 LINE_NO") == 1
+    assert "Scene 1 is ready" in text and worker.done == 1
