@@ -228,6 +228,8 @@ class Worker:
         )
         if finished and result is not None and result.error is None:
             self.done += 1
+            with contextlib.suppress(RedisError, OSError):
+                await self._beat()  # fresh speed for the next acknowledgement's estimate
 
     # -- heartbeat, claims, control ----------------------------------------------------
 

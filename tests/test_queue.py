@@ -347,8 +347,8 @@ async def test_queue_position_counts_every_workers_scenes(tmp_path, tiny_model_d
             f"Scene {n} — vote with /vote {n} LINE_NO" for n in (1, 2, 3)
         ]
         assert one.done >= 1 and two.done >= 1 and one.done + two.done == 3
-        # Now measured: the next acknowledgement carries a wait estimate.
-        await one._beat()
+        # Now measured (each finished scene renews the heartbeat): the next
+        # acknowledgement carries a wait estimate.
         ticket = await gateway.queue.submit(LOCAL, "4", PROMPT, gateway_settings())
         assert ticket.position == 1 and ticket.eta_s is not None and ticket.eta_s > 0
     finally:
