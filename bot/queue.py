@@ -302,6 +302,8 @@ class Gateway:
         if self._closed:
             return
         self._closed = True
+        if self._tasks:  # they stop within a second (a redis-py read is not cancelled
+            await asyncio.wait(self._tasks, timeout=5)  # mid-way unless they hang)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -461,7 +463,7 @@ class Gateway:
             ticket.future.set_result(Result.loads(raw))
 
     async def _read_results(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 answer = await self.client.xread({RESULTS: self._last}, block=1000, count=100)
                 for _, entries in answer or ():
@@ -480,8 +482,13 @@ class Gateway:
         """Every third of QUEUE_CLAIM_TIMEOUT_S: renew this gateway's heartbeat, settle its
         own jobs whose result the reader missed, and post finished scenes whose gateway
         is gone (it was restarted or died) on this gateway's platforms."""
-        while True:
-            await asyncio.sleep(max(0.2, self.ttl_s / 3))
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            next_sweep = loop.time() + max(0.2, self.ttl_s / 3)
+            while not self._closed and loop.time() < next_sweep:
+                await asyncio.sleep(min(0.2, next_sweep - loop.time()))
+            if self._closed:
+                return
             try:
                 await self._beat()
                 await self.sweep_once()

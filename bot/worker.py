@@ -107,9 +107,11 @@ class Worker:
         finally:
             self.stopping = True
             await self.core.close(posting=set(self.inflight.values()))
+            # Both loops see `stopping` within a second (cancelling redis-py in the middle
+            # of a pub/sub read can hang); cancelled only if they do not.
+            await asyncio.wait(background, timeout=5)
             for task in background:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
             with contextlib.suppress(RedisError, OSError):
                 await self.client.delete(q.worker_key(self.id))
                 await self.client.srem(q.WORKERS, self.id)
@@ -258,8 +260,13 @@ class Worker:
         """Every third of the claim timeout: the heartbeat, the claims on this worker's
         running jobs renewed (so a long scene is not handed on), and the database's active
         checkpoint followed (a missed control message, or a switch while Redis was away)."""
-        while True:
-            await asyncio.sleep(max(0.2, self.config.claim_timeout_s / 3))
+        loop = asyncio.get_running_loop()
+        while not self.stopping:
+            next_beat = loop.time() + max(0.2, self.config.claim_timeout_s / 3)
+            while not self.stopping and loop.time() < next_beat:
+                await asyncio.sleep(min(0.2, next_beat - loop.time()))
+            if self.stopping:
+                return
             try:
                 await self._beat()
                 await self._renew()
@@ -290,12 +297,15 @@ class Worker:
                 self.core.humour = humour
 
     async def _control(self) -> None:
-        while True:
+        while not self.stopping:
             try:
                 async with self.client.pubsub() as pubsub:
                     await pubsub.subscribe(q.CONTROL)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
+                    while not self.stopping:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None and not self.stopping:
                             await self.follow()
             except asyncio.CancelledError:
                 raise
