@@ -80,3 +80,47 @@ def test_an_adapter_that_does_not_fit_the_base_is_one_line(base_and_adapter, tmp
     assert not (tmp_path / "a.gguf").exists()  # nothing half-written
     with pytest.raises(ModelLoadError, match="cannot read the adapter"):
         export_lora_gguf(tmp_path / "missing", root / "base.gguf", tmp_path / "b.gguf")
+
+
+def test_an_adapter_checkpoint_is_listed_and_served_over_its_base(
+    base_and_adapter, tmp_path, monkeypatch, capsys
+):
+    from bot import checkpoints
+    from sitcom.model import serving
+    from training.__main__ import main
+
+    root, tokenizer, base, merged = base_and_adapter
+    base_dir = root / "base_dir"  # a model dir holding model.gguf: the base's tokenizer too
+    base_dir.mkdir(exist_ok=True)
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    (base_dir / "model.gguf").write_bytes((root / "base.gguf").read_bytes())
+    ck = tmp_path / "checkpoints" / "tiny-lora"
+    args = ["gguf-adapter", str(root / "adapter"), "--base", str(base_dir), "--out", str(ck)]
+    assert main(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(p.name for p in ck.iterdir()) == ["adapter.gguf", "checkpoint.json"]
+    assert main(args) == 2  # an existing OUT needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert checkpoints.available(ck.parent)[-1] == "tiny-lora"  # /checkpoint list shows it
+
+    monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
+    served = serving.resolve(str(ck))
+    assert (served.backend, served.lora, served.gguf) == (
+        "llamacpp",
+        ck / "adapter.gguf",
+        base_dir / "model.gguf",
+    )
+    model, tok = serving.load(served, max_batch=1, n_threads=1)
+    try:
+        ids = tokenizer.encode(PROMPT)
+        assert np.abs(model.logits_of(ids) - logits(merged, ids)).max() < 1e-3
+    finally:
+        model.close()
+    monkeypatch.setenv("SITCOM_BACKEND", "torch")  # transformers cannot apply it: one line
+    with pytest.raises(ModelLoadError, match="llama.cpp adapter"):
+        serving.resolve(str(ck))
+    (ck / "checkpoint.json").write_text("{}")
+    monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
+    with pytest.raises(ModelLoadError, match="not a sitcom-gguf-adapter card"):
+        serving.resolve(str(ck))

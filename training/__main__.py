@@ -143,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write OUT/model.gguf, which the bot serves with llama.cpp",
     )
 
+    ga = sub.add_parser(
+        "gguf-adapter",
+        help="a checkpoint that serves a LoRA adapter with llama.cpp over a GGUF base, unmerged",
+    )
+    ga.add_argument(
+        "adapter", type=Path, help="a peft adapter dir, e.g. OUT.work/checkpoint-N of --lora"
+    )
+    ga.add_argument("--base", default="smollm2", help="gemma3, smollm2 or a dir with model.gguf")
+    ga.add_argument("--out", type=Path, required=True, help="checkpoint dir to write")
+    ga.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    ga.set_defaults(data=None)
+
     ex = sub.add_parser("extract", help="compress a fine-tune into a small LoRA adapter")
     ex.add_argument("checkpoint", help="the fine-tuned checkpoint dir")
     ex.add_argument("--out", type=Path, required=True, help="adapter dir to write")
@@ -352,6 +364,13 @@ def run(args: argparse.Namespace) -> int:
                 f"val loss {card['val_loss']:.4f} bpb {card['val_bpb']:.4f} "
                 f"(step {card['best_step']})"
             )
+    elif args.command == "gguf-adapter":
+        from sitcom.model.lora_gguf import base_gguf_for, write_adapter_checkpoint
+
+        if args.out.exists() and not args.overwrite:
+            raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+        out = write_adapter_checkpoint(args.adapter, args.base, base_gguf_for(args.base), args.out)
+        print(f"wrote {out}: serve it with /checkpoint use {out.name} (CHECKPOINTS_DIR)")
     elif args.command == "extract":
         from training.extract import extract
 

@@ -108,7 +108,9 @@ def gemma_gguf() -> Path:
 
 
 def is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file()
+    """A transformers model directory, or a LoRA adapter served over a GGUF base
+    (sitcom.model.lora_gguf: adapter.gguf and its card)."""
+    return (path / "config.json").is_file() or (path / "adapter.gguf").is_file()
 
 
 def default_model_dir() -> Path:

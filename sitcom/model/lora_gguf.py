@@ -16,12 +16,24 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from sitcom.files import atomic_path
-from sitcom.model.catalog import ModelLoadError
+from sitcom.files import atomic_path, publish_dir, read_json, write_atomic
+from sitcom.model.catalog import (
+    ModelLoadError,
+    gemma_gguf,
+    is_base_model,
+    is_gemma_base,
+    packaged_gguf,
+)
+
+ADAPTER_GGUF = "adapter.gguf"
+CARD = "checkpoint.json"
+FORMAT = "sitcom-gguf-adapter"
 
 
 def base_gguf_facts(path: str | os.PathLike) -> dict:
@@ -114,3 +126,60 @@ def export_lora_gguf(
         writer.write_tensors_to_file()
         writer.close()
     return out
+
+
+def base_gguf_for(base: str) -> Path:
+    """The GGUF file of a base: `gemma3`, `smollm2`, or a model directory with model.gguf."""
+    if is_gemma_base(base):
+        return gemma_gguf()
+    if is_base_model(base):
+        return packaged_gguf()
+    gguf = Path(base).expanduser() / "model.gguf"
+    if not gguf.is_file():
+        raise ModelLoadError(f"the base {base} is not gemma3, smollm2 or a dir with model.gguf")
+    return gguf
+
+
+def write_adapter_checkpoint(
+    adapter_dir: str | os.PathLike, base: str, base_gguf: Path, out: str | os.PathLike
+) -> Path:
+    """A checkpoint directory `out` that serves the peft adapter in `adapter_dir` over the
+    GGUF base named `base` (`gemma3`, `smollm2`, or a model directory holding model.gguf,
+    resolved by the caller to `base_gguf`): adapter.gguf and a card, published in one rename
+    (sitcom.files.publish_dir), so `/checkpoint use` lists and serves it like any other."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        export_lora_gguf(adapter_dir, base_gguf, tmp / ADAPTER_GGUF)
+        card = {
+            "format": FORMAT,
+            "base_model": base,
+            "adapter": ADAPTER_GGUF,
+            "source": str(Path(adapter_dir).resolve()),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        write_atomic(tmp / CARD, json.dumps(card, indent=2) + "\n")
+        publish_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def adapter_checkpoint_base(path: str | os.PathLike) -> str | None:
+    """The base a GGUF-adapter checkpoint directory is served over, or None when `path` is
+    not one. ModelLoadError (one line) for a damaged one."""
+    path = Path(path)
+    if not (path / ADAPTER_GGUF).is_file():
+        return None
+    try:
+        card = read_json(path / CARD)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path} has an adapter but no readable {CARD}: {e}") from None
+    base = card.get("base_model") if isinstance(card, dict) else None
+    if card.get("format") != FORMAT or not isinstance(base, str) or not base:
+        raise ModelLoadError(f"{path / CARD} is not a {FORMAT} card with a base_model")
+    return base

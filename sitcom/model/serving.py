@@ -27,7 +27,9 @@ from sitcom.model.catalog import (
     ModelLoadError,
     cache_root,
     default_model_dir,
+    gemma_model_dir,
     is_base_model,
+    is_gemma_base,
     is_tuned_default,
     load_tokenizer,
     packaged_gguf,
@@ -38,6 +40,7 @@ from sitcom.model.catalog import load_model as load_hf_model
 from sitcom.model.gguf_export import gguf_problem
 from sitcom.model.llamacpp import LlamaCppModel
 from sitcom.model.llamacpp_check import check_llamacpp
+from sitcom.model.lora_gguf import ADAPTER_GGUF, adapter_checkpoint_base, base_gguf_for
 
 GGUF_NAME = "model.gguf"
 BACKENDS = ("llamacpp", "torch")
@@ -55,12 +58,16 @@ class Served:
     backend: str  # "llamacpp" or "torch"
     fell_back: bool = False  # the base is served in place of the tuned default
     why: str | None = None  # why it fell back (the log line's reason)
+    lora: Path | None = None  # a llama.cpp adapter GGUF applied over `gguf` (lora_gguf)
 
 
 def resolve(name: str | os.PathLike | None) -> Served:
     """Work `name` out once: what is served, from which files, on which backend.
     ModelLoadError (one line) when it cannot be served."""
     setting = _backend_setting()
+    adapter = _adapter_checkpoint(name)
+    if adapter is not None:
+        return _with_backend(adapter, setting)
     label, hf_dir, gguf, why = _locate(name)
     served = Served(
         name=DEFAULT_MODEL if name is None else str(name),
@@ -101,6 +108,26 @@ def _locate(name: str | os.PathLike | None) -> tuple[str, str, Path | None, str 
     return str(name), hf_dir, _gguf_in(path), None
 
 
+def _adapter_checkpoint(name: str | os.PathLike | None) -> Served | None:
+    """A checkpoint directory holding a LoRA adapter as a llama.cpp adapter GGUF
+    (sitcom.model.lora_gguf): served by llama.cpp over its base's GGUF, whose HF directory
+    gives the tokenizer (and the self-test's reference). None for any other name."""
+    if name is None or is_tuned_default(name) or is_base_model(name) or is_gemma_base(name):
+        return None
+    path = Path(name).expanduser()
+    base = adapter_checkpoint_base(path) if path.is_dir() else None
+    if base is None:
+        return None
+    gguf = base_gguf_for(base)
+    if is_gemma_base(base):
+        hf_dir = str(gemma_model_dir())
+    elif is_base_model(base):
+        hf_dir = str(default_model_dir())
+    else:  # a model directory holding model.gguf
+        hf_dir = base
+    return Served(str(name), str(name), hf_dir, gguf, "llamacpp", lora=path / ADAPTER_GGUF)
+
+
 def _gguf_in(path: Path) -> Path | None:
     return path / GGUF_NAME if (path / GGUF_NAME).is_file() else None
 
@@ -109,6 +136,8 @@ def _with_backend(served: Served, setting: str) -> Served:
     """`served` on the backend that can serve it here (see the module doc)."""
     torch = replace(served, gguf=None, backend="torch")
     gguf = served.gguf
+    if served.lora is not None and setting == "torch":
+        raise ModelLoadError(f"{served.name} is a llama.cpp adapter: it needs SITCOM_BACKEND auto")
     if setting == "torch" or gguf is None:
         return torch
     problem = gguf_problem(gguf)  # the cached default's was checked (and rebuilt) already
@@ -126,6 +155,10 @@ def _with_backend(served: Served, setting: str) -> Served:
         return torch
     if setting != "llamacpp":
         verdict = check_llamacpp(gguf, served.hf_dir)
+        if not verdict.ok and served.lora is not None:
+            raise ModelLoadError(
+                f"{served.name} needs llama.cpp, which is off here: {verdict.reason}"
+            )
         if not verdict.ok:
             log.warning(
                 "%s; serving %s with transformers (slower). SITCOM_BACKEND=llamacpp forces "
@@ -149,7 +182,10 @@ def load(served: Served, max_batch: int = 8, n_threads: int | None = None) -> tu
     if served.backend == "llamacpp":
         # The tokenizer comes from the HF side: the guards decode text with it.
         tokenizer = load_tokenizer(served.hf_dir)
-        return LlamaCppModel(served.gguf, max_batch=max_batch, n_threads=n_threads), tokenizer
+        model = LlamaCppModel(
+            served.gguf, max_batch=max_batch, n_threads=n_threads, lora=served.lora
+        )
+        return model, tokenizer
     # Built-in names were resolved to a directory; other names load as the user gave them
     # (a .gguf file on transformers is "not a model directory").
     builtin = is_tuned_default(served.name) or is_base_model(served.name)
