@@ -1,7 +1,9 @@
 """`python -m bot`: every chat frontend whose credentials are set, on one engine and one
 database — DISCORD_TOKEN → Discord; SLACK_BOT_TOKEN + SLACK_APP_TOKEN → Slack over Socket
 Mode (or + SLACK_SIGNING_SECRET → Slack's HTTP mode on SLACK_PORT); both → both in this
-process; none → the local console.
+process; none → the local console. With REDIS_URL set these are gateways (no model; scenes
+queued in Redis) and `python -m bot worker` writes the scenes (`worker --status` lists the
+workers).
 
 `python -m bot migrate-db SQLITE_FILE postgresql://…` copies a SQLite bot's every row into
 PostgreSQL (see bot.pg.copy_sqlite_to_postgres)."""
@@ -203,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["migrate-db"]:
         logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
         return migrate_db(argv[1:])
+    if argv[:1] == ["worker"]:
+        from .worker import main as worker_main
+
+        return worker_main(argv[1:])
     try:
         config = Config.from_env()
     except ConfigError as e:

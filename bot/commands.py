@@ -9,6 +9,8 @@ import re
 
 from sitcom.settings import RANGES
 
+MAX_PROMPT_CHARS = 1000  # the engine's limit and the /scene option's max_length
+
 SETTINGS_USAGE = (
     "Usage: `/settings show`, `/settings set KEY VALUE [KEY VALUE …]` or `/settings reset`; "
     "keys: " + ", ".join(f"{k} ({lo:g}–{hi:g})" for k, (lo, hi) in RANGES.items())

@@ -29,6 +29,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "DB_TIMEOUT_S": (0, 60),  # a command waiting longer on a locked file is stuck anyway
     "SHARD_COUNT": (1, 100_000),  # Discord: one shard per ~1,000 servers
     "SHARD_ID": (0, 99_999),
+    "QUEUE_CLAIM_TIMEOUT_S": (1, 3600),  # a silent worker's jobs go to another after this
 }
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
@@ -102,6 +103,10 @@ class Config:
     shutdown_timeout_s: float = 25.0
     db_timeout_s: float = 5.0
     log_level: str = "INFO"
+    # REDIS_URL: gateways queue scenes there for `python -m bot worker` (bot.queue); may
+    # hold a password, so never printed.
+    redis_url: str | None = field(default=None, repr=False)
+    claim_timeout_s: float = 30.0  # QUEUE_CLAIM_TIMEOUT_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, dotenv: bool = True) -> Config:
@@ -242,6 +247,9 @@ class Config:
         shard_ids, shard_count = shards(get("SHARD_IDS"), get("SHARD_ID"), get("SHARD_COUNT"))
         if (slack_app or signing) and not slack_bot:
             raise ConfigError("SLACK_APP_TOKEN / SLACK_SIGNING_SECRET need SLACK_BOT_TOKEN")
+        redis_url = get("REDIS_URL")
+        if redis_url is not None:
+            check_redis_url(redis_url)
         try:  # read by the engine from os.environ; checked here so the bot stops at once
             parse_threads(get("SITCOM_THREADS"))
         except ValueError as e:
@@ -272,4 +280,35 @@ class Config:
             ),
             db_timeout_s=float(number("DB_TIMEOUT_S", float, default["db_timeout_s"])),
             log_level=level,
+            redis_url=redis_url,
+            claim_timeout_s=float(
+                number("QUEUE_CLAIM_TIMEOUT_S", float, default["claim_timeout_s"])
+            ),
         )
+
+
+def check_redis_url(url: str) -> None:
+    """ConfigError (one line, never echoing a password) unless `url` is a Redis URL
+    redis-py reads: redis://[user:password@]host[:port][/db], rediss://… (TLS) or
+    unix:///path/to/redis.sock."""
+    from urllib.parse import urlsplit
+
+    hint = "REDIS_URL must look like redis://HOST:6379/0, rediss://… or unix:///path/redis.sock"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when it is not a number in 0-65535
+    except ValueError:
+        raise ConfigError(f"{hint} (its port is not a number from 1 to 65535)") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{hint} (got scheme {parts.scheme or 'none'!r})")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{hint} (the unix socket path is missing)")
+        return
+    if not parts.hostname:
+        raise ConfigError(f"{hint} (the host is missing)")
+    if port == 0:
+        raise ConfigError(f"{hint} (its port is not a number from 1 to 65535)")
+    db = parts.path.strip("/")
+    if db and not re.fullmatch(r"[0-9]{1,5}", db):
+        raise ConfigError(f"{hint} (the database after the / must be a number)")

@@ -95,6 +95,8 @@ class Console:
     def __init__(self, core: Core, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
         self.core = core
         self.out, self.err = out, err
+        # REDIS_URL: a scene asked for before a restart is shown here when it is written
+        core.surfaces[LOCAL.platform] = lambda place: ConsoleSurface(self.say)
         self._command: asyncio.Task | None = None  # the command in progress
         self._signals = 0
         self._closing: asyncio.Task | None = None

@@ -20,20 +20,18 @@ from sitcom.scenes.humour import HumourModel, HumourModelError, load_default
 from sitcom.settings import SceneSettings
 
 from . import checkpoints
-from .commands import UsageError, repost_id
+from .commands import MAX_PROMPT_CHARS, UsageError, repost_id
 from .config import Config
 from .db import Database, DatabaseError, LeaseHeld, Place, StoredScene
 from .posting import Delivery, RetryPolicy, Surface, deliver
 from .storage import open_database
-from .texts import describe, leaderboard
+from .texts import FAILED, describe, leaderboard, queue_text
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 1000  # the engine's limit and the /scene option's max_length
 CHECKPOINT_KEY = "active_checkpoint"
 HUMOUR_KEY = "active_humour"
 SETTINGS_TITLE = "Scene settings for this channel"
-FAILED = "😕 "  # how scene_command's update texts for a failure start
 LEASE_TTL_S = 30.0  # a process's lease outlives it by at most this; renewed every third
 
 
@@ -56,11 +54,18 @@ class Core:
         self._switching = 0  # use_checkpoint calls in progress
         self._unfollowable: str | None = None  # a checkpoint another process chose that
         # does not load here
+        self.queue = None  # REDIS_URL: the bot.queue.Gateway workers write scenes behind
+        # platform -> a Surface for a Place (None: not served here); frontends register
+        # theirs, so a scene whose asking gateway died can be posted by this one
+        self.surfaces: dict[str, Callable[[Place], Surface | None]] = {}
 
     @classmethod
     async def start(cls, config: Config, loader=None) -> Core:
         """Open the database, then load the stored checkpoint (or DEFAULT_CHECKPOINT).
-        `loader` replaces SceneEngine's model loader (tests use scripted models)."""
+        `loader` replaces SceneEngine's model loader (tests use scripted models). With
+        REDIS_URL this is a gateway instead: no model, scenes go to the workers' queue."""
+        if config.redis_url:
+            return await cls._start_gateway(config)
         db = await open_database(config.database_url or config.db_path, timeout=config.db_timeout_s)
         try:
             stored = await db.get_state(CHECKPOINT_KEY)
@@ -94,6 +99,27 @@ class Core:
         except BaseException:
             await core.close(now=True)
             raise
+        return core
+
+    @classmethod
+    async def _start_gateway(cls, config: Config) -> Core:
+        from .queue import Gateway
+
+        db = await open_database(config.database_url or config.db_path, timeout=config.db_timeout_s)
+        try:
+            stored = await db.get_state(CHECKPOINT_KEY)
+            name, model = checkpoints.startup_model(
+                stored, config.default_checkpoint, config.checkpoints_dir
+            )
+            gateway = await Gateway.connect(config, model)
+            humour = await db.get_state(HUMOUR_KEY)
+        except BaseException:
+            await db.close()
+            raise
+        core = cls(config, db, gateway, name)
+        core.queue, core.humour = gateway, humour or config.humour_model
+        gateway.start(core)
+        log.info("gateway %s: scenes are written by `python -m bot worker`", gateway.id)
         return core
 
     async def _start_humour(self) -> None:
@@ -186,6 +212,17 @@ class Core:
         scene_id = repost_id(prompt)
         if scene_id is not None:
             await self._repost(scene_id, place, surface, acknowledge, update)
+            return
+        if self.queue is not None:  # REDIS_URL: a worker writes it (bot.queue)
+            await self.queue.scene_command(
+                self,
+                place=place,
+                user_id=user_id,
+                prompt=prompt,
+                surface=surface,
+                acknowledge=acknowledge,
+                update=update,
+            )
             return
         settings = await self.db.get_settings(place.platform, place.channel_id)
         user_key = f"{place.platform}:{user_id}"
@@ -441,9 +478,12 @@ class Core:
     async def use_checkpoint(self, name: str) -> str:
         self._switching += 1
         try:
-            return await self._use_checkpoint(name)
+            served = await self._use_checkpoint(name)
         finally:
             self._switching -= 1
+        if self.queue is not None:  # the workers load it (they read the database's choice)
+            await self.queue.announce()
+        return served
 
     async def _use_checkpoint(self, name: str) -> str:
         """Swap the engine to a listed checkpoint and remember it; returns the name of what
@@ -585,6 +625,8 @@ class Core:
             for task in self._leases.values():  # released before the database closes
                 task.cancel()
             await asyncio.gather(*self._leases.values(), return_exceptions=True)
+            if self.queue is not None:
+                await self.queue.aclose()
             await self.db.close()
 
 
@@ -619,16 +661,6 @@ def served_label(engine: SceneEngine, name: str) -> tuple[str, str | None]:
 def wrote_lines(scene: Scene) -> bool:
     """Whether the model wrote anything beyond the user's own opening lines."""
     return len(scene.lines) > scene.prompt_lines
-
-
-def queue_text(job) -> str:
-    """The acknowledgement: the queue position the engine reports and, when it gives one,
-    the estimated wait."""
-    text = f"🎬 Writing your scene — #{job.position} in the queue"
-    eta = getattr(job, "eta_s", None)
-    if isinstance(eta, int | float) and eta > 0:
-        text += f", about {eta:.0f} s" if eta < 90 else f", about {eta / 60:.0f} min"
-    return text + "…"
 
 
 def posting_margin(config: Config) -> float:

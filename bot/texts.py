@@ -10,6 +10,8 @@ from sitcom.settings import RANGES, SceneSettings
 from .db import RankedLine
 from .markup import shorten
 
+FAILED = "😕 "  # how scene_command's update texts for a failure start
+
 
 def describe(settings: SceneSettings, title: str, bold: str = "**") -> str:
     rows = [f"⚙️ {bold}{title}{bold}"]
@@ -41,3 +43,13 @@ def leaderboard(
         where = f"scene {row.scene_id}, line {row.line_no}"
         out.append(f"{rank}. {text} — {bold}{row.votes}{bold} {votes} ({where})")
     return "\n".join(out)
+
+
+def queue_text(job) -> str:
+    """The acknowledgement: the queue position the engine reports and, when it gives one,
+    the estimated wait."""
+    text = f"🎬 Writing your scene — #{job.position} in the queue"
+    eta = getattr(job, "eta_s", None)
+    if isinstance(eta, int | float) and eta > 0:
+        text += f", about {eta:.0f} s" if eta < 90 else f", about {eta / 60:.0f} min"
+    return text + "…"

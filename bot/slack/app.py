@@ -154,6 +154,8 @@ class SlackFrontend:
         self.client = client or make_client(config.slack_bot_token)
         self.host = host or config.slack_host  # HTTP mode: SLACK_HOST, loopback by default
         self.tasks: set[asyncio.Task] = set()  # running commands, for a clean shutdown
+        # REDIS_URL: a scene whose asking gateway went away is posted by this one
+        core.surfaces[PLATFORM] = lambda place: SlackSurface(self.client, place.channel_id)
         self.reactions_handled = 0  # reaction events processed (acked first, then handled)
         self.app = AsyncApp(
             client=self.client,  # holds SLACK_BOT_TOKEN

@@ -115,6 +115,13 @@ def _transient(error: discord.HTTPException) -> Exception:
 class Scenes(commands.Cog):
     def __init__(self, bot) -> None:
         self.bot = bot
+        if bot.core is not None:  # REDIS_URL: a scene whose asking gateway went away
+            bot.core.surfaces[PLATFORM] = self.surface_for  # is posted by this one
+
+    def surface_for(self, place: Place) -> DiscordSurface | None:
+        """A surface for a channel this process (its shards) sees, else None."""
+        channel = self.bot.get_channel(int(place.channel_id))
+        return DiscordSurface(channel) if channel is not None else None
 
     @app_commands.command(name="scene", description="Write a sitcom scene opening with your lines")
     @app_commands.describe(
