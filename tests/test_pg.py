@@ -158,7 +158,7 @@ async def test_concurrent_claims_and_leases_have_one_winner(db_target):
 VOTER = """
 import asyncio, sys
 sys.path.insert(0, {root!r})
-from bot.db import open_database
+from bot.storage import open_database
 
 async def main():
     db = await open_database(sys.argv[1])
