@@ -385,13 +385,22 @@ def measure_workers(args) -> dict:
     return run_worker(spec, timeout=1800)
 
 
+def key_flags(cpu: dict) -> str:
+    """avx2 / avx512f / amx: yes or no, so a missing flag is said too."""
+    flags = cpu.get("flags", [])
+    return ", ".join(
+        f"{name} {'yes' if any(f == name or f.startswith(name + '_') for f in flags) else 'no'}"
+        for name in ("avx2", "avx512f", "amx")
+    )
+
+
 def render_workers(result: dict, meta: dict, model: str) -> str:
     cpu = meta.get("cpu", {})
     lines = [
         f"# Queue workers ({meta['date']}, {meta['tokens']} tokens, model {model})",
         "",
         f"CPU: {cpu.get('name', '?')}, {cpu.get('cores', '?')} cores; "
-        f"flags: {' '.join(cpu.get('flags', [])) or 'none found'}; load average "
+        f"flags: {' '.join(cpu.get('flags', [])) or 'none found'} ({key_flags(cpu)}); load average "
         f"{' → '.join(map(str, meta.get('load', [])))} (1 min, before → after)",
         "",
         "Shared machine: compare ratios within this run only. Each worker: one thread "
