@@ -290,7 +290,11 @@ async def test_two_gateways_two_workers_100_scenes_one_worker_killed(
                 and len(server.find("PATCH", "/messages/@original")) >= 2 * SCENES
             )  # the position, then the outcome
 
-        await until(all_posted, "all 100 scenes posted", 240)
+        try:
+            await until(all_posted, "all 100 scenes posted", 240)
+        except AssertionError as e:  # say how far it got, and what the gateways logged
+            logs = "".join(procs.log(f"gateway-{n}")[-1500:] for n in (0, 1))
+            raise AssertionError(f"{e}: {dict(posted_scenes(server))}\n{logs}") from None
         run_s = time.monotonic() - run_start
         await asyncio.sleep(2.0)  # anything posted twice would show now
 
