@@ -558,7 +558,8 @@ def _tail(path) -> str:
         lines = path.read_text(errors="replace").strip().splitlines()
     except OSError:
         return "no log"
-    return (lines or ["no output"])[-1][:200]
+    last = (lines or ["no output"])[-1]
+    return last.removeprefix("error: ")[:200]  # the worker's own one-line error
 
 
 KINDS = dict(
