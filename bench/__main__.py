@@ -13,6 +13,14 @@ beside it, with the thread policy on auto and with threads fixed at every core (
 behaviour). Each measurement runs in its own process so load time and peak RSS belong to
 one engine. The header names the CPU and its SIMD flags. The machine is shared: compare
 ratios from the same run, not absolute numbers across runs.
+
+    python -m bench --workers [--workers-model tiny|seinfeld|DIR] [--workers-scenes 64]
+
+measures only the scale-out row: scenes per minute through the Redis work queue with 1,
+then 2 `python -m bot worker` processes of one thread each, the same jobs each time, and
+their ratio (needs redis-server; the test suite's tiny model by default, a couple of
+minutes; `--workers-model seinfeld` for the shipped model). It writes workers.md and
+workers.json beside the other results.
 """
 
 from __future__ import annotations
@@ -360,6 +368,67 @@ def plot(results: dict, path: Path) -> None:
         fig.savefig(tmp, dpi=100, format="png")
 
 
+def measure_workers(args) -> dict:
+    """The scale-out row: 1 vs 2 queue workers, one thread each (bench.workers queue_workers)."""
+    print(
+        f"queue workers on {args.workers_model}: {args.workers_scenes} scenes of "
+        f"{args.tokens} tokens with 1, then 2 workers ...",
+        flush=True,
+    )
+    spec = dict(
+        kind="queue_workers",
+        model=args.workers_model,
+        tokens=args.tokens,
+        scenes=args.workers_scenes,
+        workers=[1, 2],
+    )
+    return run_worker(spec, timeout=1800)
+
+
+def key_flags(cpu: dict) -> str:
+    """avx2 / avx512f / amx: yes or no, so a missing flag is said too."""
+    flags = cpu.get("flags", [])
+    return ", ".join(
+        f"{name} {'yes' if any(f == name or f.startswith(name + '_') for f in flags) else 'no'}"
+        for name in ("avx2", "avx512f", "amx")
+    )
+
+
+def render_workers(result: dict, meta: dict, model: str) -> str:
+    cpu = meta.get("cpu", {})
+    lines = [
+        f"# Queue workers ({meta['date']}, {meta['tokens']} tokens, model {model})",
+        "",
+        f"CPU: {cpu.get('name', '?')}, {cpu.get('cores', '?')} cores; "
+        f"flags: {' '.join(cpu.get('flags', [])) or 'none found'} ({key_flags(cpu)}); load average "
+        f"{' → '.join(map(str, meta.get('load', [])))} (1 min, before → after)",
+        "",
+        "Shared machine: compare ratios within this run only. Each worker: one thread "
+        "(SITCOM_THREADS=1), its engine batching up to 8 scenes; Redis queue, SQLite storage. "
+        "Cores busy: the workers' CPU time over the wall time (2.0 = two cores to themselves); "
+        "scenes per worker include the warm-up.",
+        "",
+        "| workers | scenes (written) | wall s | scenes/min | tok/s | × 1 worker | "
+        "cores busy | scenes per worker |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    if "error" in result:
+        return "\n".join([*lines, f"| error: {result['error']} | | | | | | | |"]) + "\n"
+    rows = result.get("workers", {})
+    one = rows.get("1", {}).get("scenes_min")
+    for n, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {n} | error: {r['error']} | | | | | | |")
+            continue
+        ratio = f"{r['scenes_min'] / one:.2f}" if one else "-"
+        lines.append(
+            f"| {n} | {r['scenes']} ({r['written']}) | {r['wall_s']:.1f} | "
+            f"{r['scenes_min']:.1f} | {r['tok_s']:.1f} | {ratio} | {r['cores']:.2f} | "
+            f"{' / '.join(map(str, r['by_worker']))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="a fine-tuned checkpoint directory to measure too")
@@ -372,9 +441,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--val-tokens", type=int, default=4096)
     parser.add_argument("--quick", action="store_true", help="skip the slow torch engine runs")
+    parser.add_argument(
+        "--workers",
+        action="store_true",
+        help="measure only scenes/minute with 1 vs 2 queue workers (needs redis-server)",
+    )
+    parser.add_argument(
+        "--workers-model",
+        default="tiny",
+        help="the workers' model: tiny (the test suite's, default), seinfeld (shipped) or a dir",
+    )
+    parser.add_argument("--workers-scenes", type=int, default=64, help="scenes per worker count")
     args = parser.parse_args(argv)
     if not 16 <= args.tokens <= 400:
         print("error: --tokens must be between 16 and 400", file=sys.stderr)
+        return 2
+    if not 1 <= args.workers_scenes <= 1000:
+        print("error: --workers-scenes must be between 1 and 1000", file=sys.stderr)
         return 2
     if args.checkpoint and not (Path(args.checkpoint) / "config.json").is_file():
         print(
@@ -384,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.workers:
+        return workers_main(args, out)
 
     from sitcom.model.catalog import ModelLoadError, packaged_gguf
 
@@ -422,6 +507,30 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, out / "bench.png")
     print(report)
     print(f"wrote {out / 'bench.md'}, bench.json, bench.png in {meta['seconds']} s")
+    return 0
+
+
+def workers_main(args, out: Path) -> int:
+    start = time.time()
+    load = os.getloadavg()[0]
+    result = measure_workers(args)
+    meta = dict(
+        cpu=cpu_info(),
+        date=time.strftime("%Y-%m-%d %H:%M"),
+        threads=len(os.sched_getaffinity(0)),
+        tokens=args.tokens,
+        seconds=round(time.time() - start),
+        load=[round(load, 2), round(os.getloadavg()[0], 2)],
+    )
+    report = render_workers(result, meta, args.workers_model)
+    write_atomic(out / "workers.md", report)
+    write_atomic(out / "workers.json", json.dumps({"meta": meta, "result": result}, indent=1))
+    print(report)
+    errors = [result.get("error")] + [r.get("error") for r in result.get("workers", {}).values()]
+    if any(errors):
+        print(f"error: {next(e for e in errors if e)}", file=sys.stderr)
+        return 1
+    print(f"wrote {out / 'workers.md'}, workers.json in {meta['seconds']} s")
     return 0
 
 

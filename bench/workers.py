@@ -10,6 +10,10 @@ Prints one JSON line. Kinds:
   engine        the real SceneEngine queue: 1/4/8 concurrent requests (backend hf|llama)
   llama_multi   raw llama.cpp decoding 1/4/8 sequences at once, greedy, no guards (the
                 reference for continuous batching)
+  queue_workers scenes per minute through the Redis queue (REDIS_URL) with 1, then 2
+                `python -m bot worker` processes of one thread each, the same jobs each
+                time (a redis-server of its own, SQLite storage; model "tiny": the test
+                suite's tiny model writing a fixed script, else a checkpoint name or dir)
 """
 
 from __future__ import annotations
@@ -348,6 +352,216 @@ def bpb(spec: dict) -> dict:
     )
 
 
+# `python -m bot worker` on the test suite's tiny model, its model writing a fixed script
+# (tests/helpers.py, in the checkout): what tests/test_scale_e2e.py runs.
+TINY_WORKER = """
+import sys
+sys.path.insert(0, {tests!r})
+import sitcom.model.serving
+from helpers import scripted_loader
+sitcom.model.serving.load_hf_model = scripted_loader()
+from bot.worker import main
+sys.exit(main([]))
+"""
+OPENINGS = (
+    PROMPT,
+    "JERRY: Hello, Newman.",
+    "GEORGE: Serenity now!",
+    "KRAMER: Giddyup!",
+)
+
+
+def queue_workers(spec: dict) -> dict:
+    """For each worker count: a fresh queue and database, that many workers started and
+    warmed up (one short scene each, untimed), then `scenes` jobs queued at once, timed
+    from the first job queued until the last one is finished (stored by a worker); the
+    best of REPEAT such rounds."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return {"error": "redis-server not installed (Debian: apt-get install redis-server)"}
+    root = Path(__file__).resolve().parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix="sitcom-bench-queue-"))
+    redis_proc = None
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
+        env.update(
+            PYTHONPATH=str(root),
+            CHECKPOINTS_DIR=str(tmp / "checkpoints"),
+            HUMOUR_MODEL="off",
+            SITCOM_THREADS="1",
+            OMP_NUM_THREADS="1",
+            LOG_LEVEL="WARNING",
+            QUEUE_CLAIM_TIMEOUT_S="120",  # no job is handed on while the workers are busy
+            GENERATION_TIMEOUT_S="600",
+        )
+        if spec["model"] == "tiny":
+            tests = root / "tests"
+            if not (tests / "helpers.py").is_file():
+                return {"error": f"the tiny model needs the checkout's {tests}/helpers.py"}
+            sys.path.insert(0, str(tests))
+            from helpers import save_tiny_model_dir
+
+            env.update(DEFAULT_CHECKPOINT=str(save_tiny_model_dir(tmp / "tiny")))
+            env.update(SITCOM_BACKEND="torch")  # the scripted model is a transformers one
+            command = [sys.executable, "-c", TINY_WORKER.format(tests=str(tests))]
+        else:
+            env.update(DEFAULT_CHECKPOINT=spec["model"])
+            command = [sys.executable, "-m", "bot", "worker"]
+        redis_proc, url = _redis_server(binary, tmp)
+        env.update(REDIS_URL=url)
+        rows = {}
+        for n in spec["workers"]:
+            rows[str(n)] = asyncio.run(_measure_workers(n, spec, env, command, tmp))
+            if "error" in rows[str(n)]:
+                break
+        one, two = (rows.get(str(n), {}).get("scenes_min") for n in (1, 2))
+        return dict(workers=rows, ratio=two / one if one and two else None)
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_NOT_INHERITED = ("DISCORD_", "SLACK_", "SHARD_", "DATABASE_URL", "REDIS_URL", "BOT_DB")
+
+
+def _redis_server(binary: str, folder):
+    """A redis-server on a free loopback port, no persistence: (process, its URL)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        + ["--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.05)
+
+
+async def _measure_workers(n: int, spec: dict, env: dict, command: list[str], tmp) -> dict:
+    import signal
+
+    from bot import queue as q
+    from bot.config import Config
+    from bot.db import Place
+    from sitcom.settings import SceneSettings
+
+    config = Config(
+        redis_url=env["REDIS_URL"], max_queue=1000, per_user_limit=100, claim_timeout_s=120
+    )
+    client = await q.connect(config.redis_url)
+    await client.flushall()
+    gateway = q.Gateway(client, config, spec["model"])
+    env = dict(env, BOT_DB=str(tmp / f"bot-{n}-workers.db"))
+    logs = [open(tmp / f"worker-{n}-{i}.log", "wb") for i in range(n)]  # noqa: SIM115
+    procs = [
+        await asyncio.create_subprocess_exec(
+            *command, env=env, cwd=tmp, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
+        )
+        for log in logs
+    ]
+    place = Place("bench", "bench", "bench")
+    settings = SceneSettings(max_new_tokens=spec["tokens"])
+
+    async def run(jobs: int, settings: SceneSettings, tag: str) -> list:
+        tickets = [
+            await gateway.submit(place, f"{tag}{i}", OPENINGS[i % len(OPENINGS)], settings)
+            for i in range(jobs)
+        ]
+        while await client.zcard(q.OPEN):
+            if any(p.returncode is not None for p in procs):
+                raise RuntimeError("a worker exited")
+            await asyncio.sleep(0.05)
+        return [q.Result.loads(await client.hget(q.job_key(t.id), "result")) for t in tickets]
+
+    try:
+        start = time.perf_counter()
+        while len(await q.live_workers(client)) < n:  # every model loaded
+            if any(p.returncode is not None for p in procs) or time.perf_counter() - start > 900:
+                return {"error": _tail(tmp / f"worker-{n}-0.log")}
+            await asyncio.sleep(0.2)
+        ready_s = time.perf_counter() - start
+        await run(n, settings.with_changes(max_new_tokens=16), "warm")
+        wall = float("inf")
+        for attempt in range(REPEAT):  # best of REPEAT rounds: slow ones are others' load
+            start, cpu = time.perf_counter(), _cpu_s(procs)
+            got = await run(spec["scenes"], settings, f"user{attempt}-")
+            if time.perf_counter() - start < wall:
+                wall, results = time.perf_counter() - start, got
+                cores = (_cpu_s(procs) - cpu) / wall
+        by_worker = sorted(int(w.get("done") or 0) for w in await q.live_workers(client))
+    except RuntimeError as e:
+        return {"error": f"{e}: {_tail(tmp / f'worker-{n}-0.log')}"}
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                await asyncio.wait_for(p.wait(), 60)
+            except TimeoutError:
+                p.kill()
+                await p.wait()
+        for log in logs:
+            log.close()
+        await gateway.aclose()
+    written = [r for r in results if r.error is None]
+    tokens = sum(r.new_tokens for r in written)
+    return dict(
+        scenes=len(results),
+        written=len(written),
+        wall_s=wall,
+        scenes_min=len(results) / wall * 60,
+        tok_s=tokens / wall,
+        ready_s=ready_s,
+        cores=cores,  # CPU the workers got together: cores busy on average while timed
+        by_worker=by_worker,  # scenes each worker wrote, warm-up included
+    )
+
+
+def _cpu_s(procs) -> float:
+    """CPU seconds (user + system) the processes have used so far."""
+    total = 0.0
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _tail(path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    last = (lines or ["no output"])[-1]
+    return last.removeprefix("error: ")[:200]  # the worker's own one-line error
+
+
 KINDS = dict(
     bpb=bpb,
     hf_generate=hf_generate,
@@ -356,6 +570,7 @@ KINDS = dict(
     llama_scenes=llama_scenes,
     llama_multi=llama_multi,
     engine=engine,
+    queue_workers=queue_workers,
 )
 
 if __name__ == "__main__":

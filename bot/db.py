@@ -135,6 +135,23 @@ def migrations(dialect: str = "sqlite") -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def _statements(sql: str) -> list[str]:
+    """A migration script's statements, one by one (sqlite3.complete_statement finds where
+    each ends, so a ';' inside a string or a comment does not split it)."""
+    found: list[str] = []
+    pending = ""
+    for line in sql.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            found.append(pending.strip())
+            pending = ""
+    if pending.strip() and not all(
+        part.strip().startswith("--") or not part.strip() for part in pending.splitlines()
+    ):
+        found.append(pending.strip())  # a last statement without its ';' (SQLite reports it)
+    return found
+
+
 def _read_only_fs(path: Path) -> bool:
     """True when the file (or, for a new one, its folder) is on a read-only mount."""
     try:
@@ -235,17 +252,22 @@ class Database:
             )
 
     async def _migrate(self) -> None:
-        current = await self.schema_version()
         for version, name, sql in migrations():
-            if version <= current:
+            if version <= await self.schema_version():
                 continue
-            log.info("applying migration %04d_%s", version, name)
-            # executescript commits any open transaction first, so the script carries its own.
+            # The version is read again under the write lock: processes starting at once on
+            # a new file (a gateway and its workers) wait for each other, and the one that
+            # comes second finds the migration applied. Statement by statement, because
+            # executescript would commit the open transaction (and drop the lock) first.
+            await self._conn.execute("BEGIN IMMEDIATE")
             try:
-                await self._conn.executescript(
-                    f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;"
-                )
-            except sqlite3.Error:
+                if version > await self.schema_version():
+                    log.info("applying migration %04d_%s", version, name)
+                    for statement in _statements(sql):
+                        await self._conn.execute(statement)
+                    await self._conn.execute(f"PRAGMA user_version = {version}")
+                await self._conn.execute("COMMIT")
+            except BaseException:
                 if self._conn.in_transaction:
                     await self._conn.execute("ROLLBACK")
                 raise

@@ -4,6 +4,7 @@ migrations, constraints, persistence; SQLite's locked/deleted files. Tests takin
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 
@@ -214,3 +215,22 @@ async def test_unreadable_file_is_a_database_error(tmp_path):
     (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(DatabaseError, match="cannot"):
         await Database.open(tmp_path / "junk.db")
+
+
+@pytest.mark.asyncio
+async def test_processes_starting_at_once_on_a_new_store_migrate_once(db_target):
+    """A gateway and workers started together on a new BOT_DB (or database): one applies
+    the migrations, the others wait and find nothing left to do; none fails."""
+    opened = await asyncio.gather(
+        *(open_database(db_target) for _ in range(4)), return_exceptions=True
+    )
+    dbs = [db for db in opened if not isinstance(db, BaseException)]
+    try:
+        assert len(dbs) == 4, [str(e) for e in opened if isinstance(e, BaseException)]
+        latest = migrations()[-1][0]
+        assert [await db.schema_version() for db in dbs] == [latest] * 4
+        scene = await add_scene(dbs[1])
+        assert (await dbs[2].get_scene(scene.id)).id == scene.id
+    finally:
+        for db in dbs:
+            await db.close()
