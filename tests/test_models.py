@@ -141,18 +141,9 @@ def test_models_loaded_in_threads_at_once_leave_transformers_as_it_was(tiny_mode
     serialises them."""
     import threading
 
-    from transformers import initialization
-    from transformers.modeling_utils import PreTrainedModel
+    from helpers import changed_globals, restore_globals, transformers_globals
 
-    places = [(PreTrainedModel, "tie_weights"), (PreTrainedModel, "init_weights")]
-    places += [
-        (sys.modules[module], name)
-        for module in initialization.TORCH_MODULES_TO_PATCH
-        if module in sys.modules
-        for name in initialization.TORCH_INIT_FUNCTIONS
-        if hasattr(sys.modules[module], name)
-    ]
-    before = {place: getattr(*place) for place in places}
+    before = transformers_globals()
     try:
         for _ in range(8):
             start = threading.Barrier(3)
@@ -166,12 +157,8 @@ def test_models_loaded_in_threads_at_once_leave_transformers_as_it_was(tiny_mode
                 t.start()
             for t in threads:
                 t.join()
-            changed = [
-                f"{o.__name__}.{n}" for (o, n), f in before.items() if getattr(o, n) is not f
-            ]
-            assert changed == []
+            assert changed_globals(before) == []
         model, _ = load_model(tiny_model_dir)
         assert [n for n, p in model.named_parameters() if p.is_meta] == []
     finally:  # a failure here must not poison the tests after it
-        for (owner, name), function in before.items():
-            setattr(owner, name, function)
+        restore_globals(before)
