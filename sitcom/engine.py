@@ -79,7 +79,7 @@ from sitcom.jobs import (
     _Speed,
     clean_prompt,
 )
-from sitcom.model.catalog import DEFAULT_MODEL, ModelLoadError
+from sitcom.model.catalog import DEFAULT_MODEL, LOAD_LOCK, ModelLoadError
 from sitcom.model.serving import Served, backend_of, load_served
 from sitcom.scenes.ranking import LineScorer, keep_lines, rank
 from sitcom.scenes.script import normalize_prompt
@@ -224,7 +224,9 @@ class SceneEngine:
 
     async def _load(self, name: str) -> _Loaded:
         # Loading takes seconds (the default model ~20 s the first time): a plain thread.
-        loaded = await asyncio.to_thread(self._loader, name)
+        # One load at a time in the process, whatever the loader (see LOAD_LOCK): two
+        # engines (workers, a checkpoint switch) loading at once could break every later load.
+        loaded = await asyncio.to_thread(_load_alone, self._loader, name)
         model, tokenizer, *rest = loaded
         served = rest[0] if rest else None
         backend = served.backend if served is not None else backend_of(model)
@@ -583,3 +585,8 @@ def _message(error: Exception) -> str:
     if isinstance(error, ValueError) and "too long" in str(error):
         return "That opening is too long for the model; please shorten it."
     return "Something went wrong writing that scene; please try again."
+
+
+def _load_alone(loader: Callable[[str], tuple], name: str) -> tuple:
+    with LOAD_LOCK:
+        return loader(name)

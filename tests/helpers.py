@@ -10,6 +10,7 @@ importing this module stays cheap.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from sitcom.scenes.script import END_OF_TEXT
@@ -344,3 +345,34 @@ def transition_model_dir(path: Path, tokenizer, steps) -> Path:
     tokenizer.save_pretrained(path)
     export_gguf(path, qtype="f32")
     return path
+
+
+# -- transformers' process-wide patches ---------------------------------------------------
+
+
+def transformers_globals() -> dict[tuple[object, str], object]:
+    """What transformers swaps process-wide while it builds or loads a model
+    (transformers.initialization: PreTrainedModel.tie_weights / init_weights and the
+    torch.nn.init functions), as {(owner, name): function}."""
+    from transformers import initialization
+    from transformers.modeling_utils import PreTrainedModel
+
+    places = [(PreTrainedModel, "tie_weights"), (PreTrainedModel, "init_weights")]
+    places += [
+        (sys.modules[module], name)
+        for module in initialization.TORCH_MODULES_TO_PATCH
+        if module in sys.modules
+        for name in initialization.TORCH_INIT_FUNCTIONS
+        if hasattr(sys.modules[module], name)
+    ]
+    return {place: getattr(*place) for place in places}
+
+
+def changed_globals(before: dict[tuple[object, str], object]) -> list[str]:
+    """The names in `before` (transformers_globals()) that now hold another function."""
+    return [f"{o.__name__}.{n}" for (o, n), f in before.items() if getattr(o, n) is not f]
+
+
+def restore_globals(before: dict[tuple[object, str], object]) -> None:
+    for (owner, name), function in before.items():
+        setattr(owner, name, function)

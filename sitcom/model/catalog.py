@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +50,14 @@ SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "seinfeld_lora"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's LoraConfig
 
 log = logging.getLogger(__name__)
+
+# Held around every model load in this process. transformers' from_pretrained (and a
+# model's constructor) swap process-wide functions while they run (initialization.py:
+# no_tie_weights / no_init_weights / guard_torch_init_functions patch
+# PreTrainedModel.tie_weights and torch.nn.init, then put back what they found), so two
+# loads at once in threads could leave them swapped for good: every later model then had a
+# meta (never tied) lm_head and skipped its init. Reentrant: load_served -> load_model.
+LOAD_LOCK = threading.RLock()
 
 
 class ModelLoadError(RuntimeError):
@@ -483,14 +492,16 @@ def load_model(name: str | os.PathLike | None, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    source = resolve_model(name)
-    tokenizer = load_tokenizer(source)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(_not_found(source, e)) from e
-    except Exception as e:  # corrupt safetensors, truncated files, bad config
-        raise ModelLoadError(f"could not load model from {source}: {type(e).__name__}: {e}") from e
+    with LOAD_LOCK:  # one load at a time in this process (see LOAD_LOCK)
+        source = resolve_model(name)
+        tokenizer = load_tokenizer(source)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(_not_found(source, e)) from e
+        except Exception as e:  # corrupt safetensors, truncated files, bad config
+            why = f"{type(e).__name__}: {e}"
+            raise ModelLoadError(f"could not load model from {source}: {why}") from e
     model.eval()
     return model, tokenizer
 

@@ -24,6 +24,7 @@ from sitcom.config import sitcom_config
 from sitcom.model.catalog import (
     BASE_MODEL,
     DEFAULT_MODEL,
+    LOAD_LOCK,
     ModelLoadError,
     cache_root,
     default_model_dir,
@@ -196,8 +197,9 @@ def load_served(
     name: str | os.PathLike | None, max_batch: int = 8
 ) -> tuple[object, object, Served]:
     """(model, tokenizer, what is served): resolve and load."""
-    served = resolve(name)
-    model, tokenizer = load(served, max_batch=max_batch)
+    with LOAD_LOCK:  # resolving may build a cache entry with from_pretrained
+        served = resolve(name)
+        model, tokenizer = load(served, max_batch=max_batch)
     return model, tokenizer, served
 
 
