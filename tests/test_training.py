@@ -342,19 +342,21 @@ def test_corpus_vocab_head_and_loss(tiny_model_dir):
         out = model(ids)
     assert out.logits.shape[-1] == len(keep)  # only the corpus's tokens are computed
     assert torch.allclose(out.logits, full.logits[..., keep])
-    restricted = loss_func(out, ids)
+    restricted = loss_func(out, ids).item()
     # the same cross-entropy, by hand, over the kept tokens
     logp = torch.log_softmax(full.logits[0, :-1, keep], -1)
     targets = torch.searchsorted(keep, ids[0, 1:])
     assert restricted == pytest.approx(-logp[torch.arange(47), targets].mean().item(), rel=1e-5)
-    assert restricted < full.loss  # fewer tokens share the probability
+    assert restricted < full.loss.item()  # fewer tokens share the probability
     # summed over the accumulated batch's tokens when Trainer says how many there are
-    assert loss_func(out, ids, num_items_in_batch=94) == pytest.approx(restricted / 2, rel=1e-5)
+    assert loss_func(out, ids, num_items_in_batch=94).item() == pytest.approx(
+        restricted / 2, rel=1e-5
+    )
     model.eval()  # evaluation sees the whole head: the honest full-vocabulary loss
     with torch.no_grad():
         again = model(ids)
     assert again.logits.shape[-1] == vocab
-    assert loss_func(again, ids) == pytest.approx(full.loss.item(), rel=1e-5)
+    assert loss_func(again, ids).item() == pytest.approx(full.loss.item(), rel=1e-5)
     assert "lm_head.weight" in model.state_dict()  # nothing of it is saved
 
 
