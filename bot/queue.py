@@ -114,6 +114,21 @@ redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
 return redis.call('ZCARD', KEYS[1])
 """
 
+# KEYS: job hash. ARGV: this worker's id, the worker heartbeat key prefix. Who may store a
+# written job's scene: "stored" (another worker already did: use its result), "busy" (a live
+# worker is storing it now: wait for its result) or "mine" (store it: no live owner).
+# A slow worker whose job was handed on, and the worker that took it over, can both finish
+# writing; only one of them stores, so the database never holds the scene twice.
+STORE = """
+if redis.call('HEXISTS', KEYS[1], 'stored') == 1 then return 'stored' end
+local owner = redis.call('HGET', KEYS[1], 'storing')
+if owner and owner ~= ARGV[1] and redis.call('EXISTS', ARGV[2] .. owner) == 1 then
+  return 'busy'
+end
+redis.call('HSET', KEYS[1], 'storing', ARGV[1])
+return 'mine'
+"""
+
 # KEYS: open, job hash, results, unposted, jobs. ARGV: job id, entry id, result JSON,
 # now, group. The first finisher wins (a slow worker whose job was handed on finds it
 # gone and only acknowledges its copy). Returns 1 when this call finished it.

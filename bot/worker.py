@@ -191,6 +191,9 @@ class Worker:
                 )
         if await self.client.hget(q.job_key(job_id), "cancelled"):
             return q.Result(error="cancelled")
+        other = await self._stored_elsewhere(job_id)
+        if other is not None:
+            return other
         stored = await self.core.record(
             scene,
             place=Place(*job["place"]),
@@ -211,6 +214,20 @@ class Worker:
         )
         self._recent.append((scene.seconds, scene.new_tokens))
         return result
+
+    async def _stored_elsewhere(self, job_id: str) -> q.Result | None:
+        """None when this worker is to store the job's scene (queue.STORE); else the result
+        another worker stored for it, waited for while that worker is alive and storing."""
+        key = q.job_key(job_id)
+        while True:
+            verdict = await self.client.eval(q.STORE, 1, key, self.id, q.worker_key(""))
+            if isinstance(verdict, bytes):
+                verdict = verdict.decode()
+            if verdict == "mine":
+                return None
+            if verdict == "stored":
+                return q.Result.loads(await self.client.hget(key, "stored"))
+            await asyncio.sleep(0.2)  # "busy": its result is a moment away
 
     async def _finish(self, entry_id: str, job_id: str, result: q.Result | None) -> None:
         finished = await self.client.eval(
