@@ -158,7 +158,7 @@ def _pad_token_id(tokenizer) -> int | None:
     return tokenizer.pad_token_id if tokenizer.pad_token is not None else tokenizer.eos_token_id
 
 
-def _permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
+def permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
     """HF stores q/k rows as [first halves | second halves] per head; GGML interleaves pairs."""
     rows = weight.shape[0]
     return (
@@ -190,9 +190,9 @@ def _add_tensors(writer, model, config, qtype: str) -> None:
             raise ExportError(f"no GGUF name for tensor {hf_name}")
         data = tensor.detach().float().numpy()
         if hf_name.endswith("q_proj.weight"):
-            data = _permute_rotary(data, config.num_attention_heads)
+            data = permute_rotary(data, config.num_attention_heads)
         elif hf_name.endswith("k_proj.weight"):
-            data = _permute_rotary(data, config.num_key_value_heads)
+            data = permute_rotary(data, config.num_key_value_heads)
 
         qt = wanted
         if data.ndim == 1:

@@ -30,6 +30,7 @@ from sitcom.model.catalog import (
     is_gemma_base,
     packaged_gguf,
 )
+from sitcom.model.gguf_export import permute_rotary
 
 ADAPTER_GGUF = "adapter.gguf"
 CARD = "checkpoint.json"
@@ -61,15 +62,6 @@ def base_gguf_facts(path: str | os.PathLike) -> dict:
         ),
         "tensors": {t.name for t in reader.tensors},
     }
-
-
-def _permute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
-    rows = weight.shape[0]
-    return (
-        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
 
 
 def export_lora_gguf(
@@ -118,7 +110,7 @@ def export_lora_gguf(
             a, b = ab["lora_A"], ab["lora_B"]
             if arch_name == "llama" and hf.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = facts["heads"] if hf.endswith("q_proj.weight") else facts["kv_heads"]
-                b = _permute_rows(b, heads)
+                b = permute_rotary(b, heads)
             writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a))
             writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b))
         writer.write_header_to_file()
