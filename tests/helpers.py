@@ -71,6 +71,24 @@ def build_tiny_tokenizer(extra: str = ""):
     )
 
 
+def bos_tokenizer():
+    """The tiny tokenizer made to add a BOS of its own by default, as Gemma's does."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tok = build_tiny_tokenizer()
+    inner = tok.backend_tokenizer
+    inner.add_special_tokens(["<bos>"])
+    bos = inner.token_to_id("<bos>")
+    inner.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=inner,
+        eos_token="<|endoftext|>",
+        bos_token="<bos>",
+        pad_token="<|endoftext|>",
+    )
+
+
 def build_tiny_model(tokenizer, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

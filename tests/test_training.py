@@ -10,12 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import EPISODE, write_corpus
+from helpers import EPISODE, bos_tokenizer, write_corpus
 
 from sitcom.scenes.script import END_OF_TEXT
 from sitcom.settings import SceneSettings
 from training.__main__ import main
-from training.corpus import load_corpus, pack_eval, pack_train, token_stream, utf8_bytes
+from training.corpus import (
+    block_lead,
+    load_corpus,
+    pack_eval,
+    pack_train,
+    token_stream,
+    utf8_bytes,
+)
 from training.metrics import block_nats
 
 
@@ -44,6 +51,30 @@ def test_packing_keeps_eos_between_episodes_and_never_pads(tiny_tokenizer):
     val = pack_eval(stream, 8)
     predicted = sum(len(val[i]["input_ids"]) - 1 for i in range(len(val)))
     assert predicted == len(stream) - 1  # every token after the first is predicted exactly once
+
+
+def test_blocks_start_with_the_bos_a_tokenizer_adds_and_still_score_each_token_once(
+    tiny_tokenizer,
+):
+    tok = bos_tokenizer()
+    bos = tok.bos_token_id
+    assert block_lead(tok) == (bos,)
+    assert block_lead(tiny_tokenizer) == ()  # BOS defined but never added: no lead
+    stream = token_stream([EPISODE[:400], "JERRY: Hello, Newman."], tok)
+    assert bos not in stream
+
+    train = pack_train(stream, 8, block_lead(tok))
+    blocks = [train[i]["input_ids"] for i in range(len(train))]
+    assert all(len(b) == 8 and b[0] == bos for b in blocks)
+    assert [t for b in blocks for t in b[1:]] == stream[: 7 * len(blocks)]  # contiguous text
+
+    val = pack_eval(stream, 8, block_lead(tok))
+    scored = []
+    for i in range(len(val)):
+        item = val[i]
+        assert item["input_ids"][0] == bos
+        scored += [t for t in item["labels"][1:] if t != -100]
+    assert scored == stream[1:]  # every token after the first, once, in order
 
 
 def test_block_nats_matches_log_softmax():

@@ -89,6 +89,19 @@ def token_stream(episodes: list[str], tokenizer) -> list[int]:
     return ids
 
 
+def block_lead(tokenizer) -> tuple[int, ...]:
+    """The token a block must start with: the BOS a tokenizer adds by default, else none.
+
+    Gemma puts its attention sink on BOS: without it the Gemma 3 270M base scores 1.29 BPB on
+    the first val episode instead of 1.13, and a fine-tune starts from that broken state.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return ()
+    ids = tokenizer("a")["input_ids"]
+    return (bos,) if ids and ids[0] == bos else ()
+
+
 def utf8_bytes(episodes: list[str]) -> int:
     """Bytes of text the stream encodes (EOS separators are markup, not text)."""
     return sum(len(e.encode("utf-8")) for e in episodes)
@@ -101,34 +114,40 @@ class BlockDataset:
     reject a bad corpus before paying for the torch import.
     """
 
-    def __init__(self, blocks: list[list[int]]):
+    def __init__(self, blocks: list[list[int]], unscored: int = 0):
         self.blocks = blocks
+        self.unscored = unscored  # leading labels masked with -100 (not predicted here)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         ids = self.blocks[i]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+        labels = [-100] * self.unscored + ids[self.unscored :]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def pack_train(stream: list[int], block_size: int) -> BlockDataset:
-    """Non-overlapping full blocks; the tail shorter than a block is dropped (never padded)."""
-    n = len(stream) // block_size
+def pack_train(stream: list[int], block_size: int, lead: tuple[int, ...] = ()) -> BlockDataset:
+    """Non-overlapping full blocks, each `lead` + text; the short tail is dropped (never padded)."""
+    size = block_size - len(lead)
+    n = len(stream) // size
     if n == 0:
         raise CorpusError(
             f"the training text is only {len(stream)} tokens, less than one block of {block_size}"
         )
-    return BlockDataset([stream[i * block_size : (i + 1) * block_size] for i in range(n)])
+    return BlockDataset([[*lead, *stream[i * size : (i + 1) * size]] for i in range(n)])
 
 
-def pack_eval(stream: list[int], block_size: int) -> BlockDataset:
+def pack_eval(stream: list[int], block_size: int, lead: tuple[int, ...] = ()) -> BlockDataset:
     """Blocks overlapping by one token so every token after the first is predicted exactly once.
 
-    The last block may be short; the collator pads it with labels -100 (ignored).
+    Each block is `lead` + text; the lead and the overlapping first text token are not scored
+    (that token was the previous block's last prediction). The last block may be short; the
+    collator pads it with labels -100 (ignored).
     """
+    size = block_size - len(lead)
     blocks, start = [], 0
     while start < len(stream) - 1:
-        blocks.append(stream[start : start + block_size])
-        start += block_size - 1
-    return BlockDataset(blocks)
+        blocks.append([*lead, *stream[start : start + size]])
+        start += size - 1
+    return BlockDataset(blocks, unscored=len(lead) + 1)

@@ -22,7 +22,7 @@ from sitcom.scenes.quality import SceneScore, score_scene, summarize
 from sitcom.scenes.script import normalize_prompt
 from sitcom.settings import SceneSettings
 from training.card import CARD_NAME, card_block_size
-from training.corpus import load_corpus, pack_eval, token_stream, utf8_bytes
+from training.corpus import block_lead, load_corpus, pack_eval, token_stream, utf8_bytes
 from training.finetune import first_episodes, right_padding_collator
 from training.metrics import compute_metrics_for, preprocess_logits_for_metrics
 from training.outputs import check_json_path
@@ -42,7 +42,7 @@ PROMPTS: tuple[str, ...] = (
 
 def val_metrics(model, tokenizer, episodes: list[str], block_size: int, batch_size: int) -> dict:
     """nll/ppl/bpb over the episodes, with the same eval code finetune uses."""
-    dataset = pack_eval(token_stream(episodes, tokenizer), block_size)
+    dataset = pack_eval(token_stream(episodes, tokenizer), block_size, block_lead(tokenizer))
     with tempfile.TemporaryDirectory(prefix="sitcom-eval-") as tmp:
         args = TrainingArguments(
             output_dir=tmp,

@@ -155,10 +155,12 @@ def input_covariances(model, blocks: list[list[int]], names: set[str]) -> dict[s
 
 def calibration_blocks(data: Path, tokenizer, tokens: int, block_size: int) -> list[list[int]]:
     """About `tokens` tokens of training text in blocks spread evenly over the train split."""
-    from training.corpus import load_corpus, pack_train, token_stream
+    from training.corpus import block_lead, load_corpus, pack_train, token_stream
 
     corpus = load_corpus(data, splits=("train",))
-    blocks = pack_train(token_stream(corpus.train, tokenizer), block_size).blocks
+    blocks = pack_train(
+        token_stream(corpus.train, tokenizer), block_size, block_lead(tokenizer)
+    ).blocks
     n = max(1, min(len(blocks), tokens // block_size))
     return [blocks[i * len(blocks) // n] for i in range(n)]
 

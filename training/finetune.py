@@ -55,6 +55,7 @@ from training.card import (
 )
 from training.corpus import (
     BlockDataset,
+    block_lead,
     load_corpus,
     pack_eval,
     pack_train,
@@ -408,9 +409,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     with args.main_process_first(local=True, desc="load the base model"):
         model, tokenizer = build_model(cfg)  # one process per machine fills the model cache
 
-    train_set = pack_train(token_stream(corpus.train, tokenizer), cfg.block_size)
+    lead = block_lead(tokenizer)
+    train_set = pack_train(token_stream(corpus.train, tokenizer), cfg.block_size, lead)
     val_episodes = first_episodes(corpus.val, tokenizer, cfg.eval_tokens)
-    val_set: BlockDataset = pack_eval(token_stream(val_episodes, tokenizer), cfg.block_size)
+    val_set: BlockDataset = pack_eval(token_stream(val_episodes, tokenizer), cfg.block_size, lead)
     loss_func, vocab_note = None, ""
     if cfg.corpus_vocab:
         keep = corpus_token_ids(train_set.blocks + val_set.blocks, tokenizer)

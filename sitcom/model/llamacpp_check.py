@@ -158,6 +158,7 @@ def probe_key(gguf_path: Path) -> str:
     except OSError:
         identity = f"{gguf_path} missing"
     parts = [
+        "probe 2",  # the probe's own version: a changed probe judges every file again
         f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}",
         " ".join(cpu_flags()),
         f"extra_bufts={use_extra_bufts()}",

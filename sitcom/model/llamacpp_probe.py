@@ -20,7 +20,9 @@ def probe_main(gguf_path: str, hf_source: str) -> int:
     from sitcom.model.llamacpp_check import PROBE_TEXT, compare_logits
 
     model, tokenizer = load_model(hf_source)
-    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:48]
+    # With the special tokens the tokenizer adds by default: Gemma's BOS carries its attention
+    # sink, and without it both backends leave the model's normal regime and disagree.
+    ids = tokenizer(PROBE_TEXT)["input_ids"][:48]
     llm = LlamaCppModel(gguf_path, max_batch=1, n_ctx_per_seq=128, n_threads=1)
     ll = llm.logits_of(ids)
     llm.close()
