@@ -15,6 +15,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "min_p": (0.0, 0.5),  # drop tokens below min_p x the likeliest token's probability
     "best_of": (1, 8),  # candidates written together; the best-ranked one is posted
     "premise": (0.0, 3.0),  # nats added to the opening's own words (decoding.guards.PremiseBias)
+    "cast_turns": (0, 1),  # 1: each line's speaker from the scene's cast, taking turns (CastTurns)
 }
 
 
@@ -31,6 +32,7 @@ class SceneSettings:
     min_p: float = 0.0
     best_of: int = 2
     premise: float = 0.0
+    cast_turns: int = 0
 
     def validated(self) -> SceneSettings:
         """Raise ValueError naming the first field outside its range."""

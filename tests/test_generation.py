@@ -327,3 +327,50 @@ def test_premise_bias_raises_the_openings_own_words_by_the_rows_setting():
     assert scores.sum() == 0  # the input is not changed in place
     off = PremiseBias(tiny_tokenizer, prompts, [0.0, 0.0])  # the default: nothing raised
     assert off(torch.zeros(2, 1, dtype=torch.long), scores) is scores
+
+
+def test_cast_turns_draw_each_speaker_from_the_scenes_cast_never_twice_running(tiny_tokenizer):
+    from sitcom.scenes.script import MAIN_CHARACTERS, speaker_of
+
+    model = build_tiny_model(tiny_tokenizer)  # a random model that ends lines often
+    newline = tiny_tokenizer.encode("\n", add_special_tokens=False)[0]
+
+    def short_lines(module, args, kwargs, output):
+        output.logits[:, -1, newline] += 6.0
+        return output
+
+    model.register_forward_hook(short_lines, with_kwargs=True)
+    prompts = ["NEWMAN: Hello, Jerry.", "ELAINE: Get out!\nGEORGE: Serenity now!"]
+    settings = SceneSettings(max_new_tokens=160, temperature=1.5, cast_turns=1)
+    lines_seen = 0
+    for seed in range(3):
+        for prompt, scene in zip(
+            prompts,
+            generate_scenes(model, tiny_tokenizer, prompts, settings, seed=seed),
+            strict=True,
+        ):
+            cast = {speaker_of(x) for x in prompt.splitlines()} | set(MAIN_CHARACTERS)
+            lines = (prompt + "\n" + scene.raw).split("\n")
+            previous = speaker_of(prompt.splitlines()[-1])
+            for line in lines[len(prompt.splitlines()) : -1]:  # finished lines only
+                speaker = line.split(":", 1)[0]
+                assert speaker in cast and speaker != previous, (line, previous)
+                previous = speaker
+                lines_seen += 1
+    assert lines_seen >= 6  # the random model writes lines; each one was constrained
+
+    # Off (the default): the same random model invents speakers and runs lines on.
+    free = generate_scenes(
+        model, tiny_tokenizer, prompts, settings.with_changes(cast_turns=0), seed=0
+    )
+    assert any(x.split(":", 1)[0] not in MAIN_CHARACTERS for s in free for x in s.raw.split("\n"))
+
+
+def test_cast_turns_leave_a_row_with_it_off_as_it_was(tiny_model, tiny_tokenizer):
+    prompts = ["JERRY: Hello, Newman.", "KRAMER: Giddyup!"]
+    off = SceneSettings(max_new_tokens=40)
+    alone = generate_scenes(tiny_model, tiny_tokenizer, prompts[:1], off, **GREEDY)[0]
+    mixed = generate_scenes(
+        tiny_model, tiny_tokenizer, prompts, [off, off.with_changes(cast_turns=1)], **GREEDY
+    )
+    assert mixed[0].raw == alone.raw

@@ -3,6 +3,7 @@ stopping criteria (so generate() runs them, and the llama.cpp loop calls them di
 
 - ScriptRepetitionPenalty: the usual penalty, per row, that leaves format tokens alone;
 - LoopGuard: a line may not end (newline/EOS banned) while it repeats an earlier line;
+- CastTurns: the next speaker drawn from the scene's cast, never the one who just spoke;
 - SceneStop: per-row stop at a new `[Scene: ...]` heading or the row's own token budget;
 - DeadlineStop: per-row stop on a timeout or cancellation.
 """
@@ -14,11 +15,12 @@ from collections.abc import Callable, Sequence
 import torch
 from tokenizers import decoders
 from transformers import LogitsProcessor, StoppingCriteria
+from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
 from sitcom.decoding.vocab import speaker_token_ids, vocab_info
 from sitcom.scenes.lines import has_heading, line_key
 from sitcom.scenes.ranking import premise_words
-from sitcom.scenes.script import speaker_of
+from sitcom.scenes.script import MAIN_CHARACTERS, speaker_of
 
 
 class _RowText:
@@ -200,6 +202,82 @@ class LoopGuard(LogitsProcessor):
             if key and key in self._keys[row]:
                 scores[row, self.ban_ids.to(scores.device)] = -float("inf")
         return scores
+
+
+class CastTurns(PrefixConstrainedLogitsProcessor):
+    """The next speaker drawn from the scene's cast: for rows whose `cast_turns` setting is on, a
+    new line may only start with the tokens of `NAME:` for one of the opening's speakers or
+    the main characters, never the one who spoke the line before, or end the scene. The
+    model's own odds choose among them; inside a line nothing is constrained.
+
+    Readers punished invented strangers (AUDIENCE:, BABY:), and the ranking could only trim
+    a scene where one appeared. transformers' PrefixConstrainedLogitsProcessor applies the
+    mask; this class only says which tokens each row may take (the name's tokens as the
+    tokenizer spells them after a newline) and reads the rows' text for the last speaker.
+    """
+
+    _LOOKBACK = 16  # tokens searched back for the line's start; names are shorter
+
+    def __init__(
+        self,
+        tokenizer,
+        prompt_texts: Sequence[str],
+        enabled: Sequence[bool],
+        rows: _RowText,
+        stop_ids: Sequence[int],
+        main: Sequence[str] = MAIN_CHARACTERS,
+    ):
+        super().__init__(self._allowed, num_beams=1)
+        self.rows = rows
+        self.prompts = list(prompt_texts)
+        self.enabled = [bool(e) for e in enabled]
+        self.line_ends = vocab_info(tokenizer).line_end_ids
+        self.every = torch.arange(len(tokenizer))
+        self.stop_ids = list(stop_ids)
+        ends = torch.tensor(sorted({*self.line_ends, *self.stop_ids}), dtype=torch.long)
+        self.speech = self.every[~torch.isin(self.every, ends)]
+        newline = tokenizer.encode("\n", add_special_tokens=False)
+        self.names: list[dict[str, tuple[int, ...]]] = []
+        for text, on in zip(self.prompts, self.enabled, strict=True):
+            spellings: dict[str, tuple[int, ...]] = {}
+            cast = [speaker_of(x) for x in text.splitlines()] + list(main) if on else []
+            for name in dict.fromkeys(n for n in cast if n):
+                ids = tokenizer.encode(f"\n{name}:", add_special_tokens=False)
+                if ids[: len(newline)] == newline and len(ids) > len(newline):
+                    spellings[name] = tuple(ids[len(newline) :])
+            self.names.append(spellings)
+        self._texts: list[str | None] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not any(self.enabled):
+            return scores
+        self._texts = self.rows.texts(input_ids)
+        return super().__call__(input_ids, scores)
+
+    def _allowed(self, row: int, ids: torch.Tensor):
+        text = self._texts[row]
+        if not self.enabled[row] or text is None:
+            return self.every
+        tail = ids[-self._LOOKBACK :].tolist()
+        starts = [i for i, t in enumerate(tail) if t in self.line_ends]
+        if not starts:
+            return self.every  # well inside a line
+        so_far = tuple(tail[starts[-1] + 1 :])
+        lines = (self.prompts[row] + text).split("\n")[:-1]
+        spoken = [x.partition(":")[0] for x in lines if ":" in x]  # "NAME:" with no speech too
+        last = spoken[-1] if spoken else None
+        allowed = {
+            spelling[len(so_far)]
+            for name, spelling in self.names[row].items()
+            if name != last and len(spelling) > len(so_far) and spelling[: len(so_far)] == so_far
+        }
+        if not so_far:
+            return sorted(allowed | set(self.stop_ids))
+        if allowed:
+            return sorted(allowed)
+        if so_far in self.names[row].values():
+            return self.speech  # "NAME:" said: something must follow before the line ends
+        return self.every  # past the name: the line is free
 
 
 class SceneStop(StoppingCriteria):

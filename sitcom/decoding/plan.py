@@ -11,6 +11,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteria
 
 from sitcom.decoding.guards import (
+    CastTurns,
     LoopGuard,
     PremiseBias,
     SceneStop,
@@ -124,6 +125,7 @@ def plan_batch(
             ),
             LoopGuard(prompt_texts, rows, ban),
             PremiseBias(tokenizer, prompt_texts, [s.premise for s in settings]),
+            CastTurns(tokenizer, prompt_texts, [s.cast_turns for s in settings], rows, stop_ids),
         ]
     )
     if do_sample:

@@ -22,6 +22,7 @@ DESCRIPTIONS = {
     "min_p": "Drop tokens below this share of the likeliest (0 = off)",
     "best_of": "Write this many scenes at once and post the best",
     "premise": "Keep to the opening's own words: higher stays closer (0 = off)",
+    "cast_turns": "Only the scene's cast speak, taking turns (1 = on)",
 }
 
 
@@ -40,6 +41,7 @@ TopK = _range(int, "top_k")
 MinP = _range(float, "min_p")
 BestOf = _range(int, "best_of")
 Premise = _range(float, "premise")
+CastTurns = _range(int, "cast_turns")
 
 
 @app_commands.guild_only()
@@ -73,6 +75,7 @@ class Settings(
         min_p: MinP | None = None,
         best_of: BestOf | None = None,
         premise: Premise | None = None,
+        cast_turns: CastTurns | None = None,
     ) -> None:
         given = {
             k: v
@@ -85,6 +88,7 @@ class Settings(
                 "min_p": min_p,
                 "best_of": best_of,
                 "premise": premise,
+                "cast_turns": cast_turns,
             }.items()
             if v is not None
         }
