@@ -28,7 +28,9 @@ API CONTRACT (frontends code against this; the implementation may change):
         # checks + engine.scorer, a humour model) is the result; stream() shows the first
         # candidate. With engine.trim (default) every scene ends before the first turn that
         # derails it (sitcom.scenes.ranking.keep_lines): the final Scene can have fewer
-        # lines than the stream showed.
+        # lines than the stream showed. With settings.pick_lines (llama.cpp only) the
+        # candidates are compared after every line (ranking.best_next_line) and all go on
+        # from the best line; the stream shows the kept lines.
     job.cancel()                              # stop generating it (result raises EngineError)
     await engine.swap(model)                  # hot swap; raises ModelLoadError, old stays
     engine.model_name                         # name of the active model
@@ -81,7 +83,7 @@ from sitcom.jobs import (
 )
 from sitcom.model.catalog import DEFAULT_MODEL, LOAD_LOCK, ModelLoadError
 from sitcom.model.serving import Served, backend_of, load_served
-from sitcom.scenes.ranking import LineScorer, keep_lines, rank
+from sitcom.scenes.ranking import LineScorer, best_next_line, keep_lines, rank
 from sitcom.scenes.script import normalize_prompt
 from sitcom.settings import SceneSettings
 
@@ -374,7 +376,9 @@ class SceneEngine:
     def _run_continuous(self, loaded: _Loaded) -> None:
         """llama.cpp: keep every slot busy until the queue is empty (or the model was
         swapped: then the running scenes finish on the old model and the loop returns)."""
-        batcher = ContinuousBatcher(loaded.model, loaded.tokenizer, slots=self.max_batch)
+        batcher = ContinuousBatcher(
+            loaded.model, loaded.tokenizer, slots=self.max_batch, choose_line=self._choose_line
+        )
         scenes = 0
         with loaded.model.lock:
             while True:
@@ -425,6 +429,7 @@ class SceneEngine:
             return 0
         self._begin(job)
         job.expected, job.candidates = min(self._width(job), batcher.capacity), []
+        group = job if job.settings.pick_lines and job.expected > 1 else None
         try:
             for i in range(job.expected):  # the candidates of a best-of-n job
                 batcher.add(
@@ -435,6 +440,7 @@ class SceneEngine:
                     if i
                     else LineStreamer(loaded.tokenizer, [job.prompt], self._snapshot(job, loaded)),
                     stopping_criteria=[DeadlineStop(lambda _row, job=job: self._should_stop(job))],
+                    group=group,
                 )
         except Exception as e:  # a prompt too long for the context, or a bug: this job only
             batcher.abort(job)
@@ -443,6 +449,14 @@ class SceneEngine:
             self._finish(job, EngineError(_message(e)))
             return 0
         return 1
+
+    def _choose_line(self, candidates: list[list[str]], job: Job) -> int:
+        """Line by line (pick_lines): the candidate whose new line to keep."""
+        try:
+            return best_next_line(candidates, _prompt_count(job.prompt), self.scorer)
+        except Exception:  # a broken scorer must not stop the scene: keep the first
+            log.exception("choosing a line failed; keeping the first")
+            return 0
 
     def _run_batch(self, loaded: _Loaded, batch: list[Job]) -> None:
         """transformers: the whole batch in one generate() call."""

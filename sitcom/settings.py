@@ -15,6 +15,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "min_p": (0.0, 0.5),  # drop tokens below min_p x the likeliest token's probability
     "best_of": (1, 8),  # candidates written together; the best-ranked one is posted
     "premise": (0.0, 3.0),  # nats added to the opening's own words (decoding.guards.PremiseBias)
+    "pick_lines": (0, 1),  # 1: best_of candidates compared at every line, not as whole scenes
     "cast_turns": (0, 1),  # 1: each line's speaker from the scene's cast, taking turns (CastTurns)
 }
 
@@ -33,6 +34,7 @@ class SceneSettings:
     best_of: int = 2
     premise: float = 0.0
     cast_turns: int = 0
+    pick_lines: int = 0
 
     def validated(self) -> SceneSettings:
         """Raise ValueError naming the first field outside its range."""

@@ -8,13 +8,19 @@ per row, and rows that are done leave at once, their KV slot cleared for the nex
 So a short scene is delivered while a long one is still being written, and a queued scene
 takes a freed slot on the next step instead of waiting for the whole batch.
 
+Line by line (`pick_lines`): the rows of one scene added with the same `group` write their
+next line side by side; each waits at its line's end until all have one, then `choose_line`
+picks the best and the others take it over (their own line is dropped from their KV cache
+and the winner's fed instead) before all write the next. So the best of n is chosen at every
+line instead of once for whole scenes.
+
 Hand-written because llama-cpp-python's Llama class holds one sequence per context and
 transformers' generate() needs a torch model; the guards are the same objects both use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from sitcom.decoding.plan import DecodePlan, GeneratedScene, plan_batch
 from sitcom.decoding.sampling import sample
+from sitcom.decoding.vocab import vocab_info
 from sitcom.scenes.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
 
@@ -38,6 +45,10 @@ class Row:
     streamer: BaseStreamer | None = None
     pending: list[int] = field(default_factory=list)  # tokens the next step feeds
     pos: int = 0  # position of pending[0] in the sequence
+    group: object = None  # rows of one scene choosing line by line share it (None: alone)
+    waiting: bool = False  # at its line's end, until the group chooses
+    remake: Callable[[], DecodePlan] | None = None  # a fresh plan, when it takes over a line
+    synced: int = 0  # tokens its group agreed on at the last choice (the prompt, at first)
 
     @property
     def new_tokens(self) -> int:
@@ -60,8 +71,14 @@ class ContinuousBatcher:
         do_sample: bool = True,
         speakers: Sequence[str] = KNOWN_SPEAKERS,
         slots: int | None = None,
+        choose_line: Callable[[list[list[str]], object], int] | None = None,
     ):
         self.model = model
+        # (rows' script lines, the opening first; their group) -> the index of the row whose
+        # line to keep; by default the first (the engine passes sitcom.scenes.ranking's
+        # best_next_line with its humour model).
+        self.choose_line = choose_line or (lambda candidates, group: 0)
+        self._line_ends = vocab_info(tokenizer).line_end_ids
         self.tokenizer = tokenizer
         self.do_sample = do_sample
         self.speakers = speakers
@@ -83,22 +100,36 @@ class ContinuousBatcher:
         tag: object = None,
         streamer: BaseStreamer | None = None,
         stopping_criteria: Sequence[StoppingCriteria] = (),
+        group: object = None,
     ) -> Row:
         """Queue a scene into a free slot; its prompt is prefilled by the next step().
-        ValueError for a prompt too long for the context or when no slot is free."""
+        Rows added with the same `group` (not None) are candidates of one scene chosen line
+        by line. ValueError for a prompt too long for the context or when no slot is free."""
         if not self._free:
             raise ValueError("every llama.cpp sequence of this batcher is busy")
-        plan = plan_batch(
-            self.tokenizer,
-            [prompt],
-            settings,
-            do_sample=self.do_sample,
-            stopping_criteria=stopping_criteria,
-            speakers=self.speakers,
-            context_limit=self.context_limit,
-        )
+
+        def remake() -> DecodePlan:
+            return plan_batch(
+                self.tokenizer,
+                [prompt],
+                settings,
+                do_sample=self.do_sample,
+                stopping_criteria=stopping_criteria,
+                speakers=self.speakers,
+                context_limit=self.context_limit,
+            )
+
+        plan = remake()
         row = Row(
-            tag, self._free.pop(0), plan, plan.input_ids, streamer, pending=list(plan.row_ids[0])
+            tag,
+            self._free.pop(0),
+            plan,
+            plan.input_ids,
+            streamer,
+            pending=list(plan.row_ids[0]),
+            group=group,
+            remake=remake,
+            synced=plan.prompt_len,
         )
         self.model.forget(row.seq)  # whatever an earlier scene left in this slot
         if streamer is not None:
@@ -116,7 +147,7 @@ class ContinuousBatcher:
         # machine, packaged SmolLM2, one scene: 75 tok/s with 1 torch thread, 18 with 2.
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
-        rows = list(self.rows)
+        rows = [r for r in self.rows if not r.waiting]
         logits = torch.from_numpy(self.model.decode([(r.seq, r.pending, r.pos) for r in rows]))
         scores = []
         for i, row in enumerate(rows):
@@ -133,14 +164,54 @@ class ContinuousBatcher:
             token = int(tokens[i])
             row.pos += len(row.pending)
             row.input_ids = torch.cat([row.input_ids, tokens[i : i + 1, None]], dim=1)
-            if row.streamer is not None:
+            if row.streamer is not None and row.group is None:
                 row.streamer.put(tokens[i : i + 1])
             done = token in row.plan.stop_ids or bool(row.plan.stops(row.input_ids, scores[i])[0])
             if done:
                 finished.append((row, self._remove(row)))
             else:
                 row.pending = [token]
+                row.waiting = row.group is not None and token in self._line_ends
+        self._choose_lines()
         return finished
+
+    def _choose_lines(self) -> None:
+        """Every group whose rows all wait at a line's end: keep the best row's line."""
+        groups: dict[int, list[Row]] = {}
+        for row in self.rows:
+            if row.group is not None:
+                groups.setdefault(id(row.group), []).append(row)
+        for members in groups.values():
+            if not all(r.waiting for r in members):
+                continue
+            if len(members) > 1:
+                candidates = [r.plan.scenes(self.tokenizer, r.input_ids)[0].lines for r in members]
+                best = members[self.choose_line(candidates, members[0].group)]
+            else:
+                best = members[0]
+            for row in members:
+                if row.streamer is not None:  # the scene's streamer sees the kept line only
+                    row.streamer.put(best.input_ids[0, row.synced :])
+            for row in members:
+                row.waiting = False
+                if row is not best:
+                    self._take_over(row, best)
+                row.synced = best.input_ids.shape[1]
+
+    def _take_over(self, row: Row, best: Row) -> None:
+        """`row` drops its own line and continues from `best`'s."""
+        ours, theirs = row.input_ids[0], best.input_ids[0]
+        n = min(len(ours), len(theirs))
+        differ = (ours[:n] != theirs[:n]).nonzero()
+        start = int(differ[0]) if len(differ) else n  # where the two lines part
+        start = min(start, row.pos)  # its KV cache holds the tokens before row.pos
+        if not self.model.forget(row.seq, start):
+            start = 0  # a cache that cannot drop a tail (llama.cpp's recurrent ones): refeed
+            self.model.forget(row.seq)
+        row.input_ids = best.input_ids.clone()
+        row.pending = theirs[start:].tolist()
+        row.pos = start
+        row.plan = row.remake()  # the guards read the row's text afresh
 
     def drain(self) -> list[tuple[Row, GeneratedScene]]:
         """Step until every row has finished; all of them with their scenes, in the

@@ -131,9 +131,11 @@ class LlamaCppModel:
         """Forget every sequence's KV cache."""
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
 
-    def forget(self, seq_id: int) -> None:
-        """Forget one sequence's KV cache, so its slot can take a new scene."""
-        self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self._ctx), seq_id, -1, -1)
+    def forget(self, seq_id: int, start: int = -1) -> bool:
+        """Forget one sequence's KV cache from position `start` on (-1: all of it, so its
+        slot can take a new scene); False where the cache cannot drop only a tail."""
+        memory = self._lib.llama_get_memory(self._ctx)
+        return bool(self._lib.llama_memory_seq_rm(memory, seq_id, start, -1))
 
     def _follow_policy(self) -> None:
         threads = self.policy.threads()  # re-measured at most once a second

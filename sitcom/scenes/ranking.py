@@ -330,3 +330,24 @@ def rank(
         fun = humour_score(lines, prompt_count, scorer)
         out.append(Ranked(i, coh + humour_weight * fun, coh, fun, problems, keep))
     return sorted(out, key=lambda r: (-r.total, r.index))
+
+
+def best_next_line(
+    candidates: Sequence[Sequence[str]],
+    prompt_count: int,
+    scorer: LineScorer | None = None,
+    *,
+    humour_weight: float = 0.5,
+) -> int:
+    """Choosing line by line: candidates are one scene's lines so far, alike but for their
+    last line; the index of the one whose last line is best: the scene's coherence with it
+    (untrimmed: a line that derails must lose) plus the line's own P(laugh). Ties keep the
+    given order."""
+    scores = []
+    for lines in candidates:
+        coh, _ = coherence(lines, prompt_count)
+        fun = 0.0
+        if scorer is not None and len(lines) > prompt_count and speaker_of(lines[-1].strip()):
+            fun = scorer.line_scores(list(lines))[-1]
+        scores.append(coh + humour_weight * fun)
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))

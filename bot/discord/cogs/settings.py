@@ -22,6 +22,7 @@ DESCRIPTIONS = {
     "min_p": "Drop tokens below this share of the likeliest (0 = off)",
     "best_of": "Write this many scenes at once and post the best",
     "premise": "Keep to the opening's own words: higher stays closer (0 = off)",
+    "pick_lines": "Compare the best_of scenes after every line, not at the end (1 = on)",
     "cast_turns": "Only the scene's cast speak, taking turns (1 = on)",
 }
 
@@ -41,6 +42,7 @@ TopK = _range(int, "top_k")
 MinP = _range(float, "min_p")
 BestOf = _range(int, "best_of")
 Premise = _range(float, "premise")
+PickLines = _range(int, "pick_lines")
 CastTurns = _range(int, "cast_turns")
 
 
@@ -75,6 +77,7 @@ class Settings(
         min_p: MinP | None = None,
         best_of: BestOf | None = None,
         premise: Premise | None = None,
+        pick_lines: PickLines | None = None,
         cast_turns: CastTurns | None = None,
     ) -> None:
         given = {
@@ -88,6 +91,7 @@ class Settings(
                 "min_p": min_p,
                 "best_of": best_of,
                 "premise": premise,
+                "pick_lines": pick_lines,
                 "cast_turns": cast_turns,
             }.items()
             if v is not None
