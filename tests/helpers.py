@@ -300,36 +300,26 @@ def sign(secret: str, body: str, timestamp: int | None = None) -> dict:
     return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={digest}"}
 
 
-def tiny_args(corpus: Path, out: Path, model: Path, *extra: str) -> list[str]:
-    """`training finetune` arguments for a 3-step run on the tiny model."""
-    return [
-        "finetune",
-        "--data",
-        str(corpus),
-        "--out",
-        str(out),
-        "--base",
-        str(model),
-        "--block-size",
-        "64",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "1",
-        "--max-steps",
-        "3",
-        "--eval-steps",
-        "1",
-        "--save-steps",
-        "1",
-        "--precision",
-        "fp32",
-        "--log-steps",
-        "1",
-        "--gguf",
-        "none",
-        *extra,
-    ]
+def finetune_args(corpus: Path, out: Path, base: Path, *extra: str, **options) -> list[str]:
+    """`training finetune` arguments for a short fp32 run on a tiny model: 3 steps, an eval
+    and a save each step, no GGUF. Keywords override a flag (max_steps=40 -> --max-steps 40;
+    None drops it); `extra` is appended as given."""
+    flags = {
+        "block_size": 64,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "max_steps": 3,
+        "eval_steps": 1,
+        "save_steps": 1,
+        "precision": "fp32",
+        "log_steps": 1,
+        "gguf": "none",
+    } | options
+    args = ["finetune", "--data", str(corpus), "--out", str(out), "--base", str(base)]
+    for name, value in flags.items():
+        if value is not None:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    return [*args, *extra]
 
 
 def transition_model_dir(path: Path, tokenizer, steps) -> Path:

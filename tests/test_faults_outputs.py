@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import EPISODE, build_tiny_tokenizer, save_tiny_model_dir, tiny_args, write_corpus
+from helpers import EPISODE, build_tiny_tokenizer, finetune_args, save_tiny_model_dir, write_corpus
 
 from sitcom.model.catalog import load_model
 from training.__main__ import main
@@ -208,7 +208,7 @@ def test_finetune_and_extract_never_replace_a_link_or_a_file_as_out(
     a_file = tmp_path / "afile"
     a_file.write_text("a file")
     for out in (link, a_file):
-        assert main(tiny_args(corpus, out, tiny_model_dir, "--overwrite")) == 2
+        assert main(finetune_args(corpus, out, tiny_model_dir, "--overwrite")) == 2
         line = last_err(capsys)
         assert line.startswith("error: --out ") and "not a directory" in line, line
         assert main(extract_args(tuned, base, out, "--overwrite")) == 2
@@ -227,7 +227,7 @@ def test_finetune_work_files_are_regular_files_or_new_names(
     work = tmp_path / "T.work"
     work.mkdir()
     (work / "metrics.jsonl").symlink_to(precious)
-    assert main(tiny_args(corpus, tmp_path / "T", tiny_model_dir, "--resume")) == 2
+    assert main(finetune_args(corpus, tmp_path / "T", tiny_model_dir, "--resume")) == 2
     line = last_err(capsys)
     assert line.startswith("error: --out ") and "symbolic link" in line, line
     assert (work / "metrics.jsonl").is_symlink()
@@ -332,12 +332,12 @@ def test_finetune_out_never_deletes_the_corpus(tmp_path, tiny_model_dir, capsys)
         (work_named, tmp_path / "ck"),
         (corpus, corpus / "train.txt"),
     ]:
-        assert main(tiny_args(data, out, tiny_model_dir, "--overwrite")) == 2, (data, out)
+        assert main(finetune_args(data, out, tiny_model_dir, "--overwrite")) == 2, (data, out)
         line = last_err(capsys)
         assert line.startswith("error: --out ") and "would replace the corpus" in line, line
     # Nor the model it trains from.
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")
-    assert main(tiny_args(corpus, base, base, "--overwrite")) == 2
+    assert main(finetune_args(corpus, base, base, "--overwrite")) == 2
     assert "would replace the base model" in last_err(capsys)
     assert {p: snapshot(p) for p in keep} == keep
     assert (base / "config.json").is_file()
@@ -430,7 +430,7 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_and_resumable(
     tmp_path, corpus, tiny_model_dir, capsys, monkeypatch, how
 ):
     out = tmp_path / "T"
-    args = tiny_args(corpus, out, tiny_model_dir, "--keep-work")
+    args = finetune_args(corpus, out, tiny_model_dir, "--keep-work")
     if how != "enospc":
         # The real writers failing (safetensors, torch's zip writer) in a child process.
         limit = "2048" if how == "safetensors" else str(192 * 1024)

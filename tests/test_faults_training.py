@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import EPISODE, tiny_args, write_corpus
+from helpers import EPISODE, finetune_args, write_corpus
 
 from training.__main__ import main
 
@@ -38,19 +38,19 @@ def test_resume_refuses_to_replace_a_finished_checkpoint(
 ):
     out = tmp_path / "T"
     extra = ("--keep-work",) if keep_work else ()
-    assert main(tiny_args(corpus, out, tiny_model_dir, *extra)) == 0
+    assert main(finetune_args(corpus, out, tiny_model_dir, *extra)) == 0
     card = (out / "checkpoint.json").read_bytes()
     weights = (out / "model.safetensors").read_bytes()
     capsys.readouterr()
 
-    assert main(tiny_args(corpus, out, tiny_model_dir, "--resume", "--lr", "0.5")) == 2
+    assert main(finetune_args(corpus, out, tiny_model_dir, "--resume", "--lr", "0.5")) == 2
     line = last_err(capsys)
     assert line.startswith("error: ") and "--overwrite" in line and str(out) in line
     assert (out / "checkpoint.json").read_bytes() == card
     assert (out / "model.safetensors").read_bytes() == weights
 
     # --overwrite still may (with --resume: continue OUT.work's run, then replace OUT).
-    assert main(tiny_args(corpus, out, tiny_model_dir, "--resume", "--overwrite")) == 0
+    assert main(finetune_args(corpus, out, tiny_model_dir, "--resume", "--overwrite")) == 0
     assert json.loads((out / "checkpoint.json").read_text())["steps"] == 3
 
 
@@ -61,7 +61,7 @@ def test_resume_after_a_killed_export_cleans_up_and_respects_max_steps(
     tmp_path, corpus, tiny_model_dir
 ):
     out = tmp_path / "T"
-    args = tiny_args(corpus, out, tiny_model_dir)
+    args = finetune_args(corpus, out, tiny_model_dir)
     # The state a kill -9 in export_checkpoint leaves: every Trainer checkpoint in OUT.work
     # (removed only after the export), a half-written `.T.XXXXXXXX.tmp`, no OUT.
     assert main([*args, "--keep-work"]) == 0
@@ -94,7 +94,7 @@ def _limit_file_size() -> None:
 @pytest.mark.e2e
 def test_disk_full_during_export_is_one_line_and_exit_1(tmp_path, corpus, tiny_model_dir):
     out = tmp_path / "T"
-    args = tiny_args(corpus, out, tiny_model_dir, "--lora", "--lora-r", "1", "--max-steps", "1")
+    args = finetune_args(corpus, out, tiny_model_dir, "--lora", "--lora-r", "1", "--max-steps", "1")
     proc = subprocess.run(
         [sys.executable, "-m", "training", *args],
         cwd=ROOT,
@@ -120,7 +120,7 @@ def test_disk_full_during_export_is_one_line_and_exit_1(tmp_path, corpus, tiny_m
 def test_non_finite_float_options_are_rejected(
     tmp_path, corpus, tiny_model_dir, capsys, option, value
 ):
-    args = [*tiny_args(corpus, tmp_path / "o", tiny_model_dir), option, value]
+    args = [*finetune_args(corpus, tmp_path / "o", tiny_model_dir), option, value]
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 2

@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from helpers import EPISODE, bos_tokenizer, write_corpus
@@ -116,36 +117,21 @@ def test_bpb_matches_direct_computation(tiny_model_dir, block_size):
 
 
 def finetune_args(corpus: Path, out: Path, base: Path, *extra: str) -> list[str]:
-    return [
-        "finetune",
-        "--data",
-        str(corpus),
-        "--out",
-        str(out),
-        "--base",
-        str(base),
-        "--block-size",
-        "64",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "1",
-        "--max-steps",
-        "40",
-        "--eval-steps",
-        "10",
-        "--save-steps",
-        "10",
-        "--lr",
-        "3e-3",
-        "--warmup-steps",
-        "2",
-        "--precision",
-        "fp32",
-        "--log-steps",
-        "2",
+    """40 steps at a high learning rate, so the tiny model learns the corpus's format."""
+    return helpers.finetune_args(
+        corpus,
+        out,
+        base,
         *extra,
-    ]
+        batch_size=4,
+        max_steps=40,
+        eval_steps=10,
+        save_steps=10,
+        lr="3e-3",
+        warmup_steps=2,
+        log_steps=2,
+        gguf=None,
+    )
 
 
 def test_finetune_end_to_end_then_evaluate(tmp_path, corpus_dir, tiny_model_dir, capsys):

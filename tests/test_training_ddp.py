@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 from helpers import EPISODE, write_corpus
 
@@ -23,38 +24,18 @@ pytestmark = pytest.mark.e2e  # torchrun starts 2 training processes
 
 
 def finetune_args(corpus: Path, out: Path, base: Path, batch_size: int, *extra: str) -> list[str]:
-    return [
-        "finetune",
-        "--data",
-        str(corpus),
-        "--out",
-        str(out),
-        "--base",
-        str(base),
-        "--block-size",
-        "64",
-        "--batch-size",
-        str(batch_size),
-        "--grad-accum",
-        "1",
-        "--max-steps",
-        "6",
-        "--eval-steps",
-        "3",
-        "--save-steps",
-        "3",
-        "--lr",
-        "3e-3",
-        "--warmup-steps",
-        "2",
-        "--precision",
-        "fp32",
-        "--log-steps",
-        "1",
-        "--gguf",
-        "none",
+    return helpers.finetune_args(
+        corpus,
+        out,
+        base,
         *extra,
-    ]
+        batch_size=batch_size,
+        max_steps=6,
+        eval_steps=3,
+        save_steps=3,
+        lr="3e-3",
+        warmup_steps=2,
+    )
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
