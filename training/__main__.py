@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from sitcom.model.adapters import DTYPES
+from sitcom.settings import SceneSettings
 from training.judge import MAX_CHARS, MAX_LINES
 from training.outputs import check_json_path
 
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--repetition-penalty",
         type=finite_float,
         default=None,
-        help="for sampled scenes (default: the bot's, 1.15)",
+        help=f"for sampled scenes (default: the bot's, {SceneSettings().repetition_penalty:g})",
     )
 
     hu = sub.add_parser(
