@@ -176,9 +176,12 @@ class Core:
         prompt: str,
         note: str | None = None,
         claimed: bool = False,
+        job_id: str | None = None,
     ) -> StoredScene:
         """Store a finished scene; `prompt` should be the cleaned one (job.prompt);
-        `claimed`: for the caller to post (db.claim_posting), release it after."""
+        `claimed`: for the caller to post (db.claim_posting), release it after; `job_id`:
+        the queue job it was written for (a job stored already gets its scene back, see
+        db.add_scene)."""
         return await self.db.add_scene(
             place=place,
             user_id=str(user_id),
@@ -190,6 +193,7 @@ class Core:
             seconds=float(scene.seconds),
             note=note,
             claimed=claimed,
+            job_id=job_id,
         )
 
     # -- /scene, the same on every chat platform -------------------------------------------

@@ -376,15 +376,23 @@ class Database:
         seconds: float,
         note: str | None = None,
         claimed: bool = False,
+        job_id: str | None = None,
     ) -> StoredScene:
         """Store a finished scene before anything is posted; the first `prompt_lines`
         lines are the user's own and never votable. `claimed`: stored already claimed for
-        its posting (see claim_posting), until release_posting or mark_posted."""
+        its posting (see claim_posting), until release_posting or mark_posted.
+
+        `job_id`: the queue job (bot.queue) the scene was written for. A job whose scene
+        is stored already gets that StoredScene back (its id and lines, as stored) and
+        nothing is written or claimed: a worker that took over the job of one killed right
+        after storing it does not store it twice. The unique index on scenes.job_id decides
+        (ON CONFLICT DO NOTHING), so workers storing one job at once leave one row."""
         async with self._write() as conn:
             cur = await conn.execute(
                 "INSERT INTO scenes (platform, guild_id, channel_id, user_id, prompt, model_name, "
-                "new_tokens, seconds, note, claimed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, CASE WHEN ? THEN datetime('now') END) "
+                "new_tokens, seconds, note, claimed_at, job_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, CASE WHEN ? THEN datetime('now') END, ?) "
+                "ON CONFLICT (job_id) WHERE job_id IS NOT NULL DO NOTHING "
                 "RETURNING id",
                 (
                     place.platform,
@@ -397,9 +405,13 @@ class Database:
                     seconds,
                     note,
                     claimed,
+                    job_id,
                 ),
             )
-            scene_id = (await cur.fetchall())[0][0]
+            inserted = await cur.fetchall()
+            if not inserted:  # this job's scene is stored already (job_id is unique)
+                return await self._job_scene(conn, str(job_id))
+            scene_id = inserted[0][0]
             stored = []
             for no, text in enumerate(lines, start=1):
                 own = no <= prompt_lines
@@ -410,6 +422,28 @@ class Database:
                 )
                 stored.append(StoredLine((await cur.fetchall())[0][0], no, text, own, None))
         return StoredScene(scene_id, place, stored, note, posted=False)
+
+    async def _job_scene(self, conn: aiosqlite.Connection, job_id: str) -> StoredScene:
+        """The scene stored for queue job `job_id`, read inside the caller's transaction."""
+        async with conn.execute(
+            "SELECT id, platform, guild_id, channel_id, note, posted_at FROM scenes "
+            "WHERE job_id = ?",
+            (job_id,),
+        ) as cur:
+            scene_id, platform, guild_id, channel_id, note, posted_at = await cur.fetchone()
+        async with conn.execute(
+            "SELECT id, line_no, text, from_prompt, message_id FROM lines WHERE scene_id = ? "
+            "ORDER BY line_no",
+            (scene_id,),
+        ) as cur:
+            lines = await cur.fetchall()
+        return StoredScene(
+            scene_id,
+            Place(platform, guild_id, channel_id),
+            [StoredLine(i, no, text, bool(own), mid) for i, no, text, own, mid in lines],
+            note,
+            posted=posted_at is not None,
+        )
 
     async def get_scene(self, scene_id: int) -> StoredScene | None:
         rows = await self._fetch(

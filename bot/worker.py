@@ -7,8 +7,10 @@ live ones.
 A worker killed mid-scene loses nothing: its jobs stay in its pending list in Redis, and
 after QUEUE_CLAIM_TIMEOUT_S without its heartbeat another worker claims them (XAUTOCLAIM)
 and writes them again; a scene already stored by the dead worker is handed back as it is
-(the job hash holds its id), so it is posted once. SIGTERM/SIGINT: no new jobs, running
-scenes get SHUTDOWN_TIMEOUT_S (then are stored as they got), queued ones go back to Redis.
+(the job hash holds its id; killed before it wrote that, the database finds the scene by
+its job id: scenes.job_id is unique), so it is stored and posted once. SIGTERM/SIGINT: no
+new jobs, running scenes get SHUTDOWN_TIMEOUT_S (then are stored as they got), queued ones
+go back to Redis.
 """
 
 from __future__ import annotations
@@ -200,10 +202,11 @@ class Worker:
             user_id=job["user_id"],
             prompt=engine_job.prompt,
             note=note,
+            job_id=job_id,  # stored already (its worker died before the hset below): that one
         )
         result = q.Result(
             scene_id=stored.id,
-            lines=tuple(scene.lines),
+            lines=tuple(line.text for line in stored.lines),
             seconds=scene.seconds,
             model=self.core.model_label(scene),
             new_tokens=scene.new_tokens,

@@ -133,6 +133,64 @@ async def test_prompt_lines_are_stored_but_never_votable_or_best(db_target):
 
 
 @pytest.mark.asyncio
+async def test_a_job_id_stores_its_scene_once(db_target):
+    """A queued job's scene stored a second time (a worker that took over the job of one
+    killed right after storing it) gets the first one back, and nothing is written."""
+    db = await open_database(db_target)
+    try:
+        first = await db.add_scene(
+            place=HERE,
+            user_id="3",
+            prompt="JERRY: Hi.",
+            model_name="tiny",
+            lines=["JERRY: Hi.", "NEWMAN: Hello, Jerry."],
+            prompt_lines=1,
+            new_tokens=9,
+            seconds=0.5,
+            job_id="job-1",
+        )
+        again = await db.add_scene(
+            place=HERE,
+            user_id="3",
+            prompt="JERRY: Hi.",
+            model_name="tiny",
+            lines=["JERRY: Hi.", "KRAMER: Giddyup!", "GEORGE: What?"],  # written again
+            prompt_lines=1,
+            new_tokens=12,
+            seconds=0.7,
+            claimed=True,
+            job_id="job-1",
+        )
+        assert again == first == await db.get_scene(first.id)
+        assert [line.text for line in again.lines] == ["JERRY: Hi.", "NEWMAN: Hello, Jerry."]
+        assert [line.from_prompt for line in again.lines] == [True, False]
+        assert await db.claim_posting(first.id) == "claimed"  # the second call claimed nothing
+        assert (await db._fetch("SELECT COUNT(*) FROM scenes"))[0][0] == 1
+        assert (await db._fetch("SELECT COUNT(*) FROM lines"))[0][0] == 2
+        # Other jobs, and scenes without a job (no queue), each get their own row.
+        other = await add_scene(db)
+        assert (await db.add_scene(**_kwargs(job_id="job-2"))).id not in (first.id, other.id)
+        assert (await add_scene(db)).id != other.id
+        assert (await db._fetch("SELECT COUNT(*) FROM scenes"))[0][0] == 4
+    finally:
+        await db.close()
+
+
+def _kwargs(**extra) -> dict:
+    return dict(
+        place=HERE,
+        user_id="3",
+        prompt="JERRY: Hi.",
+        model_name="tiny",
+        lines=["JERRY: Hi.", "ELAINE: Get out!"],
+        prompt_lines=1,
+        new_tokens=3,
+        seconds=0.1,
+        **extra,
+    )
+
+
+@pytest.mark.asyncio
 async def test_upgrade_a_database_made_by_the_first_schema(tmp_path):
     """A file written by migration 0001 (today's bot) keeps every row after 0002."""
     path = tmp_path / "old.db"

@@ -155,6 +155,37 @@ async def test_concurrent_claims_and_leases_have_one_winner(db_target):
             await db.close()
 
 
+@pytest.mark.asyncio
+async def test_one_job_stored_by_workers_at_once_is_one_row(db_target):
+    """8 stores of one queued job's scene at once from 4 connections (workers racing
+    past the queue's STORE after a crash): one row, and every caller gets that scene."""
+    dbs = [await open_database(db_target) for _ in range(4)]
+    try:
+
+        async def store(i: int):
+            return await dbs[i % 4].add_scene(
+                place=HERE,
+                user_id="3",
+                prompt="JERRY: Hi.",
+                model_name="tiny",
+                lines=["JERRY: Hi.", f"NEWMAN: Take {i}."],
+                prompt_lines=1,
+                new_tokens=9,
+                seconds=0.5,
+                job_id="job-7",
+            )
+
+        stored = await asyncio.gather(*(store(i) for i in range(8)))
+        assert len({s.id for s in stored}) == 1
+        assert all(s == stored[0] for s in stored)
+        assert stored[0] == await dbs[1].get_scene(stored[0].id)
+        assert (await dbs[2]._fetch("SELECT COUNT(*) FROM scenes"))[0][0] == 1
+        assert (await dbs[3]._fetch("SELECT COUNT(*) FROM lines"))[0][0] == 2
+    finally:
+        for db in dbs:
+            await db.close()
+
+
 VOTER = """
 import asyncio, sys
 sys.path.insert(0, {root!r})

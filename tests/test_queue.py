@@ -209,6 +209,57 @@ async def test_a_worker_killed_mid_scene_loses_nothing_and_it_is_posted_once(
         await gateway.close()
 
 
+@pytest.mark.asyncio
+async def test_a_worker_killed_right_after_storing_is_not_stored_twice(
+    tmp_path, tiny_model_dir, redis_url
+):
+    """The crash window STORE leaves: a worker stored the job's scene (the database
+    committed) and died before it marked the job stored in Redis. The worker taking the job
+    over wins STORE (no live owner), writes the scene again and hands back the one already
+    stored under the job id: it is posted once and the database holds one row."""
+    config = config_for(tmp_path, tiny_model_dir, redis_url)
+    gateway = await Core.start(config)
+    client = gateway.queue.client
+    chat = Chat()
+    asking = asyncio.create_task(scene(gateway, chat))
+    try:
+        await until(lambda: chat.acks)
+        job_id = await only_job(client)
+        # The dead worker: took the job, won STORE, stored the scene, then was killed.
+        assert await client.xreadgroup(q.GROUP, "dead:1:x", {q.JOBS: ">"}, count=1)
+        await client.hincrby(q.job_key(job_id), "attempts", 1)
+        assert await client.eval(q.STORE, 1, q.job_key(job_id), "dead:1:x", q.worker_key(""))
+        stored = await gateway.db.add_scene(
+            place=LOCAL,
+            user_id="1",
+            prompt=PROMPT,
+            model_name="tiny",
+            lines=[PROMPT, "NEWMAN: Hello, Jerry."],
+            prompt_lines=1,
+            new_tokens=5,
+            seconds=0.5,
+            job_id=job_id,
+        )
+        worker, stop, task = await start_worker(config)  # takes it over after CLAIM_S
+        try:
+            await asyncio.wait_for(asking, 120)
+        finally:
+            await stop_worker(stop, task)
+        assert chat.headers() == [f"Scene {stored.id} — vote with /vote {stored.id} LINE_NO"]
+        assert "NEWMAN: Hello, Jerry." in chat.said[0]  # the stored scene, not a rewrite
+        assert chat.updates[0].startswith(f"🎬 Scene {stored.id} is ready")
+        assert "(2 lines," in chat.updates[0]
+        rows = await scene_rows(gateway)
+        assert len(rows) == 1 and rows[0][1] is not None  # one row, posted
+        assert (await gateway.db._fetch("SELECT COUNT(*) FROM lines"))[0][0] == 2
+        job = await client.hgetall(q.job_key(job_id))
+        assert job["attempts"] == "2" and job["scene"] == str(stored.id)
+        assert worker.done == 1
+    finally:
+        asking.cancel()
+        await gateway.close()
+
+
 async def only_job(client) -> str:
     keys = [k async for k in client.scan_iter(q.job_key("*"))]
     keys = [k for k in keys if not k.endswith(":adopted")]
