@@ -282,3 +282,21 @@ def test_a_peft_copy_that_does_not_fit_the_base_is_one_line(checkpoint, tmp_path
     monkeypatch.setenv("SITCOM_BACKEND", "torch")
     with pytest.raises(ModelLoadError, match="cannot apply the adapter in .*broken"):
         serving.load_served(str(broken))
+
+
+def test_the_peft_copy_keeps_only_the_lora_factors(base_and_adapter, base_dir, tmp_path):
+    """A saved copy of a frozen embedding would be as big as the base's (Gemma: 335 MB in
+    bf16); adapter.gguf leaves it out, and so does the copy: both backends serve the same."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    root, *_ = base_and_adapter
+    source = shutil.copytree(root / "adapter", tmp_path / "adapter")
+    state = load_file(source / "adapter_model.safetensors")
+    save_file(
+        {**state, "base_model.model.model.embed_tokens.weight": torch.ones(400, 32)},
+        source / "adapter_model.safetensors",
+    )
+    ck = write_adapter_checkpoint(source, str(base_dir), base_dir / "model.gguf", tmp_path / "c")
+    with safe_open(ck / "adapter_model.safetensors", "pt") as got:
+        assert sorted(got.keys()) == sorted(state)

@@ -44,6 +44,7 @@ CARD = "checkpoint.json"
 FORMAT = "sitcom-gguf-adapter"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_DTYPE = "bfloat16"
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
 def base_gguf_facts(path: str | os.PathLike) -> dict:
@@ -174,7 +175,8 @@ def write_adapter_checkpoint(
 
 def write_peft_copy(adapter_dir: str | os.PathLike, out: Path) -> dict[str, str]:
     """peft's adapter in `adapter_dir` copied into `out` for the transformers fallback: its
-    adapter_config.json as it is, its weights cast to bf16 under peft's file name. Returns
+    adapter_config.json as it is, its LoRA factors (what adapter.gguf holds; a saved copy of a
+    frozen embedding would be a base-sized file) cast to bf16 under peft's file name. Returns
     what the card records of it (`peft_adapter`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -185,6 +187,7 @@ def write_peft_copy(adapter_dir: str | os.PathLike, out: Path) -> dict[str, str]
         state = load_file(adapter_dir / ADAPTER_FILE)
     except (OSError, ValueError, SafetensorError) as e:
         raise ModelLoadError(f"cannot read the adapter in {adapter_dir}: {e}") from None
+    state = {k: v for k, v in state.items() if k.endswith(LORA_SUFFIXES)}
     weights = save_adapter(state, out, PEFT_DTYPE)
     (out / PEFT_CONFIG).write_bytes(config)
     return {"config": PEFT_CONFIG, "weights": weights.name, "dtype": PEFT_DTYPE}
