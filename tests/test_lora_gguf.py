@@ -3,7 +3,11 @@ how a writer on Gemma 3's quantized base is served without a merge."""
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -12,9 +16,12 @@ from helpers import PROMPT, build_tiny_model, build_tiny_tokenizer
 
 from sitcom.model.catalog import ModelLoadError
 from sitcom.model.gguf_export import export_gguf
-from sitcom.model.lora_gguf import export_lora_gguf
+from sitcom.model.lora_gguf import export_lora_gguf, write_adapter_checkpoint
+from sitcom.settings import SceneSettings
 
 pytest.importorskip("llama_cpp")
+
+SEGFAULT = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +42,35 @@ def base_and_adapter(tmp_path_factory):
             if "lora_B" in name:
                 p.normal_(0, 0.2)
     peft_model.save_pretrained(root / "adapter")
+    # What a checkpoint serves: gguf-adapter keeps the adapter in bf16, for both backends.
+    rounded = copy.deepcopy(peft_model)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if "lora_" in name:
+                p.copy_(p.to(torch.bfloat16).float())
+    merged_bf16 = rounded.merge_and_unload().eval()
     merged = peft_model.merge_and_unload().eval()
-    return root, tokenizer, base, merged
+    return root, tokenizer, base, merged, merged_bf16
+
+
+@pytest.fixture(scope="module")
+def base_dir(base_and_adapter):
+    """A model dir holding model.gguf: the base's tokenizer and HF weights too."""
+    root, tokenizer, base, *_ = base_and_adapter
+    path = root / "base_dir"
+    if not path.is_dir():
+        path.mkdir()
+        base.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        shutil.copyfile(root / "base.gguf", path / "model.gguf")
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(base_and_adapter, base_dir, tmp_path_factory):
+    root, *_ = base_and_adapter
+    out = tmp_path_factory.mktemp("checkpoints") / "tiny-lora"
+    return write_adapter_checkpoint(root / "adapter", str(base_dir), base_dir / "model.gguf", out)
 
 
 def logits(model, ids):
@@ -47,7 +81,7 @@ def logits(model, ids):
 def test_llamacpp_with_the_adapter_gguf_matches_the_merged_model(base_and_adapter):
     from sitcom.model.llamacpp import LlamaCppModel
 
-    root, tokenizer, base, merged = base_and_adapter
+    root, tokenizer, base, merged, _ = base_and_adapter
     out = export_lora_gguf(root / "adapter", root / "base.gguf", root / "adapter.gguf")
     assert out.stat().st_size < (root / "base.gguf").stat().st_size
     ids = tokenizer.encode(PROMPT + "\nGEORGE: Serenity now!")
@@ -83,23 +117,23 @@ def test_an_adapter_that_does_not_fit_the_base_is_one_line(base_and_adapter, tmp
 
 
 def test_an_adapter_checkpoint_is_listed_and_served_over_its_base(
-    base_and_adapter, tmp_path, monkeypatch, capsys
+    base_and_adapter, base_dir, tmp_path, monkeypatch, capsys
 ):
     from bot import checkpoints
     from sitcom.model import serving
     from training.__main__ import main
 
-    root, tokenizer, base, merged = base_and_adapter
-    base_dir = root / "base_dir"  # a model dir holding model.gguf: the base's tokenizer too
-    base_dir.mkdir(exist_ok=True)
-    base.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    (base_dir / "model.gguf").write_bytes((root / "base.gguf").read_bytes())
+    root, tokenizer, *_, merged_bf16 = base_and_adapter
     ck = tmp_path / "checkpoints" / "tiny-lora"
     args = ["gguf-adapter", str(root / "adapter"), "--base", str(base_dir), "--out", str(ck)]
     assert main(args) == 0
     assert "wrote" in capsys.readouterr().out
-    assert sorted(p.name for p in ck.iterdir()) == ["adapter.gguf", "checkpoint.json"]
+    assert sorted(p.name for p in ck.iterdir()) == [
+        "adapter.gguf",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "checkpoint.json",
+    ]
     assert main(args) == 2  # an existing OUT needs --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert checkpoints.available(ck.parent)[-1] == "tiny-lora"  # /checkpoint list shows it
@@ -114,13 +148,155 @@ def test_an_adapter_checkpoint_is_listed_and_served_over_its_base(
     model, tok = serving.load(served, max_batch=1, n_threads=1)
     try:
         ids = tokenizer.encode(PROMPT)
-        assert np.abs(model.logits_of(ids) - logits(merged, ids)).max() < 1e-3
+        assert np.abs(model.logits_of(ids) - logits(merged_bf16, ids)).max() < 1e-3
     finally:
         model.close()
-    monkeypatch.setenv("SITCOM_BACKEND", "torch")  # transformers cannot apply it: one line
-    with pytest.raises(ModelLoadError, match="llama.cpp adapter"):
-        serving.resolve(str(ck))
     (ck / "checkpoint.json").write_text("{}")
     monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
     with pytest.raises(ModelLoadError, match="not a sitcom-gguf-adapter card"):
         serving.resolve(str(ck))
+
+
+def test_the_checkpoint_holds_the_peft_adapter_in_bf16(base_and_adapter, checkpoint):
+    from safetensors import safe_open
+
+    root, *_ = base_and_adapter
+    card = json.loads((checkpoint / "checkpoint.json").read_text())
+    assert card["peft_adapter"] == {
+        "config": "adapter_config.json",
+        "weights": "adapter_model.safetensors",
+        "dtype": "bfloat16",
+    }
+    source = root / "adapter" / "adapter_model.safetensors"
+    stored = checkpoint / "adapter_model.safetensors"
+    with safe_open(source, "pt") as want, safe_open(stored, "pt") as got:
+        assert sorted(got.keys()) == sorted(want.keys())
+        for key in want.keys():
+            assert got.get_tensor(key).dtype == torch.bfloat16
+            assert torch.equal(got.get_tensor(key), want.get_tensor(key).to(torch.bfloat16))
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert config == json.loads((root / "adapter" / "adapter_config.json").read_text())
+    sizes = [p.stat().st_size for p in (source, stored, checkpoint / "adapter.gguf")]
+    print("bytes: fp32 source, bf16 copy, adapter.gguf (f32 of the bf16 values):", sizes)
+    assert stored.stat().st_size < 0.6 * source.stat().st_size
+
+
+def served_scenes(model, tokenizer, backend):
+    """Greedy scenes for prompts whose greedy choices are clear on the tiny model (each step's
+    top-2 logits differ by >= 0.03, 100x the backends' difference): a random tiny model has
+    near-ties elsewhere that round either way."""
+    from sitcom.decoding import generation
+    from sitcom.model import llamacpp
+
+    prompts = ["elaine: Get out!"]
+    settings = SceneSettings(max_new_tokens=24)
+    if backend == "llamacpp":
+        scenes = llamacpp.generate_scenes(model, tokenizer, prompts, settings, do_sample=False)
+    else:
+        scenes = generation.generate_scenes(
+            model, tokenizer, prompts, settings, do_sample=False, precision="fp32"
+        )
+    return [(s.raw, s.new_tokens, s.finished) for s in scenes]
+
+
+def test_torch_backend_serves_the_adapter_merged_like_llamacpp(
+    base_and_adapter, base_dir, checkpoint, monkeypatch, caplog
+):
+    from sitcom.model import serving
+    from sitcom.model.llamacpp import LlamaCppModel
+
+    _, tokenizer, base, _, merged_bf16 = base_and_adapter
+    ids = tokenizer.encode(PROMPT + "\nGEORGE: Serenity now!")
+    monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
+    fast, fast_tok, _ = serving.load_served(str(checkpoint), max_batch=1)
+    try:
+        want = fast.logits_of(ids)
+        want_scenes = served_scenes(fast, fast_tok, "llamacpp")
+    finally:
+        fast.close()
+    monkeypatch.setenv("SITCOM_BACKEND", "torch")
+    with caplog.at_level(logging.WARNING, logger="sitcom.model.serving"):
+        model, tok, served = serving.load_served(str(checkpoint))
+    assert not caplog.records  # asked for: no warning
+    assert (served.backend, served.gguf, served.lora) == ("torch", None, None)
+    assert served.hf_dir == str(base_dir) and not isinstance(model, LlamaCppModel)
+    assert not model.training and model.dtype == torch.float32
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged
+    got = logits(model, ids)
+    assert np.abs(got - want).max() < 1e-3
+    assert np.abs(got - logits(merged_bf16, ids)).max() < 1e-4
+    assert np.abs(got - logits(base, ids)).max() > 1e-2  # the adapter does change it
+    assert served_scenes(model, tok, "torch") == want_scenes
+    assert want_scenes[0][1] == 24  # a whole scene's worth of tokens, not an early stop
+    assert served_scenes(base, tok, "torch") != want_scenes
+
+
+def test_a_refused_self_test_falls_back_to_transformers_with_one_line(
+    base_dir, checkpoint, tmp_path, monkeypatch, caplog
+):
+    from sitcom.model import serving
+    from sitcom.model.llamacpp_check import check_llamacpp
+
+    monkeypatch.setenv("SITCOM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SITCOM_BACKEND", raising=False)
+    verdict = check_llamacpp(base_dir / "model.gguf", str(base_dir), command=SEGFAULT)
+    assert not verdict.ok
+    with caplog.at_level(logging.WARNING, logger="sitcom.model.serving"):
+        model, _, served = serving.load_served(str(checkpoint))
+    assert served.backend == "torch" and served.lora is None
+    assert type(model).__name__ == "LlamaForCausalLM"
+    lines = [r.getMessage() for r in caplog.records if r.name == "sitcom.model.serving"]
+    assert len(lines) == 1 and "crashed" in lines[0] and "with transformers" in lines[0]
+    assert str(checkpoint) in lines[0] and "SITCOM_BACKEND=llamacpp" in lines[0]
+
+
+def test_a_checkpoint_without_the_peft_copy_still_needs_llamacpp(
+    base_dir, checkpoint, tmp_path, monkeypatch
+):
+    from sitcom.model import serving
+    from sitcom.model.llamacpp_check import check_llamacpp
+
+    old = tmp_path / "old-lora"  # as gguf-adapter wrote it before the peft copy
+    old.mkdir()
+    shutil.copyfile(checkpoint / "adapter.gguf", old / "adapter.gguf")
+    card = json.loads((checkpoint / "checkpoint.json").read_text())
+    card.pop("peft_adapter")
+    (old / "checkpoint.json").write_text(json.dumps(card))
+    monkeypatch.setenv("SITCOM_BACKEND", "torch")
+    with pytest.raises(
+        ModelLoadError, match="is a llama.cpp adapter: it needs SITCOM_BACKEND auto"
+    ):
+        serving.resolve(str(old))
+    monkeypatch.setenv("SITCOM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SITCOM_BACKEND")
+    check_llamacpp(base_dir / "model.gguf", str(base_dir), command=SEGFAULT)
+    with pytest.raises(ModelLoadError, match="needs llama.cpp, which is off here: .*crashed"):
+        serving.resolve(str(old))
+
+
+def test_a_peft_copy_that_does_not_fit_the_base_is_one_line(checkpoint, tmp_path, monkeypatch):
+    from sitcom.model import serving
+
+    broken = shutil.copytree(checkpoint, tmp_path / "broken")
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    monkeypatch.setenv("SITCOM_BACKEND", "torch")
+    with pytest.raises(ModelLoadError, match="cannot apply the adapter in .*broken"):
+        serving.load_served(str(broken))
+
+
+def test_the_peft_copy_keeps_only_the_lora_factors(base_and_adapter, base_dir, tmp_path):
+    """A saved copy of a frozen embedding would be as big as the base's (Gemma: 335 MB in
+    bf16); adapter.gguf leaves it out, and so does the copy: both backends serve the same."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    root, *_ = base_and_adapter
+    source = shutil.copytree(root / "adapter", tmp_path / "adapter")
+    state = load_file(source / "adapter_model.safetensors")
+    save_file(
+        {**state, "base_model.model.model.embed_tokens.weight": torch.ones(400, 32)},
+        source / "adapter_model.safetensors",
+    )
+    ck = write_adapter_checkpoint(source, str(base_dir), base_dir / "model.gguf", tmp_path / "c")
+    with safe_open(ck / "adapter_model.safetensors", "pt") as got:
+        assert sorted(got.keys()) == sorted(state)

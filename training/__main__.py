@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ga = sub.add_parser(
         "gguf-adapter",
-        help="a checkpoint that serves a LoRA adapter with llama.cpp over a GGUF base, unmerged",
+        help="a checkpoint that serves a LoRA adapter with llama.cpp over a GGUF base, unmerged "
+        "(and keeps it in bf16, merged into the base by transformers where llama.cpp is off)",
     )
     ga.add_argument(
         "adapter", type=Path, help="a peft adapter dir, e.g. OUT.work/checkpoint-N of --lora"

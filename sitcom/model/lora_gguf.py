@@ -10,12 +10,18 @@ The file follows llama.cpp's adapter format: `general.type = adapter`, `adapter.
 (out x rank) under the base's own tensor name (gguf-py's name map); llama.cpp scales the
 product by alpha / rank, as peft does. Llama-architecture q/k rows are stored permuted in
 GGUF (sitcom.model.gguf_export), so lora_b's rows get the same permutation there.
+
+A checkpoint also keeps peft's own adapter (adapter_config.json and the weights in bf16 under
+peft's file name, half a Trainer checkpoint's fp32), which the transformers fallback merges
+into the base's HF model where llama.cpp is off (sitcom.model.serving). Its card names the
+copy under `peft_adapter`; a checkpoint written before it has none and needs llama.cpp.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sitcom.files import atomic_path, publish_dir, read_json, write_atomic
+from sitcom.model.adapters import ADAPTER_FILE, load_adapter_state, save_adapter
 from sitcom.model.catalog import (
     ModelLoadError,
     gemma_gguf,
@@ -35,6 +42,9 @@ from sitcom.model.gguf_export import permute_rotary
 ADAPTER_GGUF = "adapter.gguf"
 CARD = "checkpoint.json"
 FORMAT = "sitcom-gguf-adapter"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_DTYPE = "bfloat16"
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
 def base_gguf_facts(path: str | os.PathLike) -> dict:
@@ -71,13 +81,13 @@ def export_lora_gguf(
     as a llama.cpp adapter GGUF for `base_gguf` at `out`; returns `out`. ModelLoadError (one
     line) when the adapter does not fit the base."""
     import gguf
-    from safetensors.numpy import load_file
+    from safetensors import SafetensorError
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        tensors = load_file(adapter_dir / "adapter_model.safetensors")
-    except (OSError, ValueError) as e:
+        config = json.loads((adapter_dir / PEFT_CONFIG).read_text())
+        tensors = load_adapter_state(adapter_dir / ADAPTER_FILE)  # float32, from bf16 too
+    except (OSError, ValueError, SafetensorError) as e:
         raise ModelLoadError(f"cannot read the adapter in {adapter_dir}: {e}") from None
     facts = base_gguf_facts(base_gguf)
     arch_name = facts["arch"]
@@ -91,7 +101,7 @@ def export_lora_gguf(
             marker = f".{part}.weight"
             if key.endswith(marker):
                 hf = key[: -len(marker)].removeprefix("base_model.model.") + ".weight"
-                pairs.setdefault(hf, {})[part] = value.astype(np.float32)
+                pairs.setdefault(hf, {})[part] = value.numpy()
     if not pairs:
         raise ModelLoadError(f"{adapter_dir} holds no LoRA weights")
     alpha = float(config.get("lora_alpha", config.get("r", 1)))
@@ -137,17 +147,21 @@ def write_adapter_checkpoint(
 ) -> Path:
     """A checkpoint directory `out` that serves the peft adapter in `adapter_dir` over the
     GGUF base named `base` (`gemma3`, `smollm2`, or a model directory holding model.gguf,
-    resolved by the caller to `base_gguf`): adapter.gguf and a card, published in one rename
+    resolved by the caller to `base_gguf`): adapter.gguf, peft's adapter in bf16 for the
+    transformers fallback (write_peft_copy) and a card, published in one rename
     (sitcom.files.publish_dir), so `/checkpoint use` lists and serves it like any other."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        export_lora_gguf(adapter_dir, base_gguf, tmp / ADAPTER_GGUF)
+        # The GGUF is made from the bf16 copy, so both backends serve the same adapter.
+        peft = write_peft_copy(adapter_dir, tmp)
+        export_lora_gguf(tmp, base_gguf, tmp / ADAPTER_GGUF)
         card = {
             "format": FORMAT,
             "base_model": base,
             "adapter": ADAPTER_GGUF,
+            "peft_adapter": peft,
             "source": str(Path(adapter_dir).resolve()),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -155,15 +169,50 @@ def write_adapter_checkpoint(
         publish_dir(tmp, out)
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_peft_copy(adapter_dir: str | os.PathLike, out: Path) -> dict[str, str]:
+    """peft's adapter in `adapter_dir` copied into `out` for the transformers fallback: its
+    adapter_config.json as it is, its LoRA factors (what adapter.gguf holds; a saved copy of a
+    frozen embedding would be a base-sized file) cast to bf16 under peft's file name. Returns
+    what the card records of it (`peft_adapter`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    try:
+        config = (adapter_dir / PEFT_CONFIG).read_bytes()
+        state = load_file(adapter_dir / ADAPTER_FILE)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ModelLoadError(f"cannot read the adapter in {adapter_dir}: {e}") from None
+    state = {k: v for k, v in state.items() if k.endswith(LORA_SUFFIXES)}
+    weights = save_adapter(state, out, PEFT_DTYPE)
+    (out / PEFT_CONFIG).write_bytes(config)
+    return {"config": PEFT_CONFIG, "weights": weights.name, "dtype": PEFT_DTYPE}
 
 
 def adapter_checkpoint_base(path: str | os.PathLike) -> str | None:
     """The base a GGUF-adapter checkpoint directory is served over, or None when `path` is
     not one. ModelLoadError (one line) for a damaged one."""
+    card = adapter_checkpoint_card(path)
+    return None if card is None else card["base_model"]
+
+
+def peft_copy(path: str | os.PathLike, card: dict) -> Path | None:
+    """The weights file of the peft copy (write_peft_copy) the card of the GGUF-adapter
+    checkpoint `path` names, beside its adapter_config.json; None when the card names none
+    (a checkpoint written before the copy: llama.cpp only)."""
+    peft = card.get("peft_adapter")
+    if not isinstance(peft, dict) or not isinstance(peft.get("weights"), str):
+        return None
+    return Path(path) / Path(peft["weights"]).name
+
+
+def adapter_checkpoint_card(path: str | os.PathLike) -> dict | None:
+    """The card of a GGUF-adapter checkpoint directory, or None when `path` is not one.
+    ModelLoadError (one line) for a damaged one."""
     path = Path(path)
     if not (path / ADAPTER_GGUF).is_file():
         return None
@@ -174,4 +223,4 @@ def adapter_checkpoint_base(path: str | os.PathLike) -> str | None:
     base = card.get("base_model") if isinstance(card, dict) else None
     if card.get("format") != FORMAT or not isinstance(base, str) or not base:
         raise ModelLoadError(f"{path / CARD} is not a {FORMAT} card with a base_model")
-    return base
+    return card

@@ -7,6 +7,8 @@ resolve() works the name out once (the tuned default's adapter is hashed once), 
 GGUF that serves it, and decides the backend: llama.cpp when there is a whole GGUF and
 llama.cpp passed its self-test on this machine (sitcom.model.llamacpp_check), else transformers.
 SITCOM_BACKEND=torch forces transformers; SITCOM_BACKEND=llamacpp skips the self-test.
+A LoRA adapter checkpoint (sitcom.model.lora_gguf) is served by llama.cpp over its base's GGUF,
+or on transformers by the base's HF model with the checkpoint's peft copy merged in.
 
 load_model() is the engine's loader for the frontends: resolve + load, with a model cache
 on a read-only or full disk said as one ModelLoadError instead of a traceback.
@@ -21,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sitcom.config import sitcom_config
+from sitcom.model.adapters import merge_adapter
 from sitcom.model.catalog import (
     BASE_MODEL,
     DEFAULT_MODEL,
@@ -41,7 +44,12 @@ from sitcom.model.catalog import load_model as load_hf_model
 from sitcom.model.gguf_export import gguf_problem
 from sitcom.model.llamacpp import LlamaCppModel
 from sitcom.model.llamacpp_check import check_llamacpp
-from sitcom.model.lora_gguf import ADAPTER_GGUF, adapter_checkpoint_base, base_gguf_for
+from sitcom.model.lora_gguf import (
+    ADAPTER_GGUF,
+    adapter_checkpoint_card,
+    base_gguf_for,
+    peft_copy,
+)
 
 GGUF_NAME = "model.gguf"
 BACKENDS = ("llamacpp", "torch")
@@ -60,6 +68,7 @@ class Served:
     fell_back: bool = False  # the base is served in place of the tuned default
     why: str | None = None  # why it fell back (the log line's reason)
     lora: Path | None = None  # a llama.cpp adapter GGUF applied over `gguf` (lora_gguf)
+    peft: Path | None = None  # its peft weights, merged into `hf_dir` on transformers
 
 
 def resolve(name: str | os.PathLike | None) -> Served:
@@ -112,13 +121,15 @@ def _locate(name: str | os.PathLike | None) -> tuple[str, str, Path | None, str 
 def _adapter_checkpoint(name: str | os.PathLike | None) -> Served | None:
     """A checkpoint directory holding a LoRA adapter as a llama.cpp adapter GGUF
     (sitcom.model.lora_gguf): served by llama.cpp over its base's GGUF, whose HF directory
-    gives the tokenizer (and the self-test's reference). None for any other name."""
+    gives the tokenizer (and the self-test's reference), or on transformers by that HF model
+    with the checkpoint's peft copy merged in when it has one. None for any other name."""
     if name is None or is_tuned_default(name) or is_base_model(name) or is_gemma_base(name):
         return None
     path = Path(name).expanduser()
-    base = adapter_checkpoint_base(path) if path.is_dir() else None
-    if base is None:
+    card = adapter_checkpoint_card(path) if path.is_dir() else None
+    if card is None:
         return None
+    base = card["base_model"]
     gguf = base_gguf_for(base)
     if is_gemma_base(base):
         hf_dir = str(gemma_model_dir())
@@ -126,7 +137,15 @@ def _adapter_checkpoint(name: str | os.PathLike | None) -> Served | None:
         hf_dir = str(default_model_dir())
     else:  # a model directory holding model.gguf
         hf_dir = base
-    return Served(str(name), str(name), hf_dir, gguf, "llamacpp", lora=path / ADAPTER_GGUF)
+    return Served(
+        str(name),
+        str(name),
+        hf_dir,
+        gguf,
+        "llamacpp",
+        lora=path / ADAPTER_GGUF,
+        peft=peft_copy(path, card),
+    )
 
 
 def _gguf_in(path: Path) -> Path | None:
@@ -135,9 +154,10 @@ def _gguf_in(path: Path) -> Path | None:
 
 def _with_backend(served: Served, setting: str) -> Served:
     """`served` on the backend that can serve it here (see the module doc)."""
-    torch = replace(served, gguf=None, backend="torch")
+    torch = replace(served, gguf=None, lora=None, backend="torch")
     gguf = served.gguf
-    if served.lora is not None and setting == "torch":
+    llamacpp_only = served.lora is not None and served.peft is None  # an older checkpoint
+    if llamacpp_only and setting == "torch":
         raise ModelLoadError(f"{served.name} is a llama.cpp adapter: it needs SITCOM_BACKEND auto")
     if setting == "torch" or gguf is None:
         return torch
@@ -156,7 +176,7 @@ def _with_backend(served: Served, setting: str) -> Served:
         return torch
     if setting != "llamacpp":
         verdict = check_llamacpp(gguf, served.hf_dir)
-        if not verdict.ok and served.lora is not None:
+        if not verdict.ok and llamacpp_only:
             raise ModelLoadError(
                 f"{served.name} needs llama.cpp, which is off here: {verdict.reason}"
             )
@@ -187,10 +207,27 @@ def load(served: Served, max_batch: int = 8, n_threads: int | None = None) -> tu
             served.gguf, max_batch=max_batch, n_threads=n_threads, lora=served.lora
         )
         return model, tokenizer
+    if served.peft is not None:
+        return _load_merged(served)
     # Built-in names were resolved to a directory; other names load as the user gave them
     # (a .gguf file on transformers is "not a model directory").
     builtin = is_tuned_default(served.name) or is_base_model(served.name)
     return load_hf_model(served.hf_dir if builtin else served.name)
+
+
+def _load_merged(served: Served) -> tuple[object, object]:
+    """The base's HF model with the checkpoint's peft adapter merged in (peft's
+    merge_and_unload), in eval mode: what llama.cpp serves with the adapter GGUF applied."""
+    from safetensors import SafetensorError
+
+    with LOAD_LOCK:  # peft builds modules too (see LOAD_LOCK)
+        model, tokenizer = load_hf_model(served.hf_dir)
+        try:
+            merged = merge_adapter(model, served.peft.parent, served.peft.name)
+        except (OSError, ValueError, SafetensorError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelLoadError(f"cannot apply the adapter in {served.peft.parent}: {why}") from e
+    return merged.eval(), tokenizer
 
 
 def load_served(
