@@ -4,6 +4,7 @@ inside a function) never gets imported back by it, directly or through others.""
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -154,3 +155,24 @@ def test_only_the_library_is_installed_into_site_packages(tmp_path):
             if m.split(".")[0] != "sitcom"
         }
         assert not outside, (name, outside)
+
+
+@pytest.mark.e2e
+def test_slack_and_the_core_do_not_import_discord_code():
+    """Discord code lives under bot/discord/; Slack, the console and the shared modules
+    never load it (nor discord.py)."""
+    code = (
+        "import sys, bot.slack.app, bot.console, bot.core, bot.texts, bot.posting; "
+        "print(sorted(m for m in sys.modules if m == 'discord' or m.startswith("
+        "('discord.', 'bot.discord'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
 import sqlite3
 import time
@@ -620,28 +619,3 @@ async def test_item13_default_checkpoint_path_shows_only_its_name(slack):
     listing = await command(fake, "/checkpoint", "list", user="U0LISTED")
     assert f"• {name}  ← active" in listing["text"] and path not in listing["text"]
     assert app.core.checkpoint == name
-
-
-@pytest.mark.e2e
-def test_slack_and_the_core_do_not_import_discord_code():
-    """Discord code lives under bot/discord/; Slack, the console and the shared modules
-    never load it (nor discord.py)."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, bot.slack.app, bot.console, bot.core, bot.texts, bot.posting; "
-        "print(sorted(m for m in sys.modules if m == 'discord' or m.startswith("
-        "('discord.', 'bot.discord'))))"
-    )
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
