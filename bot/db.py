@@ -36,6 +36,25 @@ log = logging.getLogger(__name__)
 _SETTING_COLUMNS = tuple(f.name for f in fields(SceneSettings))
 
 
+_SCENE_COLUMNS = "platform, guild_id, channel_id, note, posted_at"
+_LINES_OF_SCENE = (
+    "SELECT id, line_no, text, from_prompt, message_id FROM lines WHERE scene_id = ? "
+    "ORDER BY line_no"
+)
+
+
+def _stored_scene(scene_id: int, scene_row, line_rows) -> StoredScene:
+    """A StoredScene from a row of _SCENE_COLUMNS and rows of _LINES_OF_SCENE."""
+    platform, guild_id, channel_id, note, posted_at = scene_row
+    return StoredScene(
+        scene_id,
+        Place(platform, guild_id, channel_id),
+        [StoredLine(i, no, text, bool(own), mid) for i, no, text, own, mid in line_rows],
+        note,
+        posted=posted_at is not None,
+    )
+
+
 class DatabaseError(RuntimeError):
     """The database cannot be used right now; str(e) is a polite one-liner."""
 
@@ -426,45 +445,17 @@ class Database:
     async def _job_scene(self, conn: aiosqlite.Connection, job_id: str) -> StoredScene:
         """The scene stored for queue job `job_id`, read inside the caller's transaction."""
         async with conn.execute(
-            "SELECT id, platform, guild_id, channel_id, note, posted_at FROM scenes "
-            "WHERE job_id = ?",
-            (job_id,),
+            f"SELECT id, {_SCENE_COLUMNS} FROM scenes WHERE job_id = ?", (job_id,)
         ) as cur:
-            scene_id, platform, guild_id, channel_id, note, posted_at = await cur.fetchone()
-        async with conn.execute(
-            "SELECT id, line_no, text, from_prompt, message_id FROM lines WHERE scene_id = ? "
-            "ORDER BY line_no",
-            (scene_id,),
-        ) as cur:
-            lines = await cur.fetchall()
-        return StoredScene(
-            scene_id,
-            Place(platform, guild_id, channel_id),
-            [StoredLine(i, no, text, bool(own), mid) for i, no, text, own, mid in lines],
-            note,
-            posted=posted_at is not None,
-        )
+            scene_id, *row = await cur.fetchone()
+        async with conn.execute(_LINES_OF_SCENE, (scene_id,)) as cur:
+            return _stored_scene(scene_id, row, await cur.fetchall())
 
     async def get_scene(self, scene_id: int) -> StoredScene | None:
-        rows = await self._fetch(
-            "SELECT platform, guild_id, channel_id, note, posted_at FROM scenes WHERE id = ?",
-            (scene_id,),
-        )
+        rows = await self._fetch(f"SELECT {_SCENE_COLUMNS} FROM scenes WHERE id = ?", (scene_id,))
         if not rows:
             return None
-        platform, guild_id, channel_id, note, posted_at = rows[0]
-        lines = await self._fetch(
-            "SELECT id, line_no, text, from_prompt, message_id FROM lines WHERE scene_id = ? "
-            "ORDER BY line_no",
-            (scene_id,),
-        )
-        return StoredScene(
-            scene_id,
-            Place(platform, guild_id, channel_id),
-            [StoredLine(i, no, text, bool(own), mid) for i, no, text, own, mid in lines],
-            note,
-            posted=posted_at is not None,
-        )
+        return _stored_scene(scene_id, rows[0], await self._fetch(_LINES_OF_SCENE, (scene_id,)))
 
     async def place_lines(self, message_id: str, placed: list[tuple[int, int | None]]) -> None:
         """Record that message_id shows these (line id, keycap slot or None) pairs."""
