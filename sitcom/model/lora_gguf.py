@@ -30,13 +30,7 @@ import numpy as np
 
 from sitcom.files import atomic_path, publish_dir, read_json, write_atomic
 from sitcom.model.adapters import ADAPTER_FILE, load_adapter_state, save_adapter
-from sitcom.model.catalog import (
-    ModelLoadError,
-    gemma_gguf,
-    is_base_model,
-    is_gemma_base,
-    packaged_gguf,
-)
+from sitcom.model.errors import ModelLoadError
 from sitcom.model.gguf_export import permute_rotary
 
 ADAPTER_GGUF = "adapter.gguf"
@@ -130,47 +124,53 @@ def export_lora_gguf(
     return out
 
 
-def base_gguf_for(base: str) -> Path:
-    """The GGUF file of a base: `gemma3`, `smollm2`, or a model directory with model.gguf."""
-    if is_gemma_base(base):
-        return gemma_gguf()
-    if is_base_model(base):
-        return packaged_gguf()
-    gguf = Path(base).expanduser() / "model.gguf"
-    if not gguf.is_file():
-        raise ModelLoadError(f"the base {base} is not gemma3, smollm2 or a dir with model.gguf")
-    return gguf
-
-
 def write_adapter_checkpoint(
-    adapter_dir: str | os.PathLike, base: str, base_gguf: Path, out: str | os.PathLike
+    adapter_dir: str | os.PathLike,
+    base: str,
+    base_gguf: Path,
+    out: str | os.PathLike,
+    extra: dict | None = None,
 ) -> Path:
     """A checkpoint directory `out` that serves the peft adapter in `adapter_dir` over the
     GGUF base named `base` (`gemma3`, `smollm2`, or a model directory holding model.gguf,
-    resolved by the caller to `base_gguf`): adapter.gguf, peft's adapter in bf16 for the
-    transformers fallback (write_peft_copy) and a card, published in one rename
-    (sitcom.files.publish_dir), so `/checkpoint use` lists and serves it like any other."""
+    resolved by the caller to `base_gguf`): fill_adapter_checkpoint's files, published in one
+    rename (sitcom.files.publish_dir), so `/checkpoint use` lists and serves it like any other."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        # The GGUF is made from the bf16 copy, so both backends serve the same adapter.
-        peft = write_peft_copy(adapter_dir, tmp)
-        export_lora_gguf(tmp, base_gguf, tmp / ADAPTER_GGUF)
-        card = {
-            "format": FORMAT,
-            "base_model": base,
-            "adapter": ADAPTER_GGUF,
-            "peft_adapter": peft,
-            "source": str(Path(adapter_dir).resolve()),
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        write_atomic(tmp / CARD, json.dumps(card, indent=2) + "\n")
+        fill_adapter_checkpoint(adapter_dir, base, base_gguf, tmp, extra)
         publish_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def fill_adapter_checkpoint(
+    adapter_dir: str | os.PathLike,
+    base: str,
+    base_gguf: Path,
+    out: Path,
+    extra: dict | None = None,
+) -> dict:
+    """Write a checkpoint's files into the existing directory `out`: adapter.gguf, peft's
+    adapter in bf16 for the transformers fallback (write_peft_copy) and its card (returned),
+    which also holds `extra` (facts about the adapter, e.g. the shipped default's card)."""
+    # The GGUF is made from the bf16 copy, so both backends serve the same adapter.
+    peft = write_peft_copy(adapter_dir, out)
+    export_lora_gguf(out, base_gguf, out / ADAPTER_GGUF)
+    card = {
+        **(extra or {}),
+        "format": FORMAT,
+        "base_model": base,
+        "adapter": ADAPTER_GGUF,
+        "peft_adapter": peft,
+        "source": str(Path(adapter_dir).resolve()),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_atomic(out / CARD, json.dumps(card, indent=2) + "\n")
+    return card
 
 
 def write_peft_copy(adapter_dir: str | os.PathLike, out: Path) -> dict[str, str]:

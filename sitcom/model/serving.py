@@ -23,15 +23,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sitcom.config import sitcom_config
-from sitcom.model.adapters import merge_adapter
 from sitcom.model.catalog import (
     BASE_MODEL,
     DEFAULT_MODEL,
     LOAD_LOCK,
     ModelLoadError,
+    base_gguf_for,
+    base_hf_dir,
     cache_root,
     default_model_dir,
-    gemma_model_dir,
     is_base_model,
     is_gemma_base,
     is_tuned_default,
@@ -44,12 +44,7 @@ from sitcom.model.catalog import load_model as load_hf_model
 from sitcom.model.gguf_export import gguf_problem
 from sitcom.model.llamacpp import LlamaCppModel
 from sitcom.model.llamacpp_check import check_llamacpp
-from sitcom.model.lora_gguf import (
-    ADAPTER_GGUF,
-    adapter_checkpoint_card,
-    base_gguf_for,
-    peft_copy,
-)
+from sitcom.model.lora_gguf import ADAPTER_GGUF, adapter_checkpoint_card, peft_copy
 
 GGUF_NAME = "model.gguf"
 BACKENDS = ("llamacpp", "torch")
@@ -75,10 +70,12 @@ def resolve(name: str | os.PathLike | None) -> Served:
     """Work `name` out once: what is served, from which files, on which backend.
     ModelLoadError (one line) when it cannot be served."""
     setting = _backend_setting()
-    adapter = _adapter_checkpoint(name)
+    # The tuned default is worked out once (its adapter hashed once) for both lookups.
+    resolved = resolve_model(name) if is_tuned_default(name) else None
+    adapter = _adapter_checkpoint(name, resolved)
     if adapter is not None:
         return _with_backend(adapter, setting)
-    label, hf_dir, gguf, why = _locate(name)
+    label, hf_dir, gguf, why = _locate(name, resolved)
     served = Served(
         name=DEFAULT_MODEL if name is None else str(name),
         label=label,
@@ -98,14 +95,16 @@ def _backend_setting() -> str:
     return setting
 
 
-def _locate(name: str | os.PathLike | None) -> tuple[str, str, Path | None, str | None]:
+def _locate(
+    name: str | os.PathLike | None, resolved: str | None = None
+) -> tuple[str, str, Path | None, str | None]:
     """(label, HF source, GGUF or None, why the tuned default fell back or None).
 
     The packaged base is itself a GGUF (the source of the cached HF copy, so both give the
     same tokens); a checkpoint directory is served from its model.gguf when it has one, or
     `name` may be a .gguf file beside a tokenizer."""
     if is_tuned_default(name) or is_base_model(name):
-        hf_dir = resolve_model(name)  # the merged cache dir (built once), or the base
+        hf_dir = resolved or resolve_model(name)  # the merged cache dir (built once), or the base
         why = tuned_default_fallback() if is_tuned_default(name) else None
         label = BASE_MODEL if why is not None else DEFAULT_MODEL if name is None else str(name)
         if Path(hf_dir) == default_model_dir():
@@ -118,30 +117,31 @@ def _locate(name: str | os.PathLike | None) -> tuple[str, str, Path | None, str 
     return str(name), hf_dir, _gguf_in(path), None
 
 
-def _adapter_checkpoint(name: str | os.PathLike | None) -> Served | None:
+def _adapter_checkpoint(
+    name: str | os.PathLike | None, resolved: str | None = None
+) -> Served | None:
     """A checkpoint directory holding a LoRA adapter as a llama.cpp adapter GGUF
-    (sitcom.model.lora_gguf): served by llama.cpp over its base's GGUF, whose HF directory
-    gives the tokenizer (and the self-test's reference), or on transformers by that HF model
-    with the checkpoint's peft copy merged in when it has one. None for any other name."""
-    if name is None or is_tuned_default(name) or is_base_model(name) or is_gemma_base(name):
+    (sitcom.model.lora_gguf), the tuned default's cache entry when its adapter is on another
+    base than SmolLM2 (catalog.tuned_model_dir) included: served by llama.cpp over its
+    base's GGUF, whose HF directory gives the tokenizer (and the self-test's reference), or
+    on transformers by that HF model with the checkpoint's peft copy merged in when it has
+    one. None for any other name."""
+    if is_tuned_default(name):
+        path = Path(resolved or resolve_model(name))  # the cache entry, or the base instead
+        shown = DEFAULT_MODEL if name is None else str(name)
+    elif is_base_model(name) or is_gemma_base(name):
         return None
-    path = Path(name).expanduser()
+    else:
+        path, shown = Path(name).expanduser(), str(name)
     card = adapter_checkpoint_card(path) if path.is_dir() else None
     if card is None:
         return None
     base = card["base_model"]
-    gguf = base_gguf_for(base)
-    if is_gemma_base(base):
-        hf_dir = str(gemma_model_dir())
-    elif is_base_model(base):
-        hf_dir = str(default_model_dir())
-    else:  # a model directory holding model.gguf
-        hf_dir = base
     return Served(
-        str(name),
-        str(name),
-        hf_dir,
-        gguf,
+        shown,
+        shown,
+        base_hf_dir(base),
+        base_gguf_for(base),
         "llamacpp",
         lora=path / ADAPTER_GGUF,
         peft=peft_copy(path, card),
@@ -207,27 +207,12 @@ def load(served: Served, max_batch: int = 8, n_threads: int | None = None) -> tu
             served.gguf, max_batch=max_batch, n_threads=n_threads, lora=served.lora
         )
         return model, tokenizer
-    if served.peft is not None:
-        return _load_merged(served)
+    if served.peft is not None:  # the checkpoint: its base with the peft copy merged in
+        return load_hf_model(served.peft.parent)
     # Built-in names were resolved to a directory; other names load as the user gave them
     # (a .gguf file on transformers is "not a model directory").
     builtin = is_tuned_default(served.name) or is_base_model(served.name)
     return load_hf_model(served.hf_dir if builtin else served.name)
-
-
-def _load_merged(served: Served) -> tuple[object, object]:
-    """The base's HF model with the checkpoint's peft adapter merged in (peft's
-    merge_and_unload), in eval mode: what llama.cpp serves with the adapter GGUF applied."""
-    from safetensors import SafetensorError
-
-    with LOAD_LOCK:  # peft builds modules too (see LOAD_LOCK)
-        model, tokenizer = load_hf_model(served.hf_dir)
-        try:
-            merged = merge_adapter(model, served.peft.parent, served.peft.name)
-        except (OSError, ValueError, SafetensorError) as e:
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ModelLoadError(f"cannot apply the adapter in {served.peft.parent}: {why}") from e
-    return merged.eval(), tokenizer
 
 
 def load_served(
@@ -288,16 +273,26 @@ def load_model(name: str) -> tuple[object, object, Served]:
         ) from e
 
 
+def _sources(model: str | os.PathLike | None) -> tuple[str, Path | None, Path | None]:
+    """(HF source, GGUF or None, llama.cpp adapter GGUF or None) that serve `model`."""
+    adapter = _adapter_checkpoint(model)
+    if adapter is not None:
+        return adapter.hf_dir, adapter.gguf, adapter.lora
+    _, hf_dir, gguf, _ = _locate(model)
+    return hf_dir, gguf, None
+
+
 def find_gguf(model: str | os.PathLike | None) -> Path | None:
-    """The GGUF file that serves `model`, or None when it has none (serve it with torch)."""
+    """The GGUF file that serves `model` (the base's, for an adapter checkpoint), or None when
+    it has none (serve it with torch)."""
     if is_base_model(model):
         return packaged_gguf()  # without building the cached HF copy
-    return _locate(model)[2]
+    return _sources(model)[1]
 
 
 def hf_source_for(model: str | os.PathLike | None) -> str:
     """The transformers model a GGUF was made from (its tokenizer, and the probe's reference)."""
-    return _locate(model)[1]
+    return _sources(model)[0]
 
 
 def load_llamacpp(
@@ -307,11 +302,12 @@ def load_llamacpp(
     max_batch: int = 8,
     n_threads: int | None = None,
 ) -> tuple[LlamaCppModel, object]:
-    """(LlamaCppModel, HF tokenizer) for `model` served from `gguf` (default: find_gguf),
-    without the self-test; ModelLoadError when there is no GGUF."""
-    _, hf_dir, found, _ = _locate(model)
+    """(LlamaCppModel, HF tokenizer) for `model` served from `gguf` (default: find_gguf; an
+    adapter checkpoint's adapter is applied over it), without the self-test; ModelLoadError
+    when there is no GGUF."""
+    hf_dir, found, lora = _sources(model)
     path = Path(gguf) if gguf else found
     if path is None:
         raise ModelLoadError(f"{model} has no {GGUF_NAME} (python -m training.gguf_export {model})")
     tokenizer = load_tokenizer(hf_dir)
-    return LlamaCppModel(path, max_batch=max_batch, n_threads=n_threads), tokenizer
+    return LlamaCppModel(path, max_batch=max_batch, n_threads=n_threads, lora=lora), tokenizer
