@@ -199,3 +199,27 @@ def test_decode_follows_the_thread_policy(looping_dir):
         model.decode([(0, tok.encode(PROMPT), 0)])
         model.reset()
         assert llama_cpp.llama_n_threads(model._ctx) == expected == model.threads
+
+
+def test_llamacpp_log_keeps_its_levels_and_only_errors_reach_the_user(looping_dir, caplog, capfd):
+    """llama.cpp's warnings (one per adapted layer of a LoRA on Gemma, for one) are not
+    printed: its log goes to the `llama-cpp-python` logger at the levels ggml.h numbers."""
+    import logging
+
+    model, _ = serving.load_llamacpp(looping_dir, max_batch=1, n_threads=1)
+    model.close()
+    callback = llamacpp._log_callback
+    assert callback is not None
+    with caplog.at_level(logging.DEBUG, logger="llama-cpp-python"):
+        callback(3, b"lora for 'blk.0' cannot use buft, fallback to CPU\n", None)
+        callback(4, b"could not load\n", None)
+        callback(5, b" the rest of that error\n", None)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "lora for 'blk.0' cannot use buft, fallback to CPU"),
+        (logging.ERROR, "could not load"),
+        (logging.ERROR, " the rest of that error"),
+    ]
+    caplog.clear()
+    callback(3, b"a warning nobody asked for\n", None)  # the logger is at ERROR by default
+    assert not caplog.records
+    assert "a warning nobody asked for" not in capfd.readouterr().err

@@ -31,6 +31,30 @@ from sitcom.scenes.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
 
 log = logging.getLogger(__name__)
+_LLAMA_LOG = logging.getLogger("llama-cpp-python")
+# ggml's log levels as this llama.cpp build numbers them (ggml.h: NONE, DEBUG, INFO, WARN,
+# ERROR, CONT). llama-cpp-python's own callback maps an older numbering (WARN read as ERROR),
+# so every warning reached stderr, e.g. one line per adapted layer of a LoRA; ours maps these.
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_log_callback = None  # kept referenced: llama.cpp holds a pointer to it
+
+
+def _route_llama_log(llama_cpp) -> None:
+    """Send llama.cpp's log to the `llama-cpp-python` logger at its real levels (once)."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+    last = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data) -> None:
+        if level != 5:  # GGML_LOG_LEVEL_CONT goes on at the level of the line it continues
+            last[0] = _GGML_LEVELS.get(level, logging.DEBUG)
+        if _LLAMA_LOG.isEnabledFor(last[0]):
+            _LLAMA_LOG.log(last[0], "%s", text.decode("utf-8", "replace").rstrip("\n"))
+
+    _log_callback = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 class LlamaCppModel:
@@ -53,8 +77,9 @@ class LlamaCppModel:
     ):
         import llama_cpp
 
-        # llama-cpp-python routes llama.cpp's own log through this logger.
-        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+        # llama.cpp's own log goes through this logger (_route_llama_log): errors only.
+        _LLAMA_LOG.setLevel(logging.DEBUG if verbose else logging.ERROR)
+        _route_llama_log(llama_cpp)
         llama_cpp.llama_backend_init()
         self._lib = llama_cpp
         self.path = Path(gguf_path)
