@@ -1,0 +1,29 @@
+"""bench.scene_time: whole models' single-scene time through the real engine, compared in
+one run (the speed goal of a new default lives there, not in a timed test)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+
+@pytest.mark.e2e
+def test_scene_time_compares_models_in_turns(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from bench.scene_time import OPENINGS, main
+
+    monkeypatch.setenv("SITCOM_BACKEND", "torch")
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other")
+    out = tmp_path / "scene_time.json"
+    assert main([str(tiny_model_dir), str(other), "--rounds", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for model in (str(tiny_model_dir), str(other)):
+        (run,) = result["runs"][model]
+        assert len(run["times"]) == len(run["tokens"]) == len(OPENINGS)
+        assert all(t > 0 for t in run["times"]) and all(n > 0 for n in run["tokens"])
+    assert result["summary"][str(tiny_model_dir)]["ratio"] == 1.0
+    assert result["summary"][str(other)]["ratio"] > 0
+    assert "x the first" in capsys.readouterr().out
+    assert main(["/no/such/model", "--rounds", "1", "--out", str(out)]) == 1
+    assert "error: /no/such/model" in capsys.readouterr().err
