@@ -108,6 +108,8 @@ def test_gemma3_is_dequantized_from_its_gguf_once_and_cached(tmp_path, monkeypat
     from sitcom.model import catalog
     from sitcom.model.gguf_export import export_gguf
 
+    # A cache of its own: the session's may hold the real Gemma's copy by now.
+    monkeypatch.setenv("SITCOM_CACHE", str(tmp_path / "cache"))
     tokenizer = build_tiny_tokenizer()
     gguf = export_gguf(build_tiny_model(tokenizer), tokenizer, tmp_path / "g.gguf", qtype="f32")
     calls = []
