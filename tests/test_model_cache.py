@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from sitcom.model import cache as model_cache
 from sitcom.model import catalog as models
 from sitcom.model.adapters import ADAPTER_CARD
 from sitcom.model.catalog import ModelLoadError, tuned_model_dir, verified_adapter
@@ -44,12 +45,13 @@ def cache(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     monkeypatch.setenv("SITCOM_CACHE", str(root))
     monkeypatch.delenv("SITCOM_BACKEND", raising=False)
-    forget = ("_fallbacks", "_checked", "_warned")  # what a process remembers of the cache
-    for name in forget:
-        getattr(models, name, {}).clear()
+    # what a process remembers of the cache
+    forget = (models._fallbacks, models._warned, model_cache._checked)
+    for memory in forget:
+        memory.clear()
     yield root
-    for name in forget:
-        getattr(models, name, {}).clear()
+    for memory in forget:
+        memory.clear()
 
 
 @pytest.fixture

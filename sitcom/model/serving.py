@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sitcom.config import sitcom_config
+from sitcom.model.cache import cache_root
 from sitcom.model.catalog import (
     BASE_MODEL,
     DEFAULT_MODEL,
@@ -30,7 +31,6 @@ from sitcom.model.catalog import (
     ModelLoadError,
     base_gguf_for,
     base_hf_dir,
-    cache_root,
     default_model_dir,
     is_base_model,
     is_gemma_base,
