@@ -89,6 +89,8 @@ def test_stale_temp_dirs_are_removed_but_not_a_build_in_progress(adapter, base, 
     (stale / "model.safetensors").write_bytes(b"\0" * 100_000)
     aside = cache / ".smollm2-135m-instruct.old"  # publish_dir's, killed mid-swap
     aside.mkdir()
+    gemma = cache / ".gemma3-hf-x1y2z3ab"  # Gemma's dequantized copy, ~1 GB when whole
+    gemma.mkdir()
     live = cache / ".seinfeld-fedcba987654-abcdefgh"  # another process is building it now
     live.mkdir()
     other = cache / ".notes"  # not ours
@@ -108,7 +110,7 @@ def test_stale_temp_dirs_are_removed_but_not_a_build_in_progress(adapter, base, 
     try:
         assert holder.stdout.readline().strip() == "locked"
         merged = tuned_model_dir(adapter, base_dir=base)
-        assert not stale.exists() and not aside.exists()
+        assert not stale.exists() and not aside.exists() and not gemma.exists()
         assert live.is_dir() and other.is_dir()
     finally:
         holder.kill()  # kill -9: its lock goes with it, its temp dir stays
