@@ -283,6 +283,7 @@ def tuned_model_dir(adapter_dir: Path | None = None, base_dir: Path | None = Non
         base = card["base_model"]
 
         def build_adapter(tmp: Path) -> None:
+            logging.getLogger("gguf").setLevel(logging.WARNING)  # per-file INFO chatter
             facts = {"shipped": card, "tuned_default": True}
             fill_adapter_checkpoint(adapter_dir, base, base_gguf_for(base), tmp, facts)
 
