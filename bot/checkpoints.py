@@ -1,6 +1,6 @@
 """Which checkpoints an admin may switch to: the shipped `seinfeld` default, the untouched
-`smollm2` base, and CHECKPOINTS_DIR/<name>/config.json; and which humour models rank the
-best-of-n candidates: the shipped `humour` and CHECKPOINTS_DIR/<name>/ made by
+`smollm2` base, and CHECKPOINTS_DIR/<name>/ (a model or adapter checkpoint); and which humour
+models rank the best-of-n candidates: the shipped `humour` and CHECKPOINTS_DIR/<name>/ made by
 `python -m training humour` (a card.json of format sitcom-humour).
 
 Names are looked up in that listing, never joined onto a path as typed, so `../x`, `/etc`

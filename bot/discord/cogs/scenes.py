@@ -1,6 +1,6 @@
 """/scene on Discord: a thin adapter over Core.scene_command and bot.posting.
 
-The scene is posted when it is done rather than streamed: the 135M model finishes a scene
+The scene is posted when it is done rather than streamed: the default model finishes a scene
 in seconds, every streamed edit would count against the channel's rate limit, and votes
 need the final line-to-message mapping anyway. The interaction is deferred at once
 (Discord's 3 s limit), the acknowledgement then shows the queue position and is edited once
