@@ -72,6 +72,8 @@ def ship(
         peft = write_peft_copy(adapter, tmp)
         config = json.loads((tmp / PEFT_CONFIG).read_text())
         config["base_model_name_or_path"] = base  # not the trainer's local path
+        if isinstance(config.get("target_modules"), list):  # a set in peft: a stable order
+            config["target_modules"] = sorted(config["target_modules"])
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         # Fails here, not in the bot, when the adapter does not fit the base's GGUF.
         export_lora_gguf(tmp, base_gguf_for(base), tmp / "check.gguf").unlink()
