@@ -98,6 +98,58 @@ def test_llamacpp_with_the_adapter_gguf_matches_the_merged_model(base_and_adapte
         adapted.close()
 
 
+def test_the_merge_into_a_quantized_base_serves_like_the_adapter_at_run_time(
+    base_and_adapter, tmp_path
+):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from sitcom.model.gguf_merge import merge_lora_gguf
+    from sitcom.model.llamacpp import LlamaCppModel
+
+    root, tokenizer, base, merged, _ = base_and_adapter
+    export_gguf(base, tokenizer, tmp_path / "q8.gguf", qtype="q8_0")
+    adapter = export_lora_gguf(root / "adapter", tmp_path / "q8.gguf", tmp_path / "a.gguf")
+    out = merge_lora_gguf(tmp_path / "q8.gguf", adapter, tmp_path / "merged.gguf")
+    kinds = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    assert kinds["blk.0.ffn_up.weight"] == GGMLQuantizationType.Q8_0
+    ids = tokenizer.encode(PROMPT + "\nGEORGE: Serenity now!")
+    runtime = LlamaCppModel(tmp_path / "q8.gguf", max_batch=1, n_threads=1, lora=adapter)
+    merged_file = LlamaCppModel(out, max_batch=1, n_threads=1)
+    try:
+        want = logits(merged, ids)
+        got, ref = merged_file.logits_of(ids), runtime.logits_of(ids)
+        assert np.abs(got - want).max() < 0.1  # Q8_0's rounding, twice
+        assert np.abs(got - ref).max() < 0.1
+        assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+        assert np.abs(got - logits(base, ids)).max() > 0.5  # the adapter is in it
+    finally:
+        runtime.close()
+        merged_file.close()
+
+
+def test_a_merge_that_does_not_fit_the_base_is_one_line_and_writes_nothing(
+    base_and_adapter, tmp_path
+):
+    from sitcom.model.gguf_merge import merge_lora_gguf
+
+    root, *_ = base_and_adapter
+    adapter = export_lora_gguf(root / "adapter", root / "base.gguf", tmp_path / "a.gguf")
+    with pytest.raises(ModelLoadError, match="not a LoRA adapter GGUF"):
+        merge_lora_gguf(root / "base.gguf", root / "base.gguf", tmp_path / "m.gguf")
+    other = tmp_path / "other.gguf"  # a base without the adapted layers' names
+    import gguf
+
+    writer = gguf.GGUFWriter(other, "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="is not in"):
+        merge_lora_gguf(other, adapter, tmp_path / "m.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "other.gguf"]
+
+
 def test_an_adapter_that_does_not_fit_the_base_is_one_line(base_and_adapter, tmp_path):
     root, *_ = base_and_adapter
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
@@ -134,6 +186,7 @@ def test_an_adapter_checkpoint_is_listed_and_served_over_its_base(
         "adapter_config.json",
         "adapter_model.safetensors",
         "checkpoint.json",
+        "merged.gguf",
     ]
     assert main(args) == 2  # an existing OUT needs --overwrite
     assert "--overwrite" in capsys.readouterr().err
@@ -141,14 +194,31 @@ def test_an_adapter_checkpoint_is_listed_and_served_over_its_base(
 
     monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
     served = serving.resolve(str(ck))
-    assert (served.backend, served.lora, served.gguf) == (
+    # llama.cpp serves the merge; the self-test would judge the base's file
+    assert (served.backend, served.lora, served.gguf, served.probe) == (
         "llamacpp",
-        ck / "adapter.gguf",
+        None,
+        ck / "merged.gguf",
         base_dir / "model.gguf",
     )
     model, tok = serving.load(served, max_batch=1, n_threads=1)
     try:
         ids = tokenizer.encode(PROMPT)
+        assert np.abs(model.logits_of(ids) - logits(merged_bf16, ids)).max() < 1e-3
+    finally:
+        model.close()
+    # A checkpoint written before merges (its card names none) gets the adapter at run time.
+    card = json.loads((ck / "checkpoint.json").read_text())
+    del card["merged"]
+    (ck / "checkpoint.json").write_text(json.dumps(card))
+    served = serving.resolve(str(ck))
+    assert (served.lora, served.gguf, served.probe) == (
+        ck / "adapter.gguf",
+        base_dir / "model.gguf",
+        None,
+    )
+    model, tok = serving.load(served, max_batch=1, n_threads=1)
+    try:
         assert np.abs(model.logits_of(ids) - logits(merged_bf16, ids)).max() < 1e-3
     finally:
         model.close()
@@ -357,8 +427,9 @@ def test_a_default_on_another_base_is_served_as_an_adapter_over_it(
     base_and_adapter, base_dir, shipped, monkeypatch
 ):
     """The shipped default on a base other than SmolLM2 (Gemma 3 in the product, a tiny base
-    here) is built once into the cache as an adapter checkpoint and served over the base's
-    GGUF by llama.cpp, or merged into the base's HF model by transformers: same logits."""
+    here) is built once into the cache as an adapter checkpoint and served by llama.cpp from
+    the base's GGUF with the adapter merged in, or merged into the base's HF model by
+    transformers: same logits."""
     from sitcom.model import catalog, serving
 
     out, _ = shipped
@@ -368,14 +439,15 @@ def test_a_default_on_another_base_is_served_as_an_adapter_over_it(
     served = serving.resolve("seinfeld")
     entry = catalog.tuned_cache_entry(out)
     assert (served.label, served.fell_back, served.backend) == ("seinfeld", False, "llamacpp")
-    assert (served.gguf, served.lora, served.hf_dir) == (
+    assert (served.gguf, served.lora, served.probe, served.hf_dir) == (
+        entry / "merged.gguf",
+        None,
         base_dir / "model.gguf",
-        entry / "adapter.gguf",
         str(base_dir),
     )
-    built = served.lora.stat().st_mtime_ns
-    assert serving.resolve(None).lora.stat().st_mtime_ns == built  # built once, then reused
-    assert serving.find_gguf("seinfeld") == base_dir / "model.gguf"
+    built = served.gguf.stat().st_mtime_ns
+    assert serving.resolve(None).gguf.stat().st_mtime_ns == built  # built once, then reused
+    assert serving.find_gguf("seinfeld") == entry / "merged.gguf"
     model, _ = serving.load(served, max_batch=1, n_threads=1)
     try:
         fast = model.logits_of(ids)
@@ -389,6 +461,11 @@ def test_a_default_on_another_base_is_served_as_an_adapter_over_it(
     assert np.abs(logits(model, ids) - fast).max() < 1e-3
     evaluated, _ = catalog.load_model("seinfeld")  # what `training evaluate seinfeld` scores
     assert np.abs(logits(evaluated, ids) - fast).max() < 1e-3
+    # A cache entry without its merge (deleted, or written before merges) is built again.
+    (entry / "merged.gguf").unlink()
+    monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
+    assert serving.resolve("seinfeld").gguf == entry / "merged.gguf"
+    assert (entry / "merged.gguf").is_file()
 
 
 def test_a_damaged_default_on_another_base_falls_back_to_the_base(shipped, monkeypatch, caplog):

@@ -20,6 +20,7 @@ from sitcom.config import sitcom_config
 from sitcom.files import file_lock, publish_dir, read_json, safetensors_problem, try_lock
 from sitcom.model.adapters import ADAPTER_CARD
 from sitcom.model.errors import ModelLoadError
+from sitcom.model.gguf_merge import MERGED_GGUF
 from sitcom.model.lora_gguf import ADAPTER_GGUF
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's LoraConfig
@@ -66,7 +67,8 @@ _STALE_RE = re.compile(
 def cache_problem(target: Path, gguf: bool, adapter: bool = False) -> str | None:
     """None when the cache entry `target` is whole: its JSON files parse, its safetensors and
     (when `gguf`) model.gguf are complete; an `adapter` entry (a GGUF-adapter checkpoint)
-    has its card, peft's config and a whole adapter.gguf. Else what is wrong. Remembered per
+    has its card, peft's config, a whole adapter.gguf and a whole merged.gguf (an entry
+    written before merges is rebuilt with one). Else what is wrong. Remembered per
     process while the files' sizes and mtimes stay the same."""
     try:
         files = sorted(p for p in target.iterdir() if p.is_file())
@@ -76,7 +78,9 @@ def cache_problem(target: Path, gguf: bool, adapter: bool = False) -> str | None
     if _checked.get((target, gguf, adapter)) == signature:
         return None
     names = {p.name for p in files}
-    for name in (ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_GGUF) if adapter else ("config.json",):
+    for name in (
+        (ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_GGUF, MERGED_GGUF) if adapter else ("config.json",)
+    ):
         if name not in names:
             return f"no {name}"
     if not any(n.endswith(".safetensors") for n in names):
@@ -93,7 +97,7 @@ def cache_problem(target: Path, gguf: bool, adapter: bool = False) -> str | None
                 problem = "not readable JSON"
         elif path.suffix == ".safetensors":
             problem = safetensors_problem(path)
-        elif (path.name == "model.gguf" and gguf) or (path.name == ADAPTER_GGUF and adapter):
+        elif (path.name == "model.gguf" and gguf) or (path.suffix == ".gguf" and adapter):
             from sitcom.model.gguf_export import gguf_problem
 
             problem = gguf_problem(path)

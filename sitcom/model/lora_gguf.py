@@ -32,6 +32,7 @@ from sitcom.files import atomic_path, publish_dir, read_json, write_atomic
 from sitcom.model.adapters import ADAPTER_FILE, load_adapter_state, save_adapter
 from sitcom.model.errors import ModelLoadError
 from sitcom.model.gguf_export import permute_rotary
+from sitcom.model.gguf_merge import MERGED_GGUF, merge_lora_gguf
 
 ADAPTER_GGUF = "adapter.gguf"
 CARD = "checkpoint.json"
@@ -154,17 +155,20 @@ def fill_adapter_checkpoint(
     out: Path,
     extra: dict | None = None,
 ) -> dict:
-    """Write a checkpoint's files into the existing directory `out`: adapter.gguf, peft's
+    """Write a checkpoint's files into the existing directory `out`: adapter.gguf, the base
+    with it merged in (merged.gguf, what llama.cpp serves: sitcom.model.gguf_merge), peft's
     adapter in bf16 for the transformers fallback (write_peft_copy) and its card (returned),
     which also holds `extra` (facts about the adapter, e.g. the shipped default's card)."""
     # The GGUF is made from the bf16 copy, so both backends serve the same adapter.
     peft = write_peft_copy(adapter_dir, out)
     export_lora_gguf(out, base_gguf, out / ADAPTER_GGUF)
+    merge_lora_gguf(base_gguf, out / ADAPTER_GGUF, out / MERGED_GGUF)
     card = {
         **(extra or {}),
         "format": FORMAT,
         "base_model": base,
         "adapter": ADAPTER_GGUF,
+        "merged": MERGED_GGUF,
         "peft_adapter": peft,
         "source": str(Path(adapter_dir).resolve()),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -208,6 +212,16 @@ def peft_copy(path: str | os.PathLike, card: dict) -> Path | None:
     if not isinstance(peft, dict) or not isinstance(peft.get("weights"), str):
         return None
     return Path(path) / Path(peft["weights"]).name
+
+
+def merged_model(path: str | os.PathLike, card: dict) -> Path | None:
+    """The merged model file (base + adapter) the card of the GGUF-adapter checkpoint `path`
+    names, or None for a checkpoint written before merges (llama.cpp applies adapter.gguf
+    over the base at run time there)."""
+    merged = card.get("merged")
+    if not isinstance(merged, str) or not (Path(path) / Path(merged).name).is_file():
+        return None
+    return Path(path) / Path(merged).name
 
 
 def adapter_checkpoint_card(path: str | os.PathLike) -> dict | None:

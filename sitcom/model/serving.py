@@ -7,8 +7,9 @@ resolve() works the name out once (the tuned default's adapter is hashed once), 
 GGUF that serves it, and decides the backend: llama.cpp when there is a whole GGUF and
 llama.cpp passed its self-test on this machine (sitcom.model.llamacpp_check), else transformers.
 SITCOM_BACKEND=torch forces transformers; SITCOM_BACKEND=llamacpp skips the self-test.
-A LoRA adapter checkpoint (sitcom.model.lora_gguf) is served by llama.cpp over its base's GGUF,
-or on transformers by the base's HF model with the checkpoint's peft copy merged in.
+A LoRA adapter checkpoint (sitcom.model.lora_gguf) is served by llama.cpp from its merged model
+file (sitcom.model.gguf_merge; an older checkpoint: its adapter GGUF over the base's GGUF), or on
+transformers by the base's HF model with the checkpoint's peft copy merged in.
 
 load_model() is the engine's loader for the frontends: resolve + load, with a model cache
 on a read-only or full disk said as one ModelLoadError instead of a traceback.
@@ -44,7 +45,7 @@ from sitcom.model.catalog import load_model as load_hf_model
 from sitcom.model.gguf_export import gguf_problem
 from sitcom.model.llamacpp import LlamaCppModel
 from sitcom.model.llamacpp_check import check_llamacpp
-from sitcom.model.lora_gguf import ADAPTER_GGUF, adapter_checkpoint_card, peft_copy
+from sitcom.model.lora_gguf import ADAPTER_GGUF, adapter_checkpoint_card, merged_model, peft_copy
 
 GGUF_NAME = "model.gguf"
 BACKENDS = ("llamacpp", "torch")
@@ -64,6 +65,7 @@ class Served:
     why: str | None = None  # why it fell back (the log line's reason)
     lora: Path | None = None  # a llama.cpp adapter GGUF applied over `gguf` (lora_gguf)
     peft: Path | None = None  # its peft weights, merged into `hf_dir` on transformers
+    probe: Path | None = None  # the GGUF the self-test judges, when not `gguf` (a merge's base)
 
 
 def resolve(name: str | os.PathLike | None) -> Served:
@@ -122,10 +124,12 @@ def _adapter_checkpoint(
 ) -> Served | None:
     """A checkpoint directory holding a LoRA adapter as a llama.cpp adapter GGUF
     (sitcom.model.lora_gguf), the tuned default's cache entry when its adapter is on another
-    base than SmolLM2 (catalog.tuned_model_dir) included: served by llama.cpp over its
-    base's GGUF, whose HF directory gives the tokenizer (and the self-test's reference), or
-    on transformers by that HF model with the checkpoint's peft copy merged in when it has
-    one. None for any other name."""
+    base than SmolLM2 (catalog.tuned_model_dir) included: served by llama.cpp from its merged
+    model file (an older checkpoint without one: the adapter over its base's GGUF), with the
+    base's HF directory for the tokenizer and the self-test run on the base's GGUF (the merge
+    uses the same kernels; its reference would be the merge itself), or on transformers by
+    that HF model with the checkpoint's peft copy merged in when it has one. None for any
+    other name."""
     if is_tuned_default(name):
         path = Path(resolved or resolve_model(name))  # the cache entry, or the base instead
         shown = DEFAULT_MODEL if name is None else str(name)
@@ -137,14 +141,16 @@ def _adapter_checkpoint(
     if card is None:
         return None
     base = card["base_model"]
+    merged = merged_model(path, card)
     return Served(
         shown,
         shown,
         base_hf_dir(base),
-        base_gguf_for(base),
+        merged or base_gguf_for(base),
         "llamacpp",
-        lora=path / ADAPTER_GGUF,
+        lora=None if merged else path / ADAPTER_GGUF,
         peft=peft_copy(path, card),
+        probe=base_gguf_for(base) if merged else None,
     )
 
 
@@ -154,9 +160,10 @@ def _gguf_in(path: Path) -> Path | None:
 
 def _with_backend(served: Served, setting: str) -> Served:
     """`served` on the backend that can serve it here (see the module doc)."""
-    torch = replace(served, gguf=None, lora=None, backend="torch")
+    torch = replace(served, gguf=None, lora=None, probe=None, backend="torch")
     gguf = served.gguf
-    llamacpp_only = served.lora is not None and served.peft is None  # an older checkpoint
+    adapter = served.lora is not None or served.probe is not None
+    llamacpp_only = adapter and served.peft is None  # an older checkpoint
     if llamacpp_only and setting == "torch":
         raise ModelLoadError(f"{served.name} is a llama.cpp adapter: it needs SITCOM_BACKEND auto")
     if setting == "torch" or gguf is None:
@@ -175,7 +182,7 @@ def _with_backend(served: Served, setting: str) -> Served:
         )
         return torch
     if setting != "llamacpp":
-        verdict = check_llamacpp(gguf, served.hf_dir)
+        verdict = check_llamacpp(served.probe or gguf, served.hf_dir)
         if not verdict.ok and llamacpp_only:
             raise ModelLoadError(
                 f"{served.name} needs llama.cpp, which is off here: {verdict.reason}"
