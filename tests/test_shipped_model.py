@@ -252,8 +252,9 @@ def test_unwritable_cache_is_a_clear_error(pair, tmp_path, monkeypatch):
 @pytest.mark.skipif(not (SHIPPED_ADAPTER / ADAPTER_CARD).is_file(), reason="no shipped adapter")
 def test_the_shipped_adapter_matches_its_card_and_is_served_over_gemma(monkeypatch):
     """The real default: a LoRA adapter on Gemma 3 270M (sitcom/seinfeld_lora), checked
-    against its card, built once into the cache as an adapter checkpoint and served over the
-    packaged Q4_K_M base (llama.cpp, or transformers where llama.cpp is refused here)."""
+    against its card, built once into the cache as an adapter checkpoint and served as the
+    packaged Q4_K_M base with the adapter merged in (llama.cpp), or by transformers where
+    llama.cpp is refused here."""
     import numpy as np
 
     from sitcom.model import serving
@@ -283,7 +284,8 @@ def test_the_shipped_adapter_matches_its_card_and_is_served_over_gemma(monkeypat
     ids = tok("JERRY: What is the deal with")["input_ids"]
     if served.backend == "llamacpp":
         try:
-            assert served.lora is not None and np.isfinite(model.logits_of(ids)).all()
+            assert (served.gguf, served.lora) == (models.tuned_cache_entry() / "merged.gguf", None)
+            assert np.isfinite(model.logits_of(ids)).all()
         finally:
             model.close()
     else:
