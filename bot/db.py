@@ -32,6 +32,7 @@ import aiosqlite
 from sitcom.settings import SceneSettings
 
 log = logging.getLogger(__name__)
+SETUP_TIMEOUT_S = 60.0  # how long opening waits for other processes' setup (locks)
 
 _SETTING_COLUMNS = tuple(f.name for f in fields(SceneSettings))
 
@@ -228,11 +229,16 @@ class Database:
             raise DatabaseError(f"cannot open the database {path}: {_why(path, e)}") from e
         db = cls(path, conn)
         try:
+            # Processes starting at once on a new file wait for each other's migrations and
+            # journal-mode switch: on a busy machine that can take longer than a command may
+            # wait later, so the setup waits up to SETUP_TIMEOUT_S.
+            await conn.execute(f"PRAGMA busy_timeout = {int(max(timeout, SETUP_TIMEOUT_S) * 1000)}")
             await conn.execute("PRAGMA foreign_keys = ON")
             await db._refuse_newer()  # before anything writes, even the journal mode
             await db._refuse_damaged()
             await conn.execute("PRAGMA journal_mode = WAL")
             await db._migrate()
+            await conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         except (sqlite3.Error, DatabaseError) as e:
             await conn.close()
             raise DatabaseError(f"cannot prepare the database {path}: {_why(path, e)}") from e

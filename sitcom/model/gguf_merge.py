@@ -2,14 +2,15 @@
 base's speed.
 
 llama.cpp can add an adapter's low-rank change at run time (sitcom.model.lora_gguf), but that
-costs every decode step two extra small matmuls per adapted layer: about a fifth of Gemma 3
-270M's decode time at rank 16 on 2 cores, more at higher ranks. A GGUF-adapter checkpoint
-therefore also holds the merge, made once when the checkpoint is written: each adapted
-weight is dequantized, gets alpha / r · B·A added (the adapter GGUF's factors, already in the
-base's row order, so no re-permutation here) and is stored as Q8_0 (gguf-py quantizes no
-k-quants; Q8_0's rounding is far below the base's own Q4_K/Q5_0 error); every other tensor
-and all metadata are copied as they are. llama.cpp has this tool (llama-export-lora) but
-llama-cpp-python does not expose it, so the merge is written here on gguf-py.
+costs every decode step two extra small matmuls per adapted layer (Gemma 3 270M, rank 32,
+2 cores: one sequence decodes 13 % slower than from the merge, a scene as served 4 %). A
+GGUF-adapter checkpoint therefore also holds the merge, made once when the checkpoint is
+written: each adapted weight is dequantized, gets alpha / r · B·A added (the adapter GGUF's
+factors, already in the base's row order, so no re-permutation here) and is stored as Q8_0
+(gguf-py quantizes no k-quants; Q8_0's rounding is far below the base's own Q4_K/Q5_0
+error); every other tensor and all metadata are copied as they are. llama.cpp has this tool
+(llama-export-lora) but llama-cpp-python does not expose it, so the merge is written here
+on gguf-py.
 """
 
 from __future__ import annotations
