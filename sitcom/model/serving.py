@@ -276,7 +276,7 @@ def load_model(name: str) -> tuple[object, object, Served]:
         why = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise ModelLoadError(
             f"cannot write the model cache {cache} ({why}); point SITCOM_CACHE at a writable "
-            "directory with ~600 MB free"
+            "directory with ~2 GB free"
         ) from e
 
 
