@@ -95,6 +95,31 @@ def test_openings_come_from_val_spread_over_episodes_and_follow_the_seed(corpus)
         assert a[0] != b[0] or a[2] <= b[1]
 
 
+def test_train_openings_come_from_the_train_split_only(corpus, tmp_path, capsys):
+    """`--split train`: openings for `training prefer`, never from the val split."""
+    openings = make_openings(corpus, 6, seed=1, split="train")
+    assert len(openings) == 6 and {o["split"] for o in openings} == {"train"}
+    assert all("episode train" in o["opening"][0] for o in openings)
+    assert sorted({o["episode"] for o in openings}) == [0, 1, 2]
+    rc, text, _ = run_cli(
+        capsys,
+        "openings",
+        "--data",
+        corpus,
+        "--n",
+        3,
+        "--seed",
+        1,
+        "--split",
+        "train",
+        "--out",
+        tmp_path / "t.jsonl",
+    )
+    assert rc == 0 and "3 train episodes" in text
+    with pytest.raises(JudgeError, match="--split must be train or val"):
+        make_openings(corpus, 3, seed=1, split="test")
+
+
 def test_openings_cli_and_its_errors(corpus, tmp_path, capsys):
     out = tmp_path / "openings.jsonl"
     rc, text, _ = run_cli(

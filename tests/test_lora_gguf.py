@@ -150,6 +150,88 @@ def test_a_merge_that_does_not_fit_the_base_is_one_line_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "other.gguf"]
 
 
+def served_ids(
+    tokenizer, text: str = PROMPT + "\nGEORGE: Serenity now!\nJERRY: Hello"
+) -> list[int]:
+    """The tokens of `text` plus newline, EOS: the vocabulary a tiny corpus would name."""
+    return sorted(set(tokenizer.encode(text + "\n")) | {tokenizer.eos_token_id})
+
+
+def test_a_merge_that_keeps_some_tokens_serves_their_logits_in_full_ids(base_and_adapter, tmp_path):
+    """A served vocabulary (sitcom.model.gguf_vocab): the merge keeps those tokens' rows;
+    llama.cpp's logits for them are the whole model's, in the tokenizer's own ids, and -inf
+    for every other token; a token outside reads as the unknown one; scenes use only kept
+    tokens."""
+    from sitcom.model import llamacpp
+    from sitcom.model.gguf_merge import merge_lora_gguf
+    from sitcom.model.gguf_vocab import write_served_vocab
+
+    root, tokenizer, *_ = base_and_adapter
+    adapter = export_lora_gguf(root / "adapter", root / "base.gguf", tmp_path / "a.gguf")
+    keep = served_ids(tokenizer)
+    vocab = write_served_vocab(tmp_path / "served_vocab.json", keep, len(tokenizer))
+    whole = merge_lora_gguf(root / "base.gguf", adapter, tmp_path / "whole.gguf")
+    cut = merge_lora_gguf(root / "base.gguf", adapter, tmp_path / "cut.gguf", served_vocab=vocab)
+    assert cut.stat().st_size < whole.stat().st_size
+    ids = tokenizer.encode(PROMPT + "\nGEORGE: Serenity now!")
+    big = llamacpp.LlamaCppModel(whole, max_batch=2, n_threads=1)
+    small = llamacpp.LlamaCppModel(cut, max_batch=2, n_threads=1)
+    try:
+        assert small.n_vocab == big.n_vocab == len(tokenizer)
+        want, got = big.logits_of(ids), small.logits_of(ids)
+        assert np.abs(got[:, keep] - want[:, keep]).max() < 1e-4
+        others = np.setdiff1d(np.arange(len(tokenizer)), keep)
+        assert np.isneginf(got[:, others]).all()
+        outside = int(others[0])  # read as the unknown token (the tiny tokenizer's EOS)
+        unknown = tokenizer.unk_token_id
+        assert np.allclose(
+            small.logits_of(ids[:3] + [outside])[-1, keep],
+            big.logits_of(ids[:3] + [unknown])[-1, keep],
+            atol=1e-4,
+        )
+        scenes = llamacpp.generate_scenes(
+            small, tokenizer, ["elaine: Get out!"] * 2, SceneSettings(max_new_tokens=24), seed=3
+        )
+        written = [t for s in scenes for t in tokenizer.encode(s.raw)[-s.new_tokens :]]
+        assert written and set(written) <= set(keep) | set(tokenizer.encode("elaine: Get out!"))
+    finally:
+        big.close()
+        small.close()
+
+
+def test_a_served_vocabulary_that_does_not_fit_is_one_line_and_writes_nothing(
+    base_and_adapter, tmp_path
+):
+    from sitcom.model.gguf_merge import merge_lora_gguf
+    from sitcom.model.gguf_vocab import write_served_vocab
+
+    root, tokenizer, *_ = base_and_adapter
+    adapter = export_lora_gguf(root / "adapter", root / "base.gguf", tmp_path / "a.gguf")
+    bad = {
+        "other.json": {"vocab_size": len(tokenizer) + 1, "ids": [0, 1]},
+        "order.json": {"vocab_size": len(tokenizer), "ids": [3, 1]},
+        "range.json": {"vocab_size": len(tokenizer), "ids": [1, len(tokenizer)]},
+        "empty.json": {"vocab_size": len(tokenizer), "ids": []},
+    }
+    for name, content in bad.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    (tmp_path / "junk.json").write_text("{not json")
+    for name, match in [
+        ("other.json", "vocabulary of"),
+        ("order.json", "must ascend"),
+        ("range.json", "must ascend"),
+        ("empty.json", "must ascend"),
+        ("junk.json", "unreadable"),
+        ("missing.json", "unreadable"),
+    ]:
+        with pytest.raises(ModelLoadError, match=match) as err:
+            merge_lora_gguf(root / "base.gguf", adapter, tmp_path / "m.gguf", tmp_path / name)
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "m.gguf").exists()
+    with pytest.raises(ValueError, match="served ids"):
+        write_served_vocab(tmp_path / "v.json", [len(tokenizer)], len(tokenizer))
+
+
 def test_an_adapter_that_does_not_fit_the_base_is_one_line(base_and_adapter, tmp_path):
     root, *_ = base_and_adapter
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
@@ -486,3 +568,52 @@ def test_a_damaged_default_on_another_base_falls_back_to_the_base(shipped, monke
 
 def base_dir_of(shipped_dir):
     return json.loads((shipped_dir / "checkpoint.json").read_text())["base_model"]
+
+
+def test_a_default_shipped_with_its_corpus_vocabulary_is_served_with_that_head(
+    base_and_adapter, base_dir, tmp_path, monkeypatch
+):
+    """`training ship --served-vocab CORPUS` writes the tokens the corpus uses beside the
+    adapter (hashed on its card); the bot's cache entry serves a merge of those rows only,
+    with the whole model's logits for them."""
+    from helpers import write_corpus
+
+    from sitcom.model import catalog, serving
+    from sitcom.model.catalog import verified_adapter
+    from training.ship import ship
+
+    root, tokenizer, _, _, merged_bf16 = base_and_adapter
+    corpus = write_corpus(
+        tmp_path / "corpus", [PROMPT + "\nGEORGE: Serenity now!"], ["JERRY: Hello"]
+    )
+    out = tmp_path / "seinfeld_lora"
+    card = ship(root / "adapter", out, str(base_dir), served_vocab=corpus)
+    vocab = json.loads((out / "served_vocab.json").read_text())
+    assert vocab["vocab_size"] == len(tokenizer)
+    assert set(tokenizer.encode(PROMPT)) <= set(vocab["ids"])
+    assert card["served_vocab"]["tokens"] == len(vocab["ids"]) < len(tokenizer)
+    assert "served_vocab.json" in card["adapter_files"]
+    assert verified_adapter(out)[1] == card
+    # Shipping another adapter without one drops it: it belongs to the adapter it came with.
+    shutil.copytree(out, tmp_path / "kept")
+    ship(root / "adapter", tmp_path / "kept", str(base_dir), overwrite=True)
+    assert not (tmp_path / "kept" / "served_vocab.json").exists()
+
+    monkeypatch.setattr(catalog, "SHIPPED_ADAPTER", out)
+    catalog.forget_tuned_fallback()
+    monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
+    try:
+        served = serving.resolve("seinfeld")
+        entry = json.loads((served.gguf.parent / "checkpoint.json").read_text())
+        assert entry["served_vocab"] is True
+        model, _ = serving.load(served, max_batch=1, n_threads=1)
+    finally:
+        catalog.forget_tuned_fallback()
+    ids = tokenizer.encode(PROMPT + "\nGEORGE: Serenity now!")
+    try:
+        got = model.logits_of(ids)
+    finally:
+        model.close()
+    keep = vocab["ids"]
+    assert np.abs(got[:, keep] - logits(merged_bf16, ids)[:, keep]).max() < 1e-3
+    assert np.isneginf(np.delete(got, keep, axis=1)).all()

@@ -285,7 +285,13 @@ def test_the_shipped_adapter_matches_its_card_and_is_served_over_gemma(monkeypat
     if served.backend == "llamacpp":
         try:
             assert (served.gguf, served.lora) == (models.tuned_cache_entry() / "merged.gguf", None)
-            assert np.isfinite(model.logits_of(ids)).all()
+            # Served with the head of the corpus's tokens (sitcom.model.gguf_vocab): those
+            # have logits, every other token -inf.
+            kept = json.loads((adapter / "served_vocab.json").read_text())["ids"]
+            assert len(kept) == card["served_vocab"]["tokens"] < len(tok)
+            logits = model.logits_of(ids)
+            assert np.isfinite(logits[:, kept]).all()
+            assert np.isneginf(np.delete(logits, kept, axis=1)).all()
         finally:
             model.close()
     else:

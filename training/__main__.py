@@ -190,6 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
         "on this many train tokens (activation-weighted SVD); 0 = plain SVD",
     )
 
+    pf = sub.add_parser(
+        "prefer", help="DPO: the show's next lines over the writer's own scenes (trl)"
+    )
+    pf.add_argument("--openings", type=Path, required=True, help="`judge openings --split train`")
+    pf.add_argument("--scenes", type=Path, required=True, help="`judge write` for those openings")
+    pf.add_argument("--out", type=Path, required=True, help="dir for the trained adapter")
+    pf.add_argument("--adapter", type=Path, default=Path("sitcom/seinfeld_lora"))
+    pf.add_argument("--base", default="gemma3", help="the adapter's base: gemma3, smollm2, a dir")
+    pf.add_argument("--beta", type=float, default=0.1, help="DPO's pull back to the start")
+    pf.add_argument("--lr", type=float, default=5e-6)
+    pf.add_argument("--epochs", type=float, default=1.0)
+    pf.add_argument("--batch-size", type=int, default=2)
+    pf.add_argument("--grad-accum", type=int, default=4)
+    pf.add_argument("--max-length", type=int, default=512, help="tokens of prompt + completion")
+    pf.add_argument("--seed", type=int, default=0)
+    pf.add_argument("--save-steps", type=int, default=25)
+    pf.add_argument("--time-budget", type=float, default=0.0, help="hours; 0 = none")
+    pf.add_argument("--resume", action="store_true", help="go on from OUT.work's last save")
+    pf.set_defaults(data=None)
+
     sh = sub.add_parser("ship", help="write a LoRA run's adapter as the bot's shipped default")
     sh.add_argument("adapter", type=Path, help="a peft adapter dir, e.g. RUN.work/checkpoint-N")
     sh.add_argument("--base", default="gemma3", help="gemma3, smollm2 or a dir with model.gguf")
@@ -197,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--val", type=Path, default=None, help="`training evaluate --json` output")
     sh.add_argument("--out", type=Path, default=Path("sitcom/seinfeld_lora"))
     sh.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    sh.add_argument(
+        "--served-vocab",
+        type=Path,
+        default=None,
+        metavar="DATA",
+        help="a --corpus-vocab run's corpus: serve a head of the tokens it uses only",
+    )
     sh.set_defaults(data=None)
 
     ev = sub.add_parser("evaluate", help="val loss/ppl/BPB and sampled-scene quality")
@@ -279,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=MAX_CHARS,
         help="characters of the real continuation (whole lines)",
+    )
+    op.add_argument(
+        "--split",
+        choices=("val", "train"),
+        default="val",
+        help="val (judging) or train (pairs for `training prefer`)",
     )
 
     wr = js.add_parser("write", help="one scene per opening with the bot's engine")
@@ -403,10 +436,25 @@ def run(args: argparse.Namespace) -> int:
             f"error {card['extract_rel_error_mean']}"
             + (f", val bpb {val['bpb']:.4f}" if val else "")
         )
+    elif args.command == "prefer":
+        from training.prefer import PreferConfig, prefer, summary
+
+        fields = PreferConfig.__dataclass_fields__
+        cfg = PreferConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        card = prefer(cfg)
+        print(f"wrote {cfg.out}: {summary(card)}")
     elif args.command == "ship":
         from training.ship import ship
 
-        card = ship(args.adapter, args.out, args.base, args.card, args.val, args.overwrite)
+        card = ship(
+            args.adapter,
+            args.out,
+            args.base,
+            args.card,
+            args.val,
+            args.overwrite,
+            args.served_vocab,
+        )
         print(f"wrote {args.out}: {card['adapter_mb']} MB on {card['base_model']}")
     else:
         from training.evaluate import evaluate_cli

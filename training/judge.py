@@ -152,20 +152,22 @@ def _continuation(
     return out
 
 
-def _episode_files(corpus_root: Path, val: Sequence[str]) -> list[str | None]:
-    """The raw file of each val episode, from data/prepare.py's manifest when it matches."""
+def _episode_files(
+    corpus_root: Path, episodes: Sequence[str], split: str = "val"
+) -> list[str | None]:
+    """The raw file of each episode of `split`, from data/prepare.py's manifest when it
+    matches."""
     try:
         files = json.loads((corpus_root / "manifest.json").read_text(encoding="utf-8"))["files"]
-        names = [f["file"] for f in files if f.get("status") == "kept" and f.get("split") == "val"]
-        sizes = [
-            f["out_bytes"] for f in files if f.get("status") == "kept" and f.get("split") == "val"
-        ]
+        kept = [f for f in files if f.get("status") == "kept" and f.get("split") == split]
+        names = [f["file"] for f in kept]
+        sizes = [f["out_bytes"] for f in kept]
     except (OSError, ValueError, KeyError, TypeError):
-        return [None] * len(val)
-    if len(names) != len(val) or any(
-        len(ep.encode()) + 1 != size for ep, size in zip(val, sizes, strict=True)
+        return [None] * len(episodes)
+    if len(names) != len(episodes) or any(
+        len(ep.encode()) + 1 != size for ep, size in zip(episodes, sizes, strict=True)
     ):
-        return [None] * len(val)
+        return [None] * len(episodes)
     return names
 
 
@@ -176,18 +178,23 @@ def make_openings(
     *,
     max_lines: int = MAX_LINES,
     max_chars: int = MAX_CHARS,
+    split: str = "val",
 ) -> list[dict]:
-    """n openings spread evenly over the val episodes (round robin; mostly scene starts,
-    some mid-scene; windows never overlapping), chosen by `seed`."""
+    """n openings spread evenly over the episodes of `split` (val: what judging uses; train:
+    what `training prefer` learns from), round robin; mostly scene starts, some mid-scene;
+    windows never overlapping; chosen by `seed`."""
     if n < 1:
         raise JudgeError(f"--n must be at least 1 (got {n})")
     if max_lines < 1 or max_chars < 1:
         raise JudgeError("--max-lines and --max-chars must be at least 1")
-    corpus = load_corpus(corpus_root, splits=("val",))
-    files = _episode_files(corpus.root, corpus.val)
+    if split not in ("train", "val"):
+        raise JudgeError(f"--split must be train or val (got {split!r})")
+    corpus = load_corpus(corpus_root, splits=(split,))
+    texts = corpus.val if split == "val" else corpus.train
+    files = _episode_files(corpus.root, texts, split)
     rng = random.Random(seed)
     pools: dict[int, list[_Candidate]] = {}
-    episodes = [ep.splitlines() for ep in corpus.val]
+    episodes = [ep.splitlines() for ep in texts]
     for e, lines in enumerate(episodes):
         starts = [c for c in _candidates(lines) if c.scene_start]
         mids = [c for c in _candidates(lines) if not c.scene_start]
@@ -217,13 +224,14 @@ def make_openings(
                 episode=e,
                 episode_file=files[e],
                 seed=seed,
+                split=split,
                 corpus=str(corpus.root),
                 manifest_sha256=corpus.manifest_sha256,
             )
             chosen.append(record)
     if len(chosen) < n:
         raise JudgeError(
-            f"the val split of {corpus.root} holds only {len(chosen)} usable openings "
+            f"the {split} split of {corpus.root} holds only {len(chosen)} usable openings "
             f"(a scene with {MIN_AFTER_START}+ dialogue lines after its first); ask for fewer "
             "with --n"
         )
@@ -272,13 +280,20 @@ def _take(
 
 def openings_cli(args) -> int:
     check_out_file(args.out)
+    split = getattr(args, "split", "val")
     records = make_openings(
-        args.data, args.n, args.seed, max_lines=args.max_lines, max_chars=args.max_chars
+        args.data,
+        args.n,
+        args.seed,
+        max_lines=args.max_lines,
+        max_chars=args.max_chars,
+        split=split,
     )
     write_jsonl(args.out, records)
     episodes = len({r["episode"] for r in records})
     print(
-        f"wrote {args.out}: {len(records)} openings from {episodes} val episodes (seed {args.seed})"
+        f"wrote {args.out}: {len(records)} openings from {episodes} {split} episodes "
+        f"(seed {args.seed})"
     )
     return 0
 

@@ -25,11 +25,14 @@ from pathlib import Path
 
 from sitcom.files import publish_dir, read_json
 from sitcom.model.adapters import ADAPTER_CARD, ADAPTER_FILE
-from sitcom.model.catalog import adapter_file_hashes, base_gguf_for, file_sha256
+from sitcom.model.catalog import adapter_file_hashes, base_gguf_for, base_hf_dir, file_sha256
+from sitcom.model.gguf_vocab import SERVED_VOCAB, write_served_vocab
 from sitcom.model.lora_gguf import PEFT_CONFIG, PEFT_DTYPE, export_lora_gguf, write_peft_copy
 
 MAX_ADAPTER_MB = 25.0  # the repository's budget for the shipped default
-ADAPTER_OWN = {ADAPTER_CARD, PEFT_CONFIG, ADAPTER_FILE}  # replaced; anything else is kept
+# Replaced (or dropped: a served vocabulary belongs to the adapter it came with); anything
+# else is kept.
+ADAPTER_OWN = {ADAPTER_CARD, PEFT_CONFIG, ADAPTER_FILE, SERVED_VOCAB}
 
 
 def _trainer_facts(adapter: Path) -> dict:
@@ -48,6 +51,21 @@ def _trainer_facts(adapter: Path) -> dict:
     return {k: v for k, v in facts.items() if v is not None}
 
 
+def corpus_vocab_of(data: Path, base: str) -> tuple[list[int], int]:
+    """(ids, vocabulary size): the tokens of the corpus in `data` (train and val, the blocks'
+    lead, the tokenizer's special tokens) under `base`'s tokenizer, as `finetune
+    --corpus-vocab` computes them."""
+    from transformers import AutoTokenizer
+
+    from training.corpus import block_lead, load_corpus, token_stream
+    from training.corpus_vocab import corpus_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(base_hf_dir(base))
+    corpus = load_corpus(data)
+    streams = [token_stream(corpus.train + corpus.val, tokenizer), list(block_lead(tokenizer))]
+    return corpus_token_ids(streams, tokenizer).tolist(), len(tokenizer)
+
+
 class ShipError(ValueError):
     """An adapter that cannot ship; the message is user-facing."""
 
@@ -59,8 +77,12 @@ def ship(
     card: Path | None = None,
     val: Path | None = None,
     overwrite: bool = False,
+    served_vocab: Path | None = None,
 ) -> dict:
-    """Write the shipped default into `out` (atomically) and return its card."""
+    """Write the shipped default into `out` (atomically) and return its card. With
+    `served_vocab` (a corpus directory: what a `--corpus-vocab` run trained its softmax
+    over), the tokens that corpus uses are written beside it (SERVED_VOCAB), and the bot
+    serves a head of those tokens only (sitcom.model.gguf_vocab)."""
     adapter, out = Path(adapter), Path(out)
     if out.exists() and not overwrite:
         raise ShipError(f"{out} exists; pass --overwrite to replace it")
@@ -77,6 +99,9 @@ def ship(
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         # Fails here, not in the bot, when the adapter does not fit the base's GGUF.
         export_lora_gguf(tmp, base_gguf_for(base), tmp / "check.gguf").unlink()
+        if served_vocab is not None:
+            ids, size = corpus_vocab_of(served_vocab, base)
+            write_served_vocab(tmp / SERVED_VOCAB, ids, size)
         weights = tmp / peft["weights"]
         size_mb = weights.stat().st_size / 1e6
         if size_mb > MAX_ADAPTER_MB:
@@ -96,6 +121,8 @@ def ship(
             "train_wall_minutes": round(source.get("train_seconds_this_run", 0) / 60, 1),
             "finetune_settings": source.get("settings"),
         }
+        if served_vocab is not None:
+            shipped["served_vocab"] = {"corpus": str(served_vocab), "tokens": len(ids)}
         if metrics is not None:
             shipped["adapter_val"] = metrics
         shipped["adapter_files"] = adapter_file_hashes(tmp)

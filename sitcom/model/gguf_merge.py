@@ -8,7 +8,9 @@ GGUF-adapter checkpoint therefore also holds the merge, made once when the check
 written: each adapted weight is dequantized, gets alpha / r · B·A added (the adapter GGUF's
 factors, already in the base's row order, so no re-permutation here) and is stored as Q8_0
 (gguf-py quantizes no k-quants; Q8_0's rounding is far below the base's own Q4_K/Q5_0
-error); every other tensor and all metadata are copied as they are. llama.cpp has this tool
+error); every other tensor and all metadata are copied as they are, except where the
+checkpoint names its served tokens (sitcom.model.gguf_vocab: the embedding/head rows and the
+tokenizer keep those alone). llama.cpp has this tool
 (llama-export-lora) but llama-cpp-python does not expose it, so the merge is written here
 on gguf-py.
 """
@@ -22,19 +24,37 @@ import numpy as np
 
 from sitcom.files import atomic_path
 from sitcom.model.errors import ModelLoadError
+from sitcom.model.gguf_vocab import (
+    KEY_IDS,
+    KEY_SIZE,
+    cut_field,
+    cut_tensor,
+    gguf_vocab_size,
+    kept_rows,
+    read_served_vocab,
+)
 
 MERGED_GGUF = "merged.gguf"
 _INTERNAL = ("GGUF.", "general.architecture")  # written by GGUFWriter itself
 
 
 def merge_lora_gguf(
-    base_gguf: str | os.PathLike, adapter_gguf: str | os.PathLike, out: str | os.PathLike
+    base_gguf: str | os.PathLike,
+    adapter_gguf: str | os.PathLike,
+    out: str | os.PathLike,
+    served_vocab: str | os.PathLike | None = None,
 ) -> Path:
     """Write `base_gguf` with the llama.cpp adapter `adapter_gguf` merged in to `out`
-    (atomically); returns `out`. ModelLoadError (one line) when the adapter does not fit."""
+    (atomically); returns `out`. With `served_vocab` (a SERVED_VOCAB file), only those
+    tokens' rows are kept (sitcom.model.gguf_vocab). ModelLoadError (one line) when the
+    adapter or the vocabulary does not fit."""
     import gguf
 
     base = gguf.GGUFReader(str(base_gguf))
+    keep = None
+    if served_vocab is not None:
+        ids = read_served_vocab(served_vocab, gguf_vocab_size(base))
+        keep = kept_rows(base, ids)
     adapter = gguf.GGUFReader(str(adapter_gguf))
     alpha_field = adapter.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
     if alpha_field is None:
@@ -55,20 +75,24 @@ def merge_lora_gguf(
                 continue
             array = field.types[0] == gguf.GGUFValueType.ARRAY and len(field.types) > 1
             sub = field.types[-1] if array else None
-            writer.add_key_value(field.name, field.contents(), field.types[0], sub)
+            value = field.contents()
+            if keep is not None:
+                value = cut_field(field.name, value, keep)
+            writer.add_key_value(field.name, value, field.types[0], sub)
+        if keep is not None:
+            writer.add_uint32(KEY_SIZE, gguf_vocab_size(base))
+            writer.add_array(KEY_IDS, [int(i) for i in keep])
         for tensor in base.tensors:
-            raw = np.asarray(tensor.data)
+            data, qtype = np.asarray(tensor.data), tensor.tensor_type
             a = factors.get(f"{tensor.name}.lora_a")
-            if a is None:
-                writer.add_tensor(
-                    tensor.name, raw, raw_shape=raw.shape, raw_dtype=tensor.tensor_type
-                )
-                continue
-            b = factors[f"{tensor.name}.lora_b"]
-            weight = gguf.quants.dequantize(raw, tensor.tensor_type).reshape(b.shape[0], a.shape[1])
-            weight = weight + (alpha / a.shape[0]) * (b @ a)
-            qtype = _merged_type(tensor.tensor_type, weight.shape[1])
-            data = gguf.quants.quantize(weight.astype(np.float32), qtype)
+            if a is not None:
+                b = factors[f"{tensor.name}.lora_b"]
+                weight = gguf.quants.dequantize(data, qtype).reshape(b.shape[0], a.shape[1])
+                weight = weight + (alpha / a.shape[0]) * (b @ a)
+                qtype = _merged_type(qtype, weight.shape[1])
+                data = gguf.quants.quantize(weight.astype(np.float32), qtype)
+            if keep is not None:
+                data = cut_tensor(tensor.name, data, keep)
             writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -26,6 +26,7 @@ from sitcom.decoding.batcher import ContinuousBatcher
 from sitcom.decoding.plan import GeneratedScene
 from sitcom.decoding.threads import ThreadPolicy
 from sitcom.model.catalog import ModelLoadError
+from sitcom.model.gguf_vocab import KEY_IDS, KEY_SIZE, served_vocab_of
 from sitcom.model.llamacpp_check import use_extra_bufts
 from sitcom.scenes.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
@@ -94,6 +95,20 @@ class LlamaCppModel:
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {self.path}")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        # A GGUF that keeps some tokens' rows only (sitcom.model.gguf_vocab): callers still
+        # see the full vocabulary's ids; decode() maps them in and the logits back out.
+        self._rows: np.ndarray | None = None  # full id of each of the model's rows
+        self._row_of: np.ndarray | None = None  # row of each full id (UNK's where it has none)
+        cut = served_vocab_of(self.path) if _has_key(llama_cpp, self._model, KEY_SIZE) else None
+        if cut is not None:
+            full, rows, unknown = cut
+            if len(rows) != self.n_vocab or rows[-1] >= full or not 0 <= unknown < len(rows):
+                llama_cpp.llama_model_free(self._model)
+                raise ModelLoadError(f"{self.path}: its {KEY_IDS} do not match its vocabulary")
+            self._rows = rows
+            self._row_of = np.full(full, unknown, dtype=np.int64)
+            self._row_of[rows] = np.arange(len(rows))
+            self.n_vocab = full
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
 
         self.policy = ThreadPolicy(str(n_threads) if n_threads else None)
@@ -137,14 +152,17 @@ class LlamaCppModel:
         self.close()
 
     def tokenize(self, text: str) -> list[int]:
-        """llama.cpp's own tokenization of `text` (special tokens parsed, no BOS added)."""
+        """llama.cpp's own tokenization of `text` (special tokens parsed, no BOS added); from
+        a GGUF of some tokens only, with those tokens (full-vocabulary ids), which need not
+        be how the full tokenizer splits the text."""
         vocab = self._lib.llama_model_get_vocab(self._model)
         data = text.encode()
         buf = (self._lib.llama_token * (len(data) + 8))()
         n = self._lib.llama_tokenize(vocab, data, len(data), buf, len(buf), False, True)
         if n < 0:
             raise ValueError(f"llama_tokenize needs {-n} tokens")
-        return list(buf[:n])
+        ids = list(buf[:n])
+        return ids if self._rows is None else [int(self._rows[i]) for i in ids]
 
     def logits_of(self, ids: Sequence[int]) -> np.ndarray:
         """[len(ids), vocab] next-token logits after each token of one fresh sequence."""
@@ -173,7 +191,9 @@ class LlamaCppModel:
         the batch; return the next-token logits after each item's last token, [len, vocab]."""
         self._follow_policy()
         capacity = self._batch_size
-        out = np.zeros((len(work), self.n_vocab), dtype=np.float32)
+        rows, row_of = self._rows, self._row_of
+        out = np.full((len(work), self.n_vocab), -np.inf if rows is not None else 0, np.float32)
+        n_rows = self.n_vocab if rows is None else len(rows)
         pending: list[tuple[int, int]] = []  # (work item, batch index) whose logits we want
         batch = self._batch
         n = 0
@@ -188,7 +208,11 @@ class LlamaCppModel:
                 raise RuntimeError(f"llama_decode failed ({rc}): KV cache full?")
             for item, index in pending:
                 ptr = self._lib.llama_get_logits_ith(self._ctx, index)
-                out[item] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+                logits = np.ctypeslib.as_array(ptr, shape=(n_rows,))
+                if rows is None:
+                    out[item] = logits
+                else:
+                    out[item, rows] = logits
             pending.clear()
             n = 0
 
@@ -196,7 +220,7 @@ class LlamaCppModel:
             for offset, token in enumerate(tokens):
                 if n == capacity:
                     flush()
-                batch.token[n] = token
+                batch.token[n] = token if row_of is None else int(row_of[token])
                 batch.pos[n] = pos + offset
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = seq_id
@@ -207,6 +231,12 @@ class LlamaCppModel:
                 n += 1
         flush()
         return out
+
+
+def _has_key(llama_cpp, model, key: str) -> bool:
+    """Whether a loaded model's GGUF metadata has `key` (cheap: no file is read)."""
+    buf = ctypes.create_string_buffer(32)
+    return llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf)) >= 0
 
 
 def generate_scenes(

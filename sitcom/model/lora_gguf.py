@@ -33,6 +33,7 @@ from sitcom.model.adapters import ADAPTER_FILE, load_adapter_state, save_adapter
 from sitcom.model.errors import ModelLoadError
 from sitcom.model.gguf_export import permute_rotary
 from sitcom.model.gguf_merge import MERGED_GGUF, merge_lora_gguf
+from sitcom.model.gguf_vocab import SERVED_VOCAB
 
 ADAPTER_GGUF = "adapter.gguf"
 CARD = "checkpoint.json"
@@ -158,17 +159,22 @@ def fill_adapter_checkpoint(
     """Write a checkpoint's files into the existing directory `out`: adapter.gguf, the base
     with it merged in (merged.gguf, what llama.cpp serves: sitcom.model.gguf_merge), peft's
     adapter in bf16 for the transformers fallback (write_peft_copy) and its card (returned),
-    which also holds `extra` (facts about the adapter, e.g. the shipped default's card)."""
+    which also holds `extra` (facts about the adapter, e.g. the shipped default's card).
+    Where `adapter_dir` names the tokens its writer writes (SERVED_VOCAB), the merge keeps
+    only those (sitcom.model.gguf_vocab)."""
     # The GGUF is made from the bf16 copy, so both backends serve the same adapter.
     peft = write_peft_copy(adapter_dir, out)
     export_lora_gguf(out, base_gguf, out / ADAPTER_GGUF)
-    merge_lora_gguf(base_gguf, out / ADAPTER_GGUF, out / MERGED_GGUF)
+    vocab = Path(adapter_dir) / SERVED_VOCAB
+    vocab = vocab if vocab.is_file() else None  # the merge keeps those tokens' rows only
+    merge_lora_gguf(base_gguf, out / ADAPTER_GGUF, out / MERGED_GGUF, served_vocab=vocab)
     card = {
         **(extra or {}),
         "format": FORMAT,
         "base_model": base,
         "adapter": ADAPTER_GGUF,
         "merged": MERGED_GGUF,
+        "served_vocab": vocab is not None,
         "peft_adapter": peft,
         "source": str(Path(adapter_dir).resolve()),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

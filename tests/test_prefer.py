@@ -1,0 +1,158 @@
+"""`training prefer`: DPO on (the show's next lines, the writer's own scene) pairs with trl,
+on a tiny model and adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import build_tiny_model, save_tiny_model_dir, write_corpus
+
+from training.__main__ import main
+from training.judge import make_openings, write_jsonl
+from training.prefer import PreferConfig, PreferError, prefer, preference_pairs
+
+pytest.importorskip("trl")
+
+CAST = ["JERRY", "GEORGE", "ELAINE", "KRAMER"]
+
+
+def episode(tag: str) -> str:
+    lines = []
+    for s in range(3):
+        lines += [f"[Scene: Place {tag}-{s}]", f"(Jerry enters, {tag} scene {s})"]
+        lines += [f"{CAST[t % 4]}: Serenity now, it's line {t} of {tag}." for t in range(16)]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("prefer")
+    base = save_tiny_model_dir(root / "base")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    peft_model = get_peft_model(
+        build_tiny_model(tokenizer),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0),
+    )
+    peft_model.save_pretrained(root / "adapter")
+    corpus = write_corpus(
+        root / "corpus", [episode(f"train{i}") for i in range(3)], [episode("val0")]
+    )
+    openings = make_openings(corpus, 6, seed=1, split="train")
+    write_jsonl(root / "openings.jsonl", openings)
+    own = [
+        {"id": o["id"], "lines": ["NEWMAN: Okay. Okay. Okay.", "BABY: Hello hello hello."]}
+        for o in openings
+    ]
+    write_jsonl(root / "own.jsonl", own)
+    return root, base, tokenizer
+
+
+def sequence_logp(model, tokenizer, prompt: str, completion: str) -> float:
+    ids = tokenizer(prompt + completion)["input_ids"]
+    start = len(tokenizer(prompt)["input_ids"])
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    targets = torch.tensor(ids[1:])
+    return float(logits[torch.arange(len(targets)), targets][start - 1 :].sum())
+
+
+def test_pairs_take_the_show_over_the_writers_own_scene(setup, tmp_path):
+    root, *_ = setup
+    pairs = preference_pairs(root / "openings.jsonl", root / "own.jsonl")
+    assert len(pairs) == 6
+    for p in pairs:
+        assert p["prompt"].endswith("\n") and "line" in p["prompt"]
+        assert p["chosen"].startswith(("JERRY", "GEORGE", "ELAINE", "KRAMER"))
+        assert p["rejected"] == "NEWMAN: Okay. Okay. Okay.\nBABY: Hello hello hello.\n"
+    write_jsonl(tmp_path / "none.jsonl", [{"id": "ep9:9", "lines": ["JERRY: Hi."]}])
+    with pytest.raises(PreferError, match="has a scene in"):
+        preference_pairs(root / "openings.jsonl", tmp_path / "none.jsonl")
+
+
+def test_prefer_moves_the_adapter_toward_the_show_and_resumes(setup, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root, base, tokenizer = setup
+    out = tmp_path / "run"
+    cfg = PreferConfig(
+        openings=root / "openings.jsonl",
+        scenes=root / "own.jsonl",
+        out=out,
+        adapter=root / "adapter",
+        base=str(base),
+        lr=2e-3,
+        epochs=3,
+        batch_size=2,
+        grad_accum=1,
+        save_steps=4,
+    )
+    card = prefer(cfg)
+    assert card["pairs"] == 6 and card["steps"] == card["max_steps"] == 9
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "prefer.json",
+    ]  # the reference copy trl trains beside it is not saved
+    assert json.loads((out / "prefer.json").read_text())["steps"] == 9
+
+    def margins(adapter) -> list[float]:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        return [
+            sequence_logp(model, tokenizer, p["prompt"], p["chosen"])
+            - sequence_logp(model, tokenizer, p["prompt"], p["rejected"])
+            for p in preference_pairs(root / "openings.jsonl", root / "own.jsonl")
+        ]
+
+    before, after = margins(root / "adapter"), margins(out)
+    assert all(a > b for a, b in zip(after, before, strict=True))
+
+    # An existing OUT needs --resume; with it the run goes on from OUT.work's last save.
+    capsys.readouterr()
+    rc = main(
+        [
+            "prefer",
+            "--openings",
+            str(root / "openings.jsonl"),
+            "--scenes",
+            str(root / "own.jsonl"),
+            "--out",
+            str(out),
+            "--adapter",
+            str(root / "adapter"),
+            "--base",
+            str(base),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "pass --resume" in err[0]
+    more = prefer(PreferConfig(**{**cfg.__dict__, "epochs": 4, "resume": True}))
+    assert more["steps"] == 12  # 9 done, 3 more
+
+
+def test_prefer_cli_errors_are_one_line(setup, tmp_path, capsys):
+    root, base, _ = setup
+    rc = main(
+        [
+            "prefer",
+            "--openings",
+            str(tmp_path / "missing.jsonl"),
+            "--scenes",
+            str(root / "own.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--base",
+            str(base),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and err[0].startswith("error: ")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,191 @@
+"""Preference training: teach the writer to prefer the show over its own scenes (DPO, trl).
+
+    python -m training judge openings --data corpus --split train --n 400 --seed 1 \
+        --out spin/openings.jsonl
+    python -m training judge write --openings spin/openings.jsonl --model seinfeld \
+        --out spin/own.jsonl
+    python -m training prefer --openings spin/openings.jsonl --scenes spin/own.jsonl \
+        --out runs/prefer --base gemma3 --adapter sitcom/seinfeld_lora --time-budget 1
+    python -m training ship runs/prefer --base gemma3 --served-vocab corpus --out ...
+
+Fine-tuning on the transcripts has stopped paying: lower val BPB no longer wins readers
+(training/EXPERIMENTS.md). What readers punish in our scenes (drift, loops, interchangeable
+speakers) is in the writer's own samples, so they are what to push down. Each pair here is
+one opening from the train split as the prompt, the show's real next lines chosen, and the
+writer's own scene for that opening (as the bot serves it) rejected: self-play fine-tuning
+(SPIN, Chen et al. 2024), one round of it. trl's DPOTrainer does the rest: it starts from the
+shipped adapter, trains that same adapter, and keeps a frozen copy of it as the reference
+(so beta measures the distance from today's writer, not from the base).
+
+Two choices of ours: a completion is a run of script lines ending in a newline, and nothing
+more, so the DPO tokenizer's EOS is the newline (trl appends an EOS to every completion that
+does not end in one; scenes here are cut windows, not ends of text). And like `finetune`,
+the run has a time budget, saves every --save-steps and resumes (--resume), since on 2 cores
+it spans hours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from sitcom.files import write_atomic
+from training.judge import JudgeError, load_openings, read_jsonl
+
+WORK = ".work"  # OUT.work: the Trainer's checkpoints
+
+
+class PreferError(ValueError):
+    """Bad input to `training prefer`; the message is one user-facing line."""
+
+
+@dataclass
+class PreferConfig:
+    openings: Path  # `judge openings` (prompt + the show's continuation)
+    scenes: Path  # `judge write` for those openings (the writer's own scenes)
+    out: Path  # the trained adapter (peft) and prefer.json
+    adapter: Path = Path("sitcom/seinfeld_lora")  # where training starts (and the reference)
+    base: str = "gemma3"
+    beta: float = 0.1
+    lr: float = 5e-6
+    epochs: float = 1.0
+    batch_size: int = 2
+    grad_accum: int = 4
+    max_length: int = 512
+    seed: int = 0
+    save_steps: int = 25
+    time_budget: float = 0.0  # hours; 0: none
+    resume: bool = False
+
+
+def preference_pairs(openings: Path, scenes: Path) -> list[dict]:
+    """{prompt, chosen, rejected} per opening that has a scene: the opening's lines, the
+    show's continuation, the writer's lines; each a newline-terminated block of lines."""
+    try:
+        records = load_openings(openings)
+        written = {r.get("id"): r for r in read_jsonl(scenes, "scenes file")}
+    except JudgeError as e:
+        raise PreferError(str(e)) from e
+    pairs = []
+    for r in records:
+        scene = written.get(r["id"])
+        lines = scene.get("lines") if isinstance(scene, dict) else None
+        if not lines or not all(isinstance(x, str) for x in lines):
+            continue
+        pairs.append(
+            {
+                "prompt": "\n".join(r["opening"]) + "\n",
+                "chosen": "\n".join(r["continuation"]) + "\n",
+                "rejected": "\n".join(lines) + "\n",
+            }
+        )
+    if not pairs:
+        raise PreferError(f"no opening of {openings} has a scene in {scenes}")
+    return pairs
+
+
+def prefer(cfg: PreferConfig) -> dict:
+    """Train, save the adapter to cfg.out, return the run's card (also OUT/prefer.json)."""
+    import torch
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from sitcom.model.catalog import base_hf_dir
+
+    if cfg.out.exists() and not cfg.resume:
+        raise PreferError(f"{cfg.out} exists; pass --resume to go on, or another --out")
+    pairs = preference_pairs(cfg.openings, cfg.scenes)
+    work = cfg.out.with_name(cfg.out.name + WORK)
+    last = _last_checkpoint(work) if cfg.resume else None
+
+    hf = base_hf_dir(cfg.base)
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    tokenizer.eos_token = "\n"  # a completion ends with its last line (module docstring)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(cfg.adapter), is_trainable=True)
+
+    args = DPOConfig(
+        output_dir=str(work),
+        beta=cfg.beta,
+        learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        logging_steps=1,
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        report_to=[],
+        bf16=False,
+        gradient_checkpointing=False,  # 270M and 4 sequences fit; recomputing costs time
+        disable_tqdm=True,
+    )
+    budget = TimeBudget(cfg.time_budget * 3600)
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+        callbacks=[budget],
+    )
+    trainer.train(resume_from_checkpoint=last)
+    trainer.model.save_pretrained(str(cfg.out), selected_adapters=["default"])
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    card = {
+        "method": "DPO (trl), chosen: the show's continuation, rejected: the writer's own scene",
+        "pairs": len(pairs),
+        "steps": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "stopped_by_time_budget": budget.budget_hit,
+        "last_log": logs[-1] if logs else None,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+    }
+    write_atomic(cfg.out / "prefer.json", json.dumps(card, indent=2) + "\n")
+    return card
+
+
+class TimeBudget(TrainerCallback):
+    """Stop (and save) after `seconds` of training; 0: never."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = time.monotonic()
+        self.budget_hit = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seconds > 0 and time.monotonic() - self.start >= self.seconds:
+            self.budget_hit = True
+            control.should_training_stop = control.should_save = True
+        return control
+
+
+def _last_checkpoint(work: Path) -> str | None:
+    steps = [(int(p.name.split("-")[1]), p) for p in work.glob("checkpoint-*") if p.is_dir()]
+    return str(max(steps)[1]) if steps else None
+
+
+def summary(card: dict) -> str:
+    log = card.get("last_log") or {}
+    acc = log.get("rewards/accuracies")
+    margin = log.get("rewards/margins")
+    parts = [f"{card['steps']}/{card['max_steps']} steps on {card['pairs']} pairs"]
+    if isinstance(log.get("loss"), float) and math.isfinite(log["loss"]):
+        parts.append(f"loss {log['loss']:.3f}")
+    if acc is not None:
+        parts.append(f"reward accuracy {acc:.2f}")
+    if margin is not None:
+        parts.append(f"margin {margin:.3f}")
+    return ", ".join(parts)
