@@ -101,20 +101,8 @@ def test_train_openings_come_from_the_train_split_only(corpus, tmp_path, capsys)
     assert len(openings) == 6 and {o["split"] for o in openings} == {"train"}
     assert all("episode train" in o["opening"][0] for o in openings)
     assert sorted({o["episode"] for o in openings}) == [0, 1, 2]
-    rc, text, _ = run_cli(
-        capsys,
-        "openings",
-        "--data",
-        corpus,
-        "--n",
-        3,
-        "--seed",
-        1,
-        "--split",
-        "train",
-        "--out",
-        tmp_path / "t.jsonl",
-    )
+    args = f"openings --data {corpus} --n 3 --seed 1 --split train --out {tmp_path / 't.jsonl'}"
+    rc, text, _ = run_cli(capsys, *args.split())
     assert rc == 0 and "3 train episodes" in text
     with pytest.raises(JudgeError, match="--split must be train or val"):
         make_openings(corpus, 3, seed=1, split="test")
