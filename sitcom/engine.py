@@ -327,8 +327,13 @@ class SceneEngine:
         return done
 
     def _width(self, job: Job) -> int:
-        """Sequences one job writes at once: its best_of, at most a batch."""
-        return max(1, min(job.settings.best_of, self.max_batch))
+        """llama.cpp sequences one job takes at once: one per candidate of its best_of (two
+        with guidance: each candidate's twin without the opening), at most a batch."""
+        return _per_candidate(job) * self._candidates(job, self.max_batch)
+
+    def _candidates(self, job: Job, sequences: int) -> int:
+        """Candidates of a job's best_of that fit in `sequences` llama.cpp sequences."""
+        return max(1, min(job.settings.best_of, sequences // _per_candidate(job)))
 
     # ------------------------------------------------------------------ worker thread
 
@@ -428,7 +433,7 @@ class SceneEngine:
             self._finish(job, EngineError("That scene was cancelled."))
             return 0
         self._begin(job)
-        job.expected, job.candidates = min(self._width(job), batcher.capacity), []
+        job.expected, job.candidates = self._candidates(job, batcher.capacity), []
         group = job if job.settings.pick_lines and job.expected > 1 else None
         try:
             for i in range(job.expected):  # the candidates of a best-of-n job
@@ -464,7 +469,8 @@ class SceneEngine:
         rows: list[tuple[Job, int]] = []  # (job, candidate) per generate() row
         for job in batch:
             self._begin(job)
-            job.expected, job.candidates = self._width(job), []
+            # guidance runs inside generate() here, with no rows of its own
+            job.expected, job.candidates = max(1, min(job.settings.best_of, self.max_batch)), []
             rows += [(job, i) for i in range(job.expected)]
         callbacks = [self._snapshot(job, loaded) if i == 0 else None for job, i in rows]
 
@@ -595,9 +601,18 @@ def _prompt_count(prompt: str) -> int:
     return len([x for x in normalize_prompt(prompt).splitlines() if x.strip()])
 
 
+def _per_candidate(job: Job) -> int:
+    """llama.cpp sequences one candidate takes: two with guidance (sitcom.decoding.guidance)."""
+    return 2 if job.settings.guidance > 1 else 1
+
+
 def _message(error: Exception) -> str:
     if isinstance(error, ValueError) and "too long" in str(error):
         return "That opening is too long for the model; please shorten it."
+    if isinstance(error, ValueError) and "guidance needs" in str(error):
+        return (
+            "This server writes one sequence at a time, and guidance needs two: set guidance to 1."
+        )
     return "Something went wrong writing that scene; please try again."
 
 

@@ -17,6 +17,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "premise": (0.0, 3.0),  # nats added to the opening's own words (decoding.guards.PremiseBias)
     "pick_lines": (0, 1),  # 1: best_of candidates compared at every line, not as whole scenes
     "cast_turns": (0, 1),  # 1: each line's speaker from the scene's cast, taking turns (CastTurns)
+    # classifier-free guidance on the opening: 1 off; g > 1 writes from
+    # log p(x | opening) + (g - 1) * [log p(x | opening) - log p(x | no opening)]
+    "guidance": (1.0, 3.0),
 }
 
 
@@ -35,6 +38,7 @@ class SceneSettings:
     premise: float = 0.0
     cast_turns: int = 0
     pick_lines: int = 0
+    guidance: float = 1.0
 
     def validated(self) -> SceneSettings:
         """Raise ValueError naming the first field outside its range."""

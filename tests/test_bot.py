@@ -142,11 +142,14 @@ async def test_settings_ranges_and_permissions(running, tmp_path, tiny_model_dir
     assert last_reply(rec)["flags"] & EPHEMERAL
     await invoke(bot, set_temp(1.3, MANAGE))
     assert "`temperature` = 1.3" in last_reply(rec)["content"]
-    cast_turns = command_payload(
-        "settings", [subcommand("set", option("cast_turns", 1))], permissions=MANAGE
+    newest = command_payload(
+        "settings",
+        [subcommand("set", option("cast_turns", 1), option("guidance", 1.5))],
+        permissions=MANAGE,
     )
-    await invoke(bot, cast_turns)  # the newest setting, a column of migration 0007
+    await invoke(bot, newest)  # the newest settings, columns of migrations 0007 and 0010
     assert "`cast_turns` = 1" in last_reply(rec)["content"]
+    assert "`guidance` = 1.5" in last_reply(rec)["content"]
 
     await bot.close()  # a restart keeps the channel's settings
     bot, rec = await start_bot(make_config(tmp_path, tiny_model_dir))
@@ -154,7 +157,8 @@ async def test_settings_ranges_and_permissions(running, tmp_path, tiny_model_dir
         await invoke(bot, command_payload("settings", [subcommand("show")]))
         shown = last_reply(rec)["content"]
         assert "`temperature` = 1.3" in shown and "`max_new_tokens` = 16" in shown
-        assert (await bot.core.db.get_settings("discord", str(CHANNEL_ID))).cast_turns == 1
+        kept = await bot.core.db.get_settings("discord", str(CHANNEL_ID))
+        assert (kept.cast_turns, kept.guidance) == (1, 1.5)
         await invoke(bot, command_payload("settings", [subcommand("reset")], permissions=MANAGE))
         stored = await bot.core.db.get_settings("discord", str(CHANNEL_ID))
         assert stored.temperature == SceneSettings().temperature

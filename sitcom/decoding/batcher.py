@@ -14,6 +14,10 @@ picks the best and the others take it over (their own line is dropped from their
 and the winner's fed instead) before all write the next. So the best of n is chosen at every
 line instead of once for whole scenes.
 
+Guidance on the opening (`guidance` > 1, sitcom.decoding.guidance): a row has a twin
+sequence holding the same scene without its opening, fed the same tokens; both come out of
+the same llama_decode call, and the row's logits are guided by the twin's before its guards.
+
 Hand-written because llama-cpp-python's Llama class holds one sequence per context and
 transformers' generate() needs a torch model; the guards are the same objects both use.
 """
@@ -27,6 +31,7 @@ import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
+from sitcom.decoding.guidance import guide
 from sitcom.decoding.plan import DecodePlan, GeneratedScene, plan_batch
 from sitcom.decoding.sampling import sample
 from sitcom.decoding.vocab import vocab_info
@@ -49,6 +54,9 @@ class Row:
     waiting: bool = False  # at its line's end, until the group chooses
     remake: Callable[[], DecodePlan] | None = None  # a fresh plan, when it takes over a line
     synced: int = 0  # tokens its group agreed on at the last choice (the prompt, at first)
+    twin: int | None = None  # the sequence of the scene without its opening (guidance)
+    twin_pending: list[int] = field(default_factory=list)
+    twin_pos: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -105,7 +113,10 @@ class ContinuousBatcher:
         """Queue a scene into a free slot; its prompt is prefilled by the next step().
         Rows added with the same `group` (not None) are candidates of one scene chosen line
         by line. ValueError for a prompt too long for the context or when no slot is free."""
-        if not self._free:
+        guided = settings.guidance > 1
+        if guided and self.capacity < 2:
+            raise ValueError("guidance needs two llama.cpp sequences; this batcher has one")
+        if len(self._free) < 1 + guided:
             raise ValueError("every llama.cpp sequence of this batcher is busy")
 
         def remake() -> DecodePlan:
@@ -132,6 +143,9 @@ class ContinuousBatcher:
             synced=plan.prompt_len,
         )
         self.model.forget(row.seq)  # whatever an earlier scene left in this slot
+        if guided:
+            row.twin, row.twin_pending = self._free.pop(0), list(plan.lead_ids)
+            self.model.forget(row.twin)
         if streamer is not None:
             streamer.put(plan.input_ids)
         self.rows.append(row)
@@ -148,10 +162,15 @@ class ContinuousBatcher:
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
         rows = [r for r in self.rows if not r.waiting]
-        logits = torch.from_numpy(self.model.decode([(r.seq, r.pending, r.pos) for r in rows]))
+        work = [(r.seq, r.pending, r.pos) for r in rows]
+        work += [(r.twin, r.twin_pending, r.twin_pos) for r in rows if r.twin is not None]
+        logits = torch.from_numpy(self.model.decode(work))
+        twins = iter(range(len(rows), len(work)))
         scores = []
         for i, row in enumerate(rows):
             row_scores = logits[i : i + 1]
+            if row.twin is not None:
+                row_scores = guide(row_scores, logits[next(twins)][None], row.plan.guidance[0])
             # Called one by one: LogitsProcessorList inspects every processor's signature on
             # each call; ours take no extra kwargs.
             for processor in row.plan.processors:
@@ -163,6 +182,9 @@ class ContinuousBatcher:
         for i, row in enumerate(rows):
             token = int(tokens[i])
             row.pos += len(row.pending)
+            if row.twin is not None:
+                row.twin_pos += len(row.twin_pending)
+                row.twin_pending = [token]
             row.input_ids = torch.cat([row.input_ids, tokens[i : i + 1, None]], dim=1)
             if row.streamer is not None and row.group is None:
                 row.streamer.put(tokens[i : i + 1])
@@ -211,6 +233,10 @@ class ContinuousBatcher:
         row.input_ids = best.input_ids.clone()
         row.pending = theirs[start:].tolist()
         row.pos = start
+        if row.twin is not None:  # the twin re-reads the scene so far, without its opening
+            self.model.forget(row.twin)
+            row.twin_pending = row.plan.lead_ids + theirs[row.plan.prompt_len :].tolist()
+            row.twin_pos = 0
         row.plan = row.remake()  # the guards read the row's text afresh
 
     def drain(self) -> list[tuple[Row, GeneratedScene]]:
@@ -236,6 +262,8 @@ class ContinuousBatcher:
 
     def _release(self, row: Row) -> None:
         self.rows.remove(row)
-        self.model.forget(row.seq)
-        self._free.append(row.seq)
+        for seq in (row.seq, row.twin):
+            if seq is not None:
+                self.model.forget(seq)
+                self._free.append(seq)
         self._free.sort()

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from sitcom.config import sitcom_config
@@ -29,6 +29,7 @@ from sitcom.decoding.guards import (  # noqa: F401
     SceneStop,
     ScriptRepetitionPenalty,
 )
+from sitcom.decoding.guidance import RowGuidance
 from sitcom.decoding.plan import DecodePlan, GeneratedScene, plan_batch  # noqa: F401
 from sitcom.decoding.sampling import PerRowSampling  # noqa: F401
 from sitcom.decoding.streaming import LineStreamer  # noqa: F401
@@ -82,6 +83,9 @@ def generate_scenes(
         speakers=speakers,
         context_limit=getattr(model.config, "max_position_embeddings", None),
     )
+    processors = plan.processors
+    if any(g > 1 for g in plan.guidance):  # first: the guards and sampling see its logits
+        processors = [RowGuidance(plan.guidance, model, plan.lead_ids), *processors]
     if seed is not None:
         torch.manual_seed(seed)
     use_torch_threads()  # fewer threads while other processes keep the cores busy
@@ -98,7 +102,7 @@ def generate_scenes(
             **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {}),
             eos_token_id=plan.stop_ids,
             pad_token_id=plan.pad_id,
-            logits_processor=plan.processors,
+            logits_processor=LogitsProcessorList(processors),
             stopping_criteria=StoppingCriteriaList([plan.stops]),
             streamer=streamer,
         )

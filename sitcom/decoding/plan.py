@@ -48,6 +48,8 @@ class DecodePlan:
     budget: int  # the largest max_new_tokens of the batch
     processors: LogitsProcessorList
     stops: _RecordingStop
+    lead_ids: list[int]  # what every prompt starts with: a scene without its opening
+    guidance: list[float]  # per row (sitcom.decoding.guidance; 1: off)
 
     @property
     def prompt_len(self) -> int:
@@ -97,6 +99,7 @@ def plan_batch(
     row_ids = [
         tokenizer(prefix + p, add_special_tokens=not has_eot)["input_ids"] for p in prompt_texts
     ]
+    lead_ids = tokenizer(prefix, add_special_tokens=not has_eot)["input_ids"] or stop_ids[:1]
     prompt_len = max(len(ids) for ids in row_ids)
     budget = max(s.max_new_tokens for s in settings)
     if context_limit and prompt_len + budget > context_limit:
@@ -141,4 +144,6 @@ def plan_batch(
         budget,
         processors,
         _RecordingStop(rows, [scene_stop, *stopping_criteria]),
+        list(lead_ids),
+        [s.guidance for s in settings],
     )

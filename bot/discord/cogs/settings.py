@@ -24,6 +24,7 @@ DESCRIPTIONS = {
     "premise": "Keep to the opening's own words: higher stays closer (0 = off)",
     "pick_lines": "Compare the best_of scenes after every line, not at the end (1 = on)",
     "cast_turns": "Only the scene's cast speak, taking turns (1 = on)",
+    "guidance": "Keep to the opening by guidance: higher stays closer (1 = off)",
 }
 
 
@@ -44,6 +45,7 @@ BestOf = _range(int, "best_of")
 Premise = _range(float, "premise")
 PickLines = _range(int, "pick_lines")
 CastTurns = _range(int, "cast_turns")
+Guidance = _range(float, "guidance")
 
 
 @app_commands.guild_only()
@@ -79,6 +81,7 @@ class Settings(
         premise: Premise | None = None,
         pick_lines: PickLines | None = None,
         cast_turns: CastTurns | None = None,
+        guidance: Guidance | None = None,
     ) -> None:
         given = {
             k: v
@@ -93,6 +96,7 @@ class Settings(
                 "premise": premise,
                 "pick_lines": pick_lines,
                 "cast_turns": cast_turns,
+                "guidance": guidance,
             }.items()
             if v is not None
         }
