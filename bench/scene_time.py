@@ -36,7 +36,9 @@ OPENINGS = [
 
 def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
     """`MODEL@key=value,...` -> (MODEL, {key: value}); ValueError on a malformed change."""
-    model, _, changes = spec.partition("@")
+    model, at, changes = spec.rpartition("@")  # a path may hold "@"; setting names do not
+    if not at:
+        return spec, {}
     values = {}
     for item in filter(None, changes.split(",")):
         key, sep, value = item.partition("=")

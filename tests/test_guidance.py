@@ -87,6 +87,16 @@ async def test_engine_gives_each_guided_candidate_two_sequences(sharp_dir, monke
         finally:
             await engine.close()
         assert scene.candidates == candidates and len(scene.lines) >= 1
+    # two guided scenes at once: each is admitted only when its four sequences are free
+    engine = SceneEngine(str(sharp_dir), max_batch=4)
+    await engine.start()
+    try:
+        two = guided.with_changes(best_of=2)
+        jobs = [await engine.submit(PROMPT, two, f"u{i}") for i in range(2)]
+        scenes = [await job.result() for job in jobs]
+    finally:
+        await engine.close()
+    assert [s.candidates for s in scenes] == [2, 2]
     engine = SceneEngine(str(sharp_dir), max_batch=1)
     await engine.start()
     try:

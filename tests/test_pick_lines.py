@@ -89,6 +89,34 @@ def test_candidates_wait_at_each_line_and_go_on_from_the_chosen_one():
         assert row.input_ids[0, :-1].tolist() in fake.released
 
 
+def test_guided_candidates_twins_follow_the_chosen_line():
+    """With guidance each candidate has a twin sequence: the scene without its opening.
+    After every step (line choices and take-overs included) the twin holds, or is about to
+    be fed, exactly the lead and the row's own new tokens; at the end every slot is free."""
+    tok = build_tiny_tokenizer()
+    fake = FakeLlama(tok)
+    fake.max_batch = 6
+    batcher = ContinuousBatcher(fake, tok, seed=5, choose_line=lambda c, g: len(c) - 1)
+    settings = SceneSettings(max_new_tokens=90, temperature=1.0, top_k=0, top_p=1.0, guidance=2)
+    rows = [batcher.add(PROMPT, settings, tag="s", group="s") for _ in range(3)]
+    assert len({r.seq for r in rows} | {r.twin for r in rows}) == 6 and not batcher.free_slots
+    takeovers = 0
+    while batcher.rows:
+        before = [r.input_ids.clone() for r in batcher.rows]
+        live = list(batcher.rows)
+        batcher.step()
+        takeovers += sum(
+            not torch.equal(r.input_ids[0, : b.shape[1]], b[0])
+            for r, b in zip(live, before, strict=True)
+            if r in batcher.rows
+        )
+        for row in batcher.rows:
+            new = row.input_ids[0, row.plan.prompt_len :].tolist()
+            assert fake.held[row.twin] + row.twin_pending == row.plan.lead_ids + new
+    assert takeovers > 0  # a take-over happened, so the twins' refeed was exercised
+    assert batcher.free_slots == 6
+
+
 def test_a_scene_alone_in_its_group_or_without_one_never_waits():
     tok = build_tiny_tokenizer()
     fake = FakeLlama(tok)

@@ -37,17 +37,13 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor)
 
 
 class RowGuidance(UnbatchedClassifierFreeGuidanceLogitsProcessor):
-    """transformers' guidance processor with one scale per row (1: that row untouched).
-
-    The unconditional model runs without a KV cache: transformers 5.24's processor keeps
-    its cache under a keyword (`cache=`) the models no longer read, so with use_cache it
-    would see only the last token. Without one it re-reads the unconditional text each
-    step: quadratic, but this is the fallback backend and scenes are ~200 tokens.
-    """
+    """transformers' guidance processor (its own KV cache for the scene without its
+    opening: one more one-token forward a step, for the whole batch) with one scale per
+    row (1: that row untouched)."""
 
     def __init__(self, scales: Sequence[float], model, lead_ids: Sequence[int]):
         lead = torch.tensor([list(lead_ids)] * len(scales), dtype=torch.long, device=model.device)
-        super().__init__(1.0, model, unconditional_ids=lead, use_cache=False)
+        super().__init__(1.0, model, unconditional_ids=lead)
         self.scales = torch.tensor(scales, dtype=torch.float32)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
