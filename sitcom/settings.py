@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields, replace
 # (low, high) inclusive; the Discord frontend turns these into app_commands.Range.
 RANGES: dict[str, tuple[float, float]] = {
     "max_new_tokens": (16, 400),
+    "max_lines": (1, 40),  # the scene stops after this many new lines (or max_new_tokens)
     "repetition_penalty": (1.0, 5.0),  # 5.0: where the original experiment lost the format
     "temperature": (0.1, 2.0),
     "top_p": (0.05, 1.0),
@@ -29,6 +30,7 @@ class SceneSettings:
     # a milder repetition penalty and temperature than before (1.15 / 0.8) keep a scene on
     # its topic; two candidates ranked by sitcom.scenes.ranking cost ~1.5x one scene's time.
     max_new_tokens: int = 200
+    max_lines: int = 6
     repetition_penalty: float = 1.05
     temperature: float = 0.7
     top_p: float = 0.95

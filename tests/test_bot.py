@@ -144,12 +144,17 @@ async def test_settings_ranges_and_permissions(running, tmp_path, tiny_model_dir
     assert "`temperature` = 1.3" in last_reply(rec)["content"]
     newest = command_payload(
         "settings",
-        [subcommand("set", option("cast_turns", 1), option("guidance", 1.5))],
+        [
+            subcommand(
+                "set", option("cast_turns", 1), option("guidance", 1.5), option("max_lines", 9)
+            )
+        ],
         permissions=MANAGE,
     )
-    await invoke(bot, newest)  # the newest settings, columns of migrations 0007 and 0010
+    await invoke(bot, newest)  # the newest settings, columns of migrations 0007, 0010, 0011
     assert "`cast_turns` = 1" in last_reply(rec)["content"]
     assert "`guidance` = 1.5" in last_reply(rec)["content"]
+    assert "`max_lines` = 9" in last_reply(rec)["content"]
 
     await bot.close()  # a restart keeps the channel's settings
     bot, rec = await start_bot(make_config(tmp_path, tiny_model_dir))
@@ -158,7 +163,7 @@ async def test_settings_ranges_and_permissions(running, tmp_path, tiny_model_dir
         shown = last_reply(rec)["content"]
         assert "`temperature` = 1.3" in shown and "`max_new_tokens` = 16" in shown
         kept = await bot.core.db.get_settings("discord", str(CHANNEL_ID))
-        assert (kept.cast_turns, kept.guidance) == (1, 1.5)
+        assert (kept.cast_turns, kept.guidance, kept.max_lines) == (1, 1.5, 9)
         await invoke(bot, command_payload("settings", [subcommand("reset")], permissions=MANAGE))
         stored = await bot.core.db.get_settings("discord", str(CHANNEL_ID))
         assert stored.temperature == SceneSettings().temperature

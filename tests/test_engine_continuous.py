@@ -25,8 +25,13 @@ def serve_with_llamacpp(monkeypatch):
 
 
 def scene_settings(tokens: int) -> SceneSettings:
-    return SceneSettings(
-        max_new_tokens=tokens, temperature=0.1, top_k=1, repetition_penalty=1.0, best_of=1
+    return SceneSettings(  # scenes that run to their token budget: no line budget first
+        max_new_tokens=tokens,
+        max_lines=40,
+        temperature=0.1,
+        top_k=1,
+        repetition_penalty=1.0,
+        best_of=1,
     )
 
 

@@ -127,6 +127,34 @@ def test_same_scenes_as_transformers(ending_dir, looping_dir, penalty):
         assert alone[0].raw == got[1].raw
 
 
+def test_a_scene_stops_after_its_own_number_of_lines(tmp_path):
+    """max_lines: both backends stop a row right after its n-th new line, as a finished
+    scene (not cut off), each row by its own budget, whatever the token budget left."""
+    from helpers import transition_model_dir
+    from transformers import AutoModelForCausalLM
+
+    # new lines forever: `GEORGE: Serenity now!`, then `... now! What!`, `... What! What!`
+    tok = build_tiny_tokenizer()
+    cycle = tok.encode("\nGEORGE: Serenity now!")
+    (what,) = tok.encode(" What")
+    steps = [(a, b, 10.0) for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True)]
+    steps += [(cycle[-1], what, 5.0), (what, cycle[-1], 10.0)]
+    path = transition_model_dir(tmp_path / "m", tok, steps)
+    model, tok = _load(path)
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    settings = [SceneSettings(max_new_tokens=300, max_lines=n) for n in (1, 3)]
+    want = generation.generate_scenes(hf, tok, [PROMPT] * 2, settings, do_sample=False)
+    got = llamacpp.generate_scenes(model, tok, [PROMPT] * 2, settings, do_sample=False)
+    for scenes in (want, got):
+        assert [len(s.lines) - 1 for s in scenes] == [1, 3]
+        assert all(s.raw.endswith("\n") and s.finished and s.new_tokens < 300 for s in scenes)
+    assert [s.raw for s in got] == [s.raw for s in want]
+    (longer,) = llamacpp.generate_scenes(
+        model, tok, [PROMPT], SceneSettings(max_new_tokens=300, max_lines=40), do_sample=False
+    )
+    assert len(longer.lines) - 1 > 3
+
+
 def test_sampling_is_seeded(tiny_model_dir, tmp_path):
     import shutil
 

@@ -4,7 +4,8 @@ stopping criteria (so generate() runs them, and the llama.cpp loop calls them di
 - ScriptRepetitionPenalty: the usual penalty, per row, that leaves format tokens alone;
 - LoopGuard: a line may not end (newline/EOS banned) while it repeats an earlier line;
 - CastTurns: the next speaker drawn from the scene's cast, never the one who just spoke;
-- SceneStop: per-row stop at a new `[Scene: ...]` heading or the row's own token budget;
+- SceneStop: per-row stop at a new `[Scene: ...]` heading, the row's own line budget or its
+  token budget;
 - DeadlineStop: per-row stop on a timeout or cancellation.
 """
 
@@ -18,7 +19,7 @@ from transformers import LogitsProcessor, StoppingCriteria
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
 from sitcom.decoding.vocab import speaker_token_ids, vocab_info
-from sitcom.scenes.lines import has_heading, line_key
+from sitcom.scenes.lines import finished_lines, has_heading, line_key
 from sitcom.scenes.ranking import premise_words
 from sitcom.scenes.script import MAIN_CHARACTERS, speaker_of
 
@@ -286,17 +287,22 @@ class CastTurns(PrefixConstrainedLogitsProcessor):
 
 
 class SceneStop(StoppingCriteria):
-    """Per row: stop at a new scene heading or when the row's own token budget is spent."""
+    """Per row: stop at a new scene heading, after the row's own number of new lines, or
+    when its own token budget is spent."""
 
-    def __init__(self, rows: _RowText, budgets: Sequence[int]):
+    def __init__(self, rows: _RowText, budgets: Sequence[int], line_budgets: Sequence[int]):
         self.rows = rows
-        self.budgets = torch.tensor(list(budgets), dtype=torch.long)
+        self.budgets = list(budgets)
+        self.line_budgets = list(line_budgets)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         produced = input_ids.shape[1] - self.rows.prompt_len
         stop = [
-            produced >= budget or (text is not None and has_heading(text))
-            for text, budget in zip(self.rows.texts(input_ids), self.budgets.tolist(), strict=True)
+            produced >= budget
+            or (text is not None and (has_heading(text) or finished_lines(text) >= lines))
+            for text, budget, lines in zip(
+                self.rows.texts(input_ids), self.budgets, self.line_budgets, strict=True
+            )
         ]
         return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
 

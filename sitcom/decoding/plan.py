@@ -21,7 +21,7 @@ from sitcom.decoding.guards import (
 )
 from sitcom.decoding.sampling import PerRowSampling
 from sitcom.decoding.vocab import speaker_token_ids, stop_token_ids, vocab_info
-from sitcom.scenes.lines import clean_lines, has_heading
+from sitcom.scenes.lines import clean_lines, finished_lines, has_heading
 from sitcom.scenes.script import END_OF_TEXT, KNOWN_SPEAKERS, normalize_prompt, speaker_of
 from sitcom.settings import SceneSettings
 
@@ -50,6 +50,7 @@ class DecodePlan:
     stops: _RecordingStop
     lead_ids: list[int]  # what every prompt starts with: a scene without its opening
     guidance: list[float]  # per row (sitcom.decoding.guidance; 1: off)
+    max_lines: list[int]  # per row: a scene that wrote this many new lines is finished
 
     @property
     def prompt_len(self) -> int:
@@ -67,7 +68,9 @@ class DecodePlan:
                 GeneratedScene(
                     lines=clean_lines(self.prompt_texts[row], text, complete=at_eos),
                     new_tokens=end + (1 if at_eos else 0),
-                    finished=at_eos or has_heading(text),
+                    finished=at_eos
+                    or has_heading(text)
+                    or finished_lines(text) >= self.max_lines[row],
                     raw=text,
                 )
             )
@@ -133,7 +136,9 @@ def plan_batch(
     )
     if do_sample:
         processors.append(PerRowSampling(settings))
-    scene_stop = SceneStop(rows, [s.max_new_tokens for s in settings])
+    scene_stop = SceneStop(
+        rows, [s.max_new_tokens for s in settings], [s.max_lines for s in settings]
+    )
     return DecodePlan(
         prompt_texts,
         row_ids,
@@ -146,4 +151,5 @@ def plan_batch(
         _RecordingStop(rows, [scene_stop, *stopping_criteria]),
         list(lead_ids),
         [s.guidance for s in settings],
+        [s.max_lines for s in settings],
     )

@@ -68,3 +68,8 @@ def clean_lines(prompt_text: str, generated: str, complete: bool) -> list[str]:
 def has_heading(generated: str) -> bool:
     """Whether generated text started a new `[Scene: ...]` heading (the scene is over)."""
     return any(line.lstrip().startswith("[") for line in generated.split("\n"))
+
+
+def finished_lines(generated: str) -> int:
+    """How many whole (newline-ended), non-blank lines generated text holds."""
+    return sum(1 for line in generated.split("\n")[:-1] if line.strip())

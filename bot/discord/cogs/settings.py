@@ -15,6 +15,7 @@ NO_PINGS = discord.AllowedMentions.none()
 # What each setting does, for the option descriptions the Discord client shows.
 DESCRIPTIONS = {
     "max_new_tokens": "Longest scene, in tokens",
+    "max_lines": "Longest scene, in lines after the opening",
     "repetition_penalty": "Higher repeats less",
     "temperature": "Higher is wilder",
     "top_p": "Sample from this much probability mass",
@@ -36,6 +37,7 @@ def _range(kind: type, name: str):
 # Discord enforces these in its client; SceneSettings.validated() checks again on our side,
 # because a payload can come from an outdated command registration.
 MaxNewTokens = _range(int, "max_new_tokens")
+MaxLines = _range(int, "max_lines")
 RepetitionPenalty = _range(float, "repetition_penalty")
 Temperature = _range(float, "temperature")
 TopP = _range(float, "top_p")
@@ -72,6 +74,7 @@ class Settings(
         self,
         interaction: discord.Interaction,
         max_new_tokens: MaxNewTokens | None = None,
+        max_lines: MaxLines | None = None,
         repetition_penalty: RepetitionPenalty | None = None,
         temperature: Temperature | None = None,
         top_p: TopP | None = None,
@@ -87,6 +90,7 @@ class Settings(
             k: v
             for k, v in {
                 "max_new_tokens": max_new_tokens,
+                "max_lines": max_lines,
                 "repetition_penalty": repetition_penalty,
                 "temperature": temperature,
                 "top_p": top_p,
