@@ -4,7 +4,8 @@
     python -m bench.scene_time seinfeld seinfeld@best_of=4 seinfeld@guidance=1.5,best_of=2
 
 Each model writes the same six openings one at a time through the real SceneEngine with the
-default settings (best of 2, at most 200 new tokens, ranked by the shipped humour model),
+default settings (best of 2, at most 6 new lines and 200 tokens, ranked by the shipped humour
+model),
 after a warm-up, in its own process; the models take turns for `--rounds` rounds, so a
 machine that gets busier halfway hurts both. Prints the median seconds a scene of each and
 each one's ratio to the first model. `MODEL@key=value,...` serves MODEL with those settings
