@@ -433,6 +433,9 @@ class SceneEngine:
             self._finish(job, EngineError("That scene was cancelled."))
             return 0
         self._begin(job)
+        if _per_candidate(job) > batcher.capacity:  # no room for a twin: write it unguided
+            log.info("guidance needs two llama.cpp sequences, this engine has one: unguided")
+            job.settings = job.settings.with_changes(guidance=1)
         job.expected, job.candidates = self._candidates(job, batcher.capacity), []
         group = job if job.settings.pick_lines and job.expected > 1 else None
         try:
@@ -609,10 +612,6 @@ def _per_candidate(job: Job) -> int:
 def _message(error: Exception) -> str:
     if isinstance(error, ValueError) and "too long" in str(error):
         return "That opening is too long for the model; please shorten it."
-    if isinstance(error, ValueError) and "guidance needs" in str(error):
-        return (
-            "This server writes one sequence at a time, and guidance needs two: set guidance to 1."
-        )
     return "Something went wrong writing that scene; please try again."
 
 
