@@ -43,7 +43,7 @@ class SceneSettings:
     premise: float = 0.0
     cast_turns: int = 0
     pick_lines: int = 0
-    guidance: float = 1.0
+    guidance: float = 1.5
 
     def validated(self) -> SceneSettings:
         """Raise ValueError naming the first field outside its range."""

@@ -152,7 +152,8 @@ def teleprompter_model(tokenizer, text: str):
 
     def hook(module, args, kwargs, output):
         nonlocal step
-        step = 0 if kwargs["input_ids"].shape[1] > 1 else step + 1  # prefill starts over
+        if "input_ids" in kwargs:  # generate's own pass; guidance's runs positionally, same step
+            step = 0 if kwargs["input_ids"].shape[1] > 1 else step + 1  # prefill starts over
         output.logits[:, -1, ids[step % len(ids)]] += 100.0
         return output
 

@@ -12,6 +12,7 @@ import pytest
 @pytest.mark.e2e
 def test_scene_time_compares_models_in_turns(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from bench.scene_time import OPENINGS, main
+    from sitcom.settings import SceneSettings
 
     monkeypatch.setenv("SITCOM_BACKEND", "torch")
     other = str(shutil.copytree(tiny_model_dir, tmp_path / "other")) + "@best_of=1,guidance=2"
@@ -27,7 +28,8 @@ def test_scene_time_compares_models_in_turns(tiny_model_dir, tmp_path, capsys, m
     # a preset is timed with its settings (`MODEL@key=value,...`), the first with the defaults
     assert result["runs"][other][0]["settings"]["guidance"] == 2.0
     assert result["runs"][other][0]["settings"]["best_of"] == 1
-    assert result["runs"][str(tiny_model_dir)][0]["settings"]["guidance"] == 1.0
+    default = SceneSettings()
+    assert result["runs"][str(tiny_model_dir)][0]["settings"]["guidance"] == default.guidance
     assert "x the first" in capsys.readouterr().out
     assert main(["/no/such/model", "--rounds", "1", "--out", str(out)]) == 1
     assert "error: /no/such/model" in capsys.readouterr().err

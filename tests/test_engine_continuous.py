@@ -32,6 +32,7 @@ def scene_settings(tokens: int) -> SceneSettings:
         top_k=1,
         repetition_penalty=1.0,
         best_of=1,
+        guidance=1.0,  # one sequence a scene: these tests count slots
     )
 
 
@@ -204,6 +205,7 @@ async def test_best_of_n_writes_candidates_in_one_batch_and_delivers_the_ranked_
             top_p=1.0,
             repetition_penalty=1.0,
             best_of=3,
+            guidance=1.0,
         )
         scene = await (await engine.submit(PROMPT, settings)).result()
     finally:
@@ -226,8 +228,9 @@ async def test_eta_counts_every_candidate_of_the_scenes_ahead(endless_dir):
         with engine._cond:  # the queue as the estimate sees it, without running anything
             engine._finished.clear()
             engine._finished.append((100, 1.0, False))  # recent scenes: 100 tokens in 1 s
-            one = SceneSettings(max_new_tokens=100, temperature=0.1, top_k=1, best_of=1)
-            four = SceneSettings(max_new_tokens=100, temperature=0.1, top_k=1, best_of=4)
+            plain = dict(max_new_tokens=100, temperature=0.1, top_k=1, guidance=1.0)
+            one = SceneSettings(best_of=1, **plain)
+            four = SceneSettings(best_of=4, **plain)
             engine._queue.extend([Job(PROMPT, one, "a"), Job(PROMPT, one, "b")])
             assert engine._estimate(Job(PROMPT, one, "c")) == pytest.approx(1.0)  # side by side
             engine._queue.clear()

@@ -125,7 +125,8 @@ def writes_nothing_at_first(generations: int):
         model = teleprompter_model(tokenizer, "GEORGE: What is it?\nKRAMER: Giddyup!\n")
 
         def hook(module, args, kwargs, output):
-            if kwargs["input_ids"].shape[1] > 1:  # a prefill: a new generation
+            ids = kwargs.get("input_ids")  # None: guidance's unconditional pass
+            if ids is not None and ids.shape[1] > 1:  # a prefill: a new generation
                 load.generations += 1
             if load.generations <= generations:
                 output.logits[:, -1, tokenizer.eos_token_id] += 1000.0

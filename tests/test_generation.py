@@ -43,7 +43,8 @@ def scripted_model(tokenizer, text: str):
         bonus[here, there] = 100.0
 
     def hook(module, args, kwargs, output):
-        last = kwargs["input_ids"][:, -1]
+        ids = args[0] if args else kwargs["input_ids"]  # guidance calls the model positionally
+        last = ids[:, -1]
         output.logits[:, -1, :] += bonus[last]
         return output
 

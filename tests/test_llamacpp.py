@@ -112,7 +112,10 @@ def test_same_scenes_as_transformers(ending_dir, looping_dir, penalty):
     from transformers import AutoModelForCausalLM
 
     prompts = [PROMPT, "GEORGE: Serenity now!\nJERRY: Hello, Newman.", "elaine: Get out!"]
-    settings = [SceneSettings(max_new_tokens=n, repetition_penalty=penalty) for n in (30, 50, 20)]
+    settings = [  # unguided: test_guidance compares the guided twins
+        SceneSettings(max_new_tokens=n, repetition_penalty=penalty, guidance=1.0)
+        for n in (30, 50, 20)
+    ]
     for path in (ending_dir, looping_dir):
         model, tok = _load(path)
         hf = AutoModelForCausalLM.from_pretrained(path).eval()

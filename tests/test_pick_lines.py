@@ -72,7 +72,7 @@ def test_candidates_wait_at_each_line_and_go_on_from_the_chosen_one():
         return len(candidates) - 1  # never the first row: a take-over must happen
 
     batcher = ContinuousBatcher(fake, tok, seed=3, choose_line=choose_last)
-    settings = SceneSettings(max_new_tokens=120, temperature=1.0, top_k=0, top_p=1.0)
+    settings = SceneSettings(max_new_tokens=120, temperature=1.0, top_k=0, top_p=1.0, guidance=1)
     for _ in range(3):
         batcher.add(PROMPT, settings, tag="scene-1", group="scene-1")
     finished = batcher.drain()
@@ -121,7 +121,7 @@ def test_a_scene_alone_in_its_group_or_without_one_never_waits():
     tok = build_tiny_tokenizer()
     fake = FakeLlama(tok)
     batcher = ContinuousBatcher(fake, tok, seed=1, choose_line=lambda c, g: pytest.fail("chose"))
-    settings = SceneSettings(max_new_tokens=60)
+    settings = SceneSettings(max_new_tokens=60, guidance=1)
     batcher.add(PROMPT, settings, tag=1, group="alone")
     batcher.add(PROMPT, settings, tag=2)
     batcher.add(PROMPT, settings, tag=2)
