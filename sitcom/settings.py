@@ -31,8 +31,9 @@ class SceneSettings:
     # its topic; two candidates ranked by sitcom.scenes.ranking cost ~1.5x one scene's time.
     # Six new lines: readers preferred them to whole 200-token scenes (61/108 blind pairs),
     # and they take under half the time (training/EXPERIMENTS.md, eighth session). Guidance
-    # 1.5 on them won 50/72 pairs against none, at about twice their time (ninth session:
-    # 2.5 tied with 1.5, 18/36). Each guided candidate is two llama.cpp sequences.
+    # 1.5 on them won 75/108 pairs against none over three sets, at about twice their time
+    # (0.66x the SmolLM2 scene); 2 and 2.5 tied with 1.5, and repetition penalties 1.0 and
+    # 1.15 lost to 1.05 with it (ninth session). A guided candidate is two llama.cpp sequences.
     max_new_tokens: int = 200
     max_lines: int = 6
     repetition_penalty: float = 1.05
