@@ -28,12 +28,14 @@ RANGES: dict[str, tuple[float, float]] = {
 class SceneSettings:
     # The default preset (chosen by measurement, see sitcom/seinfeld_lora/MODEL_CARD.md):
     # a milder repetition penalty and temperature than before (1.15 / 0.8) keep a scene on
-    # its topic; two candidates ranked by sitcom.scenes.ranking cost ~1.5x one scene's time.
-    # Six new lines: readers preferred them to whole 200-token scenes (61/108 blind pairs),
-    # and they take under half the time (training/EXPERIMENTS.md, eighth session). Guidance
-    # 1.5 on them won 75/108 pairs against none over three sets, at about twice their time
-    # (0.66x the SmolLM2 scene); 2 and 2.5 tied with 1.5, and repetition penalties 1.0 and
-    # 1.15 lost to 1.05 with it (ninth session). A guided candidate is two llama.cpp sequences.
+    # its topic. Six new lines: readers preferred them to whole 200-token scenes (61/108
+    # blind pairs), and they take under half the time (training/EXPERIMENTS.md, eighth
+    # session). Guidance 1.5 on them won 75/108 pairs against none over three sets; 2 and
+    # 2.5 tied with 1.5, and repetition penalties 1.0 and 1.15 lost to 1.05 with it (ninth
+    # session). A guided candidate is two llama.cpp sequences. With guidance, ranking two
+    # candidates (sitcom.scenes.ranking) no longer wins readers over one (41/72 pairs for
+    # one), so one scene is written, in half the time (tenth session); channels that set
+    # best_of keep the ranker.
     max_new_tokens: int = 200
     max_lines: int = 6
     repetition_penalty: float = 1.05
@@ -41,7 +43,7 @@ class SceneSettings:
     top_p: float = 0.95
     top_k: int = 50
     min_p: float = 0.0
-    best_of: int = 2
+    best_of: int = 1
     premise: float = 0.0
     cast_turns: int = 0
     pick_lines: int = 0

@@ -10,8 +10,8 @@ import torch
 from helpers import build_tiny_model, save_tiny_model_dir, write_corpus
 
 from training.__main__ import main
-from training.judge import make_openings, write_jsonl
-from training.prefer import PreferConfig, PreferError, prefer, preference_pairs
+from training.judge import make_openings, pack, write_jsonl
+from training.prefer import PreferConfig, PreferError, judged_pairs, prefer, preference_pairs
 
 pytest.importorskip("trl")
 
@@ -156,3 +156,118 @@ def test_prefer_cli_errors_are_one_line(setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and err[0].startswith("error: ")
     assert not (tmp_path / "o").exists()
+
+
+def judged_pack(root, tmp_path, better_a: dict[str, bool], margins: dict[str, int]):
+    """A pack of two scene files over the setup's openings, judged: for each opening id,
+    whether the reader preferred A's scene, and by how many summed score points."""
+    openings = [json.loads(x) for x in (root / "openings.jsonl").read_text().splitlines()]
+    for s, line in (("a", "JERRY: A's line about {id}."), ("b", "GEORGE: B's line about {id}.")):
+        write_jsonl(
+            tmp_path / f"{s}.jsonl",
+            [
+                {
+                    "id": o["id"],
+                    "label": s,
+                    "model": "m",
+                    "settings": {},
+                    "opening": o["opening"],
+                    "lines": [line.format(id=o["id"])],
+                }
+                for o in openings
+            ],
+        )
+    key = pack([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tmp_path / "pack", seed=3, repeat=2)
+    verdicts = []
+    for pid, p in key["pairs"].items():
+        a_slot = 1 if p["scene1"] == "A" else 2
+        better = a_slot if better_a[p["opening"]] else 3 - a_slot
+        if p["repeat_of"] is not None:  # the reader changed its mind on the repeats
+            better = 3 - better
+        low = {"coherence": 1, "humour": 1, "voice": 1}
+        high = {"coherence": 1 + margins[p["opening"]], "humour": 1, "voice": 1}
+        verdicts.append(
+            {
+                "pair": int(pid),
+                "better": better,
+                "real": "none",
+                f"scene{better}": high,
+                f"scene{3 - better}": low,
+            }
+        )
+    write_jsonl(tmp_path / "pack" / "verdicts.jsonl", verdicts)
+    return openings
+
+
+def test_judged_pairs_choose_the_readers_scene_and_skip_repeats_and_close_calls(setup, tmp_path):
+    root, _, _ = setup
+    ids = [json.loads(x)["id"] for x in (root / "openings.jsonl").read_text().splitlines()]
+    better_a = {i: n % 2 == 0 for n, i in enumerate(ids)}
+    margins = {i: 1 + n % 3 for n, i in enumerate(ids)}  # 1, 2, 3, 1, ...
+    openings = judged_pack(root, tmp_path, better_a, margins)
+    pairs = judged_pairs([tmp_path / "pack"])
+    assert len(pairs) == len(openings)  # one pair per opening: repeats left out
+    by_prompt = {p["prompt"]: p for p in pairs}
+    for o in openings:
+        p = by_prompt["\n".join(o["opening"]) + "\n"]
+        winner, loser = ("A", "B") if better_a[o["id"]] else ("B", "A")
+        assert p["chosen"].endswith(f"{winner}'s line about {o['id']}.\n")
+        assert p["chosen"].split(":")[0] == {"A": "JERRY", "B": "GEORGE"}[winner]
+        assert p["rejected"].split(":")[0] == {"A": "JERRY", "B": "GEORGE"}[loser]
+    close = judged_pairs([tmp_path / "pack"], min_margin=2)
+    assert len(close) == sum(m >= 2 for m in margins.values())
+    with pytest.raises(PreferError, match="passes --min-margin"):
+        judged_pairs([tmp_path / "pack"], min_margin=4)
+
+
+def test_judged_pairs_refuse_unjudged_packs_and_mixed_modes_in_one_line(setup, tmp_path, capsys):
+    root, base, _ = setup
+    ids = [json.loads(x)["id"] for x in (root / "openings.jsonl").read_text().splitlines()]
+    judged_pack(root, tmp_path, dict.fromkeys(ids, True), dict.fromkeys(ids, 1))
+    lines = (tmp_path / "pack" / "verdicts.jsonl").read_text().splitlines()
+    (tmp_path / "pack" / "verdicts.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(PreferError, match="no verdict for pair"):
+        judged_pairs([tmp_path / "pack"])
+    for extra in (
+        ["--pack", str(tmp_path / "pack"), "--openings", str(root / "openings.jsonl")],
+        ["--pack", str(tmp_path / "pack")],
+        ["--pack", str(tmp_path / "nothing")],
+        ["--openings", str(root / "openings.jsonl")],
+    ):
+        rc = main(["prefer", *extra, "--out", str(tmp_path / "o"), "--base", str(base)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc != 0 and len(err) == 1 and err[0].startswith("error: "), (extra, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prefer_on_judged_pairs_moves_the_adapter_toward_the_readers_choice(setup, tmp_path):
+    root, base, tokenizer = setup
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = [json.loads(x)["id"] for x in (root / "openings.jsonl").read_text().splitlines()]
+    judged_pack(root, tmp_path, dict.fromkeys(ids, True), dict.fromkeys(ids, 2))
+    pairs = judged_pairs([tmp_path / "pack"])
+
+    def margin(adapter) -> float:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
+        return sum(
+            sequence_logp(model, tokenizer, p["prompt"], p["chosen"])
+            - sequence_logp(model, tokenizer, p["prompt"], p["rejected"])
+            for p in pairs
+        )
+
+    cfg = PreferConfig(
+        out=tmp_path / "out",
+        pack=[tmp_path / "pack"],
+        adapter=root / "adapter",
+        base=str(base),
+        lr=5e-3,
+        epochs=3,
+        batch_size=2,
+        grad_accum=1,
+        max_length=128,
+    )
+    card = prefer(cfg)
+    assert card["pairs"] == len(ids) and "blind reader" in card["method"]
+    assert margin(tmp_path / "out") > margin(root / "adapter") + 1.0

@@ -193,8 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     pf = sub.add_parser(
         "prefer", help="DPO: the show's next lines over the writer's own scenes (trl)"
     )
-    pf.add_argument("--openings", type=Path, required=True, help="`judge openings --split train`")
-    pf.add_argument("--scenes", type=Path, required=True, help="`judge write` for those openings")
+    pf.add_argument("--openings", type=Path, help="`judge openings --split train`")
+    pf.add_argument("--scenes", type=Path, help="`judge write` for those openings")
+    pf.add_argument(
+        "--pack",
+        type=Path,
+        action="append",
+        help="instead: a judged pack (key.json + verdicts.jsonl); the reader's choice is chosen",
+    )
+    pf.add_argument("--min-margin", type=int, default=0, help="with --pack: score lead, at least")
     pf.add_argument("--out", type=Path, required=True, help="dir for the trained adapter")
     pf.add_argument("--adapter", type=Path, default=Path("sitcom/seinfeld_lora"))
     pf.add_argument("--base", default="gemma3", help="the adapter's base: gemma3, smollm2, a dir")

@@ -17,6 +17,15 @@ writer's own scene for that opening (as the bot serves it) rejected: self-play f
 shipped adapter, trains that same adapter, and keeps a frozen copy of it as the reference
 (so beta measures the distance from today's writer, not from the base).
 
+Or the pairs come from blind readers (`--pack`, repeatable; RLAIF): two scenes of the
+writer's own for each opening, packed and judged as in training/JUDGING.md, the reader's
+preferred scene chosen and the other rejected. Those are the differences readers actually
+reward between samples of one writer, rather than the gap to the show. `--min-margin`
+keeps only pairs where the chosen scene's summed scores beat the other's by that much.
+
+    python -m training judge pack a.jsonl b.jsonl --out rl/pack1 --seed 1   # then judged
+    python -m training prefer --pack rl/pack1 --pack rl/pack2 --out runs/rlaif ...
+
 Two choices of ours: a completion is a run of script lines ending in a newline, and nothing
 more, so the DPO tokenizer's EOS is the newline (trl appends an EOS to every completion that
 does not end in one; scenes here are cut windows, not ends of text). And like `finetune`,
@@ -35,7 +44,14 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from sitcom.files import write_atomic
-from training.judge import JudgeError, load_openings, read_jsonl
+from training.judge import (
+    SCORES,
+    JudgeError,
+    load_key,
+    load_openings,
+    read_jsonl,
+    read_verdicts,
+)
 
 WORK = ".work"  # OUT.work: the Trainer's checkpoints
 
@@ -46,9 +62,11 @@ class PreferError(ValueError):
 
 @dataclass
 class PreferConfig:
-    openings: Path  # `judge openings` (prompt + the show's continuation)
-    scenes: Path  # `judge write` for those openings (the writer's own scenes)
     out: Path  # the trained adapter (peft) and prefer.json
+    openings: Path | None = None  # `judge openings` (prompt + the show's continuation)
+    scenes: Path | None = None  # `judge write` for those openings (the writer's own scenes)
+    pack: list[Path] | None = None  # judged packs (PACK/verdicts.jsonl) instead of the two
+    min_margin: int = 0  # with pack: chosen's summed scores minus the other's, at least
     adapter: Path = Path("sitcom/seinfeld_lora")  # where training starts (and the reference)
     base: str = "gemma3"
     beta: float = 0.1
@@ -89,6 +107,46 @@ def preference_pairs(openings: Path, scenes: Path) -> list[dict]:
     return pairs
 
 
+def judged_pairs(packs: list[Path], min_margin: int = 0) -> list[dict]:
+    """{prompt, chosen, rejected} per judged pair of each pack (repeats left out): the
+    scene the reader preferred chosen, the other rejected. A pair whose chosen scene's
+    summed scores (coherence + humour + voice) beat the other's by less than `min_margin`
+    is left out; so is one where a side has no lines. Verdicts: PACK/verdicts.jsonl."""
+    pairs = []
+    try:
+        for pack_dir in packs:
+            key = load_key(pack_dir)
+            verdicts = read_verdicts(pack_dir / "verdicts.jsonl", key["pairs"])
+            scenes = {
+                s: {r.get("id"): r for r in read_jsonl(Path(meta["file"]), "scenes file")}
+                for s, meta in key["systems"].items()
+            }
+            for pid, p in key["pairs"].items():
+                if p.get("repeat_of") is not None:
+                    continue
+                v = verdicts[pid]
+                win, lose = v["better"], 3 - v["better"]
+                margin = sum(v[f"scene{win}"][k] - v[f"scene{lose}"][k] for k in SCORES)
+                chosen = scenes[p[f"scene{win}"]].get(p["opening"], {})
+                rejected = scenes[p[f"scene{lose}"]].get(p["opening"], {})
+                if margin < min_margin or not chosen.get("lines") or not rejected.get("lines"):
+                    continue
+                pairs.append(
+                    {
+                        "prompt": "\n".join(chosen["opening"]) + "\n",
+                        "chosen": "\n".join(chosen["lines"]) + "\n",
+                        "rejected": "\n".join(rejected["lines"]) + "\n",
+                    }
+                )
+    except JudgeError as e:
+        raise PreferError(str(e)) from e
+    except (KeyError, TypeError) as e:
+        raise PreferError(f"{pack_dir}: its key and scene files do not match ({e})") from None
+    if not pairs:
+        raise PreferError(f"no judged pair in {', '.join(map(str, packs))} passes --min-margin")
+    return pairs
+
+
 def prefer(cfg: PreferConfig) -> dict:
     """Train, save the adapter to cfg.out, return the run's card (also OUT/prefer.json)."""
     import torch
@@ -101,7 +159,14 @@ def prefer(cfg: PreferConfig) -> dict:
 
     if cfg.out.exists() and not cfg.resume:
         raise PreferError(f"{cfg.out} exists; pass --resume to go on, or another --out")
-    pairs = preference_pairs(cfg.openings, cfg.scenes)
+    if bool(cfg.pack) == bool(cfg.openings or cfg.scenes):
+        raise PreferError("give either --openings and --scenes, or --pack (judged pairs)")
+    if cfg.pack:
+        pairs = judged_pairs(cfg.pack, cfg.min_margin)
+    elif cfg.openings and cfg.scenes:
+        pairs = preference_pairs(cfg.openings, cfg.scenes)
+    else:
+        raise PreferError("--openings and --scenes go together")
     work = cfg.out.with_name(cfg.out.name + WORK)
     last = _last_checkpoint(work) if cfg.resume else None
 
@@ -142,13 +207,18 @@ def prefer(cfg: PreferConfig) -> dict:
     trainer.model.save_pretrained(str(cfg.out), selected_adapters=["default"])
     logs = [h for h in trainer.state.log_history if "loss" in h]
     card = {
-        "method": "DPO (trl), chosen: the show's continuation, rejected: the writer's own scene",
+        "method": "DPO (trl), "
+        + (
+            "chosen: the blind reader's preferred scene of two of the writer's own"
+            if cfg.pack
+            else "chosen: the show's continuation, rejected: the writer's own scene"
+        ),
         "pairs": len(pairs),
         "steps": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
         "stopped_by_time_budget": budget.budget_hit,
         "last_log": logs[-1] if logs else None,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "settings": json.loads(json.dumps(asdict(cfg), default=str)),
     }
     write_atomic(cfg.out / "prefer.json", json.dumps(card, indent=2) + "\n")
     return card
