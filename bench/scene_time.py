@@ -9,9 +9,9 @@ above 1 ranked by the shipped humour model), after a warm-up, in its own process
 take turns for `--rounds` rounds, so a machine that gets busier halfway hurts both. Prints
 the median seconds a scene of each and each one's ratio to the first model.
 `MODEL@key=value,...` serves MODEL with those settings changed (any SceneSettings field), so
-presets are timed like models. The SmolLM2 default
-this replaced is in the cache of any machine that ran it (`~/.cache/sitcom/seinfeld-<hash>`,
-a merged checkpoint dir with model.gguf), or rebuild it from git history.
+presets are timed like models. The SmolLM2 default this replaced is in the cache of any
+machine that ran it (`~/.cache/sitcom/seinfeld-<hash>`, a merged checkpoint dir with
+model.gguf), or rebuild it from git history.
 """
 
 from __future__ import annotations
