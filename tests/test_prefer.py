@@ -53,6 +53,18 @@ def setup(tmp_path_factory):
     return root, base, tokenizer
 
 
+def tiny_config(root, base, out, **changes) -> PreferConfig:
+    """A short run from the setup's adapter: 3 epochs of batches of 2, one step each."""
+    settings = {"lr": 2e-3, "epochs": 3, "batch_size": 2, "grad_accum": 1}
+    return PreferConfig(
+        out=out, adapter=root / "adapter", base=str(base), **{**settings, **changes}
+    )
+
+
+def opening_ids(root) -> list[str]:
+    return [json.loads(x)["id"] for x in (root / "openings.jsonl").read_text().splitlines()]
+
+
 def sequence_logp(model, tokenizer, prompt: str, completion: str) -> float:
     ids = tokenizer(prompt + completion)["input_ids"]
     start = len(tokenizer(prompt)["input_ids"])
@@ -81,17 +93,8 @@ def test_prefer_moves_the_adapter_toward_the_show_and_resumes(setup, tmp_path, c
 
     root, base, tokenizer = setup
     out = tmp_path / "run"
-    cfg = PreferConfig(
-        openings=root / "openings.jsonl",
-        scenes=root / "own.jsonl",
-        out=out,
-        adapter=root / "adapter",
-        base=str(base),
-        lr=2e-3,
-        epochs=3,
-        batch_size=2,
-        grad_accum=1,
-        save_steps=4,
+    cfg = tiny_config(
+        root, base, out, openings=root / "openings.jsonl", scenes=root / "own.jsonl", save_steps=4
     )
     card = prefer(cfg)
     assert card["pairs"] == 6 and card["steps"] == card["max_steps"] == 9
@@ -201,7 +204,7 @@ def judged_pack(root, tmp_path, better_a: dict[str, bool], margins: dict[str, in
 
 def test_judged_pairs_choose_the_readers_scene_and_skip_repeats_and_close_calls(setup, tmp_path):
     root, _, _ = setup
-    ids = [json.loads(x)["id"] for x in (root / "openings.jsonl").read_text().splitlines()]
+    ids = opening_ids(root)
     better_a = {i: n % 2 == 0 for n, i in enumerate(ids)}
     margins = {i: 1 + n % 3 for n, i in enumerate(ids)}  # 1, 2, 3, 1, ...
     openings = judged_pack(root, tmp_path, better_a, margins)
@@ -222,7 +225,7 @@ def test_judged_pairs_choose_the_readers_scene_and_skip_repeats_and_close_calls(
 
 def test_judged_pairs_refuse_unjudged_packs_and_mixed_modes_in_one_line(setup, tmp_path, capsys):
     root, base, _ = setup
-    ids = [json.loads(x)["id"] for x in (root / "openings.jsonl").read_text().splitlines()]
+    ids = opening_ids(root)
     judged_pack(root, tmp_path, dict.fromkeys(ids, True), dict.fromkeys(ids, 1))
     lines = (tmp_path / "pack" / "verdicts.jsonl").read_text().splitlines()
     (tmp_path / "pack" / "verdicts.jsonl").write_text("\n".join(lines[1:]) + "\n")
@@ -245,7 +248,7 @@ def test_prefer_on_judged_pairs_moves_the_adapter_toward_the_readers_choice(setu
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    ids = [json.loads(x)["id"] for x in (root / "openings.jsonl").read_text().splitlines()]
+    ids = opening_ids(root)
     judged_pack(root, tmp_path, dict.fromkeys(ids, True), dict.fromkeys(ids, 2))
     pairs = judged_pairs([tmp_path / "pack"])
 
@@ -257,17 +260,7 @@ def test_prefer_on_judged_pairs_moves_the_adapter_toward_the_readers_choice(setu
             for p in pairs
         )
 
-    cfg = PreferConfig(
-        out=tmp_path / "out",
-        pack=[tmp_path / "pack"],
-        adapter=root / "adapter",
-        base=str(base),
-        lr=5e-3,
-        epochs=3,
-        batch_size=2,
-        grad_accum=1,
-        max_length=128,
-    )
+    cfg = tiny_config(root, base, tmp_path / "out", pack=[tmp_path / "pack"], lr=5e-3)
     card = prefer(cfg)
     assert card["pairs"] == len(ids) and "blind reader" in card["method"]
     assert margin(tmp_path / "out") > margin(root / "adapter") + 1.0
