@@ -167,6 +167,7 @@ def test_the_probe_feeds_both_backends_the_bos_the_tokenizer_adds(monkeypatch, c
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("gemma3-cache")  # shares the worker's cache with test_shipped_model
 def test_the_packaged_gemma_base_passes_the_self_test(tmp_path, monkeypatch):
     from sitcom.model import catalog
 

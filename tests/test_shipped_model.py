@@ -249,6 +249,7 @@ def test_unwritable_cache_is_a_clear_error(pair, tmp_path, monkeypatch):
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("gemma3-cache")  # one worker dequantizes Gemma for both (pyproject)
 @pytest.mark.skipif(not (SHIPPED_ADAPTER / ADAPTER_CARD).is_file(), reason="no shipped adapter")
 def test_the_shipped_adapter_matches_its_card_and_is_served_over_gemma(monkeypatch):
     """The real default: a LoRA adapter on Gemma 3 270M (sitcom/seinfeld_lora), checked
