@@ -378,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pk.add_argument("--force", action="store_true", help="replace an existing pack")
 
+    sn = js.add_parser(
+        "screen", help="before readers: each writer's BPB on the show's real continuations"
+    )
+    sn.add_argument("--openings", type=Path, required=True, help="from `judge openings`")
+    sn.add_argument(
+        "--model", action="append", required=True, help="a writer (repeat; the first is the base)"
+    )
+
     sc = js.add_parser("score", help="check a judge's verdicts and score the systems")
     sc.add_argument("pack", type=Path, help="the folder `judge pack` wrote")
     sc.add_argument("--verdicts", type=Path, required=True, help="the judge's JSON lines")
@@ -387,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     # Cheap checks first; torch and transformers take seconds to import.
+    if args.command == "judge" and args.judge_command == "screen":
+        from training.screen import screen_cli
+
+        return screen_cli(args)
     if args.command == "judge":
         from training.judge import judge_cli
 

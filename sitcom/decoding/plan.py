@@ -77,6 +77,14 @@ class DecodePlan:
         return results
 
 
+def scene_prefix(tokenizer, stop_ids: Sequence[int]) -> tuple[str, bool]:
+    """(text every scene starts with, whether it is END_OF_TEXT): episodes in the corpus
+    follow END_OF_TEXT, so a prompt after it reads as a scene start; a tokenizer without it
+    (Gemma) starts with its own special tokens (BOS) instead, added by the tokenizer."""
+    has_eot = tokenizer.convert_tokens_to_ids(END_OF_TEXT) in stop_ids
+    return (END_OF_TEXT + "\n" if has_eot else ""), has_eot
+
+
 def plan_batch(
     tokenizer,
     prompts: Sequence[str],
@@ -96,9 +104,7 @@ def plan_batch(
 
     prompt_texts = [normalize_prompt(p) for p in prompts]
     stop_ids = stop_token_ids(tokenizer)
-    # Episodes in the corpus follow END_OF_TEXT, so a prompt after it reads as a scene start.
-    has_eot = tokenizer.convert_tokens_to_ids(END_OF_TEXT) in stop_ids
-    prefix = END_OF_TEXT + "\n" if has_eot else ""
+    prefix, has_eot = scene_prefix(tokenizer, stop_ids)
     row_ids = [
         tokenizer(prefix + p, add_special_tokens=not has_eot)["input_ids"] for p in prompt_texts
     ]
