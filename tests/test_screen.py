@@ -11,6 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sitcom.decoding.plan import scene_prompt_ids
+from sitcom.decoding.vocab import stop_token_ids
 from training.__main__ import main
 from training.screen import continuation_nats, screen
 
@@ -41,7 +43,7 @@ def test_continuation_nats_are_the_models_loss_on_the_continuation_alone(tiny_mo
     text = "\n".join(r["continuation"]) + "\n"
     assert size == len(text.encode())
     # transformers' own loss, with the opening (and the lead) masked out of the labels
-    context = continuation_context_ids(tokenizer, r["opening"])
+    context = scene_prompt_ids(tokenizer, "\n".join(r["opening"]) + "\n", stop_token_ids(tokenizer))
     target = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([context + target])
     labels = torch.tensor([[-100] * len(context) + target])
@@ -51,15 +53,6 @@ def test_continuation_nats_are_the_models_loss_on_the_continuation_alone(tiny_mo
     # and the opening is context: another opening gives the same text another score
     other, _ = continuation_nats(model, tokenizer, ["NEWMAN: Hello."], r["continuation"])
     assert other != pytest.approx(nats, rel=1e-6)
-
-
-def continuation_context_ids(tokenizer, opening):
-    from sitcom.decoding.plan import scene_prefix
-    from sitcom.decoding.vocab import stop_token_ids
-
-    prefix, has_eot = scene_prefix(tokenizer, stop_token_ids(tokenizer))
-    text = prefix + "\n".join(opening) + "\n"
-    return tokenizer(text, add_special_tokens=not has_eot)["input_ids"]
 
 
 def trained_copy(src: Path, dst: Path, text: str, steps: int = 40) -> Path:

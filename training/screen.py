@@ -19,20 +19,21 @@ import torch
 from training.judge import JudgeError, load_openings
 
 
-def continuation_nats(model, tokenizer, opening: Sequence[str], continuation: Sequence[str]):
+def continuation_nats(
+    model, tokenizer, opening: Sequence[str], continuation: Sequence[str]
+) -> tuple[float, int]:
     """(nats, bytes) of the continuation's text after the opening, as a scene prompt."""
-    from sitcom.decoding.plan import scene_prefix
+    from sitcom.decoding.plan import scene_prompt_ids
     from sitcom.decoding.vocab import stop_token_ids
     from sitcom.scenes.script import normalize_prompt
 
-    prefix, has_eot = scene_prefix(tokenizer, stop_token_ids(tokenizer))
-    context = tokenizer(
-        prefix + normalize_prompt("\n".join(opening)), add_special_tokens=not has_eot
+    context = scene_prompt_ids(
+        tokenizer, normalize_prompt("\n".join(opening)), stop_token_ids(tokenizer)
     )
     text = "\n".join(continuation) + "\n"
     target = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([context["input_ids"] + target])
-    start = len(context["input_ids"])
+    ids = torch.tensor([context + target])
+    start = len(context)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, start - 1 : -1].float()
     logp = torch.log_softmax(logits, dim=-1)[torch.arange(len(target)), torch.tensor(target)]

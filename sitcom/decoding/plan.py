@@ -85,6 +85,12 @@ def scene_prefix(tokenizer, stop_ids: Sequence[int]) -> tuple[str, bool]:
     return (END_OF_TEXT + "\n" if has_eot else ""), has_eot
 
 
+def scene_prompt_ids(tokenizer, prompt_text: str, stop_ids: Sequence[int]) -> list[int]:
+    """A normalized prompt's token ids as a scene starts (after scene_prefix)."""
+    prefix, has_eot = scene_prefix(tokenizer, stop_ids)
+    return tokenizer(prefix + prompt_text, add_special_tokens=not has_eot)["input_ids"]
+
+
 def plan_batch(
     tokenizer,
     prompts: Sequence[str],
@@ -105,9 +111,7 @@ def plan_batch(
     prompt_texts = [normalize_prompt(p) for p in prompts]
     stop_ids = stop_token_ids(tokenizer)
     prefix, has_eot = scene_prefix(tokenizer, stop_ids)
-    row_ids = [
-        tokenizer(prefix + p, add_special_tokens=not has_eot)["input_ids"] for p in prompt_texts
-    ]
+    row_ids = [scene_prompt_ids(tokenizer, p, stop_ids) for p in prompt_texts]
     lead_ids = tokenizer(prefix, add_special_tokens=not has_eot)["input_ids"] or stop_ids[:1]
     prompt_len = max(len(ids) for ids in row_ids)
     budget = max(s.max_new_tokens for s in settings)
