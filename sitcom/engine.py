@@ -82,7 +82,7 @@ from sitcom.jobs import (
     clean_prompt,
 )
 from sitcom.model.catalog import DEFAULT_MODEL, LOAD_LOCK, ModelLoadError
-from sitcom.model.serving import Served, backend_of, load_served
+from sitcom.model.serving import Served, backend_of, load_amateur, load_served
 from sitcom.scenes.ranking import LineScorer, best_next_line, keep_lines, rank
 from sitcom.scenes.script import normalize_prompt
 from sitcom.settings import SceneSettings
@@ -111,6 +111,30 @@ class _Loaded:
     name: str
     backend: str  # "llamacpp": continuous batching; "torch": a batch at a time
     served: Served | None = None  # what the loader said is served (None: a custom loader)
+    _amateur: object = None
+    _tried: bool = False
+
+    def amateur(self) -> object | None:
+        """The untuned base for contrast (sitcom.decoding.contrast), loaded on first use in
+        the worker thread; None when this model has none or it could not be loaded."""
+        if not self._tried:
+            self._tried = True
+            try:
+                self._amateur = load_amateur(self.served, self.model) if self.served else None
+            except Exception:
+                log.exception("could not load the base model for contrast")
+        return self._amateur
+
+    def without_contrast(self, job: Job) -> object | None:
+        """The base for a job that asks for contrast; a job whose model has none is written
+        without it (logged), as a guided job without room for its twin is unguided."""
+        if job.settings.contrast <= 0:
+            return None
+        base = self.amateur()
+        if base is None:
+            log.info("contrast needs the untuned base of %s; it has none: without it", self.name)
+            job.settings = job.settings.with_changes(contrast=0)
+        return base
 
 
 class SceneEngine:
@@ -436,6 +460,9 @@ class SceneEngine:
         if _per_candidate(job) > batcher.capacity:  # no room for a twin: write it unguided
             log.info("guidance needs two llama.cpp sequences, this engine has one: unguided")
             job.settings = job.settings.with_changes(guidance=1)
+        base = loaded.without_contrast(job)
+        if base is not None and batcher.amateur is None:
+            batcher.amateur = base
         job.expected, job.candidates = self._candidates(job, batcher.capacity), []
         group = job if job.settings.pick_lines and job.expected > 1 else None
         try:
@@ -470,8 +497,11 @@ class SceneEngine:
         """transformers: the whole batch in one generate() call."""
         self.batch_sizes.append(len(batch))
         rows: list[tuple[Job, int]] = []  # (job, candidate) per generate() row
+        amateur = None
         for job in batch:
             self._begin(job)
+            base = loaded.without_contrast(job)
+            amateur = base if base is not None else amateur
             # guidance runs inside generate() here, with no rows of its own
             job.expected, job.candidates = max(1, min(job.settings.best_of, self.max_batch)), []
             rows += [(job, i) for i in range(job.expected)]
@@ -491,6 +521,7 @@ class SceneEngine:
                 streamer=LineStreamer(loaded.tokenizer, [j.prompt for j, _ in rows], on_lines),
                 stopping_criteria=[DeadlineStop(lambda row: self._should_stop(rows[row][0]))],
                 precision=self.precision,
+                amateur=amateur,
             )
         except Exception as e:
             if len(batch) > 1:  # isolate the job that broke it; the others still get scenes

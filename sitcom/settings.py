@@ -21,6 +21,9 @@ RANGES: dict[str, tuple[float, float]] = {
     # classifier-free guidance on the opening: 1 off; g > 1 writes from
     # log p(x | opening) + (g - 1) * [log p(x | opening) - log p(x | no opening)]
     "guidance": (1.0, 3.0),
+    # contrast with the untuned base (sitcom.decoding.contrast): 0 off; beta > 0 writes from
+    # logits + beta * [log p_tuned - log p_base] over the tuned model's plausible tokens
+    "contrast": (0.0, 2.0),
 }
 
 
@@ -48,6 +51,7 @@ class SceneSettings:
     cast_turns: int = 0
     pick_lines: int = 0
     guidance: float = 1.5
+    contrast: float = 0.0
 
     def validated(self) -> SceneSettings:
         """Raise ValueError naming the first field outside its range."""

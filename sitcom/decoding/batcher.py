@@ -18,6 +18,10 @@ Guidance on the opening (`guidance` > 1, sitcom.decoding.guidance): a row has a 
 sequence holding the same scene without its opening, fed the same tokens; both come out of
 the same llama_decode call, and the row's logits are guided by the twin's before its guards.
 
+Contrast with the untuned base (`contrast` > 0, sitcom.decoding.contrast): a second
+LlamaCppModel, the base, holds the row's scene in the same slot number and is fed the same
+tokens; its logits reach the row's Contrast processor, just before sampling.
+
 Hand-written because llama-cpp-python's Llama class holds one sequence per context and
 transformers' generate() needs a torch model; the guards are the same objects both use.
 """
@@ -39,6 +43,11 @@ from sitcom.scenes.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
 
 
+def _given(logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A Contrast source that returns this step's base logits, already decoded."""
+    return lambda _ids: logits
+
+
 @dataclass(eq=False)
 class Row:
     """One scene being written."""
@@ -57,6 +66,8 @@ class Row:
     twin: int | None = None  # the sequence of the scene without its opening (guidance)
     twin_pending: list[int] = field(default_factory=list)
     twin_pos: int = 0
+    base_pending: list[int] | None = None  # what the base model reads next (contrast)
+    base_pos: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -80,8 +91,10 @@ class ContinuousBatcher:
         speakers: Sequence[str] = KNOWN_SPEAKERS,
         slots: int | None = None,
         choose_line: Callable[[list[list[str]], object], int] | None = None,
+        amateur=None,
     ):
         self.model = model
+        self.amateur = amateur  # the untuned base, a LlamaCppModel with as many slots (contrast)
         # (rows' script lines, the opening first; their group) -> the index of the row whose
         # line to keep; by default the first (the engine passes sitcom.scenes.ranking's
         # best_next_line with its humour model).
@@ -118,6 +131,8 @@ class ContinuousBatcher:
             raise ValueError("guidance needs two llama.cpp sequences; this batcher has one")
         if len(self._free) < 1 + guided:
             raise ValueError("every llama.cpp sequence of this batcher is busy")
+        if settings.contrast > 0 and self.amateur is None:
+            raise ValueError("contrast needs the untuned base model; this model has none")
 
         def remake() -> DecodePlan:
             return plan_batch(
@@ -146,6 +161,9 @@ class ContinuousBatcher:
         if guided:
             row.twin, row.twin_pending = self._free.pop(0), list(plan.lead_ids)
             self.model.forget(row.twin)
+        if plan.contrast is not None:
+            row.base_pending = list(plan.row_ids[0])
+            self.amateur.forget(row.seq)
         if streamer is not None:
             streamer.put(plan.input_ids)
         self.rows.append(row)
@@ -165,12 +183,18 @@ class ContinuousBatcher:
         work = [(r.seq, r.pending, r.pos) for r in rows]
         work += [(r.twin, r.twin_pending, r.twin_pos) for r in rows if r.twin is not None]
         logits = torch.from_numpy(self.model.decode(work))
+        contrasted = [r for r in rows if r.base_pending is not None]
+        if contrasted:
+            base = self.amateur.decode([(r.seq, r.base_pending, r.base_pos) for r in contrasted])
+            bases = iter(torch.from_numpy(base))
         twins = iter(range(len(rows), len(work)))
         scores = []
         for i, row in enumerate(rows):
             row_scores = logits[i : i + 1]
             if row.twin is not None:
                 row_scores = guide(row_scores, logits[next(twins)][None], row.plan.guidance[0])
+            if row.base_pending is not None:
+                row.plan.contrast.source = _given(next(bases)[None])
             # Called one by one: LogitsProcessorList inspects every processor's signature on
             # each call; ours take no extra kwargs.
             for processor in row.plan.processors:
@@ -185,6 +209,9 @@ class ContinuousBatcher:
             if row.twin is not None:
                 row.twin_pos += len(row.twin_pending)
                 row.twin_pending = [token]
+            if row.base_pending is not None:
+                row.base_pos += len(row.base_pending)
+                row.base_pending = [token]
             row.input_ids = torch.cat([row.input_ids, tokens[i : i + 1, None]], dim=1)
             if row.streamer is not None and row.group is None:
                 row.streamer.put(tokens[i : i + 1])
@@ -237,6 +264,9 @@ class ContinuousBatcher:
             self.model.forget(row.twin)
             row.twin_pending = row.plan.lead_ids + theirs[row.plan.prompt_len :].tolist()
             row.twin_pos = 0
+        if row.base_pending is not None:  # the base re-reads the whole scene so far
+            self.amateur.forget(row.seq)
+            row.base_pending, row.base_pos = theirs.tolist(), 0
         row.plan = row.remake()  # the guards read the row's text afresh
 
     def drain(self) -> list[tuple[Row, GeneratedScene]]:
@@ -262,6 +292,8 @@ class ContinuousBatcher:
 
     def _release(self, row: Row) -> None:
         self.rows.remove(row)
+        if row.base_pending is not None:
+            self.amateur.forget(row.seq)
         for seq in (row.seq, row.twin):
             if seq is not None:
                 self.model.forget(seq)

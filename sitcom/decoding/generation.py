@@ -21,6 +21,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from sitcom.config import sitcom_config
+from sitcom.decoding.contrast import ModelSource
 
 # Re-exported: the names callers imported from here before the split.
 from sitcom.decoding.guards import (  # noqa: F401
@@ -70,8 +71,10 @@ def generate_scenes(
     precision: str | None = None,
     stopping_criteria: Sequence[StoppingCriteria] = (),
     speakers: Sequence[str] = KNOWN_SPEAKERS,
+    amateur=None,
 ) -> list[GeneratedScene]:
-    """One batched generate() for all prompts; settings may differ per prompt."""
+    """One batched generate() for all prompts; settings may differ per prompt. `amateur`:
+    the untuned base as a transformers model, for rows with contrast (ValueError without)."""
     if not prompts:
         return []
     plan = plan_batch(
@@ -84,6 +87,10 @@ def generate_scenes(
         context_limit=getattr(model.config, "max_position_embeddings", None),
     )
     processors = plan.processors
+    if plan.contrast is not None:
+        if amateur is None:
+            raise ValueError("contrast needs the untuned base model; this model has none")
+        plan.contrast.source = ModelSource(amateur, plan.attention_mask)
     if any(g > 1 for g in plan.guidance):  # first: the guards and sampling see its logits
         processors = [RowGuidance(plan.guidance, model, plan.lead_ids), *processors]
     if seed is not None:

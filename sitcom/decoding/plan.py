@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria
 
+from sitcom.decoding.contrast import Contrast
 from sitcom.decoding.guards import (
     CastTurns,
     LoopGuard,
@@ -51,6 +52,7 @@ class DecodePlan:
     lead_ids: list[int]  # what every prompt starts with: a scene without its opening
     guidance: list[float]  # per row (sitcom.decoding.guidance; 1: off)
     max_lines: list[int]  # per row: a scene that wrote this many new lines is finished
+    contrast: Contrast | None = None  # in `processors` when a row contrasts with the base
 
     @property
     def prompt_len(self) -> int:
@@ -144,6 +146,10 @@ def plan_batch(
             CastTurns(tokenizer, prompt_texts, [s.cast_turns for s in settings], rows, stop_ids),
         ]
     )
+    contrast = None
+    if any(s.contrast > 0 for s in settings):  # after the guards, just before sampling
+        contrast = Contrast([s.contrast for s in settings])
+        processors.append(contrast)
     if do_sample:
         processors.append(PerRowSampling(settings))
     scene_stop = SceneStop(
@@ -162,4 +168,5 @@ def plan_batch(
         list(lead_ids),
         [s.guidance for s in settings],
         [s.max_lines for s in settings],
+        contrast,
     )

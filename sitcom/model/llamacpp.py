@@ -250,10 +250,12 @@ def generate_scenes(
     do_sample: bool = True,
     stopping_criteria: Sequence[StoppingCriteria] = (),
     speakers: Sequence[str] = KNOWN_SPEAKERS,
+    amateur: LlamaCppModel | None = None,
 ) -> list[GeneratedScene]:
     """sitcom.decoding.generation.generate_scenes on llama.cpp: up to model.max_batch
     prompts written together (each row leaves the batch when it is done), settings per
-    prompt, the same guards, stops and post-processing. `streamer` and `stopping_criteria`
+    prompt, the same guards, stops and post-processing; `amateur`: the untuned base, for
+    rows with contrast. `streamer` and `stopping_criteria`
     see one row at a time: the row's index is 0 (use sitcom.decoding.batcher directly for
     per-row streamers)."""
     if not prompts:
@@ -270,7 +272,7 @@ def generate_scenes(
         raise ValueError("a streamer follows one prompt here; use sitcom.decoding.batcher per row")
     with model.lock:
         batcher = ContinuousBatcher(
-            model, tokenizer, seed=seed, do_sample=do_sample, speakers=speakers
+            model, tokenizer, seed=seed, do_sample=do_sample, speakers=speakers, amateur=amateur
         )
         for i, (prompt, s) in enumerate(zip(prompts, settings, strict=True)):
             batcher.add(prompt, s, tag=i, streamer=streamer, stopping_criteria=stopping_criteria)

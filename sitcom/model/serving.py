@@ -222,6 +222,31 @@ def load(served: Served, max_batch: int = 8, n_threads: int | None = None) -> tu
     return load_hf_model(served.hf_dir if builtin else served.name)
 
 
+def base_gguf_of(served: Served) -> Path | None:
+    """The untuned base's GGUF of a llama.cpp-served adapter checkpoint, else None."""
+    if served.backend != "llamacpp":
+        return None
+    return served.probe or (served.gguf if served.lora is not None else None)
+
+
+def load_amateur(served: Served, model) -> object | None:
+    """The untuned base `served` was fine-tuned from, on its backend, for contrast
+    (sitcom.decoding.contrast): a LlamaCppModel with `model`'s slots, or a transformers
+    model; None for a model that is no fine-tune of ours (a base, a full checkpoint)."""
+    if served.backend == "llamacpp":
+        gguf = base_gguf_of(served)
+        if gguf is None:
+            return None
+        base = LlamaCppModel(gguf, max_batch=model.max_batch, n_ctx_per_seq=model.n_ctx_per_seq)
+        if base.n_vocab != model.n_vocab:
+            base.close()
+            raise ModelLoadError(f"{gguf}: its vocabulary is not the served model's")
+        return base
+    if served.peft is None:
+        return None
+    return load_hf_model(served.hf_dir)[0]
+
+
 def load_served(
     name: str | os.PathLike | None, max_batch: int = 8
 ) -> tuple[object, object, Served]:

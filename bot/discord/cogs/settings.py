@@ -26,6 +26,7 @@ DESCRIPTIONS = {
     "pick_lines": "Compare the best_of scenes after every line, not at the end (1 = on)",
     "cast_turns": "Only the scene's cast speak, taking turns (1 = on)",
     "guidance": "Keep to the opening by guidance: higher stays closer (1 = off)",
+    "contrast": "More of what the fine-tune adds over its base: higher, more (0 = off)",
 }
 
 
@@ -48,6 +49,7 @@ Premise = _range(float, "premise")
 PickLines = _range(int, "pick_lines")
 CastTurns = _range(int, "cast_turns")
 Guidance = _range(float, "guidance")
+Contrast = _range(float, "contrast")
 
 
 @app_commands.guild_only()
@@ -85,6 +87,7 @@ class Settings(
         pick_lines: PickLines | None = None,
         cast_turns: CastTurns | None = None,
         guidance: Guidance | None = None,
+        contrast: Contrast | None = None,
     ) -> None:
         given = {
             k: v
@@ -101,6 +104,7 @@ class Settings(
                 "pick_lines": pick_lines,
                 "cast_turns": cast_turns,
                 "guidance": guidance,
+                "contrast": contrast,
             }.items()
             if v is not None
         }
