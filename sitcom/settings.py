@@ -22,7 +22,8 @@ RANGES: dict[str, tuple[float, float]] = {
     # log p(x | opening) + (g - 1) * [log p(x | opening) - log p(x | no opening)]
     "guidance": (1.0, 3.0),
     # contrast with the untuned base (sitcom.decoding.contrast): 0 off; beta > 0 writes from
-    # logits + beta * [log p_tuned - log p_base] over the tuned model's plausible tokens
+    # logits + beta * [log p_tuned - log p_base] over the tuned model's plausible tokens;
+    # off by default: 0.5 tied with it (55/108 blind pairs) at 2.4x the time
     "contrast": (0.0, 2.0),
 }
 

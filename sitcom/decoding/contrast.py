@@ -15,7 +15,8 @@ is the form readers judged.
 
 The base reads exactly the rows' contexts: llama.cpp as a second model with the same KV
 slots (sitcom.decoding.batcher), transformers as a second model with its own cache
-(ModelSource). Readers preferred it to the default in blind pairs (training/EXPERIMENTS.md,
+(ModelSource). Off by default: at beta 0.5 readers tied it with the default (55 of 108
+blind pairs over three sets) and a scene took 2.4x as long (training/EXPERIMENTS.md,
 thirteenth session).
 """
 
