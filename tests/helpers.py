@@ -385,3 +385,25 @@ def changed_globals(before: dict[tuple[object, str], object]) -> list[str]:
 def restore_globals(before: dict[tuple[object, str], object]) -> None:
     for (owner, name), function in before.items():
         setattr(owner, name, function)
+
+
+def sharp_model_dir(path, seed: int = 3):
+    """A tiny random Llama with its head scaled up, so greedy choices are far from ties
+    (llama.cpp and torch differ in the last float bits), saved with its tokenizer and
+    exported for llama.cpp; returns `path`."""
+    import torch
+
+    from training.gguf_export import export_gguf
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok, seed=seed)
+    model.config.tie_word_embeddings = False
+    with torch.no_grad():
+        rng = torch.Generator().manual_seed(seed)
+        model.lm_head.weight = torch.nn.Parameter(
+            torch.randn(model.lm_head.weight.shape, generator=rng)
+        )
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    export_gguf(path, qtype="f32")
+    return path

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PROMPT, build_tiny_model, build_tiny_tokenizer
+from helpers import PROMPT, sharp_model_dir
 
 from sitcom.decoding import generation
 from sitcom.decoding.contrast import ALPHA, contrast
 from sitcom.model.serving import Served, base_gguf_of, load_amateur
 from sitcom.settings import SceneSettings
-from training.gguf_export import export_gguf
 
 PROMPTS = [PROMPT, "GEORGE: Serenity now!\nJERRY: Hello, Newman.", "elaine: Get out!"]
 
@@ -43,28 +42,11 @@ def test_contrast_reorders_the_plausible_tokens_only():
     assert not out.isnan().any()
 
 
-def _sharp(path: Path, seed: int) -> Path:
-    """A tiny random Llama with a scaled-up head (greedy choices far from ties), for both
-    backends."""
-    tok = build_tiny_tokenizer()
-    model = build_tiny_model(tok, seed=seed)
-    model.config.tie_word_embeddings = False
-    with torch.no_grad():
-        head = torch.randn(
-            model.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed)
-        )
-        model.lm_head.weight = torch.nn.Parameter(head)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    export_gguf(path, qtype="f32")
-    return path
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(the 'tuned' model, its 'base'): two tiny models on one tokenizer."""
     root = tmp_path_factory.mktemp("contrast")
-    return _sharp(root / "tuned", 3), _sharp(root / "base", 5)
+    return sharp_model_dir(root / "tuned", 3), sharp_model_dir(root / "base", 5)
 
 
 def test_contrasted_scenes_are_the_same_on_llamacpp_and_transformers(pair):

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import PROMPT, build_tiny_model, build_tiny_tokenizer
+from helpers import PROMPT, sharp_model_dir
 
 from sitcom.decoding import generation
 from sitcom.decoding.guidance import guide
 from sitcom.settings import SceneSettings
-from training.gguf_export import export_gguf
 
 PROMPTS = [PROMPT, "GEORGE: Serenity now!\nJERRY: Hello, Newman.", "elaine: Get out!"]
 
@@ -33,19 +32,7 @@ def test_guide_is_the_model_at_1_and_weighs_by_the_openings_gain_above():
 
 @pytest.fixture(scope="module")
 def sharp_dir(tmp_path_factory):
-    """A tiny random Llama with its head scaled up, so greedy choices are far from ties
-    (llama.cpp and torch differ in the last float bits), exported for llama.cpp."""
-    tok = build_tiny_tokenizer()
-    model = build_tiny_model(tok, seed=3)
-    model.config.tie_word_embeddings = False
-    with torch.no_grad():
-        head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(3))
-        model.lm_head.weight = torch.nn.Parameter(head)
-    path = tmp_path_factory.mktemp("sharp") / "m"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    export_gguf(path, qtype="f32")
-    return path
+    return sharp_model_dir(tmp_path_factory.mktemp("sharp") / "m")
 
 
 def test_guided_scenes_are_the_same_on_llamacpp_and_transformers(sharp_dir):
