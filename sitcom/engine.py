@@ -125,7 +125,7 @@ class _Loaded:
                 log.exception("could not load the base model for contrast")
         return self._amateur
 
-    def without_contrast(self, job: Job) -> object | None:
+    def base_for(self, job: Job) -> object | None:
         """The base for a job that asks for contrast; a job whose model has none is written
         without it (logged), as a guided job without room for its twin is unguided."""
         if job.settings.contrast <= 0:
@@ -460,7 +460,7 @@ class SceneEngine:
         if _per_candidate(job) > batcher.capacity:  # no room for a twin: write it unguided
             log.info("guidance needs two llama.cpp sequences, this engine has one: unguided")
             job.settings = job.settings.with_changes(guidance=1)
-        base = loaded.without_contrast(job)
+        base = loaded.base_for(job)
         if base is not None and batcher.amateur is None:
             batcher.amateur = base
         job.expected, job.candidates = self._candidates(job, batcher.capacity), []
@@ -500,7 +500,7 @@ class SceneEngine:
         amateur = None
         for job in batch:
             self._begin(job)
-            base = loaded.without_contrast(job)
+            base = loaded.base_for(job)
             amateur = base if base is not None else amateur
             # guidance runs inside generate() here, with no rows of its own
             job.expected, job.candidates = max(1, min(job.settings.best_of, self.max_batch)), []

@@ -72,6 +72,9 @@ class ModelSource:
         self.cache = None
         self.seen = 0
         self.last = None  # each row's last position
+        # transformers 5 renames past_key_values to cache (the old name warns, then goes)
+        params = inspect.signature(model.forward).parameters
+        self.kv_name = "cache" if "cache" in params else "past_key_values"
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         new = input_ids[:, self.seen :]
@@ -80,12 +83,10 @@ class ModelSource:
         else:
             self.mask = torch.cat([self.mask, torch.ones_like(new)], dim=1)
             pos = self.last + torch.arange(1, new.shape[1] + 1, device=new.device)
-        # transformers 5 renames past_key_values to cache (the old name warns, then goes)
-        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else None
-        kv = {name or "past_key_values": self.cache}
+        kv = {self.kv_name: self.cache}
         out = self.model(
             input_ids=new, attention_mask=self.mask, position_ids=pos, use_cache=True, **kv
         )
-        self.cache = out["cache"] if name else out["past_key_values"]
+        self.cache = out[self.kv_name]
         self.seen, self.last = input_ids.shape[1], pos[:, -1:]
         return out.logits[:, -1].float()
