@@ -18,6 +18,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REAL_CACHE = os.environ.get("SITCOM_CACHE")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse a pytest/pytest-xdist pair under which `--dist loadgroup` silently stops
+    grouping (pytest 9.2 with xdist up to 3.8: pytest-xdist#1386): each worker would then build
+    what an xdist_group was meant to share (the real Gemma's dequantization alone is minutes)."""
+    from importlib.metadata import version
+
+    def parts(name: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in version(name).split(".")[:2] if p.isdigit())
+
+    if config.getoption("dist", "no") != "loadgroup" or hasattr(config, "workerinput"):
+        return
+    if parts("pytest") >= (9, 2) and parts("pytest-xdist") <= (3, 8):
+        raise pytest.UsageError(
+            f"pytest {version('pytest')} with pytest-xdist {version('pytest-xdist')} ignores "
+            "xdist_group (pytest-xdist#1386): pip install 'pytest<9.2' (pyproject's dev extra)"
+        )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
     """SITCOM_CACHE points at a temp folder for the whole session (subprocesses inherit it),

@@ -10,6 +10,9 @@ from data.prepare import Options, episodes_text, prepare, write_outputs
 from data.split import split_episodes
 from sitcom.scenes.script import END_OF_TEXT, is_well_formed
 
+# One worker runs the module, so the module-scoped prepare (~30 s) happens once (pyproject).
+pytestmark = pytest.mark.xdist_group("real-corpus")
+
 NOT_EPISODES = [
     "Highlights-of-100-1.txt",
     "Highlights-of-100-2.txt",

@@ -192,7 +192,8 @@ def prefer(cfg: PreferConfig) -> dict:
         seed=cfg.seed,
         report_to=[],
         bf16=False,
-        gradient_checkpointing=False,  # 270M and 4 sequences fit; recomputing costs time
+        activation_checkpointing=False,  # 270M and 4 sequences fit; recomputing costs time
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for a GPU's copies
         disable_tqdm=True,
     )
     budget = TimeBudget(cfg.time_budget * 3600)
