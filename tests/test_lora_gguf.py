@@ -621,3 +621,22 @@ def test_a_default_shipped_with_its_corpus_vocabulary_is_served_with_that_head(
     keep = vocab["ids"]
     assert np.abs(got[:, keep] - logits(merged_bf16, ids)[:, keep]).max() < 1e-3
     assert np.isneginf(np.delete(got, keep, axis=1)).all()
+
+
+def test_base_facts_come_from_the_metadata_and_a_non_gguf_is_one_line(tiny_model_dir, tmp_path):
+    from sitcom.model.lora_gguf import base_gguf_facts
+    from training.gguf_export import export_gguf
+
+    source = export_gguf(tiny_model_dir, tmp_path / "tiny.gguf", qtype="f32")
+    facts = base_gguf_facts(source)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert facts["arch"] == "llama"
+    assert facts["blocks"] == config["num_hidden_layers"]
+    assert facts["heads"] == config["num_attention_heads"]
+    assert facts["kv_heads"] == config.get("num_key_value_heads", config["num_attention_heads"])
+    assert "token_embd.weight" in facts["tensors"] and "blk.0.attn_q.weight" in facts["tensors"]
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"not a model at all, just text" * 4)
+    with pytest.raises(ModelLoadError, match="is not a GGUF model") as err:
+        base_gguf_facts(bad)
+    assert "\n" not in str(err.value)

@@ -164,3 +164,33 @@ def test_models_loaded_in_threads_at_once_leave_transformers_as_it_was(tiny_mode
         assert [n for n, p in model.named_parameters() if p.is_meta] == []
     finally:  # a failure here must not poison the tests after it
         restore_globals(before)
+
+
+def test_a_gguf_is_dequantized_from_one_parse_into_the_same_model(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """transformers' GGUF path builds gguf.GGUFReader three times a load (config, tokenizer,
+    weights); a build parses the file once (minutes saved on Gemma's 262k-token vocabulary),
+    computes what the GGUF's model computes, and leaves gguf.GGUFReader as it found it."""
+    import gguf
+
+    from sitcom.model import catalog
+    from training.gguf_export import export_gguf
+
+    source = export_gguf(tiny_model_dir, tmp_path / "g" / "tiny.gguf", qtype="f32")
+    parsed = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(path)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    built = catalog._dequantized_dir(lambda: source, tmp_path / "hf")
+    assert len(parsed) == 1
+    assert gguf.GGUFReader is Counting
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        want = load_model(tiny_model_dir)[0](ids).logits
+        got = load_model(built)[0](ids).logits
+    torch.testing.assert_close(got, want)
