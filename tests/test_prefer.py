@@ -264,3 +264,102 @@ def test_prefer_on_judged_pairs_moves_the_adapter_toward_the_readers_choice(setu
     card = prefer(cfg)
     assert card["pairs"] == len(ids) and "blind reader" in card["method"]
     assert margin(tmp_path / "out") > margin(root / "adapter") + 1.0
+
+
+def served_adapter(root, tmp_path, tokenizer, texts: list[str], drop: str | None = None):
+    """A copy of the setup's adapter with a served_vocab.json of the tokens `texts` use (and
+    the special tokens), less the tokens of `drop`."""
+    import shutil
+
+    from sitcom.model.gguf_vocab import write_served_vocab
+
+    ids = {i for t in texts for i in tokenizer(t)["input_ids"]} | set(tokenizer.all_special_ids)
+    if drop is not None:
+        ids -= set(tokenizer(drop, add_special_tokens=False)["input_ids"])
+    adapter = tmp_path / "served_adapter"
+    shutil.copytree(root / "adapter", adapter)
+    write_served_vocab(adapter / "served_vocab.json", sorted(ids), len(tokenizer))
+    return adapter, torch.tensor(sorted(ids))
+
+
+def test_the_cut_vocabulary_computes_the_served_rows_of_the_same_model(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from training.prefer import cut_vocab
+
+    root, base, tokenizer = setup
+    text = "JERRY: Serenity now, it's line 3.\nGEORGE: Okay.\n"
+    _, keep = served_adapter(root, tmp_path, tokenizer, [text])
+    full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    cut = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    cut_vocab(cut, keep)
+    assert cut.get_output_embeddings().weight.shape[0] == len(keep) < len(tokenizer)
+    ids = tokenizer(text)["input_ids"]
+    row = {t: r for r, t in enumerate(keep.tolist())}
+    with torch.no_grad():
+        want = full(torch.tensor([ids])).logits[..., keep]
+        got = cut(torch.tensor([[row[t] for t in ids]])).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_prefer_trains_the_served_vocabulary_and_saves_an_adapter_for_the_whole_model(
+    setup, tmp_path, capsys
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root, base, tokenizer = setup
+    pairs = preference_pairs(root / "openings.jsonl", root / "own.jsonl")
+    texts = [p[k] for p in pairs for k in ("prompt", "chosen", "rejected")] + ["\n"]
+    adapter, keep = served_adapter(root, tmp_path, tokenizer, texts)
+    common = {"openings": root / "openings.jsonl", "scenes": root / "own.jsonl"}
+    card = prefer(
+        PreferConfig(
+            out=tmp_path / "run",
+            adapter=adapter,
+            base=str(base),
+            lr=2e-3,
+            epochs=3,
+            batch_size=2,
+            grad_accum=1,
+            sft_weight=0.5,
+            **common,
+        )
+    )
+    assert card["head_rows"] == len(keep) < len(tokenizer)
+    served = (tmp_path / "run" / "served_vocab.json").read_text()
+    assert served == (adapter / "served_vocab.json").read_text()  # the head it was trained for
+    assert card["precision"] in ("bf16", "fp32") and card["steps"] == 9
+
+    def margins(path) -> list[float]:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(path))
+        return [
+            sequence_logp(model, tokenizer, p["prompt"], p["chosen"])
+            - sequence_logp(model, tokenizer, p["prompt"], p["rejected"])
+            for p in pairs
+        ]
+
+    # saved for the whole model: it loads on the full base and moved toward the chosen side
+    assert all(a > b for a, b in zip(margins(tmp_path / "run"), margins(adapter), strict=True))
+
+    # a pair with a token the served vocabulary lacks is one line, and nothing is written
+    lacking, _ = served_adapter(root, tmp_path / "x", tokenizer, texts, drop="NEWMAN")
+    rc = main(
+        [
+            "prefer",
+            "--openings",
+            str(root / "openings.jsonl"),
+            "--scenes",
+            str(root / "own.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--adapter",
+            str(lacking),
+            "--base",
+            str(base),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()  # after the loading progress bars
+    assert rc == 2 and err[-1].startswith("error: ") and "--full-vocab" in err[-1], err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "o").exists()

@@ -213,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--max-length", type=int, default=512, help="tokens of prompt + completion")
     pf.add_argument("--seed", type=int, default=0)
     pf.add_argument("--save-steps", type=int, default=25)
+    pf.add_argument(
+        "--full-vocab",
+        action="store_true",
+        help="train the whole head even when the adapter has served_vocab.json",
+    )
+    pf.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    pf.add_argument(
+        "--sft-weight", type=float, default=0.0, help="add trl's sft loss on the chosen side"
+    )
     pf.add_argument("--time-budget", type=float, default=0.0, help="hours; 0 = none")
     pf.add_argument("--resume", action="store_true", help="go on from OUT.work's last save")
     pf.set_defaults(data=None)
