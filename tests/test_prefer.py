@@ -302,6 +302,25 @@ def test_the_cut_vocabulary_computes_the_served_rows_of_the_same_model(setup, tm
     torch.testing.assert_close(got, want)
 
 
+def test_pairs_map_into_the_kept_rows_and_one_with_a_cut_token_is_left_out():
+    from datasets import Dataset
+
+    from training.prefer import to_kept_ids
+
+    keep = torch.tensor([0, 2, 5, 7])
+    rows = [
+        {"prompt_ids": [0, 5], "chosen_ids": [7, 2], "rejected_ids": [5]},
+        {"prompt_ids": [0, 5], "chosen_ids": [7, 3], "rejected_ids": [5]},  # 3 is cut
+        {"prompt_ids": [2], "chosen_ids": [9], "rejected_ids": [0]},  # 9 is past the vocabulary
+    ]
+    kept, outside = to_kept_ids(Dataset.from_list(rows), keep, full_size=8)
+    assert outside == 2 and kept.to_list() == [
+        {"prompt_ids": [0, 2], "chosen_ids": [3, 1], "rejected_ids": [2]}
+    ]
+    with pytest.raises(PreferError, match="--full-vocab"):
+        to_kept_ids(Dataset.from_list(rows[1:]), keep, full_size=8)
+
+
 def test_prefer_trains_the_served_vocabulary_and_saves_an_adapter_for_the_whole_model(
     setup, tmp_path, capsys
 ):
@@ -327,6 +346,7 @@ def test_prefer_trains_the_served_vocabulary_and_saves_an_adapter_for_the_whole_
         )
     )
     assert card["head_rows"] == len(keep) < len(tokenizer)
+    assert card["pairs"] == 6 and card["pairs_outside_served_vocab"] == 0
     served = (tmp_path / "run" / "served_vocab.json").read_text()
     assert served == (adapter / "served_vocab.json").read_text()  # the head it was trained for
     assert card["precision"] in ("bf16", "fp32") and card["steps"] == 9
@@ -342,8 +362,9 @@ def test_prefer_trains_the_served_vocabulary_and_saves_an_adapter_for_the_whole_
     # saved for the whole model: it loads on the full base and moved toward the chosen side
     assert all(a > b for a, b in zip(margins(tmp_path / "run"), margins(adapter), strict=True))
 
-    # a pair with a token the served vocabulary lacks is one line, and nothing is written
-    lacking, _ = served_adapter(root, tmp_path / "x", tokenizer, texts, drop="NEWMAN")
+    # a pair with a token the served vocabulary lacks is left out; all of them: one line
+    lacking, _ = served_adapter(root, tmp_path / "x", tokenizer, texts, drop="Serenity")
+    # (every opening has it; the rejected scenes do not, see setup)
     rc = main(
         [
             "prefer",
