@@ -393,3 +393,29 @@ def test_finetune_with_corpus_vocab_reports_full_vocabulary_bpb(
     after = evaluate(str(out), corpus_dir, samples=0, eval_tokens=0)["val"]
     assert after["bpb"] < before["bpb"]  # it learned, measured over the whole vocabulary
     assert after["loss"] == pytest.approx(card["val_loss"], rel=1e-4)  # evals were full-vocab
+
+
+def test_eval_batches_shrink_until_their_logits_fit(tiny_model_dir, monkeypatch):
+    """Gemma's whole head at 4 x 2048 tokens is 8.6 GB of logits a copy (OOM-killed on the
+    24 GB machines): the batch shrinks to what fits, and the sums stay the same."""
+    from sitcom.model.catalog import load_model
+    from training import evaluate
+    from training.evaluate import eval_batch_size, val_metrics
+
+    assert eval_batch_size(4, 2048, 262_144) == 1  # Gemma at the card's 2048
+    assert eval_batch_size(4, 2048, 49_152) == 4  # SmolLM2: 1.6 GB
+    assert eval_batch_size(4, 1024, 262_144) == 2
+    assert eval_batch_size(4, 1 << 20, 1 << 20) == 1  # never below one sequence
+    model, tok = load_model(tiny_model_dir)
+    episodes = [EPISODE[:700]]
+    want = val_metrics(model, tok, episodes, block_size=40, batch_size=3)
+    seen = []
+    monkeypatch.setattr(evaluate, "LOGITS_BUDGET", 40 * len(tok) * 4)  # one block's logits
+    real = evaluate.TrainingArguments
+    monkeypatch.setattr(
+        evaluate,
+        "TrainingArguments",
+        lambda **kw: seen.append(kw["per_device_eval_batch_size"]) or real(**kw),
+    )
+    got = val_metrics(model, tok, episodes, block_size=40, batch_size=3)
+    assert seen == [1] and got["loss"] == pytest.approx(want["loss"], rel=1e-5)

@@ -40,8 +40,23 @@ PROMPTS: tuple[str, ...] = (
 )
 
 
+# Bytes of one batch's fp32 logits at most. The eval loop holds a few copies of them at once
+# (the model's logits, its own loss's log-softmax, block_nats'): Gemma's 262,144-token head at
+# 4 x 2048 tokens is 8.6 GB a copy, which the 24 GB machines do not survive (OOM-killed, no
+# message). Fewer sequences a batch give the same sums.
+LOGITS_BUDGET = 2**31
+
+
+def eval_batch_size(requested: int, block_size: int, vocab_size: int) -> int:
+    """`requested`, lowered until a batch's logits fit LOGITS_BUDGET (never below 1)."""
+    return max(1, min(requested, LOGITS_BUDGET // (block_size * vocab_size * 4)))
+
+
 def val_metrics(model, tokenizer, episodes: list[str], block_size: int, batch_size: int) -> dict:
-    """nll/ppl/bpb over the episodes, with the same eval code finetune uses."""
+    """nll/ppl/bpb over the episodes, with the same eval code finetune uses (the batch made
+    smaller where its logits would not fit: eval_batch_size)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch_size = eval_batch_size(batch_size, block_size, vocab)
     dataset = pack_eval(token_stream(episodes, tokenizer), block_size, block_lead(tokenizer))
     with tempfile.TemporaryDirectory(prefix="sitcom-eval-") as tmp:
         args = TrainingArguments(
