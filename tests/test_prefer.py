@@ -61,6 +61,14 @@ def tiny_config(root, base, out, **changes) -> PreferConfig:
     )
 
 
+def prefer_cli(root, out, adapter, base) -> int:
+    """`python -m training prefer` on the setup's openings and own scenes."""
+    return main(
+        ["prefer", "--openings", str(root / "openings.jsonl"), "--scenes", str(root / "own.jsonl"),
+         "--out", str(out), "--adapter", str(adapter), "--base", str(base)]
+    )  # fmt: skip
+
+
 def opening_ids(root) -> list[str]:
     return [json.loads(x)["id"] for x in (root / "openings.jsonl").read_text().splitlines()]
 
@@ -120,21 +128,7 @@ def test_prefer_moves_the_adapter_toward_the_show_and_resumes(setup, tmp_path, c
 
     # An existing OUT needs --resume; with it the run goes on from OUT.work's last save.
     capsys.readouterr()
-    rc = main(
-        [
-            "prefer",
-            "--openings",
-            str(root / "openings.jsonl"),
-            "--scenes",
-            str(root / "own.jsonl"),
-            "--out",
-            str(out),
-            "--adapter",
-            str(root / "adapter"),
-            "--base",
-            str(base),
-        ]
-    )
+    rc = prefer_cli(root, out, root / "adapter", base)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "pass --resume" in err[0]
     more = prefer(PreferConfig(**{**cfg.__dict__, "epochs": 4, "resume": True}))
@@ -365,21 +359,7 @@ def test_prefer_trains_the_served_vocabulary_and_saves_an_adapter_for_the_whole_
     # a pair with a token the served vocabulary lacks is left out; all of them: one line
     lacking, _ = served_adapter(root, tmp_path / "x", tokenizer, texts, drop="Serenity")
     # (every opening has it; the rejected scenes do not, see setup)
-    rc = main(
-        [
-            "prefer",
-            "--openings",
-            str(root / "openings.jsonl"),
-            "--scenes",
-            str(root / "own.jsonl"),
-            "--out",
-            str(tmp_path / "o"),
-            "--adapter",
-            str(lacking),
-            "--base",
-            str(base),
-        ]
-    )
+    rc = prefer_cli(root, tmp_path / "o", lacking, base)
     err = capsys.readouterr().err.strip().splitlines()  # after the loading progress bars
     assert rc == 2 and err[-1].startswith("error: ") and "--full-vocab" in err[-1], err[-1]
     assert not any("Traceback" in line for line in err)
