@@ -26,6 +26,9 @@ keeps only pairs where the chosen scene's summed scores beat the other's by that
     python -m training judge pack a.jsonl b.jsonl --out rl/pack1 --seed 1   # then judged
     python -m training prefer --pack rl/pack1 --pack rl/pack2 --out runs/rlaif ...
 
+Two rounds of that (the second on scenes of the first round's writer) made the shipped
+default (training/make_default.sh; training/EXPERIMENTS.md, fifteenth session).
+
 Two speedups, the same model: when the adapter has a `served_vocab.json` (`training ship
 --served-vocab`), the model trains with only those rows of its embedding and head, which is
 the distribution the bot serves (llama.cpp gives every other token -inf). trl computes a
