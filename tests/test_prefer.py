@@ -215,6 +215,11 @@ def test_judged_pairs_choose_the_readers_scene_and_skip_repeats_and_close_calls(
     assert len(close) == sum(m >= 2 for m in margins.values())
     with pytest.raises(PreferError, match="passes --min-margin"):
         judged_pairs([tmp_path / "pack"], min_margin=4)
+    # two identical samples (it happens at temperature 0.7) teach nothing: left out
+    rows = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    rows[0]["lines"] = [f"JERRY: A's line about {rows[0]['id']}."]
+    write_jsonl(tmp_path / "b.jsonl", rows)
+    assert len(judged_pairs([tmp_path / "pack"])) == len(openings) - 1
 
 
 def test_judged_pairs_refuse_unjudged_packs_and_mixed_modes_in_one_line(setup, tmp_path, capsys):

@@ -128,7 +128,8 @@ def judged_pairs(packs: list[Path], min_margin: int = 0) -> list[dict]:
     """{prompt, chosen, rejected} per judged pair of each pack (repeats left out): the
     scene the reader preferred chosen, the other rejected. A pair whose chosen scene's
     summed scores (coherence + humour + voice) beat the other's by less than `min_margin`
-    is left out; so is one where a side has no lines. Verdicts: PACK/verdicts.jsonl."""
+    is left out; so is one where a side has no lines or both sides are the same. Verdicts:
+    PACK/verdicts.jsonl."""
     pairs = []
     try:
         for pack_dir in packs:
@@ -146,7 +147,12 @@ def judged_pairs(packs: list[Path], min_margin: int = 0) -> list[dict]:
                 margin = sum(v[f"scene{win}"][k] - v[f"scene{lose}"][k] for k in SCORES)
                 chosen = scenes[p[f"scene{win}"]].get(p["opening"], {})
                 rejected = scenes[p[f"scene{lose}"]].get(p["opening"], {})
-                if margin < min_margin or not chosen.get("lines") or not rejected.get("lines"):
+                if (
+                    margin < min_margin
+                    or not chosen.get("lines")
+                    or not rejected.get("lines")
+                    or chosen["lines"] == rejected["lines"]  # two identical samples: no signal
+                ):
                     continue
                 pairs.append(
                     {
