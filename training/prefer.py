@@ -314,7 +314,7 @@ def cut_vocab(model, keep) -> None:
 def to_kept_ids(dataset, keep, full_size: int):
     """(trl's tokenized pairs with each full-vocabulary id replaced by its row in `keep`, how
     many pairs were left out for a token outside it). Text retokenized across line breaks
-    can merge into a token the writer never emits (3 of 302 pairs of Gemma's); PreferError
+    can merge into a token the writer never emits (2 of 275 pairs in round 1); PreferError
     when no pair is left."""
     index = [-1] * full_size
     for row, token in enumerate(keep.tolist()):
