@@ -265,6 +265,47 @@ def test_prefer_on_judged_pairs_moves_the_adapter_toward_the_readers_choice(setu
     assert margin(tmp_path / "out") > margin(root / "adapter") + 1.0
 
 
+def test_prefer_mixes_judged_pairs_with_the_shows_and_moves_both(setup, tmp_path):
+    """--pack with --openings/--scenes: the readers' pairs and the show-over-writer pairs in
+    one run; the card counts each kind, and both kinds are learnt."""
+    root, base, tokenizer = setup
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = opening_ids(root)
+    judged_pack(root, tmp_path, dict.fromkeys(ids, True), dict.fromkeys(ids, 2))
+    judged = judged_pairs([tmp_path / "pack"])
+    show = preference_pairs(root / "openings.jsonl", root / "own.jsonl")
+
+    def margin(adapter, pairs) -> float:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
+        return sum(
+            sequence_logp(model, tokenizer, p["prompt"], p["chosen"])
+            - sequence_logp(model, tokenizer, p["prompt"], p["rejected"])
+            for p in pairs
+        )
+
+    cfg = tiny_config(
+        root, base, tmp_path / "out", pack=[tmp_path / "pack"], lr=5e-3,
+        openings=root / "openings.jsonl", scenes=root / "own.jsonl",
+    )  # fmt: skip
+    card = prefer(cfg)
+    assert (card["pairs_judged"], card["pairs_show"]) == (len(judged), len(show)) == (6, 6)
+    assert card["pairs"] == 12 and card["steps"] == 18  # 3 epochs of 6 batches of 2
+    assert "blind reader" in card["method"] and "the show's continuation" in card["method"]
+    # each kind was trained on: it gains more than in a run on the other kind alone
+    prefer(tiny_config(root, base, tmp_path / "judged", pack=[tmp_path / "pack"], lr=5e-3))
+    prefer(tiny_config(root, base, tmp_path / "show", lr=5e-3, openings=root / "openings.jsonl",
+                       scenes=root / "own.jsonl"))  # fmt: skip
+    # (the show's pairs, far apart, dominate the mixed batches' gradients: a smaller gain)
+    assert margin(tmp_path / "out", judged) > margin(tmp_path / "show", judged) + 0.3
+    assert margin(tmp_path / "out", show) > margin(tmp_path / "judged", show) + 1.0
+    # --scenes without --openings is still one line, not a half-mixed run
+    with pytest.raises(PreferError, match="go together"):
+        prefer(tiny_config(root, base, tmp_path / "o2", pack=[tmp_path / "pack"],
+                           scenes=root / "own.jsonl"))  # fmt: skip
+
+
 def served_adapter(root, tmp_path, tokenizer, texts: list[str], drop: str | None = None):
     """A copy of the setup's adapter with a served_vocab.json of the tokens `texts` use (and
     the special tokens), less the tokens of `drop`."""

@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pack",
         type=Path,
         action="append",
-        help="instead: a judged pack (key.json + verdicts.jsonl); the reader's choice is chosen",
+        help="a judged pack (key.json + verdicts.jsonl), the reader's choice chosen; "
+        "alone or mixed with --openings/--scenes",
     )
     pf.add_argument("--min-margin", type=int, default=0, help="with --pack: score lead, at least")
     pf.add_argument("--out", type=Path, required=True, help="dir for the trained adapter")

@@ -26,6 +26,10 @@ keeps only pairs where the chosen scene's summed scores beat the other's by that
     python -m training judge pack a.jsonl b.jsonl --out rl/pack1 --seed 1   # then judged
     python -m training prefer --pack rl/pack1 --pack rl/pack2 --out runs/rlaif ...
 
+Both kinds can go into one run (`--pack` with `--openings`/`--scenes`): the readers' pairs
+teach what they reward, the show's pairs (with `--sft-weight`, likelihood on the show's own
+lines) hold the writer to the show, which is what val BPB measures.
+
 Two rounds of that (the second on scenes of the first round's writer) made the shipped
 default (training/make_default.sh; training/EXPERIMENTS.md, fifteenth session).
 
@@ -184,14 +188,13 @@ def prefer(cfg: PreferConfig) -> dict:
 
     if cfg.out.exists() and not cfg.resume:
         raise PreferError(f"{cfg.out} exists; pass --resume to go on, or another --out")
-    if bool(cfg.pack) == bool(cfg.openings or cfg.scenes):
-        raise PreferError("give either --openings and --scenes, or --pack (judged pairs)")
-    if cfg.pack:
-        pairs = judged_pairs(cfg.pack, cfg.min_margin)
-    elif cfg.openings and cfg.scenes:
-        pairs = preference_pairs(cfg.openings, cfg.scenes)
-    else:
+    if not (cfg.pack or cfg.openings or cfg.scenes):
+        raise PreferError("give --openings and --scenes, or --pack (judged pairs), or both")
+    if bool(cfg.openings) != bool(cfg.scenes):
         raise PreferError("--openings and --scenes go together")
+    judged = judged_pairs(cfg.pack, cfg.min_margin) if cfg.pack else []
+    show = preference_pairs(cfg.openings, cfg.scenes) if cfg.openings and cfg.scenes else []
+    pairs = judged + show  # both kinds given: mixed (shuffled by the Trainer's sampler)
     work = cfg.out.with_name(cfg.out.name + WORK)
     last = _last_checkpoint(work) if cfg.resume else None
 
@@ -254,12 +257,17 @@ def prefer(cfg: PreferConfig) -> dict:
     runtime = [h["train_runtime"] for h in trainer.state.log_history if "train_runtime" in h]
     card = {
         "method": "DPO (trl), "
-        + (
-            "chosen: the blind reader's preferred scene of two of the writer's own"
-            if cfg.pack
-            else "chosen: the show's continuation, rejected: the writer's own scene"
+        + "; ".join(
+            what
+            for what, given in (
+                ("chosen: the blind reader's preferred scene of two of the writer's own", cfg.pack),
+                ("chosen: the show's continuation, rejected: the writer's own scene", cfg.openings),
+            )
+            if given
         ),
         "pairs": len(pairs) - outside,
+        "pairs_judged": len(judged),  # before the served-vocabulary cut
+        "pairs_show": len(show),
         "pairs_outside_served_vocab": outside,
         "head_rows": int(trainer.model.get_output_embeddings().weight.shape[0]),
         "precision": precision,
