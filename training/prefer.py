@@ -28,7 +28,8 @@ keeps only pairs where the chosen scene's summed scores beat the other's by that
 
 Both kinds can go into one run (`--pack` with `--openings`/`--scenes`): the readers' pairs
 teach what they reward, the show's pairs (with `--sft-weight`, likelihood on the show's own
-lines) hold the writer to the show, which is what val BPB measures.
+lines) hold the writer to the show, which is what val BPB measures. Tried on the shipped
+writer, neither mix beat it (training/EXPERIMENTS.md, seventeenth session).
 
 Two rounds of that (the second on scenes of the first round's writer) made the shipped
 default (training/make_default.sh; training/EXPERIMENTS.md, fifteenth session).
@@ -258,12 +259,11 @@ def prefer(cfg: PreferConfig) -> dict:
     card = {
         "method": "DPO (trl), "
         + "; ".join(
-            what
-            for what, given in (
-                ("chosen: the blind reader's preferred scene of two of the writer's own", cfg.pack),
-                ("chosen: the show's continuation, rejected: the writer's own scene", cfg.openings),
+            (
+                ["chosen: the blind reader's preferred scene of two of the writer's own"]
+                * bool(judged)
             )
-            if given
+            + (["chosen: the show's continuation, rejected: the writer's own scene"] * bool(show))
         ),
         "pairs": len(pairs) - outside,
         "pairs_judged": len(judged),  # before the served-vocabulary cut
