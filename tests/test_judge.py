@@ -11,6 +11,7 @@ import pytest
 from training.__main__ import main
 from training.judge import (
     JudgeError,
+    load_scenes,
     make_openings,
     pack,
     read_jsonl,
@@ -493,3 +494,96 @@ def test_score_rejects_bad_verdicts_in_one_line(tmp_path, capsys):
     # real may be "none" or null; a note is allowed
     path.write_text("\n".join(json.dumps({**v, "real": "none", "note": "meh"}) for v in good))
     assert score(tmp_path / "pack", path)["systems"]["B"]["taken_for_real"] == 0
+
+
+# -------------------------------------------------------------------------------- pick
+
+
+def one_writer(tmp_path: Path, name: str, n: int = 6) -> Path:
+    """Scenes of one writer (same model and settings) for n openings; lines tagged `name`."""
+    path = tmp_path / f"{name}.jsonl"
+    rows = [
+        {
+            "id": f"ep0:{10 * i}",
+            "opening": [f"JERRY: Opening number {i}."],
+            "label": name,
+            "model": "seinfeld",
+            "settings": {"temperature": 0.7},
+            "lines": [f"GEORGE: Scene {name} of opening {i}."],
+            "seconds": 1.0,
+            "new_tokens": 9,
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def judged(key: dict, out: Path, winner: dict[str, str]) -> None:
+    """Verdicts: system winner[opening] ('A'/'B') is better on every pair, repeats too."""
+    rows = []
+    for number, p in key["pairs"].items():
+        slot = {p["scene1"]: 1, p["scene2"]: 2}
+        score = {"coherence": 3, "humour": 2, "voice": 3}
+        rows.append(
+            {"pair": int(number), "better": slot[winner[p["opening"]]], "real": None}
+            | {"scene1": score, "scene2": score}
+        )
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_pick_runs_a_tournament_to_the_best_and_worst_of_four(tmp_path, capsys):
+    a, b, c, d = (one_writer(tmp_path, s) for s in "abcd")
+    ids = [f"ep0:{10 * i}" for i in range(6)]
+    # opening i: the readers' order, best first (the truth the tournament must find)
+    order = {i: list("abcd"[k:] + "abcd"[:k]) for k, i in enumerate(ids)}
+    rank = {i: {s: n for n, s in enumerate(o)} for i, o in order.items()}
+
+    def play(x: Path, y: Path, name: str, lookup) -> Path:
+        key = pack([x, y], tmp_path / name, seed=3, repeat=1)
+        winner = {i: "A" if lookup(i, "A") < lookup(i, "B") else "B" for i in ids}
+        judged(key, tmp_path / name / "verdicts.jsonl", winner)
+        return tmp_path / name
+
+    def who(path: Path):  # scene text -> writer name, from a scenes file
+        return {r["id"]: r["lines"][0].split()[2] for r in map(json.loads, path.open())}
+
+    ab = play(a, b, "ab", lambda i, s: rank[i]["ab"[s == "B"]])
+    cd = play(c, d, "cd", lambda i, s: rank[i]["cd"[s == "B"]])
+    rc, _, err = run_cli(capsys, "pick", ab, cd, "--out", tmp_path / "twice.jsonl")
+    one_line_error(rc, err, "judged in an earlier pack too")  # one scene an opening a file
+
+    wins_ab, wins_cd = tmp_path / "wab.jsonl", tmp_path / "wcd.jsonl"
+    lose_ab, lose_cd = tmp_path / "lab.jsonl", tmp_path / "lcd.jsonl"
+    for packdir, win, lose in ((ab, wins_ab, lose_ab), (cd, wins_cd, lose_cd)):
+        assert run_cli(capsys, "pick", packdir, "--out", win)[0] == 0
+        assert run_cli(capsys, "pick", packdir, "--side", "worse", "--out", lose)[0] == 0
+    names_w = {i: (who(wins_ab)[i], who(wins_cd)[i]) for i in ids}
+    names_l = {i: (who(lose_ab)[i], who(lose_cd)[i]) for i in ids}
+    final = play(wins_ab, wins_cd, "final", lambda i, s: rank[i][names_w[i]["AB".index(s)]])
+    last = play(lose_ab, lose_cd, "last", lambda i, s: rank[i][names_l[i]["AB".index(s)]])
+    best, worst = tmp_path / "best.jsonl", tmp_path / "worst.jsonl"
+    assert run_cli(capsys, "pick", final, "--out", best)[0] == 0
+    assert run_cli(capsys, "pick", last, "--side", "worse", "--out", worst)[0] == 0
+    assert who(best) == {i: order[i][0] for i in ids}
+    assert who(worst) == {i: order[i][-1] for i in ids}
+    records = [json.loads(x) for x in best.open()]
+    assert {r["label"] for r in records} == {"better"} and len(records) == len(ids)  # no repeats
+    assert load_scenes(best)[1]["ep0:0"]["opening"] == ["JERRY: Opening number 0."]
+
+
+def test_pick_refuses_unjudged_packs_and_mixed_writers_in_one_line(tmp_path, capsys):
+    a, b = scene_files(tmp_path, n=4)  # two different writers
+    key = pack([a, b], tmp_path / "mixed", seed=1)
+    rc, _, err = run_cli(capsys, "pick", tmp_path / "mixed", "--out", tmp_path / "x.jsonl")
+    one_line_error(rc, err, "verdicts")
+    judged(
+        key,
+        tmp_path / "mixed" / "verdicts.jsonl",
+        {p["opening"]: "A" for p in key["pairs"].values()},
+    )
+    rc, _, err = run_cli(capsys, "pick", tmp_path / "mixed", "--out", tmp_path / "x.jsonl")
+    one_line_error(rc, err, "one writer")
+    rc, _, err = run_cli(capsys, "pick", tmp_path / "nope", "--out", tmp_path / "x.jsonl")
+    one_line_error(rc, err, "key.json")
+    assert not (tmp_path / "x.jsonl").exists()

@@ -11,7 +11,14 @@ from helpers import build_tiny_model, save_tiny_model_dir, write_corpus
 
 from training.__main__ import main
 from training.judge import make_openings, pack, write_jsonl
-from training.prefer import PreferConfig, PreferError, judged_pairs, prefer, preference_pairs
+from training.prefer import (
+    PreferConfig,
+    PreferError,
+    judged_pairs,
+    prefer,
+    preference_pairs,
+    scene_pairs,
+)
 
 pytest.importorskip("trl")
 
@@ -304,6 +311,68 @@ def test_prefer_mixes_judged_pairs_with_the_shows_and_moves_both(setup, tmp_path
     with pytest.raises(PreferError, match="go together"):
         prefer(tiny_config(root, base, tmp_path / "o2", pack=[tmp_path / "pack"],
                            scenes=root / "own.jsonl"))  # fmt: skip
+
+
+def picked_files(root, tmp_path):
+    """Scenes files of one writer over the setup's openings: the better and the worse scene
+    of each (as `judge pick` writes them after a tournament); one opening has the same scene
+    on both sides, one is only in the better file."""
+    openings = [json.loads(x) for x in (root / "openings.jsonl").read_text().splitlines()]
+    common = {"model": "seinfeld", "settings": {"temperature": 0.7}}
+    better = [
+        {"id": o["id"], "opening": o["opening"], "label": "better", **common,
+         "lines": ["GEORGE: The marble rye!", "JERRY: You stole a rye?"]}
+        for o in openings
+    ]  # fmt: skip
+    worse = [
+        {**b, "label": "worse", "lines": ["NEWMAN: Okay. Okay.", "BABY: Hello hello."]}
+        for b in better[:-1]
+    ]
+    worse[0]["lines"] = better[0]["lines"]
+    write_jsonl(tmp_path / "better.jsonl", better)
+    write_jsonl(tmp_path / "worse.jsonl", worse)
+    return tmp_path / "better.jsonl", tmp_path / "worse.jsonl"
+
+
+def test_prefer_on_picked_scenes_moves_the_adapter_toward_the_better_side(setup, tmp_path, capsys):
+    root, base, tokenizer = setup
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    better, worse = picked_files(root, tmp_path)
+    pairs = scene_pairs(better, worse)
+    assert len(pairs) == 4  # the same-scene opening and the one-sided one are left out
+    assert {p["chosen"] for p in pairs} == {"GEORGE: The marble rye!\nJERRY: You stole a rye?\n"}
+    assert all(p["rejected"].startswith("NEWMAN") and p["prompt"].endswith("\n") for p in pairs)
+
+    def margin(adapter) -> float:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
+        return sum(
+            sequence_logp(model, tokenizer, p["prompt"], p["chosen"])
+            - sequence_logp(model, tokenizer, p["prompt"], p["rejected"])
+            for p in pairs
+        )
+
+    rc = main(
+        ["prefer", "--chosen", str(better), "--rejected", str(worse), "--out",
+         str(tmp_path / "out"), "--adapter", str(root / "adapter"), "--base", str(base),
+         "--lr", "5e-3", "--epochs", "3", "--batch-size", "2", "--grad-accum", "1"]
+    )  # fmt: skip
+    assert rc == 0
+    card = json.loads((tmp_path / "out" / "prefer.json").read_text())
+    assert (card["pairs"], card["pairs_picked"], card["pairs_judged"]) == (4, 4, 0)
+    assert "--chosen" in card["method"]
+    assert margin(tmp_path / "out") > margin(root / "adapter") + 1.0
+    capsys.readouterr()  # the run's progress bars
+    for extra in (
+        ["--chosen", str(better)],
+        ["--chosen", str(better), "--rejected", str(tmp_path / "missing.jsonl")],
+        ["--chosen", str(better), "--rejected", str(better)],  # nothing differs
+    ):
+        rc = main(["prefer", *extra, "--out", str(tmp_path / "o"), "--base", str(base)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc != 0 and len(err) == 1 and err[0].startswith("error: "), (extra, err)
+    assert not (tmp_path / "o").exists()
 
 
 def served_adapter(root, tmp_path, tokenizer, texts: list[str], drop: str | None = None):

@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         "alone or mixed with --openings/--scenes",
     )
     pf.add_argument("--min-margin", type=int, default=0, help="with --pack: score lead, at least")
+    pf.add_argument(
+        "--chosen", type=Path, help="a scenes file of the writer's better scenes (`judge pick`)"
+    )
+    pf.add_argument("--rejected", type=Path, help="... and of its worse ones, same openings")
     pf.add_argument("--out", type=Path, required=True, help="dir for the trained adapter")
     pf.add_argument("--adapter", type=Path, default=Path("sitcom/seinfeld_lora"))
     pf.add_argument("--base", default="gemma3", help="the adapter's base: gemma3, smollm2, a dir")
@@ -387,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-lines", type=int, default=MAX_LINES, help="... and to this many lines; 0 = no cut"
     )
     pk.add_argument("--force", action="store_true", help="replace an existing pack")
+
+    pi = js.add_parser(
+        "pick", help="the reader's better (or worse) scene of each judged pair: a scenes file"
+    )
+    pi.add_argument("packs", type=Path, nargs="+", metavar="PACK", help="judged packs")
+    pi.add_argument("--side", choices=["better", "worse"], default="better")
+    pi.add_argument("--out", type=Path, required=True, help="the scenes file to write")
 
     sn = js.add_parser(
         "screen", help="before readers: each writer's BPB on the show's real continuations"

@@ -790,6 +790,59 @@ def pack_cli(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- pick
+
+PICK_SIDES = ("better", "worse")
+
+
+def pick(packs: Sequence[Path], side: str) -> list[dict]:
+    """The reader's preferred scene (`side` "better") or the other one ("worse") of every
+    judged pair of the packs (repeats left out), as the records of one scenes file, ready
+    for `judge pack` again: the second round of a tournament of four scenes an opening
+    (winners against winners, losers against losers) ends in the best and the worst of the
+    four. The packs must hold scenes of one writer with one set of settings."""
+    if side not in PICK_SIDES:
+        raise JudgeError(f"--side must be one of {', '.join(PICK_SIDES)}, not {side!r}")
+    if not packs:
+        raise JudgeError("pick takes at least one judged pack")
+    picked: dict[str, dict] = {}
+    writer = None
+    for pack_dir in packs:
+        key = load_key(pack_dir)
+        verdicts = read_verdicts(pack_dir / "verdicts.jsonl", key["pairs"])
+        scenes = {}
+        for s, meta in key["systems"].items():
+            if writer is None:
+                writer = (meta.get("model"), meta.get("settings"))
+            elif (meta.get("model"), meta.get("settings")) != writer:
+                raise JudgeError(
+                    f"{pack_dir}: its scenes are not all of one writer and settings; "
+                    "pick takes packs of one writer's own scenes"
+                )
+            scenes[s] = load_scenes(Path(meta["file"]))[1]
+        for pid, p in key["pairs"].items():
+            if p.get("repeat_of") is not None:
+                continue
+            better = verdicts[pid]["better"]
+            taken = better if side == "better" else 3 - better
+            opening = p["opening"]
+            if opening in picked:
+                raise JudgeError(f"{pack_dir}: opening {opening} is judged in an earlier pack too")
+            record = scenes[p[f"scene{taken}"]].get(opening)
+            if record is None:
+                raise JudgeError(f"{pack_dir}: its key and scene files do not match ({opening})")
+            picked[opening] = {**record, "label": side, "picked_from": str(pack_dir)}
+    return [picked[i] for i in sorted(picked)]
+
+
+def pick_cli(args) -> int:
+    check_out_file(args.out)
+    records = pick(args.packs, args.side)
+    write_jsonl(args.out, records)
+    print(f"wrote {args.out}: the {args.side} scene of {len(records)} judged pairs")
+    return 0
+
+
 # ----------------------------------------------------------------------------- score
 
 
@@ -1021,8 +1074,12 @@ def score_cli(args) -> int:
 
 def judge_cli(args) -> int:
     try:
-        return {"openings": openings_cli, "write": write_cli, "pack": pack_cli, "score": score_cli}[
-            args.judge_command
-        ](args)
+        return {
+            "openings": openings_cli,
+            "write": write_cli,
+            "pack": pack_cli,
+            "pick": pick_cli,
+            "score": score_cli,
+        }[args.judge_command](args)
     except CorpusError as e:
         raise JudgeError(str(e)) from None

@@ -68,6 +68,7 @@ from training.judge import (
     JudgeError,
     load_key,
     load_openings,
+    load_scenes,
     read_jsonl,
     read_verdicts,
 )
@@ -85,6 +86,8 @@ class PreferConfig:
     openings: Path | None = None  # `judge openings` (prompt + the show's continuation)
     scenes: Path | None = None  # `judge write` for those openings (the writer's own scenes)
     pack: list[Path] | None = None  # judged packs (PACK/verdicts.jsonl) instead of the two
+    chosen: Path | None = None  # scenes files of one writer, same openings: chosen[i] over
+    rejected: Path | None = None  # rejected[i] (`judge pick` better / worse of a tournament)
     min_margin: int = 0  # with pack: chosen's summed scores minus the other's, at least
     adapter: Path = Path("sitcom/seinfeld_lora")  # where training starts (and the reference)
     base: str = "gemma3"
@@ -126,6 +129,33 @@ def preference_pairs(openings: Path, scenes: Path) -> list[dict]:
         )
     if not pairs:
         raise PreferError(f"no opening of {openings} has a scene in {scenes}")
+    return pairs
+
+
+def scene_pairs(chosen: Path, rejected: Path) -> list[dict]:
+    """{prompt, chosen, rejected} per opening in both scenes files: e.g. the best and the
+    worst of four scenes by a two-round tournament of blind pairs (`judge pick`). An opening
+    whose two scenes are the same or empty is left out."""
+    try:
+        (_, better), (_, worse) = load_scenes(chosen), load_scenes(rejected)
+    except JudgeError as e:
+        raise PreferError(str(e)) from e
+    pairs = []
+    for i in sorted(set(better) & set(worse)):
+        a, b = better[i], worse[i]
+        if a["opening"] != b["opening"]:
+            raise PreferError(f"opening {i} differs between {chosen} and {rejected}")
+        if not a["lines"] or not b["lines"] or a["lines"] == b["lines"]:
+            continue
+        pairs.append(
+            {
+                "prompt": "\n".join(a["opening"]) + "\n",
+                "chosen": "\n".join(a["lines"]) + "\n",
+                "rejected": "\n".join(b["lines"]) + "\n",
+            }
+        )
+    if not pairs:
+        raise PreferError(f"{chosen} and {rejected} share no opening with two different scenes")
     return pairs
 
 
@@ -189,13 +219,18 @@ def prefer(cfg: PreferConfig) -> dict:
 
     if cfg.out.exists() and not cfg.resume:
         raise PreferError(f"{cfg.out} exists; pass --resume to go on, or another --out")
-    if not (cfg.pack or cfg.openings or cfg.scenes):
-        raise PreferError("give --openings and --scenes, or --pack (judged pairs), or both")
+    if not (cfg.pack or cfg.openings or cfg.scenes or cfg.chosen or cfg.rejected):
+        raise PreferError(
+            "give --openings and --scenes, --pack (judged pairs), or --chosen and --rejected"
+        )
     if bool(cfg.openings) != bool(cfg.scenes):
         raise PreferError("--openings and --scenes go together")
+    if bool(cfg.chosen) != bool(cfg.rejected):
+        raise PreferError("--chosen and --rejected go together")
     judged = judged_pairs(cfg.pack, cfg.min_margin) if cfg.pack else []
+    picked = scene_pairs(cfg.chosen, cfg.rejected) if cfg.chosen and cfg.rejected else []
     show = preference_pairs(cfg.openings, cfg.scenes) if cfg.openings and cfg.scenes else []
-    pairs = judged + show  # both kinds given: mixed (shuffled by the Trainer's sampler)
+    pairs = judged + picked + show  # both kinds given: mixed (shuffled by the Trainer's sampler)
     work = cfg.out.with_name(cfg.out.name + WORK)
     last = _last_checkpoint(work) if cfg.resume else None
 
@@ -263,10 +298,12 @@ def prefer(cfg: PreferConfig) -> dict:
                 ["chosen: the blind reader's preferred scene of two of the writer's own"]
                 * bool(judged)
             )
+            + (["chosen / rejected: the writer's scenes of --chosen / --rejected"] * bool(picked))
             + (["chosen: the show's continuation, rejected: the writer's own scene"] * bool(show))
         ),
         "pairs": len(pairs) - outside,
         "pairs_judged": len(judged),  # before the served-vocabulary cut
+        "pairs_picked": len(picked),
         "pairs_show": len(show),
         "pairs_outside_served_vocab": outside,
         "head_rows": int(trainer.model.get_output_embeddings().weight.shape[0]),
