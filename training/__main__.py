@@ -231,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--resume", action="store_true", help="go on from OUT.work's last save")
     pf.set_defaults(data=None)
 
+    bl = sub.add_parser(
+        "blend", help="an adapter part of the way between two LoRA adapters (training/blend.py)"
+    )
+    bl.add_argument("start", type=Path, help="the adapter at weight 0, e.g. sitcom/seinfeld_lora")
+    bl.add_argument("end", type=Path, help="the adapter at weight 1, e.g. a `prefer` run")
+    bl.add_argument(
+        "--weight", type=float, required=True, help="how far toward END (0..1; > 1 goes past it)"
+    )
+    bl.add_argument("--base", default="gemma3", help="the adapters' base: gemma3, smollm2, a dir")
+    bl.add_argument("--out", type=Path, required=True, help="dir for the blended adapter")
+    bl.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    bl.set_defaults(data=None)
+
     sh = sub.add_parser("ship", help="write a LoRA run's adapter as the bot's shipped default")
     sh.add_argument("adapter", type=Path, help="a peft adapter dir, e.g. RUN.work/checkpoint-N")
     sh.add_argument("--base", default="gemma3", help="gemma3, smollm2 or a dir with model.gguf")
@@ -483,6 +496,14 @@ def run(args: argparse.Namespace) -> int:
         cfg = PreferConfig(**{k: v for k, v in vars(args).items() if k in fields})
         card = prefer(cfg)
         print(f"wrote {cfg.out}: {summary(card)}")
+    elif args.command == "blend":
+        from training.blend import blend
+
+        card = blend(args.start, args.end, args.weight, args.out, args.base, args.overwrite)
+        print(
+            f"wrote {args.out}: {card['weight']} of the way from {args.start} to {args.end}, "
+            f"rank {card['rank']}, refit error {card['refit_rel_error_mean']:.2g}"
+        )
     elif args.command == "ship":
         from training.ship import ship
 
