@@ -450,6 +450,51 @@ def test_score_computes_rates_means_and_self_agreement(tmp_path, capsys):
     assert saved["systems"]["A"]["wins"] == 7
 
 
+def test_pool_adds_sets_of_the_same_two_systems_and_refuses_others(tmp_path, capsys):
+    a, b = scene_files(tmp_path)
+    key = pack([a, b], tmp_path / "p1", seed=1)
+    pack([b, a], tmp_path / "p2", seed=2)  # the same systems, the other way round
+    openings = sorted({p["opening"] for p in key["pairs"].values()})
+    results = []
+    for name, a_wins in (("p1", openings[:7]), ("p2", openings[:7])):
+        k = json.loads((tmp_path / name / "key.json").read_text())
+        (tmp_path / name / "v.jsonl").write_text(
+            "".join(json.dumps(v) + "\n" for v in verdicts_for(k, set(a_wins)))
+        )
+        verdicts, out = tmp_path / name / "v.jsonl", tmp_path / f"{name}.json"
+        rc, _, err = run_cli(
+            capsys, "score", tmp_path / name, "--verdicts", verdicts, "--json", out
+        )
+        assert rc == 0, err
+        results.append(tmp_path / f"{name}.json")
+    rc, text, err = run_cli(capsys, "pool", *results, "--json", tmp_path / "pooled.json")
+    assert rc == 0, err
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    alpha, bravo = pooled["systems"]["SECRETALPHA"], pooled["systems"]["BRAVOLABEL"]
+    # p2 packed (b, a): its "A" is the second writer, so each writer's wins follow its name
+    assert pooled["pairs"] == 20 and alpha["wins_by_set"] == [7, 3] and alpha["wins"] == 10
+    assert bravo["wins_by_set"] == [3, 7] and alpha["win_rate"] == 0.5
+    assert alpha["win_rate_ci95"] == pytest.approx(list(wilson(10, 20)))
+    assert alpha["win_rate_sd_between_sets"] == pytest.approx(0.2828, abs=1e-4)
+    assert "7 · 3" in text and "spread by 28.3%" in text
+    # in verdicts_for the first system named in each key scores 4/3/2: p1's SECRETALPHA,
+    # p2's BRAVOLABEL, so each writer averages over both sets
+    assert alpha["coherence"] == 3 and bravo["coherence"] == 3
+    # sets of other systems, or a file that is no result: one line, exit 2
+    c = tmp_path / "third.jsonl"
+    c.write_text(a.read_text().replace("SECRETALPHA", "CHARLIE"))
+    k3 = pack([c, b], tmp_path / "p3", seed=3)
+    (tmp_path / "p3" / "v.jsonl").write_text(
+        "".join(json.dumps(v) + "\n" for v in verdicts_for(k3, set()))
+    )
+    assert run_cli(capsys, "score", tmp_path / "p3", "--verdicts", tmp_path / "p3" / "v.jsonl",
+                   "--json", tmp_path / "p3.json")[0] == 0  # fmt: skip
+    rc, _, err = run_cli(capsys, "pool", results[0], tmp_path / "p3.json")
+    one_line_error(rc, err, "pool sets of the same two systems")
+    rc, _, err = run_cli(capsys, "pool", results[0], a)
+    one_line_error(rc, err, "is not a readable `judge score --json` result")
+
+
 def test_wilson_interval():
     assert wilson(0, 0) == (0.0, 1.0)
     lo, hi = wilson(30, 30)

@@ -424,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("pack", type=Path, help="the folder `judge pack` wrote")
     sc.add_argument("--verdicts", type=Path, required=True, help="the judge's JSON lines")
     sc.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+    po = js.add_parser("pool", help="several sets' `score --json` results of the same two systems")
+    po.add_argument("results", type=Path, nargs="+", metavar="RESULT.json")
+    po.add_argument("--json", type=Path, default=None, help="also write the pooled result here")
     return parser
 
 

@@ -6,6 +6,7 @@
     python -m training judge pack show.jsonl a.jsonl --out pack/ --seed 7 --repeat 4
     (a blind reader fills pack/verdicts.jsonl following pack/instructions.md)
     python -m training judge score pack/ --verdicts pack/verdicts.jsonl --json result.json
+    python -m training judge pool result.json result2.json ...   (several sets as one)
 
 Openings are one or two dialogue lines where a scene starts (or mid-scene, with at least
 MIN_AFTER_MID dialogue lines after them) in val.txt, each with the show's own next lines
@@ -1072,6 +1073,93 @@ def score_cli(args) -> int:
     return 0
 
 
+def pool(results: Sequence[dict]) -> dict:
+    """Several sets' `score --json` results of the same two systems as one: wins and mean
+    scores over all pairs, and how much the sets' win rates spread against what one fixed
+    rate would give (binomial), since openings and readers vary between sets too."""
+    if not results:
+        raise JudgeError("pool takes at least one `judge score --json` result")
+    names = None
+    for r in results:
+        these = sorted(s["name"] for s in r["systems"].values())
+        if names is None:
+            names = these
+        elif these != names:
+            raise JudgeError(
+                f"{r.get('pack')} compares {' and '.join(these)}, not {' and '.join(names)}; "
+                "pool sets of the same two systems"
+            )
+    n = sum(r["pairs"] for r in results)
+    systems = {}
+    for name in names:
+        sets = [next(s for s in r["systems"].values() if s["name"] == name) for r in results]
+        wins = sum(s["wins"] for s in sets)
+        rates = [s["wins"] / r["pairs"] for s, r in zip(sets, results, strict=True)]
+        p = wins / n
+        mean_rate = sum(rates) / len(rates)
+        spread = math.sqrt(sum((x - mean_rate) ** 2 for x in rates) / max(len(rates) - 1, 1))
+        binomial = math.sqrt(p * (1 - p) / (n / len(results)))
+        systems[name] = {
+            "name": name,
+            "wins": wins,
+            "win_rate": p,
+            "win_rate_ci95": list(wilson(wins, n)),
+            "taken_for_real": sum(s["taken_for_real"] for s in sets),
+            "wins_by_set": [s["wins"] for s in sets],
+            "win_rate_sd_between_sets": spread if len(results) > 1 else None,
+            "win_rate_sd_binomial": binomial,
+            **{
+                k: sum(s[k] * r["pairs"] for s, r in zip(sets, results, strict=True)) / n
+                for k in SCORES
+            },
+        }
+    return {"sets": [r.get("pack") for r in results], "pairs": n, "systems": systems}
+
+
+def format_pool(result: dict) -> str:
+    rows = [
+        f"{len(result['sets'])} sets, {result['pairs']} pairs",
+        f"{'system':<28} {'wins':>5} {'win rate':>9} {'95% CI':>15} {'real':>5}"
+        f" {'coherence':>9} {'humour':>7} {'voice':>6}  wins by set",
+    ]
+    for s in result["systems"].values():
+        lo, hi = s["win_rate_ci95"]
+        interval = f"[{lo:.0%}, {hi:.0%}]"
+        rows.append(
+            f"{s['name'][:28]:<28} {s['wins']:>5} {s['win_rate']:>9.1%} {interval:>15} "
+            f"{s['taken_for_real']:>5} {s['coherence']:>9.2f} {s['humour']:>7.2f} "
+            f"{s['voice']:>6.2f}  {' · '.join(map(str, s['wins_by_set']))}"
+        )
+    first = next(iter(result["systems"].values()))
+    if first["win_rate_sd_between_sets"] is not None:
+        rows.append(
+            f"sets' win rates spread by {first['win_rate_sd_between_sets']:.1%} (sd); one fixed "
+            f"rate would spread by ~{first['win_rate_sd_binomial']:.1%}"
+        )
+    return "\n".join(rows)
+
+
+def pool_cli(args) -> int:
+    if args.json is not None and args.json.is_dir():
+        raise JudgeError(f"--json {args.json} is a directory; give a file name")
+    results = []
+    for path in args.results:
+        try:
+            r = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise JudgeError(
+                f"{path} is not a readable `judge score --json` result ({e})"
+            ) from None
+        if not isinstance(r, dict) or not isinstance(r.get("systems"), dict):
+            raise JudgeError(f"{path} is not a result `judge score --json` writes")
+        results.append(r)
+    result = pool(results)
+    print(format_pool(result))
+    if args.json is not None:
+        write_text_atomic(args.json, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
 def judge_cli(args) -> int:
     try:
         return {
@@ -1080,6 +1168,7 @@ def judge_cli(args) -> int:
             "pack": pack_cli,
             "pick": pick_cli,
             "score": score_cli,
+            "pool": pool_cli,
         }[args.judge_command](args)
     except CorpusError as e:
         raise JudgeError(str(e)) from None
