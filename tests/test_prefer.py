@@ -89,6 +89,20 @@ def sequence_logp(model, tokenizer, prompt: str, completion: str) -> float:
     return float(logits[torch.arange(len(targets)), targets][start - 1 :].sum())
 
 
+def pair_margins(base, tokenizer, adapter, pairs: list[dict]) -> list[float]:
+    """log p(chosen) - log p(rejected) of each pair under the base with `adapter`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    return [
+        sequence_logp(model, tokenizer, p["prompt"], p["chosen"])
+        - sequence_logp(model, tokenizer, p["prompt"], p["rejected"])
+        for p in pairs
+    ]
+
+
 def test_pairs_take_the_show_over_the_writers_own_scene(setup, tmp_path):
     root, *_ = setup
     pairs = preference_pairs(root / "openings.jsonl", root / "own.jsonl")
@@ -103,8 +117,6 @@ def test_pairs_take_the_show_over_the_writers_own_scene(setup, tmp_path):
 
 
 def test_prefer_moves_the_adapter_toward_the_show_and_resumes(setup, tmp_path, capsys):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     root, base, tokenizer = setup
     out = tmp_path / "run"
@@ -122,13 +134,8 @@ def test_prefer_moves_the_adapter_toward_the_show_and_resumes(setup, tmp_path, c
     assert json.loads((out / "prefer.json").read_text())["steps"] == 9
 
     def margins(adapter) -> list[float]:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        model = PeftModel.from_pretrained(model, str(adapter)).eval()
-        return [
-            sequence_logp(model, tokenizer, p["prompt"], p["chosen"])
-            - sequence_logp(model, tokenizer, p["prompt"], p["rejected"])
-            for p in preference_pairs(root / "openings.jsonl", root / "own.jsonl")
-        ]
+        pairs = preference_pairs(root / "openings.jsonl", root / "own.jsonl")
+        return pair_margins(base, tokenizer, adapter, pairs)
 
     before, after = margins(root / "adapter"), margins(out)
     assert all(a > b for a, b in zip(after, before, strict=True))
@@ -251,20 +258,13 @@ def test_judged_pairs_refuse_unjudged_packs_and_mixed_modes_in_one_line(setup, t
 
 def test_prefer_on_judged_pairs_moves_the_adapter_toward_the_readers_choice(setup, tmp_path):
     root, base, tokenizer = setup
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     ids = opening_ids(root)
     judged_pack(root, tmp_path, dict.fromkeys(ids, True), dict.fromkeys(ids, 2))
     pairs = judged_pairs([tmp_path / "pack"])
 
     def margin(adapter) -> float:
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
-        return sum(
-            sequence_logp(model, tokenizer, p["prompt"], p["chosen"])
-            - sequence_logp(model, tokenizer, p["prompt"], p["rejected"])
-            for p in pairs
-        )
+        return sum(pair_margins(base, tokenizer, adapter, pairs))
 
     cfg = tiny_config(root, base, tmp_path / "out", pack=[tmp_path / "pack"], lr=5e-3)
     card = prefer(cfg)
@@ -276,8 +276,6 @@ def test_prefer_mixes_judged_pairs_with_the_shows_and_moves_both(setup, tmp_path
     """--pack with --openings/--scenes: the readers' pairs and the show-over-writer pairs in
     one run; the card counts each kind, and both kinds are learnt."""
     root, base, tokenizer = setup
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     ids = opening_ids(root)
     judged_pack(root, tmp_path, dict.fromkeys(ids, True), dict.fromkeys(ids, 2))
@@ -285,12 +283,7 @@ def test_prefer_mixes_judged_pairs_with_the_shows_and_moves_both(setup, tmp_path
     show = preference_pairs(root / "openings.jsonl", root / "own.jsonl")
 
     def margin(adapter, pairs) -> float:
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
-        return sum(
-            sequence_logp(model, tokenizer, p["prompt"], p["chosen"])
-            - sequence_logp(model, tokenizer, p["prompt"], p["rejected"])
-            for p in pairs
-        )
+        return sum(pair_margins(base, tokenizer, adapter, pairs))
 
     cfg = tiny_config(
         root, base, tmp_path / "out", pack=[tmp_path / "pack"], lr=5e-3,
@@ -336,8 +329,6 @@ def picked_files(root, tmp_path):
 
 def test_prefer_on_picked_scenes_moves_the_adapter_toward_the_better_side(setup, tmp_path, capsys):
     root, base, tokenizer = setup
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     better, worse = picked_files(root, tmp_path)
     pairs = scene_pairs(better, worse)
@@ -346,12 +337,7 @@ def test_prefer_on_picked_scenes_moves_the_adapter_toward_the_better_side(setup,
     assert all(p["rejected"].startswith("NEWMAN") and p["prompt"].endswith("\n") for p in pairs)
 
     def margin(adapter) -> float:
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
-        return sum(
-            sequence_logp(model, tokenizer, p["prompt"], p["chosen"])
-            - sequence_logp(model, tokenizer, p["prompt"], p["rejected"])
-            for p in pairs
-        )
+        return sum(pair_margins(base, tokenizer, adapter, pairs))
 
     rc = main(
         ["prefer", "--chosen", str(better), "--rejected", str(worse), "--out",
@@ -433,8 +419,6 @@ def test_pairs_map_into_the_kept_rows_and_one_with_a_cut_token_is_left_out():
 def test_prefer_trains_the_served_vocabulary_and_saves_an_adapter_for_the_whole_model(
     setup, tmp_path, capsys
 ):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     root, base, tokenizer = setup
     pairs = preference_pairs(root / "openings.jsonl", root / "own.jsonl")
@@ -461,12 +445,7 @@ def test_prefer_trains_the_served_vocabulary_and_saves_an_adapter_for_the_whole_
     assert card["precision"] in ("bf16", "fp32") and card["steps"] == 9
 
     def margins(path) -> list[float]:
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(path))
-        return [
-            sequence_logp(model, tokenizer, p["prompt"], p["chosen"])
-            - sequence_logp(model, tokenizer, p["prompt"], p["rejected"])
-            for p in pairs
-        ]
+        return pair_margins(base, tokenizer, path, pairs)
 
     # saved for the whole model: it loads on the full base and moved toward the chosen side
     assert all(a > b for a, b in zip(margins(tmp_path / "run"), margins(adapter), strict=True))

@@ -1027,20 +1027,30 @@ def _self_agreement(key: dict, verdicts: dict, repeats: dict) -> dict | None:
     }
 
 
+def _system_header(real: str, extra: str = "") -> str:
+    return (
+        f"{'system':<28} {'wins':>5} {'win rate':>9} {'95% CI':>15} {real:>15}"
+        f" {'coherence':>9} {'humour':>7} {'voice':>6}{extra}"
+    )
+
+
+def _system_row(s: dict, real: str, extra: str = "") -> str:
+    lo, hi = s["win_rate_ci95"]
+    interval = f"[{lo:.0%}, {hi:.0%}]"
+    return (
+        f"{s['name'][:28]:<28} {s['wins']:>5} {s['win_rate']:>9.1%} {interval:>15} "
+        f"{real:>15} {s['coherence']:>9.2f} {s['humour']:>7.2f} {s['voice']:>6.2f}{extra}"
+    )
+
+
 def format_score(result: dict) -> str:
     rows = [
         f"{result['pairs']} pairs (+{result['repeats']} repeated), verdicts {result['verdicts']}",
-        f"{'system':<28} {'wins':>5} {'win rate':>9} {'95% CI':>15} {'taken for real':>15}"
-        f" {'coherence':>9} {'humour':>7} {'voice':>6}",
+        _system_header("taken for real"),
     ]
     for s in result["systems"].values():
-        lo, hi = s["win_rate_ci95"]
-        interval = f"[{lo:.0%}, {hi:.0%}]"
         real = f"{s['taken_for_real']} ({s['taken_for_real_rate']:.0%})"
-        rows.append(
-            f"{s['name'][:28]:<28} {s['wins']:>5} {s['win_rate']:>9.1%} {interval:>15} "
-            f"{real:>15} {s['coherence']:>9.2f} {s['humour']:>7.2f} {s['voice']:>6.2f}"
-        )
+        rows.append(_system_row(s, real))
     for s in result["systems"].values():
         if s.get("speed"):
             sp = s["speed"]
@@ -1119,17 +1129,11 @@ def pool(results: Sequence[dict]) -> dict:
 def format_pool(result: dict) -> str:
     rows = [
         f"{len(result['sets'])} sets, {result['pairs']} pairs",
-        f"{'system':<28} {'wins':>5} {'win rate':>9} {'95% CI':>15} {'real':>5}"
-        f" {'coherence':>9} {'humour':>7} {'voice':>6}  wins by set",
+        _system_header("taken for real", "  wins by set"),
     ]
     for s in result["systems"].values():
-        lo, hi = s["win_rate_ci95"]
-        interval = f"[{lo:.0%}, {hi:.0%}]"
-        rows.append(
-            f"{s['name'][:28]:<28} {s['wins']:>5} {s['win_rate']:>9.1%} {interval:>15} "
-            f"{s['taken_for_real']:>5} {s['coherence']:>9.2f} {s['humour']:>7.2f} "
-            f"{s['voice']:>6.2f}  {' · '.join(map(str, s['wins_by_set']))}"
-        )
+        real = f"{s['taken_for_real']} ({s['taken_for_real'] / result['pairs']:.0%})"
+        rows.append(_system_row(s, real, "  " + " · ".join(map(str, s["wins_by_set"]))))
     first = next(iter(result["systems"].values()))
     if first["win_rate_sd_between_sets"] is not None:
         rows.append(
