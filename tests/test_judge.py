@@ -493,6 +493,9 @@ def test_pool_adds_sets_of_the_same_two_systems_and_refuses_others(tmp_path, cap
     one_line_error(rc, err, "pool sets of the same two systems")
     rc, _, err = run_cli(capsys, "pool", results[0], a)
     one_line_error(rc, err, "is not a readable `judge score --json` result")
+    (tmp_path / "odd.json").write_text('{"pairs": 10, "systems": {"A": {"wins": 3}}}')
+    rc, _, err = run_cli(capsys, "pool", results[0], tmp_path / "odd.json")
+    one_line_error(rc, err, "is not a result `judge score --json` writes")
 
 
 def test_wilson_interval():

@@ -1154,7 +1154,18 @@ def pool_cli(args) -> int:
             raise JudgeError(
                 f"{path} is not a readable `judge score --json` result ({e})"
             ) from None
-        if not isinstance(r, dict) or not isinstance(r.get("systems"), dict):
+        fields = ("name", "wins", "taken_for_real", *SCORES)
+        ok = (
+            isinstance(r, dict)
+            and isinstance(r.get("pairs"), int)
+            and r["pairs"] > 0
+            and isinstance(r.get("systems"), dict)
+            and len(r["systems"]) == 2
+            and all(
+                isinstance(x, dict) and all(f in x for f in fields) for x in r["systems"].values()
+            )
+        )
+        if not ok:
             raise JudgeError(f"{path} is not a result `judge score --json` writes")
         results.append(r)
     result = pool(results)
