@@ -1,4 +1,5 @@
-"""training.judge: openings from val, scenes by the real engine, blinded packs, strict scoring."""
+"""training.judge and training.verdicts: openings from val, scenes by the real engine,
+blinded packs, strict scoring, pooled sets, picked scenes."""
 
 from __future__ import annotations
 
@@ -17,9 +18,8 @@ from training.judge import (
     read_jsonl,
     render_line,
     render_scene,
-    score,
-    wilson,
 )
+from training.verdicts import score, wilson
 
 CAST = ("JERRY", "GEORGE", "ELAINE", "KRAMER")
 

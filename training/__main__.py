@@ -437,6 +437,10 @@ def run(args: argparse.Namespace) -> int:
         from training.screen import screen_cli
 
         return screen_cli(args)
+    if args.command == "judge" and args.judge_command in ("score", "pool", "pick"):
+        from training.verdicts import verdicts_cli
+
+        return verdicts_cli(args)
     if args.command == "judge":
         from training.judge import judge_cli
 

@@ -63,15 +63,8 @@ from transformers import TrainerCallback
 
 from sitcom.files import write_atomic
 from sitcom.model.gguf_vocab import SERVED_VOCAB
-from training.judge import (
-    SCORES,
-    JudgeError,
-    load_key,
-    load_openings,
-    load_scenes,
-    read_jsonl,
-    read_verdicts,
-)
+from training.judge import SCORES, JudgeError, load_openings, load_scenes, read_jsonl
+from training.verdicts import load_key, read_verdicts
 
 WORK = ".work"  # OUT.work: the Trainer's checkpoints
 
