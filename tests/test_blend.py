@@ -62,7 +62,7 @@ def test_blend_lands_part_of_the_way_and_keeps_the_rank(setup, capsys):
     assert start and start.keys() == end.keys()
     assert not any(torch.allclose(start[k], end[k]) for k in start)  # two different runs
     for weight in (0.25, 1.0):
-        out = root / f"blend{weight}"
+        out = root / "new" / f"blend{weight}"  # its folder made as needed
         rc = main(["blend", str(root / "start"), str(root / "end"), "--weight", str(weight),
                    "--base", base, "--out", str(out)])  # fmt: skip
         assert rc == 0

@@ -6,10 +6,10 @@ Each layer's change is  (1 - w) * dW_start + w * dW_end,  refitted to START's ra
 (peft's `add_weighted_adapter(..., combination_type="svd")`; the sum of two rank-r changes
 has rank up to 2r, and the adapter must keep its size). w = 1 is END, w = 0 is START, w > 1
 goes past END along the same direction (ExPO). The use here: a DPO round from the shipped
-adapter that readers prefer but that costs too much likelihood is taken part of the way, so
-its gain is kept while val BPB stays within bounds (training/EXPERIMENTS.md, nineteenth
-session). END's `served_vocab.json` is copied beside the result; DIR/blend.json records the
-inputs and the refit's relative error.
+adapter that costs too much likelihood, taken part of the way to bring val BPB back within
+bounds (at w = 0.8 it did, and readers' lean for the round was lost: training/
+EXPERIMENTS.md, nineteenth session). END's `served_vocab.json` is copied beside the result;
+DIR/blend.json records the inputs and the refit's relative error.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def blend(
             want = want + weight * module.get_delta_weight("end")
             got = module.get_delta_weight("blend")
             errors.append(float((got - want).norm() / want.norm().clamp_min(1e-12)))
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # a whole adapter or none
         model.save_pretrained(tmp, selected_adapters=["blend"])
         if out.exists():
             shutil.rmtree(out)
