@@ -457,9 +457,10 @@ class SceneEngine:
             self._finish(job, EngineError("That scene was cancelled."))
             return 0
         self._begin(job)
-        if _per_candidate(job) > batcher.capacity:  # no room for a twin: write it unguided
-            log.info("guidance needs two llama.cpp sequences, this engine has one: unguided")
-            job.settings = job.settings.with_changes(guidance=1)
+        while _per_candidate(job) > batcher.capacity:  # no room for a twin: voice, then guidance go
+            off = {"voice": 0} if job.settings.voice > 0 else {"guidance": 1}
+            log.info("%s needs another llama.cpp sequence, this engine has none: off", *off)
+            job.settings = job.settings.with_changes(**off)
         base = loaded.base_for(job)
         if base is not None and batcher.amateur is None:
             batcher.amateur = base
@@ -502,7 +503,8 @@ class SceneEngine:
             self._begin(job)
             base = loaded.base_for(job)
             amateur = base if base is not None else amateur
-            # guidance runs inside generate() here, with no rows of its own
+            # guidance runs inside generate() here, with no rows of its own; voice is
+            # llama.cpp's only (sitcom.decoding.voice): transformers writes without it
             job.expected, job.candidates = max(1, min(job.settings.best_of, self.max_batch)), []
             rows += [(job, i) for i in range(job.expected)]
         callbacks = [self._snapshot(job, loaded) if i == 0 else None for job, i in rows]
@@ -636,8 +638,9 @@ def _prompt_count(prompt: str) -> int:
 
 
 def _per_candidate(job: Job) -> int:
-    """llama.cpp sequences one candidate takes: two with guidance (sitcom.decoding.guidance)."""
-    return 2 if job.settings.guidance > 1 else 1
+    """llama.cpp sequences one candidate takes: one more with guidance (the scene without its
+    opening, sitcom.decoding.guidance), one more with voice (sitcom.decoding.voice)."""
+    return 1 + (job.settings.guidance > 1) + (job.settings.voice > 0)
 
 
 def _message(error: Exception) -> str:

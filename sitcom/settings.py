@@ -25,6 +25,8 @@ RANGES: dict[str, tuple[float, float]] = {
     # logits + beta * [log p_tuned - log p_base] over the tuned model's plausible tokens;
     # off by default: 0.5 tied with it (55/108 blind pairs) at 2.4x the time
     "contrast": (0.0, 2.0),
+    # contrast with the scene's other speaker inside each line (sitcom.decoding.voice): 0 off
+    "voice": (0.0, 3.0),
 }
 
 
@@ -53,6 +55,7 @@ class SceneSettings:
     pick_lines: int = 0
     guidance: float = 1.5
     contrast: float = 0.0
+    voice: float = 0.0
 
     def validated(self) -> SceneSettings:
         """Raise ValueError naming the first field outside its range."""

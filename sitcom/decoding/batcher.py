@@ -39,6 +39,7 @@ from sitcom.decoding.guidance import guide
 from sitcom.decoding.plan import DecodePlan, GeneratedScene, plan_batch
 from sitcom.decoding.sampling import sample
 from sitcom.decoding.vocab import vocab_info
+from sitcom.decoding.voice import name_ids, other_speaker, tag_ids, tag_of, voice
 from sitcom.scenes.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
 
@@ -68,6 +69,13 @@ class Row:
     twin_pos: int = 0
     base_pending: list[int] | None = None  # what the base model reads next (contrast)
     base_pos: int = 0
+    line_start: int = 0  # index in input_ids where the line being written starts
+    voice_seq: int | None = None  # the line read as the other speaker's (voice)
+    voice_pending: list[int] = field(default_factory=list)
+    voice_pos: int = 0
+    voice_live: bool = False  # the voice sequence holds the current line (its tag is written)
+    voice_synced: int = 0  # tokens of input_ids the voice sequence holds as they are
+    voice_names: torch.Tensor | None = None  # the two speakers' name tokens: no gain
 
     @property
     def new_tokens(self) -> int:
@@ -127,9 +135,13 @@ class ContinuousBatcher:
         Rows added with the same `group` (not None) are candidates of one scene chosen line
         by line. ValueError for a prompt too long for the context or when no slot is free."""
         guided = settings.guidance > 1
-        if guided and self.capacity < 2:
-            raise ValueError("guidance needs two llama.cpp sequences; this batcher has one")
-        if len(self._free) < 1 + guided:
+        voiced = settings.voice > 0
+        if 1 + guided + voiced > self.capacity:
+            raise ValueError(
+                f"guidance and voice need {1 + guided + voiced} llama.cpp sequences; "
+                f"this batcher has {self.capacity}"
+            )
+        if len(self._free) < 1 + guided + voiced:
             raise ValueError("every llama.cpp sequence of this batcher is busy")
         if settings.contrast > 0 and self.amateur is None:
             raise ValueError("contrast needs the untuned base model; this model has none")
@@ -156,11 +168,15 @@ class ContinuousBatcher:
             group=group,
             remake=remake,
             synced=plan.prompt_len,
+            line_start=plan.prompt_len,
         )
         self.model.forget(row.seq)  # whatever an earlier scene left in this slot
         if guided:
             row.twin, row.twin_pending = self._free.pop(0), list(plan.lead_ids)
             self.model.forget(row.twin)
+        if voiced:
+            row.voice_seq = self._free.pop(0)
+            self.model.forget(row.voice_seq)
         if plan.contrast is not None:
             row.base_pending = list(plan.row_ids[0])
             self.amateur.forget(row.seq)
@@ -182,17 +198,25 @@ class ContinuousBatcher:
         rows = [r for r in self.rows if not r.waiting]
         work = [(r.seq, r.pending, r.pos) for r in rows]
         work += [(r.twin, r.twin_pending, r.twin_pos) for r in rows if r.twin is not None]
+        voiced = [r for r in rows if r.voice_live]
+        work += [(r.voice_seq, r.voice_pending, r.voice_pos) for r in voiced]
         logits = torch.from_numpy(self.model.decode(work))
         contrasted = [r for r in rows if r.base_pending is not None]
         if contrasted:
             base = self.amateur.decode([(r.seq, r.base_pending, r.base_pos) for r in contrasted])
             bases = iter(torch.from_numpy(base))
-        twins = iter(range(len(rows), len(work)))
+        twins = iter(range(len(rows), len(work) - len(voiced)))
+        voices = iter(range(len(work) - len(voiced), len(work)))
         scores = []
         for i, row in enumerate(rows):
             row_scores = logits[i : i + 1]
             if row.twin is not None:
                 row_scores = guide(row_scores, logits[next(twins)][None], row.plan.guidance[0])
+            if row.voice_live:
+                other = logits[next(voices)][None]
+                row_scores = voice(
+                    row_scores, logits[i : i + 1], other, row.plan.voice[0], row.voice_names
+                )
             if row.base_pending is not None:
                 row.plan.contrast.source = _given(next(bases)[None])
             # Called one by one: LogitsProcessorList inspects every processor's signature on
@@ -212,7 +236,12 @@ class ContinuousBatcher:
             if row.base_pending is not None:
                 row.base_pos += len(row.base_pending)
                 row.base_pending = [token]
+            if row.voice_live:
+                row.voice_pos += len(row.voice_pending)
+                row.voice_pending = [token]
             row.input_ids = torch.cat([row.input_ids, tokens[i : i + 1, None]], dim=1)
+            if row.voice_seq is not None:
+                self._follow_speaker(row, token)
             if row.streamer is not None and row.group is None:
                 row.streamer.put(tokens[i : i + 1])
             done = token in row.plan.stop_ids or bool(row.plan.stops(row.input_ids, scores[i])[0])
@@ -223,6 +252,35 @@ class ContinuousBatcher:
                 row.waiting = row.group is not None and token in self._line_ends
         self._choose_lines()
         return finished
+
+    def _follow_speaker(self, row: Row, token: int) -> None:
+        """Voice: at a line's end the voice sequence lets the line go; once a new line's tag
+        is written, it takes the row's cache up to the line's start and reads the other
+        speaker's tag there."""
+        if token in self._line_ends:
+            if row.voice_live:  # the other's tag and the line after it go
+                self.model.forget(row.voice_seq, row.voice_synced)
+                row.voice_live = False
+            row.line_start = row.input_ids.shape[1]
+            return
+        if row.voice_live or row.input_ids.shape[1] - row.line_start > 16:
+            return
+        speaker = tag_of(self.tokenizer.decode(row.input_ids[0, row.line_start :]))
+        if speaker is None:
+            return
+        before = self.tokenizer.decode(row.input_ids[0, row.plan.prompt_len : row.line_start])
+        lines = (row.plan.prompt_texts[0] + before).splitlines()
+        if not self.model.forget(row.voice_seq, row.voice_synced):
+            self.model.forget(row.voice_seq)
+            row.voice_synced = 0
+        # it catches up with the row's lines since it last read, then reads the other's tag
+        catch_up = row.input_ids[0, row.voice_synced : row.line_start].tolist()
+        other = other_speaker(lines, speaker)
+        row.voice_pending = catch_up + tag_ids(self.tokenizer, other)
+        row.voice_names = name_ids(self.tokenizer, [speaker, other])
+        row.voice_pos = row.voice_synced
+        row.voice_synced = row.line_start
+        row.voice_live = True
 
     def _choose_lines(self) -> None:
         """Every group whose rows all wait at a line's end: keep the best row's line."""
@@ -267,6 +325,9 @@ class ContinuousBatcher:
         if row.base_pending is not None:  # the base re-reads the whole scene so far
             self.amateur.forget(row.seq)
             row.base_pending, row.base_pos = theirs.tolist(), 0
+        if row.voice_seq is not None:  # rows wait at a line's end: the next line starts
+            self.model.forget(row.voice_seq)
+            row.voice_live, row.voice_synced, row.line_start = False, 0, len(theirs)
         row.plan = row.remake()  # the guards read the row's text afresh
 
     def drain(self) -> list[tuple[Row, GeneratedScene]]:
@@ -294,7 +355,7 @@ class ContinuousBatcher:
         self.rows.remove(row)
         if row.base_pending is not None:
             self.amateur.forget(row.seq)
-        for seq in (row.seq, row.twin):
+        for seq in (row.seq, row.twin, row.voice_seq):
             if seq is not None:
                 self.model.forget(seq)
                 self._free.append(seq)

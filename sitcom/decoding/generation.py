@@ -36,6 +36,7 @@ from sitcom.decoding.sampling import PerRowSampling  # noqa: F401
 from sitcom.decoding.streaming import LineStreamer  # noqa: F401
 from sitcom.decoding.threads import use_torch_threads
 from sitcom.decoding.vocab import speaker_token_ids, stop_token_ids  # noqa: F401
+from sitcom.decoding.voice import Raw, RowVoice
 from sitcom.scenes.lines import clean_lines, line_key  # noqa: F401
 from sitcom.scenes.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
@@ -91,8 +92,13 @@ def generate_scenes(
         if amateur is None:
             raise ValueError("contrast needs the untuned base model; this model has none")
         plan.contrast.source = ModelSource(amateur, plan.attention_mask)
-    if any(g > 1 for g in plan.guidance):  # first: the guards and sampling see its logits
-        processors = [RowGuidance(plan.guidance, model, plan.lead_ids), *processors]
+    # First guidance, then voice (its gain from the model's own logits, kept by Raw), then
+    # the guards and sampling, as on llama.cpp (sitcom.decoding.batcher).
+    raw = Raw()
+    voiced = [RowVoice(plan.voice, model, tokenizer, plan, raw)] if any(plan.voice) else []
+    guided = [RowGuidance(plan.guidance, model, plan.lead_ids)] if max(plan.guidance) > 1 else []
+    if voiced or guided:
+        processors = [raw, *guided, *voiced, *processors]
     if seed is not None:
         torch.manual_seed(seed)
     use_torch_threads()  # fewer threads while other processes keep the cores busy

@@ -5,7 +5,7 @@ sitcom.decoding.batcher), and the generated ids turned back into clean scenes.""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria
@@ -53,6 +53,7 @@ class DecodePlan:
     guidance: list[float]  # per row (sitcom.decoding.guidance; 1: off)
     max_lines: list[int]  # per row: a scene that wrote this many new lines is finished
     contrast: Contrast | None = None  # in `processors` when a row contrasts with the base
+    voice: list[float] = field(default_factory=list)  # per row (sitcom.decoding.voice; 0: off)
 
     @property
     def prompt_len(self) -> int:
@@ -169,4 +170,5 @@ def plan_batch(
         [s.guidance for s in settings],
         [s.max_lines for s in settings],
         contrast,
+        [s.voice for s in settings],
     )

@@ -27,6 +27,7 @@ DESCRIPTIONS = {
     "cast_turns": "Only the scene's cast speak, taking turns (1 = on)",
     "guidance": "Keep to the opening by guidance: higher stays closer (1 = off)",
     "contrast": "More of what the fine-tune adds over its base: higher, more (0 = off)",
+    "voice": "Each line more like its speaker than the other: higher, more (0 = off)",
 }
 
 
@@ -50,6 +51,7 @@ PickLines = _range(int, "pick_lines")
 CastTurns = _range(int, "cast_turns")
 Guidance = _range(float, "guidance")
 Contrast = _range(float, "contrast")
+Voice = _range(float, "voice")
 
 
 @app_commands.guild_only()
@@ -88,6 +90,7 @@ class Settings(
         cast_turns: CastTurns | None = None,
         guidance: Guidance | None = None,
         contrast: Contrast | None = None,
+        voice: Voice | None = None,
     ) -> None:
         given = {
             k: v
@@ -105,6 +108,7 @@ class Settings(
                 "cast_turns": cast_turns,
                 "guidance": guidance,
                 "contrast": contrast,
+                "voice": voice,
             }.items()
             if v is not None
         }
