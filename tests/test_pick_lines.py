@@ -10,6 +10,7 @@ from helpers import PROMPT, build_tiny_tokenizer
 
 from sitcom.decoding.batcher import ContinuousBatcher
 from sitcom.decoding.vocab import vocab_info
+from sitcom.decoding.voice import voiced_line
 from sitcom.scenes.humour import load_default
 from sitcom.scenes.ranking import best_next_line
 from sitcom.settings import SceneSettings
@@ -72,7 +73,9 @@ def test_candidates_wait_at_each_line_and_go_on_from_the_chosen_one():
         return len(candidates) - 1  # never the first row: a take-over must happen
 
     batcher = ContinuousBatcher(fake, tok, seed=3, choose_line=choose_last)
-    settings = SceneSettings(max_new_tokens=120, temperature=1.0, top_k=0, top_p=1.0, guidance=1)
+    settings = SceneSettings(
+        max_new_tokens=120, temperature=1.0, top_k=0, top_p=1.0, guidance=1, voice=0
+    )
     for _ in range(3):
         batcher.add(PROMPT, settings, tag="scene-1", group="scene-1")
     finished = batcher.drain()
@@ -97,7 +100,9 @@ def test_guided_candidates_twins_follow_the_chosen_line():
     fake = FakeLlama(tok)
     fake.max_batch = 6
     batcher = ContinuousBatcher(fake, tok, seed=5, choose_line=lambda c, g: len(c) - 1)
-    settings = SceneSettings(max_new_tokens=90, temperature=1.0, top_k=0, top_p=1.0, guidance=2)
+    settings = SceneSettings(
+        max_new_tokens=90, temperature=1.0, top_k=0, top_p=1.0, guidance=2, voice=0
+    )
     rows = [batcher.add(PROMPT, settings, tag="s", group="s") for _ in range(3)]
     assert len({r.seq for r in rows} | {r.twin for r in rows}) == 6 and not batcher.free_slots
     takeovers = 0
@@ -117,11 +122,46 @@ def test_guided_candidates_twins_follow_the_chosen_line():
     assert batcher.free_slots == 6
 
 
+def test_voice_sequences_follow_the_chosen_line():
+    """With voice each candidate has a sequence that reads the other speaker's tag inside
+    each line. FakeLlama refuses a token fed at the wrong position; after every step (line
+    choices and take-overs included) that sequence holds the row's own tokens up to the
+    line, then the other tag and the line's speech; at the end every slot is free."""
+    tok = build_tiny_tokenizer()
+    fake = FakeLlama(tok)
+    batcher = ContinuousBatcher(fake, tok, seed=7, choose_line=lambda c, g: len(c) - 1)
+    settings = SceneSettings(
+        max_new_tokens=90, temperature=1.0, top_k=0, top_p=1.0, guidance=1, voice=1.0
+    )
+    rows = [batcher.add(PROMPT, settings, tag="s", group="s") for _ in range(2)]
+    assert len({r.seq for r in rows} | {r.voice_seq for r in rows}) == 4
+    voiced_steps = 0
+    while batcher.rows:
+        batcher.step()
+        for row in batcher.rows:
+            ids = row.input_ids[0].tolist()
+            held = fake.held.get(row.voice_seq, []) + row.voice_pending
+            if not row.voice_live:
+                assert fake.held.get(row.voice_seq, []) == ids[: row.voice_synced]
+                continue
+            voiced_steps += 1
+            _, k = voiced_line(tok, ids[row.line_start :])
+            assert held[: row.voice_synced] == ids[: row.voice_synced] == ids[: row.line_start]
+            assert held[len(held) - (len(ids) - row.line_start - k) :] == ids[row.line_start + k :]
+            assert (
+                tok.decode(held[row.voice_synced : len(held) - (len(ids) - row.line_start - k)])[
+                    :-1
+                ]
+                in NAMES
+            )  # the other speaker's tag
+    assert voiced_steps > 10 and batcher.free_slots == 4
+
+
 def test_a_scene_alone_in_its_group_or_without_one_never_waits():
     tok = build_tiny_tokenizer()
     fake = FakeLlama(tok)
     batcher = ContinuousBatcher(fake, tok, seed=1, choose_line=lambda c, g: pytest.fail("chose"))
-    settings = SceneSettings(max_new_tokens=60, guidance=1)
+    settings = SceneSettings(max_new_tokens=60, guidance=1, voice=0)
     batcher.add(PROMPT, settings, tag=1, group="alone")
     batcher.add(PROMPT, settings, tag=2)
     batcher.add(PROMPT, settings, tag=2)

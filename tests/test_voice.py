@@ -85,7 +85,7 @@ def test_voice_sequence_reads_the_other_tag_inside_each_line(sharp_dir, monkeypa
     line1 = tok.encode("GEORGE: Serenity now!\n", add_special_tokens=False)
     line2 = tok.encode("JERRY: What?\n", add_special_tokens=False)
     script = line1 + line2
-    plain = SceneSettings(max_new_tokens=max(16, len(script)), max_lines=2, guidance=1)
+    plain = SceneSettings(max_new_tokens=max(16, len(script)), max_lines=2, guidance=1, voice=0)
     voiced = plain.with_changes(voice=2.0)
     prompt, calls, scores, scene = _forced_run(model, tok, voiced, script, monkeypatch)
     _, plain_calls, plain_scores, plain_scene = _forced_run(model, tok, plain, script, monkeypatch)

@@ -135,7 +135,7 @@ class RowVoice(LogitsProcessor):
                 self.row_ids[row] + new[:start] + tag_ids(self.tokenizer, other) + new[start + k :]
             )
             ids = torch.tensor([alt], device=self.model.device)
-            other_logits = self.model(input_ids=ids).logits[:, -1].to(scores)
+            other_logits = self.model(ids).logits[:, -1].to(scores)  # positional, as guidance
             names = name_ids(self.tokenizer, [speaker, other])
             raw = self.raw.scores[row : row + 1]
             out[row : row + 1] = voice(scores[row : row + 1], raw, other_logits, weight, names)
