@@ -438,7 +438,7 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
 
     from sitcom.model.catalog import load_model
 
-    stall = stall_after(12, 0.05)  # the first line fast, then ~20 tokens/s
+    stall = stall_after(12, 0.05)  # the first line fast, then ~20 tokens/s (one forward a step)
 
     def slow(name):
         _, tokenizer = load_model(name)
@@ -451,7 +451,9 @@ async def test_second_close_posts_the_running_scene_as_partial_then_closes(
     await invoke(
         bot,
         command_payload(
-            "settings", [subcommand("set", option("max_new_tokens", 400))], permissions=MANAGE
+            "settings",
+            [subcommand("set", option("max_new_tokens", 400), option("voice", 0))],
+            permissions=MANAGE,
         ),
     )
     scene = asyncio.ensure_future(

@@ -94,7 +94,7 @@ def test_a_base_that_is_the_model_itself_changes_nothing(pair):
     tuned, _ = pair
     model, tok = serving.load_llamacpp(tuned, max_batch=3, n_threads=1)
     same, _ = serving.load_llamacpp(tuned, max_batch=3, n_threads=1)
-    plain = SceneSettings(max_new_tokens=30, repetition_penalty=1.0, guidance=1)
+    plain = SceneSettings(max_new_tokens=30, repetition_penalty=1.0, guidance=1, voice=0)
     for prompts in (PROMPTS, PROMPTS[::-1]):  # the second round reuses the slots
         want = llamacpp.generate_scenes(model, tok, prompts, plain, do_sample=False)
         got = llamacpp.generate_scenes(

@@ -33,6 +33,7 @@ def scene_settings(tokens: int) -> SceneSettings:
         repetition_penalty=1.0,
         best_of=1,
         guidance=1.0,  # one sequence a scene: these tests count slots
+        voice=0,
     )
 
 
@@ -206,6 +207,7 @@ async def test_best_of_n_writes_candidates_in_one_batch_and_delivers_the_ranked_
             repetition_penalty=1.0,
             best_of=3,
             guidance=1.0,
+            voice=0,
         )
         scene = await (await engine.submit(PROMPT, settings)).result()
     finally:
@@ -228,7 +230,7 @@ async def test_eta_counts_every_candidate_of_the_scenes_ahead(endless_dir):
         with engine._cond:  # the queue as the estimate sees it, without running anything
             engine._finished.clear()
             engine._finished.append((100, 1.0, False))  # recent scenes: 100 tokens in 1 s
-            plain = dict(max_new_tokens=100, temperature=0.1, top_k=1, guidance=1.0)
+            plain = dict(max_new_tokens=100, temperature=0.1, top_k=1, guidance=1.0, voice=0)
             one = SceneSettings(best_of=1, **plain)
             four = SceneSettings(best_of=4, **plain)
             engine._queue.extend([Job(PROMPT, one, "a"), Job(PROMPT, one, "b")])

@@ -46,7 +46,7 @@ def test_guided_scenes_are_the_same_on_llamacpp_and_transformers(sharp_dir):
 
     model, tok = serving.load_llamacpp(sharp_dir, max_batch=6, n_threads=1)
     hf = AutoModelForCausalLM.from_pretrained(sharp_dir).eval()
-    plain = SceneSettings(max_new_tokens=40, repetition_penalty=1.05, guidance=1)
+    plain = SceneSettings(max_new_tokens=40, repetition_penalty=1.05, guidance=1, voice=0)
     settings = [plain.with_changes(guidance=g) for g in (2.0, 1.0, 3.0)]
     want = generation.generate_scenes(hf, tok, PROMPTS, settings, do_sample=False, precision="fp32")
     got = llamacpp.generate_scenes(model, tok, PROMPTS, settings, do_sample=False)
@@ -65,7 +65,7 @@ async def test_engine_gives_each_guided_candidate_two_sequences(sharp_dir, monke
     from sitcom.engine import SceneEngine
 
     monkeypatch.setenv("SITCOM_BACKEND", "llamacpp")
-    guided = SceneSettings(max_new_tokens=24, best_of=3, guidance=2.0)
+    guided = SceneSettings(max_new_tokens=24, best_of=3, guidance=2.0, voice=0)
     for max_batch, candidates in ((4, 2), (8, 3)):
         engine = SceneEngine(str(sharp_dir), max_batch=max_batch)
         await engine.start()

@@ -62,7 +62,8 @@ def ending_dir(tmp_path_factory):
 
 
 def _load(path):
-    model, tokenizer = serving.load_llamacpp(path, max_batch=4, n_threads=1)
+    # eight sequences: a default row takes three (itself, guidance's twin, voice's)
+    model, tokenizer = serving.load_llamacpp(path, max_batch=8, n_threads=1)
     return model, tokenizer
 
 
@@ -176,7 +177,7 @@ def test_sampling_is_seeded(tiny_model_dir, tmp_path):
 def test_bad_requests_are_value_errors(looping_dir):
     model, tok = _load(looping_dir)
     with pytest.raises(ValueError, match="prompts"):
-        llamacpp.generate_scenes(model, tok, [PROMPT] * 5, SceneSettings())
+        llamacpp.generate_scenes(model, tok, [PROMPT] * 9, SceneSettings())
     with pytest.raises(ValueError, match="too long"):
         llamacpp.generate_scenes(model, tok, [PROMPT * 200], SceneSettings(max_new_tokens=400))
     with pytest.raises(ValueError, match="max_new_tokens"):

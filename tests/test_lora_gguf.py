@@ -193,7 +193,7 @@ def test_a_merge_that_keeps_some_tokens_serves_their_logits_in_full_ids(base_and
             small,
             tokenizer,
             ["elaine: Get out!"] * 2,
-            SceneSettings(max_new_tokens=24, guidance=1),  # two rows, one sequence each
+            SceneSettings(max_new_tokens=24, guidance=1, voice=0),  # two rows, one sequence each
             seed=3,
         )
         written = [t for s in scenes for t in tokenizer.encode(s.raw)[-s.new_tokens :]]
@@ -346,7 +346,7 @@ def served_scenes(model, tokenizer, backend):
     from sitcom.model import llamacpp
 
     prompts = ["elaine: Get out!"]
-    settings = SceneSettings(max_new_tokens=24, guidance=1)  # served with one sequence
+    settings = SceneSettings(max_new_tokens=24, guidance=1, voice=0)  # served with one sequence
     if backend == "llamacpp":
         scenes = llamacpp.generate_scenes(model, tokenizer, prompts, settings, do_sample=False)
     else:

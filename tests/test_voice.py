@@ -120,6 +120,14 @@ async def test_engine_drops_voice_before_guidance_when_sequences_run_short(sharp
     finally:
         await engine.close()
     assert len(scene.lines) >= 1 and scene.candidates == guided.candidates == 1
+    # three sequences a guided, voiced candidate: eight hold two of a best of 3
+    engine = SceneEngine(str(sharp_dir), max_batch=8)
+    await engine.start()
+    try:
+        scene = await (await engine.submit(PROMPT, both.with_changes(best_of=3), "u1")).result()
+    finally:
+        await engine.close()
+    assert scene.candidates == 2
 
 
 def test_transformers_contrasts_each_line_with_the_other_tag(sharp_dir):
