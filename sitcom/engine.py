@@ -503,8 +503,7 @@ class SceneEngine:
             self._begin(job)
             base = loaded.base_for(job)
             amateur = base if base is not None else amateur
-            # guidance runs inside generate() here, with no rows of its own; voice is
-            # llama.cpp's only (sitcom.decoding.voice): transformers writes without it
+            # guidance and voice run inside generate() here, with no rows of their own
             job.expected, job.candidates = max(1, min(job.settings.best_of, self.max_batch)), []
             rows += [(job, i) for i in range(job.expected)]
         callbacks = [self._snapshot(job, loaded) if i == 0 else None for job, i in rows]

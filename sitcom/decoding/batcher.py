@@ -22,6 +22,10 @@ Contrast with the untuned base (`contrast` > 0, sitcom.decoding.contrast): a sec
 LlamaCppModel, the base, holds the row's scene in the same slot number and is fed the same
 tokens; its logits reach the row's Contrast processor, just before sampling.
 
+Voice (`voice` > 0, sitcom.decoding.voice): a row has a third sequence that, inside each
+line, holds the scene with the other speaker's tag in place of the line's own; the row's
+logits are shifted by its own speaker's gain over it.
+
 Hand-written because llama-cpp-python's Llama class holds one sequence per context and
 transformers' generate() needs a torch model; the guards are the same objects both use.
 """
@@ -254,9 +258,9 @@ class ContinuousBatcher:
         return finished
 
     def _follow_speaker(self, row: Row, token: int) -> None:
-        """Voice: at a line's end the voice sequence lets the line go; once a new line's tag
-        is written, it takes the row's cache up to the line's start and reads the other
-        speaker's tag there."""
+        """Voice: at a line's end the voice sequence drops what it read of that line; once a
+        new line's tag is written, it is fed the row's tokens it has not read up to the
+        line's start, then the other speaker's tag, then each token the row writes."""
         if token in self._line_ends:
             if row.voice_live:  # the other's tag and the line after it go
                 self.model.forget(row.voice_seq, row.voice_synced)
