@@ -18,7 +18,7 @@ from tokenizers import decoders
 from transformers import LogitsProcessor, StoppingCriteria
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
-from sitcom.decoding.vocab import speaker_token_ids, vocab_info
+from sitcom.decoding.vocab import speaker_token_ids, tag_after_newline, vocab_info
 from sitcom.scenes.lines import finished_lines, has_heading, line_key
 from sitcom.scenes.ranking import premise_words
 from sitcom.scenes.script import MAIN_CHARACTERS, speaker_of
@@ -242,15 +242,14 @@ class CastTurns(PrefixConstrainedLogitsProcessor):
         self.stop_ids = list(stop_ids)
         ends = torch.tensor(sorted({*self.line_ends, *self.stop_ids}), dtype=torch.long)
         self.speech = self.every[~torch.isin(self.every, ends)]
-        newline = tokenizer.encode("\n", add_special_tokens=False)
         self.names: list[dict[str, tuple[int, ...]]] = []
         for text, on in zip(self.prompts, self.enabled, strict=True):
             spellings: dict[str, tuple[int, ...]] = {}
             cast = [speaker_of(x) for x in text.splitlines()] + list(main) if on else []
             for name in dict.fromkeys(n for n in cast if n):
-                ids = tokenizer.encode(f"\n{name}:", add_special_tokens=False)
-                if ids[: len(newline)] == newline and len(ids) > len(newline):
-                    spellings[name] = tuple(ids[len(newline) :])
+                ids = tag_after_newline(tokenizer, name)
+                if ids:
+                    spellings[name] = tuple(ids)
             self.names.append(spellings)
         self._texts: list[str | None] = []
 

@@ -41,6 +41,16 @@ def vocab_info(tokenizer) -> _VocabInfo:
     return info
 
 
+def tag_after_newline(tokenizer, name: str) -> list[int] | None:
+    """`NAME:` as the tokenizer spells it at the start of a line (after a newline); None
+    where the newline and the name merge into one token, or the name is empty."""
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    ids = tokenizer.encode(f"\n{name}:", add_special_tokens=False)
+    if ids[: len(newline)] == newline and len(ids) > len(newline):
+        return ids[len(newline) :]
+    return None
+
+
 def speaker_token_ids(tokenizer, speakers: Sequence[str]) -> set[int]:
     """Token ids that spell the speaker names as they appear at the start of a line.
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessor
 
-from sitcom.decoding.vocab import vocab_info
+from sitcom.decoding.vocab import tag_after_newline, vocab_info
 from sitcom.scenes.script import MAIN_CHARACTERS, SPEAKER_PATTERN
 
 TAG_RE = re.compile(rf"^(?P<speaker>{SPEAKER_PATTERN}):$")
@@ -46,11 +46,9 @@ def other_speaker(lines: Sequence[str], speaker: str, main: Sequence[str] = MAIN
 
 def tag_ids(tokenizer, name: str) -> list[int]:
     """`NAME:` as the tokenizer spells it at the start of a line (after a newline)."""
-    newline = tokenizer.encode("\n", add_special_tokens=False)
-    ids = tokenizer.encode(f"\n{name}:", add_special_tokens=False)
-    if ids[: len(newline)] == newline:
-        return ids[len(newline) :]
-    return tokenizer.encode(f"{name}:", add_special_tokens=False)
+    return tag_after_newline(tokenizer, name) or tokenizer.encode(
+        f"{name}:", add_special_tokens=False
+    )
 
 
 def name_ids(tokenizer, names: Sequence[str]) -> torch.Tensor:
@@ -116,6 +114,7 @@ class RowVoice(LogitsProcessor):
         self.prompt_texts = list(plan.prompt_texts)
         self.prompt_len = plan.prompt_len  # padded: where every row's new tokens start
         self.line_ends = vocab_info(tokenizer).line_end_ids
+        self._names: dict[tuple[str, str], torch.Tensor] = {}  # per pair, not per step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         out = scores.clone()
@@ -136,7 +135,9 @@ class RowVoice(LogitsProcessor):
             )
             ids = torch.tensor([alt], device=self.model.device)
             other_logits = self.model(ids).logits[:, -1].to(scores)  # positional, as guidance
-            names = name_ids(self.tokenizer, [speaker, other])
+            names = self._names.get((speaker, other))
+            if names is None:
+                names = self._names[speaker, other] = name_ids(self.tokenizer, [speaker, other])
             raw = self.raw.scores[row : row + 1]
             out[row : row + 1] = voice(scores[row : row + 1], raw, other_logits, weight, names)
         return out
