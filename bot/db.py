@@ -18,6 +18,7 @@ import asyncio
 import errno
 import logging
 import os
+import random
 import re
 import sqlite3
 import time
@@ -180,6 +181,11 @@ def _read_only_fs(path: Path) -> bool:
         return False
 
 
+def _busy(error: sqlite3.Error) -> bool:
+    """SQLite's "database is locked" / "database is busy": another connection holds the lock."""
+    return "locked" in str(error) or "busy" in str(error)
+
+
 def _why(path: Path, error: BaseException) -> str:
     """The reason for a failed open, with read-only files and folders said plainly."""
     if isinstance(error, DatabaseError):
@@ -236,7 +242,7 @@ class Database:
             await conn.execute("PRAGMA foreign_keys = ON")
             await db._refuse_newer()  # before anything writes, even the journal mode
             await db._refuse_damaged()
-            await conn.execute("PRAGMA journal_mode = WAL")
+            await db._switch_to_wal(asyncio.get_running_loop().time() + SETUP_TIMEOUT_S)
             await db._migrate()
             await conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         except (sqlite3.Error, DatabaseError) as e:
@@ -276,6 +282,21 @@ class Database:
                 "or point BOT_DB at a new file"
             )
 
+    async def _switch_to_wal(self, deadline: float) -> None:
+        """PRAGMA journal_mode = WAL, again while another process holds the lock. Two
+        processes switching a new file at once both read its header and then both ask for the
+        write lock; SQLite answers one of them "database is locked" at once, without waiting
+        on busy_timeout (waiting there could deadlock), so the wait is here."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await self._conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if not _busy(e) or loop.time() > deadline:
+                    raise
+            await asyncio.sleep(random.uniform(0.01, 0.1))
+
     async def _migrate(self) -> None:
         for version, name, sql in migrations():
             if version <= await self.schema_version():
@@ -313,7 +334,7 @@ class Database:
             yield
         except sqlite3.OperationalError as e:
             log.warning("database error: %s", e)
-            if "locked" in str(e) or "busy" in str(e):
+            if _busy(e):
                 raise DatabaseError(
                     "The database is busy right now; please try again in a moment."
                 ) from e

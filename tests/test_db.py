@@ -276,6 +276,25 @@ async def test_unreadable_file_is_a_database_error(tmp_path):
 
 
 @pytest.mark.asyncio
+async def test_opening_a_new_file_waits_for_a_writer_holding_it(tmp_path):
+    """Another process holds the write lock on a new (rollback-journal) file while this one
+    switches it to WAL: SQLite refuses that switch at once, without its busy timeout (the
+    race that made 1 in ~200 simultaneous starts fail), so opening retries until the lock
+    is released."""
+    path = tmp_path / "a.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE other_process(a)")
+    other.execute("BEGIN IMMEDIATE")
+    asyncio.get_running_loop().call_later(0.5, other.execute, "COMMIT")
+    db = await Database.open(path)
+    try:
+        assert await db.schema_version() == migrations()[-1][0]
+    finally:
+        await db.close()
+        other.close()
+
+
+@pytest.mark.asyncio
 async def test_processes_starting_at_once_on_a_new_store_migrate_once(db_target):
     """A gateway and workers started together on a new BOT_DB (or database): one applies
     the migrations, the others wait and find nothing left to do; none fails."""
