@@ -27,6 +27,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "contrast": (0.0, 2.0),
     # contrast with the scene's other speaker inside each line (sitcom.decoding.voice): 0 off
     "voice": (0.0, 3.0),
+    # nats taken off every token that would end a line once its tag is written
+    # (sitcom.decoding.guards.LongerLines): 0 off; the writer's lines run shorter than the show's
+    "longer_lines": (0.0, 3.0),
 }
 
 
@@ -58,6 +61,7 @@ class SceneSettings:
     guidance: float = 1.5
     contrast: float = 0.0
     voice: float = 1.0
+    longer_lines: float = 0.0
 
     def validated(self) -> SceneSettings:
         """Raise ValueError naming the first field outside its range."""

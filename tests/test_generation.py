@@ -375,3 +375,39 @@ def test_cast_turns_leave_a_row_with_it_off_as_it_was(tiny_model, tiny_tokenizer
         tiny_model, tiny_tokenizer, prompts, [off, off.with_changes(cast_turns=1)], **GREEDY
     )
     assert mixed[0].raw == alone.raw
+
+
+def test_longer_lines_lowers_a_spoken_lines_ends_by_the_rows_setting(tiny_tokenizer):
+    """Inside a spoken line every line-ending token loses the row's `longer_lines` nats;
+    a row with it off, a stage direction and a line not yet begun keep their scores."""
+    from sitcom.decoding.guards import LongerLines
+    from sitcom.decoding.plan import plan_batch
+
+    prompt = "JERRY: Hello, Newman.\n"
+    stop_ids = stop_token_ids(tiny_tokenizer)
+    ends = torch.cat([_vocab_info(tiny_tokenizer).newline_ids, torch.tensor(stop_ids)])
+    vocab = len(tiny_tokenizer)
+
+    def run(generated: str, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt_ids = tiny_tokenizer.encode(prompt)
+        ids = torch.tensor([prompt_ids + tiny_tokenizer.encode(generated)])
+        rows = _RowText(tiny_tokenizer, len(prompt_ids), stop_ids)
+        scores = torch.zeros(1, vocab)
+        return LongerLines(rows, ends, [strength])(ids, scores), scores
+
+    out, scores = run("GEORGE: I was in the pool", 1.5)
+    lowered = torch.zeros(1, vocab)
+    lowered[0, ends] = -1.5
+    assert torch.equal(out, lowered) and out is not scores and scores.abs().sum() == 0
+    for generated, strength in [
+        ("GEORGE: I was in the pool", 0.0),  # the row's setting is off
+        ("(Kramer enters", 1.5),  # a stage direction
+        ("GEORGE: I was in the pool.\n", 1.5),  # a line just ended, the next not begun
+    ]:
+        out, scores = run(generated, strength)
+        assert torch.equal(out, scores), generated
+    plan = plan_batch(
+        tiny_tokenizer, [prompt, prompt], [SceneSettings(longer_lines=2.0), SceneSettings()]
+    )
+    (wired,) = [p for p in plan.processors if isinstance(p, LongerLines)]
+    assert wired.strengths == [2.0, 0.0]

@@ -210,6 +210,32 @@ class LoopGuard(LogitsProcessor):
         return scores
 
 
+class LongerLines(LogitsProcessor):
+    """Inside a line (its `NAME:` tag written), take each row's `longer_lines` setting, in
+    nats, off every token that would end it (newlines, end of text): the line goes on a
+    little longer. The writer's lines run shorter than the show's (5-6 words on average
+    against 10, 36-41 % of them three words or fewer against 24 %), and a two-word line
+    ("What?", "Yeah.") rarely carries a joke. Stage directions and tags are left alone."""
+
+    def __init__(self, rows: _RowText, end_ids: torch.Tensor, strengths: Sequence[float]):
+        self.rows = rows
+        self.end_ids = end_ids
+        self.strengths = [float(s) for s in strengths]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not any(self.strengths):
+            return scores
+        ends = self.end_ids.to(scores.device)
+        scores = scores.clone()
+        for row, text in enumerate(self.rows.texts(input_ids)):
+            strength = self.strengths[row]
+            if text is None or not strength:
+                continue
+            if speaker_of(text.rpartition("\n")[2]) is not None:
+                scores[row, ends] -= strength
+        return scores
+
+
 class CastTurns(PrefixConstrainedLogitsProcessor):
     """The next speaker drawn from the scene's cast: for rows whose `cast_turns` setting is on, a
     new line may only start with the tokens of `NAME:` for one of the opening's speakers or

@@ -13,6 +13,7 @@ from transformers import LogitsProcessorList, StoppingCriteria
 from sitcom.decoding.contrast import Contrast
 from sitcom.decoding.guards import (
     CastTurns,
+    LongerLines,
     LoopGuard,
     PremiseBias,
     SceneStop,
@@ -143,6 +144,7 @@ def plan_batch(
                 [s.repetition_penalty for s in settings], exempt, pad_lengths, tokenizer, rows
             ),
             LoopGuard(prompt_texts, rows, ban),
+            LongerLines(rows, ban, [s.longer_lines for s in settings]),
             PremiseBias(tokenizer, prompt_texts, [s.premise for s in settings]),
             CastTurns(tokenizer, prompt_texts, [s.cast_turns for s in settings], rows, stop_ids),
         ]

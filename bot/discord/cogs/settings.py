@@ -28,6 +28,7 @@ DESCRIPTIONS = {
     "guidance": "Keep to the opening by guidance: higher stays closer (1 = off)",
     "contrast": "More of what the fine-tune adds over its base: higher, more (0 = off)",
     "voice": "Each line more like its speaker than the other: higher, more (0 = off)",
+    "longer_lines": "Lines run on longer before they end: higher, longer (0 = off)",
 }
 
 
@@ -52,6 +53,7 @@ CastTurns = _range(int, "cast_turns")
 Guidance = _range(float, "guidance")
 Contrast = _range(float, "contrast")
 Voice = _range(float, "voice")
+LongerLines = _range(float, "longer_lines")
 
 
 @app_commands.guild_only()
@@ -91,6 +93,7 @@ class Settings(
         guidance: Guidance | None = None,
         contrast: Contrast | None = None,
         voice: Voice | None = None,
+        longer_lines: LongerLines | None = None,
     ) -> None:
         given = {
             k: v
@@ -109,6 +112,7 @@ class Settings(
                 "guidance": guidance,
                 "contrast": contrast,
                 "voice": voice,
+                "longer_lines": longer_lines,
             }.items()
             if v is not None
         }
