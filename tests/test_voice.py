@@ -1,6 +1,6 @@
-"""Contrast with the other speaker (settings.voice, sitcom.decoding.voice): the formula, the
-tag and speaker helpers, and llama.cpp's voice sequence reading the other speaker's tag for
-exactly the tokens of each line after its tag."""
+"""Contrast with an anonymous MAN (settings.voice, sitcom.decoding.voice): the formula, the
+tag and speaker helpers, and llama.cpp's voice sequence reading MAN's tag for exactly the
+tokens of each line after its tag."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from helpers import PROMPT, build_tiny_tokenizer, sharp_model_dir
 
 from sitcom.decoding import batcher as batcher_module
-from sitcom.decoding.voice import name_ids, other_speaker, tag_ids, tag_of, voice
+from sitcom.decoding.voice import contrast_speaker, name_ids, other_speaker, tag_ids, tag_of, voice
 from sitcom.settings import SceneSettings
 
 
@@ -39,6 +39,10 @@ def test_tags_and_the_other_speaker():
     assert other_speaker(lines, "KRAMER") == "GEORGE"
     assert other_speaker(["GEORGE: Hi.", "GEORGE: Again."], "GEORGE") == "JERRY"
     assert other_speaker([], "JERRY") == "GEORGE"
+    # a line is read against MAN's in its place, whoever else is in the scene; MAN's own
+    # lines against the scene's last other speaker
+    assert contrast_speaker(lines, "GEORGE") == contrast_speaker([], "NEWMAN") == "MAN"
+    assert contrast_speaker(["JERRY: Hi.", "MAN: Excuse me."], "MAN") == "JERRY"
     tok = build_tiny_tokenizer()
     assert tok.decode(tag_ids(tok, "GEORGE")) == "GEORGE:"
     ids = name_ids(tok, ["GEORGE"]).tolist()
@@ -91,14 +95,14 @@ def test_voice_sequence_reads_the_other_tag_inside_each_line(sharp_dir, monkeypa
     _, plain_calls, plain_scores, plain_scene = _forced_run(model, tok, plain, script, monkeypatch)
     assert scene.lines[-2:] == plain_scene.lines[-2:] == ["GEORGE: Serenity now!", "JERRY: What?"]
     assert all(len(c) == 1 for c in plain_calls)  # one sequence a step without voice
-    # The voice sequence (seq 1) joins once a tag is written: first the opening and the
-    # other speaker's tag (JERRY, who spoke last), then, at the next line, George's line as
-    # written and the tag of George in place of Jerry's.
+    # The voice sequence (seq 1) joins once a tag is written: first the opening and MAN's
+    # tag in place of George's, then, at the next line, George's line as written and MAN's
+    # tag in place of Jerry's.
     voice_work = [item for c in calls for item in c if item[0] == 1]
-    assert voice_work[0] == (1, prompt + tag_ids(tok, "JERRY"), 0)
+    assert voice_work[0] == (1, prompt + tag_ids(tok, "MAN"), 0)
     tag1, tag2 = len(tag_ids(tok, "GEORGE")), len(tag_ids(tok, "JERRY"))
     second = next(w for w in voice_work[1:] if len(w[1]) > 1)
-    assert second == (1, line1 + tag_ids(tok, "GEORGE"), len(prompt))
+    assert second == (1, line1 + tag_ids(tok, "MAN"), len(prompt))
     # Inside a line the scores are contrasted; while a tag is written they are the plain ones.
     for step, (s, p) in enumerate(zip(scores, plain_scores, strict=True)):
         in_tag = step < tag1 or len(line1) <= step < len(line1) + tag2
@@ -132,7 +136,7 @@ async def test_engine_drops_voice_before_guidance_when_sequences_run_short(sharp
 
 def test_transformers_contrasts_each_line_with_the_other_tag(sharp_dir):
     """RowVoice (the transformers path) gives the same formula the llama.cpp voice sequence
-    does: inside George's line, the scene with JERRY's tag instead is the other side."""
+    does: inside George's line, the scene with MAN's tag instead is the other side."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sitcom.decoding.plan import plan_batch
@@ -146,7 +150,7 @@ def test_transformers_contrasts_each_line_with_the_other_tag(sharp_dir):
     line = tok.encode("GEORGE: Serenity now!\n", add_special_tokens=False)
     speaker, k = voiced_line(tok, line)
     assert speaker == "GEORGE" and 0 < k < len(line)
-    names = name_ids(tok, ["GEORGE", "JERRY"])
+    names = name_ids(tok, ["GEORGE", "MAN"])
     with torch.no_grad():
         for n in range(len(line)):  # the step that writes the line's token n
             ids = torch.tensor([plan.row_ids[0] + line[:n]])
@@ -155,7 +159,7 @@ def test_transformers_contrasts_each_line_with_the_other_tag(sharp_dir):
             if n < k:
                 assert torch.equal(out, logits), n
                 continue
-            alt = plan.row_ids[0] + tag_ids(tok, "JERRY") + line[k:n]
+            alt = plan.row_ids[0] + tag_ids(tok, "MAN") + line[k:n]
             other = hf(input_ids=torch.tensor([alt])).logits[:, -1]
             assert torch.allclose(out, voice(logits, logits, other, 2.0, names), atol=1e-5), n
             assert not torch.equal(out, logits)

@@ -23,8 +23,8 @@ LlamaCppModel, the base, holds the row's scene in the same slot number and is fe
 tokens; its logits reach the row's Contrast processor, just before sampling.
 
 Voice (`voice` > 0, sitcom.decoding.voice): a row has a third sequence that, inside each
-line, holds the scene with the other speaker's tag in place of the line's own; the row's
-logits are shifted by its own speaker's gain over it.
+line, holds the scene with the contrast speaker's tag (voice.contrast_speaker: MAN) in
+place of the line's own; the row's logits are shifted by its own speaker's gain over it.
 
 Hand-written because llama-cpp-python's Llama class holds one sequence per context and
 transformers' generate() needs a torch model; the guards are the same objects both use.
@@ -43,7 +43,7 @@ from sitcom.decoding.guidance import guide
 from sitcom.decoding.plan import DecodePlan, GeneratedScene, plan_batch
 from sitcom.decoding.sampling import sample
 from sitcom.decoding.vocab import vocab_info
-from sitcom.decoding.voice import name_ids, other_speaker, tag_ids, tag_of, voice
+from sitcom.decoding.voice import contrast_speaker, name_ids, tag_ids, tag_of, voice
 from sitcom.scenes.script import KNOWN_SPEAKERS
 from sitcom.settings import SceneSettings
 
@@ -260,9 +260,9 @@ class ContinuousBatcher:
     def _follow_speaker(self, row: Row, token: int) -> None:
         """Voice: at a line's end the voice sequence drops what it read of that line; once a
         new line's tag is written, it is fed the row's tokens it has not read up to the
-        line's start, then the other speaker's tag, then each token the row writes."""
+        line's start, then the contrast speaker's tag, then each token the row writes."""
         if token in self._line_ends:
-            if row.voice_live:  # the other's tag and the line after it go
+            if row.voice_live:  # the contrast tag and the line after it go
                 self.model.forget(row.voice_seq, row.voice_synced)
                 row.voice_live = False
             row.line_start = row.input_ids.shape[1]
@@ -277,9 +277,9 @@ class ContinuousBatcher:
         if not self.model.forget(row.voice_seq, row.voice_synced):
             self.model.forget(row.voice_seq)
             row.voice_synced = 0
-        # it catches up with the row's lines since it last read, then reads the other's tag
+        # it catches up with the row's lines since it last read, then reads the contrast tag
         catch_up = row.input_ids[0, row.voice_synced : row.line_start].tolist()
-        other = other_speaker(lines, speaker)
+        other = contrast_speaker(lines, speaker)
         row.voice_pending = catch_up + tag_ids(self.tokenizer, other)
         row.voice_names = name_ids(self.tokenizer, [speaker, other])
         row.voice_pos = row.voice_synced

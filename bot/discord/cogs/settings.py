@@ -27,7 +27,7 @@ DESCRIPTIONS = {
     "cast_turns": "Only the scene's cast speak, taking turns (1 = on)",
     "guidance": "Keep to the opening by guidance: higher stays closer (1 = off)",
     "contrast": "More of what the fine-tune adds over its base: higher, more (0 = off)",
-    "voice": "Each line more like its speaker than the other: higher, more (0 = off)",
+    "voice": "Each line more like its own speaker than anyone's: higher, more (0 = off)",
     "longer_lines": "Lines run on longer before they end: higher, longer (0 = off)",
 }
 
