@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -95,6 +96,20 @@ def test_blend_errors_are_one_line(setup, capsys, tmp_path):
                                        "--out", tmp_path / "x")  # fmt: skip
     assert "differ in r" in run(root / "start", root / "other-rank", "--weight", "0.5",
                                 "--out", tmp_path / "x")  # fmt: skip
+    # peft writes target_modules from a set: another order is the same adapter
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(root / "end", shuffled)
+    config = json.loads((shuffled / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) > 1
+    config["target_modules"] = sorted(config["target_modules"], reverse=True)
+    (shuffled / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["blend", str(root / "start"), str(shuffled), "--weight", "0.5", "--base", base,
+                 "--out", str(tmp_path / "y")]) == 0  # fmt: skip
+    capsys.readouterr()
+    config["target_modules"] = config["target_modules"][1:]
+    (shuffled / "adapter_config.json").write_text(json.dumps(config))
+    assert "differ in target_modules" in run(root / "start", shuffled, "--weight", "0.5",
+                                             "--out", tmp_path / "z")  # fmt: skip
     assert "must be a number" in run(root / "start", root / "end", "--weight", "nan",
                                      "--out", tmp_path / "x")  # fmt: skip
     (tmp_path / "taken").mkdir()

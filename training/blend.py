@@ -38,6 +38,10 @@ def _lora_config(adapter: Path) -> dict:
     return config
 
 
+def _same(value):
+    return sorted(value) if isinstance(value, list) else value
+
+
 def blend(
     start: Path,
     end: Path,
@@ -53,7 +57,8 @@ def blend(
         raise BlendError(f"{out} exists; pass --overwrite to replace it")
     a, b = _lora_config(start), _lora_config(end)
     for key in ("target_modules", "r"):
-        if a.get(key) != b.get(key):
+        # peft writes target_modules from a set, so two runs may list them in any order
+        if _same(a.get(key)) != _same(b.get(key)):
             raise BlendError(f"{start} and {end} differ in {key}: not two runs of one adapter")
 
     import torch
