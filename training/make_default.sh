@@ -14,6 +14,12 @@
 # round 2 from round 1 on 2026-12-02-dpo1-train1601 (scenes of round 1's writer). ~17 and
 # ~9 minutes on 2 CPU cores with AVX-512 BF16; seconds on a GPU. A rebuilt stage 1 is not
 # bit-identical, so its labels are then a little off-policy.
+# Then a soup of three third rounds, each from round 2 on its own labels of round 2's scenes
+# (the tournament's best over worst of 2026-12-03-tournament-train2301, the two decoders of
+# 2026-12-03-decoders-train2401, and 2026-12-02-dpo2-train1901): the two judged alone tied
+# round 2 for readers, their average beat it (training/EXPERIMENTS.md, twenty-third
+# session). `training blend` averages their changes two at a time (1/2, then 1/3 toward the
+# third), refitted to rank 32. ~10-22 minutes a round and ~1 minute a blend on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAW=${1:-../shared/data/seinfeld-raw}
@@ -41,23 +47,38 @@ P=training/preferences
   "${DPO[@]}" $(for d in $P/2026-12-02-train1401/pack* $P/2026-12-02-train1401-2/pack*; do echo --pack "$d"; done)
 [ -f runs/dpo2/prefer.json ] || python -m training prefer --adapter runs/dpo1 --out runs/dpo2 \
   "${DPO[@]}" $(for d in $P/2026-12-02-dpo1-train1601/pack*; do echo --pack "$d"; done)
-# The card: stage 1's facts, both rounds' prefer.json (preference_stages), the val metrics.
+DPO3=("${DPO[@]:2}")  # the rounds' recipe; best over worst pairs have no margin
+[ -f runs/dpo3-tournament/prefer.json ] || python -m training prefer --adapter runs/dpo2 \
+  --out runs/dpo3-tournament "${DPO3[@]}" --chosen $P/2026-12-03-tournament-train2301/best.jsonl \
+  --rejected $P/2026-12-03-tournament-train2301/worst.jsonl
+[ -f runs/dpo3-decoders/prefer.json ] || python -m training prefer --adapter runs/dpo2 \
+  --out runs/dpo3-decoders "${DPO[@]}" $(for d in $P/2026-12-03-decoders-train2401/pack*; do echo --pack "$d"; done)
+[ -f runs/dpo3-1901/prefer.json ] || python -m training prefer --adapter runs/dpo2 \
+  --out runs/dpo3-1901 "${DPO[@]}" $(for d in $P/2026-12-02-dpo2-train1901/pack*; do echo --pack "$d"; done)
+python -m training blend runs/dpo3-tournament runs/dpo3-decoders --weight 0.5 --base gemma3 \
+  --out runs/soup2 --overwrite
+python -m training blend runs/soup2 runs/dpo3-1901 --weight 0.3333333 --base gemma3 \
+  --out runs/soup3 --overwrite
+# The card: stage 1's facts, every round's prefer.json (preference_stages), the blends, the
+# val metrics.
 python - <<'PY'
 import json
 old = json.load(open("runs/stage1/checkpoint.json"))
-stages = [json.load(open(f"runs/dpo{i}/prefer.json")) for i in (1, 2)]
+runs = ("dpo1", "dpo2", "dpo3-tournament", "dpo3-decoders", "dpo3-1901")
+stages = [json.load(open(f"runs/{r}/prefer.json")) for r in runs]
 keep = ("corpus", "corpus_manifest_sha256", "steps", "best_step", "tokens_seen", "val_loss",
         "val_bpb", "val_ppl", "precision")
 card = {k: old[k] for k in keep if k in old} | {
     "settings": old.get("finetune_settings"),
     "train_seconds_this_run": sum(s["train_seconds"] or 0 for s in stages),
     "preference_stages": stages,
+    "blends": [json.load(open(f"runs/{b}/blend.json")) for b in ("soup2", "soup3")],
     "train_eval_note": "val_loss/val_bpb/val_ppl are stage 1's own eval (before DPO); "
     "adapter_val is this adapter's exact whole-val evaluation as served",
 }
-json.dump(card, open("runs/dpo2/card.json", "w"), indent=2)
+json.dump(card, open("runs/soup3/card.json", "w"), indent=2)
 PY
-SHIP=(python -m training ship runs/dpo2 --base gemma3 --card runs/dpo2/card.json
+SHIP=(python -m training ship runs/soup3 --base gemma3 --card runs/soup3/card.json
   --served-vocab corpus --out sitcom/seinfeld_lora --overwrite)
 "${SHIP[@]}"
 python -m training evaluate seinfeld --data corpus --block-size 2048 --batch-size 1 \
