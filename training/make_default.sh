@@ -55,10 +55,10 @@ DPO3=("${DPO[@]:2}")  # the rounds' recipe; best over worst pairs have no margin
   --out runs/dpo3-decoders "${DPO[@]}" $(for d in $P/2026-12-03-decoders-train2401/pack*; do echo --pack "$d"; done)
 [ -f runs/dpo3-1901/prefer.json ] || python -m training prefer --adapter runs/dpo2 \
   --out runs/dpo3-1901 "${DPO[@]}" $(for d in $P/2026-12-02-dpo2-train1901/pack*; do echo --pack "$d"; done)
-python -m training blend runs/dpo3-tournament runs/dpo3-decoders --weight 0.5 --base gemma3 \
-  --out runs/soup2 --overwrite
-python -m training blend runs/soup2 runs/dpo3-1901 --weight 0.3333333 --base gemma3 \
-  --out runs/soup3 --overwrite
+[ -f runs/soup2/blend.json ] || python -m training blend runs/dpo3-tournament \
+  runs/dpo3-decoders --weight 0.5 --base gemma3 --out runs/soup2 --overwrite
+[ -f runs/soup3/blend.json ] || python -m training blend runs/soup2 runs/dpo3-1901 \
+  --weight 0.3333333 --base gemma3 --out runs/soup3 --overwrite
 # The card: stage 1's facts, every round's prefer.json (preference_stages), the blends, the
 # val metrics.
 python - <<'PY'
